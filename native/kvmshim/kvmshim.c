@@ -1,0 +1,544 @@
+// kvmshim: a thin, typed C layer between the C# code and the KVM ioctls.
+//
+// Rules:
+//   - one exported function per ioctl, with fixed-width argument types;
+//   - every function returns a non-negative value on success and -errno on failure;
+//   - every kernel struct that C# mirrors is checked here with static_assert, and its size and
+//     field offsets are reported by kvmshim_layout() so a C# test can compare them.
+//
+// Variable-length kernel structs (kvm_cpuid2, kvm_msrs, kvm_msr_list, kvm_irq_routing) are
+// assembled here from a count and an array of fixed-size entries, so C# only mirrors the entries.
+
+#define _GNU_SOURCE
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+// ---- struct layout checks (x86-64 ABI, the kernel's UAPI) ----
+static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs");
+static_assert(sizeof(struct kvm_segment) == 24, "kvm_segment");
+static_assert(sizeof(struct kvm_dtable) == 16, "kvm_dtable");
+static_assert(sizeof(struct kvm_sregs) == 312, "kvm_sregs");
+static_assert(sizeof(struct kvm_fpu) == 416, "kvm_fpu");
+static_assert(sizeof(struct kvm_xsave) == 4096, "kvm_xsave");
+static_assert(sizeof(struct kvm_xcrs) == 392, "kvm_xcrs");
+static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry");
+static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2");
+static_assert(sizeof(struct kvm_lapic_state) == 1024, "kvm_lapic_state");
+static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state");
+static_assert(sizeof(struct kvm_vcpu_events) == 64, "kvm_vcpu_events");
+static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_memory_region");
+static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "kvm_irq_routing_entry");
+static_assert(sizeof(struct kvm_clock_data) == 48, "kvm_clock_data");
+static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config");
+static_assert(offsetof(struct kvm_run, exit_reason) == 8, "kvm_run.exit_reason");
+static_assert(offsetof(struct kvm_run, io) == 32, "kvm_run union");
+
+// ---- layout report ----
+struct layout_entry {
+    const char *name;
+    int32_t value;
+};
+
+#define SZ(t) {#t, (int32_t)sizeof(struct t)}
+#define OF(t, f) {#t "." #f, (int32_t)offsetof(struct t, f)}
+
+static const struct layout_entry layout_table[] = {
+    SZ(kvm_regs), OF(kvm_regs, rax), OF(kvm_regs, rbx), OF(kvm_regs, rsp), OF(kvm_regs, r8),
+    OF(kvm_regs, r15), OF(kvm_regs, rip), OF(kvm_regs, rflags),
+    SZ(kvm_segment), OF(kvm_segment, base), OF(kvm_segment, limit), OF(kvm_segment, selector),
+    OF(kvm_segment, type), OF(kvm_segment, present), OF(kvm_segment, dpl), OF(kvm_segment, db),
+    OF(kvm_segment, s), OF(kvm_segment, l), OF(kvm_segment, g), OF(kvm_segment, avl),
+    OF(kvm_segment, unusable),
+    SZ(kvm_dtable), OF(kvm_dtable, base), OF(kvm_dtable, limit),
+    SZ(kvm_sregs), OF(kvm_sregs, cs), OF(kvm_sregs, ds), OF(kvm_sregs, es), OF(kvm_sregs, fs),
+    OF(kvm_sregs, gs), OF(kvm_sregs, ss), OF(kvm_sregs, tr), OF(kvm_sregs, ldt),
+    OF(kvm_sregs, gdt), OF(kvm_sregs, idt), OF(kvm_sregs, cr0), OF(kvm_sregs, cr2),
+    OF(kvm_sregs, cr3), OF(kvm_sregs, cr4), OF(kvm_sregs, cr8), OF(kvm_sregs, efer),
+    OF(kvm_sregs, apic_base), OF(kvm_sregs, interrupt_bitmap),
+    SZ(kvm_fpu), OF(kvm_fpu, fpr), OF(kvm_fpu, fcw), OF(kvm_fpu, fsw), OF(kvm_fpu, ftwx),
+    OF(kvm_fpu, last_opcode), OF(kvm_fpu, last_ip), OF(kvm_fpu, last_dp), OF(kvm_fpu, xmm),
+    OF(kvm_fpu, mxcsr),
+    SZ(kvm_xsave), OF(kvm_xsave, region),
+    SZ(kvm_xcr), OF(kvm_xcr, xcr), OF(kvm_xcr, value),
+    SZ(kvm_xcrs), OF(kvm_xcrs, nr_xcrs), OF(kvm_xcrs, flags), OF(kvm_xcrs, xcrs),
+    SZ(kvm_msr_entry), OF(kvm_msr_entry, index), OF(kvm_msr_entry, data),
+    SZ(kvm_cpuid_entry2), OF(kvm_cpuid_entry2, function), OF(kvm_cpuid_entry2, index),
+    OF(kvm_cpuid_entry2, flags), OF(kvm_cpuid_entry2, eax), OF(kvm_cpuid_entry2, ebx),
+    OF(kvm_cpuid_entry2, ecx), OF(kvm_cpuid_entry2, edx),
+    SZ(kvm_lapic_state), OF(kvm_lapic_state, regs),
+    SZ(kvm_mp_state), OF(kvm_mp_state, mp_state),
+    SZ(kvm_vcpu_events), OF(kvm_vcpu_events, exception), OF(kvm_vcpu_events, interrupt),
+    OF(kvm_vcpu_events, nmi), OF(kvm_vcpu_events, sipi_vector), OF(kvm_vcpu_events, flags),
+    OF(kvm_vcpu_events, smi), OF(kvm_vcpu_events, triple_fault),
+    SZ(kvm_userspace_memory_region), OF(kvm_userspace_memory_region, slot),
+    OF(kvm_userspace_memory_region, flags), OF(kvm_userspace_memory_region, guest_phys_addr),
+    OF(kvm_userspace_memory_region, memory_size), OF(kvm_userspace_memory_region, userspace_addr),
+    SZ(kvm_irq_routing_entry), OF(kvm_irq_routing_entry, gsi), OF(kvm_irq_routing_entry, type),
+    OF(kvm_irq_routing_entry, flags), OF(kvm_irq_routing_entry, u),
+    SZ(kvm_irq_routing_irqchip), OF(kvm_irq_routing_irqchip, irqchip),
+    OF(kvm_irq_routing_irqchip, pin),
+    SZ(kvm_irq_routing_msi), OF(kvm_irq_routing_msi, address_lo),
+    OF(kvm_irq_routing_msi, address_hi), OF(kvm_irq_routing_msi, data),
+    OF(kvm_irq_routing_msi, devid),
+    SZ(kvm_clock_data), OF(kvm_clock_data, clock), OF(kvm_clock_data, flags),
+    OF(kvm_clock_data, realtime), OF(kvm_clock_data, host_tsc),
+    SZ(kvm_run), OF(kvm_run, request_interrupt_window), OF(kvm_run, immediate_exit),
+    OF(kvm_run, exit_reason), OF(kvm_run, ready_for_interrupt_injection),
+    OF(kvm_run, if_flag), OF(kvm_run, flags), OF(kvm_run, cr8), OF(kvm_run, apic_base),
+    OF(kvm_run, hw), OF(kvm_run, fail_entry), OF(kvm_run, ex), OF(kvm_run, io),
+    OF(kvm_run, mmio), OF(kvm_run, internal), OF(kvm_run, system_event),
+    OF(kvm_run, kvm_valid_regs), OF(kvm_run, kvm_dirty_regs), OF(kvm_run, s),
+};
+
+// Size of a struct ("kvm_regs") or offset of a field ("kvm_regs.rip"); -ENOENT if unknown.
+// kvm_run.io.* and similar nested fields are reported through their own names below.
+EXPORT int32_t kvmshim_layout(const char *name)
+{
+    static const struct layout_entry nested[] = {
+        {"kvm_run.io.direction", (int32_t)offsetof(struct kvm_run, io.direction)},
+        {"kvm_run.io.size", (int32_t)offsetof(struct kvm_run, io.size)},
+        {"kvm_run.io.port", (int32_t)offsetof(struct kvm_run, io.port)},
+        {"kvm_run.io.count", (int32_t)offsetof(struct kvm_run, io.count)},
+        {"kvm_run.io.data_offset", (int32_t)offsetof(struct kvm_run, io.data_offset)},
+        {"kvm_run.mmio.phys_addr", (int32_t)offsetof(struct kvm_run, mmio.phys_addr)},
+        {"kvm_run.mmio.data", (int32_t)offsetof(struct kvm_run, mmio.data)},
+        {"kvm_run.mmio.len", (int32_t)offsetof(struct kvm_run, mmio.len)},
+        {"kvm_run.mmio.is_write", (int32_t)offsetof(struct kvm_run, mmio.is_write)},
+        {"kvm_run.fail_entry.hardware_entry_failure_reason",
+         (int32_t)offsetof(struct kvm_run, fail_entry.hardware_entry_failure_reason)},
+        {"kvm_run.fail_entry.cpu", (int32_t)offsetof(struct kvm_run, fail_entry.cpu)},
+        {"kvm_run.ex.exception", (int32_t)offsetof(struct kvm_run, ex.exception)},
+        {"kvm_run.ex.error_code", (int32_t)offsetof(struct kvm_run, ex.error_code)},
+        {"kvm_run.internal.suberror", (int32_t)offsetof(struct kvm_run, internal.suberror)},
+        {"kvm_run.internal.ndata", (int32_t)offsetof(struct kvm_run, internal.ndata)},
+        {"kvm_run.internal.data", (int32_t)offsetof(struct kvm_run, internal.data)},
+        {"kvm_run.system_event.type", (int32_t)offsetof(struct kvm_run, system_event.type)},
+        {"kvm_run.system_event.ndata", (int32_t)offsetof(struct kvm_run, system_event.ndata)},
+        {"kvm_run.system_event.data", (int32_t)offsetof(struct kvm_run, system_event.data)},
+    };
+    if (name == NULL)
+        return -EINVAL;
+    for (size_t i = 0; i < sizeof(layout_table) / sizeof(layout_table[0]); i++)
+        if (strcmp(layout_table[i].name, name) == 0)
+            return layout_table[i].value;
+    for (size_t i = 0; i < sizeof(nested) / sizeof(nested[0]); i++)
+        if (strcmp(nested[i].name, name) == 0)
+            return nested[i].value;
+    return -ENOENT;
+}
+
+static int32_t result(long rc)
+{
+    return rc < 0 ? -errno : (int32_t)rc;
+}
+
+// ---- system fd (/dev/kvm) ----
+
+EXPORT int32_t kvmshim_open(const char *path)
+{
+    return result(open(path, O_RDWR | O_CLOEXEC));
+}
+
+EXPORT int32_t kvm_get_api_version(int32_t sysfd)
+{
+    return result(ioctl(sysfd, KVM_GET_API_VERSION, 0));
+}
+
+// Works on the system fd and on a VM fd (VM-specific answers).
+EXPORT int32_t kvm_check_extension(int32_t fd, int32_t extension)
+{
+    return result(ioctl(fd, KVM_CHECK_EXTENSION, (long)extension));
+}
+
+EXPORT int32_t kvm_get_vcpu_mmap_size(int32_t sysfd)
+{
+    return result(ioctl(sysfd, KVM_GET_VCPU_MMAP_SIZE, 0));
+}
+
+// Fills up to max_entries entries; *nent receives the number filled (or needed, on -E2BIG).
+EXPORT int32_t kvm_get_supported_cpuid(int32_t sysfd, uint32_t max_entries,
+                                       struct kvm_cpuid_entry2 *entries, uint32_t *nent)
+{
+    size_t bytes = sizeof(struct kvm_cpuid2) + (size_t)max_entries * sizeof(struct kvm_cpuid_entry2);
+    struct kvm_cpuid2 *c = calloc(1, bytes);
+    if (c == NULL)
+        return -ENOMEM;
+    c->nent = max_entries;
+    int rc = ioctl(sysfd, KVM_GET_SUPPORTED_CPUID, c);
+    int err = errno;
+    *nent = c->nent;
+    if (rc == 0)
+        memcpy(entries, c->entries, (size_t)c->nent * sizeof(struct kvm_cpuid_entry2));
+    free(c);
+    return rc < 0 ? -err : 0;
+}
+
+EXPORT int32_t kvm_get_msr_index_list(int32_t sysfd, uint32_t max_indices, uint32_t *indices,
+                                      uint32_t *count)
+{
+    size_t bytes = sizeof(struct kvm_msr_list) + (size_t)max_indices * sizeof(uint32_t);
+    struct kvm_msr_list *l = calloc(1, bytes);
+    if (l == NULL)
+        return -ENOMEM;
+    l->nmsrs = max_indices;
+    int rc = ioctl(sysfd, KVM_GET_MSR_INDEX_LIST, l);
+    int err = errno;
+    *count = l->nmsrs;
+    if (rc == 0)
+        memcpy(indices, l->indices, (size_t)l->nmsrs * sizeof(uint32_t));
+    free(l);
+    return rc < 0 ? -err : 0;
+}
+
+// ---- VM fd ----
+
+EXPORT int32_t kvm_create_vm(int32_t sysfd, uint32_t type)
+{
+    return result(ioctl(sysfd, KVM_CREATE_VM, (unsigned long)type));
+}
+
+EXPORT int32_t kvm_set_user_memory_region(int32_t vmfd, uint32_t slot, uint32_t flags,
+                                          uint64_t guest_phys_addr, uint64_t memory_size,
+                                          uint64_t userspace_addr)
+{
+    struct kvm_userspace_memory_region r = {
+        .slot = slot,
+        .flags = flags,
+        .guest_phys_addr = guest_phys_addr,
+        .memory_size = memory_size,
+        .userspace_addr = userspace_addr,
+    };
+    return result(ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, &r));
+}
+
+EXPORT int32_t kvm_set_tss_addr(int32_t vmfd, uint64_t addr)
+{
+    return result(ioctl(vmfd, KVM_SET_TSS_ADDR, (unsigned long)addr));
+}
+
+EXPORT int32_t kvm_set_identity_map_addr(int32_t vmfd, uint64_t addr)
+{
+    return result(ioctl(vmfd, KVM_SET_IDENTITY_MAP_ADDR, &addr));
+}
+
+EXPORT int32_t kvm_create_irqchip(int32_t vmfd)
+{
+    return result(ioctl(vmfd, KVM_CREATE_IRQCHIP, 0));
+}
+
+EXPORT int32_t kvm_create_pit2(int32_t vmfd, uint32_t flags)
+{
+    struct kvm_pit_config c;
+    memset(&c, 0, sizeof c);
+    c.flags = flags;
+    return result(ioctl(vmfd, KVM_CREATE_PIT2, &c));
+}
+
+EXPORT int32_t kvm_irq_line(int32_t vmfd, uint32_t irq, uint32_t level)
+{
+    struct kvm_irq_level l = {.irq = irq, .level = level};
+    return result(ioctl(vmfd, KVM_IRQ_LINE, &l));
+}
+
+EXPORT int32_t kvm_irqfd(int32_t vmfd, int32_t fd, uint32_t gsi, uint32_t flags, int32_t resamplefd)
+{
+    struct kvm_irqfd i;
+    memset(&i, 0, sizeof i);
+    i.fd = (uint32_t)fd;
+    i.gsi = gsi;
+    i.flags = flags;
+    i.resamplefd = (uint32_t)resamplefd;
+    return result(ioctl(vmfd, KVM_IRQFD, &i));
+}
+
+EXPORT int32_t kvm_ioeventfd(int32_t vmfd, uint64_t addr, uint32_t len, int32_t fd, uint32_t flags,
+                             uint64_t datamatch)
+{
+    struct kvm_ioeventfd e;
+    memset(&e, 0, sizeof e);
+    e.datamatch = datamatch;
+    e.addr = addr;
+    e.len = len;
+    e.fd = fd;
+    e.flags = flags;
+    return result(ioctl(vmfd, KVM_IOEVENTFD, &e));
+}
+
+EXPORT int32_t kvm_set_gsi_routing(int32_t vmfd, uint32_t count,
+                                   const struct kvm_irq_routing_entry *entries)
+{
+    size_t bytes = sizeof(struct kvm_irq_routing) + (size_t)count * sizeof(struct kvm_irq_routing_entry);
+    struct kvm_irq_routing *r = calloc(1, bytes);
+    if (r == NULL)
+        return -ENOMEM;
+    r->nr = count;
+    memcpy(r->entries, entries, (size_t)count * sizeof(struct kvm_irq_routing_entry));
+    int rc = ioctl(vmfd, KVM_SET_GSI_ROUTING, r);
+    int err = errno;
+    free(r);
+    return rc < 0 ? -err : 0;
+}
+
+// bitmap: one bit per page of the slot, rounded up to 64 bits.
+EXPORT int32_t kvm_get_dirty_log(int32_t vmfd, uint32_t slot, uint64_t *bitmap)
+{
+    struct kvm_dirty_log d;
+    memset(&d, 0, sizeof d);
+    d.slot = slot;
+    d.dirty_bitmap = bitmap;
+    return result(ioctl(vmfd, KVM_GET_DIRTY_LOG, &d));
+}
+
+// first_page and num_pages must be multiples of 64 (num_pages may end at the slot's end).
+EXPORT int32_t kvm_clear_dirty_log(int32_t vmfd, uint32_t slot, uint64_t first_page,
+                                   uint32_t num_pages, uint64_t *bitmap)
+{
+    struct kvm_clear_dirty_log c;
+    memset(&c, 0, sizeof c);
+    c.slot = slot;
+    c.first_page = first_page;
+    c.num_pages = num_pages;
+    c.dirty_bitmap = bitmap;
+    return result(ioctl(vmfd, KVM_CLEAR_DIRTY_LOG, &c));
+}
+
+EXPORT int32_t kvm_enable_cap(int32_t fd, uint32_t cap, uint32_t flags, const uint64_t *args4)
+{
+    struct kvm_enable_cap c;
+    memset(&c, 0, sizeof c);
+    c.cap = cap;
+    c.flags = flags;
+    if (args4 != NULL)
+        memcpy(c.args, args4, sizeof c.args);
+    return result(ioctl(fd, KVM_ENABLE_CAP, &c));
+}
+
+EXPORT int32_t kvm_get_clock(int32_t vmfd, struct kvm_clock_data *clock)
+{
+    return result(ioctl(vmfd, KVM_GET_CLOCK, clock));
+}
+
+EXPORT int32_t kvm_set_clock(int32_t vmfd, const struct kvm_clock_data *clock)
+{
+    return result(ioctl(vmfd, KVM_SET_CLOCK, clock));
+}
+
+// ---- vCPU fd ----
+
+EXPORT int32_t kvm_create_vcpu(int32_t vmfd, uint32_t id)
+{
+    return result(ioctl(vmfd, KVM_CREATE_VCPU, (unsigned long)id));
+}
+
+// Returns 0 when the vCPU exited to user space (see kvm_run.exit_reason), -EINTR when a
+// signal or immediate_exit stopped it, another -errno on failure.
+EXPORT int32_t kvm_run(int32_t vcpufd)
+{
+    return result(ioctl(vcpufd, KVM_RUN, 0));
+}
+
+EXPORT int32_t kvm_get_regs(int32_t vcpufd, struct kvm_regs *regs)
+{
+    return result(ioctl(vcpufd, KVM_GET_REGS, regs));
+}
+
+EXPORT int32_t kvm_set_regs(int32_t vcpufd, const struct kvm_regs *regs)
+{
+    return result(ioctl(vcpufd, KVM_SET_REGS, regs));
+}
+
+EXPORT int32_t kvm_get_sregs(int32_t vcpufd, struct kvm_sregs *sregs)
+{
+    return result(ioctl(vcpufd, KVM_GET_SREGS, sregs));
+}
+
+EXPORT int32_t kvm_set_sregs(int32_t vcpufd, const struct kvm_sregs *sregs)
+{
+    return result(ioctl(vcpufd, KVM_SET_SREGS, sregs));
+}
+
+EXPORT int32_t kvm_get_fpu(int32_t vcpufd, struct kvm_fpu *fpu)
+{
+    return result(ioctl(vcpufd, KVM_GET_FPU, fpu));
+}
+
+EXPORT int32_t kvm_set_fpu(int32_t vcpufd, const struct kvm_fpu *fpu)
+{
+    return result(ioctl(vcpufd, KVM_SET_FPU, fpu));
+}
+
+EXPORT int32_t kvm_get_xsave(int32_t vcpufd, struct kvm_xsave *xsave)
+{
+    return result(ioctl(vcpufd, KVM_GET_XSAVE, xsave));
+}
+
+EXPORT int32_t kvm_set_xsave(int32_t vcpufd, const struct kvm_xsave *xsave)
+{
+    return result(ioctl(vcpufd, KVM_SET_XSAVE, xsave));
+}
+
+EXPORT int32_t kvm_get_xcrs(int32_t vcpufd, struct kvm_xcrs *xcrs)
+{
+    return result(ioctl(vcpufd, KVM_GET_XCRS, xcrs));
+}
+
+EXPORT int32_t kvm_set_xcrs(int32_t vcpufd, const struct kvm_xcrs *xcrs)
+{
+    return result(ioctl(vcpufd, KVM_SET_XCRS, xcrs));
+}
+
+// Returns the number of MSRs read (may be fewer than count: the first failing index stops it).
+EXPORT int32_t kvm_get_msrs(int32_t vcpufd, uint32_t count, struct kvm_msr_entry *entries)
+{
+    size_t bytes = sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry);
+    struct kvm_msrs *m = calloc(1, bytes);
+    if (m == NULL)
+        return -ENOMEM;
+    m->nmsrs = count;
+    memcpy(m->entries, entries, (size_t)count * sizeof(struct kvm_msr_entry));
+    int rc = ioctl(vcpufd, KVM_GET_MSRS, m);
+    int err = errno;
+    if (rc > 0)
+        memcpy(entries, m->entries, (size_t)rc * sizeof(struct kvm_msr_entry));
+    free(m);
+    return rc < 0 ? -err : rc;
+}
+
+// Returns the number of MSRs written.
+EXPORT int32_t kvm_set_msrs(int32_t vcpufd, uint32_t count, const struct kvm_msr_entry *entries)
+{
+    size_t bytes = sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry);
+    struct kvm_msrs *m = calloc(1, bytes);
+    if (m == NULL)
+        return -ENOMEM;
+    m->nmsrs = count;
+    memcpy(m->entries, entries, (size_t)count * sizeof(struct kvm_msr_entry));
+    int rc = ioctl(vcpufd, KVM_SET_MSRS, m);
+    int err = errno;
+    free(m);
+    return rc < 0 ? -err : rc;
+}
+
+EXPORT int32_t kvm_set_cpuid2(int32_t vcpufd, uint32_t count, const struct kvm_cpuid_entry2 *entries)
+{
+    size_t bytes = sizeof(struct kvm_cpuid2) + (size_t)count * sizeof(struct kvm_cpuid_entry2);
+    struct kvm_cpuid2 *c = calloc(1, bytes);
+    if (c == NULL)
+        return -ENOMEM;
+    c->nent = count;
+    memcpy(c->entries, entries, (size_t)count * sizeof(struct kvm_cpuid_entry2));
+    int rc = ioctl(vcpufd, KVM_SET_CPUID2, c);
+    int err = errno;
+    free(c);
+    return rc < 0 ? -err : 0;
+}
+
+EXPORT int32_t kvm_get_lapic(int32_t vcpufd, struct kvm_lapic_state *lapic)
+{
+    return result(ioctl(vcpufd, KVM_GET_LAPIC, lapic));
+}
+
+EXPORT int32_t kvm_set_lapic(int32_t vcpufd, const struct kvm_lapic_state *lapic)
+{
+    return result(ioctl(vcpufd, KVM_SET_LAPIC, lapic));
+}
+
+EXPORT int32_t kvm_get_mp_state(int32_t vcpufd, struct kvm_mp_state *state)
+{
+    return result(ioctl(vcpufd, KVM_GET_MP_STATE, state));
+}
+
+EXPORT int32_t kvm_set_mp_state(int32_t vcpufd, const struct kvm_mp_state *state)
+{
+    return result(ioctl(vcpufd, KVM_SET_MP_STATE, state));
+}
+
+EXPORT int32_t kvm_get_vcpu_events(int32_t vcpufd, struct kvm_vcpu_events *events)
+{
+    return result(ioctl(vcpufd, KVM_GET_VCPU_EVENTS, events));
+}
+
+EXPORT int32_t kvm_set_vcpu_events(int32_t vcpufd, const struct kvm_vcpu_events *events)
+{
+    return result(ioctl(vcpufd, KVM_SET_VCPU_EVENTS, events));
+}
+
+// ---- vCPU kick: a signal with an empty handler, installed without SA_RESTART, so that a
+// vCPU thread blocked in KVM_RUN returns with -EINTR when another thread signals it. ----
+
+static void kick_handler(int signo)
+{
+    (void)signo;
+}
+
+// Installs the handler once and returns the signal number used for kicks.
+EXPORT int32_t kvmshim_kick_init(void)
+{
+    int signo = SIGRTMIN + 6;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = kick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    if (sigaction(signo, &sa, NULL) < 0)
+        return -errno;
+    return signo;
+}
+
+// The calling thread's pthread id, for kvmshim_kick().
+EXPORT uint64_t kvmshim_thread_self(void)
+{
+    return (uint64_t)pthread_self();
+}
+
+EXPORT int32_t kvmshim_kick(uint64_t thread, int32_t signo)
+{
+    int rc = pthread_kill((pthread_t)thread, signo);
+    return rc == 0 ? 0 : -rc;
+}
+
+// ---- terminal: character-at-a-time input without echo, keeping ISIG so Ctrl-C still signals ----
+
+static struct termios saved_termios;
+static int saved_termios_fd = -1;
+
+EXPORT int32_t kvmshim_term_cbreak(int32_t fd)
+{
+    struct termios t;
+    if (tcgetattr(fd, &t) < 0)
+        return -errno;
+    if (saved_termios_fd < 0) {
+        saved_termios = t;
+        saved_termios_fd = fd;
+    }
+    t.c_lflag &= ~(tcflag_t)(ICANON | ECHO | IEXTEN);
+    t.c_iflag &= ~(tcflag_t)(IXON | ICRNL);
+    t.c_cc[VMIN] = 1;
+    t.c_cc[VTIME] = 0;
+    if (tcsetattr(fd, TCSANOW, &t) < 0)
+        return -errno;
+    return 0;
+}
+
+EXPORT int32_t kvmshim_term_restore(void)
+{
+    if (saved_termios_fd < 0)
+        return 0;
+    if (tcsetattr(saved_termios_fd, TCSANOW, &saved_termios) < 0)
+        return -errno;
+    saved_termios_fd = -1;
+    return 0;
+}

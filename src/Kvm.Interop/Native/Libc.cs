@@ -1,0 +1,44 @@
+using System.Runtime.InteropServices;
+using Kvm.Interop.Handles;
+
+namespace Kvm.Interop.Native;
+
+/// <summary>The few libc calls the lower layers need. Each returns -1 and sets errno on failure.</summary>
+public static unsafe partial class Libc
+{
+    private const string Lib = "libc";
+
+    public const int ProtRead = 1, ProtWrite = 2;
+    public const int MapShared = 0x01, MapPrivate = 0x02, MapAnonymous = 0x20, MapNoReserve = 0x4000,
+        MapHugeTlb = 0x40000, MapPopulate = 0x8000;
+    public const int MadvHugePage = 14, MadvDontDump = 16, MadvDontNeed = 4;
+    public const int EfdCloexec = 0x80000, EfdNonblock = 0x800;
+    public static readonly IntPtr MapFailed = new(-1);
+
+    [LibraryImport(Lib, EntryPoint = "close", SetLastError = true)]
+    public static partial int Close(int fd);
+
+    [LibraryImport(Lib, EntryPoint = "mmap", SetLastError = true)]
+    public static partial IntPtr Mmap(IntPtr addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport(Lib, EntryPoint = "mmap", SetLastError = true)]
+    public static partial IntPtr Mmap(IntPtr addr, nuint length, int prot, int flags, SafeFdHandle fd, long offset);
+
+    [LibraryImport(Lib, EntryPoint = "munmap", SetLastError = true)]
+    public static partial int Munmap(IntPtr addr, nuint length);
+
+    [LibraryImport(Lib, EntryPoint = "madvise", SetLastError = true)]
+    public static partial int Madvise(IntPtr addr, nuint length, int advice);
+
+    [LibraryImport(Lib, EntryPoint = "eventfd", SetLastError = true)]
+    public static partial int EventFd(uint initval, int flags);
+
+    [LibraryImport(Lib, EntryPoint = "read", SetLastError = true)]
+    public static partial nint Read(SafeFdHandle fd, void* buf, nuint count);
+
+    [LibraryImport(Lib, EntryPoint = "write", SetLastError = true)]
+    public static partial nint Write(SafeFdHandle fd, void* buf, nuint count);
+
+    [LibraryImport(Lib, EntryPoint = "isatty")]
+    public static partial int IsATty(int fd);
+}
