@@ -1,0 +1,231 @@
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using Kvm.Interop.Native;
+
+namespace Kvm.Hypervisor;
+
+/// <summary>How guest RAM is backed.</summary>
+public enum HugePageMode
+{
+    /// <summary>Ordinary 4 KiB pages.</summary>
+    None,
+    /// <summary>Transparent huge pages requested with madvise(MADV_HUGEPAGE).</summary>
+    Transparent,
+    /// <summary>Pages from the hugetlb pool (MAP_HUGETLB), reserved by the administrator.</summary>
+    HugeTlb,
+}
+
+/// <summary>One contiguous range of guest-physical RAM and the host mapping behind it.</summary>
+public sealed class GuestMemoryRegion
+{
+    internal GuestMemoryRegion(ulong guestAddress, ulong size, IntPtr host)
+    {
+        GuestAddress = guestAddress;
+        Size = size;
+        Host = host;
+    }
+
+    public ulong GuestAddress { get; }
+    public ulong Size { get; }
+    public ulong End => GuestAddress + Size;
+    public IntPtr Host { get; }
+
+    public bool Contains(ulong gpa, ulong length) =>
+        gpa >= GuestAddress && length <= Size && gpa - GuestAddress <= Size - length;
+}
+
+/// <summary>A guest address or range that is not in guest RAM.</summary>
+public sealed class GuestMemoryException(string message) : Exception(message);
+
+/// <summary>
+/// Guest RAM: anonymous mappings (MAP_NORESERVE) placed at guest-physical addresses.
+/// Every access is bounds-checked, since addresses often come from the guest.
+/// </summary>
+public sealed unsafe class GuestMemory : IDisposable
+{
+    public const ulong PageSize = 4096;
+    private readonly GuestMemoryRegion[] _regions;
+    private bool _disposed;
+
+    private GuestMemory(GuestMemoryRegion[] regions, HugePageMode mode)
+    {
+        _regions = regions;
+        HugePages = mode;
+    }
+
+    public IReadOnlyList<GuestMemoryRegion> Regions => _regions;
+    public HugePageMode HugePages { get; }
+    public ulong TotalSize => _regions.Aggregate(0UL, (s, r) => s + r.Size);
+
+    /// <summary>Maps guest RAM for the given (guest address, size) ranges.</summary>
+    public static GuestMemory Create(IReadOnlyList<(ulong GuestAddress, ulong Size)> layout, HugePageMode mode = HugePageMode.None)
+    {
+        ulong total = layout.Aggregate(0UL, (s, r) => s + r.Size);
+        CheckHostCanGive(total, mode);
+        var regions = new List<GuestMemoryRegion>();
+        try
+        {
+            foreach (var (gpa, size) in layout)
+            {
+                ulong align = mode == HugePageMode.None ? PageSize : 2UL << 20;
+                if (size == 0 || size % align != 0 || gpa % align != 0)
+                    throw new GuestMemoryException($"guest RAM range 0x{gpa:x}+0x{size:x} is not aligned to {align} bytes");
+                regions.Add(new GuestMemoryRegion(gpa, size, Map(size, mode)));
+            }
+            return new GuestMemory(regions.OrderBy(r => r.GuestAddress).ToArray(), mode);
+        }
+        catch
+        {
+            foreach (var r in regions)
+                Libc.Munmap(r.Host, (nuint)r.Size);
+            throw;
+        }
+    }
+
+    private static IntPtr Map(ulong size, HugePageMode mode)
+    {
+        int flags = Libc.MapPrivate | Libc.MapAnonymous | Libc.MapNoReserve;
+        if (mode == HugePageMode.HugeTlb)
+            flags |= Libc.MapHugeTlb;
+        IntPtr p = Libc.Mmap(IntPtr.Zero, (nuint)size, Libc.ProtRead | Libc.ProtWrite, flags, -1, 0);
+        if (p == Libc.MapFailed)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            throw new GuestMemoryException(mode == HugePageMode.HugeTlb
+                ? $"cannot map {FormatSize(size)} of guest RAM from hugetlb pages: {Errno.Describe(errno)} (is /proc/sys/vm/nr_hugepages large enough?)"
+                : $"cannot map {FormatSize(size)} of guest RAM: {Errno.Describe(errno)}");
+        }
+        if (mode == HugePageMode.Transparent && Libc.Madvise(p, (nuint)size, Libc.MadvHugePage) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            Libc.Munmap(p, (nuint)size);
+            throw new GuestMemoryException($"transparent huge pages are not available: madvise(MADV_HUGEPAGE) failed: {Errno.Describe(errno)}");
+        }
+        return p;
+    }
+
+    /// <summary>Refuses sizes the host cannot back, before anything is mapped.</summary>
+    public static void CheckHostCanGive(ulong size, HugePageMode mode)
+    {
+        var info = ReadMeminfo();
+        if (mode == HugePageMode.HugeTlb)
+        {
+            ulong free = info.GetValueOrDefault("HugePages_Free") * info.GetValueOrDefault("Hugepagesize") * 1024;
+            if (size > free)
+                throw new GuestMemoryException(
+                    $"guest memory {FormatSize(size)} needs hugetlb pages but only {FormatSize(free)} are free (raise /proc/sys/vm/nr_hugepages)");
+            return;
+        }
+        if (mode == HugePageMode.Transparent)
+        {
+            string thp = ReadThpMode();
+            if (thp == "never")
+                throw new GuestMemoryException("transparent huge pages are disabled on this host (/sys/kernel/mm/transparent_hugepage/enabled is 'never')");
+        }
+        ulong total = info.GetValueOrDefault("MemTotal") * 1024;
+        if (total != 0 && size > total)
+            throw new GuestMemoryException($"guest memory {FormatSize(size)} is larger than the host's memory ({FormatSize(total)})");
+    }
+
+    private static Dictionary<string, ulong> ReadMeminfo()
+    {
+        var d = new Dictionary<string, ulong>();
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/meminfo"))
+            {
+                int colon = line.IndexOf(':');
+                if (colon < 0)
+                    continue;
+                var parts = line[(colon + 1)..].Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                if (parts.Length > 0 && ulong.TryParse(parts[0], out ulong v))
+                    d[line[..colon]] = v;
+            }
+        }
+        catch (IOException)
+        {
+        }
+        return d;
+    }
+
+    private static string ReadThpMode()
+    {
+        try
+        {
+            string s = File.ReadAllText("/sys/kernel/mm/transparent_hugepage/enabled");
+            int a = s.IndexOf('['), b = s.IndexOf(']');
+            return a >= 0 && b > a ? s[(a + 1)..b] : s.Trim();
+        }
+        catch (IOException)
+        {
+            return "unknown";
+        }
+    }
+
+    public static string FormatSize(ulong bytes) => bytes switch
+    {
+        >= 1UL << 30 when bytes % (1UL << 30) == 0 => $"{bytes >> 30} GiB",
+        >= 1UL << 30 => $"{bytes / (double)(1UL << 30):0.0} GiB",
+        >= 1UL << 20 when bytes % (1UL << 20) == 0 => $"{bytes >> 20} MiB",
+        >= 1UL << 20 => $"{bytes / (double)(1UL << 20):0.0} MiB",
+        _ => $"{bytes} bytes",
+    };
+
+    /// <summary>The region holding [gpa, gpa+length), or null.</summary>
+    public GuestMemoryRegion? FindRegion(ulong gpa, ulong length = 1)
+    {
+        foreach (var r in _regions)
+            if (r.Contains(gpa, length))
+                return r;
+        return null;
+    }
+
+    /// <summary>True when [gpa, gpa+length) lies inside one RAM region.</summary>
+    public bool IsValid(ulong gpa, ulong length) => FindRegion(gpa, length) is not null;
+
+    /// <summary>A span over guest RAM; throws when the range is not entirely inside one region.</summary>
+    public Span<byte> GetSpan(ulong gpa, int length)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (length < 0)
+            throw new GuestMemoryException($"negative length {length} at guest address 0x{gpa:x}");
+        var r = FindRegion(gpa, (ulong)length)
+            ?? throw new GuestMemoryException($"guest range 0x{gpa:x}+0x{length:x} is outside guest RAM");
+        return new Span<byte>((byte*)r.Host + (gpa - r.GuestAddress), length);
+    }
+
+    /// <summary>Like <see cref="GetSpan"/>, without throwing.</summary>
+    public bool TryGetSpan(ulong gpa, int length, out Span<byte> span)
+    {
+        span = default;
+        if (_disposed || length < 0)
+            return false;
+        var r = FindRegion(gpa, (ulong)length);
+        if (r is null)
+            return false;
+        span = new Span<byte>((byte*)r.Host + (gpa - r.GuestAddress), length);
+        return true;
+    }
+
+    public void Write(ulong gpa, ReadOnlySpan<byte> data) => data.CopyTo(GetSpan(gpa, data.Length));
+    public void Read(ulong gpa, Span<byte> destination) => GetSpan(gpa, destination.Length).CopyTo(destination);
+    public void Clear(ulong gpa, int length) => GetSpan(gpa, length).Clear();
+
+    public byte ReadU8(ulong gpa) => GetSpan(gpa, 1)[0];
+    public ushort ReadU16(ulong gpa) => BinaryPrimitives.ReadUInt16LittleEndian(GetSpan(gpa, 2));
+    public uint ReadU32(ulong gpa) => BinaryPrimitives.ReadUInt32LittleEndian(GetSpan(gpa, 4));
+    public ulong ReadU64(ulong gpa) => BinaryPrimitives.ReadUInt64LittleEndian(GetSpan(gpa, 8));
+    public void WriteU8(ulong gpa, byte v) => GetSpan(gpa, 1)[0] = v;
+    public void WriteU16(ulong gpa, ushort v) => BinaryPrimitives.WriteUInt16LittleEndian(GetSpan(gpa, 2), v);
+    public void WriteU32(ulong gpa, uint v) => BinaryPrimitives.WriteUInt32LittleEndian(GetSpan(gpa, 4), v);
+    public void WriteU64(ulong gpa, ulong v) => BinaryPrimitives.WriteUInt64LittleEndian(GetSpan(gpa, 8), v);
+
+    public void Dispose()
+    {
+        if (_disposed)
+            return;
+        _disposed = true;
+        foreach (var r in _regions)
+            Libc.Munmap(r.Host, (nuint)r.Size);
+    }
+}

@@ -1,0 +1,75 @@
+namespace Kvm.Hypervisor.Tests;
+
+public class GuestMemoryTests
+{
+    [Fact]
+    public void ReadsAndWritesInsideRegions()
+    {
+        using var m = GuestMemory.Create([(0UL, 1UL << 20), (4UL << 30, 1UL << 20)]);
+        m.WriteU64(0x1000, 0x1122334455667788);
+        m.WriteU32((4UL << 30) + 8, 0xdeadbeef);
+        Assert.Equal(0x1122334455667788UL, m.ReadU64(0x1000));
+        Assert.Equal(0xdeadbeefu, m.ReadU32((4UL << 30) + 8));
+        Assert.Equal(2UL << 20, m.TotalSize);
+    }
+
+    [Theory]
+    [InlineData(0x100000UL, 1)]          // just past the first region
+    [InlineData(0xffffcUL, 8)]           // straddles its end
+    [InlineData(0x200000UL, 4)]          // in the hole
+    [InlineData(ulong.MaxValue - 3, 8)]  // wraps around
+    public void RefusesAccessOutsideRam(ulong gpa, int length)
+    {
+        using var m = GuestMemory.Create([(0UL, 1UL << 20), (4UL << 30, 1UL << 20)]);
+        Assert.Throws<GuestMemoryException>(() => m.GetSpan(gpa, length));
+        Assert.False(m.TryGetSpan(gpa, length, out _));
+        Assert.False(m.IsValid(gpa, (ulong)length));
+    }
+
+    [Fact]
+    public void RefusesNegativeLength()
+    {
+        using var m = GuestMemory.Create([(0UL, 1UL << 20)]);
+        Assert.Throws<GuestMemoryException>(() => m.GetSpan(0, -1));
+    }
+
+    [Fact]
+    public void RefusesUnalignedRanges()
+    {
+        var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0x800UL, 1UL << 20)]));
+        Assert.Contains("not aligned", e.Message);
+    }
+
+    [Fact]
+    public void RefusesMoreMemoryThanTheHostHas()
+    {
+        var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 1UL << 46)]));
+        Assert.Contains("larger than the host's memory", e.Message);
+    }
+
+    [SkippableFact]
+    public void HugeTlbWithoutReservedPagesIsExplained()
+    {
+        string free = File.ReadLines("/proc/meminfo").First(l => l.StartsWith("HugePages_Free:"));
+        Skip.IfNot(free.EndsWith(" 0"), "this host has hugetlb pages reserved");
+        var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 4UL << 20)], HugePageMode.HugeTlb));
+        Assert.Contains("nr_hugepages", e.Message);
+    }
+
+    [SkippableFact]
+    public void TransparentHugePagesMapWhenTheHostAllowsThem()
+    {
+        string thp = File.ReadAllText("/sys/kernel/mm/transparent_hugepage/enabled");
+        Skip.If(thp.Contains("[never]"), "transparent huge pages are disabled on this host");
+        using var m = GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent);
+        m.WriteU64((6UL << 20) + 16, 42);
+        Assert.Equal(42UL, m.ReadU64((6UL << 20) + 16));
+    }
+
+    [Fact]
+    public void FreshMemoryReadsAsZero()
+    {
+        using var m = GuestMemory.Create([(0UL, 2UL << 20)]);
+        Assert.True(m.GetSpan(0, 1 << 20).IndexOfAnyExcept((byte)0) < 0);
+    }
+}

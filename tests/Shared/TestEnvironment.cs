@@ -1,0 +1,113 @@
+using System.Diagnostics;
+
+namespace Kvm.Tests.Shared;
+
+/// <summary>Where the build products are, and what this host offers (for skip messages).</summary>
+public static class TestEnvironment
+{
+    private static readonly Lazy<string> Root = new(FindRepoRoot);
+
+    /// <summary>The repository root (the folder holding Kvm.sln).</summary>
+    public static string RepoRoot => Root.Value;
+
+    /// <summary>build/ (override with KVM_BUILD_DIR).</summary>
+    public static string BuildDir => Environment.GetEnvironmentVariable("KVM_BUILD_DIR") ?? Path.Combine(RepoRoot, "build");
+
+    public static string GuestKit => Path.Combine(BuildDir, "guest", "guestkit.elf");
+    public static string Vmctl => Path.Combine(BuildDir, "bin", "vmctl");
+    public static string KvmVmm => Path.Combine(BuildDir, "bin", "kvm-vmm");
+
+    /// <summary>Skips the calling test, naming what is missing, unless /dev/kvm is usable.</summary>
+    public static void RequireKvm() => SkipIf(KvmUnavailable());
+
+    /// <summary>Skips unless build/guest/guestkit.elf exists.</summary>
+    public static void RequireGuestKit() => SkipIf(GuestKitUnavailable());
+
+    /// <summary>Skips unless <paramref name="name"/> is on PATH.</summary>
+    public static void RequireProgram(string name, string package) => SkipIf(ProgramUnavailable(name, package));
+
+    private static void SkipIf(string? why)
+    {
+        if (why is not null)
+            throw new Xunit.SkipException(why);
+    }
+
+    /// <summary>Null when /dev/kvm can be opened read-write, else why not.</summary>
+    public static string? KvmUnavailable()
+    {
+        if (!File.Exists("/dev/kvm"))
+            return "/dev/kvm is missing (this host has no KVM)";
+        try
+        {
+            using var f = new FileStream("/dev/kvm", FileMode.Open, FileAccess.ReadWrite);
+            return null;
+        }
+        catch (UnauthorizedAccessException)
+        {
+            return "/dev/kvm is not accessible to this user (needs root or the kvm group)";
+        }
+        catch (IOException e)
+        {
+            return $"/dev/kvm cannot be opened: {e.Message}";
+        }
+    }
+
+    /// <summary>Null when the guest kit has been built, else why not.</summary>
+    public static string? GuestKitUnavailable() =>
+        File.Exists(GuestKit) ? null : $"{GuestKit} is missing (run 'make' first)";
+
+    /// <summary>Null when a program is on PATH, else a message naming it.</summary>
+    public static string? ProgramUnavailable(string name, string package) =>
+        FindOnPath(name) is null ? $"{name} is not installed (Debian package {package})" : null;
+
+    public static string? FindOnPath(string name)
+    {
+        foreach (var dir in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':', StringSplitOptions.RemoveEmptyEntries))
+        {
+            var p = Path.Combine(dir, name);
+            if (File.Exists(p))
+                return p;
+        }
+        return null;
+    }
+
+    /// <summary>Runs a program to completion (with a timeout) and returns status, stdout and stderr.</summary>
+    public static ProcessResult RunProcess(string file, IEnumerable<string> args, TimeSpan timeout, string? stdin = null)
+    {
+        var psi = new ProcessStartInfo(file)
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            RedirectStandardInput = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in args)
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {file}");
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (stdin is not null)
+            p.StandardInput.Write(stdin);
+        p.StandardInput.Close();
+        if (!p.WaitForExit(timeout))
+        {
+            p.Kill(entireProcessTree: true);
+            p.WaitForExit();
+            throw new TimeoutException($"{file} {string.Join(' ', args)} did not finish within {timeout}");
+        }
+        p.WaitForExit();
+        return new ProcessResult(p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    private static string FindRepoRoot()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            if (File.Exists(Path.Combine(dir.FullName, "Kvm.sln")))
+                return dir.FullName;
+        }
+        throw new InvalidOperationException($"Kvm.sln not found above {AppContext.BaseDirectory}");
+    }
+}
+
+public sealed record ProcessResult(int ExitCode, string Stdout, string Stderr);
