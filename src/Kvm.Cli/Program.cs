@@ -1,0 +1,4 @@
+using System.CommandLine;
+using Kvm.Cli;
+
+return VmctlCommands.Build().Invoke(args);

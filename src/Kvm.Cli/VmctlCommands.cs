@@ -1,0 +1,109 @@
+using System.CommandLine;
+using System.CommandLine.Parsing;
+using Kvm.Hypervisor;
+using Kvm.Vmm.Machine;
+
+namespace Kvm.Cli;
+
+/// <summary>The vmctl command tree.</summary>
+public static class VmctlCommands
+{
+    public const string Program = "vmctl";
+    public const int ExitUsage = 2;
+
+    public static RootCommand Build()
+    {
+        var root = new RootCommand(
+            "vmctl: run and manage virtual machines on KVM.\n\n" +
+            "'vmctl run' boots one VM in the foreground with its serial console on this terminal.");
+        root.Subcommands.Add(RunCommand());
+        return root;
+    }
+
+    /// <summary>Parses and runs; usage errors print one line and return 2.</summary>
+    public static int Invoke(this RootCommand root, string[] args)
+    {
+        var parse = root.Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            string command = string.Join(' ', CommandPath(parse.CommandResult));
+            Console.Error.WriteLine($"{Program}: {parse.Errors[0].Message.TrimEnd('.')} (see '{command} --help')");
+            return ExitUsage;
+        }
+        return parse.Invoke();
+    }
+
+    private static IEnumerable<string> CommandPath(CommandResult? r)
+    {
+        var names = new Stack<string>();
+        for (SymbolResult? s = r; s is not null; s = s.Parent)
+            if (s is CommandResult c)
+                names.Push(c.Command is RootCommand ? Program : c.Command.Name);
+        return names;
+    }
+
+    private static Command RunCommand()
+    {
+        var kernel = new Option<FileInfo>("--kernel", "-k")
+        {
+            Description = "ELF kernel with a PVH entry note to boot (such as build/guest/guestkit.elf)",
+            Required = true,
+        };
+        var cmdline = new Option<string>("--cmdline", "-c")
+        {
+            Description = "kernel command line (for the guest kit: the workload and its key=value arguments)",
+            DefaultValueFactory = _ => "",
+        };
+        var memory = new Option<string>("--memory", "-m")
+        {
+            Description = "guest RAM size, with K, M or G suffix",
+            DefaultValueFactory = _ => "256M",
+        };
+        var cpus = new Option<int>("--cpus")
+        {
+            Description = "number of vCPUs",
+            DefaultValueFactory = _ => 1,
+        };
+        var debugExit = new Option<bool>("--debug-exit")
+        {
+            Description = "add the debug-exit port at 0xf4; vmctl then exits with the byte the guest writes there",
+        };
+        var hugePages = new Option<HugePageMode>("--hugepages")
+        {
+            Description = "back guest RAM with huge pages: None, Transparent (THP via madvise) or HugeTlb (the reserved pool)",
+            DefaultValueFactory = _ => HugePageMode.None,
+        };
+
+        var run = new Command("run",
+            "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
+            "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
+            "(guest shut down, KVM error) or could not start; 2 for a usage error.")
+        {
+            kernel, cmdline, memory, cpus, debugExit, hugePages,
+        };
+        run.SetAction(parse =>
+        {
+            VmSpec spec;
+            try
+            {
+                spec = new VmSpec
+                {
+                    Kernel = parse.GetRequiredValue(kernel).FullName,
+                    Cmdline = parse.GetValue(cmdline) ?? "",
+                    MemoryBytes = VmSpec.ParseSize(parse.GetRequiredValue(memory)),
+                    Cpus = parse.GetValue(cpus),
+                    DebugExit = parse.GetValue(debugExit),
+                    HugePages = parse.GetValue(hugePages),
+                };
+                spec.Validate();
+            }
+            catch (Exception e) when (e is FormatException or ArgumentException)
+            {
+                Console.Error.WriteLine($"{Program}: {e.Message}");
+                return ExitUsage;
+            }
+            return ForegroundRun.Execute(spec, Program);
+        });
+        return run;
+    }
+}

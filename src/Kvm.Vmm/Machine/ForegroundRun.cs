@@ -1,0 +1,85 @@
+using Kvm.Hypervisor;
+using Kvm.Interop.Native;
+using Kvm.Vmm.Boot;
+using Kvm.Vmm.Exits;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Machine;
+
+/// <summary>
+/// Runs one VM in the foreground with its console on this terminal, and turns the way it ended
+/// into an exit status: the guest's own status for a debug exit, 130 for Ctrl-C, 1 for a failure
+/// (with one line on stderr naming it).
+/// </summary>
+public static class ForegroundRun
+{
+    public const int ExitFailure = 1;
+    public const int ExitInterrupted = 130;
+
+    public static int Execute(VmSpec spec, string program, ILogger? logger = null)
+    {
+        using var cancel = new CancellationTokenSource();
+        ConsoleCancelEventHandler onCtrlC = (_, e) =>
+        {
+            e.Cancel = true;
+            cancel.Cancel();
+        };
+        Console.CancelKeyPress += onCtrlC;
+        try
+        {
+            VmStopReason reason;
+            using (var console = ForegroundConsole.Attach())
+            {
+                using var vm = VirtualMachine.Create(spec, console.Write, logger: logger);
+                console.PumpInput(vm.Serial);
+                reason = vm.Run(cancel.Token);
+            }
+            return Report(reason, program, cancel.IsCancellationRequested);
+        }
+        catch (Exception e) when (IsUserFacing(e))
+        {
+            Console.Error.WriteLine($"{program}: {Describe(e)}");
+            return ExitFailure;
+        }
+        finally
+        {
+            Console.CancelKeyPress -= onCtrlC;
+        }
+    }
+
+    private static int Report(VmStopReason reason, string program, bool interrupted)
+    {
+        switch (reason)
+        {
+            case DebugExitStop d:
+                return d.Status;
+            case HostStop when interrupted:
+                Console.Error.WriteLine($"{program}: VM stopped (interrupted)");
+                return ExitInterrupted;
+            case { IsError: false }:
+                Console.Error.WriteLine($"{program}: {reason.Describe()}");
+                return 0;
+            default:
+                Console.Error.WriteLine($"{program}: {reason.Describe()}");
+                return ExitFailure;
+        }
+    }
+
+    /// <summary>Errors that come from bad input or the host, reported as one line without a stack trace.</summary>
+    public static bool IsUserFacing(Exception e) =>
+        e is BootException or HypervisorException or GuestMemoryException or KvmIoctlException or ArgumentException
+            or FormatException or IOException or UnauthorizedAccessException
+            or Kvm.Devices.Bus.BusException;
+
+    /// <summary>The message chain: what failed, then what it failed because of.</summary>
+    public static string Describe(Exception e)
+    {
+        var parts = new List<string>();
+        for (Exception? x = e; x is not null; x = x.InnerException)
+        {
+            if (parts.Count == 0 || !parts[^1].Contains(x.Message, StringComparison.Ordinal))
+                parts.Add(x.Message);
+        }
+        return string.Join(": ", parts);
+    }
+}

@@ -1,0 +1,259 @@
+using Kvm.Devices.Bus;
+using Kvm.Devices.Legacy.DebugExit;
+using Kvm.Devices.Legacy.Serial;
+using Kvm.Hypervisor;
+using Kvm.Interop.Structs;
+using Kvm.Vmm.Boot;
+using Kvm.Vmm.Cpu;
+using Kvm.Vmm.Exits;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Kvm.Vmm.Machine;
+
+/// <summary>
+/// One running VM assembled from a <see cref="VmSpec"/>: guest RAM, the KVM VM with its irqchip and
+/// PIT, the port-I/O and MMIO buses with their devices, and one thread per vCPU.
+/// </summary>
+public sealed class VirtualMachine : IDisposable
+{
+    private readonly ILogger _log;
+    private readonly KvmSystem _kvm;
+    private readonly bool _ownsKvm;
+    private readonly List<KvmVcpu> _vcpus = new();
+    private readonly List<VcpuThread> _threads = new();
+    private readonly List<MemorySlot> _slots = new();
+    private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private bool _started;
+    private bool _disposed;
+
+    private VirtualMachine(VmSpec spec, KvmSystem kvm, bool ownsKvm, ILogger log)
+    {
+        Spec = spec;
+        _kvm = kvm;
+        _ownsKvm = ownsKvm;
+        _log = log;
+    }
+
+    public VmSpec Spec { get; }
+    public GuestMemory Memory { get; private set; } = null!;
+    public KvmVm Vm { get; private set; } = null!;
+    public IoBus PortIo { get; } = new("port I/O");
+    public IoBus Mmio { get; } = new("MMIO");
+    public Serial16550 Serial { get; private set; } = null!;
+    public ElfImage Kernel { get; private set; } = null!;
+    public IReadOnlyList<VcpuThread> Vcpus => _threads;
+    public IReadOnlyList<MemorySlot> MemorySlots => _slots;
+
+    /// <summary>Completes with the reason the VM stopped (the first one reported).</summary>
+    public Task<VmStopReason> Stopped => _stopped.Task;
+
+    /// <summary>
+    /// Builds the VM: checks the spec and the kernel, maps RAM, creates the VM and vCPUs, loads the
+    /// kernel. Nothing runs until <see cref="Start"/>.
+    /// </summary>
+    /// <param name="serialOutput">Receives what the guest writes to COM1.</param>
+    public static VirtualMachine Create(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null, ILogger? logger = null)
+    {
+        spec.Validate();
+        byte[] kernelBytes = ReadKernel(spec.Kernel);
+        var image = ElfImage.Parse(kernelBytes, spec.Kernel);
+        GuestMemory.CheckHostCanGive(spec.MemoryBytes, spec.HugePages);
+
+        bool ownsKvm = kvm is null;
+        kvm ??= KvmSystem.Open();
+        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance) { Kernel = image };
+        try
+        {
+            vm.Build(kernelBytes, serialOutput);
+            return vm;
+        }
+        catch
+        {
+            vm.Dispose();
+            throw;
+        }
+    }
+
+    private static byte[] ReadKernel(string path)
+    {
+        try
+        {
+            return File.ReadAllBytes(path);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new BootException($"kernel {path}: no such file");
+        }
+        catch (UnauthorizedAccessException)
+        {
+            throw new BootException($"kernel {path}: permission denied");
+        }
+        catch (IOException e)
+        {
+            throw new BootException($"kernel {path}: cannot read: {e.Message}", e);
+        }
+    }
+
+    private void Build(byte[] kernelBytes, Action<ReadOnlySpan<byte>> serialOutput)
+    {
+        int maxVcpus = Math.Max(_kvm.CheckExtension(KvmCap.MaxVcpus), _kvm.CheckExtension(KvmCap.NrVcpus));
+        if (maxVcpus > 0 && Spec.Cpus > maxVcpus)
+            throw new ArgumentException($"cpus {Spec.Cpus} is more than this host's KVM allows ({maxVcpus})");
+
+        Memory = GuestMemory.Create(X86Layout.RamRanges(Spec.MemoryBytes), Spec.HugePages);
+        Vm = _kvm.CreateVm();
+
+        if (_kvm.CheckExtension(KvmCap.SetTssAddr) > 0)
+            Vm.SetTssAddress(X86Layout.TssAddress);
+        if (_kvm.CheckExtension(KvmCap.SetIdentityMapAddr) > 0)
+            Vm.SetIdentityMapAddress(X86Layout.IdentityMapAddress);
+        Vm.CreateIrqchip();
+        if (_kvm.CheckExtension(KvmCap.Pit2) > 0)
+            Vm.CreatePit2();
+        else
+            VmmLog.CapabilityMissing(_log, "KVM_CAP_PIT2");
+        if (Spec.TrackDirtyPages)
+            Vm.EnableManualDirtyLogProtect();
+
+        uint slot = 0;
+        foreach (var region in Memory.Regions)
+            _slots.Add(Vm.MapMemory(slot++, region, logDirty: Spec.TrackDirtyPages));
+
+        Serial = new Serial16550(serialOutput, new KvmIrqLine(Vm, Serial16550.Com1Irq));
+        PortIo.Register(Serial16550.Com1Port, Serial16550.RegisterCount, Serial);
+        if (Spec.DebugExit)
+            PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length, new DebugExitDevice(status => RequestStop(new DebugExitStop(status))));
+
+        PvhBoot.LoadSegments(Kernel, kernelBytes, Memory);
+        PvhBoot.WriteBootData(Memory, Spec.Cmdline);
+
+        var cpuid = _kvm.GetSupportedCpuid();
+        for (uint id = 0; id < Spec.Cpus; id++)
+        {
+            var vcpu = Vm.CreateVcpu(id);
+            _vcpus.Add(vcpu);
+            VcpuSetup.Configure(vcpu, cpuid, Spec.Cpus, hasIrqchip: true);
+            if (id == 0)
+            {
+                vcpu.SetSregs(PvhBoot.EntrySregs(vcpu.GetSregs()));
+                vcpu.SetRegs(PvhBoot.EntryRegs(Kernel.PvhEntry));
+            }
+            _threads.Add(new VcpuThread(vcpu, OnExit));
+        }
+        VmmLog.VmCreated(_log, GuestMemory.FormatSize(Spec.MemoryBytes), Spec.Cpus, Spec.Kernel);
+    }
+
+    /// <summary>Starts every vCPU thread.</summary>
+    public void Start()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_started)
+            throw new InvalidOperationException("the VM was already started");
+        _started = true;
+        foreach (var t in _threads)
+            t.StateChanged += OnVcpuStateChanged;
+        foreach (var t in _threads)
+            t.Start();
+        VmmLog.VmRunning(_log);
+    }
+
+    /// <summary>Starts the VM and waits until it stops or <paramref name="cancel"/> fires.</summary>
+    public VmStopReason Run(CancellationToken cancel = default)
+    {
+        Start();
+        using (cancel.Register(() => RequestStop(new HostStop("stop requested"))))
+            Stopped.Wait(CancellationToken.None);
+        StopVcpus();
+        var reason = Stopped.Result;
+        VmmLog.VmStopped(_log, reason.Describe());
+        return reason;
+    }
+
+    /// <summary>Records why the VM stops (first reason wins) and asks every vCPU to stop.</summary>
+    public void RequestStop(VmStopReason reason)
+    {
+        _stopped.TrySetResult(reason);
+        foreach (var t in _threads)
+            t.RequestStop();
+    }
+
+    /// <summary>Pauses every vCPU and waits until all are paused.</summary>
+    public void Pause()
+    {
+        foreach (var t in _threads)
+            t.Pause(TimeSpan.FromSeconds(10));
+    }
+
+    public void Resume()
+    {
+        foreach (var t in _threads)
+            t.Resume();
+    }
+
+    /// <summary>Reads the dirty-page bitmap of every RAM slot (needs <see cref="VmSpec.TrackDirtyPages"/>).</summary>
+    public IReadOnlyList<DirtyBitmap> ReadDirtyLog() => _slots.Select(Vm.GetDirtyLog).ToArray();
+
+    /// <summary>Clears the pages set in <paramref name="bitmaps"/> from the dirty log.</summary>
+    public void ClearDirtyLog(IReadOnlyList<DirtyBitmap> bitmaps)
+    {
+        for (int i = 0; i < _slots.Count; i++)
+            Vm.ClearDirtyLog(_slots[i], bitmaps[i]);
+    }
+
+    private VcpuAction OnExit(KvmVcpu vcpu)
+    {
+        var exit = VcpuExit.Decode(vcpu.RunPage);
+        var outcome = ExitHandler.Handle(exit, PortIo, Mmio, vcpu.Id);
+        if (!outcome.ShouldStop)
+            return VcpuAction.Continue;
+        var stop = outcome.Stop switch
+        {
+            InternalErrorStop e => e with { Registers = RegisterDump.TryCapture(vcpu) },
+            FailEntryStop f => f with { Registers = RegisterDump.TryCapture(vcpu) },
+            UnhandledExitStop u => u with { Registers = RegisterDump.TryCapture(vcpu) },
+            var s => s!,
+        };
+        RequestStop(stop);
+        return VcpuAction.Stop;
+    }
+
+    private void OnVcpuStateChanged(VcpuThread thread, VcpuRunState state)
+    {
+        if (state != VcpuRunState.Stopped)
+            return;
+        if (thread.Fault is { } fault)
+            RequestStop(new VmmFaultStop(thread.Vcpu.Id, fault));
+        else if (_threads.All(t => t == thread || t.State == VcpuRunState.Stopped))
+            RequestStop(new HostStop("all vCPUs stopped"));
+    }
+
+    private void StopVcpus()
+    {
+        foreach (var t in _threads)
+            t.RequestStop();
+        foreach (var t in _threads)
+        {
+            if (!t.Join(TimeSpan.FromSeconds(5)))
+                VmmLog.VcpuStuck(_log, t.Vcpu.Id, 5);
+        }
+    }
+
+    public void Dispose()
+    {
+        if (_disposed)
+            return;
+        _disposed = true;
+        if (_started)
+            StopVcpus();
+        bool allStopped = _threads.All(t => t.State is VcpuRunState.Stopped or VcpuRunState.Created);
+        foreach (var v in _vcpus)
+            v.Dispose();
+        Vm?.Dispose();
+        // Guest RAM stays mapped if a vCPU thread could still touch it.
+        if (allStopped)
+            Memory?.Dispose();
+        if (_ownsKvm)
+            _kvm.Dispose();
+    }
+}

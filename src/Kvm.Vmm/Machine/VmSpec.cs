@@ -1,0 +1,60 @@
+using Kvm.Hypervisor;
+
+namespace Kvm.Vmm.Machine;
+
+/// <summary>What a VM is made of. Checked by <see cref="Validate"/> before anything is created.</summary>
+public sealed record VmSpec
+{
+    public const ulong DefaultMemory = 256UL << 20;
+    public const ulong MinimumMemory = 2UL << 20;
+
+    /// <summary>An ELF kernel with a PVH entry note (the guest kit, or a vmlinux).</summary>
+    public required string Kernel { get; init; }
+    public string Cmdline { get; init; } = "";
+    public ulong MemoryBytes { get; init; } = DefaultMemory;
+    public int Cpus { get; init; } = 1;
+
+    /// <summary>Places the debug-exit port at 0xf4: a byte written there ends the VM with that status.</summary>
+    public bool DebugExit { get; init; }
+    public HugePageMode HugePages { get; init; } = HugePageMode.None;
+
+    /// <summary>Logs dirty pages of guest RAM from the first instruction on.</summary>
+    public bool TrackDirtyPages { get; init; }
+
+    /// <summary>Throws <see cref="ArgumentException"/> naming the field and value that are wrong.</summary>
+    public void Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Kernel))
+            throw new ArgumentException("no kernel given");
+        if (Cpus < 1 || Cpus > 255)
+            throw new ArgumentException($"cpus {Cpus} is out of range (1 to 255)");
+        if (MemoryBytes < MinimumMemory)
+            throw new ArgumentException($"memory {GuestMemory.FormatSize(MemoryBytes)} is below the minimum of {GuestMemory.FormatSize(MinimumMemory)}");
+        ulong align = HugePages == HugePageMode.None ? GuestMemory.PageSize : 2UL << 20;
+        if (MemoryBytes % align != 0)
+            throw new ArgumentException($"memory {MemoryBytes} bytes is not a multiple of {GuestMemory.FormatSize(align)}");
+    }
+
+    /// <summary>Parses sizes such as 4096, 64K, 256M, 2G (binary units; a trailing 'B' or 'iB' is accepted).</summary>
+    public static ulong ParseSize(string text)
+    {
+        string s = text.Trim();
+        if (s.EndsWith("iB", StringComparison.OrdinalIgnoreCase))
+            s = s[..^2];
+        else if (s.EndsWith('B') || s.EndsWith('b'))
+            s = s[..^1];
+        int shift = 0;
+        if (s.Length > 0)
+        {
+            shift = char.ToUpperInvariant(s[^1]) switch { 'K' => 10, 'M' => 20, 'G' => 30, 'T' => 40, _ => 0 };
+            if (shift != 0)
+                s = s[..^1];
+        }
+        if (!ulong.TryParse(s, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out ulong n))
+            throw new FormatException($"'{text}' is not a size (examples: 512M, 2G, 65536)");
+        ulong v = n << shift;
+        if (shift != 0 && v >> shift != n)
+            throw new FormatException($"size '{text}' is too large");
+        return v;
+    }
+}
