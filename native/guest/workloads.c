@@ -1,0 +1,160 @@
+/* guestkit workloads.  They run at CPL3 at native speed, even under PVM. */
+#include "guest.h"
+
+#define PAGE_SIZE       4096ull
+#define HUGE_PAGE_SIZE  0x200000ull
+#define FOUR_GIB        0x100000000ull
+
+static bool no_args(const char *workload, int argc, char **argv)
+{
+    return parse_params(workload, argc, argv, NULL, 0);
+}
+
+int wl_hello(int argc, char **argv)
+{
+    if (!no_args("hello", argc, argv))
+        return EXIT_USAGE;
+    gk_printf("guestkit: hello\n");
+    return EXIT_OK;
+}
+
+int wl_exit(int argc, char **argv)
+{
+    uint64_t code = 0;
+    const struct param params[] = {
+        { .key = "code", .required = true, .max = 255, .value = &code },
+    };
+
+    if (!parse_params("exit", argc, argv, params, 1))
+        return EXIT_USAGE;
+    gk_printf("guestkit: exit code=%lu\n", code);
+    return (int)code;
+}
+
+/* floor(n * k / 10) without overflow */
+static uint64_t milestone(uint64_t n, uint64_t k)
+{
+    return (n / 10) * k + (n % 10) * k / 10;
+}
+
+int wl_count(int argc, char **argv)
+{
+    uint64_t n = 0;
+    const struct param params[] = {
+        { .key = "n", .required = true, .max = INT64_MAX, .value = &n },
+    };
+
+    if (!parse_params("count", argc, argv, params, 1))
+        return EXIT_USAGE;
+
+    /* report at n/10, 2n/10, ..., n; at every step when n < 10 */
+    uint64_t k = 1;
+    uint64_t next = n < 10 ? 1 : milestone(n, 1);
+    for (uint64_t i = 1; i <= n; i++) {
+        __asm__ volatile("" : "+r"(i));     /* the compiler may not fold the loop */
+        if (__builtin_expect(i == next, 0)) {
+            gk_printf("guestkit: count %lu/%lu\n", i, n);
+            k++;
+            next = n < 10 ? i + 1 : milestone(n, k);
+        }
+    }
+    gk_printf("guestkit: count done n=%lu\n", n);
+    return EXIT_OK;
+}
+
+static uint64_t dirty_value(uint64_t addr, uint64_t pass)
+{
+    return addr ^ ((pass + 1) * 0x9e3779b97f4a7c15ull);
+}
+
+int wl_dirty(int argc, char **argv)
+{
+    uint64_t size = 0, passes = 1;
+    const struct param params[] = {
+        { .key = "size", .size = true, .required = true, .max = FOUR_GIB, .value = &size },
+        { .key = "passes", .required = false, .max = 1000000, .value = &passes },
+    };
+
+    if (!parse_params("dirty", argc, argv, params, 2))
+        return EXIT_USAGE;
+
+    /* first 2 MiB boundary at or above the end of the image */
+    uint64_t base = ((uint64_t)(uintptr_t)__image_end + HUGE_PAGE_SIZE - 1) & ~(HUGE_PAGE_SIZE - 1);
+    uint64_t end = base + size;
+    bool fits = false;
+
+    if (end <= FOUR_GIB && start_info && start_info->version >= 1 &&
+        start_info->memmap_paddr && start_info->memmap_paddr < FOUR_GIB) {
+        const struct hvm_memmap_table_entry *map =
+            (const void *)(uintptr_t)start_info->memmap_paddr;
+        for (uint32_t i = 0; i < start_info->memmap_entries; i++) {
+            uint64_t a = map[i].addr, s = map[i].size;
+            if (map[i].type == HVM_MEMMAP_TYPE_RAM && a <= base && a + s >= a &&
+                end <= a + s)
+                fits = true;
+        }
+    }
+    if (!fits) {
+        gk_printf("guestkit: error: dirty region of %lu bytes at 0x%lx does not fit in guest RAM\n",
+                  size, base);
+        return EXIT_USAGE;
+    }
+
+    uint64_t npages = (size + PAGE_SIZE - 1) / PAGE_SIZE;
+    for (uint64_t pass = 0; pass < passes; pass++)
+        for (uint64_t pg = 0; pg < npages; pg++) {
+            uint64_t addr = base + pg * PAGE_SIZE;
+            *(volatile uint64_t *)(uintptr_t)addr = dirty_value(addr, pass);
+        }
+
+    /* count the pages that hold the last pass's value */
+    uint64_t pages = 0;
+    if (passes > 0)
+        for (uint64_t pg = 0; pg < npages; pg++) {
+            uint64_t addr = base + pg * PAGE_SIZE;
+            if (*(volatile uint64_t *)(uintptr_t)addr == dirty_value(addr, passes - 1))
+                pages++;
+        }
+    if (passes > 0 && pages != npages) {
+        gk_printf("guestkit: error: dirty: only %lu of %lu pages hold the value written\n",
+                  pages, npages);
+        return EXIT_FAILED;
+    }
+
+    gk_printf("guestkit: dirty size=%lu passes=%lu pages=%lu base=0x%lx\n",
+              size, passes, pages, base);
+    return EXIT_OK;
+}
+
+int wl_fault(int argc, char **argv)
+{
+    if (!no_args("fault", argc, argv))
+        return EXIT_USAGE;
+    gk_printf("guestkit: fault: causing a triple fault\n");
+    gk_triple_fault();
+}
+
+/* Not a test contract: prints what the VMM handed over, for debugging. */
+int wl_info(int argc, char **argv)
+{
+    if (!no_args("info", argc, argv))
+        return EXIT_USAGE;
+
+    const struct hvm_start_info *si = start_info;
+    gk_printf("guestkit: info image=0x%lx-0x%lx\n",
+              (uint64_t)(uintptr_t)__image_start, (uint64_t)(uintptr_t)__image_end);
+    if (!si) {
+        gk_printf("guestkit: info no start_info\n");
+        return EXIT_OK;
+    }
+    gk_printf("guestkit: info start_info=%p version=%u flags=0x%x nr_modules=%u rsdp=0x%lx\n",
+              (const void *)si, si->version, si->flags, si->nr_modules, si->rsdp_paddr);
+    gk_printf("guestkit: info cmdline=0x%lx\n", si->cmdline_paddr);
+    if (si->version >= 1 && si->memmap_paddr && si->memmap_paddr < FOUR_GIB) {
+        const struct hvm_memmap_table_entry *map = (const void *)(uintptr_t)si->memmap_paddr;
+        for (uint32_t i = 0; i < si->memmap_entries; i++)
+            gk_printf("guestkit: info memmap %u: 0x%lx-0x%lx type %u\n",
+                      i, map[i].addr, map[i].addr + map[i].size, map[i].type);
+    }
+    return EXIT_OK;
+}
