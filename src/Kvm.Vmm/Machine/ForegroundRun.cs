@@ -8,23 +8,29 @@ namespace Kvm.Vmm.Machine;
 
 /// <summary>
 /// Runs one VM in the foreground with its console on this terminal, and turns the way it ended
-/// into an exit status: the guest's own status for a debug exit, 130 for Ctrl-C, 1 for a failure
+/// into an exit status: the guest's own status for a debug exit, 130 for Ctrl-C (143 for SIGTERM), 1 for a failure
 /// (with one line on stderr naming it).
 /// </summary>
 public static class ForegroundRun
 {
     public const int ExitFailure = 1;
     public const int ExitInterrupted = 130;
+    public const int ExitTerminated = 143;
 
     public static int Execute(VmSpec spec, string program, ILogger? logger = null)
     {
         using var cancel = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCtrlC = (_, e) =>
+        int signalExit = 0;
+        void Stop(System.Runtime.InteropServices.PosixSignalContext c, int status)
         {
-            e.Cancel = true;
+            c.Cancel = true;
+            Interlocked.CompareExchange(ref signalExit, status, 0);
             cancel.Cancel();
-        };
-        Console.CancelKeyPress += onCtrlC;
+        }
+        using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(
+            System.Runtime.InteropServices.PosixSignal.SIGINT, c => Stop(c, ExitInterrupted));
+        using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(
+            System.Runtime.InteropServices.PosixSignal.SIGTERM, c => Stop(c, ExitTerminated));
         try
         {
             VmStopReason reason;
@@ -34,28 +40,24 @@ public static class ForegroundRun
                 console.PumpInput(vm.Serial);
                 reason = vm.Run(cancel.Token);
             }
-            return Report(reason, program, cancel.IsCancellationRequested);
+            return Report(reason, program, signalExit);
         }
         catch (Exception e) when (IsUserFacing(e))
         {
             Console.Error.WriteLine($"{program}: {Describe(e)}");
             return ExitFailure;
         }
-        finally
-        {
-            Console.CancelKeyPress -= onCtrlC;
-        }
     }
 
-    private static int Report(VmStopReason reason, string program, bool interrupted)
+    private static int Report(VmStopReason reason, string program, int signalExit)
     {
         switch (reason)
         {
             case DebugExitStop d:
                 return d.Status;
-            case HostStop when interrupted:
-                Console.Error.WriteLine($"{program}: VM stopped (interrupted)");
-                return ExitInterrupted;
+            case HostStop when signalExit != 0:
+                Console.Error.WriteLine($"{program}: VM stopped ({(signalExit == ExitInterrupted ? "interrupted" : "terminated")})");
+                return signalExit;
             case { IsError: false }:
                 Console.Error.WriteLine($"{program}: {reason.Describe()}");
                 return 0;

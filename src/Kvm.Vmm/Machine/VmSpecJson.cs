@@ -1,27 +1,71 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Kvm.Hypervisor;
 
 namespace Kvm.Vmm.Machine;
 
-/// <summary>JSON form of <see cref="VmSpec"/>, as kvm-vmm reads it (camelCase, enums as strings).</summary>
+/// <summary>
+/// The JSON document form of a <see cref="VmSpec"/> (camelCase, enums as strings). Absent fields
+/// take the spec's defaults; unknown fields are refused so a misspelt one is not silently ignored.
+/// </summary>
+public sealed class VmSpecDocument
+{
+    public string? Kernel { get; set; }
+    public string? Cmdline { get; set; }
+    public ulong? MemoryBytes { get; set; }
+    public int? Cpus { get; set; }
+    public bool? DebugExit { get; set; }
+    public HugePageMode? HugePages { get; set; }
+    public bool? TrackDirtyPages { get; set; }
+
+    public VmSpec ToSpec(string source)
+    {
+        if (string.IsNullOrEmpty(Kernel))
+            throw new ArgumentException($"VM spec {source}: the field 'kernel' is required");
+        var d = new VmSpec { Kernel = Kernel };
+        return d with
+        {
+            Cmdline = Cmdline ?? d.Cmdline,
+            MemoryBytes = MemoryBytes ?? d.MemoryBytes,
+            Cpus = Cpus ?? d.Cpus,
+            DebugExit = DebugExit ?? d.DebugExit,
+            HugePages = HugePages ?? d.HugePages,
+            TrackDirtyPages = TrackDirtyPages ?? d.TrackDirtyPages,
+        };
+    }
+
+    public static VmSpecDocument From(VmSpec spec) => new()
+    {
+        Kernel = spec.Kernel,
+        Cmdline = spec.Cmdline,
+        MemoryBytes = spec.MemoryBytes,
+        Cpus = spec.Cpus,
+        DebugExit = spec.DebugExit,
+        HugePages = spec.HugePages,
+        TrackDirtyPages = spec.TrackDirtyPages,
+    };
+}
+
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, UseStringEnumConverter = true,
-    WriteIndented = true, UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow)]
-[JsonSerializable(typeof(VmSpec))]
+    WriteIndented = true, UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
+[JsonSerializable(typeof(VmSpecDocument))]
 public sealed partial class VmSpecJsonContext : JsonSerializerContext
 {
-    /// <summary>Parses a spec; errors name the path in the document that is wrong.</summary>
+    /// <summary>Parses a spec; errors name the source and the path in the document that is wrong.</summary>
     public static VmSpec Parse(string json, string source)
     {
+        VmSpecDocument? doc;
         try
         {
-            return JsonSerializer.Deserialize(json, Default.VmSpec)
-                ?? throw new ArgumentException($"VM spec {source}: the document is null");
+            doc = JsonSerializer.Deserialize(json, Default.VmSpecDocument);
         }
         catch (JsonException e)
         {
             throw new ArgumentException($"VM spec {source}: {e.Message}", e);
         }
+        return (doc ?? throw new ArgumentException($"VM spec {source}: the document is null")).ToSpec(source);
     }
 
-    public static string Format(VmSpec spec) => JsonSerializer.Serialize(spec, Default.VmSpec);
+    public static string Format(VmSpec spec) => JsonSerializer.Serialize(global::Kvm.Vmm.Machine.VmSpecDocument.From(spec), Default.VmSpecDocument);
 }
