@@ -1,0 +1,63 @@
+# kvm: build and test entry points. Everything lands in build/.
+#   make            native shim, guest kit, and the three programs (build/bin/vmctl, kvm-vmm, kvmd)
+#   make run        builds, then boots the guest kit in a VM with its console here
+#   make test       builds, then runs every test (unit and integration)
+#   make bench      builds, then runs the benchmarks (they print ratios against QEMU)
+
+BUILD    := $(CURDIR)/build
+DOTNET   ?= dotnet
+CC       ?= gcc
+CONFIG   ?= Release
+
+SHIM     := $(BUILD)/native/libkvmshim.so
+GUEST    := $(BUILD)/guest/guestkit.elf
+LIBDIR   := $(BUILD)/lib
+PROGRAMS := vmctl kvm-vmm kvmd
+LAUNCHERS := $(addprefix $(BUILD)/bin/,$(PROGRAMS))
+PUBLISHED := $(BUILD)/lib/.published
+
+CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props
+PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 --self-contained false -p:PublishReadyToRun=true -o $(LIBDIR) --nologo -v quiet
+
+RUN_CMDLINE ?= hello
+
+.PHONY: all native guest programs run test unit-test integration-test bench clean
+all: native guest programs
+
+native: $(SHIM)
+guest: $(GUEST)
+programs: $(LAUNCHERS)
+
+$(SHIM): native/kvmshim/kvmshim.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -g -Wall -Wextra -Werror -std=gnu11 -fPIC -shared -fvisibility=hidden -o $@ $<
+
+$(GUEST): $(wildcard native/guest/*.c native/guest/*.h native/guest/*.S native/guest/*.ld native/guest/Makefile)
+	$(MAKE) -C native/guest O=$(BUILD)/guest
+
+$(PUBLISHED): $(CS_SOURCES) $(SHIM)
+	@mkdir -p $(LIBDIR)
+	$(DOTNET) publish src/Kvm.Cli/Kvm.Cli.csproj $(PUBLISH_FLAGS)
+	$(DOTNET) publish src/Kvm.VmmHost/Kvm.VmmHost.csproj $(PUBLISH_FLAGS)
+	$(DOTNET) publish src/Kvm.Daemon/Kvm.Daemon.csproj $(PUBLISH_FLAGS)
+	cp $(SHIM) $(LIBDIR)/
+	@touch $@
+
+# Launchers: small scripts so build/bin can move with build/lib.
+$(BUILD)/bin/%: $(PUBLISHED)
+	@mkdir -p $(dir $@)
+	@printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/../lib/%s" "$$@"\n' $* > $@
+	@chmod +x $@
+
+run: all
+	$(BUILD)/bin/vmctl run --kernel $(GUEST) --cmdline '$(RUN_CMDLINE)' --debug-exit
+
+test: all
+	@bash tests/run-tests.sh
+
+bench: all
+	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks -- $(BENCH_ARGS)
+
+clean:
+	rm -rf $(BUILD)
+	$(DOTNET) clean Kvm.sln --nologo -v quiet || true

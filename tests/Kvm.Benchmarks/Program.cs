@@ -1,0 +1,85 @@
+using System.Diagnostics;
+using Kvm.Tests.Shared;
+
+// Boot-to-exit benchmark: `vmctl run` of the guest kit's `hello` against QEMU (microvm) booting the
+// same ELF, alternating the two so both see the same machine load. Prints each side and the ratio.
+// Usage: make bench [BENCH_ARGS="--runs 30"]
+
+int runs = 20;
+for (int i = 0; i < args.Length; i++)
+{
+    if (args[i] == "--runs" && i + 1 < args.Length && int.TryParse(args[i + 1], out int n) && n > 0)
+        runs = n;
+    else if (args[i] is "--help" or "-h")
+    {
+        Console.WriteLine("Usage: Kvm.Benchmarks [--runs N]   (default 20)");
+        return 0;
+    }
+}
+
+string guest = TestEnvironment.GuestKit, vmctl = TestEnvironment.Vmctl;
+foreach (var (path, what) in new[] { (guest, "the guest kit"), (vmctl, "vmctl") })
+{
+    if (!File.Exists(path))
+    {
+        Console.Error.WriteLine($"benchmark: {what} is missing at {path} (run 'make' first)");
+        return 1;
+    }
+}
+string? qemu = TestEnvironment.FindOnPath("qemu-system-x86_64");
+if (qemu is null)
+{
+    Console.Error.WriteLine("benchmark: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)");
+    return 1;
+}
+
+string[] ours = ["run", "--kernel", guest, "--cmdline", "hello", "--debug-exit", "--memory", "256M"];
+string[] theirs =
+[
+    "-accel", "kvm", "-M", "microvm", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+    "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-m", "256M", "-kernel", guest, "-append", "hello",
+];
+
+// One untimed run of each warms the page cache.
+Time(vmctl, ours, 0);
+Time(qemu, theirs, 1);
+
+var a = new List<double>();
+var b = new List<double>();
+for (int i = 0; i < runs; i++)
+{
+    a.Add(Time(vmctl, ours, 0));
+    b.Add(Time(qemu, theirs, 1));
+}
+
+Console.WriteLine($"boot-to-exit of guestkit 'hello', {runs} runs each, alternating ({Environment.MachineName}, {Environment.ProcessorCount} CPUs, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC)");
+Console.WriteLine($"{"",-22}{"median ms",12}{"mean ms",12}{"min ms",12}");
+Row("vmctl run", a);
+Row("qemu-system-x86_64", b);
+Console.WriteLine($"ratio vmctl/qemu (median): {Median(a) / Median(b):0.00}   (below 1 means vmctl is faster)");
+return 0;
+
+static double Time(string file, string[] args, int expectedStatus)
+{
+    var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+    foreach (var x in args)
+        psi.ArgumentList.Add(x);
+    var sw = Stopwatch.StartNew();
+    using var p = Process.Start(psi)!;
+    string output = p.StandardOutput.ReadToEnd();
+    p.StandardError.ReadToEnd();
+    p.WaitForExit();
+    sw.Stop();
+    if (p.ExitCode != expectedStatus || !output.Contains("guestkit: hello"))
+        throw new InvalidOperationException($"{file} exited {p.ExitCode} with output '{output.Trim()}'");
+    return sw.Elapsed.TotalMilliseconds;
+}
+
+static double Median(List<double> v)
+{
+    var s = v.Order().ToArray();
+    return s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;
+}
+
+static void Row(string name, List<double> v) =>
+    Console.WriteLine($"{name,-22}{Median(v),12:0.0}{v.Average(),12:0.0}{v.Min(),12:0.0}");
