@@ -9,15 +9,12 @@ trap 'rm -f "$log"' EXIT
 dotnet test Kvm.sln -c "${CONFIG:-Release}" --nologo --logger "console;verbosity=normal" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
-# Each project ends with a line like "Passed!  - Failed: 0, Passed: 12, Skipped: 1, Total: 13, ...".
+# Each test run ends with a summary block: "Total tests: N", "Passed: N", "Failed: N", "Skipped: N"
+# (Failed and Skipped only when non-zero). Sum them over all projects.
 read -r passed failed skipped < <(awk '
-  /(Passed|Failed)! +- +Failed: +[0-9]+, Passed: +[0-9]+, Skipped: +[0-9]+/ {
-    for (i = 1; i <= NF; i++) {
-      if ($i == "Failed:") f += $(i+1) + 0
-      if ($i == "Passed:") p += $(i+1) + 0
-      if ($i == "Skipped:") s += $(i+1) + 0
-    }
-  }
+  /^ +Passed: +[0-9]+ *$/  { p += $2 }
+  /^ +Failed: +[0-9]+ *$/  { f += $2 }
+  /^ +Skipped: +[0-9]+ *$/ { s += $2 }
   END { printf "%d %d %d\n", p, f, s }' "$log")
 
 echo

@@ -162,12 +162,13 @@ public sealed unsafe class GuestMemory : IDisposable
         }
     }
 
+    /// <summary>A size for messages: whole GiB or MiB when exact, else the byte count with an approximation.</summary>
     public static string FormatSize(ulong bytes) => bytes switch
     {
         >= 1UL << 30 when bytes % (1UL << 30) == 0 => $"{bytes >> 30} GiB",
-        >= 1UL << 30 => $"{bytes / (double)(1UL << 30):0.0} GiB",
         >= 1UL << 20 when bytes % (1UL << 20) == 0 => $"{bytes >> 20} MiB",
-        >= 1UL << 20 => $"{bytes / (double)(1UL << 20):0.0} MiB",
+        >= 1UL << 30 => $"{bytes} bytes ({bytes / (double)(1UL << 30):0.0} GiB)",
+        >= 1UL << 20 => $"{bytes} bytes ({bytes / (double)(1UL << 20):0.0} MiB)",
         _ => $"{bytes} bytes",
     };
 

@@ -11,11 +11,13 @@ public sealed class KvmTestVm : IDisposable
 {
     public const ulong CodeAddress = 0x1000;
 
-    public KvmTestVm(byte[] code, ulong ramSize = 4 << 20, bool logDirty = false, bool manualProtect = false)
+    public KvmTestVm(byte[] code, ulong ramSize = 4 << 20, bool logDirty = false, bool manualProtect = false, bool irqchip = false)
     {
         System = KvmSystem.Open();
         Memory = GuestMemory.Create([(0UL, ramSize)]);
         Vm = System.CreateVm();
+        if (irqchip)
+            Vm.CreateIrqchip();
         if (manualProtect)
             Assert.True(Vm.EnableManualDirtyLogProtect(), "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is missing");
         Slot = Vm.MapMemory(0, Memory.Regions[0], logDirty);
@@ -60,6 +62,9 @@ public sealed class KvmTestVm : IDisposable
         Memory.Dispose();
         System.Dispose();
     }
+
+    /// <summary>cli; hlt; jmp back: with an in-kernel irqchip, KVM_RUN blocks in the kernel.</summary>
+    public static readonly byte[] HaltLoop = [0xFA, 0xF4, 0xEB, 0xFC];
 
     /// <summary>mov dx, 0x80; out dx, al; jmp back: one port-I/O exit per iteration, forever.</summary>
     public static readonly byte[] PortLoop = [0x66, 0xBA, 0x80, 0x00, 0xEE, 0xEB, 0xF9];

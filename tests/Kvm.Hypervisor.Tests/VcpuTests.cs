@@ -79,25 +79,8 @@ public class VcpuTests
     public void StopKicksAVcpuBlockedInTheKernel()
     {
         TestEnvironment.RequireKvm();
-        // cli; hlt with an in-kernel irqchip: KVM_RUN blocks in the kernel until a signal arrives.
-        byte[] halt = [0xFA, 0xF4, 0xEB, 0xFC];
-        using var t = new KvmTestVm([], ramSize: 4 << 20);
-        using var sys = KvmSystem.Open();
-        using var vm = sys.CreateVm();
-        vm.CreateIrqchip();
-        using var mem = GuestMemory.Create([(0UL, 4UL << 20)]);
-        vm.MapMemory(0, mem.Regions[0]);
-        mem.Write(KvmTestVm.CodeAddress, halt);
-        using var vcpu = vm.CreateVcpu(0);
-        var s = vcpu.GetSregs();
-        var code32 = new KvmSegment { Limit = 0xffffffff, Selector = 0x8, Type = 0xb, Present = 1, Db = 1, S = 1, G = 1 };
-        s.Cs = code32;
-        s.Ds = s.Es = s.Ss = code32 with { Selector = 0x10, Type = 0x3 };
-        s.Cr0 = 0x11;
-        vcpu.SetSregs(s);
-        vcpu.SetRegs(new KvmRegs { Rip = KvmTestVm.CodeAddress, Rflags = 2 });
-
-        var thread = new VcpuThread(vcpu, _ => VcpuAction.Continue);
+        using var t = new KvmTestVm(KvmTestVm.HaltLoop, irqchip: true);
+        var thread = new VcpuThread(t.Vcpu, _ => VcpuAction.Continue);
         thread.Start();
         Thread.Sleep(300);
         Assert.Equal(VcpuRunState.Running, thread.State);

@@ -16,7 +16,6 @@ public sealed class ElfImage
     public const uint XenElfNotePhys32Entry = 18;
     private const ushort EtExec = 2, EtDyn = 3, EmI386 = 3, EmX86_64 = 62;
     private const uint PtLoad = 1, PtNote = 4, ShtNote = 7;
-    private const int MaxSegments = 4096;
 
     private ElfImage(string name, bool is64, ulong elfEntry, uint pvhEntry, IReadOnlyList<ElfSegment> segments)
     {
@@ -40,30 +39,28 @@ public sealed class ElfImage
     public (ulong Start, ulong End) Extent =>
         (Segments.Min(s => s.PhysicalAddress), Segments.Max(s => s.PhysicalAddress + s.MemorySize));
 
-    public static ElfImage Read(string path)
+    /// <summary>Reads and parses a kernel file.</summary>
+    public static ElfImage Read(string path) => Parse(ReadFile(path), path);
+
+    /// <summary>Reads a kernel file whole; errors name the file and say what is wrong with it.</summary>
+    public static byte[] ReadFile(string path)
     {
-        byte[] bytes;
         try
         {
-            bytes = File.ReadAllBytes(path);
+            return File.ReadAllBytes(path);
         }
-        catch (FileNotFoundException)
-        {
-            throw new BootException($"kernel {path}: no such file");
-        }
-        catch (DirectoryNotFoundException)
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
             throw new BootException($"kernel {path}: no such file");
         }
         catch (UnauthorizedAccessException)
         {
-            throw new BootException($"kernel {path}: permission denied");
+            throw new BootException(Directory.Exists(path) ? $"kernel {path}: is a directory" : $"kernel {path}: permission denied");
         }
         catch (IOException e)
         {
             throw new BootException($"kernel {path}: cannot read: {e.Message}", e);
         }
-        return Parse(bytes, path);
     }
 
     /// <summary>Parses and checks an ELF file; <paramref name="name"/> is used in error messages.</summary>
@@ -124,7 +121,7 @@ public sealed class ElfImage
 
         var segments = new List<ElfSegment>();
         uint? pvh = null;
-        for (int i = 0; i < phnum && i < MaxSegments; i++)
+        for (int i = 0; i < phnum; i++)
         {
             int o = checked((int)(phoff + (ulong)(i * phentsize)));
             uint ptype = U32(file, o);

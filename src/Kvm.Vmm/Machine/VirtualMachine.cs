@@ -56,7 +56,7 @@ public sealed class VirtualMachine : IDisposable
     public static VirtualMachine Create(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null, ILogger? logger = null)
     {
         spec.Validate();
-        byte[] kernelBytes = ReadKernel(spec.Kernel);
+        byte[] kernelBytes = ElfImage.ReadFile(spec.Kernel);
         var image = ElfImage.Parse(kernelBytes, spec.Kernel);
         GuestMemory.CheckHostCanGive(spec.MemoryBytes, spec.HugePages);
 
@@ -72,26 +72,6 @@ public sealed class VirtualMachine : IDisposable
         {
             vm.Dispose();
             throw;
-        }
-    }
-
-    private static byte[] ReadKernel(string path)
-    {
-        try
-        {
-            return File.ReadAllBytes(path);
-        }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new BootException($"kernel {path}: no such file");
-        }
-        catch (UnauthorizedAccessException)
-        {
-            throw new BootException($"kernel {path}: permission denied");
-        }
-        catch (IOException e)
-        {
-            throw new BootException($"kernel {path}: cannot read: {e.Message}", e);
         }
     }
 
