@@ -2,6 +2,7 @@ using Kvm.Vmm.Machine;
 
 // kvm-vmm --spec FILE|-   runs the VM the JSON spec describes, in the foreground.
 const string program = "kvm-vmm";
+ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE
 

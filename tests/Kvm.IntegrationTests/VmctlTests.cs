@@ -212,6 +212,59 @@ public class VmctlTests
     }
 
     [SkippableFact]
+    public void OnATerminalKeysGoToTheGuestAndCtrlCStopsTheVm()
+    {
+        Require();
+        TestEnvironment.RequireProgram("script", "bsdutils");
+        // script(1) gives vmctl a real pseudo-terminal. While the VM runs, keystrokes must reach the
+        // guest without being echoed by the terminal; a 0x03 byte becomes SIGINT through the line
+        // discipline, as Ctrl-C does; afterwards the shell's 'read' must see an echoing, line-editing
+        // terminal again.
+        string inner = $"{TestEnvironment.Vmctl} run --kernel {TestEnvironment.GuestKit} --cmdline hello; echo status=$?; read x; echo got=$x";
+        var psi = new ProcessStartInfo("script")
+        {
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in new[] { "-q", "-e", "-c", inner, "/dev/null" })
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var output = new System.Text.StringBuilder();
+        var reader = Task.Run(() =>
+        {
+            var buf = new char[4096];
+            int n;
+            while ((n = p.StandardOutput.Read(buf, 0, buf.Length)) > 0)
+                lock (output)
+                    output.Append(buf, 0, n);
+        });
+        string Text() { lock (output) return output.ToString().Replace("\r", ""); }
+        void Type(string keys)
+        {
+            p.StandardInput.Write(keys);
+            p.StandardInput.Flush();
+        }
+
+        Assert.True(SpinWait.SpinUntil(() => Text().Contains("parking vCPU"), Timeout), $"the guest did not park: {Text()}");
+        Type("xyz");
+        Thread.Sleep(300);
+        Type("\u0003");
+        Assert.True(SpinWait.SpinUntil(() => Text().Contains("status="), Timeout), $"vmctl did not stop on Ctrl-C: {Text()}");
+        Type("abc\n");
+        Assert.True(p.WaitForExit(TimeSpan.FromSeconds(30)), $"the shell did not finish: {Text()}");
+        reader.Wait(TimeSpan.FromSeconds(5));
+
+        string text = Text();
+        Assert.Contains("vmctl: VM stopped (interrupted)", text);
+        Assert.Contains("status=130", text);
+        string whileRunning = text[..text.IndexOf("vmctl: VM stopped", StringComparison.Ordinal)];
+        Assert.DoesNotContain("xyz", whileRunning); // not echoed: the keys went to the guest's UART
+        Assert.Contains("abc\ngot=abc", text);      // echoed again once vmctl ended
+    }
+
+    [SkippableFact]
     public void HelpDescribesEveryOption()
     {
         Require();

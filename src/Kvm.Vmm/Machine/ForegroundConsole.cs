@@ -11,13 +11,31 @@ namespace Kvm.Vmm.Machine;
 /// </summary>
 public sealed class ForegroundConsole : IDisposable
 {
-    private readonly Stream _stdout = Console.OpenStandardOutput();
+    // Plain writes to fd 1: guest output goes to the terminal byte for byte, untouched by .NET's
+    // console layer (which would also switch the terminal's keypad mode on a terminal).
+    private readonly Stream _stdout = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(1, ownsHandle: false), FileAccess.Write, bufferSize: 0);
     private readonly bool _terminal;
     private readonly object _writeLock = new();
     private Thread? _inputThread;
     private volatile bool _disposed;
 
     private ForegroundConsole(bool terminal) => _terminal = terminal;
+
+    /// <summary>
+    /// Points Console.Out and Console.Error at plain writers on fds 1 and 2. .NET's own console
+    /// layer switches a terminal's keypad mode when first used, which would leave escape codes
+    /// in front of the guest's console; programs call this first thing.
+    /// </summary>
+    public static void UsePlainStandardStreams()
+    {
+        Console.SetOut(PlainWriter(1));
+        Console.SetError(PlainWriter(2));
+    }
+
+    private static TextWriter PlainWriter(int fd) =>
+        TextWriter.Synchronized(new StreamWriter(
+            new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: false), FileAccess.Write, bufferSize: 0),
+            new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false)) { AutoFlush = true });
 
     public static ForegroundConsole Attach()
     {
@@ -43,7 +61,9 @@ public sealed class ForegroundConsole : IDisposable
     {
         _inputThread = new Thread(() =>
         {
-            using var stdin = Console.OpenStandardInput();
+            // Plain reads of fd 0: Console.OpenStandardInput on a terminal would run .NET's own
+            // line editor, which echoes what is typed.
+            using var stdin = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(0, ownsHandle: false), FileAccess.Read, bufferSize: 0);
             var buf = new byte[256];
             try
             {
