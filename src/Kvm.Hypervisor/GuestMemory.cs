@@ -55,29 +55,43 @@ public sealed unsafe class GuestMemory : IDisposable
 
     public IReadOnlyList<GuestMemoryRegion> Regions => _regions;
     public HugePageMode HugePages { get; }
-    public ulong TotalSize => _regions.Aggregate(0UL, (s, r) => s + r.Size);
+    public ulong TotalSize
+    {
+        get
+        {
+            ulong total = 0;
+            foreach (var r in _regions)
+                total += r.Size;
+            return total;
+        }
+    }
 
     /// <summary>Maps guest RAM for the given (guest address, size) ranges.</summary>
     public static GuestMemory Create(IReadOnlyList<(ulong GuestAddress, ulong Size)> layout, HugePageMode mode = HugePageMode.None)
     {
-        ulong total = layout.Aggregate(0UL, (s, r) => s + r.Size);
+        ulong total = 0;
+        for (int i = 0; i < layout.Count; i++)
+            total += layout[i].Size;
         CheckHostCanGive(total, mode);
-        var regions = new List<GuestMemoryRegion>();
+        var regions = new GuestMemoryRegion[layout.Count];
+        int mapped = 0;
         try
         {
-            foreach (var (gpa, size) in layout)
+            ulong align = mode == HugePageMode.None ? PageSize : 2UL << 20;
+            for (; mapped < layout.Count; mapped++)
             {
-                ulong align = mode == HugePageMode.None ? PageSize : 2UL << 20;
+                var (gpa, size) = layout[mapped];
                 if (size == 0 || size % align != 0 || gpa % align != 0)
                     throw new GuestMemoryException($"guest RAM range 0x{gpa:x}+0x{size:x} is not aligned to {align} bytes");
-                regions.Add(new GuestMemoryRegion(gpa, size, Map(size, mode)));
+                regions[mapped] = new GuestMemoryRegion(gpa, size, Map(size, mode));
             }
-            return new GuestMemory(regions.OrderBy(r => r.GuestAddress).ToArray(), mode);
+            Array.Sort(regions, static (a, b) => a.GuestAddress.CompareTo(b.GuestAddress));
+            return new GuestMemory(regions, mode);
         }
         catch
         {
-            foreach (var r in regions)
-                Libc.Munmap(r.Host, (nuint)r.Size);
+            for (int i = 0; i < mapped; i++)
+                Libc.Munmap(regions[i].Host, (nuint)regions[i].Size);
             throw;
         }
     }
@@ -107,45 +121,39 @@ public sealed unsafe class GuestMemory : IDisposable
     /// <summary>Refuses sizes the host cannot back, before anything is mapped.</summary>
     public static void CheckHostCanGive(ulong size, HugePageMode mode)
     {
-        var info = ReadMeminfo();
         if (mode == HugePageMode.HugeTlb)
         {
-            ulong free = info.GetValueOrDefault("HugePages_Free") * info.GetValueOrDefault("Hugepagesize") * 1024;
+            ulong free = MeminfoValue("HugePages_Free") * MeminfoValue("Hugepagesize") * 1024;
             if (size > free)
                 throw new GuestMemoryException(
                     $"guest memory {FormatSize(size)} needs hugetlb pages but only {FormatSize(free)} are free (raise /proc/sys/vm/nr_hugepages)");
             return;
         }
-        if (mode == HugePageMode.Transparent)
-        {
-            string thp = ReadThpMode();
-            if (thp == "never")
-                throw new GuestMemoryException("transparent huge pages are disabled on this host (/sys/kernel/mm/transparent_hugepage/enabled is 'never')");
-        }
-        ulong total = info.GetValueOrDefault("MemTotal") * 1024;
+        if (mode == HugePageMode.Transparent && ReadThpMode() == "never")
+            throw new GuestMemoryException("transparent huge pages are disabled on this host (/sys/kernel/mm/transparent_hugepage/enabled is 'never')");
+        ulong total = MeminfoValue("MemTotal") * 1024;
         if (total != 0 && size > total)
             throw new GuestMemoryException($"guest memory {FormatSize(size)} is larger than the host's memory ({FormatSize(total)})");
     }
 
-    private static Dictionary<string, ulong> ReadMeminfo()
+    /// <summary>The number on a /proc/meminfo line ("MemTotal:  24576 kB" gives 24576); 0 if absent.</summary>
+    private static ulong MeminfoValue(string key)
     {
-        var d = new Dictionary<string, ulong>();
         try
         {
             foreach (var line in File.ReadLines("/proc/meminfo"))
             {
-                int colon = line.IndexOf(':');
-                if (colon < 0)
+                if (line.Length <= key.Length || line[key.Length] != ':' || !line.StartsWith(key, StringComparison.Ordinal))
                     continue;
-                var parts = line[(colon + 1)..].Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries);
-                if (parts.Length > 0 && ulong.TryParse(parts[0], out ulong v))
-                    d[line[..colon]] = v;
+                var rest = line.AsSpan(key.Length + 1).Trim();
+                int end = rest.IndexOf(' ');
+                return ulong.TryParse(end < 0 ? rest : rest[..end], out ulong v) ? v : 0;
             }
         }
         catch (IOException)
         {
         }
-        return d;
+        return 0;
     }
 
     private static string ReadThpMode()

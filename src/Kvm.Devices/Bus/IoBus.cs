@@ -41,10 +41,15 @@ public sealed class IoBus(string name)
                     throw new BusException(
                         $"{Name}: range 0x{baseAddress:x}-0x{entry.Last:x} ({device.GetType().Name}) overlaps 0x{e.Base:x}-0x{e.Last:x} ({e.Device.GetType().Name})");
             }
-            var list = _entries.ToList();
-            list.Add(entry);
-            list.Sort((a, b) => a.Base.CompareTo(b.Base));
-            Volatile.Write(ref _entries, list.ToArray());
+            // Insert in order; the array is replaced whole so readers never see it half-written.
+            var next = new Entry[_entries.Length + 1];
+            int at = 0;
+            while (at < _entries.Length && _entries[at].Base < baseAddress)
+                at++;
+            Array.Copy(_entries, 0, next, 0, at);
+            next[at] = entry;
+            Array.Copy(_entries, at, next, at + 1, _entries.Length - at);
+            Volatile.Write(ref _entries, next);
         }
     }
 
