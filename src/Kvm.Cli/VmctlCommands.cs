@@ -27,7 +27,9 @@ public static class VmctlCommands
         if (parse.Errors.Count > 0)
         {
             string command = string.Join(' ', CommandPath(parse.CommandResult));
-            Console.Error.WriteLine($"{Program}: {parse.Errors[0].Message.TrimEnd('.')} (see '{command} --help')");
+            // An unknown word explains the rest ("command not provided" follows from it), so it goes first.
+            var error = parse.Errors.FirstOrDefault(e => e.Message.StartsWith("Unrecognized", StringComparison.Ordinal)) ?? parse.Errors[0];
+            Console.Error.WriteLine($"{Program}: {error.Message.TrimEnd('.')} (see '{command} --help')");
             return ExitUsage;
         }
         return parse.Invoke();
@@ -63,6 +65,14 @@ public static class VmctlCommands
         {
             Description = "number of vCPUs",
             DefaultValueFactory = _ => 1,
+            CustomParser = r =>
+            {
+                string text = r.Tokens.Count > 0 ? r.Tokens[^1].Value : "";
+                if (int.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int n))
+                    return n;
+                r.AddError($"--cpus '{text}' is not a whole number");
+                return 0;
+            },
         };
         var debugExit = new Option<bool>("--debug-exit")
         {
@@ -70,8 +80,22 @@ public static class VmctlCommands
         };
         var hugePages = new Option<HugePageMode>("--hugepages")
         {
-            Description = "back guest RAM with huge pages: None, Transparent (THP via madvise) or HugeTlb (the reserved pool)",
+            Description = "back guest RAM with huge pages: none, transparent (THP through madvise) or hugetlb (the reserved pool)",
+            HelpName = "none|transparent|hugetlb",
             DefaultValueFactory = _ => HugePageMode.None,
+            CustomParser = r =>
+            {
+                string text = r.Tokens.Count > 0 ? r.Tokens[^1].Value : "";
+                switch (text.ToLowerInvariant())
+                {
+                    case "none": return HugePageMode.None;
+                    case "transparent" or "thp": return HugePageMode.Transparent;
+                    case "hugetlb": return HugePageMode.HugeTlb;
+                    default:
+                        r.AddError($"--hugepages '{text}' is not one of none, transparent, hugetlb");
+                        return HugePageMode.None;
+                }
+            },
         };
 
         var run = new Command("run",

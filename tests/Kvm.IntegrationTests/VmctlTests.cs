@@ -131,6 +131,29 @@ public class VmctlTests
     }
 
     [SkippableFact]
+    public void BadCpuCountIsAUsageError()
+    {
+        Require();
+        AssertOneLineError(Vmctl("run", "--kernel", TestEnvironment.GuestKit, "--cpus", "two"), 2, "--cpus 'two' is not a whole number");
+        AssertOneLineError(Vmctl("run", "--kernel", TestEnvironment.GuestKit, "--cpus", "0"), 2, "cpus 0 is out of range");
+    }
+
+    [SkippableFact]
+    public void BadHugePageModeIsAUsageError()
+    {
+        Require();
+        AssertOneLineError(Vmctl("run", "--kernel", TestEnvironment.GuestKit, "--hugepages", "giant"), 2,
+            "--hugepages 'giant' is not one of none, transparent, hugetlb");
+    }
+
+    [SkippableFact]
+    public void UnknownCommandIsAUsageError()
+    {
+        Require();
+        AssertOneLineError(Vmctl("boot"), 2, "Unrecognized command or argument 'boot'");
+    }
+
+    [SkippableFact]
     public void MissingKernelOptionIsAUsageError()
     {
         Require();
