@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using Kvm.Interop.Handles;
+using Microsoft.Win32.SafeHandles;
 
 namespace Kvm.Interop.Native;
 
@@ -14,6 +15,8 @@ public static unsafe partial class Libc
     public const int MadvHugePage = 14, MadvDontDump = 16, MadvDontNeed = 4;
     public const int EfdCloexec = 0x80000, EfdNonblock = 0x800;
     public static readonly IntPtr MapFailed = new(-1);
+    public const int FallocFlKeepSize = 0x01, FallocFlPunchHole = 0x02, FallocFlZeroRange = 0x10;
+    public const int SeekSet = 0, SeekCur = 1, SeekEnd = 2, SeekData = 3, SeekHole = 4;
 
     [LibraryImport(Lib, EntryPoint = "close", SetLastError = true)]
     public static partial int Close(int fd);
@@ -41,4 +44,12 @@ public static unsafe partial class Libc
 
     [LibraryImport(Lib, EntryPoint = "isatty")]
     public static partial int IsATty(int fd);
+
+    /// <summary>fallocate(2) on a regular file: allocate, punch holes or zero a byte range.</summary>
+    [LibraryImport(Lib, EntryPoint = "fallocate", SetLastError = true)]
+    public static partial int Fallocate(SafeFileHandle fd, int mode, long offset, long length);
+
+    /// <summary>lseek(2); with <see cref="SeekData"/>/<see cref="SeekHole"/> it finds a sparse file's extents.</summary>
+    [LibraryImport(Lib, EntryPoint = "lseek", SetLastError = true)]
+    public static partial long Lseek(SafeFileHandle fd, long offset, int whence);
 }

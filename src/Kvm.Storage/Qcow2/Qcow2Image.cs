@@ -1,0 +1,610 @@
+using System.Buffers.Binary;
+using System.IO.Compression;
+using Microsoft.Win32.SafeHandles;
+
+namespace Kvm.Storage.Qcow2;
+
+/// <summary>How to make a new qcow2 image.</summary>
+public sealed record Qcow2CreateOptions
+{
+    public required ulong Size { get; init; }
+    public int ClusterSize { get; init; } = 65536;
+    public int RefcountBits { get; init; } = 16;
+    /// <summary>The backing file's name as stored in the header (relative names resolve against the image's folder).</summary>
+    public string? BackingFile { get; init; }
+    public string? BackingFormat { get; init; }
+}
+
+/// <summary>
+/// A qcow2 image (version 2 or 3). Guest clusters map through a two-level table (L1, then L2) to
+/// host clusters; every host cluster has a reference count. Metadata is written in an order that
+/// keeps the image consistent if the process dies at any point: a cluster's refcount is raised
+/// before anything points at it, data is written before the L2 entry that maps it, and refcounts
+/// are lowered only after nothing points at the cluster any more. The worst a crash leaves is a
+/// leaked cluster, which <c>qemu-img check -r leaks</c> reclaims.
+/// </summary>
+public sealed partial class Qcow2Image : IBlockImage
+{
+    private const ulong OffsetMask = 0x00ff_ffff_ffff_fe00;
+    private const ulong Copied = 1UL << 63;
+    private const ulong Compressed = 1UL << 62;
+    private const ulong ZeroFlag = 1;
+
+    private ulong ClusterMask => (ulong)_clusterSize - 1;
+
+    private readonly SafeFileHandle _file;
+    private readonly Qcow2Header _header;
+    private readonly ulong[] _l1;
+    private readonly L2Cache _l2Cache;
+    private readonly object _lock = new();
+    private readonly int _clusterBits;
+    private readonly int _clusterSize;
+    private readonly int _l2Entries;
+    private byte[]? _decompressed;
+    private ulong _decompressedEntry;
+    private bool _disposed;
+
+    private Qcow2Image(string path, SafeFileHandle file, Qcow2Header header, ulong[] l1, bool readOnly, IBlockImage? backing, ImageOpenOptions options)
+    {
+        Path = path;
+        _file = file;
+        _header = header;
+        _l1 = l1;
+        ReadOnly = readOnly;
+        Backing = backing;
+        _clusterBits = header.ClusterBits;
+        _clusterSize = header.ClusterSize;
+        _l2Entries = header.L2Entries;
+        _l2Cache = new L2Cache(Math.Max(2, options.L2CacheTables));
+    }
+
+    public string Path { get; }
+    public ulong Size => _header.Size;
+    public bool ReadOnly { get; }
+    public IBlockImage? Backing { get; }
+    public int ClusterSize => _clusterSize;
+    public int Version => (int)_header.Version;
+    public int RefcountBits => _header.RefcountBits;
+    public string? BackingFile => _header.BackingFile;
+    public string? BackingFormat => _header.BackingFormat;
+    public Qcow2Header Header => _header;
+
+    /// <summary>Opens an image; its backing chain is opened through <see cref="DiskImage.Open"/>.</summary>
+    public static Qcow2Image Open(string path, ImageOpenOptions? options = null) =>
+        (Qcow2Image)DiskImage.Open(path, options ?? new ImageOpenOptions(), forceFormat: "qcow2");
+
+    internal static Qcow2Image OpenFile(string path, ImageOpenOptions options, Func<Qcow2Header, IBlockImage?> openBacking)
+    {
+        SafeFileHandle file;
+        try
+        {
+            file = File.OpenHandle(path, FileMode.Open, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.Read);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new ImageFormatException($"image {path}: no such file");
+        }
+        try
+        {
+            long length = RandomAccess.GetLength(file);
+            var first = new byte[(int)Math.Min(length, 1 << Qcow2Header.MaxClusterBits)];
+            RandomAccess.Read(file, first, 0);
+            var header = Qcow2Header.Parse(first, length, path);
+            if (!options.ReadOnly && (header.IncompatibleFeatures & Qcow2Header.IncompatCorrupt) != 0)
+                throw new ImageFormatException($"qcow2 image {path}: marked corrupt (incompatible feature bit 1); repair it with 'qemu-img check -r all' or open it read-only");
+            if (!options.ReadOnly && (header.IncompatibleFeatures & Qcow2Header.IncompatDirty) != 0)
+                throw new ImageFormatException($"qcow2 image {path}: marked dirty (lazy refcounts not written back); repair it with 'qemu-img check -r all' or open it read-only");
+
+            var l1 = new ulong[header.L1Size];
+            if (header.L1Size > 0)
+            {
+                var raw = new byte[header.L1Size * 8];
+                RandomAccess.Read(file, raw, (long)header.L1TableOffset);
+                for (int i = 0; i < l1.Length; i++)
+                    l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+            }
+            var backing = openBacking(header);
+            try
+            {
+                var image = new Qcow2Image(path, file, header, l1, options.ReadOnly, backing, options);
+                image.LoadRefcountTable(length);
+                return image;
+            }
+            catch
+            {
+                backing?.Dispose();
+                throw;
+            }
+        }
+        catch
+        {
+            file.Dispose();
+            throw;
+        }
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    public void Read(ulong offset, Span<byte> destination)
+    {
+        CheckRange(offset, (ulong)destination.Length);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            while (!destination.IsEmpty)
+            {
+                ulong inCluster = offset & (ulong)(_clusterSize - 1);
+                int n = (int)Math.Min((ulong)destination.Length, (ulong)_clusterSize - inCluster);
+                ReadInCluster(offset, destination[..n]);
+                offset += (ulong)n;
+                destination = destination[n..];
+            }
+        }
+    }
+
+    // Reads bytes that lie within one guest cluster.
+    private void ReadInCluster(ulong offset, Span<byte> dest)
+    {
+        ulong entry = GetL2Entry(offset >> _clusterBits);
+        ulong inCluster = offset & (ulong)(_clusterSize - 1);
+        if ((entry & Compressed) != 0)
+        {
+            DecompressCluster(entry).AsSpan((int)inCluster, dest.Length).CopyTo(dest);
+            return;
+        }
+        ulong host = entry & OffsetMask;
+        if ((entry & ZeroFlag) != 0 && _header.Version >= 3)
+        {
+            dest.Clear();
+            return;
+        }
+        if (host == 0)
+        {
+            ReadBacking(offset, dest);
+            return;
+        }
+        ReadHost(host + inCluster, dest);
+    }
+
+    private void ReadBacking(ulong offset, Span<byte> dest)
+    {
+        if (Backing is null || offset >= Backing.Size)
+        {
+            dest.Clear();
+            return;
+        }
+        int fromBacking = (int)Math.Min((ulong)dest.Length, Backing.Size - offset);
+        Backing.Read(offset, dest[..fromBacking]);
+        dest[fromBacking..].Clear();
+    }
+
+    private void ReadHost(ulong hostOffset, Span<byte> dest)
+    {
+        int n = RandomAccess.Read(_file, dest, (long)hostOffset);
+        if (n < dest.Length)
+            dest[n..].Clear(); // a cluster at the very end of a file may be short on disk
+    }
+
+    private byte[] DecompressCluster(ulong entry)
+    {
+        if (_decompressed is not null && _decompressedEntry == entry)
+            return _decompressed;
+        int x = 62 - (_clusterBits - 8);
+        ulong hostOffset = entry & ((1UL << x) - 1);
+        ulong sectors = ((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+        ulong compressedSize = sectors * 512 - (hostOffset & 511);
+        long fileLength = RandomAccess.GetLength(_file);
+        if (hostOffset >= (ulong)fileLength)
+            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} lies past the end of the file ({fileLength} bytes)");
+        var packed = new byte[Math.Min(compressedSize, (ulong)fileLength - hostOffset)];
+        RandomAccess.Read(_file, packed, (long)hostOffset);
+        var output = new byte[_clusterSize];
+        try
+        {
+            using var inflater = new DeflateStream(new MemoryStream(packed), CompressionMode.Decompress);
+            int total = 0;
+            while (total < output.Length)
+            {
+                int n = inflater.Read(output, total, output.Length - total);
+                if (n == 0)
+                    break;
+                total += n;
+            }
+            if (total != output.Length)
+                throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} inflates to {total} bytes, not {output.Length}");
+        }
+        catch (InvalidDataException e)
+        {
+            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} is not valid deflate data", e);
+        }
+        _decompressed = output;
+        _decompressedEntry = entry;
+        return output;
+    }
+
+    // ---------------------------------------------------------------- table lookups
+
+    /// <summary>The L2 entry for a guest cluster (0 when no L2 table covers it).</summary>
+    private ulong GetL2Entry(ulong guestCluster)
+    {
+        ulong l1Index = guestCluster / (ulong)_l2Entries;
+        ulong l2Offset = _l1[l1Index] & OffsetMask;
+        if (l2Offset == 0)
+            return 0;
+        var table = LoadL2(l2Offset, l1Index);
+        ulong entry = table[guestCluster % (ulong)_l2Entries];
+        CheckDataEntry(entry, guestCluster);
+        return entry;
+    }
+
+    private void CheckDataEntry(ulong entry, ulong guestCluster)
+    {
+        if ((entry & Compressed) != 0)
+            return;
+        ulong host = entry & OffsetMask;
+        if (host == 0)
+            return;
+        if ((host & (ulong)(_clusterSize - 1)) != 0)
+            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at unaligned host offset 0x{host:x}");
+        if (host >= (ulong)_fileLength)
+            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at host offset 0x{host:x}, past the end of the file ({_fileLength} bytes)");
+    }
+
+    private ulong[] LoadL2(ulong l2Offset, ulong l1Index)
+    {
+        if (_l2Cache.TryGet(l2Offset, out var table))
+            return table;
+        if ((l2Offset & (ulong)(_clusterSize - 1)) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
+            throw new ImageFormatException($"qcow2 image {Path}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
+        var raw = new byte[_clusterSize];
+        RandomAccess.Read(_file, raw, (long)l2Offset);
+        table = new ulong[_l2Entries];
+        for (int i = 0; i < table.Length; i++)
+            table[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+        _l2Cache.Add(l2Offset, table);
+        return table;
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    public void Write(ulong offset, ReadOnlySpan<byte> source)
+    {
+        CheckWritable();
+        CheckRange(offset, (ulong)source.Length);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            while (!source.IsEmpty)
+            {
+                ulong inCluster = offset & (ulong)(_clusterSize - 1);
+                int n = (int)Math.Min((ulong)source.Length, (ulong)_clusterSize - inCluster);
+                WriteInCluster(offset, source[..n]);
+                offset += (ulong)n;
+                source = source[n..];
+            }
+        }
+    }
+
+    // Writes bytes that lie within one guest cluster, allocating (and copying what the rest of
+    // the cluster held) when the cluster is not already this image's own, unshared data.
+    private void WriteInCluster(ulong offset, ReadOnlySpan<byte> data)
+    {
+        ulong guestCluster = offset >> _clusterBits;
+        ulong inCluster = offset & (ulong)(_clusterSize - 1);
+        ulong[] table = GetWritableL2(guestCluster, out ulong l2Offset);
+        int index = (int)(guestCluster % (ulong)_l2Entries);
+        ulong entry = table[index];
+        CheckDataEntry(entry, guestCluster);
+        bool ownData = (entry & Copied) != 0 && (entry & Compressed) == 0 && (entry & OffsetMask) != 0
+                       && !((entry & ZeroFlag) != 0 && _header.Version >= 3);
+        if (ownData)
+        {
+            RandomAccess.Write(_file, data, (long)((entry & OffsetMask) + inCluster));
+            return;
+        }
+
+        // Build the whole new cluster: what the guest saw there before, with the new bytes on top.
+        var cluster = new byte[_clusterSize];
+        if (data.Length < _clusterSize)
+            ReadInCluster(guestCluster << _clusterBits, cluster);
+        data.CopyTo(cluster.AsSpan((int)inCluster));
+
+        ulong host = AllocateClusters(1);
+        RandomAccess.Write(_file, cluster, (long)host);
+        SetL2Entry(table, l2Offset, index, host | Copied);
+        ReleaseDataCluster(entry);
+    }
+
+    public void WriteZeroes(ulong offset, ulong length)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            ForEachCluster(offset, length, (start, count, whole) =>
+            {
+                if (!whole)
+                {
+                    WriteZeroBytes(start, count);
+                    return;
+                }
+                ulong guestCluster = start >> _clusterBits;
+                ulong current = GetL2Entry(guestCluster);
+                if (current == 0 && Backing is null)
+                    return; // already reads as zeros
+                if (_header.Version < 3)
+                {
+                    WriteZeroBytes(start, count); // version 2 has no zero flag
+                    return;
+                }
+                SetDataEntry(guestCluster, ZeroFlag);
+            });
+        }
+    }
+
+    public void Discard(ulong offset, ulong length)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            ForEachCluster(offset, length, (start, count, whole) =>
+            {
+                ulong guestCluster = start >> _clusterBits;
+                if (!whole)
+                {
+                    // Part of a cluster cannot be freed; make it read as zeros unless it already does.
+                    if (GetL2Entry(guestCluster) != 0 || Backing is not null)
+                        WriteZeroBytes(start, count);
+                    return;
+                }
+                if (Backing is null)
+                    SetDataEntry(guestCluster, 0);
+                else if (_header.Version >= 3)
+                    SetDataEntry(guestCluster, ZeroFlag);
+                else
+                    SetDataEntry(guestCluster, 0); // version 2: the backing data shows through again
+            });
+        }
+    }
+
+    private void WriteZeroBytes(ulong offset, ulong count)
+    {
+        var zeros = new byte[count];
+        WriteInCluster(offset, zeros);
+    }
+
+    // Replaces a guest cluster's L2 entry with one that holds no data (0 or the zero flag) and
+    // frees what it pointed at.
+    private void SetDataEntry(ulong guestCluster, ulong newEntry)
+    {
+        ulong l1Index = guestCluster / (ulong)_l2Entries;
+        if ((_l1[l1Index] & OffsetMask) == 0 && newEntry == 0)
+            return;
+        ulong[] table = GetWritableL2(guestCluster, out ulong l2Offset);
+        int index = (int)(guestCluster % (ulong)_l2Entries);
+        ulong old = table[index];
+        if (old == newEntry)
+            return;
+        CheckDataEntry(old, guestCluster);
+        SetL2Entry(table, l2Offset, index, newEntry);
+        ReleaseDataCluster(old);
+    }
+
+    // Calls back for each piece of [offset, offset+length) that lies in one cluster, saying whether
+    // the piece is the whole cluster (or the whole of the image's last, partial cluster).
+    private void ForEachCluster(ulong offset, ulong length, Action<ulong, ulong, bool> piece)
+    {
+        ulong end = offset + length;
+        while (offset < end)
+        {
+            ulong pieceEnd = Math.Min(end, (offset | ClusterMask) + 1);
+            bool whole = (offset & ClusterMask) == 0 && pieceEnd - offset == Math.Min((ulong)_clusterSize, Size - offset);
+            piece(offset, pieceEnd - offset, whole);
+            offset = pieceEnd;
+        }
+    }
+
+    /// <summary>
+    /// The L2 table for a guest cluster, made this image's own first: allocated if absent, copied
+    /// if shared with a snapshot (its L1 entry lacks the COPIED flag).
+    /// </summary>
+    private ulong[] GetWritableL2(ulong guestCluster, out ulong l2Offset)
+    {
+        ulong l1Index = guestCluster / (ulong)_l2Entries;
+        ulong l1Entry = _l1[l1Index];
+        l2Offset = l1Entry & OffsetMask;
+        if (l2Offset != 0 && (l1Entry & Copied) != 0)
+            return LoadL2(l2Offset, l1Index);
+
+        ulong[] table = l2Offset == 0 ? new ulong[_l2Entries] : (ulong[])LoadL2(l2Offset, l1Index).Clone();
+        ulong newOffset = AllocateClusters(1);
+        WriteTable(newOffset, table);
+        _l2Cache.Add(newOffset, table);
+        SetL1Entry(l1Index, newOffset | Copied);
+        if (l2Offset != 0)
+        {
+            _l2Cache.Remove(l2Offset);
+            AddRefcount(l2Offset >> _clusterBits, -1);
+        }
+        l2Offset = newOffset;
+        return table;
+    }
+
+    private void SetL2Entry(ulong[] table, ulong l2Offset, int index, ulong entry)
+    {
+        table[index] = entry;
+        Span<byte> raw = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64BigEndian(raw, entry);
+        RandomAccess.Write(_file, raw, (long)(l2Offset + (ulong)index * 8));
+        if (_decompressed is not null)
+            _decompressed = null;
+    }
+
+    private void SetL1Entry(ulong index, ulong entry)
+    {
+        _l1[index] = entry;
+        Span<byte> raw = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64BigEndian(raw, entry);
+        RandomAccess.Write(_file, raw, (long)(_header.L1TableOffset + index * 8));
+    }
+
+    private void WriteTable(ulong hostOffset, ulong[] table)
+    {
+        var raw = new byte[table.Length * 8];
+        for (int i = 0; i < table.Length; i++)
+            BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table[i]);
+        RandomAccess.Write(_file, raw, (long)hostOffset);
+    }
+
+    // Lowers the refcount of whatever host cluster(s) a replaced L2 entry pointed at.
+    private void ReleaseDataCluster(ulong entry)
+    {
+        if ((entry & Compressed) != 0)
+        {
+            int x = 62 - (_clusterBits - 8);
+            ulong hostOffset = entry & ((1UL << x) - 1);
+            ulong sectors = ((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+            ulong last = hostOffset + sectors * 512 - (hostOffset & 511) - 1;
+            for (ulong c = hostOffset >> _clusterBits; c <= last >> _clusterBits; c++)
+                AddRefcount(c, -1);
+            return;
+        }
+        ulong host = entry & OffsetMask;
+        if (host != 0)
+            AddRefcount(host >> _clusterBits, -1);
+    }
+
+    public void Flush()
+    {
+        if (ReadOnly)
+            return;
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            RandomAccess.FlushToDisk(_file);
+        }
+    }
+
+    // ---------------------------------------------------------------- allocation map
+
+    public IReadOnlyList<Extent> GetAllocation(ulong offset, ulong length)
+    {
+        CheckRange(offset, length);
+        var result = new List<Extent>();
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            ulong end = offset + length;
+            while (offset < end)
+            {
+                ulong clusterEnd = Math.Min(end, (offset | ClusterMask) + 1);
+                ulong entry = GetL2Entry(offset >> _clusterBits);
+                ExtentKind kind;
+                if ((entry & Compressed) != 0 || ((entry & OffsetMask) != 0 && !((entry & ZeroFlag) != 0 && _header.Version >= 3)))
+                    kind = ExtentKind.Data;
+                else if ((entry & ZeroFlag) != 0 && _header.Version >= 3)
+                    kind = ExtentKind.Zero;
+                else
+                    kind = ExtentKind.Unallocated;
+
+                if (kind == ExtentKind.Unallocated && Backing is not null && offset < Backing.Size)
+                {
+                    ulong backEnd = Math.Min(clusterEnd, Backing.Size);
+                    foreach (var e in Backing.GetAllocation(offset, backEnd - offset))
+                        Append(result, e with { Depth = e.Depth + 1 });
+                    if (backEnd < clusterEnd)
+                        Append(result, new Extent(backEnd, clusterEnd - backEnd, ExtentKind.Unallocated, 1));
+                }
+                else
+                {
+                    Append(result, new Extent(offset, clusterEnd - offset, kind, 0));
+                }
+                offset = clusterEnd;
+            }
+        }
+        return result;
+    }
+
+    private static void Append(List<Extent> list, Extent e)
+    {
+        if (list.Count > 0)
+        {
+            var last = list[^1];
+            if (last.Kind == e.Kind && last.Depth == e.Depth && last.Offset + last.Length == e.Offset)
+            {
+                list[^1] = last with { Length = last.Length + e.Length };
+                return;
+            }
+        }
+        list.Add(e);
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    private void CheckRange(ulong offset, ulong length)
+    {
+        if (offset > Size || length > Size - offset)
+            throw new ArgumentOutOfRangeException(nameof(offset),
+                $"image {Path}: range at offset {offset} with length {length} is beyond the image size {Size}");
+    }
+
+    private void CheckWritable()
+    {
+        if (ReadOnly)
+            throw new InvalidOperationException($"image {Path} is open read-only");
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            if (_disposed)
+                return;
+            _disposed = true;
+            _file.Dispose();
+        }
+        Backing?.Dispose();
+    }
+
+    /// <summary>A small LRU cache of L2 tables by host offset. Tables are written through, so eviction only drops.</summary>
+    private sealed class L2Cache(int capacity)
+    {
+        private readonly Dictionary<ulong, LinkedListNode<(ulong Offset, ulong[] Table)>> _map = new();
+        private readonly LinkedList<(ulong Offset, ulong[] Table)> _order = new();
+
+        public bool TryGet(ulong offset, out ulong[] table)
+        {
+            if (_map.TryGetValue(offset, out var node))
+            {
+                _order.Remove(node);
+                _order.AddFirst(node);
+                table = node.Value.Table;
+                return true;
+            }
+            table = null!;
+            return false;
+        }
+
+        public void Add(ulong offset, ulong[] table)
+        {
+            Remove(offset);
+            var node = _order.AddFirst((offset, table));
+            _map[offset] = node;
+            while (_map.Count > capacity)
+            {
+                var last = _order.Last!;
+                _order.RemoveLast();
+                _map.Remove(last.Value.Offset);
+            }
+        }
+
+        public void Remove(ulong offset)
+        {
+            if (_map.Remove(offset, out var node))
+                _order.Remove(node);
+        }
+    }
+}
