@@ -41,6 +41,27 @@ public class VmctlTests
     }
 
     [SkippableFact]
+    public void OutputRedirectedToAFileIsAppendedInOrder()
+    {
+        Require();
+        // Shell redirection shares one file offset between the commands; the guest's output must
+        // land after 'before' and before 'after', not overwrite the start of the file.
+        string log = Path.Combine(Path.GetTempPath(), $"kvm-out-{Guid.NewGuid():N}.txt");
+        try
+        {
+            var r = TestEnvironment.RunProcess("sh",
+                ["-c", $"{{ echo before; '{TestEnvironment.Vmctl}' run --kernel '{TestEnvironment.GuestKit}' --cmdline 'exit code=3' --debug-exit; echo after; }} > '{log}' 2>&1"],
+                Timeout);
+            Assert.Equal(0, r.ExitCode);
+            Assert.Equal("before\nguestkit: exit code=3\nafter\n", File.ReadAllText(log));
+        }
+        finally
+        {
+            File.Delete(log);
+        }
+    }
+
+    [SkippableFact]
     public void RunExitCodeIsPassedThrough()
     {
         Require();

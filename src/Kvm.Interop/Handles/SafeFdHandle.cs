@@ -10,7 +10,7 @@ public abstract class SafeFdHandle : SafeHandle
     {
     }
 
-    protected SafeFdHandle(int fd) : base(new IntPtr(-1), ownsHandle: true)
+    protected SafeFdHandle(int fd, bool ownsHandle = true) : base(new IntPtr(-1), ownsHandle)
     {
         SetHandle(new IntPtr(fd));
     }
@@ -45,4 +45,12 @@ public sealed class KvmVcpuHandle : SafeFdHandle
 public sealed class EventFdHandle : SafeFdHandle
 {
     public EventFdHandle(int fd) : base(fd) { }
+}
+
+/// <summary>One of the process's standard fds (0, 1, 2), used but never closed.</summary>
+public sealed class StdioHandle : SafeFdHandle
+{
+    private StdioHandle(int fd) : base(fd, ownsHandle: false) { }
+
+    public static readonly StdioHandle Input = new(0), Output = new(1), Error = new(2);
 }

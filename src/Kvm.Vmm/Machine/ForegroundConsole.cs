@@ -1,4 +1,5 @@
 using Kvm.Devices.Legacy.Serial;
+using Kvm.Interop.Handles;
 using Kvm.Interop.Native;
 
 namespace Kvm.Vmm.Machine;
@@ -11,9 +12,8 @@ namespace Kvm.Vmm.Machine;
 /// </summary>
 public sealed class ForegroundConsole : IDisposable
 {
-    // Plain writes to fd 1: guest output goes to the terminal byte for byte, untouched by .NET's
-    // console layer (which would also switch the terminal's keypad mode on a terminal).
-    private readonly Stream _stdout = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(1, ownsHandle: false), FileAccess.Write, bufferSize: 0);
+    // write(2) on fd 1, byte for byte (see StdioStream for why not .NET's console streams).
+    private readonly Stream _stdout = new StdioStream(StdioHandle.Output, FileAccess.Write);
     private readonly bool _terminal;
     private readonly object _writeLock = new();
     private Thread? _inputThread;
@@ -34,7 +34,7 @@ public sealed class ForegroundConsole : IDisposable
 
     private static TextWriter PlainWriter(int fd) =>
         TextWriter.Synchronized(new StreamWriter(
-            new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: false), FileAccess.Write, bufferSize: 0),
+            new StdioStream(fd == 1 ? StdioHandle.Output : StdioHandle.Error, FileAccess.Write),
             new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false)) { AutoFlush = true });
 
     public static ForegroundConsole Attach()
@@ -63,7 +63,7 @@ public sealed class ForegroundConsole : IDisposable
         {
             // Plain reads of fd 0: Console.OpenStandardInput on a terminal would run .NET's own
             // line editor, which echoes what is typed.
-            using var stdin = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(0, ownsHandle: false), FileAccess.Read, bufferSize: 0);
+            var stdin = new StdioStream(StdioHandle.Input, FileAccess.Read);
             var buf = new byte[256];
             try
             {
