@@ -17,6 +17,7 @@ public static class VmctlCommands
             "vmctl: run and manage virtual machines on KVM.\n\n" +
             "'vmctl run' boots one VM in the foreground with its serial console on this terminal.");
         root.Subcommands.Add(RunCommand());
+        root.Subcommands.Add(DiskCommands.Build());
         return root;
     }
 

@@ -1,0 +1,212 @@
+using System.CommandLine;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Kvm.Storage;
+using Kvm.Storage.Qcow2;
+using Kvm.Storage.Raw;
+using Kvm.Vmm.Machine;
+
+namespace Kvm.Cli;
+
+/// <summary>vmctl disk: create and inspect disk images.</summary>
+public static class DiskCommands
+{
+    private const int ExitFailure = 1;
+
+    public static Command Build()
+    {
+        var disk = new Command("disk", "Create and inspect disk images (qcow2 version 3, and raw).");
+        disk.Subcommands.Add(Create());
+        disk.Subcommands.Add(Info());
+        disk.Subcommands.Add(Map());
+        disk.Subcommands.Add(Check());
+        return disk;
+    }
+
+    private static Argument<string> FileArgument(string description) => new("FILE") { Description = description };
+
+    private static Option<bool> JsonOption() => new("--json") { Description = "print JSON instead of text" };
+
+    /// <summary>Runs a disk action, turning bad input into one line on stderr and status 1.</summary>
+    private static int Guard(Func<int> action)
+    {
+        try
+        {
+            return action();
+        }
+        catch (Exception e) when (e is ImageFormatException or ArgumentException or IOException or UnauthorizedAccessException
+                                      or FormatException or InvalidOperationException)
+        {
+            Console.Error.WriteLine($"{VmctlCommands.Program}: {ForegroundRun.Describe(e)}");
+            return ExitFailure;
+        }
+    }
+
+    private static Command Create()
+    {
+        var file = FileArgument("the image file to create (it must not exist)");
+        var size = new Option<string>("--size", "-s") { Description = "virtual size, with K, M, G or T suffix (default: the backing image's size)" };
+        var format = new Option<string>("--format", "-f") { Description = "qcow2 or raw", DefaultValueFactory = _ => "qcow2" };
+        format.AcceptOnlyFromAmong("qcow2", "raw");
+        var clusterSize = new Option<string>("--cluster-size") { Description = "qcow2 cluster size, a power of two from 512 to 2M", DefaultValueFactory = _ => "64K" };
+        var refcountBits = new Option<int>("--refcount-bits") { Description = "qcow2 refcount width: 1, 2, 4, 8, 16, 32 or 64", DefaultValueFactory = _ => 16 };
+        var backing = new Option<string>("--backing", "-b") { Description = "backing image (a relative name is stored as given and resolved against FILE's folder)" };
+        var backingFormat = new Option<string>("--backing-format", "-F") { Description = "format of the backing image (default: probed)" };
+        var cmd = new Command("create", "Create a new image, optionally as a copy-on-write child of a backing image.")
+        {
+            file, size, format, clusterSize, refcountBits, backing, backingFormat,
+        };
+        cmd.SetAction(p => Guard(() =>
+        {
+            string path = p.GetRequiredValue(file);
+            string? backingName = p.GetValue(backing);
+            string? backingFmt = p.GetValue(backingFormat);
+            ulong? virtualSize = p.GetValue(size) is { } s ? VmSpec.ParseSize(s) : null;
+            if (backingName is not null)
+            {
+                string resolved = DiskImage.ResolveBacking(path, backingName, new ImageOpenOptions());
+                backingFmt ??= DiskImage.ProbeFormat(resolved);
+                using var b = DiskImage.Open(resolved, new ImageOpenOptions { ReadOnly = true }, backingFmt);
+                virtualSize ??= b.Size;
+            }
+            if (virtualSize is null)
+                throw new ArgumentException("--size is required without --backing");
+            if (p.GetValue(format) == "raw")
+            {
+                if (backingName is not null)
+                    throw new ArgumentException("a raw image cannot have a backing image");
+                using var r = RawImage.Create(path, virtualSize.Value);
+            }
+            else
+            {
+                using var q = Qcow2Image.Create(path, new Qcow2CreateOptions
+                {
+                    Size = virtualSize.Value,
+                    ClusterSize = checked((int)VmSpec.ParseSize(p.GetRequiredValue(clusterSize))),
+                    RefcountBits = p.GetValue(refcountBits),
+                    BackingFile = backingName,
+                    BackingFormat = backingFmt,
+                });
+            }
+            Console.WriteLine($"created {path}: {p.GetValue(format)}, {virtualSize.Value} bytes" + (backingName is null ? "" : $", backing {backingName}"));
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Info()
+    {
+        var file = FileArgument("the image");
+        var json = JsonOption();
+        var cmd = new Command("info", "Show an image's format, sizes and settings, and its whole backing chain.") { file, json };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var image = DiskImage.Open(p.GetRequiredValue(file), new ImageOpenOptions { ReadOnly = true });
+            var info = ImageInfo.Of(image);
+            if (p.GetValue(json))
+            {
+                Console.WriteLine(JsonSerializer.Serialize(info, DiskJson.Default.ImageInfo));
+                return 0;
+            }
+            int depth = 0;
+            foreach (var layer in info.Chain())
+            {
+                string indent = new(' ', depth * 2);
+                Console.WriteLine($"{indent}image: {layer.Path}");
+                Console.WriteLine($"{indent}format: {layer.Format}");
+                Console.WriteLine($"{indent}virtual size: {Human(layer.VirtualSize)} ({layer.VirtualSize} bytes)");
+                Console.WriteLine($"{indent}file size: {Human(layer.FileSize)} ({layer.FileSize} bytes)");
+                if (layer.ClusterSize is { } cs)
+                    Console.WriteLine($"{indent}cluster size: {cs}");
+                if (layer.Version is { } v)
+                    Console.WriteLine($"{indent}qcow2 version: {v}, refcount bits: {layer.RefcountBits}, snapshots: {layer.Snapshots}");
+                if (layer.BackingFile is not null)
+                    Console.WriteLine($"{indent}backing file: {layer.BackingFile}" + (layer.BackingFormat is null ? "" : $" (format {layer.BackingFormat})"));
+                depth++;
+            }
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Map()
+    {
+        var file = FileArgument("the image");
+        var json = JsonOption();
+        var cmd = new Command("map", "Show which ranges hold data, read as zeros, or come from which layer of the backing chain.") { file, json };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var image = DiskImage.Open(p.GetRequiredValue(file), new ImageOpenOptions { ReadOnly = true });
+            var layers = new List<string>();
+            for (IBlockImage? i = image; i is not null; i = i.Backing)
+                layers.Add(i.Path);
+            var extents = image.GetAllocation(0, image.Size);
+            if (p.GetValue(json))
+            {
+                var rows = extents.Select(e => new MapEntry(e.Offset, e.Length, e.Kind.ToString().ToLowerInvariant(), e.Depth,
+                    e.Depth < layers.Count ? layers[e.Depth] : null)).ToList();
+                Console.WriteLine(JsonSerializer.Serialize(rows, DiskJson.Default.ListMapEntry));
+                return 0;
+            }
+            Console.WriteLine($"{"offset",-20}{"length",-20}{"kind",-13}{"depth",-7}file");
+            foreach (var e in extents)
+                Console.WriteLine($"0x{e.Offset:x16}  0x{e.Length:x16}  {e.Kind.ToString().ToLowerInvariant(),-12} {e.Depth,-6} {(e.Depth < layers.Count ? layers[e.Depth] : "")}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Check()
+    {
+        var file = FileArgument("the image");
+        var repair = new Option<bool>("--repair", "-r") { Description = "give leaked clusters back (the image is opened read-write)" };
+        var json = JsonOption();
+        var cmd = new Command("check",
+            "Recount every cluster reference and compare with the stored refcounts.\n" +
+            "Exit status: 0 clean, 2 corruptions found, 3 leaked clusters only (as qemu-img check).") { file, repair, json };
+        cmd.SetAction(p => Guard(() =>
+        {
+            string path = p.GetRequiredValue(file);
+            if (DiskImage.ProbeFormat(path) != "qcow2")
+            {
+                Console.WriteLine($"{path}: raw images have no metadata to check");
+                return 0;
+            }
+            bool fix = p.GetValue(repair);
+            using var image = Qcow2Image.Open(path, new ImageOpenOptions { ReadOnly = !fix });
+            var result = image.Check(repairLeaks: fix);
+            if (p.GetValue(json))
+            {
+                Console.WriteLine(JsonSerializer.Serialize(result, DiskJson.Default.CheckResult));
+                return result.ExitStatus;
+            }
+            foreach (var problem in result.Problems)
+                Console.WriteLine(problem);
+            if (result.LeaksFixed > 0)
+                Console.WriteLine($"{result.LeaksFixed} leaked clusters were given back.");
+            Console.WriteLine(result.IsClean
+                ? "No errors were found on the image."
+                : $"{result.Corruptions} errors were found on the image; {result.Leaks} leaked clusters.");
+            Console.WriteLine($"{result.AllocatedClusters} host clusters in use, {result.GuestClusters} guest clusters; image end offset: {result.ImageEndOffset}");
+            return result.ExitStatus;
+        }));
+        return cmd;
+    }
+
+    private static string Human(ulong bytes) => bytes switch
+    {
+        >= 1UL << 30 => $"{bytes / (double)(1UL << 30):0.##} GiB",
+        >= 1UL << 20 => $"{bytes / (double)(1UL << 20):0.##} MiB",
+        >= 1UL << 10 => $"{bytes / 1024.0:0.##} KiB",
+        _ => $"{bytes} B",
+    };
+}
+
+public sealed record MapEntry(ulong Start, ulong Length, string Kind, int Depth, string? File);
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = true,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
+[JsonSerializable(typeof(ImageInfo))]
+[JsonSerializable(typeof(CheckResult))]
+[JsonSerializable(typeof(List<MapEntry>))]
+internal sealed partial class DiskJson : JsonSerializerContext;
