@@ -20,6 +20,11 @@ public static class DiskCommands
         disk.Subcommands.Add(Info());
         disk.Subcommands.Add(Map());
         disk.Subcommands.Add(Check());
+        disk.Subcommands.Add(Snapshot());
+        disk.Subcommands.Add(Commit());
+        disk.Subcommands.Add(Rebase());
+        disk.Subcommands.Add(Convert());
+        disk.Subcommands.Add(Resize());
         return disk;
     }
 
@@ -189,6 +194,88 @@ public static class DiskCommands
                 : $"{result.Corruptions} errors were found on the image; {result.Leaks} leaked clusters.");
             Console.WriteLine($"{result.AllocatedClusters} host clusters in use, {result.GuestClusters} guest clusters; image end offset: {result.ImageEndOffset}");
             return result.ExitStatus;
+        }));
+        return cmd;
+    }
+
+    private static Command Snapshot()
+    {
+        var file = FileArgument("the image to snapshot; it becomes read-only");
+        var child = new Argument<string>("CHILD") { Description = "the new copy-on-write image that takes the writes from now on" };
+        var cmd = new Command("snapshot", "Make an external snapshot: a new qcow2 child backed by FILE, which becomes read-only.") { file, child };
+        cmd.SetAction(p => Guard(() =>
+        {
+            ImageOperations.Snapshot(p.GetRequiredValue(file), p.GetRequiredValue(child));
+            Console.WriteLine($"snapshot: {p.GetRequiredValue(child)} now backs onto {p.GetRequiredValue(file)} (read-only)");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Commit()
+    {
+        var file = FileArgument("the qcow2 child to fold into its backing image; it is deleted afterwards");
+        var cmd = new Command("commit", "Write everything a child image holds into its backing image, then delete the child.") { file };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var progress = ProgressBar.ForTerminal("commit");
+            ImageOperations.Commit(p.GetRequiredValue(file), progress);
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Rebase()
+    {
+        var file = FileArgument("the qcow2 image to rebase");
+        var backing = new Option<string>("--backing", "-b") { Description = "the new backing image (omit to make the image stand alone)" };
+        var backingFormat = new Option<string>("--backing-format", "-F") { Description = "format of the new backing image (default: probed)" };
+        var unsafeMode = new Option<bool>("--unsafe", "-u") { Description = "only rewrite the backing name; do not copy differing data" };
+        var cmd = new Command("rebase",
+            "Change an image's backing file. By default the guest-visible content stays the same: ranges the\n" +
+            "image does not hold and where old and new backing differ are copied into it first.") { file, backing, backingFormat, unsafeMode };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var progress = ProgressBar.ForTerminal("rebase");
+            ImageOperations.Rebase(p.GetRequiredValue(file), p.GetValue(backing), p.GetValue(backingFormat), p.GetValue(unsafeMode), progress);
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Convert()
+    {
+        var file = FileArgument("the source image (its whole backing chain is read)");
+        var output = new Argument<string>("OUTPUT") { Description = "the new image" };
+        var format = new Option<string>("--format", "-O") { Description = "output format: qcow2 or raw", DefaultValueFactory = _ => "qcow2" };
+        format.AcceptOnlyFromAmong("qcow2", "raw");
+        var clusterSize = new Option<string>("--cluster-size") { Description = "qcow2 cluster size of the output", DefaultValueFactory = _ => "64K" };
+        var cmd = new Command("convert", "Copy an image's guest-visible content into a new image, skipping zeros.") { file, output, format, clusterSize };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var source = DiskImage.Open(p.GetRequiredValue(file), new ImageOpenOptions { ReadOnly = true });
+            using var progress = ProgressBar.ForTerminal("convert");
+            ImageOperations.Convert(source, p.GetRequiredValue(output), p.GetRequiredValue(format),
+                checked((int)VmSpec.ParseSize(p.GetRequiredValue(clusterSize))), progress);
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Resize()
+    {
+        var file = FileArgument("the image to grow");
+        var size = new Argument<string>("SIZE") { Description = "the new size (K, M, G, T suffixes), or +SIZE to add" };
+        var cmd = new Command("resize", "Grow an image (shrinking is refused).") { file, size };
+        cmd.SetAction(p => Guard(() =>
+        {
+            using var image = DiskImage.Open(p.GetRequiredValue(file));
+            string text = p.GetRequiredValue(size);
+            ulong newSize = text.StartsWith('+') ? image.Size + VmSpec.ParseSize(text[1..]) : VmSpec.ParseSize(text);
+            ImageOperations.Resize(image, newSize);
+            image.Flush();
+            Console.WriteLine($"{image.Path}: resized to {newSize} bytes");
+            return 0;
         }));
         return cmd;
     }

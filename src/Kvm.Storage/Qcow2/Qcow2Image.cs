@@ -34,7 +34,7 @@ public sealed partial class Qcow2Image : IBlockImage
 
     private readonly SafeFileHandle _file;
     private readonly Qcow2Header _header;
-    private readonly ulong[] _l1;
+    private ulong[] _l1;
     private readonly L2Cache _l2Cache;
     private readonly object _lock = new();
     private readonly int _clusterBits;

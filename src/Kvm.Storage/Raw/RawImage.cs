@@ -27,11 +27,22 @@ public sealed class RawImage : IBlockImage
 
     public string Path { get; }
 
-    public ulong Size { get; }
+    public ulong Size { get; private set; }
 
     public bool ReadOnly { get; }
 
     public IBlockImage? Backing => null;
+
+    /// <summary>Grows the image; the new range reads as zeros (the file stays sparse).</summary>
+    public void Resize(ulong newSize)
+    {
+        if (ReadOnly)
+            throw new InvalidOperationException($"image {Path} is open read-only");
+        if (newSize < Size)
+            throw new ArgumentException($"image {Path}: shrinking from {Size} to {newSize} bytes is not supported");
+        RandomAccess.SetLength(_handle, (long)newSize);
+        Size = newSize;
+    }
 
     /// <summary>Creates a new sparse raw image of <paramref name="size"/> bytes; refuses an existing file.</summary>
     public static RawImage Create(string path, ulong size)
