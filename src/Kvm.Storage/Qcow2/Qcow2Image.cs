@@ -128,19 +128,63 @@ public sealed partial class Qcow2Image : IBlockImage
     public void Read(ulong offset, Span<byte> destination)
     {
         CheckRange(offset, (ulong)destination.Length);
-        lock (_lock)
+        while (!destination.IsEmpty)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            while (!destination.IsEmpty)
+            ulong host;
+            int n;
+            lock (_lock)
             {
-                ulong inCluster = offset & (ulong)(_clusterSize - 1);
-                int n = (int)Math.Min((ulong)destination.Length, (ulong)_clusterSize - inCluster);
-                ReadInCluster(offset, destination[..n]);
-                offset += (ulong)n;
-                destination = destination[n..];
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                n = MapOwnRun(offset, destination.Length, forWrite: false, out host);
+                if (n == 0)
+                {
+                    // Not plain data of this image (backing, zeros, compressed): read it under the lock.
+                    n = PieceLength(offset, destination.Length);
+                    ReadInCluster(offset, destination[..n]);
+                    offset += (ulong)n;
+                    destination = destination[n..];
+                    continue;
+                }
             }
+            // Plain data clusters are read outside the lock: they are never moved, and a freed
+            // cluster is never reused for other data (new clusters come from the end of the file).
+            ReadHost(host, destination[..n]);
+            offset += (ulong)n;
+            destination = destination[n..];
         }
     }
+
+    private int PieceLength(ulong offset, int remaining) =>
+        (int)Math.Min((ulong)remaining, (ulong)_clusterSize - (offset & ClusterMask));
+
+    /// <summary>
+    /// When the cluster at <paramref name="offset"/> is plain, unshared data of this image, returns
+    /// how many of the next <paramref name="length"/> bytes lie in such clusters contiguous on the
+    /// host (and their host offset); otherwise 0.
+    /// </summary>
+    private int MapOwnRun(ulong offset, int length, bool forWrite, out ulong host)
+    {
+        host = 0;
+        ulong entry = GetL2Entry(offset >> _clusterBits);
+        if (!IsOwnData(entry, forWrite))
+            return 0;
+        host = (entry & OffsetMask) + (offset & ClusterMask);
+        int n = PieceLength(offset, length);
+        while (n < length)
+        {
+            ulong next = GetL2Entry((offset + (ulong)n) >> _clusterBits);
+            if (!IsOwnData(next, forWrite) || (next & OffsetMask) != host + (ulong)n)
+                break;
+            n += Math.Min(_clusterSize, length - n);
+        }
+        return n;
+    }
+
+    // Plain data: allocated, not compressed, not a zero cluster; for writing also unshared (COPIED).
+    private bool IsOwnData(ulong entry, bool forWrite) =>
+        (entry & Compressed) == 0 && (entry & OffsetMask) != 0
+        && !((entry & ZeroFlag) != 0 && _header.Version >= 3)
+        && (!forWrite || (entry & Copied) != 0);
 
     // Reads bytes that lie within one guest cluster.
     private void ReadInCluster(ulong offset, Span<byte> dest)
@@ -271,17 +315,27 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, (ulong)source.Length);
-        lock (_lock)
+        while (!source.IsEmpty)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            while (!source.IsEmpty)
+            ulong host;
+            int n;
+            lock (_lock)
             {
-                ulong inCluster = offset & (ulong)(_clusterSize - 1);
-                int n = (int)Math.Min((ulong)source.Length, (ulong)_clusterSize - inCluster);
-                WriteInCluster(offset, source[..n]);
-                offset += (ulong)n;
-                source = source[n..];
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                n = MapOwnRun(offset, source.Length, forWrite: true, out host);
+                if (n == 0)
+                {
+                    n = PieceLength(offset, source.Length);
+                    WriteInCluster(offset, source[..n]);
+                    offset += (ulong)n;
+                    source = source[n..];
+                    continue;
+                }
             }
+            // Overwriting this image's own unshared clusters needs no metadata change.
+            RandomAccess.Write(_file, source[..n], (long)host);
+            offset += (ulong)n;
+            source = source[n..];
         }
     }
 
