@@ -2,7 +2,7 @@
 #   make            native shim, guest kit, and the three programs (build/bin/vmctl, kvm-vmm, kvmd)
 #   make run        builds, then boots the guest kit in a VM with its console here
 #   make test       builds, then runs every test (unit and integration)
-#   make bench      builds, then runs the benchmarks (they print ratios against QEMU)
+#   make bench      builds, then runs the benchmarks (they print ratios against QEMU and qemu-img)
 
 BUILD    := $(CURDIR)/build
 DOTNET   ?= dotnet
@@ -56,7 +56,8 @@ test: all
 	@bash tests/run-tests.sh
 
 bench: all
-	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks -- $(BENCH_ARGS)
+	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks -- boot $(BENCH_ARGS)
+	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- disk $(DISK_BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -25,6 +25,7 @@ public static class DiskCommands
         disk.Subcommands.Add(Rebase());
         disk.Subcommands.Add(Convert());
         disk.Subcommands.Add(Resize());
+        disk.Subcommands.Add(DiskBenchCommand.Build());
         return disk;
     }
 

@@ -1,9 +1,16 @@
 using System.Diagnostics;
 using Kvm.Tests.Shared;
 
-// Boot-to-exit benchmark: `vmctl run` of the guest kit's `hello` against QEMU (microvm) booting the
-// same ELF, alternating the two so both see the same machine load. Prints each side and the ratio.
-// Usage: make bench [BENCH_ARGS="--runs 30"]
+// Benchmarks against QEMU, measured in the same run. The first argument picks one:
+//   boot (the default): `vmctl run` of the guest kit's `hello` against QEMU (microvm) booting the
+//         same ELF, alternating the two so both see the same machine load. Prints each side and the ratio.
+//   disk: `vmctl disk bench` against `qemu-img bench` on the same kinds of image (DiskBenchmark.cs).
+// Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"]
+
+if (args.Length > 0 && args[0] == "disk")
+    return DiskBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "boot")
+    args = args[1..];
 
 int runs = 20;
 for (int i = 0; i < args.Length; i++)
@@ -12,7 +19,7 @@ for (int i = 0; i < args.Length; i++)
         runs = n;
     else if (args[i] is "--help" or "-h")
     {
-        Console.WriteLine("Usage: Kvm.Benchmarks [--runs N]   (default 20)");
+        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk --help");
         return 0;
     }
 }

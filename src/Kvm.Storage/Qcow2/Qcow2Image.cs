@@ -357,14 +357,20 @@ public sealed partial class Qcow2Image : IBlockImage
             return;
         }
 
-        // Build the whole new cluster: what the guest saw there before, with the new bytes on top.
-        var cluster = new byte[_clusterSize];
-        if (data.Length < _clusterSize)
-            ReadInCluster(guestCluster << _clusterBits, cluster);
-        data.CopyTo(cluster.AsSpan((int)inCluster));
-
         ulong host = AllocateClusters(1);
-        RandomAccess.Write(_file, cluster, (long)host);
+        if (data.Length == _clusterSize)
+        {
+            // The write covers the cluster: nothing old survives, so no copy is needed.
+            RandomAccess.Write(_file, data, (long)host);
+        }
+        else
+        {
+            // Build the whole new cluster: what the guest saw there before, with the new bytes on top.
+            var cluster = new byte[_clusterSize];
+            ReadInCluster(guestCluster << _clusterBits, cluster);
+            data.CopyTo(cluster.AsSpan((int)inCluster));
+            RandomAccess.Write(_file, cluster, (long)host);
+        }
         SetL2Entry(table, l2Offset, index, host | Copied);
         ReleaseDataCluster(entry);
     }
