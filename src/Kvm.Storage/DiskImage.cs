@@ -10,16 +10,9 @@ public static class DiskImage
     public static string ProbeFormat(string path)
     {
         Span<byte> magic = stackalloc byte[4];
-        try
-        {
-            using var f = File.OpenHandle(path, FileMode.Open, FileAccess.Read);
-            int n = RandomAccess.Read(f, magic, 0);
-            return n == 4 && Qcow2Header.U32(magic, 0) == Qcow2Header.Magic ? "qcow2" : "raw";
-        }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new ImageFormatException($"image {path}: no such file");
-        }
+        using var f = ImageFile.Open(path, FileAccess.Read);
+        int n = RandomAccess.Read(f, magic, 0);
+        return n == 4 && Qcow2Header.U32(magic, 0) == Qcow2Header.Magic ? "qcow2" : "raw";
     }
 
     /// <summary>Opens an image, probing its format unless <paramref name="forceFormat"/> names it.</summary>
@@ -37,8 +30,7 @@ public static class DiskImage
         switch (format)
         {
             case "raw":
-                if (!File.Exists(path))
-                    throw new ImageFormatException($"image {path}: no such file");
+                ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite).Dispose(); // errors name the file
                 return RawImage.Open(path, options.ReadOnly);
             case "qcow2":
                 return Qcow2Image.OpenFile(path, options, header =>

@@ -24,7 +24,7 @@ public sealed record CheckResult
 // Consistency check: recount every reference from the tables and compare with the refcounts.
 public sealed partial class Qcow2Image
 {
-    private const ulong MaxCheckClusters = 1UL << 28;
+    private const ulong MaxCheckClusters = 1UL << 25; // 128 MiB of counters
 
     /// <summary>
     /// Recounts the references to every host cluster (header, tables, refcount blocks, L2 tables,
@@ -50,6 +50,12 @@ public sealed partial class Qcow2Image
             {
                 if (bytes == 0)
                     return;
+                if (!InFile(offset, bytes, (long)expected.Length << _clusterBits))
+                {
+                    problems.Add($"ERROR {what} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
+                    corruptions++;
+                    return;
+                }
                 ulong first = offset >> _clusterBits, last = (offset + bytes - 1) >> _clusterBits;
                 if (last >= (ulong)expected.Length)
                 {
@@ -135,6 +141,7 @@ public sealed partial class Qcow2Image
             for (int i = 0; i < l1.Length; i++)
                 l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
         }
+        byte[]? l2Buffer = null;
         for (ulong i = 0; i < (ulong)l1.Length; i++)
         {
             ulong l2Offset = l1[i] & OffsetMask;
@@ -152,7 +159,8 @@ public sealed partial class Qcow2Image
                 problems.Add($"ERROR OFLAG_COPIED L2 table 0x{l2Offset:x}: L1 entry {i} says unshared, refcount={RefcountOf(l2Offset >> _clusterBits)}");
                 corruptions++;
             }
-            var raw = new byte[_clusterSize];
+            l2Buffer ??= new byte[_clusterSize];
+            var raw = l2Buffer;
             RandomAccess.Read(_file, raw, (long)l2Offset);
             for (int j = 0; j < _l2Entries; j++)
             {
@@ -194,7 +202,7 @@ public sealed partial class Qcow2Image
         for (uint s = 0; s < _header.SnapshotCount; s++)
         {
             var fixedPart = new byte[40];
-            if (pos + 40 > (ulong)_fileLength)
+            if (!InFile(pos, 40, _fileLength))
             {
                 problems.Add($"ERROR snapshot {s} header at 0x{pos:x} lies past the end of the file");
                 corruptions++;
@@ -206,7 +214,7 @@ public sealed partial class Qcow2Image
             ushort idSize = BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(12));
             ushort nameSize = BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(14));
             uint extraSize = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(36));
-            if ((ulong)l1Size * 8 > Qcow2Header.MaxL1Bytes || (l1Offset & ClusterMask) != 0 || l1Offset + (ulong)l1Size * 8 > (ulong)_fileLength)
+            if ((ulong)l1Size * 8 > Qcow2Header.MaxL1Bytes || (l1Offset & ClusterMask) != 0 || !InFile(l1Offset, (ulong)l1Size * 8, _fileLength))
             {
                 problems.Add($"ERROR snapshot {s}: L1 table 0x{l1Offset:x} with {l1Size} entries is invalid");
                 corruptions++;
@@ -217,6 +225,12 @@ public sealed partial class Qcow2Image
             }
             ulong entry = 40 + (ulong)extraSize + idSize + nameSize;
             pos += (entry + 7) & ~7UL;
+            if (pos > (ulong)_fileLength)
+            {
+                problems.Add($"ERROR snapshot table entry {s} runs past the end of the file");
+                corruptions++;
+                return;
+            }
         }
         reference(start, pos - start, "snapshot table");
     }

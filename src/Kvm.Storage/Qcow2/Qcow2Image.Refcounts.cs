@@ -25,7 +25,7 @@ public sealed partial class Qcow2Image
         {
             ulong e = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
             ulong offset = e & ~(ulong)0x1ff;
-            if (offset != 0 && ((offset & (ulong)(_clusterSize - 1)) != 0 || offset + (ulong)_clusterSize > (ulong)fileLength))
+            if (offset != 0 && ((offset & (ulong)(_clusterSize - 1)) != 0 || !InFile(offset, (ulong)_clusterSize, fileLength)))
                 throw new ImageFormatException(
                     $"qcow2 image {Path}: refcount table entry {i} points at block offset 0x{offset:x}, outside the {fileLength}-byte file or unaligned");
             if (offset == 0 && e != 0)
@@ -39,6 +39,10 @@ public sealed partial class Qcow2Image
             throw new ImageFormatException(
                 $"qcow2 image {Path}: the L1 table (0x{l1Start:x}+{l1End - l1Start}) overlaps the refcount table (0x{rtStart:x}+{rtEnd - rtStart})");
     }
+
+    /// <summary>True when [offset, offset+length) lies inside a file of <paramref name="fileLength"/> bytes (no overflow).</summary>
+    private static bool InFile(ulong offset, ulong length, long fileLength) =>
+        offset <= (ulong)fileLength && length <= (ulong)fileLength - offset;
 
     /// <summary>The refcount of a host cluster (0 when no refcount block covers it).</summary>
     public ulong GetRefcount(ulong cluster)

@@ -75,15 +75,7 @@ public sealed partial class Qcow2Image : IBlockImage
 
     internal static Qcow2Image OpenFile(string path, ImageOpenOptions options, Func<Qcow2Header, IBlockImage?> openBacking)
     {
-        SafeFileHandle file;
-        try
-        {
-            file = File.OpenHandle(path, FileMode.Open, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.Read);
-        }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new ImageFormatException($"image {path}: no such file");
-        }
+        SafeFileHandle file = ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite);
         try
         {
             long length = RandomAccess.GetLength(file);
@@ -558,9 +550,12 @@ public sealed partial class Qcow2Image : IBlockImage
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             ulong end = offset + length;
+            ulong l1Span = (ulong)_clusterSize * (ulong)_l2Entries;
             while (offset < end)
             {
                 ulong clusterEnd = Math.Min(end, (offset | ClusterMask) + 1);
+                if ((_l1[offset / l1Span] & OffsetMask) == 0)
+                    clusterEnd = Math.Min(end, (offset / l1Span + 1) * l1Span); // a whole unmapped L2 range at once
                 ulong entry = GetL2Entry(offset >> _clusterBits);
                 ExtentKind kind;
                 if ((entry & Compressed) != 0 || ((entry & OffsetMask) != 0 && !((entry & ZeroFlag) != 0 && _header.Version >= 3)))
