@@ -142,6 +142,7 @@ public sealed partial class Qcow2Image
                 l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
         }
         byte[]? l2Buffer = null;
+        var walked = new HashSet<ulong>();
         for (ulong i = 0; i < (ulong)l1.Length; i++)
         {
             ulong l2Offset = l1[i] & OffsetMask;
@@ -154,6 +155,14 @@ public sealed partial class Qcow2Image
                 continue;
             }
             reference(l2Offset, (ulong)_clusterSize, $"{owner} L2 table {i}");
+            if (!walked.Add(l2Offset))
+            {
+                // One table cannot serve two L1 entries of the same image; say so once, and do not
+                // walk it again (an L1 full of aliases would otherwise take minutes).
+                problems.Add($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
+                corruptions++;
+                continue;
+            }
             if (checkCopied && (l1[i] & Copied) != 0 && RefcountOf(l2Offset >> _clusterBits) != 1)
             {
                 problems.Add($"ERROR OFLAG_COPIED L2 table 0x{l2Offset:x}: L1 entry {i} says unshared, refcount={RefcountOf(l2Offset >> _clusterBits)}");
