@@ -43,7 +43,7 @@ public sealed class CrashTests(ITestOutputHelper output)
     /// <summary>One writer run of a round and what the image looked like after it.</summary>
     private sealed record RunOutcome(WriterRun Run, int Durable, long Leaks, int Landed);
 
-    private sealed record Outcome(IReadOnlyList<RunOutcome> Runs, bool RefcountTableMoved, TimeSpan Elapsed);
+    private sealed record Outcome(IReadOnlyList<RunOutcome> Runs, bool RefcountTableMoved, TimeSpan Elapsed, IReadOnlyDictionary<string, TimeSpan> Timings);
 
     [SkippableFact]
     public void KilledWriterLeavesConsistentImageWithFlushedDataIntact()
@@ -57,6 +57,7 @@ public sealed class CrashTests(ITestOutputHelper output)
 
         var total = Stopwatch.StartNew();
 
+        var timings = new Dictionary<string, TimeSpan>();
         int runs = 0, midRun = 0, midRunAfterFlush = 0, withLeaks = 0, finished = 0, tableMoved = 0;
         for (int r = 0; r < rounds; r++)
         {
@@ -82,10 +83,13 @@ public sealed class CrashTests(ITestOutputHelper output)
             }
             if (o.RefcountTableMoved)
                 tableMoved++;
+            foreach (var (name, time) in o.Timings)
+                timings[name] = timings.GetValueOrDefault(name) + time;
             output.WriteLine(FormattableString.Invariant($"    {(o.RefcountTableMoved ? "refcount table grew; " : "")}round took {o.Elapsed.TotalMilliseconds:0} ms"));
         }
         output.WriteLine($"{rounds} rounds, {runs} writer runs in {total.Elapsed.TotalSeconds:0.0} s: {midRun} killed mid-run ({midRunAfterFlush} of them after at least one flush), "
                          + $"{finished} ran to the end, {withLeaks} left leaked clusters; the refcount table grew in {tableMoved} rounds");
+        output.WriteLine("time per step: " + string.Join(", ", timings.OrderByDescending(t => t.Value).Select(t => $"{t.Key} {t.Value.TotalSeconds:0.0} s")));
 
         // Not vacuous: most writers died mid-run (typically more than nine in ten), and most of
         // those had flushed data to check.
@@ -201,6 +205,17 @@ public sealed class CrashTests(ITestOutputHelper output)
         string dir = MakeWorkDir("kvm-crash-");
         bool ok = false;
         string step = "setup";
+        // Time per step (summed over a round's runs), for the summary.
+        var timings = new Dictionary<string, TimeSpan>();
+        string stepKey = step;
+        var stepClock = Stopwatch.StartNew();
+        void Step(string name, string which = "")
+        {
+            timings[stepKey] = timings.GetValueOrDefault(stepKey) + stepClock.Elapsed;
+            stepClock.Restart();
+            stepKey = name;
+            step = name + which;
+        }
         WriterRun? run = null;
         try
         {
@@ -210,11 +225,11 @@ public sealed class CrashTests(ITestOutputHelper output)
             byte[]? backingHash = null;
             if (round.WithBacking)
             {
-                step = "creating the backing image";
+                Step("creating the backing image");
                 baseContent = MakeBacking(backing, round);
                 backingHash = Hash(backing);
             }
-            step = "creating the image";
+            Step("creating the image");
             using (var created = Qcow2Image.Create(image, new Qcow2CreateOptions
             {
                 Size = round.ImageSize,
@@ -226,7 +241,7 @@ public sealed class CrashTests(ITestOutputHelper output)
             {
                 if (round.PrefillMargin >= 0)
                 {
-                    step = "prefilling the image";
+                    Step("prefilling the image");
                     baseContent = Prefill(created, image, round, baseContent);
                     var prefilled = Tools.Check(image);
                     if (!prefilled.Clean)
@@ -241,7 +256,7 @@ public sealed class CrashTests(ITestOutputHelper output)
             {
                 var kill = round.Kills[i];
                 string which = round.Kills.Length > 1 ? $" (run {i + 1} of {round.Kills.Length})" : "";
-                step = "running the writer" + which;
+                Step("running the writer", which);
                 run = Writer.Run(writer, image, round.Seed, round.Slots, round.SlotSize, kill);
                 const int SigKillExit = 128 + 9;
                 if (!run.Opened || !(run.Done ? run.ExitCode is 0 or SigKillExit : run.KilledByUs && run.ExitCode == SigKillExit))
@@ -251,12 +266,12 @@ public sealed class CrashTests(ITestOutputHelper output)
                 // Every run writes the same bytes to the same places, so whatever any run flushed is durable.
                 durable = Math.Max(durable, run.LastFlushed);
 
-                step = "qemu-img check of the crashed image" + which;
+                Step("qemu-img check of the crashed image", which);
                 var crashed = Tools.Check(image);
                 if (!crashed.NoCorruption)
                     Fail(round, dir, step, crashed.ToString());
 
-                step = "reading the crashed image with this engine (read-only)" + which;
+                Step("reading the crashed image with this engine (read-only)", which);
                 int landed;
                 using (var img = Qcow2Image.Open(image, new ImageOpenOptions { ReadOnly = true }))
                 {
@@ -266,7 +281,7 @@ public sealed class CrashTests(ITestOutputHelper output)
                         Fail(round, dir, step, bad);
                 }
 
-                step = "reading the crashed image with qemu (qemu-img convert -O raw)" + which;
+                Step("reading the crashed image with qemu (qemu-img convert -O raw)", which);
                 string raw = Path.Combine(dir, "image.raw");
                 Tools.ConvertToRaw(image, raw);
                 using (var rawFile = File.OpenHandle(raw))
@@ -283,16 +298,16 @@ public sealed class CrashTests(ITestOutputHelper output)
                 runs.Add(new RunOutcome(run, durable, crashed.Leaks, landed));
             }
 
-            step = "qemu-img check -r leaks";
+            Step("qemu-img check -r leaks");
             var repaired = Tools.Check(image, repair: "leaks");
             if (!repaired.NoCorruption)
                 Fail(round, dir, step, repaired.ToString());
-            step = "qemu-img check after the repair";
+            Step("qemu-img check after the repair");
             var after = Tools.Check(image);
             if (!after.Clean)
                 Fail(round, dir, step, after.ToString());
 
-            step = "reopening read-write with this engine, reading and writing";
+            Step("reopening read-write with this engine, reading and writing");
             var rng = new SplitMix64(CrashPlan.Mix(round.Seed, 0xaf7e5));
             ulong newLength = (ulong)rng.Between(1, 3L * round.ClusterSize);
             ulong newOffset = rng.Below(round.ImageSize - newLength + 1);
@@ -312,22 +327,23 @@ public sealed class CrashTests(ITestOutputHelper output)
                 if (!back.AsSpan().SequenceEqual(data))
                     Fail(round, dir, step, $"a new write of {newLength} bytes at 0x{newOffset:x} does not read back");
             }
-            step = "qemu-io reading the new write";
+            Step("qemu-io reading the new write");
             if (Tools.QemuIoVerifyPattern(image, newOffset, newLength, pattern) is { } ioBad)
                 Fail(round, dir, step, ioBad);
-            step = "qemu-img check after the new write";
+            Step("qemu-img check after the new write");
             var final = Tools.Check(image);
             if (!final.Clean)
                 Fail(round, dir, step, final.ToString());
 
             if (backingHash is not null)
             {
-                step = "comparing the backing file";
+                Step("comparing the backing file");
                 if (!Hash(backing).AsSpan().SequenceEqual(backingHash))
                     Fail(round, dir, step, "the backing file changed");
             }
+            Step("done");
             ok = true;
-            return new Outcome(runs, tableMoved, clock.Elapsed);
+            return new Outcome(runs, tableMoved, clock.Elapsed, timings);
         }
         catch (Exception e) when (e is not Xunit.Sdk.XunitException)
         {
@@ -343,9 +359,9 @@ public sealed class CrashTests(ITestOutputHelper output)
     }
 
     /// <summary>
-    /// Writes random data at random places until the file is <see cref="Round.PrefillMargin"/> to
-    /// that plus four clusters short of what the image's first refcount table can count. Returns the image's guest
-    /// content afterwards (the writer's starting point).
+    /// Writes random data at random places until the file is <see cref="Round.PrefillMargin"/>
+    /// (plus at most four clusters) short of what the image's first refcount table can count.
+    /// Returns the image's guest content afterwards (the writer's starting point).
     /// </summary>
     private static byte[] Prefill(Qcow2Image img, string path, Round round, byte[]? baseContent)
     {

@@ -1,3 +1,6 @@
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+
 namespace Kvm.Storage.CrashWriter;
 
 /// <summary>
@@ -60,14 +63,15 @@ public static class CrashPlan
     public static void FillContent(ulong seed, int slot, Span<byte> destination)
     {
         var rng = new SplitMix64(Mix(seed, 0x1_0000_0000UL + (ulong)slot));
-        Span<byte> word = stackalloc byte[8];
-        int i = 0;
-        while (i < destination.Length)
+        var words = MemoryMarshal.Cast<byte, ulong>(destination);
+        for (int i = 0; i < words.Length; i++)
+            words[i] = BitConverter.IsLittleEndian ? rng.Next() : BinaryPrimitives.ReverseEndianness(rng.Next());
+        var tail = destination[(words.Length * 8)..];
+        if (!tail.IsEmpty)
         {
-            BitConverter.TryWriteBytes(word, rng.Next());
-            int n = Math.Min(8, destination.Length - i);
-            word[..n].CopyTo(destination[i..]);
-            i += n;
+            Span<byte> last = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64LittleEndian(last, rng.Next());
+            last[..tail.Length].CopyTo(tail);
         }
     }
 

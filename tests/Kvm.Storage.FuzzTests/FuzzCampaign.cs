@@ -33,6 +33,7 @@ public static class Corpus
         }
         if (string.IsNullOrEmpty(parent))
             return Directory.CreateTempSubdirectory("kvm-storage-fuzz-").FullName;
+        RemoveStale(parent);
         return Directory.CreateDirectory(Path.Combine(parent, $"kvm-storage-fuzz-{Environment.ProcessId}-{Guid.NewGuid():N}")).FullName;
     }
 
@@ -58,6 +59,27 @@ public static class Corpus
             {
             }
         };
+    }
+
+    /// <summary>
+    /// Deletes folders that earlier runs left behind (a test host that is killed does not run
+    /// ProcessExit): kvm-storage-fuzz-PID-* whose process is gone.
+    /// </summary>
+    private static void RemoveStale(string parent)
+    {
+        foreach (var dir in Directory.EnumerateDirectories(parent, "kvm-storage-fuzz-*-*"))
+        {
+            var parts = Path.GetFileName(dir).Split('-');
+            if (parts.Length < 5 || !int.TryParse(parts[3], NumberStyles.None, CultureInfo.InvariantCulture, out int pid) || Directory.Exists($"/proc/{pid}"))
+                continue;
+            try
+            {
+                Directory.Delete(dir, recursive: true);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+            }
+        }
     }
 
     /// <summary>A new folder under the corpus root.</summary>

@@ -26,6 +26,9 @@ public sealed partial class Qcow2Image
 {
     private const ulong MaxCheckClusters = 1UL << 25; // 128 MiB of counters
 
+    /// <summary>Problems listed one by one; past this many they are only counted.</summary>
+    public const int MaxListedProblems = 1000;
+
     /// <summary>
     /// Recounts the references to every host cluster (header, tables, refcount blocks, L2 tables,
     /// data, and the same for every internal snapshot) and compares them with the stored refcounts.
@@ -43,23 +46,23 @@ public sealed partial class Qcow2Image
             if (clusters > MaxCheckClusters)
                 throw new ImageFormatException($"qcow2 image {Path}: {clusters} host clusters are too many to check in memory");
             var expected = new uint[Math.Max(clusters, _nextCluster)];
-            var problems = new List<string>();
+            var problems = new ProblemList();
             int corruptions = 0;
 
-            void Reference(ulong offset, ulong bytes, string what)
+            void Reference(ulong offset, ulong bytes, string what, ulong index)
             {
                 if (bytes == 0)
                     return;
                 if (!InFile(offset, bytes, (long)expected.Length << _clusterBits))
                 {
-                    problems.Add($"ERROR {what} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
+                    problems.Report($"ERROR {Describe(what, index)} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
                     corruptions++;
                     return;
                 }
                 ulong first = offset >> _clusterBits, last = (offset + bytes - 1) >> _clusterBits;
                 if (last >= (ulong)expected.Length)
                 {
-                    problems.Add($"ERROR {what} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
+                    problems.Report($"ERROR {Describe(what, index)} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
                     corruptions++;
                     return;
                 }
@@ -67,11 +70,11 @@ public sealed partial class Qcow2Image
                     expected[c]++;
             }
 
-            Reference(0, (ulong)_clusterSize, "header");
-            Reference(_header.RefcountTableOffset, (ulong)_header.RefcountTableClusters * (ulong)_clusterSize, "refcount table");
+            Reference(0, (ulong)_clusterSize, "header", NoIndex);
+            Reference(_header.RefcountTableOffset, (ulong)_header.RefcountTableClusters * (ulong)_clusterSize, "refcount table", NoIndex);
             for (int i = 0; i < _refTable.Length; i++)
                 if (_refTable[i] != 0)
-                    Reference(_refTable[i], (ulong)_clusterSize, $"refcount block {i}");
+                    Reference(_refTable[i], (ulong)_clusterSize, "refcount block", (ulong)i);
 
             CountL1(_header.L1TableOffset, _header.L1Size, "active", Reference, problems, ref corruptions, checkCopied: true);
 
@@ -92,7 +95,7 @@ public sealed partial class Qcow2Image
                 if (stored > want)
                 {
                     leaks++;
-                    problems.Add($"Leaked cluster {c} refcount={stored} reference={want}");
+                    problems.Report($"Leaked cluster {c} refcount={stored} reference={want}");
                     if (repairLeaks && !(c / (ulong)EntriesPerBlock >= (ulong)_refTable.Length || _refTable[c / (ulong)EntriesPerBlock] == 0))
                     {
                         AddRefcount(c, -(int)Math.Min(stored - want, int.MaxValue));
@@ -102,7 +105,7 @@ public sealed partial class Qcow2Image
                 else
                 {
                     corruptions++;
-                    problems.Add($"ERROR cluster {c} refcount={stored} reference={want}");
+                    problems.Report($"ERROR cluster {c} refcount={stored} reference={want}");
                 }
             }
             if (repairLeaks && fixedLeaks > 0)
@@ -114,7 +117,7 @@ public sealed partial class Qcow2Image
                 Corruptions = corruptions,
                 Leaks = leaks - fixedLeaks,
                 LeaksFixed = fixedLeaks,
-                Problems = problems,
+                Problems = problems.Listed(),
                 AllocatedClusters = allocated,
                 GuestClusters = (Size + ClusterMask) >> _clusterBits,
                 ImageEndOffset = (ulong)_fileLength,
@@ -122,12 +125,16 @@ public sealed partial class Qcow2Image
         }
     }
 
-    private delegate void ReferenceFn(ulong offset, ulong bytes, string what);
+    private delegate void ReferenceFn(ulong offset, ulong bytes, string what, ulong index);
 
-    private void CountL1(ulong l1Offset, uint l1Size, string owner, ReferenceFn reference, List<string> problems, ref int corruptions,
+    // "data of guest cluster" + 7 -> "data of guest cluster 7"; NoIndex leaves the text alone.
+    private const ulong NoIndex = ulong.MaxValue;
+    private static string Describe(string what, ulong index) => index == NoIndex ? what : $"{what} {index}";
+
+    private void CountL1(ulong l1Offset, uint l1Size, string owner, ReferenceFn reference, ProblemList problems, ref int corruptions,
         bool checkCopied)
     {
-        reference(l1Offset, (ulong)l1Size * 8, $"{owner} L1 table");
+        reference(l1Offset, (ulong)l1Size * 8, owner + " L1 table", NoIndex);
         ulong[] l1;
         if (owner == "active")
         {
@@ -143,6 +150,7 @@ public sealed partial class Qcow2Image
         }
         byte[]? l2Buffer = null;
         var walked = new HashSet<ulong>();
+        string l2What = owner + " L2 table";
         for (ulong i = 0; i < (ulong)l1.Length; i++)
         {
             ulong l2Offset = l1[i] & OffsetMask;
@@ -150,22 +158,22 @@ public sealed partial class Qcow2Image
                 continue;
             if ((l2Offset & ClusterMask) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
             {
-                problems.Add($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, unaligned or past the end of the file");
+                problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, unaligned or past the end of the file");
                 corruptions++;
                 continue;
             }
-            reference(l2Offset, (ulong)_clusterSize, $"{owner} L2 table {i}");
+            reference(l2Offset, (ulong)_clusterSize, l2What, i);
             if (!walked.Add(l2Offset))
             {
                 // One table cannot serve two L1 entries of the same image; say so once, and do not
                 // walk it again (an L1 full of aliases would otherwise take minutes).
-                problems.Add($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
+                problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
                 corruptions++;
                 continue;
             }
             if (checkCopied && (l1[i] & Copied) != 0 && RefcountOf(l2Offset >> _clusterBits) != 1)
             {
-                problems.Add($"ERROR OFLAG_COPIED L2 table 0x{l2Offset:x}: L1 entry {i} says unshared, refcount={RefcountOf(l2Offset >> _clusterBits)}");
+                problems.Report($"ERROR OFLAG_COPIED L2 table 0x{l2Offset:x}: L1 entry {i} says unshared, refcount={RefcountOf(l2Offset >> _clusterBits)}");
                 corruptions++;
             }
             l2Buffer ??= new byte[_clusterSize];
@@ -180,7 +188,7 @@ public sealed partial class Qcow2Image
                     int x = 62 - (_clusterBits - 8);
                     ulong host = e & ((1UL << x) - 1);
                     ulong sectors = ((e >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
-                    reference(host & ~511UL, sectors * 512, $"compressed cluster of guest cluster {guest}");
+                    reference(host & ~511UL, sectors * 512, "compressed cluster of guest cluster", guest);
                     continue;
                 }
                 ulong data = e & OffsetMask;
@@ -188,15 +196,15 @@ public sealed partial class Qcow2Image
                     continue;
                 if ((data & ClusterMask) != 0)
                 {
-                    problems.Add($"ERROR {owner} L2 entry for guest cluster {guest} points at unaligned host offset 0x{data:x}");
+                    problems.Report($"ERROR {owner} L2 entry for guest cluster {guest} points at unaligned host offset 0x{data:x}");
                     corruptions++;
                     continue;
                 }
-                reference(data, (ulong)_clusterSize, $"data of guest cluster {guest}");
+                reference(data, (ulong)_clusterSize, "data of guest cluster", guest);
                 if (checkCopied && (e & Copied) != 0 && data >> _clusterBits < (ulong)_fileLength >> _clusterBits
                     && RefcountOf(data >> _clusterBits) != 1)
                 {
-                    problems.Add($"ERROR OFLAG_COPIED data cluster 0x{data:x} of guest cluster {guest}: L2 says unshared, refcount={RefcountOf(data >> _clusterBits)}");
+                    problems.Report($"ERROR OFLAG_COPIED data cluster 0x{data:x} of guest cluster {guest}: L2 says unshared, refcount={RefcountOf(data >> _clusterBits)}");
                     corruptions++;
                 }
             }
@@ -204,7 +212,7 @@ public sealed partial class Qcow2Image
     }
 
     // The snapshot table: each entry's L1 table and everything below it hold references too.
-    private void CountSnapshots(ReferenceFn reference, List<string> problems, ref int corruptions)
+    private void CountSnapshots(ReferenceFn reference, ProblemList problems, ref int corruptions)
     {
         ulong pos = _header.SnapshotsOffset;
         ulong start = pos;
@@ -213,7 +221,7 @@ public sealed partial class Qcow2Image
             var fixedPart = new byte[40];
             if (!InFile(pos, 40, _fileLength))
             {
-                problems.Add($"ERROR snapshot {s} header at 0x{pos:x} lies past the end of the file");
+                problems.Report($"ERROR snapshot {s} header at 0x{pos:x} lies past the end of the file");
                 corruptions++;
                 return;
             }
@@ -225,7 +233,7 @@ public sealed partial class Qcow2Image
             uint extraSize = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(36));
             if ((ulong)l1Size * 8 > Qcow2Header.MaxL1Bytes || (l1Offset & ClusterMask) != 0 || !InFile(l1Offset, (ulong)l1Size * 8, _fileLength))
             {
-                problems.Add($"ERROR snapshot {s}: L1 table 0x{l1Offset:x} with {l1Size} entries is invalid");
+                problems.Report($"ERROR snapshot {s}: L1 table 0x{l1Offset:x} with {l1Size} entries is invalid");
                 corruptions++;
             }
             else
@@ -236,11 +244,60 @@ public sealed partial class Qcow2Image
             pos += (entry + 7) & ~7UL;
             if (pos > (ulong)_fileLength)
             {
-                problems.Add($"ERROR snapshot table entry {s} runs past the end of the file");
+                problems.Report($"ERROR snapshot table entry {s} runs past the end of the file");
                 corruptions++;
                 return;
             }
         }
-        reference(start, pos - start, "snapshot table");
+        reference(start, pos - start, "snapshot table", NoIndex);
     }
+}
+
+/// <summary>A problem list that keeps the first <see cref="Qcow2Image.MaxListedProblems"/> lines and counts the rest.</summary>
+internal sealed class ProblemList
+{
+    private readonly List<string> _lines = new();
+    private int _unlisted;
+
+    /// <summary>
+    /// Adds a problem. The interpolated text is only built while the list has room: past the limit
+    /// a damaged image with millions of bad entries costs a counter, not memory.
+    /// </summary>
+    public void Report([System.Runtime.CompilerServices.InterpolatedStringHandlerArgument("")] ref ProblemText line)
+    {
+        if (line.Enabled)
+            _lines.Add(line.ToStringAndClear());
+        else
+            _unlisted++;
+    }
+
+    public bool HasRoom => _lines.Count < Qcow2Image.MaxListedProblems;
+
+    public IReadOnlyList<string> Listed()
+    {
+        if (_unlisted == 0)
+            return _lines;
+        var all = new List<string>(_lines) { $"... and {_unlisted} more problems not listed" };
+        return all;
+    }
+}
+
+/// <summary>Builds a problem's text only when the list will keep it.</summary>
+[System.Runtime.CompilerServices.InterpolatedStringHandler]
+internal ref struct ProblemText
+{
+    private System.Runtime.CompilerServices.DefaultInterpolatedStringHandler _inner;
+
+    public ProblemText(int literalLength, int formattedCount, ProblemList list, out bool enabled)
+    {
+        Enabled = enabled = list.HasRoom;
+        _inner = enabled ? new System.Runtime.CompilerServices.DefaultInterpolatedStringHandler(literalLength, formattedCount) : default;
+    }
+
+    public bool Enabled { get; }
+    public void AppendLiteral(string s) => _inner.AppendLiteral(s);
+    public void AppendFormatted<T>(T value) => _inner.AppendFormatted(value);
+    public void AppendFormatted<T>(T value, string? format) => _inner.AppendFormatted(value, format);
+    public void AppendFormatted(string? value) => _inner.AppendFormatted(value);
+    public string ToStringAndClear() => _inner.ToStringAndClear();
 }
