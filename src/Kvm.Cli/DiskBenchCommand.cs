@@ -45,7 +45,7 @@ public static class DiskBenchCommand
         {
             file, count, depth, size, step, offset, write, pattern, flushInterval, format,
         };
-        cmd.SetAction(p => Guard(() =>
+        cmd.SetAction(p => DiskCommands.Guard(() =>
         {
             var settings = new BenchSettings(
                 Count: p.GetValue(count),
@@ -262,20 +262,5 @@ public static class DiskBenchCommand
         if (!ok || v > 255)
             throw new FormatException($"pattern byte (--pattern) '{text}' is not a number from 0 to 255");
         return (byte)v;
-    }
-
-    /// <summary>Runs the action, turning bad input into one line on stderr and status 1 (as the other disk commands do).</summary>
-    private static int Guard(Func<int> action)
-    {
-        try
-        {
-            return action();
-        }
-        catch (Exception e) when (e is ImageFormatException or ArgumentException or IOException or UnauthorizedAccessException
-                                      or FormatException or InvalidOperationException)
-        {
-            Console.Error.WriteLine($"{VmctlCommands.Program}: {ForegroundRun.Describe(e)}");
-            return ExitFailure;
-        }
     }
 }

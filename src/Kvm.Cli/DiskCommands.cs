@@ -34,7 +34,7 @@ public static class DiskCommands
     private static Option<bool> JsonOption() => new("--json") { Description = "print JSON instead of text" };
 
     /// <summary>Runs a disk action, turning bad input into one line on stderr and status 1.</summary>
-    private static int Guard(Func<int> action)
+    internal static int Guard(Func<int> action)
     {
         try
         {

@@ -88,21 +88,9 @@ public sealed partial class Qcow2Image
     private void WriteEntry(ulong blockOffset, byte[] block, int index, ulong value)
     {
         int bits = _header.RefcountBits;
-        int byteOffset, byteCount;
-        switch (bits)
-        {
-            case 64: BinaryPrimitives.WriteUInt64BigEndian(block.AsSpan(index * 8), value); byteOffset = index * 8; byteCount = 8; break;
-            case 32: BinaryPrimitives.WriteUInt32BigEndian(block.AsSpan(index * 4), (uint)value); byteOffset = index * 4; byteCount = 4; break;
-            case 16: BinaryPrimitives.WriteUInt16BigEndian(block.AsSpan(index * 2), (ushort)value); byteOffset = index * 2; byteCount = 2; break;
-            case 8: block[index] = (byte)value; byteOffset = index; byteCount = 1; break;
-            default:
-                int bit = index * bits;
-                byte mask = (byte)(((1 << bits) - 1) << (bit % 8));
-                block[bit / 8] = (byte)((block[bit / 8] & ~mask) | (((int)value << (bit % 8)) & mask));
-                byteOffset = bit / 8;
-                byteCount = 1;
-                break;
-        }
+        WriteEntryInMemory(block, index, value);
+        int byteOffset = bits >= 8 ? index * (bits / 8) : index * bits / 8;
+        int byteCount = Math.Max(1, bits / 8);
         RandomAccess.Write(_file, block.AsSpan(byteOffset, byteCount), (long)blockOffset + byteOffset);
     }
 
@@ -222,22 +210,8 @@ public sealed partial class Qcow2Image
         SetRefTableEntry(blockIndex, blockOffset);
     }
 
-    private void WriteEntryInMemory(byte[] block, int index, ulong value)
-    {
-        int bits = _header.RefcountBits;
-        switch (bits)
-        {
-            case 64: BinaryPrimitives.WriteUInt64BigEndian(block.AsSpan(index * 8), value); break;
-            case 32: BinaryPrimitives.WriteUInt32BigEndian(block.AsSpan(index * 4), (uint)value); break;
-            case 16: BinaryPrimitives.WriteUInt16BigEndian(block.AsSpan(index * 2), (ushort)value); break;
-            case 8: block[index] = (byte)value; break;
-            default:
-                int bit = index * bits;
-                byte mask = (byte)(((1 << bits) - 1) << (bit % 8));
-                block[bit / 8] = (byte)((block[bit / 8] & ~mask) | (((int)value << (bit % 8)) & mask));
-                break;
-        }
-    }
+    private void WriteEntryInMemory(byte[] block, int index, ulong value) =>
+        SetPackedRefcount(block, index, _header.RefcountBits, value);
 
     private void SetRefTableEntry(ulong index, ulong blockOffset)
     {
