@@ -13,7 +13,6 @@ namespace Kvm.Cli;
 /// </summary>
 public static class DiskBenchCommand
 {
-    private const int ExitFailure = 1;
     private const int MaxDepth = 1024;
 
     public static Command Build()

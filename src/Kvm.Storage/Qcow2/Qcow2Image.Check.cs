@@ -185,9 +185,7 @@ public sealed partial class Qcow2Image
                 ulong guest = i * (ulong)_l2Entries + (ulong)j;
                 if ((e & Compressed) != 0)
                 {
-                    int x = 62 - (_clusterBits - 8);
-                    ulong host = e & ((1UL << x) - 1);
-                    ulong sectors = ((e >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+                    var (host, sectors) = CompressedDescriptor(e);
                     reference(host & ~511UL, sectors * 512, "compressed cluster of guest cluster", guest);
                     continue;
                 }

@@ -171,10 +171,10 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>
-    /// Creates refcount block <paramref name="blockIndex"/>. It is placed at the end of the file
-    /// when that cluster falls inside the range the block covers (so it counts itself); otherwise
-    /// at the first cluster of its own range is impossible, so it goes at the end and the range
-    /// holding the end is covered first.
+    /// Creates refcount block <paramref name="blockIndex"/> at the end of the file. When the end of
+    /// the file falls in the range the new block covers, the block counts itself; when it falls in
+    /// a range with an existing block, that block counts it; when it falls in another uncovered
+    /// range, that range's block is created first.
     /// </summary>
     private void AddRefcountBlockAtEnd(ulong blockIndex)
     {

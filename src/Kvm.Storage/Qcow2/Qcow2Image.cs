@@ -221,13 +221,21 @@ public sealed partial class Qcow2Image : IBlockImage
             dest[n..].Clear(); // a cluster at the very end of a file may be short on disk
     }
 
+    /// <summary>
+    /// A compressed L2 entry's host byte offset and its count of 512-byte sectors (the spec's
+    /// descriptor: the offset in the low 62 - (cluster_bits - 8) bits, then the extra sectors).
+    /// </summary>
+    private (ulong HostOffset, ulong Sectors) CompressedDescriptor(ulong entry)
+    {
+        int x = 62 - (_clusterBits - 8);
+        return (entry & ((1UL << x) - 1), ((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1);
+    }
+
     private byte[] DecompressCluster(ulong entry)
     {
         if (_decompressed is not null && _decompressedEntry == entry)
             return _decompressed;
-        int x = 62 - (_clusterBits - 8);
-        ulong hostOffset = entry & ((1UL << x) - 1);
-        ulong sectors = ((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+        var (hostOffset, sectors) = CompressedDescriptor(entry);
         ulong compressedSize = sectors * 512 - (hostOffset & 511);
         long fileLength = RandomAccess.GetLength(_file);
         if (hostOffset >= (ulong)fileLength)
@@ -516,9 +524,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if ((entry & Compressed) != 0)
         {
-            int x = 62 - (_clusterBits - 8);
-            ulong hostOffset = entry & ((1UL << x) - 1);
-            ulong sectors = ((entry >> x) & ((1UL << (_clusterBits - 8)) - 1)) + 1;
+            var (hostOffset, sectors) = CompressedDescriptor(entry);
             ulong last = hostOffset + sectors * 512 - (hostOffset & 511) - 1;
             for (ulong c = hostOffset >> _clusterBits; c <= last >> _clusterBits; c++)
                 AddRefcount(c, -1);
