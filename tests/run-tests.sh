@@ -17,6 +17,14 @@ read -r passed failed skipped < <(awk '
   /^ +Skipped: +[0-9]+ *$/ { s += $2 }
   END { printf "%d %d %d\n", p, f, s }' "$log")
 
+# Repeat each failure (name, message, first stack lines) at the end, where a truncated CI log
+# still shows it.
+if [ "$failed" -gt 0 ]; then
+  echo
+  echo "failed tests:"
+  awk '/^ +Failed [A-Za-z_]/ { n = 25 } n > 0 { print; n-- }' "$log"
+fi
+
 echo
 echo "tests: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
