@@ -26,6 +26,7 @@ static const struct workload workloads[] = {
     { "dirty", wl_dirty },
     { "fault", wl_fault },
     { "info", wl_info },
+    { "irq", wl_irq },
 };
 
 static bool is_space(char c)
@@ -66,7 +67,7 @@ static int split_cmdline(const char *src, char **argv)
 bool parse_params(const char *workload, int argc, char **argv,
                   const struct param *params, int nparams)
 {
-    bool seen[16] = { false };
+    bool seen[PARAMS_MAX] = { false };
 
     for (int i = 0; i < argc; i++) {
         char *arg = argv[i];
@@ -74,14 +75,25 @@ bool parse_params(const char *workload, int argc, char **argv,
         while (*eq && *eq != '=')
             eq++;
         int k = -1;
-        if (*eq == '=' && eq != arg && nparams <= 16) {
+        if (*eq == '=' && eq != arg && nparams <= PARAMS_MAX) {
             size_t klen = (size_t)(eq - arg);
             for (int j = 0; j < nparams; j++)
                 if (strlen(params[j].key) == klen && !memcmp(params[j].key, arg, klen))
                     k = j;
         }
-        uint64_t v;
-        if (k < 0 || !parse_u64(eq + 1, params[k].size, &v) || v > params[k].max) {
+        uint64_t v = 0;
+        bool ok = k >= 0;
+        if (ok && params[k].words) {
+            ok = false;
+            for (uint64_t w = 0; params[k].words[w]; w++)
+                if (!strcmp(params[k].words[w], eq + 1)) {
+                    v = w;
+                    ok = true;
+                }
+        } else if (ok) {
+            ok = parse_u64(eq + 1, params[k].size, &v) && v <= params[k].max;
+        }
+        if (!ok) {
             gk_printf("guestkit: error: bad argument '%s' for %s\n", arg, workload);
             return false;
         }

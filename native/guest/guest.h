@@ -38,6 +38,16 @@ struct hvm_memmap_table_entry {
 #define GATE_VECTOR             0x80
 #define GATE_PARK               0
 #define GATE_TRIPLE_FAULT       1
+#define GATE_IRQ_ENABLE         2       /* return to CPL3 with RFLAGS.IF = 1 */
+#define GATE_IRQ_DISABLE        3       /* return to CPL3 with RFLAGS.IF = 0 */
+
+/* Device interrupts: IDT vectors IRQ_VECTOR_BASE + n, n < IRQ_VECTORS (start.S) */
+#define IRQ_VECTOR_BASE         0x40
+#define IRQ_VECTORS             16
+#define IRQ_SPURIOUS_VECTOR     0xff
+
+/* gk_irq_count[n]: interrupts taken on vector IRQ_VECTOR_BASE + n (start.S) */
+extern volatile uint64_t gk_irq_count[IRQ_VECTORS];
 
 /* Ports */
 #define SERIAL_PORT             0x3f8
@@ -65,6 +75,56 @@ static inline uint8_t inb(uint16_t port)
     return val;
 }
 
+static inline void outw(uint16_t port, uint16_t val)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(val), "Nd"(port) : "memory");
+}
+
+static inline uint16_t inw(uint16_t port)
+{
+    uint16_t val;
+    __asm__ volatile("inw %1, %0" : "=a"(val) : "Nd"(port) : "memory");
+    return val;
+}
+
+static inline void outl(uint16_t port, uint32_t val)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(val), "Nd"(port) : "memory");
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+    uint32_t val;
+    __asm__ volatile("inl %1, %0" : "=a"(val) : "Nd"(port) : "memory");
+    return val;
+}
+
+/* MMIO: one access of exactly the given width */
+static inline uint8_t mmio_read8(uintptr_t a) { return *(volatile uint8_t *)a; }
+static inline uint16_t mmio_read16(uintptr_t a) { return *(volatile uint16_t *)a; }
+static inline uint32_t mmio_read32(uintptr_t a) { return *(volatile uint32_t *)a; }
+static inline void mmio_write8(uintptr_t a, uint8_t v) { *(volatile uint8_t *)a = v; }
+static inline void mmio_write16(uintptr_t a, uint16_t v) { *(volatile uint16_t *)a = v; }
+static inline void mmio_write32(uintptr_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+
+/* Compiler barrier; full barrier (orders stores before later loads too). */
+#define barrier()       __asm__ volatile("" : : : "memory")
+#define mb()            __asm__ volatile("mfence" : : : "memory")
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" : : : "memory");
+}
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+#define ARRAY_SIZE(a)   (sizeof(a) / sizeof((a)[0]))
+
 /* lib.c */
 void *memset(void *dst, int c, size_t n);
 void *memcpy(void *dst, const void *src, size_t n);
@@ -80,6 +140,15 @@ void gk_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 noreturn void gk_exit(unsigned int code);
 noreturn void gk_park(void);
 noreturn void gk_triple_fault(void);
+void gk_irq_enable(void);
+void gk_irq_disable(void);
+
+/* Prints "guestkit: error: <message>" and exits with EXIT_FAILED or EXIT_USAGE. */
+noreturn void gk_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+noreturn void gk_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* a * b / c with a 128-bit intermediate; the quotient must fit in 64 bits */
+uint64_t muldiv64(uint64_t a, uint64_t b, uint64_t c);
 
 bool parse_u64(const char *s, bool allow_suffix, uint64_t *out);
 
@@ -90,13 +159,46 @@ struct param {
     bool required;
     uint64_t max;
     uint64_t *value;    /* holds the default on entry */
+    /*
+     * If set, the value is a word from this NULL-terminated list and
+     * *value becomes its index (size and max are then ignored).
+     */
+    const char *const *words;
 };
+
+#define PARAMS_MAX      32
 
 /* Returns true if all arguments were valid; otherwise prints the error. */
 bool parse_params(const char *workload, int argc, char **argv,
                   const struct param *params, int nparams);
 
 extern const struct hvm_start_info *start_info;
+
+/* time.c: TSC calibrated against PIT channel 2 */
+extern uint64_t tsc_hz;
+void time_init(void);                   /* exits with an error if calibration fails */
+uint64_t tsc_to_ns(uint64_t ticks);
+uint64_t time_ns(void);                 /* since time_init */
+uint64_t deadline_after_s(uint64_t seconds);    /* a TSC value */
+static inline bool deadline_passed(uint64_t deadline) { return rdtsc() >= deadline; }
+
+/* Default for every wait in the device workloads; timeout=SECONDS overrides. */
+#define DEFAULT_TIMEOUT_S       10
+extern uint64_t gk_timeout_s;
+
+/* dma.c: guest RAM above the image for rings and buffers, 4 KiB aligned */
+#define PAGE_SIZE       4096ull
+#define HUGE_PAGE_SIZE  0x200000ull
+#define FOUR_GIB        0x100000000ull
+uint64_t ram_area_base(void);           /* first 2 MiB boundary above the image */
+bool ram_area_fits(uint64_t base, uint64_t size);   /* from the PVH memmap */
+void *dma_alloc(uint64_t size);         /* zeroed; exits (EXIT_USAGE) when RAM runs out */
+uint64_t dma_mark(void);
+void dma_release(uint64_t mark);        /* frees everything allocated after dma_mark() */
+
+/* irq.c: local APIC */
+uint8_t lapic_id(void);
+void lapic_enable(void);                /* software-enable, mask LVTs, mask the 8259s */
 
 /* workloads.c */
 int wl_hello(int argc, char **argv);
@@ -105,5 +207,6 @@ int wl_count(int argc, char **argv);
 int wl_dirty(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
+int wl_irq(int argc, char **argv);
 
 #endif

@@ -268,3 +268,41 @@ bool parse_u64(const char *s, bool allow_suffix, uint64_t *out)
     *out = v;
     return true;
 }
+
+/* ---- interrupts: RFLAGS.IF is set through the gate (start.S) ---- */
+
+void gk_irq_enable(void)
+{
+    __asm__ volatile("int %0" : : "i"(GATE_VECTOR), "a"(GATE_IRQ_ENABLE) : "memory");
+}
+
+void gk_irq_disable(void)
+{
+    __asm__ volatile("int %0" : : "i"(GATE_VECTOR), "a"(GATE_IRQ_DISABLE) : "memory");
+}
+
+/* ---- errors ---- */
+
+static noreturn void fail_v(unsigned int code, const char *fmt, va_list ap)
+{
+    gk_printf("guestkit: error: ");
+    gk_vprintf(fmt, ap);
+    gk_printf("\n");
+    gk_exit(code);
+}
+
+noreturn void gk_fail(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    fail_v(EXIT_FAILED, fmt, ap);
+}
+
+noreturn void gk_usage_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    fail_v(EXIT_USAGE, fmt, ap);
+}

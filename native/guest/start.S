@@ -27,6 +27,18 @@
 
 #define GATE_PARK               0
 #define GATE_TRIPLE_FAULT       1
+#define GATE_IRQ_ENABLE         2
+#define GATE_IRQ_DISABLE        3
+
+#define RFLAGS_IF       0x200
+
+/*
+ * The xAPIC EOI register (0xfee000b0) as a sign-extended 32-bit absolute
+ * address: 0xfffffffffee000b0.  pml4[511]/pdpt_hi[511] map the top 1 GiB of
+ * the address space onto physical 3-4 GiB, so an interrupt handler can write
+ * EOI in one instruction without a scratch register.
+ */
+#define APIC_EOI_ALIAS  (0xfee000b0 - 0x100000000)
 
 #define PTE_P   0x001
 #define PTE_RW  0x002
@@ -95,10 +107,17 @@ start64:
  *   0 (GATE_PARK)          cli; hlt forever (vCPU sleeps in the host kernel)
  *   1 (GATE_TRIPLE_FAULT)  load an IDT with limit 0, iretq to a CPL3 ud2:
  *                          #UD -> #GP -> #DF -> triple fault (shutdown)
- * Anything else returns %eax = -1.
+ *   2 (GATE_IRQ_ENABLE)    return to CPL3 with RFLAGS.IF = 1
+ *   3 (GATE_IRQ_DISABLE)   return to CPL3 with RFLAGS.IF = 0
+ * Anything else returns %eax = -1.  (sti/cli/popf cannot change IF at CPL3
+ * without IOPL=3, which PVM does not keep, so IF is set in the iret frame.)
  */
         .balign 16
 gate_entry:
+        cmpl    $GATE_IRQ_ENABLE, %eax
+        je      gate_irq_enable
+        cmpl    $GATE_IRQ_DISABLE, %eax
+        je      gate_irq_disable
         cmpl    $GATE_TRIPLE_FAULT, %eax
         je      gate_triple_fault
         testl   %eax, %eax
@@ -113,6 +132,29 @@ gate_triple_fault:
         iretq
 gate_unknown:
         movl    $-1, %eax
+        iretq
+gate_irq_enable:                        /* frame: rip, cs, rflags, rsp, ss */
+        orl     $RFLAGS_IF, 16(%rsp)
+        iretq
+gate_irq_disable:
+        andl    $~RFLAGS_IF, 16(%rsp)
+        iretq
+
+/* ------------------------------------------------------------------ */
+/*
+ * External interrupts, vectors 0x40-0x4f (MSI-X of virtio queues): count
+ * the interrupt in gk_irq_count[vector - 0x40], EOI the xAPIC, return.
+ * Three CPL0 instructions each.  Vector 0xff is the APIC spurious vector,
+ * which takes no EOI.
+ */
+        .balign 16
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+irq_\n:
+        incq    gk_irq_count + 8 * \n(%rip)
+        movl    $0, APIC_EOI_ALIAS
+        iretq
+        .endr
+irq_spurious:
         iretq
 
 /* ------------------------------------------------------------------ */
@@ -241,6 +283,12 @@ tss_end:
 exc_depth:
         .long   0
 
+        /* interrupts seen per vector 0x40 + n; read by CPL3 (guest.h) */
+        .balign 8
+        .globl  gk_irq_count
+gk_irq_count:
+        .fill   16, 8, 0
+
         /*
          * iretq frames (RIP, CS, RFLAGS, RSP, SS).  CPL0 code points RSP at
          * one and executes iretq.  The padding keeps a push below a frame
@@ -262,16 +310,28 @@ idt:
         .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
         IDT_GATE exc_\n, 0x8e           /* present, DPL0, 64-bit interrupt gate */
         .endr
-        .fill   (0x80 - 32) * 16, 1, 0
+        .fill   (0x40 - 32) * 16, 1, 0
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+        IDT_GATE irq_\n, 0x8e           /* 0x40-0x4f: device interrupts */
+        .endr
+        .fill   (0x80 - 0x50) * 16, 1, 0
         IDT_GATE gate_entry, 0xee       /* vector 0x80: present, DPL3 */
-        .fill   (256 - 0x81) * 16, 1, 0
+        .fill   (0xff - 0x81) * 16, 1, 0
+        IDT_GATE irq_spurious, 0x8e     /* 0xff: APIC spurious vector */
 idt_end:
 
-        /* Identity map of 0-4 GiB with 2 MiB pages, all Present|RW|User */
+        /*
+         * Identity map of 0-4 GiB with 2 MiB pages, all Present|RW|User,
+         * and the same 3-4 GiB again at 0xffffffffc0000000 (APIC_EOI_ALIAS)
+         */
         .balign 4096
 pml4:
         .quad   pdpt + (PTE_P | PTE_RW | PTE_US)
+        .fill   510, 8, 0
+        .quad   pdpt_hi + (PTE_P | PTE_RW | PTE_US)
+pdpt_hi:                                /* 0xffffffffc0000000 -> phys 3-4 GiB */
         .fill   511, 8, 0
+        .quad   pd + 0x3000 + (PTE_P | PTE_RW | PTE_US)
 pdpt:
         .quad   pd + 0x0000 + (PTE_P | PTE_RW | PTE_US)
         .quad   pd + 0x1000 + (PTE_P | PTE_RW | PTE_US)

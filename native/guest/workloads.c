@@ -1,10 +1,6 @@
 /* guestkit workloads.  They run at CPL3 at native speed, even under PVM. */
 #include "guest.h"
 
-#define PAGE_SIZE       4096ull
-#define HUGE_PAGE_SIZE  0x200000ull
-#define FOUR_GIB        0x100000000ull
-
 static bool no_args(const char *workload, int argc, char **argv)
 {
     return parse_params(workload, argc, argv, NULL, 0);
@@ -79,21 +75,8 @@ int wl_dirty(int argc, char **argv)
         return EXIT_USAGE;
 
     /* first 2 MiB boundary at or above the end of the image */
-    uint64_t base = ((uint64_t)(uintptr_t)__image_end + HUGE_PAGE_SIZE - 1) & ~(HUGE_PAGE_SIZE - 1);
-    uint64_t end = base + size;
-    bool fits = false;
-
-    if (end <= FOUR_GIB && start_info && start_info->version >= 1 &&
-        start_info->memmap_paddr && start_info->memmap_paddr < FOUR_GIB) {
-        const struct hvm_memmap_table_entry *map =
-            (const void *)(uintptr_t)start_info->memmap_paddr;
-        for (uint32_t i = 0; i < start_info->memmap_entries; i++) {
-            uint64_t a = map[i].addr, s = map[i].size;
-            if (map[i].type == HVM_MEMMAP_TYPE_RAM && a <= base && a + s >= a &&
-                end <= a + s)
-                fits = true;
-        }
-    }
+    uint64_t base = ram_area_base();
+    bool fits = ram_area_fits(base, size);
     if (!fits) {
         gk_printf("guestkit: error: dirty region of %lu bytes at 0x%lx does not fit in guest RAM\n",
                   size, base);

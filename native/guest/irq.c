@@ -1,0 +1,99 @@
+/*
+ * guestkit: the local APIC (xAPIC, MMIO at 0xfee00000), from CPL3.
+ *
+ * The APIC page is a user page of the identity map, so CPL3 code programs
+ * it directly.  Device interrupts arrive as MSI-X messages on vectors
+ * 0x40-0x4f; start.S counts them and writes EOI.  RFLAGS.IF is set through
+ * the gate (gk_irq_enable), because sti is not available at CPL3 without
+ * IOPL=3.
+ */
+#include "guest.h"
+
+#define LAPIC_BASE      0xfee00000u
+#define LAPIC_ID        0x020
+#define LAPIC_TPR       0x080
+#define LAPIC_EOI       0x0b0
+#define LAPIC_SVR       0x0f0
+#define LAPIC_ICR_LO    0x300
+#define LAPIC_ICR_HI    0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_LVT_LINT1 0x360
+#define LAPIC_LVT_ERROR 0x370
+
+#define SVR_ENABLE      0x100
+#define LVT_MASKED      0x10000
+
+#define PIC1_DATA       0x21
+#define PIC2_DATA       0xa1
+
+static uint32_t lapic_read(uint32_t reg)
+{
+    return mmio_read32(LAPIC_BASE + reg);
+}
+
+static void lapic_write(uint32_t reg, uint32_t val)
+{
+    mmio_write32(LAPIC_BASE + reg, val);
+}
+
+uint8_t lapic_id(void)
+{
+    return (uint8_t)(lapic_read(LAPIC_ID) >> 24);
+}
+
+void lapic_enable(void)
+{
+    /*
+     * Only MSIs may interrupt: the 8259s are masked (firmware may have
+     * left the timer unmasked, and LINT0 is in ExtINT mode after reset),
+     * and so are the APIC's own local interrupt sources.
+     */
+    outb(PIC1_DATA, 0xff);
+    outb(PIC2_DATA, 0xff);
+    lapic_write(LAPIC_SVR, SVR_ENABLE | IRQ_SPURIOUS_VECTOR);
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
+    lapic_write(LAPIC_LVT_LINT0, LVT_MASKED);
+    lapic_write(LAPIC_LVT_LINT1, LVT_MASKED);
+    lapic_write(LAPIC_LVT_ERROR, LVT_MASKED);
+    lapic_write(LAPIC_TPR, 0);
+}
+
+/*
+ * irq [n=COUNT]: not a test contract of the devices, a check of the
+ * interrupt path itself: sends COUNT fixed self-IPIs on vector 0x4f through
+ * the ICR and waits for each to be counted by start.S's handler.
+ */
+int wl_irq(int argc, char **argv)
+{
+    uint64_t n = 1000, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "n", .max = 1000000, .value = &n },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("irq", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    gk_timeout_s = timeout;
+    time_init();
+    lapic_enable();
+    gk_irq_enable();
+
+    const unsigned int slot = IRQ_VECTORS - 1;
+    uint64_t before = gk_irq_count[slot];
+    uint64_t t0 = time_ns();
+    for (uint64_t i = 1; i <= n; i++) {
+        lapic_write(LAPIC_ICR_HI, 0);
+        lapic_write(LAPIC_ICR_LO, 0x44000u | (IRQ_VECTOR_BASE + slot));    /* self, fixed, assert */
+        uint64_t deadline = deadline_after_s(gk_timeout_s);
+        while (gk_irq_count[slot] - before < i)
+            if (deadline_passed(deadline))
+                gk_fail("irq: self-IPI %lu on vector 0x%x not taken within %lu s "
+                        "(count %lu, SVR 0x%x)", i, IRQ_VECTOR_BASE + slot, gk_timeout_s,
+                        gk_irq_count[slot] - before, lapic_read(LAPIC_SVR));
+    }
+    uint64_t ns = time_ns() - t0;
+    gk_irq_disable();
+    gk_printf("guestkit: irq ok n=%lu ns_per_irq=%lu\n", n, n ? ns / n : 0);
+    return EXIT_OK;
+}
