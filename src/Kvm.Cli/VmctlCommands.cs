@@ -99,12 +99,21 @@ public static class VmctlCommands
             },
         };
 
+        var disks = new Option<string[]>("--disk", "-d")
+        {
+            Description = "give the VM a virtio-blk disk on a raw or qcow2 image (repeatable; PCI slots in order).\n" +
+                "Options after the path: readonly (the guest cannot write), serial=ID (what the guest reads as\n" +
+                "the disk's ID, up to 20 characters), queues=N (request queues served in parallel, 1 to 64)",
+            HelpName = "PATH[,readonly][,serial=ID][,queues=N]",
+            DefaultValueFactory = _ => [],
+        };
+
         var run = new Command("run",
             "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
             "(guest shut down, KVM error) or could not start; 2 for a usage error.")
         {
-            kernel, cmdline, memory, cpus, debugExit, hugePages,
+            kernel, cmdline, memory, cpus, debugExit, hugePages, disks,
         };
         run.SetAction(parse =>
         {
@@ -119,6 +128,7 @@ public static class VmctlCommands
                     Cpus = parse.GetValue(cpus),
                     DebugExit = parse.GetValue(debugExit),
                     HugePages = parse.GetValue(hugePages),
+                    Disks = (parse.GetValue(disks) ?? []).Select(DiskSpec.Parse).ToArray(),
                 };
                 spec.Validate();
             }

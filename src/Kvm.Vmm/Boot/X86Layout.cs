@@ -28,6 +28,17 @@ public static class X86Layout
     public const ulong MmioHoleStart = 0xc000_0000;
     public const ulong FourGiB = 0x1_0000_0000;
 
+    /// <summary>
+    /// The window PCI BARs are assigned from: the first 512 MiB of the MMIO hole. The rest of the
+    /// hole is left for a PCIe ECAM area (0xe0000000), the IOAPIC (0xfec00000), the LAPIC
+    /// (0xfee00000) and the TSS pages KVM needs.
+    /// </summary>
+    public const ulong PciMmioStart = MmioHoleStart;
+    public const ulong PciMmioSize = 0x2000_0000;
+
+    /// <summary>INTx of PCI slot s is wired to IOAPIC pin 16 + s % 8 (level-triggered, shared when slots wrap).</summary>
+    public static byte PciIntxGsi(int slot) => (byte)(16 + slot % 8);
+
     /// <summary>KVM_SET_TSS_ADDR (three pages) and KVM_SET_IDENTITY_MAP_ADDR (one page), as QEMU places them.</summary>
     public const ulong TssAddress = 0xfffb_d000;
     public const ulong IdentityMapAddress = 0xfffb_c000;

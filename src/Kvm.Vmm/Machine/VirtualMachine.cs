@@ -1,8 +1,12 @@
 using Kvm.Devices.Bus;
 using Kvm.Devices.Legacy.DebugExit;
 using Kvm.Devices.Legacy.Serial;
+using Kvm.Devices.Pci;
+using Kvm.Devices.Virtio;
+using Kvm.Devices.Virtio.Block;
 using Kvm.Hypervisor;
 using Kvm.Interop.Structs;
+using Kvm.Storage;
 using Kvm.Vmm.Boot;
 using Kvm.Vmm.Cpu;
 using Kvm.Vmm.Exits;
@@ -23,6 +27,8 @@ public sealed class VirtualMachine : IDisposable
     private readonly List<KvmVcpu> _vcpus = new();
     private readonly List<VcpuThread> _threads = new();
     private readonly List<MemorySlot> _slots = new();
+    private readonly List<IBlockImage> _images = new();
+    private readonly List<VirtioPciTransport> _pciDevices = new();
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
@@ -44,6 +50,11 @@ public sealed class VirtualMachine : IDisposable
     public ElfImage Kernel { get; private set; } = null!;
     public IReadOnlyList<VcpuThread> Vcpus => _threads;
     public IReadOnlyList<MemorySlot> MemorySlots => _slots;
+    public PciBus Pci { get; private set; } = null!;
+    public GsiRouting GsiRouting { get; private set; } = null!;
+
+    /// <summary>The virtio-blk devices, in the order of <see cref="VmSpec.Disks"/>.</summary>
+    public IReadOnlyList<VirtioPciTransport> Disks => _pciDevices;
 
     /// <summary>Completes with the reason the VM stopped (the first one reported).</summary>
     public Task<VmStopReason> Stopped => _stopped.Task;
@@ -64,6 +75,7 @@ public sealed class VirtualMachine : IDisposable
         var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance) { Kernel = image };
         try
         {
+            vm.OpenDisks();
             vm.Build(kernelBytes, serialOutput);
             return vm;
         }
@@ -71,6 +83,22 @@ public sealed class VirtualMachine : IDisposable
         {
             vm.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>Opens every disk image first, so a bad one fails before anything else is made.</summary>
+    private void OpenDisks()
+    {
+        foreach (var disk in Spec.Disks)
+        {
+            try
+            {
+                _images.Add(DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly }));
+            }
+            catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
+            {
+                throw new ArgumentException($"disk '{disk.Path}': {e.Message}", e);
+            }
         }
     }
 
@@ -107,6 +135,8 @@ public sealed class VirtualMachine : IDisposable
         if (Spec.DebugExit)
             PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length, new DebugExitDevice(status => RequestStop(new DebugExitStop(status))));
 
+        BuildPci();
+
         PvhBoot.LoadSegments(Kernel, kernelBytes, Memory);
         PvhBoot.WriteBootData(Memory, Spec.Cmdline);
 
@@ -124,6 +154,40 @@ public sealed class VirtualMachine : IDisposable
             _threads.Add(new VcpuThread(vcpu, OnExit));
         }
         VmmLog.VmCreated(_log, GuestMemory.FormatSize(Spec.MemoryBytes), Spec.Cpus, Spec.Kernel);
+    }
+
+    /// <summary>The PCI bus behind ports 0xCF8-0xCFF and one virtio-blk device per disk, slots 1 onwards.</summary>
+    private void BuildPci()
+    {
+        Pci = new PciBus(Mmio, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
+        PortIo.Register(PciBus.ConfigAddressPort, PciBus.PortCount, Pci);
+        GsiRouting = new GsiRouting(Vm);
+        var msi = new KvmMsiController(Vm, GsiRouting);
+        var ioevents = new KvmIoEventRegistrar(Vm);
+        var intxLines = new Dictionary<byte, SharedInterruptLine>();
+
+        for (int i = 0; i < Spec.Disks.Count; i++)
+        {
+            int slot = i + 1;
+            byte gsi = X86Layout.PciIntxGsi(slot);
+            if (!intxLines.TryGetValue(gsi, out var line))
+                intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(Vm, gsi));
+            var image = _images[i];
+            _images[i] = null!;     // the device owns it from here on
+            var block = new VirtioBlock($"virtio-blk{i}", image, Spec.Disks[i].ToOptions(), _log);
+            VirtioPciTransport transport;
+            try
+            {
+                transport = new VirtioPciTransport(block, Memory, msi, line.CreateSource(), ioevents, _log);
+            }
+            catch
+            {
+                block.Dispose();
+                throw;
+            }
+            _pciDevices.Add(transport);
+            Pci.Add(transport, gsi);
+        }
     }
 
     /// <summary>Starts every vCPU thread.</summary>
@@ -229,6 +293,11 @@ public sealed class VirtualMachine : IDisposable
         if (_started)
             StopVcpus();
         bool allStopped = _threads.All(t => t.State is VcpuRunState.Stopped or VcpuRunState.Created);
+        // Device workers stop before the VM, guest RAM and the images go away.
+        foreach (var d in _pciDevices)
+            d.Dispose();
+        foreach (var image in _images)
+            image?.Dispose();
         foreach (var v in _vcpus)
             v.Dispose();
         Vm?.Dispose();

@@ -7,6 +7,7 @@ public sealed record VmSpec
 {
     public const ulong DefaultMemory = 256UL << 20;
     public const ulong MinimumMemory = 2UL << 20;
+    public const int MaxDisks = 31;
 
     /// <summary>An ELF kernel with a PVH entry note (the guest kit, or a vmlinux).</summary>
     public required string Kernel { get; init; }
@@ -21,6 +22,9 @@ public sealed record VmSpec
     /// <summary>Logs dirty pages of guest RAM from the first instruction on.</summary>
     public bool TrackDirtyPages { get; init; }
 
+    /// <summary>virtio-blk disks, in PCI slot order (slot 1 onwards).</summary>
+    public IReadOnlyList<DiskSpec> Disks { get; init; } = [];
+
     /// <summary>Throws <see cref="ArgumentException"/> naming the field and value that are wrong.</summary>
     public void Validate()
     {
@@ -33,6 +37,10 @@ public sealed record VmSpec
         ulong align = HugePages == HugePageMode.None ? GuestMemory.PageSize : 2UL << 20;
         if (MemoryBytes % align != 0)
             throw new ArgumentException($"memory {MemoryBytes} bytes is not a multiple of {GuestMemory.FormatSize(align)}");
+        if (Disks.Count > MaxDisks)
+            throw new ArgumentException($"{Disks.Count} disks is more than the {MaxDisks} PCI slots left");
+        foreach (var d in Disks)
+            d.Validate();
     }
 
     /// <summary>Parses sizes such as 4096, 64K, 256M, 2G (binary units; a trailing 'B' or 'iB' is accepted).</summary>

@@ -17,6 +17,7 @@ public sealed class VmSpecDocument
     public bool? DebugExit { get; set; }
     public HugePageMode? HugePages { get; set; }
     public bool? TrackDirtyPages { get; set; }
+    public List<DiskSpecDocument>? Disks { get; set; }
 
     public VmSpec ToSpec(string source)
     {
@@ -31,6 +32,7 @@ public sealed class VmSpecDocument
             DebugExit = DebugExit ?? d.DebugExit,
             HugePages = HugePages ?? d.HugePages,
             TrackDirtyPages = TrackDirtyPages ?? d.TrackDirtyPages,
+            Disks = Disks?.Select((x, i) => x.ToSpec(source, i)).ToArray() ?? d.Disks,
         };
     }
 
@@ -43,6 +45,37 @@ public sealed class VmSpecDocument
         DebugExit = spec.DebugExit,
         HugePages = spec.HugePages,
         TrackDirtyPages = spec.TrackDirtyPages,
+        Disks = spec.Disks.Count == 0 ? null : spec.Disks.Select(DiskSpecDocument.From).ToList(),
+    };
+}
+
+/// <summary>The JSON form of a <see cref="DiskSpec"/>.</summary>
+public sealed class DiskSpecDocument
+{
+    public string? Path { get; set; }
+    public bool? ReadOnly { get; set; }
+    public string? Serial { get; set; }
+    public int? Queues { get; set; }
+
+    public DiskSpec ToSpec(string source, int index)
+    {
+        if (string.IsNullOrEmpty(Path))
+            throw new ArgumentException($"VM spec {source}: disks[{index}]: the field 'path' is required");
+        var d = new DiskSpec { Path = Path };
+        return d with
+        {
+            ReadOnly = ReadOnly ?? d.ReadOnly,
+            Serial = Serial ?? d.Serial,
+            Queues = Queues ?? d.Queues,
+        };
+    }
+
+    public static DiskSpecDocument From(DiskSpec d) => new()
+    {
+        Path = d.Path,
+        ReadOnly = d.ReadOnly,
+        Serial = d.Serial,
+        Queues = d.Queues,
     };
 }
 

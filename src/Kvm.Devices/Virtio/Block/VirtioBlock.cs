@@ -1,0 +1,386 @@
+using System.Buffers.Binary;
+using System.Text;
+using Kvm.Hypervisor;
+using Kvm.Storage;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Kvm.Devices.Virtio.Block;
+
+/// <summary>Options of one virtio-blk device.</summary>
+public sealed record VirtioBlockOptions
+{
+    /// <summary>Shown to the guest through GET_ID: at most 20 bytes of printable ASCII.</summary>
+    public string Serial { get; init; } = "";
+
+    /// <summary>Request queues (VIRTIO_BLK_F_MQ); each is served by its own worker thread.</summary>
+    public int Queues { get; init; } = 1;
+
+    public ushort QueueSize { get; init; } = 256;
+
+    public const int MaxSerialLength = 20;
+    public const int MaxQueues = 64;
+
+    /// <summary>Throws <see cref="ArgumentException"/> naming the bad option.</summary>
+    public void Validate()
+    {
+        if (Encoding.UTF8.GetByteCount(Serial) > MaxSerialLength || Serial.Any(c => c < 0x20 || c > 0x7e))
+            throw new ArgumentException($"serial '{Serial}' must be at most {MaxSerialLength} printable ASCII characters");
+        if (Queues < 1 || Queues > MaxQueues)
+            throw new ArgumentException($"queues {Queues} is out of range (1 to {MaxQueues})");
+        if (QueueSize < 2 || !ushort.IsPow2(QueueSize) || QueueSize > 32768)
+            throw new ArgumentException($"queue size {QueueSize} is not a power of two from 2 to 32768");
+    }
+}
+
+/// <summary>
+/// A virtio block device (virtio 1.2, 5.2) on an image from Kvm.Storage: read, write, flush,
+/// get-id, discard and write-zeroes, on one or more queues served in parallel. Requests with bad
+/// sectors, lengths or types complete with IOERR or UNSUPP; image I/O errors become IOERR. A chain
+/// with no room for a header or a status byte breaks the protocol and puts the device in
+/// NEEDS_RESET (as a <see cref="VirtqueueException"/>).
+/// </summary>
+public sealed class VirtioBlock : IVirtioDevice
+{
+    public const ushort TypeBlock = 2;
+    public const int SectorSize = 512;
+
+    // Feature bits (5.2.3)
+    public const int FeatureSizeMax = 1, FeatureSegMax = 2, FeatureGeometry = 4, FeatureRo = 5, FeatureBlkSize = 6,
+        FeatureFlush = 9, FeatureTopology = 10, FeatureConfigWce = 11, FeatureMq = 12, FeatureDiscard = 13,
+        FeatureWriteZeroes = 14;
+
+    // Request types (5.2.6)
+    public const uint TypeIn = 0, TypeOut = 1, TypeFlush = 4, TypeGetId = 8, TypeDiscard = 11, TypeWriteZeroes = 13;
+
+    // Status values
+    public const byte StatusOk = 0, StatusIoErr = 1, StatusUnsupported = 2;
+
+    public const uint SizeMax = 1u << 20;
+    public const uint MaxDiscardSectors = 0x3f_ffff, MaxDiscardSegments = 32;
+    public const uint MaxWriteZeroesSectors = 0x3f_ffff, MaxWriteZeroesSegments = 32;
+    public const int GetIdLength = 20;
+    private const int HeaderSize = 16, DiscardSegmentSize = 16;
+
+    private readonly IBlockImage _image;
+    private readonly VirtioBlockOptions _options;
+    private readonly ILogger _log;
+    private readonly byte[] _config;
+    private readonly byte[] _serial;
+    private GuestMemory? _memory;
+    private long _ioErrors;
+
+    public VirtioBlock(string name, IBlockImage image, VirtioBlockOptions options, ILogger? logger = null)
+    {
+        options.Validate();
+        Name = name;
+        _image = image;
+        _options = options;
+        _log = logger ?? NullLogger.Instance;
+        _serial = new byte[GetIdLength];
+        Encoding.ASCII.GetBytes(options.Serial, _serial);
+        _config = BuildConfig();
+    }
+
+    public string Name { get; }
+    public ushort DeviceType => TypeBlock;
+    public int QueueCount => _options.Queues;
+    public ushort MaxQueueSize => _options.QueueSize;
+    public IBlockImage Image => _image;
+    public bool ReadOnly => _image.ReadOnly;
+
+    /// <summary>Sectors the guest sees (the image size rounded down to whole sectors).</summary>
+    public ulong Capacity => _image.Size / SectorSize;
+
+    /// <summary>Requests that ended in IOERR because the image failed (not because the request was bad).</summary>
+    public long IoErrors => Interlocked.Read(ref _ioErrors);
+
+    public ulong Features
+    {
+        get
+        {
+            ulong f = Bit(FeatureSizeMax) | Bit(FeatureSegMax) | Bit(FeatureBlkSize) | Bit(FeatureFlush) |
+                      Bit(FeatureTopology) | Bit(FeatureMq);
+            f |= ReadOnly ? Bit(FeatureRo) : Bit(FeatureDiscard) | Bit(FeatureWriteZeroes);
+            return f;
+        }
+    }
+
+    private static ulong Bit(int feature) => 1UL << feature;
+
+    public int ConfigSize => _config.Length;
+
+    /// <summary>struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes).</summary>
+    private byte[] BuildConfig()
+    {
+        var c = new byte[60];
+        BinaryPrimitives.WriteUInt64LittleEndian(c.AsSpan(0), Capacity);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(8), SizeMax);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(12), (uint)(_options.QueueSize - 2));   // seg_max: room for header and status
+        // geometry (16..19) stays zero: GEOMETRY is not offered
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(20), SectorSize);                        // blk_size
+        c[24] = 0;                                                                                 // physical_block_exp
+        c[25] = 0;                                                                                 // alignment_offset
+        BinaryPrimitives.WriteUInt16LittleEndian(c.AsSpan(26), 1);                                 // min_io_size (blocks)
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(28), 0);                                 // opt_io_size: no preference
+        c[32] = 0;                                                                                 // writeback (CONFIG_WCE not offered)
+        BinaryPrimitives.WriteUInt16LittleEndian(c.AsSpan(34), (ushort)_options.Queues);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(36), MaxDiscardSectors);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(40), MaxDiscardSegments);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(44), 1);                                 // discard_sector_alignment
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(48), MaxWriteZeroesSectors);
+        BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(52), MaxWriteZeroesSegments);
+        c[56] = 1;                                                                                 // write_zeroes_may_unmap
+        return c;
+    }
+
+    public void ReadConfig(int offset, Span<byte> data)
+    {
+        data.Clear();
+        if (offset >= 0 && offset < _config.Length)
+            _config.AsSpan(offset, Math.Min(data.Length, _config.Length - offset)).CopyTo(data);
+    }
+
+    public void WriteConfig(int offset, ReadOnlySpan<byte> data)
+    {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
+    }
+
+    public void Activate(ulong features, GuestMemory memory) => _memory = memory;
+
+    public void Reset() => _memory = null;
+
+    public void ProcessQueue(Virtqueue queue)
+    {
+        var memory = _memory ?? throw new InvalidOperationException($"{Name} is not active");
+        while (queue.TryPop(out var chain))
+        {
+            uint written = Serve(chain, memory);
+            queue.Push(chain.Head, written);
+        }
+    }
+
+    /// <summary>Serves one request and writes its status byte; returns the bytes written into the chain.</summary>
+    private uint Serve(DescriptorChain chain, GuestMemory memory)
+    {
+        if (chain.ReadableBytes < HeaderSize)
+            throw new VirtqueueException($"{Name}: request (head {chain.Head}) has {chain.ReadableBytes} device-readable bytes, less than the 16-byte header");
+        if (chain.WritableBytes < 1)
+            throw new VirtqueueException($"{Name}: request (head {chain.Head}) has no device-writable byte for its status");
+
+        Span<byte> header = stackalloc byte[HeaderSize];
+        Gather(memory, chain.Readable, 0, header);
+        uint type = BinaryPrimitives.ReadUInt32LittleEndian(header);
+        ulong sector = BinaryPrimitives.ReadUInt64LittleEndian(header[8..]);
+
+        // The status is the last device-writable byte; data sits between header and status.
+        var last = chain.Writable[^1];
+        ulong statusAddress = last.Address + last.Length - 1;
+        ulong inBytes = chain.WritableBytes - 1;          // device-writable data bytes
+        ulong outBytes = chain.ReadableBytes - HeaderSize; // device-readable data bytes
+
+        uint written = 1;
+        byte status;
+        switch (type)
+        {
+            case TypeIn:
+                status = outBytes != 0 ? StatusIoErr : Read(memory, chain, sector, inBytes);
+                if (status == StatusOk)
+                    written = (uint)Math.Min(inBytes + 1, uint.MaxValue);
+                break;
+            case TypeOut:
+                status = Write(memory, chain, sector, outBytes);
+                break;
+            case TypeFlush:
+                status = Guard("flush", 0, () => _image.Flush());
+                break;
+            case TypeGetId:
+                uint n = (uint)Math.Min(inBytes, (ulong)GetIdLength);
+                Scatter(memory, chain.Writable, 0, _serial.AsSpan(0, (int)n));
+                written += n;
+                status = StatusOk;
+                break;
+            case TypeDiscard:
+            case TypeWriteZeroes:
+                status = DiscardOrZero(memory, chain, type, outBytes);
+                break;
+            default:
+                status = StatusUnsupported;
+                break;
+        }
+        memory.WriteU8(statusAddress, status);
+        return written;
+    }
+
+    private bool InRange(ulong sector, ulong bytes) =>
+        bytes % SectorSize == 0 && sector <= Capacity && bytes / SectorSize <= Capacity - sector;
+
+    private byte Read(GuestMemory memory, DescriptorChain chain, ulong sector, ulong bytes)
+    {
+        if (!InRange(sector, bytes))
+            return StatusIoErr;
+        ulong offset = sector * SectorSize;
+        ulong left = bytes;
+        foreach (var seg in chain.Writable)
+        {
+            ulong take = Math.Min(seg.Length, left);
+            for (ulong done = 0; done < take;)
+            {
+                int chunk = (int)Math.Min(take - done, SizeMax);
+                var span = memory.GetSpan(seg.Address + done, chunk);
+                ulong at = offset;
+                try
+                {
+                    _image.Read(at, span);
+                }
+                catch (Exception e) when (IsImageError(e))
+                {
+                    return IoError("read", at, e);
+                }
+                offset += (ulong)chunk;
+                done += (ulong)chunk;
+            }
+            left -= take;
+            if (left == 0)
+                break;
+        }
+        return StatusOk;
+    }
+
+    private byte Write(GuestMemory memory, DescriptorChain chain, ulong sector, ulong bytes)
+    {
+        if (ReadOnly || !InRange(sector, bytes))
+            return StatusIoErr;
+        ulong offset = sector * SectorSize;
+        ulong skip = HeaderSize;
+        foreach (var seg in chain.Readable)
+        {
+            ulong from = Math.Min(skip, seg.Length);
+            skip -= from;
+            for (ulong done = from; done < seg.Length;)
+            {
+                int chunk = (int)Math.Min(seg.Length - done, SizeMax);
+                var span = memory.GetSpan(seg.Address + done, chunk);
+                try
+                {
+                    _image.Write(offset, span);
+                }
+                catch (Exception e) when (IsImageError(e))
+                {
+                    return IoError("write", offset, e);
+                }
+                offset += (ulong)chunk;
+                done += (ulong)chunk;
+            }
+        }
+        return StatusOk;
+    }
+
+    private byte DiscardOrZero(GuestMemory memory, DescriptorChain chain, uint type, ulong bytes)
+    {
+        bool zero = type == TypeWriteZeroes;
+        if (ReadOnly)
+            return StatusIoErr;
+        uint maxSegments = zero ? MaxWriteZeroesSegments : MaxDiscardSegments;
+        uint maxSectors = zero ? MaxWriteZeroesSectors : MaxDiscardSectors;
+        if (bytes == 0 || bytes % DiscardSegmentSize != 0 || bytes / DiscardSegmentSize > maxSegments)
+            return StatusUnsupported;
+        Span<byte> seg = stackalloc byte[DiscardSegmentSize];
+        int count = (int)(bytes / DiscardSegmentSize);
+        // Check every segment before acting on any.
+        for (int i = 0; i < count; i++)
+        {
+            Gather(memory, chain.Readable, HeaderSize + (ulong)i * DiscardSegmentSize, seg);
+            ulong sector = BinaryPrimitives.ReadUInt64LittleEndian(seg);
+            uint sectors = BinaryPrimitives.ReadUInt32LittleEndian(seg[8..]);
+            uint flags = BinaryPrimitives.ReadUInt32LittleEndian(seg[12..]);
+            if ((flags & ~(zero ? 1u : 0u)) != 0)
+                return StatusUnsupported;
+            if (sectors > maxSectors || !InRange(sector, (ulong)sectors * SectorSize))
+                return StatusIoErr;
+        }
+        for (int i = 0; i < count; i++)
+        {
+            Gather(memory, chain.Readable, HeaderSize + (ulong)i * DiscardSegmentSize, seg);
+            ulong offset = BinaryPrimitives.ReadUInt64LittleEndian(seg) * SectorSize;
+            ulong length = (ulong)BinaryPrimitives.ReadUInt32LittleEndian(seg[8..]) * SectorSize;
+            if (length == 0)
+                continue;
+            try
+            {
+                if (zero)
+                    _image.WriteZeroes(offset, length);
+                else
+                    _image.Discard(offset, length);
+            }
+            catch (Exception e) when (IsImageError(e))
+            {
+                return IoError(zero ? "write-zeroes" : "discard", offset, e);
+            }
+        }
+        return StatusOk;
+    }
+
+    private byte Guard(string operation, ulong offset, Action action)
+    {
+        try
+        {
+            action();
+            return StatusOk;
+        }
+        catch (Exception e) when (IsImageError(e))
+        {
+            return IoError(operation, offset, e);
+        }
+    }
+
+    private byte IoError(string operation, ulong offset, Exception e)
+    {
+        Interlocked.Increment(ref _ioErrors);
+        DeviceLog.IoError(_log, Name, operation, offset, e.Message);
+        return StatusIoErr;
+    }
+
+    private static bool IsImageError(Exception e) =>
+        e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentOutOfRangeException;
+
+    /// <summary>Copies bytes from the device-readable segments, starting <paramref name="skip"/> bytes in.</summary>
+    private static void Gather(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, Span<byte> into)
+    {
+        foreach (var seg in segments)
+        {
+            if (into.IsEmpty)
+                return;
+            if (skip >= seg.Length)
+            {
+                skip -= seg.Length;
+                continue;
+            }
+            int n = (int)Math.Min(seg.Length - skip, (ulong)into.Length);
+            memory.GetSpan(seg.Address + skip, n).CopyTo(into);
+            into = into[n..];
+            skip = 0;
+        }
+    }
+
+    /// <summary>Copies bytes into the device-writable segments, starting <paramref name="skip"/> bytes in.</summary>
+    private static void Scatter(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ReadOnlySpan<byte> from)
+    {
+        foreach (var seg in segments)
+        {
+            if (from.IsEmpty)
+                return;
+            if (skip >= seg.Length)
+            {
+                skip -= seg.Length;
+                continue;
+            }
+            int n = (int)Math.Min(seg.Length - skip, (ulong)from.Length);
+            from[..n].CopyTo(memory.GetSpan(seg.Address + skip, n));
+            from = from[n..];
+            skip = 0;
+        }
+    }
+
+    public void Dispose() => _image.Dispose();
+}

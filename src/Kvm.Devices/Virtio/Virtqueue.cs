@@ -1,0 +1,249 @@
+using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using Kvm.Hypervisor;
+
+namespace Kvm.Devices.Virtio;
+
+/// <summary>
+/// A split virtqueue (virtio 1.2, 2.7): its configuration as the driver wrote it through the
+/// transport, and, once activated, the device side of the rings. Every index, address and length
+/// read from guest memory is checked before use; a broken rule raises
+/// <see cref="VirtqueueException"/>, after which the queue must not be used until the device is
+/// reset. After activation only one thread (the queue's worker) may pop and push.
+/// </summary>
+public sealed class Virtqueue
+{
+    public const ushort NoVector = 0xffff;
+
+    private const ushort DescNext = 1, DescWrite = 2, DescIndirect = 4;
+    private const ushort AvailNoInterrupt = 1;
+    private const int DescriptorSize = 16;
+
+    private GuestMemory? _memory;
+    private bool _eventIdx;
+    private bool _indirect;
+    private ushort _lastAvail;
+    private ushort _nextUsed;
+    private ushort _signalledUsed;
+    private bool _signalledValid;
+    private readonly DescriptorChain _chain = new();
+
+    public Virtqueue(int index, ushort maxSize)
+    {
+        if (maxSize == 0 || !ushort.IsPow2(maxSize) || maxSize > 32768)
+            throw new ArgumentOutOfRangeException(nameof(maxSize), maxSize, "a split queue's size is a power of two up to 32768");
+        Index = index;
+        MaxSize = maxSize;
+        Reset();
+    }
+
+    public int Index { get; }
+    public ushort MaxSize { get; }
+
+    // Configuration the driver writes through the transport before DRIVER_OK.
+    public ushort Size { get; set; }
+    public bool Enabled { get; set; }
+    public ulong DescTable { get; set; }
+    public ulong AvailRing { get; set; }
+    public ulong UsedRing { get; set; }
+
+    /// <summary>The MSI-X vector for this queue's interrupts (read by workers without a lock).</summary>
+    public ushort MsixVector
+    {
+        get => Volatile.Read(ref _msixVector);
+        set => Volatile.Write(ref _msixVector, value);
+    }
+    private ushort _msixVector;
+
+    public bool IsActive => _memory is not null;
+
+    /// <summary>Back to the reset state the transport shows the driver.</summary>
+    public void Reset()
+    {
+        Size = MaxSize;
+        Enabled = false;
+        DescTable = AvailRing = UsedRing = 0;
+        MsixVector = NoVector;
+        _memory = null;
+        _lastAvail = _nextUsed = _signalledUsed = 0;
+        _signalledValid = false;
+    }
+
+    /// <summary>
+    /// Checks the ring addresses and size the driver wrote and starts using them. Throws
+    /// <see cref="VirtqueueException"/> naming the field when they are not valid.
+    /// </summary>
+    public void Activate(GuestMemory memory, bool eventIdx, bool indirect)
+    {
+        if (Size == 0 || Size > MaxSize || !ushort.IsPow2(Size))
+            throw new VirtqueueException($"queue {Index}: size {Size} is not a power of two up to {MaxSize}");
+        CheckRing(memory, "descriptor table", DescTable, (ulong)Size * DescriptorSize, 16);
+        CheckRing(memory, "available ring", AvailRing, 6 + 2UL * Size, 2);
+        CheckRing(memory, "used ring", UsedRing, 6 + 8UL * Size, 4);
+        _eventIdx = eventIdx;
+        _indirect = indirect;
+        _lastAvail = _nextUsed = _signalledUsed = 0;
+        _signalledValid = false;
+        _memory = memory;
+    }
+
+    /// <summary>Stops using guest memory (device reset).</summary>
+    public void Deactivate() => _memory = null;
+
+    private void CheckRing(GuestMemory memory, string name, ulong address, ulong length, ulong align)
+    {
+        if (address % align != 0)
+            throw new VirtqueueException($"queue {Index}: {name} address 0x{address:x} is not {align}-byte aligned");
+        if (!memory.IsValid(address, length))
+            throw new VirtqueueException($"queue {Index}: {name} 0x{address:x}+0x{length:x} is outside guest RAM");
+    }
+
+    private GuestMemory Memory => _memory ?? throw new InvalidOperationException($"queue {Index} is not active");
+
+    /// <summary>How many chains the driver has made available and the device has not taken.</summary>
+    public int Pending
+    {
+        get
+        {
+            ushort avail = ReadAvailIdx();
+            ushort n = (ushort)(avail - _lastAvail);
+            if (n > Size)
+                throw new VirtqueueException($"queue {Index}: available index {avail} is {n} entries ahead of {_lastAvail}, more than the queue size {Size}");
+            return n;
+        }
+    }
+
+    /// <summary>Takes the next available chain; false when there is none.</summary>
+    public bool TryPop(out DescriptorChain chain)
+    {
+        chain = _chain;
+        if (Pending == 0)
+            return false;
+        var mem = Memory;
+        ushort head = mem.ReadU16(AvailRing + 4 + 2UL * (ushort)(_lastAvail % Size));
+        _lastAvail++;
+        Walk(head, chain);
+        return true;
+    }
+
+    /// <summary>Puts a finished chain in the used ring with the number of bytes written into it.</summary>
+    public void Push(ushort head, uint writtenLength)
+    {
+        var mem = Memory;
+        ulong elem = UsedRing + 4 + 8UL * (ushort)(_nextUsed % Size);
+        var span = mem.GetSpan(elem, 8);
+        BinaryPrimitives.WriteUInt32LittleEndian(span, head);
+        BinaryPrimitives.WriteUInt32LittleEndian(span[4..], writtenLength);
+        _nextUsed++;
+        // Release: the element is visible before the index that publishes it.
+        Volatile.Write(ref U16(UsedRing + 2), _nextUsed);
+    }
+
+    /// <summary>
+    /// Whether the driver wants an interrupt for the chains pushed since the last interrupt: with
+    /// RING_EVENT_IDX, when used_event was crossed; otherwise unless it set NO_INTERRUPT.
+    /// </summary>
+    public bool ShouldInterrupt()
+    {
+        // The used index store must be visible before the driver's suppression fields are read.
+        Interlocked.MemoryBarrier();
+        ushort used = _nextUsed;
+        if (!_eventIdx)
+        {
+            bool any = !_signalledValid || used != _signalledUsed;
+            _signalledUsed = used;
+            _signalledValid = true;
+            return any && (Volatile.Read(ref U16(AvailRing)) & AvailNoInterrupt) == 0;
+        }
+        ushort old = _signalledUsed;
+        bool valid = _signalledValid;
+        _signalledUsed = used;
+        _signalledValid = true;
+        ushort usedEvent = Volatile.Read(ref U16(AvailRing + 4 + 2UL * Size));
+        return !valid || (ushort)(used - usedEvent - 1) < (ushort)(used - old);
+    }
+
+    /// <summary>
+    /// Asks the driver to notify again for new chains (with RING_EVENT_IDX: sets avail_event) and
+    /// returns true if the queue is empty, false if chains arrived meanwhile (process them first).
+    /// </summary>
+    public bool EnableNotifications()
+    {
+        if (_eventIdx)
+            Volatile.Write(ref U16(UsedRing + 4 + 8UL * Size), _lastAvail);
+        Interlocked.MemoryBarrier();
+        return Pending == 0;
+    }
+
+    private ref ushort U16(ulong gpa) =>
+        ref Unsafe.As<byte, ushort>(ref Memory.GetSpan(gpa, 2)[0]);
+
+    private ushort ReadAvailIdx() => Volatile.Read(ref U16(AvailRing + 2));
+
+    private void Walk(ushort head, DescriptorChain chain)
+    {
+        chain.Clear(head);
+        if (head >= Size)
+            throw new VirtqueueException($"queue {Index}: available ring entry {head} is not below the queue size {Size}");
+        var mem = Memory;
+        ulong table = DescTable;
+        int tableSize = Size;
+        bool inIndirect = false;
+        int budget = Size;          // descriptors a chain may use in all, indirect ones included
+        ushort index = head;
+        Span<byte> desc = stackalloc byte[DescriptorSize];
+        bool sawWritable = false;
+
+        while (true)
+        {
+            if (--budget < 0)
+                throw new VirtqueueException($"queue {Index}: descriptor chain from head {head} is longer than the queue size {Size} (a loop?)");
+            mem.Read(table + (ulong)index * DescriptorSize, desc);
+            ulong addr = BinaryPrimitives.ReadUInt64LittleEndian(desc);
+            uint len = BinaryPrimitives.ReadUInt32LittleEndian(desc[8..]);
+            ushort flags = BinaryPrimitives.ReadUInt16LittleEndian(desc[12..]);
+            ushort next = BinaryPrimitives.ReadUInt16LittleEndian(desc[14..]);
+
+            if ((flags & DescIndirect) != 0)
+            {
+                if (!_indirect)
+                    throw new VirtqueueException($"queue {Index}: descriptor {index} is indirect, but INDIRECT_DESC was not negotiated");
+                if (inIndirect)
+                    throw new VirtqueueException($"queue {Index}: indirect table holds an indirect descriptor (nesting is not allowed)");
+                if ((flags & DescNext) != 0)
+                    throw new VirtqueueException($"queue {Index}: descriptor {index} has both INDIRECT and NEXT set");
+                if (len == 0 || len % DescriptorSize != 0)
+                    throw new VirtqueueException($"queue {Index}: indirect table length {len} is not a non-zero multiple of 16");
+                budget++;           // the indirect descriptor itself carries no buffer
+                if (len / DescriptorSize > (uint)budget)
+                    throw new VirtqueueException($"queue {Index}: indirect table of {len / DescriptorSize} descriptors makes the chain longer than the queue size {Size}");
+                if (!mem.IsValid(addr, len))
+                    throw new VirtqueueException($"queue {Index}: indirect table 0x{addr:x}+0x{len:x} is outside guest RAM");
+                table = addr;
+                tableSize = (int)(len / DescriptorSize);
+                inIndirect = true;
+                index = 0;
+                continue;
+            }
+
+            bool writable = (flags & DescWrite) != 0;
+            if (!writable && sawWritable)
+                throw new VirtqueueException($"queue {Index}: device-readable descriptor {index} follows a device-writable one");
+            sawWritable |= writable;
+            if (len > 0)
+            {
+                if (addr + len < addr)
+                    throw new VirtqueueException($"queue {Index}: descriptor {index} range 0x{addr:x}+0x{len:x} wraps around");
+                if (!mem.IsValid(addr, len))
+                    throw new VirtqueueException($"queue {Index}: descriptor {index} buffer 0x{addr:x}+0x{len:x} is outside guest RAM");
+                chain.Add(new ChainSegment(addr, len, writable));
+            }
+
+            if ((flags & DescNext) == 0)
+                return;
+            if (next >= tableSize)
+                throw new VirtqueueException($"queue {Index}: descriptor {index} points to next {next}, beyond the {(inIndirect ? "indirect table" : "queue")} size {tableSize}");
+            index = next;
+        }
+    }
+}
