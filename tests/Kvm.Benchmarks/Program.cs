@@ -5,10 +5,13 @@ using Kvm.Tests.Shared;
 //   boot (the default): `vmctl run` of the guest kit's `hello` against QEMU (microvm) booting the
 //         same ELF, alternating the two so both see the same machine load. Prints each side and the ratio.
 //   disk: `vmctl disk bench` against `qemu-img bench` on the same kinds of image (DiskBenchmark.cs).
-// Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"]
+//   blk: the guest kit's blk-bench on a virtio-blk disk, vmctl run against QEMU q35 (BlkBenchmark.cs).
+// Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"] [BLK_BENCH_ARGS="--runs 5"]
 
 if (args.Length > 0 && args[0] == "disk")
     return DiskBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "blk")
+    return BlkBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "boot")
     args = args[1..];
 
