@@ -27,6 +27,8 @@ static const struct workload workloads[] = {
     { "fault", wl_fault },
     { "info", wl_info },
     { "irq", wl_irq },
+    { "blk-verify", wl_blk_verify },
+    { "blk-bench", wl_blk_bench },
 };
 
 static bool is_space(char c)

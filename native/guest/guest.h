@@ -209,4 +209,8 @@ int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_irq(int argc, char **argv);
 
+/* blk_workloads.c */
+int wl_blk_verify(int argc, char **argv);
+int wl_blk_bench(int argc, char **argv);
+
 #endif

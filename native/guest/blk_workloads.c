@@ -1,0 +1,303 @@
+/*
+ * guestkit: virtio-blk workloads blk-verify and blk-bench (blk-evil is in
+ * blk_evil.c).  See README.md for their arguments and output lines.
+ */
+#include "blk_pattern.h"
+#include "virtio_blk.h"
+
+#define MAX_IO          (16u * 1024 * 1024)
+
+static const char *const type_names[] = { "read", "write", "randread", "randwrite", NULL };
+
+/* ---- blk-verify ---- */
+
+struct verify_state {
+    struct blk_dev *b;
+    uint64_t seed;
+    uint64_t start, size, count, stride, io;
+    /* the request generator: range r, byte offset off inside it */
+    uint64_t r, off, issued;
+    /* lowest mismatch seen while reading */
+    bool bad;
+    uint64_t bad_lba, bad_word, bad_expected, bad_got;
+    uint64_t bytes;
+};
+
+static void request_failed(const char *who, const struct blk_dev *b, const struct blk_slot *s)
+{
+    gk_printf("guestkit: error: %s request failed disk=%u type=%u lba=%lu status=%u\n",
+              who, b->disk, s->type, s->lba, *s->status);
+    gk_exit(EXIT_FAILED);
+}
+
+static void check_read(struct verify_state *v, const struct blk_slot *s)
+{
+    uint64_t lba, word, expected, got;
+
+    if (!pattern_check(s->data, s->lba, s->len / SECTOR_SIZE, v->seed,
+                       &lba, &word, &expected, &got))
+        return;
+    if (!v->bad || lba < v->bad_lba || (lba == v->bad_lba && word < v->bad_word)) {
+        v->bad = true;
+        v->bad_lba = lba;
+        v->bad_word = word;
+        v->bad_expected = expected;
+        v->bad_got = got;
+    }
+}
+
+/* Issues every range as requests of `io` bytes of one type, round-robin over the queues. */
+static void verify_pass(struct verify_state *v, uint32_t type)
+{
+    struct blk_dev *b = v->b;
+    uint16_t nq = b->opt.queues;
+
+    v->r = v->off = v->issued = 0;
+    for (;;) {
+        uint16_t kick = 0;      /* bit per queue with new requests */
+        while (v->r < v->count) {
+            uint16_t qi = (uint16_t)(v->issued % nq);
+            struct blk_slot *s = blk_free_slot(b, qi);
+            if (!s)
+                break;
+            uint64_t pos = v->start + v->r * v->stride + v->off;
+            uint64_t len = v->size - v->off < v->io ? v->size - v->off : v->io;
+            uint64_t lba = pos / SECTOR_SIZE;
+            if (type == VIRTIO_BLK_T_OUT)
+                pattern_fill(s->data, lba, len / SECTOR_SIZE, v->seed);
+            blk_submit(b, s, type, lba, (uint32_t)len);
+            kick |= (uint16_t)(1u << qi);
+            v->issued++;
+            v->off += len;
+            if (v->off == v->size) {
+                v->off = 0;
+                v->r++;
+            }
+        }
+        for (uint16_t qi = 0; qi < nq; qi++)
+            if (kick & (1u << qi))
+                blk_kick(b, qi);
+        if (!blk_inflight(b))
+            break;
+        struct blk_slot *s = blk_wait(b);
+        if (*s->status != VIRTIO_BLK_S_OK)
+            request_failed(b->who, b, s);
+        if (type == VIRTIO_BLK_T_IN) {
+            check_read(v, s);
+            v->bytes += s->len;
+        }
+    }
+}
+
+int wl_blk_verify(int argc, char **argv)
+{
+    uint64_t disk = 0, start = 0, size = 1024 * 1024, count = 1, stride = UINT64_MAX, seed = 1;
+    uint64_t io = 64 * 1024, queues = 1, qd = 4, irq = 0, write = 1, expect_ro = 0;
+    uint64_t event_idx = 1, indirect = 1, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "disk", .max = 255, .value = &disk },
+        { .key = "start", .size = true, .max = UINT64_MAX, .value = &start },
+        { .key = "size", .size = true, .max = UINT64_MAX, .value = &size },
+        { .key = "count", .max = UINT32_MAX, .value = &count },
+        { .key = "stride", .size = true, .max = UINT64_MAX - 1, .value = &stride },
+        { .key = "seed", .max = 0xffff, .value = &seed },
+        { .key = "io", .size = true, .max = MAX_IO, .value = &io },
+        { .key = "queues", .max = BLK_MAX_QUEUES, .value = &queues },
+        { .key = "qd", .max = BLK_MAX_QD, .value = &qd },
+        { .key = "irq", .max = 1, .value = &irq },
+        { .key = "write", .max = 1, .value = &write },
+        { .key = "expect-ro", .max = 1, .value = &expect_ro },
+        { .key = "event-idx", .max = 1, .value = &event_idx },
+        { .key = "indirect", .max = 1, .value = &indirect },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("blk-verify", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    if (stride == UINT64_MAX)
+        stride = size;
+    if (size == 0 || size % SECTOR_SIZE || start % SECTOR_SIZE || stride % SECTOR_SIZE ||
+        io == 0 || io % SECTOR_SIZE || count == 0 || queues == 0 || qd == 0 || timeout == 0) {
+        gk_printf("guestkit: error: blk-verify: start, size, stride and io must be multiples of "
+                  "512 (size and io not 0); count, queues, qd and timeout at least 1\n");
+        return EXIT_USAGE;
+    }
+    /* the end of the last range, without overflow */
+    if (size > UINT64_MAX - start ||
+        (stride && count - 1 > (UINT64_MAX - start - size) / stride)) {
+        gk_printf("guestkit: error: blk-verify: ranges end beyond 2^64 bytes\n");
+        return EXIT_USAGE;
+    }
+    uint64_t end = start + (count - 1) * stride + size;
+    gk_timeout_s = timeout;
+
+    static struct blk_dev dev;
+    struct blk_dev *b = &dev;
+    const struct blk_options opt = {
+        .queues = (uint16_t)queues, .qd = (uint16_t)qd, .max_io = (uint32_t)io,
+        .irq = irq, .event_idx = event_idx, .indirect = indirect,
+    };
+    blk_open(b, "blk-verify", (unsigned int)disk, &opt);
+
+    char id[VIRTIO_BLK_ID_BYTES + 1];
+    blk_get_id(b, id);
+    gk_printf("guestkit: blk-verify disk=%lu id=%s capacity=%lu queues=%u features=0x%lx\n",
+              disk, id, b->capacity, b->num_queues, b->vd.features);
+
+    if (b->capacity > UINT64_MAX / SECTOR_SIZE || end > b->capacity * SECTOR_SIZE) {
+        gk_printf("guestkit: error: blk-verify disk=%lu: ranges end at byte %lu, beyond the "
+                  "capacity of %lu sectors\n", disk, end, b->capacity);
+        return EXIT_USAGE;
+    }
+
+    struct verify_state v = {
+        .b = b, .seed = seed, .start = start, .size = size, .count = count,
+        .stride = stride, .io = io,
+    };
+
+    if (expect_ro) {
+        if (!blk_has(b, VIRTIO_BLK_F_RO)) {
+            gk_printf("guestkit: error: blk-verify disk=%lu: expect-ro=1 but the device does "
+                      "not offer VIRTIO_BLK_F_RO\n", disk);
+            return EXIT_FAILED;
+        }
+        /* the data is what the sector holds if the disk was written by blk-verify */
+        struct blk_slot *s = blk_free_slot(b, 0);
+        uint64_t len = io < size ? io : size;
+        pattern_fill(s->data, start / SECTOR_SIZE, len / SECTOR_SIZE, seed);
+        uint8_t st = blk_sync(b, 0, VIRTIO_BLK_T_OUT, start / SECTOR_SIZE, (uint32_t)len, NULL);
+        if (st != VIRTIO_BLK_S_IOERR) {
+            gk_printf("guestkit: error: blk-verify disk=%lu: a write to the read-only device "
+                      "completed with status %u, not IOERR (1)\n", disk, st);
+            return EXIT_FAILED;
+        }
+        write = 0;
+    }
+    if (write) {
+        verify_pass(&v, VIRTIO_BLK_T_OUT);
+        if (blk_has(b, VIRTIO_BLK_F_FLUSH)) {
+            struct blk_slot *s;
+            if (blk_sync(b, 0, VIRTIO_BLK_T_FLUSH, 0, 0, &s) != VIRTIO_BLK_S_OK)
+                request_failed("blk-verify", b, s);
+        }
+    }
+    verify_pass(&v, VIRTIO_BLK_T_IN);
+    if (v.bad) {
+        gk_printf("guestkit: error: blk-verify mismatch disk=%lu lba=%lu word=%lu "
+                  "expected=0x%016lx got=0x%016lx\n",
+                  disk, v.bad_lba, v.bad_word, v.bad_expected, v.bad_got);
+        return EXIT_FAILED;
+    }
+    gk_printf("guestkit: blk-verify ok disk=%lu bytes=%lu\n", disk, v.bytes);
+    return EXIT_OK;
+}
+
+/* ---- blk-bench ---- */
+
+static uint64_t prng_next(uint64_t *state)
+{
+    /* xorshift64* */
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+int wl_blk_bench(int argc, char **argv)
+{
+    uint64_t disk = 0, rw = 2, bs = 4096, qd = 1, queues = 1, seconds = 5, span = 0;
+    uint64_t irq = 0, event_idx = 1, indirect = 1, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "disk", .max = 255, .value = &disk },
+        { .key = "rw", .words = type_names, .value = &rw },
+        { .key = "bs", .size = true, .max = MAX_IO, .value = &bs },
+        { .key = "qd", .max = BLK_MAX_QD, .value = &qd },
+        { .key = "queues", .max = BLK_MAX_QUEUES, .value = &queues },
+        { .key = "time", .max = 3600, .value = &seconds },
+        { .key = "span", .size = true, .max = UINT64_MAX, .value = &span },
+        { .key = "irq", .max = 1, .value = &irq },
+        { .key = "event-idx", .max = 1, .value = &event_idx },
+        { .key = "indirect", .max = 1, .value = &indirect },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("blk-bench", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    if (bs == 0 || bs % SECTOR_SIZE || span % SECTOR_SIZE || qd == 0 || queues == 0 ||
+        seconds == 0 || timeout == 0) {
+        gk_printf("guestkit: error: blk-bench: bs and span must be multiples of 512 (bs not 0); "
+                  "qd, queues, time and timeout at least 1\n");
+        return EXIT_USAGE;
+    }
+    gk_timeout_s = timeout;
+    bool is_write = rw == 1 || rw == 3, random = rw >= 2;
+
+    static struct blk_dev dev;
+    struct blk_dev *b = &dev;
+    const struct blk_options opt = {
+        .queues = (uint16_t)queues, .qd = (uint16_t)qd, .max_io = (uint32_t)bs,
+        .irq = irq, .event_idx = event_idx, .indirect = indirect,
+    };
+    blk_open(b, "blk-bench", (unsigned int)disk, &opt);
+
+    uint64_t disk_bytes = b->capacity > UINT64_MAX / SECTOR_SIZE ? UINT64_MAX & ~511ull
+                                                                 : b->capacity * SECTOR_SIZE;
+    if (span == 0 || span > disk_bytes)
+        span = disk_bytes;
+    uint64_t blocks = span / bs;
+    if (blocks == 0) {
+        gk_printf("guestkit: error: blk-bench disk=%lu: span of %lu bytes holds no block of "
+                  "%lu bytes\n", disk, span, bs);
+        return EXIT_USAGE;
+    }
+    if (is_write)               /* something other than zeros */
+        for (uint16_t qi = 0; qi < queues; qi++)
+            for (uint16_t i = 0; i < qd; i++)
+                pattern_fill(b->q[qi].slots[i].data, i, bs / SECTOR_SIZE, 0);
+
+    uint32_t type = is_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    uint64_t prng = 0x9e3779b97f4a7c15ull, next_block = 0, ops = 0;
+    uint64_t t0 = rdtsc(), end = t0 + seconds * tsc_hz, t_last = t0;
+    bool running = true;
+
+    for (;;) {
+        uint16_t kick = 0;
+        if (running)
+            for (uint16_t qi = 0; qi < queues; qi++) {
+                struct blk_slot *s;
+                while ((s = blk_free_slot(b, qi))) {
+                    uint64_t block;
+                    if (random) {
+                        block = prng_next(&prng) % blocks;
+                    } else {
+                        block = next_block;
+                        next_block = next_block + 1 == blocks ? 0 : next_block + 1;
+                    }
+                    blk_submit(b, s, type, block * (bs / SECTOR_SIZE), (uint32_t)bs);
+                    kick |= (uint16_t)(1u << qi);
+                }
+            }
+        for (uint16_t qi = 0; qi < queues; qi++)
+            if (kick & (1u << qi))
+                blk_kick(b, qi);
+        if (!blk_inflight(b))
+            break;
+        struct blk_slot *s = blk_wait(b);
+        if (*s->status != VIRTIO_BLK_S_OK)
+            request_failed("blk-bench", b, s);
+        ops++;
+        t_last = rdtsc();
+        if (t_last >= end)
+            running = false;
+    }
+    uint64_t ns = tsc_to_ns(t_last - t0);
+    if (ns == 0)
+        ns = 1;
+    static const char *const names[] = { "read", "write", "randread", "randwrite" };
+    gk_printf("guestkit: blk-bench rw=%s bs=%lu qd=%lu queues=%lu ops=%lu ns=%lu iops=%lu "
+              "kibps=%lu\n", names[rw], bs, qd, queues, ops, ns,
+              muldiv64(ops, 1000000000ull, ns), muldiv64(ops * bs, 1000000000ull, ns) / 1024);
+    return EXIT_OK;
+}
