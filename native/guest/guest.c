@@ -29,6 +29,7 @@ static const struct workload workloads[] = {
     { "irq", wl_irq },
     { "blk-verify", wl_blk_verify },
     { "blk-bench", wl_blk_bench },
+    { "blk-evil", wl_blk_evil },
 };
 
 static bool is_space(char c)

@@ -212,5 +212,6 @@ int wl_irq(int argc, char **argv);
 /* blk_workloads.c */
 int wl_blk_verify(int argc, char **argv);
 int wl_blk_bench(int argc, char **argv);
+int wl_blk_evil(int argc, char **argv);
 
 #endif

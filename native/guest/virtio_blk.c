@@ -176,6 +176,7 @@ static bool blk_init(struct blk_dev *b)
             return false;
         q->inflight = 0;
         q->harvesting = false;
+        b->bad_used = false;
         if (b->opt.irq)
             virtq_arm(&q->vq);
         uint16_t size = q->vq.size;
@@ -303,17 +304,21 @@ unsigned int blk_inflight(const struct blk_dev *b)
     return n;
 }
 
+/* The next used entry of q as a slot; NULL if none; bad_used set if it names no request. */
 static struct blk_slot *take_used(struct blk_dev *b, struct blk_queue *q)
 {
     struct virtq_used_elem e;
 
-    if (!virtq_pop(&q->vq, &e))
+    if (b->bad_used || !virtq_pop(&q->vq, &e))
         return NULL;
     uint32_t per_slot = blk_has(b, VIRTIO_F_INDIRECT_DESC) ? 1 : b->descs_per_slot;
     uint32_t i = e.id / per_slot;
-    if (e.id % per_slot || i >= b->opt.qd || !q->slots[i].busy)
-        blk_fail(b, EXIT_FAILED, "queue %u: used entry names descriptor %u, which heads no "
-                 "request in flight", q->vq.index, e.id);
+    if (e.id % per_slot || i >= b->opt.qd || !q->slots[i].busy) {
+        b->bad_used = true;
+        b->bad_used_queue = q->vq.index;
+        b->bad_used_id = e.id;
+        return NULL;
+    }
     struct blk_slot *s = &q->slots[i];
     s->busy = false;
     s->used_len = e.len;
@@ -343,59 +348,88 @@ static struct blk_slot *blk_poll(struct blk_dev *b, struct blk_queue *q)
     return NULL;
 }
 
-static noreturn void wait_timeout(struct blk_dev *b)
+enum blk_wait_result blk_wait_until(struct blk_dev *b, uint64_t deadline, struct blk_slot **done)
 {
+    uint64_t status_every = tsc_hz / 1000;      /* look at device_status once a millisecond */
+    uint64_t next_status = rdtsc() + status_every;
+    uint16_t nq = b->opt.queues;
+
+    *done = NULL;
+    for (;;) {
+        for (uint16_t qi = 0; qi < nq; qi++) {
+            struct blk_queue *q = &b->q[qi];
+            if (q->inflight || q->harvesting) {
+                struct blk_slot *s = blk_poll(b, q);
+                if (s) {
+                    *done = s;
+                    return BLK_WAIT_DONE;
+                }
+                if (b->bad_used)
+                    return BLK_WAIT_BAD_USED;
+            }
+        }
+        uint64_t now = rdtsc();
+        if (now >= next_status) {
+            next_status = now + status_every;
+            if (virtio_status(&b->vd) & VIRTIO_STATUS_NEEDS_RESET)
+                return BLK_WAIT_NEEDS_RESET;
+            if (now >= deadline)
+                return BLK_WAIT_TIMEOUT;
+        }
+        cpu_relax();
+    }
+}
+
+void blk_describe_wait(struct blk_dev *b, enum blk_wait_result r)
+{
+    switch (r) {
+    case BLK_WAIT_DONE:
+        gk_printf("request completed");
+        return;
+    case BLK_WAIT_NEEDS_RESET:
+        gk_printf("device set DEVICE_NEEDS_RESET (device_status 0x%x)", virtio_status(&b->vd));
+        return;
+    case BLK_WAIT_BAD_USED:
+        gk_printf("queue %u: used entry names descriptor %u, which heads no request in flight",
+                  b->bad_used_queue, b->bad_used_id);
+        return;
+    case BLK_WAIT_TIMEOUT:
+        break;
+    }
     for (uint16_t qi = 0; qi < b->opt.queues; qi++) {
         struct blk_queue *q = &b->q[qi];
         uint16_t used_idx = *(volatile uint16_t *)&q->vq.used->idx;
-        if (b->opt.irq && q->inflight && used_idx != q->vq.last_used)
-            blk_fail(b, EXIT_FAILED, "interrupt lost: queue %u has %u used entries not "
-                     "consumed, but vector 0x%x did not fire within %lu s (count %lu)",
-                     qi, (uint16_t)(used_idx - q->vq.last_used),
-                     IRQ_VECTOR_BASE + q->vq.irq_slot, gk_timeout_s,
-                     gk_irq_count[q->vq.irq_slot]);
+        if (b->opt.irq && q->inflight && used_idx != q->vq.last_used) {
+            gk_printf("interrupt lost: queue %u has %u used entries not consumed, but vector "
+                      "0x%x did not fire within %lu s (count %lu)", qi,
+                      (uint16_t)(used_idx - q->vq.last_used), IRQ_VECTOR_BASE + q->vq.irq_slot,
+                      gk_timeout_s, gk_irq_count[q->vq.irq_slot]);
+            return;
+        }
     }
-    gk_printf("guestkit: error: %s disk=%u: timeout: no request completed within %lu s (",
-              b->who, b->disk, gk_timeout_s);
+    gk_printf("timeout: no request completed within %lu s (", gk_timeout_s);
     for (uint16_t qi = 0; qi < b->opt.queues; qi++) {
         struct blk_queue *q = &b->q[qi];
         gk_printf("%squeue %u: %u in flight, avail idx %u, used idx %u, notifications %lu",
                   qi ? "; " : "", qi, q->inflight, q->vq.avail_idx,
                   *(volatile uint16_t *)&q->vq.used->idx, q->vq.kicks);
     }
-    gk_printf("; device_status 0x%x)\n", virtio_status(&b->vd));
-    gk_exit(EXIT_FAILED);
+    gk_printf("; device_status 0x%x)", virtio_status(&b->vd));
 }
 
 struct blk_slot *blk_wait(struct blk_dev *b)
 {
-    uint64_t deadline = deadline_after_s(gk_timeout_s);
-    uint64_t status_every = tsc_hz / 1000;      /* look at device_status once a millisecond */
-    uint64_t next_status = rdtsc() + status_every;
-    uint16_t nq = b->opt.queues;
+    struct blk_slot *s;
 
     if (!blk_inflight(b))
         blk_fail(b, EXIT_FAILED, "internal error: waiting with no request in flight");
-    for (;;) {
-        for (uint16_t qi = 0; qi < nq; qi++) {
-            struct blk_queue *q = &b->q[qi];
-            if (q->inflight || q->harvesting) {
-                struct blk_slot *s = blk_poll(b, q);
-                if (s)
-                    return s;
-            }
-        }
-        uint64_t now = rdtsc();
-        if (now >= next_status) {
-            next_status = now + status_every;
-            uint8_t st = virtio_status(&b->vd);
-            if (st & VIRTIO_STATUS_NEEDS_RESET)
-                blk_fail(b, EXIT_FAILED, "device set DEVICE_NEEDS_RESET (device_status 0x%x)", st);
-            if (now >= deadline)
-                wait_timeout(b);
-        }
-        cpu_relax();
-    }
+    enum blk_wait_result r = blk_wait_until(b, deadline_after_s(gk_timeout_s), &s);
+    if (r == BLK_WAIT_DONE)
+        return s;
+    gk_printf("guestkit: error: %s disk=%u: ", b->who, b->disk);
+    blk_describe_wait(b, r);
+    gk_printf("\n");
+    gk_exit(EXIT_FAILED);
 }
 
 uint8_t blk_sync(struct blk_dev *b, uint16_t q, uint32_t type, uint64_t lba, uint32_t len,

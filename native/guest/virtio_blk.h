@@ -95,6 +95,10 @@ struct blk_dev {
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     uint8_t write_zeroes_may_unmap;
 
+    bool bad_used;                      /* a used entry named no request in flight */
+    uint16_t bad_used_queue;
+    uint32_t bad_used_id;
+
     uint32_t seg_len;                   /* bytes per data descriptor */
     uint16_t descs_per_slot;            /* header + data segments + status */
     struct blk_queue q[BLK_MAX_QUEUES];
@@ -131,6 +135,19 @@ void blk_kick(struct blk_dev *b, uint16_t q);
  * request in flight.
  */
 struct blk_slot *blk_wait(struct blk_dev *b);
+
+enum blk_wait_result {
+    BLK_WAIT_DONE,
+    BLK_WAIT_TIMEOUT,
+    BLK_WAIT_NEEDS_RESET,               /* DEVICE_NEEDS_RESET in device_status */
+    BLK_WAIT_BAD_USED,                  /* a used entry named no request in flight */
+};
+
+/* blk_wait without exiting: *done is set with BLK_WAIT_DONE. */
+enum blk_wait_result blk_wait_until(struct blk_dev *b, uint64_t deadline, struct blk_slot **done);
+
+/* Prints what a wait result means (no newline), e.g. which queue stalled. */
+void blk_describe_wait(struct blk_dev *b, enum blk_wait_result r);
 
 /* Total requests in flight over all queues. */
 unsigned int blk_inflight(const struct blk_dev *b);
