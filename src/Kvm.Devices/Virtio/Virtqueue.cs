@@ -17,6 +17,7 @@ public sealed class Virtqueue
 
     private const ushort DescNext = 1, DescWrite = 2, DescIndirect = 4;
     private const ushort AvailNoInterrupt = 1;
+    private const ushort UsedNoNotify = 1;
     private const int DescriptorSize = 16;
 
     private GuestMemory? _memory;
@@ -164,15 +165,28 @@ public sealed class Virtqueue
     }
 
     /// <summary>
-    /// Asks the driver to notify again for new chains (with RING_EVENT_IDX: sets avail_event) and
-    /// returns true if the queue is empty, false if chains arrived meanwhile (process them first).
+    /// Asks the driver to notify again for new chains (with RING_EVENT_IDX: sets avail_event to
+    /// the next entry; without it: clears NO_NOTIFY) and returns true if the queue is empty, false
+    /// if chains arrived meanwhile (process them first).
     /// </summary>
     public bool EnableNotifications()
     {
         if (_eventIdx)
             Volatile.Write(ref U16(UsedRing + 4 + 8UL * Size), _lastAvail);
+        else
+            Volatile.Write(ref U16(UsedRing), 0);
         Interlocked.MemoryBarrier();
         return Pending == 0;
+    }
+
+    /// <summary>
+    /// Tells the driver it need not notify for a while (the device is polling the ring): with
+    /// RING_EVENT_IDX, avail_event is simply left behind; without it, NO_NOTIFY is set.
+    /// </summary>
+    public void DisableNotifications()
+    {
+        if (!_eventIdx)
+            Volatile.Write(ref U16(UsedRing), UsedNoNotify);
     }
 
     private ref ushort U16(ulong gpa) =>
