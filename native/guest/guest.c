@@ -27,6 +27,7 @@ static const struct workload workloads[] = {
     { "fault", wl_fault },
     { "info", wl_info },
     { "irq", wl_irq },
+    { "pci", wl_pci },
     { "blk-verify", wl_blk_verify },
     { "blk-bench", wl_blk_bench },
     { "blk-evil", wl_blk_evil },

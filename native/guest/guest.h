@@ -208,6 +208,7 @@ int wl_dirty(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_irq(int argc, char **argv);
+int wl_pci(int argc, char **argv);
 
 /* blk_workloads.c */
 int wl_blk_verify(int argc, char **argv);

@@ -111,7 +111,7 @@ int pci_devices(struct pci_dev **list)
  * Sizes every memory BAR of d the standard way: with decoding off, write
  * all-ones, read back, restore.
  */
-static void pci_size_bars(struct pci_dev *d)
+void pci_size_bars(struct pci_dev *d)
 {
     uint16_t cmd = pci_read16(d, PCI_COMMAND);
 

@@ -54,6 +54,9 @@ void pci_write32(const struct pci_dev *d, uint16_t off, uint32_t val);
 /* All functions on bus 0, in device/function order; scanned once. */
 int pci_devices(struct pci_dev **list);
 
+/* Sizes the memory BARs of d (decoding is off meanwhile). */
+void pci_size_bars(struct pci_dev *d);
+
 /*
  * Sizes the memory BARs of d, assigns those left at 0 or placed above
  * 4 GiB in [PCI_WINDOW_START, PCI_WINDOW_END) above every BAR already

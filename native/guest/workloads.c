@@ -1,5 +1,6 @@
 /* guestkit workloads.  They run at CPL3 at native speed, even under PVM. */
 #include "guest.h"
+#include "virtio.h"
 
 static bool no_args(const char *workload, int argc, char **argv)
 {
@@ -138,6 +139,60 @@ int wl_info(int argc, char **argv)
         for (uint32_t i = 0; i < si->memmap_entries; i++)
             gk_printf("guestkit: info memmap %u: 0x%lx-0x%lx type %u\n",
                       i, map[i].addr, map[i].addr + map[i].size, map[i].type);
+    }
+    return EXIT_OK;
+}
+
+/*
+ * Not a test contract: lists PCI bus 0 with the memory BARs (address+size).  With
+ * unassign=1 it first clears the memory BARs of every virtio function,
+ * lets pci_enable_memory() place them again and resets each such device
+ * through its new BARs: a check of the kit's own BAR placement.
+ */
+int wl_pci(int argc, char **argv)
+{
+    uint64_t unassign = 0, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "unassign", .max = 1, .value = &unassign },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("pci", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    gk_timeout_s = timeout;
+    time_init();
+
+    struct pci_dev *list;
+    int n = pci_devices(&list);
+    for (int i = 0; i < n; i++) {
+        struct pci_dev *d = &list[i];
+        if (!unassign || d->vendor != VIRTIO_PCI_VENDOR)
+            continue;
+        pci_write16(d, PCI_COMMAND, (uint16_t)(pci_read16(d, PCI_COMMAND) & ~PCI_COMMAND_MEMORY));
+        for (int b = 0; b < d->nbars; b++)
+            if (!d->bar[b].io)
+                pci_write32(d, (uint16_t)(PCI_BAR0 + 4 * b), 0);
+        /* features read through the new BAR must include VERSION_1 */
+        struct virtio_dev vd;
+        if (!virtio_probe(&vd, d) || !virtio_reset(&vd) || !virtio_negotiate(&vd, 0) ||
+            !virtio_reset(&vd))
+            return EXIT_FAILED;
+    }
+    for (int i = 0; i < n; i++) {
+        struct pci_dev *d = &list[i];
+        pci_size_bars(d);
+        gk_printf("guestkit: pci %02x:%02x.%x id=%04x:%04x class=%06x cmd=0x%x", d->bus, d->dev,
+                  d->fn, d->vendor, d->device, d->class_rev >> 8, pci_read16(d, PCI_COMMAND));
+        for (int b = 0; b < d->nbars; b++) {
+            const struct pci_bar *bar = &d->bar[b];
+            if (bar->io)
+                gk_printf(" bar%d=io", b);
+            else if (bar->size)
+                gk_printf(" bar%d=0x%lx+0x%lx%s", b, bar->addr, bar->size, bar->is64 ? "/64" : "");
+            if (bar->is64)
+                b++;
+        }
+        gk_printf("\n");
     }
     return EXIT_OK;
 }
