@@ -64,6 +64,7 @@ struct evil {
     struct virtq_desc *big;             /* the too-long table */
     uint16_t big_entries;
     const char *name;                   /* current case */
+    const char *when;                   /* "before the cases" or "afterwards" */
     bool has_status;                    /* the chain has a status byte for the device */
     bool ioerr_only;                    /* a well-formed request: IOERR is the only answer */
     unsigned int checks;                /* correct requests done, for their seeds */
@@ -347,15 +348,15 @@ static void correct_request(struct evil *e, uint32_t type, struct blk_slot **slo
     blk_kick(b, 0);
     enum blk_wait_result r = blk_wait_until(b, deadline_after_s(gk_timeout_s), &done);
     if (r != BLK_WAIT_DONE) {
-        gk_printf("guestkit: error: blk-evil case=%s disk=%u: the correct %s afterwards failed: ",
-                  e->name, b->disk, type == VIRTIO_BLK_T_IN ? "read" : "write");
+        gk_printf("guestkit: error: blk-evil case=%s disk=%u: the correct %s %s failed: ",
+                  e->name, b->disk, type == VIRTIO_BLK_T_IN ? "read" : "write", e->when);
         blk_describe_wait(b, r);
         gk_printf("\n");
         gk_exit(EXIT_FAILED);
     }
     if (*done->status != VIRTIO_BLK_S_OK)
-        case_fail(e, "the correct %s afterwards completed with status %u",
-                  type == VIRTIO_BLK_T_IN ? "read" : "write", *done->status);
+        case_fail(e, "the correct %s %s completed with status %u",
+                  type == VIRTIO_BLK_T_IN ? "read" : "write", e->when, *done->status);
     *slot = done;
 }
 
@@ -371,8 +372,8 @@ static void check_device(struct evil *e)
     memset(s->data, 0, CHECK_BYTES);
     correct_request(e, VIRTIO_BLK_T_IN, &s);
     if (pattern_check(s->data, 0, CHECK_SECTORS, seed, &lba, &word, &expected, &got))
-        case_fail(e, "the correct read afterwards returned other data: lba=%lu word=%lu "
-                  "expected=0x%016lx got=0x%016lx", lba, word, expected, got);
+        case_fail(e, "the correct read %s returned other data: lba=%lu word=%lu "
+                  "expected=0x%016lx got=0x%016lx", e->when, lba, word, expected, got);
 }
 
 int wl_blk_evil(int argc, char **argv)
@@ -404,7 +405,7 @@ int wl_blk_evil(int argc, char **argv)
         return EXIT_USAGE;
     }
 
-    struct evil e = { .b = b, .vq = &b->q[0].vq, .name = "(before any case)" };
+    struct evil e = { .b = b, .vq = &b->q[0].vq, .name = "none", .when = "before the cases" };
     uint8_t *page = dma_alloc(PAGE_SIZE);
     e.hdr = (struct virtio_blk_req_hdr *)page;
     e.status = page + 64;
@@ -415,6 +416,7 @@ int wl_blk_evil(int argc, char **argv)
     e.big = dma_alloc((uint64_t)e.big_entries * sizeof(struct virtq_desc));
 
     check_device(&e);
+    e.when = "afterwards";
     unsigned int ran = 0;
     for (size_t c = 0; c < ARRAY_SIZE(cases); c++) {
         const struct evil_case *k = &cases[c];

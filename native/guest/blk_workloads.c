@@ -9,6 +9,25 @@
 
 static const char *const type_names[] = { "read", "write", "randread", "randwrite", NULL };
 
+/* false (message printed) unless value is a multiple of 512, and not 0 when nonzero is set */
+static bool sectors_ok(const char *who, const char *key, uint64_t value, bool nonzero)
+{
+    if (value % SECTOR_SIZE == 0 && (value || !nonzero))
+        return true;
+    gk_printf("guestkit: error: %s: %s=%lu must be a %smultiple of 512\n", who, key, value,
+              nonzero ? "nonzero " : "");
+    return false;
+}
+
+/* false (message printed) if value is 0 */
+static bool at_least_1(const char *who, const char *key, uint64_t value)
+{
+    if (value)
+        return true;
+    gk_printf("guestkit: error: %s: %s must be at least 1\n", who, key);
+    return false;
+}
+
 /* ---- blk-verify ---- */
 
 struct verify_state {
@@ -116,12 +135,12 @@ int wl_blk_verify(int argc, char **argv)
         return EXIT_USAGE;
     if (stride == UINT64_MAX)
         stride = size;
-    if (size == 0 || size % SECTOR_SIZE || start % SECTOR_SIZE || stride % SECTOR_SIZE ||
-        io == 0 || io % SECTOR_SIZE || count == 0 || queues == 0 || qd == 0 || timeout == 0) {
-        gk_printf("guestkit: error: blk-verify: start, size, stride and io must be multiples of "
-                  "512 (size and io not 0); count, queues, qd and timeout at least 1\n");
+    const char *w = "blk-verify";
+    if (!sectors_ok(w, "start", start, false) || !sectors_ok(w, "size", size, true) ||
+        !sectors_ok(w, "stride", stride, false) || !sectors_ok(w, "io", io, true) ||
+        !at_least_1(w, "count", count) || !at_least_1(w, "queues", queues) ||
+        !at_least_1(w, "qd", qd) || !at_least_1(w, "timeout", timeout))
         return EXIT_USAGE;
-    }
     /* the end of the last range, without overflow */
     if (size > UINT64_MAX - start ||
         (stride && count - 1 > (UINT64_MAX - start - size) / stride)) {
@@ -225,12 +244,11 @@ int wl_blk_bench(int argc, char **argv)
 
     if (!parse_params("blk-bench", argc, argv, params, ARRAY_SIZE(params)))
         return EXIT_USAGE;
-    if (bs == 0 || bs % SECTOR_SIZE || span % SECTOR_SIZE || qd == 0 || queues == 0 ||
-        seconds == 0 || timeout == 0) {
-        gk_printf("guestkit: error: blk-bench: bs and span must be multiples of 512 (bs not 0); "
-                  "qd, queues, time and timeout at least 1\n");
+    const char *w = "blk-bench";
+    if (!sectors_ok(w, "bs", bs, true) || !sectors_ok(w, "span", span, false) ||
+        !at_least_1(w, "qd", qd) || !at_least_1(w, "queues", queues) ||
+        !at_least_1(w, "time", seconds) || !at_least_1(w, "timeout", timeout))
         return EXIT_USAGE;
-    }
     gk_timeout_s = timeout;
     bool is_write = rw == 1 || rw == 3, random = rw >= 2;
 
