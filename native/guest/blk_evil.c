@@ -378,10 +378,11 @@ static void check_device(struct evil *e)
 
 int wl_blk_evil(int argc, char **argv)
 {
-    uint64_t disk = 0, timeout = DEFAULT_TIMEOUT_S;
+    uint64_t disk = 0, timeout = DEFAULT_TIMEOUT_S, other = UINT64_MAX;
     const struct param params[] = {
         { .key = "disk", .max = 255, .value = &disk },
         { .key = "timeout", .max = 3600, .value = &timeout },
+        { .key = "other", .max = 255, .value = &other },
     };
 
     if (!parse_params("blk-evil", argc, argv, params, ARRAY_SIZE(params)))
@@ -444,6 +445,23 @@ int wl_blk_evil(int argc, char **argv)
             gk_printf(",%s", outcome_names[out[v]]);
         gk_printf("\n");
         ran++;
+    }
+
+    /* other=N: another disk of the same VM must still serve a correct request */
+    if (other != UINT64_MAX) {
+        if (other == disk) {
+            gk_printf("guestkit: error: blk-evil: other=%lu is the disk under test\n", other);
+            return EXIT_USAGE;
+        }
+        static struct blk_dev other_dev;
+        blk_open(&other_dev, "blk-evil", (unsigned int)other, &opt);
+        struct evil o = e;
+        o.b = &other_dev;
+        o.vq = &other_dev.q[0].vq;
+        o.name = "other-disk";
+        o.when = "after the cases on the other disk";
+        check_device(&o);
+        gk_printf("guestkit: blk-evil other disk=%lu ok\n", other);
     }
     gk_printf("guestkit: blk-evil ok cases=%u\n", ran);
     return EXIT_OK;
