@@ -1,0 +1,334 @@
+using System.Buffers.Binary;
+using System.Text;
+using Kvm.Devices.Virtio;
+using Kvm.Devices.Virtio.Block;
+using Kvm.Storage;
+using static Kvm.Devices.Virtio.Block.VirtioBlock;
+
+namespace Kvm.Devices.Tests;
+
+/// <summary>virtio-blk (virtio 1.2, 5.2) driven through the PCI transport by the test driver, on real image files.</summary>
+public sealed class VirtioBlockTests
+{
+    private const int Sector = 512;
+
+    private static byte[] RandomBytes(Random rng, int n)
+    {
+        var b = new byte[n];
+        rng.NextBytes(b);
+        return b;
+    }
+
+    [Fact]
+    public void Writes_ThenReads_RoundTripThroughTheImageFile()
+    {
+        using var rig = BlockRig.Create(diskBytes: 4 << 20);
+        rig.Start();
+        var rng = new Random(7);
+        var written = new List<(ulong Sector, byte[] Data)>();
+        for (int i = 0; i < 12; i++)
+        {
+            ulong sector = (ulong)rng.Next(0, (int)(rig.DiskBytes / Sector) - 64);
+            var data = RandomBytes(rng, Sector * rng.Next(1, 64));
+            var w = rig.Do(TypeOut, sector, data, segments: 1 + i % 4);
+            Assert.Equal(StatusOk, w.Status(rig.Memory));
+            Assert.Equal(1u, rig.LastUsedLength);   // only the status byte was written into the chain
+            // The bytes are in the file, where the sector says.
+            Assert.Equal(data, rig.ReadFile(sector * Sector, data.Length));
+            written.Add((sector, data));
+        }
+        // Read each back through the device, in another segmentation; later writes win where they overlap.
+        var expected = rig.ReadFile(0, (int)rig.DiskBytes);
+        foreach (var (sector, data) in written)
+        {
+            var r = rig.Do(TypeIn, sector, inLength: data.Length, segments: 3);
+            Assert.Equal(StatusOk, r.Status(rig.Memory));
+            Assert.Equal((uint)data.Length + 1, rig.LastUsedLength);
+            Assert.Equal(expected.AsSpan((int)(sector * Sector), data.Length).ToArray(), r.ReadData(rig.Memory));
+        }
+        Assert.Empty(rig.Log.WorkerFailures);
+    }
+
+    [Fact]
+    public void Read_ReturnsTheFileContent_ForEverySegmentationAndLayout()
+    {
+        using var rig = BlockRig.Create(diskBytes: 2 << 20, seed: 3);
+        rig.Start();
+        var file = rig.ReadFile(0, (int)rig.DiskBytes);
+        int n = 0;
+        foreach (int segments in new[] { 1, 2, 7, 16 })
+        foreach (bool split in new[] { false, true })
+        foreach (bool indirect in new[] { false, true })
+        {
+            ulong sector = (ulong)(n++ * 37);
+            int length = Sector * (segments + 3);
+            var r = rig.Do(TypeIn, sector, inLength: length, segments: segments, splitHeader: split, indirect: indirect);
+            Assert.Equal(StatusOk, r.Status(rig.Memory));
+            Assert.Equal(file.AsSpan((int)sector * Sector, length).ToArray(), r.ReadData(rig.Memory));
+        }
+    }
+
+    [Fact]
+    public void Write_ThroughIndirectDescriptors_WithSplitHeader_LandsInTheFile()
+    {
+        using var rig = BlockRig.Create(diskBytes: 2 << 20);
+        rig.Start();
+        var data = RandomBytes(new Random(11), 9 * Sector);
+        var w = Blk.Build(rig.Arena, TypeOut, 100, data, segments: 5, splitHeader: true);
+        Assert.Equal(2 + 5 + 1, w.Buffers.Count);
+        rig.Run(w, indirect: true);
+        Assert.Equal(StatusOk, w.Status(rig.Memory));
+        Assert.Equal(data, rig.ReadFile(100 * Sector, data.Length));
+    }
+
+    [Fact]
+    public void Read_WithTheStatusByteInTheLastDataBuffer_KeepsTheDataBeforeIt()
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var r = Blk.Build(rig.Arena, TypeIn, 5, inLength: 2 * Sector, segments: 2, statusWithData: true);
+        uint len = rig.Run(r);
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+        Assert.Equal(2u * Sector + 1, len);
+        Assert.Equal(rig.ReadFile(5 * Sector, 2 * Sector), r.ReadData(rig.Memory));
+    }
+
+    [Fact]
+    public void Flush_CompletesOk_AndKeepsEarlierWrites()
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var data = RandomBytes(new Random(5), 4 * Sector);
+        Assert.Equal(StatusOk, rig.Do(TypeOut, 8, data).Status(rig.Memory));
+        var f = rig.Do(TypeFlush, 0);
+        Assert.Equal(StatusOk, f.Status(rig.Memory));
+        Assert.Equal(1u, rig.LastUsedLength);
+        Assert.Equal(data, rig.ReadFile(8 * Sector, data.Length));
+    }
+
+    [Theory]
+    [InlineData("sn-0123")]
+    [InlineData("ABCDEFGHIJKLMNOPQRST")]   // exactly 20 bytes: no terminator
+    [InlineData("")]
+    public void GetId_ReturnsTheSerial_ZeroPaddedTo20Bytes(string serial)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20, serial: serial);
+        rig.Start();
+        var r = rig.Do(TypeGetId, 0, inLength: 20);
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+        var expected = new byte[20];
+        Encoding.ASCII.GetBytes(serial, expected);
+        Assert.Equal(expected, r.ReadData(rig.Memory));
+        Assert.Equal(21u, rig.LastUsedLength);
+    }
+
+    [Theory]
+    [InlineData(TypeDiscard)]
+    [InlineData(TypeWriteZeroes)]
+    public void DiscardAndWriteZeroes_ReadBackAsZeros_AndLeaveNeighboursAlone(uint type)
+    {
+        using var rig = BlockRig.Create(diskBytes: 2 << 20, seed: 9);
+        rig.Start();
+        var before = rig.ReadFile(0, (int)rig.DiskBytes);
+        // Two ranges, one of them not aligned to anything larger than a sector.
+        var payload = Blk.Segments((64, 16, 0), (301, 3, type == TypeWriteZeroes ? 1u : 0u));
+        var r = rig.Do(type, 0, payload);
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+
+        var after = rig.ReadFile(0, (int)rig.DiskBytes);
+        var expected = (byte[])before.Clone();
+        Array.Clear(expected, 64 * Sector, 16 * Sector);
+        Array.Clear(expected, 301 * Sector, 3 * Sector);
+        Assert.True(expected.AsSpan().SequenceEqual(after), "only the named sectors may change, and they must read as zeros");
+
+        // And the device reads them back as zeros too.
+        var read = rig.Do(TypeIn, 300, inLength: 5 * Sector);
+        Assert.Equal(expected.AsSpan(300 * Sector, 5 * Sector).ToArray(), read.ReadData(rig.Memory));
+    }
+
+    [Theory]
+    [InlineData(TypeDiscard, 1u)]      // UNMAP is not a discard flag
+    [InlineData(TypeDiscard, 2u)]
+    [InlineData(TypeWriteZeroes, 2u)]  // unknown flag
+    public void DiscardAndWriteZeroes_WithUnknownFlags_AreUnsupported_AndChangeNothing(uint type, uint flags)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var hash = rig.FileHash();
+        var r = rig.Do(type, 0, Blk.Segments((10, 4, 0), (20, 4, flags)));
+        Assert.Equal(StatusUnsupported, r.Status(rig.Memory));
+        Assert.Equal(hash, rig.FileHash());
+    }
+
+    [Theory]
+    [InlineData(TypeDiscard)]
+    [InlineData(TypeWriteZeroes)]
+    public void DiscardAndWriteZeroes_PastCapacity_FailWithIoErr_BeforeTouchingAnyRange(uint type)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var hash = rig.FileHash();
+        ulong cap = rig.DiskBytes / Sector;
+        // The first range is fine; the second runs one sector past the end.
+        var r = rig.Do(type, 0, Blk.Segments((0, 8, 0), (cap - 4, 5, 0)));
+        Assert.Equal(StatusIoErr, r.Status(rig.Memory));
+        Assert.Equal(hash, rig.FileHash());
+    }
+
+    [Theory]
+    [InlineData(TypeIn)]
+    [InlineData(TypeOut)]
+    public void Requests_PastCapacity_FailWithIoErr_AndMoveNoData(uint type)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var hash = rig.FileHash();
+        ulong cap = rig.DiskBytes / Sector;
+        foreach (var (sector, sectors) in new[] { (cap - 1, 2), (cap, 1), (cap + 100, 1), (ulong.MaxValue, 1), (ulong.MaxValue / Sector + 1, 1) })
+        {
+            var r = type == TypeIn
+                ? rig.Do(type, sector, inLength: sectors * Sector)
+                : rig.Do(type, sector, new byte[sectors * Sector]);
+            Assert.Equal(StatusIoErr, r.Status(rig.Memory));
+            Assert.Equal(1u, rig.LastUsedLength);
+            if (type == TypeIn)
+                Assert.All(r.ReadData(rig.Memory), b => Assert.Equal(0xcc, b));   // the buffer is as the driver left it
+        }
+        Assert.Equal(hash, rig.FileHash());
+
+        // The last sector itself is fine.
+        var ok = type == TypeIn ? rig.Do(type, cap - 1, inLength: Sector) : rig.Do(type, cap - 1, new byte[Sector]);
+        Assert.Equal(StatusOk, ok.Status(rig.Memory));
+    }
+
+    [Theory]
+    [InlineData(TypeIn, 511)]
+    [InlineData(TypeIn, 513)]
+    [InlineData(TypeOut, 100)]
+    [InlineData(TypeOut, 1000)]
+    public void Requests_WithALengthThatIsNotWholeSectors_FailWithIoErr(uint type, int length)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var hash = rig.FileHash();
+        var r = type == TypeIn ? rig.Do(type, 4, inLength: length) : rig.Do(type, 4, new byte[length]);
+        Assert.Equal(StatusIoErr, r.Status(rig.Memory));
+        Assert.Equal(hash, rig.FileHash());
+    }
+
+    [Theory]
+    [InlineData(2u)]       // VIRTIO_BLK_T_SCSI_CMD (legacy)
+    [InlineData(10u)]      // GET_LIFETIME, not offered
+    [InlineData(14u)]      // SECURE_ERASE, not offered
+    [InlineData(0xdeadbeefu)]
+    public void UnknownRequestTypes_CompleteWithUnsupp(uint type)
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20);
+        rig.Start();
+        var hash = rig.FileHash();
+        var r = rig.Do(type, 0, inLength: Sector);
+        Assert.Equal(StatusUnsupported, r.Status(rig.Memory));
+        Assert.Equal(1u, rig.LastUsedLength);
+        Assert.Equal(hash, rig.FileHash());
+        Assert.Equal(0, rig.Driver.Status & VirtioStatus.DeviceNeedsReset);
+    }
+
+    [Fact]
+    public void ReadOnlyImage_RefusesEveryWrite_WithIoErr_AndTheFileStaysTheSame()
+    {
+        using var rig = BlockRig.Create(diskBytes: 1 << 20, readOnly: true);
+        Assert.NotEqual(0UL, rig.AllFeatures & (1UL << FeatureRo));
+        Assert.Equal(0UL, rig.AllFeatures & (1UL << FeatureDiscard | 1UL << FeatureWriteZeroes));
+        rig.Start();
+        var hash = rig.FileHash();
+        Assert.Equal(StatusIoErr, rig.Do(TypeOut, 0, new byte[4 * Sector]).Status(rig.Memory));
+        Assert.Equal(StatusIoErr, rig.Do(TypeDiscard, 0, Blk.Segments((0, 8, 0))).Status(rig.Memory));
+        Assert.Equal(StatusIoErr, rig.Do(TypeWriteZeroes, 0, Blk.Segments((0, 8, 1))).Status(rig.Memory));
+        // Reads and flushes still work.
+        var r = rig.Do(TypeIn, 0, inLength: 4 * Sector);
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+        Assert.Equal(rig.ReadFile(0, 4 * Sector), r.ReadData(rig.Memory));
+        Assert.Equal(StatusOk, rig.Do(TypeFlush, 0).Status(rig.Memory));
+        Assert.Equal(hash, rig.FileHash());
+    }
+
+    [Fact]
+    public void Config_DescribesTheDisk()
+    {
+        using var rig = BlockRig.Create(diskBytes: (3 << 20) + 700, queues: 3, queueSize: 64);
+        var c = new byte[60];
+        rig.Driver.ReadDeviceConfig(0, c);
+        Assert.Equal(rig.DiskBytes / Sector, BinaryPrimitives.ReadUInt64LittleEndian(c));    // capacity, whole sectors
+        Assert.Equal(62u, BinaryPrimitives.ReadUInt32LittleEndian(c.AsSpan(12)));             // seg_max = queue size - 2
+        Assert.Equal(512u, BinaryPrimitives.ReadUInt32LittleEndian(c.AsSpan(20)));            // blk_size
+        Assert.Equal(3, BinaryPrimitives.ReadUInt16LittleEndian(c.AsSpan(34)));               // num_queues
+        Assert.Equal(3, rig.Driver.Read16(VirtioDriver.NumQueues));
+        ulong f = rig.AllFeatures;
+        foreach (int bit in new[] { FeatureFlush, FeatureBlkSize, FeatureMq, FeatureDiscard, FeatureWriteZeroes, FeatureSegMax })
+            Assert.True((f & (1UL << bit)) != 0, $"feature {bit} is offered");
+        Assert.True((f & (1UL << VirtioFeature.Version1)) != 0);
+    }
+
+    [Fact]
+    public void MultiQueue_FourQueuesDrivenFromFourThreads_AllDataCorrect()
+    {
+        const int queues = 4, perQueue = 40, span = 256;    // each queue owns its own span of sectors
+        using var rig = BlockRig.Create(diskBytes: queues * span * Sector, queues: queues, queueSize: 32);
+        rig.Start();
+        var errors = new List<string>();
+        var threads = Enumerable.Range(0, queues).Select(q => new Thread(() =>
+        {
+            try
+            {
+                var rng = new Random(100 + q);
+                var mine = RandomBytes(rng, span * Sector);
+                var arena = rig.Arenas[q];
+                var first = rig.Submit(Blk.Build(arena, TypeOut, (ulong)(q * span), mine, segments: 3), q);
+                if (!rig.Queues[q].WaitAllUsed() || first.Status(rig.Memory) != StatusOk)
+                    throw new InvalidOperationException($"queue {q}: the first write failed");
+                rig.Queues[q].TakeUsed();
+                for (int i = 0; i < perQueue; i++)
+                {
+                    arena.Reset();
+                    // A batch of writes in flight at once, then one read of the whole span.
+                    var batch = new List<(BlkRequest R, int Sector, byte[] Data)>();
+                    for (int k = 0; k < 4; k++)
+                    {
+                        int s = rng.Next(0, span - 8);
+                        var data = RandomBytes(rng, Sector * rng.Next(1, 8));
+                        batch.Add((rig.Submit(Blk.Build(arena, TypeOut, (ulong)(q * span + s), data, segments: 2), q, kick: k == 3), s, data));
+                    }
+                    if (!rig.Queues[q].WaitAllUsed())
+                        throw new TimeoutException($"queue {q} batch {i} not used");
+                    rig.Queues[q].TakeUsed();
+                    foreach (var (r, s, data) in batch)
+                    {
+                        if (r.Status(rig.Memory) != StatusOk)
+                            throw new InvalidOperationException($"queue {q}: write status {r.Status(rig.Memory)}");
+                        data.CopyTo(mine, s * Sector);      // in submission order: the device serves a queue in order
+                    }
+                    var read = rig.Submit(Blk.Build(arena, TypeIn, (ulong)(q * span), inLength: span * Sector, segments: 4), q);
+                    if (!rig.Queues[q].WaitAllUsed())
+                        throw new TimeoutException($"queue {q} read {i} not used");
+                    rig.Queues[q].TakeUsed();
+                    if (read.Status(rig.Memory) != StatusOk || !read.ReadData(rig.Memory).AsSpan().SequenceEqual(mine.AsSpan()))
+                        throw new InvalidOperationException($"queue {q}: read {i} does not match what this queue wrote");
+                }
+                if (!rig.ReadFile((ulong)(q * span * Sector), mine.Length).AsSpan().SequenceEqual(mine))
+                    throw new InvalidOperationException($"queue {q}: the file does not hold what this queue wrote");
+            }
+            catch (Exception e)
+            {
+                lock (errors)
+                    errors.Add(e.Message);
+            }
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        Assert.Empty(errors);
+        // Every queue interrupted its own vector.
+        for (int q = 0; q < queues; q++)
+            Assert.True(rig.Msi[q + 1].Triggers > 0, $"queue {q} never triggered vector {q + 1}");
+        Assert.Empty(rig.Log.WorkerFailures);
+    }
+}
