@@ -54,6 +54,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private int _isr;
     private ulong? _notifyBase;
     private volatile bool _stopping;
+    private bool _active;       // DRIVER_OK was accepted and the workers run, until reset
     private bool _disposed;
 
     public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiController? msi, IInterruptLine? intx,
@@ -318,7 +319,9 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         int size = data.Length;
         lock (_lock)
         {
-            bool live = (Status & VirtioStatus.DriverOk) != 0;
+            // Once the device is live its queue setup is fixed until reset, whatever the driver
+            // does to the status byte: workers use it without a lock.
+            bool live = _active;
             var q = _queueSelect < _queues.Length ? _queues[_queueSelect] : null;
             switch (offset, size)
             {
@@ -365,7 +368,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         if ((value & VirtioStatus.FeaturesOk) != 0 && (old & VirtioStatus.FeaturesOk) == 0 && !FeaturesAcceptable())
             value &= unchecked((byte)~VirtioStatus.FeaturesOk);
         value |= (byte)(old & VirtioStatus.DeviceNeedsReset);
-        if ((value & VirtioStatus.DriverOk) != 0 && (old & VirtioStatus.DriverOk) == 0)
+        if ((value & VirtioStatus.DriverOk) != 0 && !_active)
         {
             Volatile.Write(ref _status, value);
             if (!ActivateLocked())
@@ -403,6 +406,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
             return false;
         }
         _stopping = false;
+        _active = true;
         for (int i = 0; i < _queues.Length; i++)
         {
             if (!_queues[i].IsActive)
@@ -419,6 +423,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private void ResetLocked()
     {
         StopWorkers();
+        _active = false;
         foreach (var q in _queues)
             q.Reset();
         _device.Reset();
