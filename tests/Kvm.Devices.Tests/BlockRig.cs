@@ -182,7 +182,7 @@ public sealed class BlockRig : IDisposable
     /// (read-only if asked) and builds the device. <paramref name="format"/> is "raw" or "qcow2".
     /// </summary>
     public static BlockRig Create(ulong diskBytes = 4UL << 20, int queues = 1, ushort queueSize = 128, bool readOnly = false,
-        string serial = "", string format = "raw", int seed = 1)
+        string serial = "", string format = "raw", int seed = 1, TimeSpan? pollTime = null)
     {
         var dir = new TempFolder();
         GuestMemory? memory = null;
@@ -205,7 +205,9 @@ public sealed class BlockRig : IDisposable
             var msi = new RecordingMsiController();
             var intx = new LevelRecorder();
             var log = new RecordingLogger();
-            var transport = new VirtioPciTransport(block, memory, msi, intx, ioevents: null, log);
+            var transport = pollTime is { } poll
+                ? new VirtioPciTransport(block, memory, msi, intx, ioevents: null, log) { PollTime = poll }
+                : new VirtioPciTransport(block, memory, msi, intx, ioevents: null, log);
             return new BlockRig(dir, path, memory, block, transport, msi, intx, log, queues);
         }
         catch
@@ -237,6 +239,7 @@ public sealed class BlockRig : IDisposable
         {
             Queues[i] = Driver.SetupQueue(i, size, ringBase + (ulong)i * RingStride, msix ? (ushort)(i + 1) : Virtqueue.NoVector);
             Queues[i].AutoUsedEvent = eventIdx;
+            Queues[i].EventIdx = eventIdx;
         }
         if (msix)
         {
@@ -254,17 +257,32 @@ public sealed class BlockRig : IDisposable
         Scratch.Reset();
     }
 
-    /// <summary>Publishes <paramref name="request"/> on queue <paramref name="queue"/> (optionally through an indirect table) and kicks.</summary>
+    /// <summary>
+    /// Publishes <paramref name="request"/> on queue <paramref name="queue"/> (optionally through an
+    /// indirect table) and, when <paramref name="kick"/>, notifies the device if it asked for it
+    /// (as Linux does; <see cref="SplitQueue.NeedsKick"/>).
+    /// </summary>
     public BlkRequest Submit(BlkRequest request, int queue = 0, bool indirect = false, bool kick = true)
     {
         var q = Queues[queue];
+        GuestArena tables = queue == 0 ? Scratch : Arenas[queue];
         request.Head = indirect
-            ? q.AddIndirect(Scratch.Alloc(16UL * (uint)request.Buffers.Count), request.Buffers)
+            ? q.AddIndirect(tables.Alloc(16UL * (uint)request.Buffers.Count), request.Buffers)
             : q.AddChain(request.Buffers);
         if (kick)
-            Driver.Kick(queue);
+        {
+            if (q.NeedsKick())
+                Driver.Kick(queue);
+            else
+                Interlocked.Increment(ref _kicksSuppressed);
+        }
         return request;
     }
+
+    private long _kicksSuppressed;
+
+    /// <summary>Notifications the driver left out because the device said it did not need them.</summary>
+    public long KicksSuppressed => Interlocked.Read(ref _kicksSuppressed);
 
     /// <summary>Submits, waits for the used element, checks it names the request, returns its length.</summary>
     public uint Run(BlkRequest request, int queue = 0, bool indirect = false)

@@ -293,6 +293,27 @@ public sealed class SplitQueue
     /// </summary>
     public bool AutoUsedEvent { get; set; }
 
+    /// <summary>RING_EVENT_IDX was negotiated: kicks follow avail_event rather than used->flags.</summary>
+    public bool EventIdx { get; set; }
+
+    private ushort _kickedAt;
+
+    /// <summary>
+    /// Whether the chains published since the last call need a notification, as Linux's
+    /// virtqueue_kick_prepare decides: with EVENT_IDX when avail_event was passed, otherwise unless
+    /// the device set VIRTQ_USED_F_NO_NOTIFY. A device that asks not to be notified and then
+    /// forgets to look at the ring hangs a driver that follows this.
+    /// </summary>
+    public bool NeedsKick()
+    {
+        Interlocked.MemoryBarrier();     // the new avail idx is visible before the device's fields are read
+        ushort old = _kickedAt, now = _availIdx;
+        _kickedAt = now;
+        if (EventIdx)
+            return (ushort)(now - AvailEvent - 1) < (ushort)(now - old);
+        return (UsedFlags & 1) == 0;
+    }
+
     /// <summary>The driver's next available index (what it last published).</summary>
     public ushort AvailIdx => _availIdx;
 
@@ -310,6 +331,7 @@ public sealed class SplitQueue
         _chains.Clear();
         _availIdx = 0;
         _lastUsed = 0;
+        _kickedAt = 0;
     }
 
     public void WriteDescriptor(int index, ulong address, uint length, ushort flags, ushort next) =>
@@ -337,6 +359,7 @@ public sealed class SplitQueue
     public void SetAvailIdx(ushort idx)
     {
         _availIdx = idx;
+        _kickedAt = idx;
         Interlocked.MemoryBarrier();
         Memory.WriteU16(Avail + 2, idx);
         Interlocked.MemoryBarrier();

@@ -361,6 +361,41 @@ public sealed class VirtioTransportTests
         Assert.Equal(2, rig.Msi[1].Triggers);
     }
 
+    [Theory]
+    [InlineData(false, 0)]
+    [InlineData(false, 50)]
+    [InlineData(true, 0)]
+    [InlineData(true, 50)]
+    public void ADriverThatNotifiesOnlyWhenAsked_IsNeverLeftWaiting(bool eventIdx, int pollMicroseconds)
+    {
+        // The driver kicks only when the device asks for it (NO_NOTIFY clear, or avail_event
+        // passed): a device that stops looking at the ring after saying "don't notify" stalls it.
+        using var rig = BlockRig.Create(1 << 20, queueSize: 32, pollTime: TimeSpan.FromMicroseconds(pollMicroseconds));
+        ulong f = rig.AllFeatures & ~VirtioFeature.Bit(VirtioFeature.RingEventIdx);
+        rig.Start(eventIdx ? f | VirtioFeature.Bit(VirtioFeature.RingEventIdx) : f);
+        var q = rig.Queues[0];
+        var rng = new Random(pollMicroseconds);
+        for (int i = 0; i < 300; i++)
+        {
+            rig.Arena.Reset();
+            int n = rng.Next(1, 4);
+            var batch = Enumerable.Range(0, n)
+                .Select(k => rig.Submit(Blk.Build(rig.Arena, TypeIn, (ulong)rng.Next(0, 2000), inLength: Sector), kick: k == n - 1))
+                .ToList();
+            Assert.True(q.WaitAllUsed(), $"batch {i} was not served (used {q.UsedIdx}, avail {q.AvailIdx}, flags {q.UsedFlags}, avail_event {q.AvailEvent})");
+            Assert.Equal(n, q.TakeUsed().Count);
+            Assert.All(batch, r => Assert.Equal(StatusOk, r.Status(rig.Memory)));
+            if (i % 3 == 0)
+                Thread.Yield();
+        }
+        // Idle, the device asks to be notified of the next chain.
+        if (eventIdx)
+            Assert.True(Wait.Until(() => q.AvailEvent == q.AvailIdx), $"avail_event {q.AvailEvent}, avail idx {q.AvailIdx}");
+        else
+            Assert.True(Wait.Until(() => q.UsedFlags == 0), "VIRTQ_USED_F_NO_NOTIFY stays set on an idle queue");
+        Assert.Empty(rig.Log.WorkerFailures);
+    }
+
     [Fact]
     public void ResetWhileRequestsAreInFlight_StopsTheDevice_WhichThenLeavesTheOldRingsAlone_AndWorksAfterReinit()
     {
