@@ -182,7 +182,8 @@ public sealed class BlockRig : IDisposable
     /// (read-only if asked) and builds the device. <paramref name="format"/> is "raw" or "qcow2".
     /// </summary>
     public static BlockRig Create(ulong diskBytes = 4UL << 20, int queues = 1, ushort queueSize = 128, bool readOnly = false,
-        string serial = "", string format = "raw", int seed = 1, TimeSpan? pollTime = null)
+        string serial = "", string format = "raw", int seed = 1, TimeSpan? pollTime = null, int clusterSize = 4096,
+        Action<string>? beforeOpen = null, IReadOnlyList<(ulong GuestAddress, ulong Size)>? extraRam = null)
     {
         var dir = new TempFolder();
         GuestMemory? memory = null;
@@ -195,13 +196,14 @@ public sealed class BlockRig : IDisposable
                 File.WriteAllBytes(path, content);
             else
             {
-                using var q = Qcow2Image.Create(path, new Qcow2CreateOptions { Size = diskBytes, ClusterSize = 4096 });
+                using var q = Qcow2Image.Create(path, new Qcow2CreateOptions { Size = diskBytes, ClusterSize = clusterSize });
                 q.Write(0, content);
                 q.Flush();
             }
+            beforeOpen?.Invoke(path);
             var image = DiskImage.Open(path, new ImageOpenOptions { ReadOnly = readOnly });
             var block = new VirtioBlock("virtio-blk-test", image, new VirtioBlockOptions { Serial = serial, Queues = queues, QueueSize = queueSize });
-            memory = GuestMemory.Create([(0, RamSize)]);
+            memory = GuestMemory.Create([(0, RamSize), .. extraRam ?? []]);
             var msi = new RecordingMsiController();
             var intx = new LevelRecorder();
             var log = new RecordingLogger();
@@ -354,6 +356,9 @@ public sealed class BlockRig : IDisposable
             throw new InvalidOperationException("the guest access threw", failure);
         return true;
     }
+
+    /// <summary>Stops the device and closes the image (so it can be reopened); the rest goes with Dispose.</summary>
+    public void CloseDevice() => Transport.Dispose();
 
     public void Dispose()
     {

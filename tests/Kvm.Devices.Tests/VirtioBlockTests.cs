@@ -331,4 +331,132 @@ public sealed class VirtioBlockTests
             Assert.True(rig.Msi[q + 1].Triggers > 0, $"queue {q} never triggered vector {q + 1}");
         Assert.Empty(rig.Log.WorkerFailures);
     }
+
+    [Fact]
+    public void Qcow2Image_HoldsWhatTheDeviceWrote_AfterReopening()
+    {
+        const int size = 2 << 20;
+        using var rig = BlockRig.Create(size, format: "qcow2", seed: 4);
+        var content = new byte[size];
+        new Random(4).NextBytes(content);         // what the rig wrote into the new image
+        rig.Start();
+        var first = rig.Do(TypeIn, 0, inLength: 8 * Sector);
+        Assert.Equal(StatusOk, first.Status(rig.Memory));
+        Assert.Equal(content.AsSpan(0, 8 * Sector).ToArray(), first.ReadData(rig.Memory));
+
+        var rng = new Random(8);
+        for (int i = 0; i < 10; i++)
+        {
+            int sector = rng.Next(0, size / Sector - 40);
+            var data = RandomBytes(rng, Sector * rng.Next(1, 40));
+            Assert.Equal(StatusOk, rig.Do(TypeOut, (ulong)sector, data, segments: 3).Status(rig.Memory));
+            data.CopyTo(content, sector * Sector);
+        }
+        Assert.Equal(StatusOk, rig.Do(TypeWriteZeroes, 0, Blk.Segments((17, 9, 0), (2000, 100, 1))).Status(rig.Memory));
+        Assert.Equal(StatusOk, rig.Do(TypeDiscard, 0, Blk.Segments((1024, 256, 0))).Status(rig.Memory));
+        Array.Clear(content, 17 * Sector, 9 * Sector);
+        Array.Clear(content, 2000 * Sector, 100 * Sector);
+        Array.Clear(content, 1024 * Sector, 256 * Sector);   // a version 3 image records discarded clusters as zero
+        Assert.Equal(StatusOk, rig.Do(TypeFlush, 0).Status(rig.Memory));
+
+        rig.CloseDevice();
+        using var image = DiskImage.Open(rig.ImagePath, new ImageOpenOptions { ReadOnly = true });
+        var back = new byte[size];
+        image.Read(0, back);
+        Assert.True(content.AsSpan().SequenceEqual(back), $"the reopened image differs from byte {content.AsSpan().CommonPrefixLength(back)}");
+    }
+
+    /// <summary>Points the second L1 entry of a qcow2 image with 512-byte clusters (guest sectors 64-127) past the end of the file.</summary>
+    private static void BreakSecondL1Entry(string path)
+    {
+        using var f = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
+        var b = new byte[8];
+        f.Position = 40;                                    // l1_table_offset
+        f.ReadExactly(b);
+        long l1 = (long)BinaryPrimitives.ReadUInt64BigEndian(b);
+        BinaryPrimitives.WriteUInt64BigEndian(b, 0x8000_0000_0000_0000UL | 0x10_0000_0000UL);
+        f.Position = l1 + 8;
+        f.Write(b);
+    }
+
+    [Fact]
+    public void ImageErrors_CompleteWithIoErr_AreCounted_AndTheQueueGoesOn()
+    {
+        using var rig = BlockRig.Create(1 << 20, format: "qcow2", clusterSize: 512, beforeOpen: BreakSecondL1Entry);
+        rig.Start();
+        Assert.Equal(StatusOk, rig.Do(TypeIn, 0, inLength: 64 * Sector).Status(rig.Memory));
+        Assert.Equal(0, rig.Block.IoErrors);
+        Assert.Equal(StatusIoErr, rig.Do(TypeIn, 60, inLength: 8 * Sector).Status(rig.Memory));
+        Assert.Equal(StatusIoErr, rig.Do(TypeOut, 70, new byte[Sector]).Status(rig.Memory));
+        Assert.Equal(2, rig.Block.IoErrors);
+        Assert.Equal(0, rig.Driver.Status & VirtioStatus.DeviceNeedsReset);   // the disk failed, not the driver
+        var after = rig.Do(TypeIn, 128, inLength: 4 * Sector);
+        Assert.Equal(StatusOk, after.Status(rig.Memory));
+        Assert.Empty(rig.Log.WorkerFailures);
+    }
+
+    [Fact]
+    public void RingsAndBuffers_InASecondRamRegionAbove4GiB_Work_AndABufferRunningIntoTheHoleBreaksTheProtocol()
+    {
+        const ulong high = 0x1_0000_0000;
+        using var rig = BlockRig.Create(1 << 20, extraRam: [(high, 2 << 20)]);
+        rig.Start(ringBase: high);                  // 64-bit ring addresses
+        Assert.Equal(high, rig.Driver.Read64(VirtioDriver.QueueDesc));
+        var arena = new GuestArena(rig.Memory, high + 0x100000, 0x100000);
+        var data = RandomBytes(new Random(2), 3 * Sector);
+        var w = Blk.Build(arena, TypeOut, 30, data, segments: 2);
+        rig.Run(w);
+        Assert.Equal(StatusOk, w.Status(rig.Memory));
+        var r = Blk.Build(arena, TypeIn, 30, inLength: 3 * Sector, segments: 3);
+        rig.Run(r);
+        Assert.Equal(data, r.ReadData(rig.Memory));
+        Assert.Equal(data, rig.ReadFile(30 * Sector, data.Length));
+
+        // The data buffer starts in the low region and runs past its end into the hole.
+        var hash = rig.FileHash();
+        var bad = Blk.Build(arena, TypeOut, 0, new byte[Sector]);
+        bad.Buffers[1] = new Buf(BlockRig.RamSize - 256, Sector);
+        rig.Submit(bad);
+        Assert.True(rig.Driver.WaitForStatusBits(VirtioStatus.DeviceNeedsReset));
+        Assert.Equal(hash, rig.FileHash());
+        Assert.Empty(rig.Log.WorkerFailures);
+    }
+
+    [Fact]
+    public void DeviceConfiguration_IgnoresDriverWrites()
+    {
+        using var rig = BlockRig.Create(1 << 20);
+        var before = new byte[60];
+        rig.Driver.ReadDeviceConfig(0, before);
+        for (int off = 0; off < 60; off += 4)
+            rig.Transport.WriteBar(0, VirtioPciTransport.DeviceConfigOffset + (ulong)off, [0xff, 0xff, 0xff, 0xff]);
+        rig.Transport.WriteBar(0, VirtioPciTransport.DeviceConfigOffset + 32, [1]);   // writeback: CONFIG_WCE is not offered
+        var after = new byte[60];
+        rig.Driver.ReadDeviceConfig(0, after);
+        Assert.Equal(before, after);
+        // Beyond the structure: zeros.
+        var tail = new byte[4] { 1, 1, 1, 1 };
+        rig.Driver.ReadDeviceConfig(60, tail);
+        Assert.Equal(new byte[4], tail);
+    }
+
+    public static TheoryData<VirtioBlockOptions> BadOptions => new()
+    {
+        new VirtioBlockOptions { Serial = new string('s', 21) },
+        new VirtioBlockOptions { Serial = "caf\u00e9" },
+        new VirtioBlockOptions { Serial = "tab\there" },
+        new VirtioBlockOptions { Queues = 0 },
+        new VirtioBlockOptions { Queues = VirtioBlockOptions.MaxQueues + 1 },
+        new VirtioBlockOptions { QueueSize = 0 },
+        new VirtioBlockOptions { QueueSize = 1 },
+        new VirtioBlockOptions { QueueSize = 96 },
+    };
+
+    [Theory]
+    [MemberData(nameof(BadOptions))]
+    public void BadOptions_AreRefused_NamingTheOption(VirtioBlockOptions options)
+    {
+        var e = Assert.Throws<ArgumentException>(options.Validate);
+        Assert.Matches("serial|queue", e.Message);
+    }
 }
