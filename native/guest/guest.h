@@ -46,8 +46,19 @@ struct hvm_memmap_table_entry {
 #define IRQ_VECTORS             16
 #define IRQ_SPURIOUS_VECTOR     0xff
 
+/*
+ * Legacy INTx through the IOAPIC (level-triggered): one more vector right
+ * after the MSI-X ones, counted in gk_irq_count[IRQ_INTX_SLOT].  Its handler
+ * reads the byte at gk_intx_isr (a virtio ISR register, which deasserts the
+ * line) before it writes EOI; CPL3 sets gk_intx_isr before it routes the pin.
+ */
+#define IRQ_INTX_SLOT           IRQ_VECTORS
+#define IRQ_INTX_VECTOR         (IRQ_VECTOR_BASE + IRQ_INTX_SLOT)
+#define IRQ_COUNTERS            (IRQ_VECTORS + 1)
+
 /* gk_irq_count[n]: interrupts taken on vector IRQ_VECTOR_BASE + n (start.S) */
-extern volatile uint64_t gk_irq_count[IRQ_VECTORS];
+extern volatile uint64_t gk_irq_count[IRQ_COUNTERS];
+extern volatile uint64_t gk_intx_isr;
 
 /* Ports */
 #define SERIAL_PORT             0x3f8
@@ -196,9 +207,15 @@ void *dma_alloc(uint64_t size);         /* zeroed; exits (EXIT_USAGE) when RAM r
 uint64_t dma_mark(void);
 void dma_release(uint64_t mark);        /* frees everything allocated after dma_mark() */
 
-/* irq.c: local APIC */
+/* irq.c: local APIC, IOAPIC */
 uint8_t lapic_id(void);
 void lapic_enable(void);                /* software-enable, mask LVTs, mask the 8259s */
+/*
+ * Routes IOAPIC pin to vector: fixed delivery, physical destination apic_id,
+ * level-triggered, active-high, unmasked.  False if the IOAPIC has no such pin.
+ */
+bool ioapic_route_level(unsigned int pin, uint8_t vector, uint8_t apic_id);
+unsigned int ioapic_pins(void);         /* redirection entries of the IOAPIC */
 
 /* workloads.c */
 int wl_hello(int argc, char **argv);

@@ -2,8 +2,9 @@
  * guestkit: the local APIC (xAPIC, MMIO at 0xfee00000), from CPL3.
  *
  * The APIC page is a user page of the identity map, so CPL3 code programs
- * it directly.  Device interrupts arrive as MSI-X messages on vectors
- * 0x40-0x4f; start.S counts them and writes EOI.  RFLAGS.IF is set through
+ * it directly (the IOAPIC's too).  Device interrupts arrive as MSI-X
+ * messages on vectors 0x40-0x4f, or as legacy INTx through the IOAPIC on
+ * vector 0x50; start.S counts them and writes EOI.  RFLAGS.IF is set through
  * the gate (gk_irq_enable), because sti is not available at CPL3 without
  * IOPL=3.
  */
@@ -57,6 +58,52 @@ void lapic_enable(void)
     lapic_write(LAPIC_LVT_LINT1, LVT_MASKED);
     lapic_write(LAPIC_LVT_ERROR, LVT_MASKED);
     lapic_write(LAPIC_TPR, 0);
+}
+
+/*
+ * The IOAPIC at its architectural default address, through IOREGSEL (+0x00)
+ * and IOWIN (+0x10) from CPL3.  Redirection entry p is registers
+ * 0x10 + 2p (low: vector, delivery mode, destination mode, polarity,
+ * trigger mode, mask) and 0x11 + 2p (high: destination APIC ID in 31:24).
+ */
+#define IOAPIC_BASE             0xfec00000u
+#define IOAPIC_IOREGSEL         0x00
+#define IOAPIC_IOWIN            0x10
+#define IOAPIC_REG_VER          0x01
+#define IOAPIC_REG_REDTBL       0x10
+
+#define IOREDTBL_LEVEL          (1u << 15)      /* trigger mode; bit 13 = 0: active-high */
+#define IOREDTBL_MASKED         (1u << 16)      /* delivery mode 000 fixed, dest mode 0 physical */
+
+static uint32_t ioapic_read(uint32_t reg)
+{
+    mmio_write32(IOAPIC_BASE + IOAPIC_IOREGSEL, reg);
+    return mmio_read32(IOAPIC_BASE + IOAPIC_IOWIN);
+}
+
+static void ioapic_write(uint32_t reg, uint32_t val)
+{
+    mmio_write32(IOAPIC_BASE + IOAPIC_IOREGSEL, reg);
+    mmio_write32(IOAPIC_BASE + IOAPIC_IOWIN, val);
+}
+
+unsigned int ioapic_pins(void)
+{
+    return ((ioapic_read(IOAPIC_REG_VER) >> 16) & 0xff) + 1;
+}
+
+bool ioapic_route_level(unsigned int pin, uint8_t vector, uint8_t apic_id)
+{
+    if (pin >= ioapic_pins())
+        return false;
+    uint32_t lo = IOAPIC_REG_REDTBL + 2 * pin;
+    uint32_t entry = IOREDTBL_LEVEL | vector;
+
+    /* masked while the destination changes, unmasked by the last write */
+    ioapic_write(lo, entry | IOREDTBL_MASKED);
+    ioapic_write(lo + 1, (uint32_t)apic_id << 24);
+    ioapic_write(lo, entry);
+    return true;
 }
 
 /*

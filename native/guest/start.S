@@ -32,6 +32,8 @@
 
 #define RFLAGS_IF       0x200
 
+#define IRQ_INTX_SLOT   16      /* guest.h: gk_irq_count index of the INTx vector 0x50 */
+
 /*
  * The xAPIC EOI register (0xfee000b0) as a sign-extended 32-bit absolute
  * address: 0xfffffffffee000b0.  pml4[511]/pdpt_hi[511] map the top 1 GiB of
@@ -155,6 +157,24 @@ irq_\n:
         iretq
         .endr
 irq_spurious:
+        iretq
+
+/*
+ * Vector 0x50: legacy INTx through the IOAPIC, level-triggered.  An EOI
+ * while the line is still asserted makes the IOAPIC deliver again at once,
+ * so the handler first reads the device's ISR byte (reading clears it and
+ * deasserts the line), then counts and EOIs.  The ISR address is in
+ * gk_intx_isr, set by CPL3 before the pin is unmasked; %rax is swapped in
+ * and out of that variable, which saves the push and pop of a scratch
+ * register (only this handler touches the variable once it is set, and it
+ * runs with IF=0 on the one CPU the pin is routed to).  Six instructions.
+ */
+irq_intx:
+        xchgq   %rax, gk_intx_isr(%rip)         /* %rax = ISR address */
+        cmpb    $0, (%rax)                      /* read ISR: clears it, deasserts INTx */
+        xchgq   %rax, gk_intx_isr(%rip)         /* restore %rax and the variable */
+        incq    gk_irq_count + 8 * IRQ_INTX_SLOT(%rip)
+        movl    $0, APIC_EOI_ALIAS
         iretq
 
 /* ------------------------------------------------------------------ */
@@ -283,11 +303,16 @@ tss_end:
 exc_depth:
         .long   0
 
-        /* interrupts seen per vector 0x40 + n; read by CPL3 (guest.h) */
+        /* interrupts seen per vector 0x40 + n (n = 16: INTx); read by CPL3 (guest.h) */
         .balign 8
         .globl  gk_irq_count
 gk_irq_count:
-        .fill   16, 8, 0
+        .fill   IRQ_INTX_SLOT + 1, 8, 0
+
+        /* address of the ISR byte irq_intx reads; written by CPL3 (guest.h) */
+        .globl  gk_intx_isr
+gk_intx_isr:
+        .quad   0
 
         /*
          * iretq frames (RIP, CS, RFLAGS, RSP, SS).  CPL0 code points RSP at
@@ -314,7 +339,8 @@ idt:
         .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
         IDT_GATE irq_\n, 0x8e           /* 0x40-0x4f: device interrupts */
         .endr
-        .fill   (0x80 - 0x50) * 16, 1, 0
+        IDT_GATE irq_intx, 0x8e         /* 0x50: INTx through the IOAPIC */
+        .fill   (0x80 - 0x51) * 16, 1, 0
         IDT_GATE gate_entry, 0xee       /* vector 0x80: present, DPL3 */
         .fill   (0xff - 0x81) * 16, 1, 0
         IDT_GATE irq_spurious, 0x8e     /* 0xff: APIC spurious vector */
