@@ -396,7 +396,7 @@ int wl_blk_evil(int argc, char **argv)
     static struct blk_dev dev;
     struct blk_dev *b = &dev;
     const struct blk_options opt = {
-        .queues = 1, .qd = 1, .max_io = CHECK_BYTES, .irq = false,
+        .queues = 1, .qd = 1, .max_io = CHECK_BYTES, .irq = BLK_IRQ_POLL,
         .event_idx = true, .indirect = true,
     };
     blk_open(b, "blk-evil", (unsigned int)disk, &opt);

@@ -123,7 +123,7 @@ int wl_blk_verify(int argc, char **argv)
         { .key = "io", .size = true, .max = MAX_IO, .value = &io },
         { .key = "queues", .max = BLK_MAX_QUEUES, .value = &queues },
         { .key = "qd", .max = BLK_MAX_QD, .value = &qd },
-        { .key = "irq", .max = 1, .value = &irq },
+        { .key = "irq", .words = blk_irq_words, .value = &irq },
         { .key = "write", .max = 1, .value = &write },
         { .key = "expect-ro", .max = 1, .value = &expect_ro },
         { .key = "event-idx", .max = 1, .value = &event_idx },
@@ -154,7 +154,7 @@ int wl_blk_verify(int argc, char **argv)
     struct blk_dev *b = &dev;
     const struct blk_options opt = {
         .queues = (uint16_t)queues, .qd = (uint16_t)qd, .max_io = (uint32_t)io,
-        .irq = irq, .event_idx = event_idx, .indirect = indirect,
+        .irq = (enum blk_irq_mode)irq, .event_idx = event_idx, .indirect = indirect,
     };
     blk_open(b, "blk-verify", (unsigned int)disk, &opt);
 
@@ -236,7 +236,7 @@ int wl_blk_bench(int argc, char **argv)
         { .key = "queues", .max = BLK_MAX_QUEUES, .value = &queues },
         { .key = "time", .max = 3600, .value = &seconds },
         { .key = "span", .size = true, .max = UINT64_MAX, .value = &span },
-        { .key = "irq", .max = 1, .value = &irq },
+        { .key = "irq", .words = blk_irq_words, .value = &irq },
         { .key = "event-idx", .max = 1, .value = &event_idx },
         { .key = "indirect", .max = 1, .value = &indirect },
         { .key = "timeout", .max = 3600, .value = &timeout },
@@ -256,7 +256,7 @@ int wl_blk_bench(int argc, char **argv)
     struct blk_dev *b = &dev;
     const struct blk_options opt = {
         .queues = (uint16_t)queues, .qd = (uint16_t)qd, .max_io = (uint32_t)bs,
-        .irq = irq, .event_idx = event_idx, .indirect = indirect,
+        .irq = (enum blk_irq_mode)irq, .event_idx = event_idx, .indirect = indirect,
     };
     blk_open(b, "blk-bench", (unsigned int)disk, &opt);
 

@@ -12,6 +12,8 @@
 #define PCI_HEADER_TYPE         0x0e
 #define PCI_BAR0                0x10
 #define PCI_CAP_PTR             0x34
+#define PCI_INTERRUPT_LINE      0x3c
+#define PCI_INTERRUPT_PIN       0x3d
 
 #define PCI_COMMAND_IO          0x0001
 #define PCI_COMMAND_MEMORY      0x0002

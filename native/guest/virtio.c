@@ -224,8 +224,28 @@ bool virtio_msix_enable(struct virtio_dev *vd, uint16_t n)
     return true;
 }
 
+bool virtio_intx_enable(struct virtio_dev *vd)
+{
+    if (!vd->isr) {
+        gk_printf("guestkit: error: virtio ");
+        pci_tag(vd->pci);
+        gk_printf(": INTx needs the ISR status capability, the device has no usable one\n");
+        return false;
+    }
+    if (vd->msix_cap) {
+        uint16_t off = (uint16_t)(vd->msix_cap + MSIX_CTRL);
+        uint16_t ctrl = pci_read16(vd->pci, off);
+        if (ctrl & MSIX_CTRL_ENABLE)
+            pci_write16(vd->pci, off, (uint16_t)(ctrl & ~MSIX_CTRL_ENABLE));
+    }
+    mmio_write16(vd->common + COMMON_CONFIG_MSIX_VECTOR, VIRTIO_MSI_NO_VECTOR);
+    uint16_t cmd = pci_read16(vd->pci, PCI_COMMAND);
+    pci_write16(vd->pci, PCI_COMMAND, (uint16_t)(cmd & ~PCI_COMMAND_INTX_DISABLE));
+    return true;
+}
+
 bool virtio_queue_setup(struct virtio_dev *vd, struct virtq *vq, uint16_t index,
-                        uint16_t max_size, uint16_t msix_entry)
+                        uint16_t max_size, uint16_t msix_entry, int irq_slot)
 {
     uintptr_t c = vd->common;
 
@@ -260,11 +280,11 @@ bool virtio_queue_setup(struct virtio_dev *vd, struct virtq *vq, uint16_t index,
     vq->event_idx = vd->features & (1ull << VIRTIO_F_EVENT_IDX);
     vq->avail_idx = vq->kicked_idx = vq->last_used = 0;
     vq->msix_entry = msix_entry;
-    vq->irq_slot = msix_entry == VIRTIO_MSI_NO_VECTOR ? 0 : msix_entry;
-    vq->irq_seen = msix_entry == VIRTIO_MSI_NO_VECTOR ? 0 : gk_irq_count[vq->irq_slot];
+    vq->irq_slot = irq_slot < 0 ? 0 : (uint16_t)irq_slot;
+    vq->irq_seen = irq_slot < 0 ? 0 : gk_irq_count[vq->irq_slot];
     vq->kicks = 0;
     /* polled queues ask for no interrupts (without event idx; with it, used_event is never reached) */
-    if (msix_entry == VIRTIO_MSI_NO_VECTOR && !vq->event_idx)
+    if (irq_slot < 0 && !vq->event_idx)
         vq->avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 
     mmio_write16(c + COMMON_QUEUE_SIZE, size);

@@ -70,8 +70,8 @@ struct virtq {
     uint16_t avail_idx;         /* next free avail ring slot (driver's copy of avail->idx) */
     uint16_t kicked_idx;        /* avail_idx at the last publish */
     uint16_t last_used;         /* next used ring entry to consume */
-    uint16_t msix_entry;        /* VIRTIO_MSI_NO_VECTOR: polled */
-    uint16_t irq_slot;          /* gk_irq_count index when msix_entry is set */
+    uint16_t msix_entry;        /* VIRTIO_MSI_NO_VECTOR: polled or INTx */
+    uint16_t irq_slot;          /* gk_irq_count index of an interrupt-driven queue */
     uint64_t irq_seen;          /* gk_irq_count[irq_slot] when last consumed */
     uint64_t kicks;             /* notifications written */
 };
@@ -115,12 +115,22 @@ bool virtio_negotiate(struct virtio_dev *vd, uint64_t wanted);
 bool virtio_msix_enable(struct virtio_dev *vd, uint16_t n);
 
 /*
+ * Legacy INTx instead of MSI-X: MSI-X disabled in its capability,
+ * config_msix_vector NO_VECTOR, INTx-disable cleared in the Command register.
+ * Needs the ISR capability (the interrupt handler reads it); returns false
+ * with a message printed otherwise.
+ */
+bool virtio_intx_enable(struct virtio_dev *vd);
+
+/*
  * Sets up queue `index` with at most max_size entries (rings allocated on
  * the first call for a given vq, reused and cleared after a reset).
- * msix_entry is VIRTIO_MSI_NO_VECTOR for a polled queue.
+ * msix_entry is the queue's MSI-X table entry (VIRTIO_MSI_NO_VECTOR for a
+ * polled or INTx queue); irq_slot is the gk_irq_count index that counts its
+ * interrupts, or -1 for a polled queue.
  */
 bool virtio_queue_setup(struct virtio_dev *vd, struct virtq *vq, uint16_t index,
-                        uint16_t max_size, uint16_t msix_entry);
+                        uint16_t max_size, uint16_t msix_entry, int irq_slot);
 
 void virtio_driver_ok(struct virtio_dev *vd);
 

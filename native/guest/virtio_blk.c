@@ -30,6 +30,8 @@
      (1ull << VIRTIO_BLK_F_MQ) | (1ull << VIRTIO_BLK_F_DISCARD) | \
      (1ull << VIRTIO_BLK_F_WRITE_ZEROES))
 
+const char *const blk_irq_words[] = { "0", "1", "intx", NULL };
+
 static noreturn void blk_fail(const struct blk_dev *b, unsigned int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -147,6 +149,35 @@ static void alloc_slots(struct blk_dev *b)
     }
 }
 
+/*
+ * Legacy INTx: the line must be wired straight to an IOAPIC pin, which the
+ * Interrupt Line register names (this project's VMM: GSI 16 + slot % 8).
+ * Firmware that routes INTx through chipset PIRQ links (QEMU q35 with
+ * SeaBIOS) puts an 8259 IRQ there instead; that is not supported.  The
+ * handler's ISR address is set before the pin is unmasked: level-triggered,
+ * active-high, to this CPU's APIC.
+ */
+static bool blk_intx_setup(struct blk_dev *b)
+{
+    struct virtio_dev *vd = &b->vd;
+    uint8_t pin = pci_read8(vd->pci, PCI_INTERRUPT_PIN);
+    uint8_t line = pci_read8(vd->pci, PCI_INTERRUPT_LINE);
+
+    if (pin == 0)
+        blk_fail(b, EXIT_USAGE, "irq=intx: the device has no INTx pin (Interrupt Pin reads 0)");
+    if (line < 16 || line > 23)
+        blk_fail(b, EXIT_USAGE, "irq=intx: Interrupt Line reads %u, not an IOAPIC pin (GSI) in "
+                 "16..23; INTx routed through chipset PIRQ links is not supported", line);
+    if (!virtio_intx_enable(vd))
+        return false;
+    b->intx_gsi = line;
+    gk_intx_isr = vd->isr;
+    if (!ioapic_route_level(line, IRQ_INTX_VECTOR, lapic_id()))
+        blk_fail(b, EXIT_USAGE, "irq=intx: Interrupt Line reads %u, but the IOAPIC has %u pins",
+                 line, ioapic_pins());
+    return true;
+}
+
 /* Everything from reset to DRIVER_OK. */
 static bool blk_init(struct blk_dev *b)
 {
@@ -167,12 +198,15 @@ static bool blk_init(struct blk_dev *b)
                      b->num_queues);
         plan_segments(b);
     }
-    if (b->opt.irq && !virtio_msix_enable(vd, b->opt.queues))
+    if (b->opt.irq == BLK_IRQ_MSIX && !virtio_msix_enable(vd, b->opt.queues))
         return false;
     for (uint16_t qi = 0; qi < b->opt.queues; qi++) {
         struct blk_queue *q = &b->q[qi];
-        uint16_t msix = b->opt.irq ? qi : VIRTIO_MSI_NO_VECTOR;
-        if (!virtio_queue_setup(vd, &q->vq, qi, VIRTQ_MAX_SIZE, msix))
+        uint16_t msix = b->opt.irq == BLK_IRQ_MSIX ? qi : VIRTIO_MSI_NO_VECTOR;
+        /* INTx: all queues share the one line and its counter */
+        int slot = b->opt.irq == BLK_IRQ_MSIX ? qi :
+                   b->opt.irq == BLK_IRQ_INTX ? IRQ_INTX_SLOT : -1;
+        if (!virtio_queue_setup(vd, &q->vq, qi, VIRTQ_MAX_SIZE, msix, slot))
             return false;
         q->inflight = 0;
         q->harvesting = false;
@@ -199,8 +233,10 @@ static bool blk_init(struct blk_dev *b)
             b->q[qi].slots[i].head = (uint16_t)(i * per_slot);
             b->q[qi].slots[i].busy = false;
         }
-    if (b->opt.irq) {
+    if (b->opt.irq != BLK_IRQ_POLL) {
         lapic_enable();
+        if (b->opt.irq == BLK_IRQ_INTX && !blk_intx_setup(b))
+            return false;
         gk_irq_enable();
     }
     virtio_driver_ok(vd);
@@ -331,7 +367,7 @@ static struct blk_slot *blk_poll(struct blk_dev *b, struct blk_queue *q)
 {
     struct blk_slot *s;
 
-    if (!b->opt.irq)
+    if (b->opt.irq == BLK_IRQ_POLL)
         return take_used(b, q);
     /* interrupt mode: consume used entries only after an interrupt */
     if (!q->harvesting) {
@@ -401,9 +437,12 @@ void blk_describe_wait(struct blk_dev *b, enum blk_wait_result r)
         uint16_t used_idx = *(volatile uint16_t *)&q->vq.used->idx;
         if (b->opt.irq && q->inflight && used_idx != q->vq.last_used) {
             gk_printf("interrupt lost: queue %u has %u used entries not consumed, but vector "
-                      "0x%x did not fire within %lu s (count %lu)", qi,
+                      "0x%x did not fire within %lu s (count %lu", qi,
                       (uint16_t)(used_idx - q->vq.last_used), IRQ_VECTOR_BASE + q->vq.irq_slot,
                       gk_timeout_s, gk_irq_count[q->vq.irq_slot]);
+            if (b->opt.irq == BLK_IRQ_INTX)
+                gk_printf("; INTx on GSI %u", b->intx_gsi);
+            gk_printf(")");
             return;
         }
     }

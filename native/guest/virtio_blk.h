@@ -68,11 +68,21 @@ struct blk_queue {
     bool harvesting;                    /* interrupt taken, used entries being consumed */
 };
 
+/* How completions are noticed (the workloads' irq=0|1|intx, in this order). */
+enum blk_irq_mode {
+    BLK_IRQ_POLL,                       /* the used rings are polled */
+    BLK_IRQ_MSIX,                       /* one MSI-X vector per queue, 0x40 + queue */
+    BLK_IRQ_INTX,                       /* the legacy INTx line through the IOAPIC, vector 0x50 */
+};
+
+/* "0", "1", "intx": the words of irq=, indexed by enum blk_irq_mode */
+extern const char *const blk_irq_words[];
+
 struct blk_options {
     uint16_t queues;                    /* queues set up, 1..num_queues */
     uint16_t qd;                        /* request slots per queue */
     uint32_t max_io;                    /* largest data transfer of one request, bytes */
-    bool irq;                           /* MSI-X interrupts instead of polling */
+    enum blk_irq_mode irq;
     bool event_idx;                     /* negotiate VIRTIO_F_EVENT_IDX if offered */
     bool indirect;                      /* negotiate VIRTIO_F_INDIRECT_DESC if offered */
 };
@@ -83,6 +93,7 @@ struct blk_dev {
     struct virtio_dev vd;
     struct blk_options opt;
     bool ready;                         /* slot memory allocated */
+    uint8_t intx_gsi;                   /* BLK_IRQ_INTX: the IOAPIC pin of the INTx line */
 
     /* configuration (5.2.4), fields of features not negotiated are 0 */
     uint64_t capacity;                  /* 512-byte sectors */
