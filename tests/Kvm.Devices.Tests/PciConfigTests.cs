@@ -108,6 +108,8 @@ public sealed class PciConfigTests : IDisposable
         Assert.Equal(0, _bus[0]!.Slot);
         Assert.Equal((uint)PciHostBridge.BridgeDeviceId << 16 | PciHostBridge.BridgeVendorId, Cfg(0, 0));
         Assert.Equal(0x06_00_00u, Cfg(0, 8) >> 8);                  // class: bridge, host bridge
+        Assert.Equal(0u, Cfg(0, 6, 2) & PciFunction.StatusCapabilityList);   // no capabilities
+        Assert.Equal(0u, Cfg(0, 0x10));                              // no BARs
         Assert.Equal(0u, Cfg(0, 0x0e, 1));                          // header type 0, single function
         Assert.Equal(1, _slot);
     }
@@ -388,5 +390,13 @@ public sealed class PciConfigTests : IDisposable
         var qword = new byte[8];
         Assert.True(_mmio.Read(bar1 + VirtioPciTransport.MsixPbaOffset, qword, 0));
         Assert.Equal(0UL, BinaryPrimitives.ReadUInt64LittleEndian(qword));
+
+        // A vector signalled while masked shows in the PBA, which the guest cannot write.
+        CfgWrite(_slot, WalkCapabilities().Single(c => c.Id == 0x11).At + 2, 2, 0x8000);
+        Assert.True(_rig.Transport.Msix.Signal(1));
+        Assert.True(_mmio.Read(bar1 + VirtioPciTransport.MsixPbaOffset, qword, 0));
+        Assert.Equal(2UL, BinaryPrimitives.ReadUInt64LittleEndian(qword));
+        Assert.True(_mmio.Write(bar1 + VirtioPciTransport.MsixPbaOffset, new byte[8], 0));
+        Assert.True(_rig.Transport.Msix.IsPending(1));
     }
 }

@@ -459,4 +459,29 @@ public sealed class VirtioBlockTests
         var e = Assert.Throws<ArgumentException>(options.Validate);
         Assert.Matches("serial|queue", e.Message);
     }
+
+    [Fact]
+    public void AnyFraming_HeaderAndDataInOneBuffer_DataAndStatusInOneBuffer()
+    {
+        // 2.6.4: the device must not assume a particular arrangement of descriptors.
+        using var rig = BlockRig.Create(1 << 20);
+        rig.Start();
+        var data = RandomBytes(new Random(21), 3 * Sector);
+        ulong buf = rig.Arena.Alloc(16 + (ulong)data.Length);
+        Blk.WriteHeader(rig.Memory, buf, TypeOut, 12);
+        rig.Memory.Write(buf + 16, data);
+        ulong status = rig.Arena.Alloc(1);
+        var w = new BlkRequest { Buffers = [new Buf(buf, 16 + (uint)data.Length), new Buf(status, 1, true)], Data = [], StatusAddress = status };
+        rig.Run(w);
+        Assert.Equal(StatusOk, rig.Memory.ReadU8(status));
+        Assert.Equal(data, rig.ReadFile(12 * Sector, data.Length));
+
+        // IN: header, then one writable buffer holding the data and the status byte after it.
+        ulong h = rig.Arena.Alloc(16), inBuf = rig.Arena.Alloc((ulong)data.Length + 1);
+        Blk.WriteHeader(rig.Memory, h, TypeIn, 12);
+        var r = new BlkRequest { Buffers = [new Buf(h, 16), new Buf(inBuf, (uint)data.Length + 1, true)], Data = [new Buf(inBuf, (uint)data.Length, true)], StatusAddress = inBuf + (ulong)data.Length };
+        Assert.Equal((uint)data.Length + 1, rig.Run(r));
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+        Assert.Equal(data, r.ReadData(rig.Memory));
+    }
 }

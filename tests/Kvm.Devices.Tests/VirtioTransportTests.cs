@@ -267,6 +267,13 @@ public sealed class VirtioTransportTests
             Assert.Equal(0, rig.Driver.ReadIsr());      // and clears it
         }
         Assert.Equal(0, rig.Msi.TotalTriggers);
+
+        // A reset takes back an interrupt the driver has not read yet.
+        Assert.Equal(StatusOk, rig.Do(TypeIn, 0, inLength: Sector).Status(rig.Memory));
+        Assert.True(rig.Intx.WaitForLevel(true, Wait.Timeout));
+        rig.Driver.Reset();
+        Assert.False(rig.Intx.Level);
+        Assert.Equal(0, rig.Driver.ReadIsr());
     }
 
     [Fact]
@@ -510,6 +517,64 @@ public sealed class VirtioTransportTests
         Assert.Equal((uint)PciFunction.StatusInterrupt, rig.Transport.ReadConfig(PciFunction.StatusRegister, 2) & PciFunction.StatusInterrupt);
         rig.Driver.ReadIsr();
         Assert.Equal(0u, rig.Transport.ReadConfig(PciFunction.StatusRegister, 2) & PciFunction.StatusInterrupt);
+    }
+
+    [Fact]
+    public void OnlyEnabledQueues_AreServed()
+    {
+        using var rig = BlockRig.Create(1 << 20, queues: 2, queueSize: 16);
+        var d = rig.Driver;
+        Assert.True(d.Negotiate(rig.AllFeatures));
+        var q1 = d.SetupQueue(1, 16, BlockRig.RingBase + BlockRig.RingStride, 2);
+        // Queue 0 gets rings but is never enabled.
+        var q0 = new SplitQueue(rig.Memory, 16, BlockRig.RingBase);
+        q0.Clear();
+        d.Write16(QueueSelect, 0);
+        d.Write64(QueueDesc, q0.Desc);
+        d.Write64(QueueDriver, q0.Avail);
+        d.Write64(QueueDevice, q0.Used);
+        d.DriverOk();
+        Assert.Equal(0, d.Status & NeedsReset);
+        var r0 = Blk.Build(rig.Arenas[0], TypeIn, 0, inLength: Sector);
+        q0.AddChain(r0.Buffers);
+        d.Kick(0);
+        var r1 = Blk.Build(rig.Arenas[1], TypeIn, 1, inLength: Sector);
+        q1.AddChain(r1.Buffers);
+        d.Kick(1);
+        Assert.True(q1.WaitAllUsed());
+        Assert.Equal(StatusOk, r1.Status(rig.Memory));
+        d.Reset();                              // joins every worker there is
+        Assert.Equal(0, q0.UsedIdx);
+        Assert.Equal(Blk.NotWritten, r0.Status(rig.Memory));
+    }
+
+    [Fact]
+    public void QueueAddresses_Accept64BitAccesses()
+    {
+        using var rig = BlockRig.Create(1 << 20);
+        var d = rig.Driver;
+        var q = new byte[8];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(q, 0x0000_0001_2345_6000);
+        rig.Transport.WriteBar(0, QueueDevice, q);
+        Assert.Equal(0x0000_0001_2345_6000UL, d.Read64(QueueDevice));
+        var back = new byte[8];
+        rig.Transport.ReadBar(0, QueueDevice, back);
+        Assert.Equal(q, back);
+        // A field written with the wrong width is left alone (4.1.3.1: the driver uses the field's width).
+        rig.Transport.WriteBar(0, QueueSize, [0x08, 0, 0, 0]);
+        Assert.Equal(rig.Block.MaxQueueSize, d.Read16(QueueSize));
+    }
+
+    [Fact]
+    public void Dispose_AfterTheDriverBrokeAQueue_Returns()
+    {
+        var rig = BlockRig.Create(1 << 20);
+        rig.Start();
+        rig.Queues[0].WriteAvailSlot(0, 0xffff);
+        rig.Queues[0].SetAvailIdx(1);
+        rig.Driver.Kick(0);
+        Assert.True(rig.Driver.WaitForStatusBits(NeedsReset));
+        Assert.True(BlockRig.Within(rig.Dispose), "Dispose did not return");
     }
 
     [Fact]
