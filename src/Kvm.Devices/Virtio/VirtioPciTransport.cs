@@ -52,6 +52,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private int _status;
     private ushort _queueSelect;
     private int _isr;
+    private bool _intxAsserted;     // under _intxLock
     private ulong? _notifyBase;
     private volatile bool _stopping;
     private bool _active;       // DRIVER_OK was accepted and the workers run, until reset
@@ -144,10 +145,17 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
 
     protected override void ConfigWritten(int offset, int size, uint value)
     {
-        if (offset < _msixCap + 4 && offset + size > _msixCap + 2)
+        bool msixControl = offset < _msixCap + 4 && offset + size > _msixCap + 2;
+        if (msixControl)
         {
             ushort control = GetU16(_msixCap + 2);
             _msix.SetControl((control & 0x8000) != 0, (control & 0x4000) != 0);
+        }
+        if (msixControl || (offset <= CommandRegister + 1 && offset + size > CommandRegister))
+        {
+            // Interrupt Disable or MSI-X Enable changed: the INTx line follows at once.
+            lock (_intxLock)
+                UpdateIntxLocked();
         }
         int data = _pciCfgCap + 16;
         if (offset < data + 4 && offset + size > data && PciCfgWindow(out int bar, out uint at, out int length))
@@ -159,6 +167,17 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         int data = _pciCfgCap + 16;
         if (offset < data + 4 && offset + size > data && PciCfgWindow(out int bar, out uint at, out int length))
             ReadBar(bar, at, ConfigBytes(data, length));
+        if (offset <= StatusRegister && offset + size > StatusRegister)
+        {
+            // Status bit 3 (Interrupt Status) shows a pending INTx interrupt, masked or not.
+            uint v = 0;
+            var bytes = ConfigBytes(offset, size);
+            for (int i = size - 1; i >= 0; i--)
+                v = v << 8 | bytes[i];
+            if (Volatile.Read(ref _isr) != 0)
+                v |= (uint)StatusInterrupt << (8 * (StatusRegister - offset));
+            return v;
+        }
         return null;
     }
 
@@ -261,8 +280,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         lock (_intxLock)
         {
             byte isr = (byte)Interlocked.Exchange(ref _isr, 0);
-            if (isr != 0)
-                _intx?.SetLevel(false);
+            UpdateIntxLocked();
             return isr;
         }
     }
@@ -434,8 +452,8 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         Volatile.Write(ref _status, 0);
         lock (_intxLock)
         {
-            if (Interlocked.Exchange(ref _isr, 0) != 0)
-                _intx?.SetLevel(false);
+            Interlocked.Exchange(ref _isr, 0);
+            UpdateIntxLocked();
         }
     }
 
@@ -544,9 +562,21 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         lock (_intxLock)
         {
             Interlocked.Or(ref _isr, isrBit);
-            if (!InterruptDisabled)
-                _intx?.SetLevel(true);
+            UpdateIntxLocked();
         }
+    }
+
+    /// <summary>
+    /// Drives the INTx line to what it must be (PCI 3.0, 6.2.2-6.2.3): asserted exactly while the
+    /// ISR holds an interrupt, Interrupt Disable is clear and MSI-X is off.
+    /// </summary>
+    private void UpdateIntxLocked()
+    {
+        bool level = Volatile.Read(ref _isr) != 0 && !InterruptDisabled && !_msix.Enabled;
+        if (level == _intxAsserted)
+            return;
+        _intxAsserted = level;
+        _intx?.SetLevel(level);
     }
 
     public void Dispose()
