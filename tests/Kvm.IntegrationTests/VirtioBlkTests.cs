@@ -99,6 +99,24 @@ public class VirtioBlkTests : IDisposable
     }
 
     [SkippableFact]
+    public void NotificationsArriveThroughIoeventfdsNotVcpuExits()
+    {
+        Require();
+        string image = CreateImage("disk.raw", "raw", "16M");
+        var serial = new SerialCapture();
+        var spec = GuestKitRunner.Spec("blk-verify size=2M io=4K qd=1 queues=2 irq=1") with
+        {
+            Disks = [new DiskSpec { Path = image, Queues = 2 }],
+        };
+        using var vm = VirtualMachine.Create(spec, serial.Write);
+        using var cancel = new CancellationTokenSource(Timeout);
+        var reason = vm.Run(cancel.Token);
+        Assert.True(reason is DebugExitStop { Status: 0 }, $"guest ended with {reason.Describe()}; console:\n{serial.Text}");
+        // 1024 requests, each after its own notification check: none reached a vCPU thread.
+        Assert.Equal(0, vm.Disks[0].NotificationsByExit);
+    }
+
+    [SkippableFact]
     public void AWrongPatternIsCaughtByTheGuest()
     {
         // The verifier itself must be able to fail: reading seed 7's data as seed 8 is a mismatch.

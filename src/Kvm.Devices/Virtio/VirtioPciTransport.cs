@@ -52,6 +52,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private int _status;
     private ushort _queueSelect;
     private int _isr;
+    private long _notifyExits;
     private bool _intxAsserted;     // under _intxLock
     private ulong? _notifyBase;
     private volatile bool _stopping;
@@ -111,6 +112,12 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
 
     /// <summary>The device status byte as the driver last set it (plus NEEDS_RESET if the device raised it).</summary>
     public byte Status => (byte)Volatile.Read(ref _status);
+
+    /// <summary>
+    /// Queue notifications that reached the device through an MMIO exit on a vCPU thread rather
+    /// than an ioeventfd (zero when every notification went through KVM_IOEVENTFD).
+    /// </summary>
+    public long NotificationsByExit => Interlocked.Read(ref _notifyExits);
 
     public ulong OfferedFeatures =>
         _device.Features | VirtioFeature.Bit(VirtioFeature.Version1) |
@@ -271,7 +278,10 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
             // A notification that did not go through an ioeventfd (none bound, or another width).
             ulong queue = (offset - NotifyOffset) / NotifyMultiplier;
             if (queue < (ulong)_queues.Length)
+            {
+                Interlocked.Increment(ref _notifyExits);
                 _notifiers[queue].Signal();
+            }
         }
     }
 
