@@ -170,6 +170,9 @@ static bool blk_intx_setup(struct blk_dev *b)
                  "16..23; INTx routed through chipset PIRQ links is not supported", line);
     if (!virtio_intx_enable(vd))
         return false;
+    if (!b->intx_gsi)           /* once, not again after a reset */
+        gk_printf("guestkit: %s disk=%u intx gsi=%u vector=0x%x\n", b->who, b->disk, line,
+                  IRQ_INTX_VECTOR);
     b->intx_gsi = line;
     gk_intx_isr = vd->isr;
     if (!ioapic_route_level(line, IRQ_INTX_VECTOR, lapic_id()))
