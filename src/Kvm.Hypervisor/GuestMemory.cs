@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Runtime.InteropServices;
 using Kvm.Interop.Native;
@@ -214,6 +215,59 @@ public sealed unsafe class GuestMemory : IDisposable
             return false;
         span = new Span<byte>((byte*)r.Host + (gpa - r.GuestAddress), length);
         return true;
+    }
+
+    /// <summary>Guest RAM is handed out as Memory in windows of this size (Memory lengths are ints).</summary>
+    private const ulong MemoryWindow = 1UL << 30;
+
+    private Memory<byte>[]?[]? _windows;
+
+    /// <summary>
+    /// Like <see cref="TryGetSpan"/>, as a <see cref="Memory{T}"/> that vectored I/O can take
+    /// (preadv/pwritev straight into guest RAM). False when the range is not inside one region, or
+    /// crosses a 1 GiB window of it. The memory is only valid while this object is not disposed.
+    /// </summary>
+    public bool TryGetMemory(ulong gpa, int length, out Memory<byte> memory)
+    {
+        memory = default;
+        if (_disposed || length < 0)
+            return false;
+        for (int i = 0; i < _regions.Length; i++)
+        {
+            var r = _regions[i];
+            if (!r.Contains(gpa, (ulong)length))
+                continue;
+            ulong offset = gpa - r.GuestAddress;
+            ulong window = offset / MemoryWindow, within = offset % MemoryWindow;
+            if (within + (ulong)length > MemoryWindow)
+                return false;
+            memory = Window(i, window).Slice((int)within, length);
+            return true;
+        }
+        return false;
+    }
+
+    private Memory<byte> Window(int region, ulong index)
+    {
+        _windows ??= new Memory<byte>[]?[_regions.Length];
+        var r = _regions[region];
+        var list = _windows[region] ??= new Memory<byte>[(r.Size + MemoryWindow - 1) / MemoryWindow];
+        if (list[index].IsEmpty)
+        {
+            ulong start = index * MemoryWindow;
+            int size = (int)Math.Min(MemoryWindow, r.Size - start);
+            list[index] = new NativeMemory((byte*)r.Host + start, size).Memory;
+        }
+        return list[index];
+    }
+
+    /// <summary>A window of guest RAM as a Memory; the mapping outlives it (GuestMemory unmaps).</summary>
+    private sealed class NativeMemory(byte* pointer, int length) : MemoryManager<byte>
+    {
+        public override Span<byte> GetSpan() => new(pointer, length);
+        public override MemoryHandle Pin(int elementIndex = 0) => new(pointer + elementIndex);
+        public override void Unpin() { }
+        protected override void Dispose(bool disposing) { }
     }
 
     public void Write(ulong gpa, ReadOnlySpan<byte> data) => data.CopyTo(GetSpan(gpa, data.Length));

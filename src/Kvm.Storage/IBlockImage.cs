@@ -36,6 +36,77 @@ public interface IBlockImage : IDisposable
 
     void Write(ulong offset, ReadOnlySpan<byte> source);
 
+    /// <summary>
+    /// Reads consecutive bytes from <paramref name="offset"/> into several buffers in turn
+    /// (scatter). Formats without a vectored path read up to 1 MiB as one request into a bounce
+    /// buffer: one request costs far less than one per buffer.
+    /// </summary>
+    void Read(ulong offset, IReadOnlyList<Memory<byte>> destinations)
+    {
+        long total = 0;
+        foreach (var d in destinations)
+            total += d.Length;
+        if (destinations.Count > 1 && total <= VectorBounceLimit)
+        {
+            byte[] bounce = System.Buffers.ArrayPool<byte>.Shared.Rent((int)total);
+            try
+            {
+                Read(offset, bounce.AsSpan(0, (int)total));
+                int at = 0;
+                foreach (var d in destinations)
+                {
+                    bounce.AsSpan(at, d.Length).CopyTo(d.Span);
+                    at += d.Length;
+                }
+            }
+            finally
+            {
+                System.Buffers.ArrayPool<byte>.Shared.Return(bounce);
+            }
+            return;
+        }
+        foreach (var d in destinations)
+        {
+            Read(offset, d.Span);
+            offset += (ulong)d.Length;
+        }
+    }
+
+    /// <summary>Writes several buffers in turn as consecutive bytes from <paramref name="offset"/> (gather).</summary>
+    void Write(ulong offset, IReadOnlyList<ReadOnlyMemory<byte>> sources)
+    {
+        long total = 0;
+        foreach (var s in sources)
+            total += s.Length;
+        if (sources.Count > 1 && total <= VectorBounceLimit)
+        {
+            byte[] bounce = System.Buffers.ArrayPool<byte>.Shared.Rent((int)total);
+            try
+            {
+                int at = 0;
+                foreach (var s in sources)
+                {
+                    s.Span.CopyTo(bounce.AsSpan(at));
+                    at += s.Length;
+                }
+                Write(offset, bounce.AsSpan(0, (int)total));
+            }
+            finally
+            {
+                System.Buffers.ArrayPool<byte>.Shared.Return(bounce);
+            }
+            return;
+        }
+        foreach (var s in sources)
+        {
+            Write(offset, s.Span);
+            offset += (ulong)s.Length;
+        }
+    }
+
+    /// <summary>Vectored requests up to this size go through one bounce buffer in the default implementation.</summary>
+    const int VectorBounceLimit = 1 << 20;
+
     /// <summary>Makes the range read as zeros (without writing zero bytes where the format can say so).</summary>
     void WriteZeroes(ulong offset, ulong length);
 

@@ -111,6 +111,41 @@ public sealed class RawImage : IBlockImage
         RandomAccess.Write(_handle, source, (long)offset);
     }
 
+    /// <summary>One preadv for all the buffers; what lies past the end of the file reads as zeros.</summary>
+    public void Read(ulong offset, IReadOnlyList<Memory<byte>> destinations)
+    {
+        long total = 0;
+        foreach (var d in destinations)
+            total += d.Length;
+        CheckRange(offset, (ulong)total);
+        long done = RandomAccess.Read(_handle, destinations, (long)offset);
+        if (done >= total)
+            return;
+        // A short read: finish buffer by buffer (end of file zero-fills).
+        long at = 0;
+        foreach (var d in destinations)
+        {
+            if (at + d.Length > done)
+            {
+                int skip = (int)Math.Max(0, done - at);
+                Read(offset + (ulong)(at + skip), d.Span[skip..]);
+            }
+            at += d.Length;
+        }
+    }
+
+    /// <summary>One pwritev for all the buffers.</summary>
+    public void Write(ulong offset, IReadOnlyList<ReadOnlyMemory<byte>> sources)
+    {
+        CheckWritable();
+        long total = 0;
+        foreach (var s in sources)
+            total += s.Length;
+        CheckRange(offset, (ulong)total);
+        if (total > 0)
+            RandomAccess.Write(_handle, sources, (long)offset);
+    }
+
     public void WriteZeroes(ulong offset, ulong length)
     {
         CheckWritable();
