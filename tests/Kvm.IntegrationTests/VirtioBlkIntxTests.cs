@@ -11,63 +11,13 @@ namespace Kvm.IntegrationTests;
 /// entries after the interrupt was counted, so a lost or misrouted interrupt fails the run
 /// ("interrupt lost"), and one that is never deasserted never lets the guest back to CPL3.
 /// </summary>
-public class VirtioBlkIntxTests : IDisposable
+public class VirtioBlkIntxTests : BlkTestBase
 {
-    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(120);
-    private readonly string _dir = Directory.CreateTempSubdirectory("kvm-blk-intx-").FullName;
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
-    private string P(string name) => Path.Combine(_dir, name);
-
-    private static void Require()
-    {
-        GuestKitRunner.Require();
-        TestEnvironment.RequireProgram("qemu-img", "qemu-utils");
-    }
-
-    private static ProcessResult QemuImg(params string[] args) => TestEnvironment.RunProcess("qemu-img", args, Timeout);
-
-    private string CreateImage(string name, string format, string size)
-    {
-        var r = QemuImg("create", "-q", "-f", format, P(name), size);
-        Assert.True(r.ExitCode == 0, r.Stderr);
-        return P(name);
-    }
-
-    private static (VmStopReason Reason, SerialCapture Serial) RunOurs(string cmdline, params DiskSpec[] disks) =>
-        GuestKitRunner.Run(GuestKitRunner.Spec(cmdline) with { Disks = disks }, Timeout);
-
-    private static void AssertGuestOk((VmStopReason Reason, SerialCapture Serial) run, string okLine)
-    {
-        Assert.True(run.Reason is DebugExitStop { Status: 0 }, $"guest ended with {run.Reason.Describe()}; console:\n{run.Serial.Text}");
-        Assert.Contains(okLine, run.Serial.Lines);
-    }
-
     private static void AssertIntxGsi((VmStopReason Reason, SerialCapture Serial) run, int disk, int gsi) =>
         Assert.Contains($"guestkit: blk-verify disk={disk} intx gsi={gsi} vector=0x50", run.Serial.Lines);
 
-    private static void AssertQemuImgSame(string image, string reference)
-    {
-        var r = QemuImg("compare", "-F", "raw", image, reference);
-        Assert.True(r.ExitCode == 0, $"qemu-img compare {image} {reference}: {r.Stdout}{r.Stderr}");
-    }
-
-    private static void AssertCheckClean(string qcow2)
-    {
-        var r = QemuImg("check", qcow2);
-        Assert.True(r.ExitCode == 0, $"qemu-img check {qcow2}: {r.Stdout}{r.Stderr}");
-    }
-
-    // Three 1 MiB ranges 5 MiB apart from 192 KiB: they cross qcow2 cluster boundaries and leave
-    // gaps that must stay zero. 32 KiB requests, 8 in flight per queue.
-    private const string Ranges = "start=192K size=1M count=3 stride=5M io=32K qd=8";
-
-    private static void WriteReferenceRanges(string raw, ulong seed)
-    {
-        for (int i = 0; i < 3; i++)
-            BlkPattern.WriteRange(raw, seed, (192UL << 10) + (ulong)i * (5UL << 20), 1UL << 20);
-    }
+    // 32 KiB requests, 8 in flight per queue, over the shared ranges.
+    private const string IntxRanges = Ranges + " io=32K qd=8";
 
     [SkippableTheory]
     [InlineData("raw", 1)]
@@ -80,7 +30,7 @@ public class VirtioBlkIntxTests : IDisposable
         var disk = new DiskSpec { Path = image, Queues = queues };
 
         // The only disk sits in slot 1: GSI 17.
-        var write = RunOurs($"blk-verify {Ranges} queues={queues} seed=13 irq=intx", disk);
+        var write = RunOurs($"blk-verify {IntxRanges} queues={queues} seed=13 irq=intx", disk);
         AssertGuestOk(write, "guestkit: blk-verify ok disk=0 bytes=3145728");
         AssertIntxGsi(write, 0, 17);
 
@@ -91,7 +41,7 @@ public class VirtioBlkIntxTests : IDisposable
         WriteReferenceRanges(reference, 13);
         AssertQemuImgSame(image, reference);
 
-        var read = RunOurs($"blk-verify {Ranges} queues={queues} seed=13 write=0 irq=intx", disk);
+        var read = RunOurs($"blk-verify {IntxRanges} queues={queues} seed=13 write=0 irq=intx", disk);
         AssertGuestOk(read, "guestkit: blk-verify ok disk=0 bytes=3145728");
         AssertQemuImgSame(image, reference);
     }

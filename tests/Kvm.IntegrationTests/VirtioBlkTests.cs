@@ -1,4 +1,3 @@
-using System.Security.Cryptography;
 using Kvm.Tests.Shared;
 using Kvm.Vmm.Exits;
 using Kvm.Vmm.Machine;
@@ -9,73 +8,8 @@ namespace Kvm.IntegrationTests;
 /// The guest kit's virtio-blk driver against this VMM's virtio-blk, with qemu-img and QEMU's own
 /// virtio-blk-pci as the judges.
 /// </summary>
-public class VirtioBlkTests : IDisposable
+public class VirtioBlkTests : BlkTestBase
 {
-    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(120);
-    private readonly string _dir = Directory.CreateTempSubdirectory("kvm-blk-").FullName;
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
-    private string P(string name) => Path.Combine(_dir, name);
-
-    private static void Require()
-    {
-        GuestKitRunner.Require();
-        TestEnvironment.RequireProgram("qemu-img", "qemu-utils");
-    }
-
-    private static ProcessResult QemuImg(params string[] args) => TestEnvironment.RunProcess("qemu-img", args, Timeout);
-
-    private string CreateImage(string name, string format, string size = "64M", string? backing = null)
-    {
-        var args = new List<string> { "create", "-q", "-f", format };
-        if (backing is not null)
-            args.AddRange(["-b", backing, "-F", "qcow2"]);
-        args.Add(P(name));
-        if (backing is null)
-            args.Add(size);
-        var r = QemuImg([.. args]);
-        Assert.True(r.ExitCode == 0, r.Stderr);
-        return P(name);
-    }
-
-    private static (VmStopReason Reason, SerialCapture Serial) RunOurs(string cmdline, params DiskSpec[] disks) =>
-        GuestKitRunner.Run(GuestKitRunner.Spec(cmdline) with { Disks = disks }, Timeout);
-
-    private static void AssertGuestOk((VmStopReason Reason, SerialCapture Serial) run, string okPrefix)
-    {
-        Assert.True(run.Reason is DebugExitStop { Status: 0 }, $"guest ended with {run.Reason.Describe()}; console:\n{run.Serial.Text}");
-        Assert.Contains(run.Serial.Lines, l => l.StartsWith(okPrefix, StringComparison.Ordinal));
-    }
-
-    private static void AssertQemuImgSame(string image, string reference)
-    {
-        var r = QemuImg("compare", "-F", "raw", image, reference);
-        Assert.True(r.ExitCode == 0, $"qemu-img compare {image} {reference}: {r.Stdout}{r.Stderr}");
-    }
-
-    private static void AssertCheckClean(string qcow2)
-    {
-        var r = QemuImg("check", qcow2);
-        Assert.True(r.ExitCode == 0, $"qemu-img check {qcow2}: {r.Stdout}{r.Stderr}");
-    }
-
-    private static string Sha256(string path)
-    {
-        using var f = File.OpenRead(path);
-        return Convert.ToHexString(SHA256.HashData(f));
-    }
-
-    // Three 1 MiB ranges 5 MiB apart starting at 192 KiB: they cross 64 KiB cluster boundaries
-    // and leave untouched gaps the reference must show as zeros.
-    private const string Ranges = "start=192K size=1M count=3 stride=5M";
-
-    private static void WriteReferenceRanges(string raw, ulong seed)
-    {
-        for (int i = 0; i < 3; i++)
-            BlkPattern.WriteRange(raw, seed, (192UL << 10) + (ulong)i * (5UL << 20), 1UL << 20);
-    }
-
     [SkippableTheory]
     [InlineData("raw")]
     [InlineData("qcow2")]
