@@ -52,6 +52,19 @@ public sealed unsafe class GuestMemory : IDisposable
     {
         _regions = regions;
         HugePages = mode;
+        // Every window is made up front: workers on several threads read them without a lock.
+        _windows = new Memory<byte>[regions.Length][];
+        for (int i = 0; i < regions.Length; i++)
+        {
+            var r = regions[i];
+            var list = new Memory<byte>[(r.Size + MemoryWindow - 1) / MemoryWindow];
+            for (ulong w = 0; w < (ulong)list.Length; w++)
+            {
+                ulong start = w * MemoryWindow;
+                list[w] = new NativeMemory((byte*)r.Host + start, (int)Math.Min(MemoryWindow, r.Size - start)).Memory;
+            }
+            _windows[i] = list;
+        }
     }
 
     public IReadOnlyList<GuestMemoryRegion> Regions => _regions;
@@ -220,46 +233,36 @@ public sealed unsafe class GuestMemory : IDisposable
     /// <summary>Guest RAM is handed out as Memory in windows of this size (Memory lengths are ints).</summary>
     private const ulong MemoryWindow = 1UL << 30;
 
-    private Memory<byte>[]?[]? _windows;
+    private readonly Memory<byte>[][] _windows;
 
     /// <summary>
-    /// Like <see cref="TryGetSpan"/>, as a <see cref="Memory{T}"/> that vectored I/O can take
-    /// (preadv/pwritev straight into guest RAM). False when the range is not inside one region, or
-    /// crosses a 1 GiB window of it. The memory is only valid while this object is not disposed.
+    /// Appends guest RAM [gpa, gpa+length) to <paramref name="into"/> as one or more Memory pieces
+    /// (split where it crosses a 1 GiB window: Memory lengths are ints), for vectored I/O straight
+    /// into guest RAM. Throws when the range is not inside one region. The pieces are only valid
+    /// while this object is not disposed.
     /// </summary>
-    public bool TryGetMemory(ulong gpa, int length, out Memory<byte> memory)
+    public void AppendMemory(ulong gpa, ulong length, List<Memory<byte>> into)
     {
-        memory = default;
-        if (_disposed || length < 0)
-            return false;
-        for (int i = 0; i < _regions.Length; i++)
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (length == 0)
+            return;
+        int region = 0;
+        while (region < _regions.Length && !_regions[region].Contains(gpa, length))
+            region++;
+        if (region == _regions.Length)
+            throw new GuestMemoryException($"guest range 0x{gpa:x}+0x{length:x} is outside guest RAM");
+        ulong offset = gpa - _regions[region].GuestAddress;
+        while (length > 0)
         {
-            var r = _regions[i];
-            if (!r.Contains(gpa, (ulong)length))
-                continue;
-            ulong offset = gpa - r.GuestAddress;
             ulong window = offset / MemoryWindow, within = offset % MemoryWindow;
-            if (within + (ulong)length > MemoryWindow)
-                return false;
-            memory = Window(i, window).Slice((int)within, length);
-            return true;
+            ulong take = Math.Min(length, MemoryWindow - within);
+            into.Add(Window(region, window).Slice((int)within, (int)take));
+            offset += take;
+            length -= take;
         }
-        return false;
     }
 
-    private Memory<byte> Window(int region, ulong index)
-    {
-        _windows ??= new Memory<byte>[]?[_regions.Length];
-        var r = _regions[region];
-        var list = _windows[region] ??= new Memory<byte>[(r.Size + MemoryWindow - 1) / MemoryWindow];
-        if (list[index].IsEmpty)
-        {
-            ulong start = index * MemoryWindow;
-            int size = (int)Math.Min(MemoryWindow, r.Size - start);
-            list[index] = new NativeMemory((byte*)r.Host + start, size).Memory;
-        }
-        return list[index];
-    }
+    private Memory<byte> Window(int region, ulong index) => _windows[region][index];
 
     /// <summary>A window of guest RAM as a Memory; the mapping outlives it (GuestMemory unmaps).</summary>
     private sealed class NativeMemory(byte* pointer, int length) : MemoryManager<byte>

@@ -72,4 +72,44 @@ public class GuestMemoryTests
         using var m = GuestMemory.Create([(0UL, 2UL << 20)]);
         Assert.True(m.GetSpan(0, 1 << 20).IndexOfAnyExcept((byte)0) < 0);
     }
+
+    [Fact]
+    public void AppendMemoryHandsOutGuestRamSplitAtGiBWindows()
+    {
+        // 3 GiB reserved, not touched beyond the pages this test writes (MAP_NORESERVE).
+        using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
+        var pieces = new List<Memory<byte>>();
+        ulong start = (1UL << 30) - 4096;
+        m.AppendMemory(start, 8192, pieces);
+        Assert.Equal([4096, 4096], pieces.Select(p => p.Length));
+
+        pieces[0].Span.Fill(0xaa);
+        pieces[1].Span.Fill(0xbb);
+        Assert.Equal(0xaa, m.ReadU8(start));
+        Assert.Equal(0xaa, m.ReadU8(start + 4095));
+        Assert.Equal(0xbb, m.ReadU8(start + 4096));
+        Assert.Equal(0xbb, m.ReadU8(start + 8191));
+
+        pieces.Clear();
+        m.AppendMemory((4UL << 30) + 16, 100, pieces);
+        pieces[0].Span[0] = 7;
+        Assert.Equal(7, m.ReadU8((4UL << 30) + 16));
+        Assert.Single(pieces);
+
+        pieces.Clear();
+        m.AppendMemory(0x5000, 0, pieces);
+        Assert.Empty(pieces);
+    }
+
+    [Theory]
+    [InlineData(0xc0000000UL - 8, 16UL)]    // runs off the end of the low region into the hole
+    [InlineData(0xd0000000UL, 4UL)]         // in the hole
+    [InlineData(ulong.MaxValue - 3, 8UL)]   // wraps
+    public void AppendMemoryRefusesRangesOutsideRam(ulong gpa, ulong length)
+    {
+        using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
+        var pieces = new List<Memory<byte>>();
+        Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, pieces));
+        Assert.Empty(pieces);
+    }
 }

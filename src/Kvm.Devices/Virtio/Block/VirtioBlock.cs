@@ -219,159 +219,84 @@ public sealed class VirtioBlock : IVirtioDevice
     {
         if (!InRange(sector, bytes))
             return StatusIoErr;
+        if (bytes == 0)
+            return StatusOk;
         ulong offset = sector * SectorSize;
-        if (bytes > 0 && chain.Writable[0].Length < bytes && ReadVectored(memory, chain.Writable, offset, bytes, out byte vectored))
-            return vectored;
-        ulong left = bytes;
-        foreach (var seg in chain.Writable)
+        var buffers = Collect(memory, chain.Writable, 0, bytes);
+        try
         {
-            ulong take = Math.Min(seg.Length, left);
-            for (ulong done = 0; done < take;)
-            {
-                int chunk = (int)Math.Min(take - done, SizeMax);
-                var span = memory.GetSpan(seg.Address + done, chunk);
-                ulong at = offset;
-                try
-                {
-                    _image.Read(at, span);
-                }
-                catch (Exception e) when (IsImageError(e))
-                {
-                    return IoError("read", at, e);
-                }
-                offset += (ulong)chunk;
-                done += (ulong)chunk;
-            }
-            left -= take;
-            if (left == 0)
-                break;
+            // One vectored request however many buffers the guest gave (preadv into guest RAM
+            // for raw images): one system call instead of one per buffer.
+            _image.Read(offset, buffers);
+            return StatusOk;
         }
-        return StatusOk;
+        catch (Exception e) when (IsImageError(e))
+        {
+            return IoError("read", offset, e);
+        }
+        finally
+        {
+            buffers.Clear();
+        }
     }
 
     private byte Write(GuestMemory memory, DescriptorChain chain, ulong sector, ulong bytes)
     {
         if (ReadOnly || !InRange(sector, bytes))
             return StatusIoErr;
+        if (bytes == 0)
+            return StatusOk;
         ulong offset = sector * SectorSize;
-        bool scattered = bytes > 0 && !DataInOneSegment(chain.Readable, HeaderSize, bytes);
-        if (scattered && WriteVectored(memory, chain.Readable, offset, bytes, out byte vectored))
-            return vectored;
-        ulong skip = HeaderSize;
-        foreach (var seg in chain.Readable)
-        {
-            ulong from = Math.Min(skip, seg.Length);
-            skip -= from;
-            for (ulong done = from; done < seg.Length;)
-            {
-                int chunk = (int)Math.Min(seg.Length - done, SizeMax);
-                var span = memory.GetSpan(seg.Address + done, chunk);
-                try
-                {
-                    _image.Write(offset, span);
-                }
-                catch (Exception e) when (IsImageError(e))
-                {
-                    return IoError("write", offset, e);
-                }
-                offset += (ulong)chunk;
-                done += (ulong)chunk;
-            }
-        }
-        return StatusOk;
-    }
-
-    [ThreadStatic]
-    private static List<Memory<byte>>? t_readList;
-
-    [ThreadStatic]
-    private static List<ReadOnlyMemory<byte>>? t_writeList;
-
-    /// <summary>
-    /// Reads the data of a request spread over several buffers with one vectored image request
-    /// (preadv straight into guest RAM for raw images; one bounce-buffered request for qcow2).
-    /// One system call instead of one per buffer is what matters. False, with nothing read, when
-    /// a buffer cannot be handed out as Memory.
-    /// </summary>
-    private bool ReadVectored(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong offset, ulong bytes, out byte status)
-    {
-        status = StatusOk;
-        var list = t_readList ??= new List<Memory<byte>>();
-        list.Clear();
-        ulong left = bytes;
-        foreach (var seg in segments)
-        {
-            if (left == 0)
-                break;
-            ulong take = Math.Min(seg.Length, left);
-            if (take > int.MaxValue || !memory.TryGetMemory(seg.Address, (int)take, out var m))
-                return false;
-            list.Add(m);
-            left -= take;
-        }
+        var buffers = Collect(memory, chain.Readable, HeaderSize, bytes);
+        var sources = t_sources ??= new List<ReadOnlyMemory<byte>>();
+        foreach (var b in buffers)
+            sources.Add(b);
         try
         {
-            _image.Read(offset, list);
+            _image.Write(offset, sources);
+            return StatusOk;
         }
         catch (Exception e) when (IsImageError(e))
         {
-            status = IoError("read", offset, e);
+            return IoError("write", offset, e);
         }
         finally
         {
-            list.Clear();
+            buffers.Clear();
+            sources.Clear();
         }
-        return true;
     }
 
-    /// <summary>Writes the data of a request from its buffers with one vectored write (pwritev for raw images).</summary>
-    private bool WriteVectored(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong offset, ulong bytes, out byte status)
+    [ThreadStatic]
+    private static List<Memory<byte>>? t_buffers;
+
+    [ThreadStatic]
+    private static List<ReadOnlyMemory<byte>>? t_sources;
+
+    /// <summary>
+    /// The guest RAM holding <paramref name="length"/> bytes of a chain's segments from
+    /// <paramref name="skip"/> bytes in, as Memory pieces (the calling worker's list; clear it
+    /// after use). The chain was checked to lie in guest RAM when it was taken from the queue.
+    /// </summary>
+    private static List<Memory<byte>> Collect(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length)
     {
-        status = StatusOk;
-        var list = t_writeList ??= new List<ReadOnlyMemory<byte>>();
+        var list = t_buffers ??= new List<Memory<byte>>();
         list.Clear();
-        ulong skip = HeaderSize, left = bytes;
         foreach (var seg in segments)
         {
+            if (length == 0)
+                break;
             if (skip >= seg.Length)
             {
                 skip -= seg.Length;
                 continue;
             }
-            ulong take = Math.Min(seg.Length - skip, left);
-            if (take > int.MaxValue || !memory.TryGetMemory(seg.Address + skip, (int)take, out var m))
-                return false;
-            list.Add(m);
-            left -= take;
+            ulong take = Math.Min(seg.Length - skip, length);
+            memory.AppendMemory(seg.Address + skip, take, list);
+            length -= take;
             skip = 0;
-            if (left == 0)
-                break;
         }
-        try
-        {
-            _image.Write(offset, list);
-        }
-        catch (Exception e) when (IsImageError(e))
-        {
-            status = IoError("write", offset, e);
-        }
-        finally
-        {
-            list.Clear();
-        }
-        return true;
-    }
-
-    /// <summary>Whether the <paramref name="length"/> bytes from <paramref name="skip"/> on lie in one segment.</summary>
-    private static bool DataInOneSegment(ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length)
-    {
-        foreach (var seg in segments)
-        {
-            if (skip < seg.Length)
-                return seg.Length - skip >= length;
-            skip -= seg.Length;
-        }
-        return false;
+        return list;
     }
 
     private byte DiscardOrZero(GuestMemory memory, DescriptorChain chain, uint type, ulong bytes)
@@ -445,39 +370,25 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <summary>Copies bytes from the device-readable segments, starting <paramref name="skip"/> bytes in.</summary>
     private static void Gather(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, Span<byte> into)
     {
-        foreach (var seg in segments)
+        var pieces = Collect(memory, segments, skip, (ulong)into.Length);
+        foreach (var p in pieces)
         {
-            if (into.IsEmpty)
-                return;
-            if (skip >= seg.Length)
-            {
-                skip -= seg.Length;
-                continue;
-            }
-            int n = (int)Math.Min(seg.Length - skip, (ulong)into.Length);
-            memory.GetSpan(seg.Address + skip, n).CopyTo(into);
-            into = into[n..];
-            skip = 0;
+            p.Span.CopyTo(into);
+            into = into[p.Length..];
         }
+        pieces.Clear();
     }
 
     /// <summary>Copies bytes into the device-writable segments, starting <paramref name="skip"/> bytes in.</summary>
     private static void Scatter(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ReadOnlySpan<byte> from)
     {
-        foreach (var seg in segments)
+        var pieces = Collect(memory, segments, skip, (ulong)from.Length);
+        foreach (var p in pieces)
         {
-            if (from.IsEmpty)
-                return;
-            if (skip >= seg.Length)
-            {
-                skip -= seg.Length;
-                continue;
-            }
-            int n = (int)Math.Min(seg.Length - skip, (ulong)from.Length);
-            from[..n].CopyTo(memory.GetSpan(seg.Address + skip, n));
-            from = from[n..];
-            skip = 0;
+            from[..p.Length].CopyTo(p.Span);
+            from = from[p.Length..];
         }
+        pieces.Clear();
     }
 
     public void Dispose() => _image.Dispose();
