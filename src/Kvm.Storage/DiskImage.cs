@@ -31,7 +31,7 @@ public static class DiskImage
         {
             case "raw":
                 ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite).Dispose(); // errors name the file
-                return RawImage.Open(path, options.ReadOnly);
+                return RawImage.Open(path, options.ReadOnly, options.Exclusive);
             case "qcow2":
                 return Qcow2Image.OpenFile(path, options, header =>
                 {
@@ -46,7 +46,7 @@ public static class DiskImage
                     };
                     try
                     {
-                        return Open(backing, options with { ReadOnly = true }, backingFormat, chain);
+                        return Open(backing, options with { ReadOnly = true, Exclusive = false }, backingFormat, chain);
                     }
                     catch (ImageFormatException e) when (!e.Message.Contains(path, StringComparison.Ordinal))
                     {

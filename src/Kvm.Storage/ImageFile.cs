@@ -5,13 +5,22 @@ namespace Kvm.Storage;
 /// <summary>Opens image files, turning every way an open can fail into an error that names the file.</summary>
 internal static class ImageFile
 {
-    public static SafeFileHandle Open(string path, FileAccess access)
+    /// <summary>The HResult .NET gives an IOException for a lock held elsewhere (ERROR_SHARING_VIOLATION).</summary>
+    private const int SharingViolation = unchecked((int)0x80070020);
+
+    /// <summary>
+    /// Opens an image file. A writable open with <paramref name="exclusive"/> takes an exclusive
+    /// flock (FileShare.None); every other open takes a shared one, so an image open for
+    /// exclusive writing cannot be opened again, and one open anywhere cannot be opened exclusively.
+    /// </summary>
+    public static SafeFileHandle Open(string path, FileAccess access, bool exclusive = false)
     {
         try
         {
             if (Directory.Exists(path))
                 throw new ImageFormatException($"image {path}: is a directory");
-            return File.OpenHandle(path, FileMode.Open, access, FileShare.Read);
+            var share = exclusive && access != FileAccess.Read ? FileShare.None : FileShare.Read;
+            return File.OpenHandle(path, FileMode.Open, access, share);
         }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
@@ -24,6 +33,12 @@ internal static class ImageFile
         catch (PathTooLongException)
         {
             throw new ImageFormatException($"image {path}: the path is too long");
+        }
+        catch (IOException e) when (e.HResult == SharingViolation || e.Message.Contains("being used by another process", StringComparison.Ordinal))
+        {
+            throw new ImageFormatException(exclusive && access != FileAccess.Read
+                ? $"image {path}: in use (another VM or program has it open; it is locked)"
+                : $"image {path}: in use for writing by another VM or program (it is locked)", e);
         }
         catch (IOException e)
         {

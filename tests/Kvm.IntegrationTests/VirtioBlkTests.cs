@@ -51,6 +51,43 @@ public class VirtioBlkTests : BlkTestBase
     }
 
     [SkippableFact]
+    public void AWritableImageBelongsToOneVmAtATime()
+    {
+        Require();
+        string image = CreateImage("disk.qcow2", "qcow2", "16M");
+        var serial = new SerialCapture();
+
+        // The same image twice in one VM.
+        var twice = Assert.Throws<ArgumentException>(() => VirtualMachine.Create(
+            GuestKitRunner.Spec("hello") with { Disks = [new DiskSpec { Path = image }, new DiskSpec { Path = image }] }, serial.Write));
+        Assert.Contains($"disk '{image}'", twice.Message);
+        Assert.Contains("in use", twice.Message);
+
+        using (var first = VirtualMachine.Create(GuestKitRunner.Spec("hello") with { Disks = [new DiskSpec { Path = image }] }, serial.Write))
+        {
+            // A second VM can neither write it nor read it while the first one writes.
+            foreach (var readOnly in new[] { false, true })
+            {
+                var e = Assert.Throws<ArgumentException>(() => VirtualMachine.Create(
+                    GuestKitRunner.Spec("hello") with { Disks = [new DiskSpec { Path = image, ReadOnly = readOnly }] }, serial.Write));
+                Assert.Contains("in use", e.Message);
+            }
+            // Nor can it take the image as the backing file of a child it writes.
+            string child = CreateImage("child.qcow2", "qcow2", backing: "disk.qcow2");
+            Assert.Throws<ArgumentException>(() => VirtualMachine.Create(
+                GuestKitRunner.Spec("hello") with { Disks = [new DiskSpec { Path = child }] }, serial.Write));
+        }
+
+        // Once the first VM is gone, the image is free again; read-only users share it.
+        var ro = new DiskSpec { Path = image, ReadOnly = true };
+        using (VirtualMachine.Create(GuestKitRunner.Spec("hello") with { Disks = [ro] }, serial.Write))
+        using (VirtualMachine.Create(GuestKitRunner.Spec("hello") with { Disks = [ro, ro] }, serial.Write))
+        {
+        }
+        AssertGuestOk(RunOurs("blk-verify size=64K", new DiskSpec { Path = image }), "guestkit: blk-verify ok");
+    }
+
+    [SkippableFact]
     public void AWrongPatternIsCaughtByTheGuest()
     {
         // The verifier itself must be able to fail: reading seed 7's data as seed 8 is a mismatch.

@@ -75,7 +75,7 @@ public sealed partial class Qcow2Image : IBlockImage
 
     internal static Qcow2Image OpenFile(string path, ImageOpenOptions options, Func<Qcow2Header, IBlockImage?> openBacking)
     {
-        SafeFileHandle file = ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite);
+        SafeFileHandle file = ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite, options.Exclusive);
         try
         {
             long length = RandomAccess.GetLength(file);

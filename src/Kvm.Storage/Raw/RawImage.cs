@@ -67,14 +67,17 @@ public sealed class RawImage : IBlockImage
         }
     }
 
-    /// <summary>Opens an existing raw image; its size is the file's length.</summary>
-    public static RawImage Open(string path, bool readOnly = false)
+    /// <summary>
+    /// Opens an existing raw image; its size is the file's length. With <paramref name="exclusive"/>
+    /// a writable image is locked exclusively (see <see cref="ImageOpenOptions.Exclusive"/>).
+    /// </summary>
+    public static RawImage Open(string path, bool readOnly = false, bool exclusive = false)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         var full = System.IO.Path.GetFullPath(path);
-        var handle = File.OpenHandle(full, FileMode.Open,
-            readOnly ? FileAccess.Read : FileAccess.ReadWrite,
-            readOnly ? FileShare.ReadWrite : FileShare.Read);
+        var handle = readOnly || exclusive
+            ? ImageFile.Open(full, readOnly ? FileAccess.Read : FileAccess.ReadWrite, exclusive)
+            : File.OpenHandle(full, FileMode.Open, FileAccess.ReadWrite, FileShare.Read);
         try
         {
             var length = RandomAccess.GetLength(handle);

@@ -93,7 +93,8 @@ public sealed class VirtualMachine : IDisposable
         {
             try
             {
-                _images.Add(DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly }));
+                // Locked: a second VM (or a second --disk) on the same writable image is refused.
+                _images.Add(DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly, Exclusive = true }));
             }
             catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
             {
