@@ -137,7 +137,7 @@ public static class VmctlCommands
                 Console.Error.WriteLine($"{Program}: {e.Message}");
                 return ExitUsage;
             }
-            return ForegroundRun.Execute(spec, Program);
+            return ForegroundRun.Execute(spec, Program, new StderrLogger(Program));
         });
         return run;
     }

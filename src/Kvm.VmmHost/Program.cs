@@ -39,4 +39,4 @@ catch (Exception e) when (e is IOException or UnauthorizedAccessException or Arg
     Console.Error.WriteLine($"{program}: {ForegroundRun.Describe(e)}");
     return 2;
 }
-return ForegroundRun.Execute(spec, program);
+return ForegroundRun.Execute(spec, program, new StderrLogger(program));

@@ -382,6 +382,29 @@ public sealed class VirtioMalformedTests
     }
 
     [Fact]
+    public void AGuestThatBreaksTheProtocolOverAndOverIsLoggedOnlyTenTimes()
+    {
+        // Each break costs the guest a reset; it may still repeat it forever. The host's log must
+        // not grow with it: the first ten are logged, the rest only counted.
+        using var rig = StartedRig();
+        const int Breaks = 13;
+        for (int i = 1; i <= Breaks; i++)
+        {
+            var c = new Case(rig);
+            c.D(0, c.Header(), 16, Next, 0);      // a descriptor pointing at itself
+            c.Q.Publish(0);
+            rig.Driver.Kick(0);
+            Assert.True(rig.Driver.WaitForStatusBits(VirtioStatus.DeviceNeedsReset), $"break {i}: NEEDS_RESET was not set");
+            Assert.True(BlockRig.Within(rig.Driver.Reset), "the reset did not return");
+            Restart(rig);
+        }
+        Assert.Equal(Breaks, rig.Transport.ProtocolErrors);
+        Assert.Equal(VirtioPciTransport.LoggedProtocolErrors, rig.Log.NeedsResetMessages.Count);
+        Assert.Contains("not logged", rig.Log.NeedsResetMessages[^1]);
+        AssertWorksAfterReset(rig);
+    }
+
+    [Fact]
     public void IndirectDescriptor_WithoutNegotiatingIt_SetsNeedsReset()
     {
         using var rig = StartedRig(indirect: false);

@@ -414,7 +414,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     {
         if ((Status & VirtioStatus.FeaturesOk) == 0)
         {
-            DeviceLog.NeedsReset(_log, Name, "DRIVER_OK set without FEATURES_OK");
+            LogProtocolError("DRIVER_OK set without FEATURES_OK");
             return false;
         }
         bool eventIdx = (_driverFeatures & VirtioFeature.Bit(VirtioFeature.RingEventIdx)) != 0;
@@ -430,7 +430,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         {
             foreach (var q in _queues)
                 q.Deactivate();
-            DeviceLog.NeedsReset(_log, Name, e.Message);
+            LogProtocolError(e.Message);
             return false;
         }
         _stopping = false;
@@ -517,7 +517,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         }
         catch (Exception e) when (e is VirtqueueException or GuestMemoryException)
         {
-            DeviceLog.NeedsReset(_log, Name, e.Message);
+            LogProtocolError(e.Message);
         }
         catch (Exception e)
         {
@@ -527,6 +527,21 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         RaiseNeedsReset();
         while (!_stopping)
             notifier.Read();
+    }
+
+    /// <summary>Protocol errors logged per device before the rest are counted only (a guest may repeat them forever).</summary>
+    public const int LoggedProtocolErrors = 10;
+
+    private int _protocolErrors;
+
+    /// <summary>How many times the driver broke the protocol (each one put the device in NEEDS_RESET).</summary>
+    public int ProtocolErrors => Volatile.Read(ref _protocolErrors);
+
+    private void LogProtocolError(string problem)
+    {
+        int n = Interlocked.Increment(ref _protocolErrors);
+        if (n <= LoggedProtocolErrors)
+            DeviceLog.NeedsReset(_log, Name, n == LoggedProtocolErrors ? problem + " (further protocol errors of this device are not logged)" : problem);
     }
 
     /// <summary>Spins until the queue has chains (true) or the poll time is over (false).</summary>

@@ -357,10 +357,15 @@ public sealed class VirtioBlock : IVirtioDevice
         }
     }
 
+    private const int LoggedIoErrors = 10;
+
     private byte IoError(string operation, ulong offset, Exception e)
     {
-        Interlocked.Increment(ref _ioErrors);
-        DeviceLog.IoError(_log, Name, operation, offset, e.Message);
+        // The first few are logged; a guest may retry a failing range forever.
+        long n = Interlocked.Increment(ref _ioErrors);
+        if (n <= LoggedIoErrors)
+            DeviceLog.IoError(_log, Name, operation, offset,
+                n == LoggedIoErrors ? e.Message + " (further I/O errors of this disk are not logged)" : e.Message);
         return StatusIoErr;
     }
 
