@@ -21,7 +21,7 @@ PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 --self-contained false -p:PublishRead
 
 RUN_CMDLINE ?= hello
 
-.PHONY: all native guest programs run test unit-test integration-test bench clean
+.PHONY: all native guest programs run test unit-test integration-test bench clean linux
 all: native guest programs
 
 native: $(SHIM)
@@ -48,6 +48,11 @@ $(BUILD)/bin/%: $(PUBLISHED)
 	@mkdir -p $(dir $@)
 	@printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/../lib/%s" "$$@"\n' $* > $@
 	@chmod +x $@
+
+# Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
+linux: $(BUILD)/linux/vmlinux
+$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init
+	bash native/linux/build.sh $(BUILD)/linux
 
 run: all
 	$(BUILD)/bin/vmctl run --kernel $(GUEST) --cmdline '$(RUN_CMDLINE)' --debug-exit

@@ -1,0 +1,82 @@
+#!/bin/bash
+# Builds the Linux guest the Linux-boot work uses, from Debian's packages:
+#   OUT/bzImage            Debian's cloud kernel as shipped (linux-image-cloud-amd64)
+#   OUT/vmlinux            the same kernel uncompressed: an ELF with a PVH entry note
+#   OUT/config, OUT/System.map
+#   OUT/initramfs.cpio.gz  busybox (busybox-static) and the virtio modules, with native/linux/init
+# Usage: native/linux/build.sh [OUT]   (default build/linux; `make linux` runs it)
+# Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=$(mkdir -p "${1:-build/linux}" && cd "${1:-build/linux}" && pwd)
+work="$out/work"
+rm -rf "$work"
+mkdir -p "$work/debs" "$work/root"
+
+die() { echo "linux guest: $*" >&2; exit 1; }
+for tool in apt-get apt-cache dpkg lz4 gzip readelf strings od; do
+    command -v "$tool" >/dev/null || die "'$tool' is missing (Debian packages: apt, dpkg, lz4, gzip, binutils)"
+done
+
+# The metapackage names the current kernel package.
+kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+[ -n "$kpkg" ] || die "apt knows no linux-image-cloud-amd64 (run 'apt-get update' first)"
+echo "linux guest: fetching $kpkg and busybox-static"
+(cd "$work/debs" && apt-get download -q "$kpkg" busybox-static 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) \
+    || die "apt-get download $kpkg busybox-static failed"
+for deb in "$work"/debs/*.deb; do
+    dpkg -x "$deb" "$work/root"
+done
+
+kver=${kpkg#linux-image-}
+cp "$work/root/boot/vmlinuz-$kver" "$out/bzImage"
+cp "$work/root/boot/config-$kver" "$out/config"
+cp "$work/root/boot/System.map-$kver" "$out/System.map"
+
+# vmlinux: the protected-mode part of the bzImage starts after (setup_sects + 1) * 512 bytes; its
+# compressed payload is at payload_offset (0x248) for payload_length (0x24c) bytes (boot protocol
+# 2.08 and later). Debian builds it with LZ4 (legacy frame).
+u8()  { od -An -tu1 -j "$2" -N 1 "$1" | tr -d ' '; }
+u32() { od -An -tu4 -j "$2" -N 4 "$1" | tr -d ' '; }
+setup_sects=$(u8 "$out/bzImage" $((0x1f1)))
+[ "$setup_sects" -ne 0 ] || setup_sects=4
+payload_offset=$(u32 "$out/bzImage" $((0x248)))
+payload_length=$(u32 "$out/bzImage" $((0x24c)))
+start=$(( (setup_sects + 1) * 512 + payload_offset ))
+magic=$(od -An -tx1 -j "$start" -N 4 "$out/bzImage" | tr -d ' ')
+[ "$magic" = "02214c18" ] || die "the kernel's payload is not LZ4 (magic $magic at byte $start); only LZ4 is handled"
+tail -c +$((start + 1)) "$out/bzImage" | head -c "$payload_length" | lz4 -dc > "$out/vmlinux" 2>/dev/null || true
+readelf -h "$out/vmlinux" >/dev/null 2>&1 || die "the decompressed payload is not an ELF file"
+readelf -n "$out/vmlinux" | grep -q 'Xen' || die "vmlinux has no Xen ELF note (no PVH entry)"
+
+# initramfs: busybox, the virtio modules in dependency order, and the init script.
+root="$work/initramfs"
+mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
+cp "$work/root/bin/busybox" "$root/bin/busybox"
+cp "$here/init" "$root/init"
+chmod 755 "$root/init" "$root/bin/busybox"
+moddir="$work/root/lib/modules/$kver/kernel"
+declare -A seen=()
+order=()
+add_module() {
+    local name=$1 file deps d
+    [ -z "${seen[$name]:-}" ] || return 0
+    seen[$name]=1
+    file=$(find "$moddir" -name "$name.ko" | head -n 1)
+    [ -n "$file" ] || die "module $name is not in $kpkg"
+    deps=$(strings -a "$file" | sed -n 's/^depends=//p' | head -n 1)
+    for d in ${deps//,/ }; do
+        add_module "$d"
+    done
+    cp "$file" "$root/lib/modules/"
+    order+=("$name")
+}
+for m in virtio_pci virtio_blk virtio_net; do
+    add_module "$m"
+done
+printf '%s\n' "${order[@]}" > "$root/lib/modules/order"
+(cd "$root" && find . | sort | "$root/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -9 > "$out/initramfs.cpio.gz"
+
+rm -rf "$work"
+echo "linux guest: $out/bzImage, $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes), $out/initramfs.cpio.gz (modules: ${order[*]})"
