@@ -6,13 +6,19 @@ namespace Kvm.Vmm.Boot;
 
 /// <summary>
 /// Where the bzImage loader puts its boot data below 1 MiB. Defaults: GDT at 0x1000 (0x30 bytes),
-/// the boot stack in 0x7000-0x8000 (RSP = 0x8000), the zero page at 0x8000 (4 KiB), the identity
-/// page tables at 0x9000-0xF000 (6 pages), the command line at 0x20000. None of these overlap
-/// the PVH loader's data except the command line, which both protocols put at 0x20000.
+/// the zero page at 0x8000 (4 KiB), the identity page tables at 0x9000-0xF000 (6 pages), a boot
+/// stack page at 0xF000-0x10000 (RSP = 0x10000), the command line at 0x20000 (up to cmdline_size
+/// + 1 bytes). None of these overlap the PVH loader's data (0x500 GDT, 0x6000 hvm_start_info,
+/// 0x7000-0x7C00 memory map) except the command line, which both protocols put at 0x20000; the
+/// ACPI tables' 0xE0000-0xFFFFF area is untouched.
 /// </summary>
-public sealed record BzBootLayout(ulong Gdt, ulong StackTop, ulong ZeroPage, ulong PageTables, ulong Cmdline)
+public sealed record BzBootLayout(ulong Gdt, ulong ZeroPage, ulong PageTables, ulong StackTop, ulong Cmdline)
 {
-    public static BzBootLayout Default { get; } = new(Gdt: 0x1000, StackTop: 0x8000, ZeroPage: 0x8000, PageTables: 0x9000, Cmdline: X86Layout.CmdlineStart);
+    /// <summary>Bytes below <see cref="StackTop"/> kept for the stack.</summary>
+    public const ulong StackSize = 0x1000;
+
+    public static BzBootLayout Default { get; } =
+        new(Gdt: 0x1000, ZeroPage: 0x8000, PageTables: 0x9000, StackTop: 0x10000, Cmdline: X86Layout.CmdlineStart);
 }
 
 /// <summary>What <see cref="BzBoot.Load"/> placed where; the entry state is derived from it.</summary>
@@ -75,8 +81,6 @@ public static class BzBoot
         string initrdName = "initrd")
     {
         layout ??= BzBootLayout.Default;
-        CheckLayout(memory, layout);
-
         byte[] cmd = Encoding.UTF8.GetBytes(cmdline);
         if ((ulong)cmd.Length > image.CmdlineSize)
             throw new BootException(
@@ -86,6 +90,7 @@ public static class BzBoot
         if (layout.Cmdline + (ulong)cmd.Length + 1 > X86Layout.LowRamEnd)
             throw new BootException(
                 $"command line is {cmd.Length} bytes and does not fit between 0x{layout.Cmdline:x} and 0x{X86Layout.LowRamEnd:x}");
+        CheckLayout(memory, layout, (ulong)cmd.Length + 1);
 
         image.CheckKernelFits(memoryMap);
         ulong initrdAddress = 0, initrdSize = (ulong)initrd.Length;
@@ -112,10 +117,12 @@ public static class BzBoot
             initrdAddress, initrdSize, layout.PageTables, layout.Gdt, layout.StackTop);
     }
 
-    private static void CheckLayout(GuestMemory memory, BzBootLayout l)
+    private static void CheckLayout(GuestMemory memory, BzBootLayout l, ulong cmdlineBytes)
     {
         if (l.PageTables % PageSize != 0)
             throw new ArgumentException($"page tables at 0x{l.PageTables:x} are not page aligned", nameof(l));
+        if (l.StackTop < BzBootLayout.StackSize || l.StackTop % 16 != 0)
+            throw new ArgumentException($"boot stack top 0x{l.StackTop:x} is not 16-byte aligned above 0x{BzBootLayout.StackSize:x}", nameof(l));
         if (l.ZeroPage % PageSize != 0)
             throw new ArgumentException($"zero page at 0x{l.ZeroPage:x} is not page aligned", nameof(l));
         var areas = new (string What, ulong Start, ulong Size)[]
@@ -123,7 +130,8 @@ public static class BzBoot
             ("GDT", l.Gdt, GdtSize),
             ("zero page", l.ZeroPage, (ulong)ZeroPage.Size),
             ("page tables", l.PageTables, IdentityPageTablesSize),
-            ("command line", l.Cmdline, 1),
+            ("boot stack", l.StackTop - BzBootLayout.StackSize, BzBootLayout.StackSize),
+            ("command line", l.Cmdline, cmdlineBytes),
         };
         for (int i = 0; i < areas.Length; i++)
         {

@@ -231,3 +231,50 @@ public class BzImageLoadTests
             Boot.BzImage.UsableRam(map));
     }
 }
+
+public class BzImageLayoutTests
+{
+    [Fact]
+    public void DefaultLayoutAvoidsPvhDataAcpiAreaAndTheLegacyHole()
+    {
+        var l = BzBootLayout.Default;
+        var ours = new (ulong Start, ulong End)[]
+        {
+            (l.Gdt, l.Gdt + BzBoot.GdtSize),
+            (l.ZeroPage, l.ZeroPage + ZeroPage.Size),
+            (l.PageTables, l.PageTables + BzBoot.IdentityPageTablesSize),
+            (l.StackTop - BzBootLayout.StackSize, l.StackTop),
+        };
+        var theirs = new (ulong Start, ulong End)[]
+        {
+            (X86Layout.BootGdt, X86Layout.BootGdt + 0x28),
+            (X86Layout.PvhStartInfo, X86Layout.PvhModlist + 0x100),
+            (X86Layout.PvhMemmap, X86Layout.PvhMemmap + (ulong)X86Layout.PvhMemmapMaxEntries * 24),
+            (X86Layout.CmdlineStart, X86Layout.BootDataEnd), // the command line: shared on purpose, but ours only holds it
+            (0xe0000, 0x100000),                               // ACPI tables and the BIOS area
+        };
+        foreach (var a in ours)
+        {
+            Assert.True(a.End <= X86Layout.LowRamEnd);
+            foreach (var b in theirs)
+                Assert.False(a.Start < b.End && b.Start < a.End, $"0x{a.Start:x}-0x{a.End:x} overlaps 0x{b.Start:x}-0x{b.End:x}");
+        }
+        for (int i = 0; i < ours.Length; i++)
+            for (int j = 0; j < i; j++)
+                Assert.False(ours[i].Start < ours[j].End && ours[j].Start < ours[i].End);
+        Assert.Equal(X86Layout.CmdlineStart, l.Cmdline);
+    }
+
+    [Fact]
+    public void LongCmdlineRunningIntoAnotherAreaIsRefused()
+    {
+        using var m = Kvm.Hypervisor.GuestMemory.Create(X86Layout.RamRanges(32UL << 20));
+        var file = new BzImageBuilder { CmdlineSize = 4096 }.Build();
+        var layout = BzBootLayout.Default with { Cmdline = 0x7800 }; // 0x800 bytes before the zero page
+        var image = Boot.BzImage.Parse(file, "k");
+        BzBoot.Load(m, image, file, new string('a', 0x7ff), [], PvhBoot.MemoryMap(m), layout: layout);
+        var e = Assert.Throws<ArgumentException>(() => BzBoot.Load(m, image, file, new string('a', 0x800), [], PvhBoot.MemoryMap(m), layout: layout));
+        Assert.Contains("command line", e.Message);
+        Assert.Contains("zero page", e.Message);
+    }
+}
