@@ -26,6 +26,8 @@ static const struct workload workloads[] = {
     { "dirty", wl_dirty },
     { "fault", wl_fault },
     { "info", wl_info },
+    { "reset", wl_reset },
+    { "rtc", wl_rtc },
     { "irq", wl_irq },
     { "pci", wl_pci },
     { "blk-verify", wl_blk_verify },

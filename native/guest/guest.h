@@ -224,6 +224,8 @@ int wl_count(int argc, char **argv);
 int wl_dirty(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
+int wl_reset(int argc, char **argv);
+int wl_rtc(int argc, char **argv);
 int wl_irq(int argc, char **argv);
 int wl_pci(int argc, char **argv);
 

@@ -196,3 +196,70 @@ int wl_pci(int argc, char **argv)
     }
     return EXIT_OK;
 }
+
+/* reset: asks the i8042 keyboard controller to pulse the reset line (command 0xFE on port 0x64),
+ * as Linux's reboot=k does.  The VMM should end (or reset) the VM; if the vCPU is still running a
+ * second later, that is an error. */
+int wl_reset(int argc, char **argv)
+{
+    if (!no_args("reset", argc, argv))
+        return EXIT_USAGE;
+    time_init();
+    gk_printf("guestkit: reset: pulsing the i8042 reset line\n");
+    outb(0x64, 0xfe);
+    uint64_t deadline = deadline_after_s(1);
+    while (!deadline_passed(deadline))
+        __asm__ volatile("pause");
+    gk_printf("guestkit: error: reset: still running 1 s after the i8042 reset command\n");
+    return EXIT_FAILED;
+}
+
+static uint8_t cmos_read(uint8_t reg)
+{
+    outb(0x70, reg);
+    return inb(0x71);
+}
+
+static unsigned int from_bcd(uint8_t v, bool binary)
+{
+    return binary ? v : (unsigned int)(v >> 4) * 10 + (v & 0x0f);
+}
+
+/* rtc: reads the CMOS real-time clock (waiting out an update in progress, reading twice until
+ * two reads agree) and prints it as `guestkit: rtc YYYY-MM-DD HH:MM:SS`. */
+int wl_rtc(int argc, char **argv)
+{
+    if (!no_args("rtc", argc, argv))
+        return EXIT_USAGE;
+    uint8_t a[7], b[7];
+    static const uint8_t regs[7] = { 0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32 };
+    time_init();
+    uint64_t deadline = deadline_after_s(2);    /* an update takes at most ~2 ms */
+    for (int tries = 0;; tries++) {
+        while (cmos_read(0x0a) & 0x80)
+            if (deadline_passed(deadline)) {
+                gk_printf("guestkit: error: rtc: the clock stays in an update (status A bit 7; "
+                          "no RTC at port 0x70?)\n");
+                return EXIT_FAILED;
+            }
+        for (int i = 0; i < 7; i++)
+            a[i] = cmos_read(regs[i]);
+        for (int i = 0; i < 7; i++)
+            b[i] = cmos_read(regs[i]);
+        if (!memcmp(a, b, sizeof(a)))
+            break;
+        if (tries == 100) {
+            gk_printf("guestkit: error: rtc: the clock never read the same twice\n");
+            return EXIT_FAILED;
+        }
+    }
+    uint8_t status_b = cmos_read(0x0b);
+    bool binary = status_b & 0x04, h24 = status_b & 0x02;
+    unsigned int hour = from_bcd(a[2] & 0x7f, binary);
+    if (!h24 && (a[2] & 0x80))
+        hour = hour % 12 + 12;
+    gk_printf("guestkit: rtc %02u%02u-%02u-%02u %02u:%02u:%02u\n",
+              from_bcd(a[6], binary), from_bcd(a[5], binary), from_bcd(a[4], binary),
+              from_bcd(a[3], binary), hour, from_bcd(a[1], binary), from_bcd(a[0], binary));
+    return EXIT_OK;
+}

@@ -153,4 +153,28 @@ public class GuestKitWorkloadTests
         vm.RequestStop(new HostStop("test"));
         Assert.True(vm.Stopped.Wait(TimeSpan.FromSeconds(10)));
     }
+
+    [SkippableFact]
+    public void TheCmosClockShowsTheHostsTime()
+    {
+        GuestKitRunner.Require();
+        var before = DateTime.UtcNow;
+        var (reason, serial) = GuestKitRunner.Run(GuestKitRunner.Spec("rtc"));
+        var after = DateTime.UtcNow;
+        Assert.Equal(new DebugExitStop(0), reason);
+        var line = Assert.Single(serial.Lines, l => l.StartsWith("guestkit: rtc ", StringComparison.Ordinal));
+        var guest = DateTime.ParseExact(line["guestkit: rtc ".Length..], "yyyy-MM-dd HH:mm:ss",
+            System.Globalization.CultureInfo.InvariantCulture, System.Globalization.DateTimeStyles.AdjustToUniversal | System.Globalization.DateTimeStyles.AssumeUniversal);
+        Assert.InRange(guest, before.AddSeconds(-1), after.AddSeconds(1));
+    }
+
+    [SkippableFact]
+    public void TheI8042ResetLineEndsTheVmAsAReset()
+    {
+        GuestKitRunner.Require();
+        var (reason, serial) = GuestKitRunner.Run(GuestKitRunner.Spec("reset"));
+        Assert.Equal(new GuestResetStop(0), reason);
+        Assert.Contains("guestkit: reset: pulsing the i8042 reset line", serial.Lines);
+        Assert.DoesNotContain(serial.Lines, l => l.Contains("still running", StringComparison.Ordinal));
+    }
 }

@@ -1,5 +1,7 @@
 using Kvm.Devices.Bus;
 using Kvm.Devices.Legacy.DebugExit;
+using Kvm.Devices.Legacy.I8042;
+using Kvm.Devices.Legacy.Rtc;
 using Kvm.Devices.Legacy.Serial;
 using Kvm.Devices.Pci;
 using Kvm.Devices.Virtio;
@@ -133,6 +135,10 @@ public sealed class VirtualMachine : IDisposable
 
         Serial = new Serial16550(serialOutput, new KvmIrqLine(Vm, Serial16550.Com1Irq));
         PortIo.Register(Serial16550.Com1Port, Serial16550.RegisterCount, Serial);
+        PortIo.Register(CmosRtc.Port, CmosRtc.PortCount, new CmosRtc());
+        var i8042 = new I8042Controller(vcpu => RequestStop(new GuestResetStop((uint)vcpu)));
+        PortIo.Register(I8042Controller.DataPortAddress, 1, i8042.DataPort);
+        PortIo.Register(I8042Controller.CommandPortAddress, 1, i8042.CommandPort);
         if (Spec.DebugExit)
             PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length, new DebugExitDevice(status => RequestStop(new DebugExitStop(status))));
 
