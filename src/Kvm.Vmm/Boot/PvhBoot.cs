@@ -57,8 +57,11 @@ public static class PvhBoot
         return map;
     }
 
-    /// <summary>Writes the command line, memory map, hvm_start_info and boot GDT into guest RAM.</summary>
-    public static void WriteBootData(GuestMemory memory, string cmdline)
+    /// <summary>
+    /// Writes the command line, memory map, hvm_start_info and boot GDT into guest RAM;
+    /// <paramref name="rsdp"/> is the ACPI RSDP's guest address (0: no ACPI tables).
+    /// </summary>
+    public static void WriteBootData(GuestMemory memory, string cmdline, ulong rsdp = 0)
     {
         byte[] cmd = Encoding.UTF8.GetBytes(cmdline);
         if (cmd.Length >= X86Layout.CmdlineMaxSize)
@@ -87,7 +90,7 @@ public static class PvhBoot
         memory.WriteU32(s + 12, 0);                         // nr_modules
         memory.WriteU64(s + 16, X86Layout.PvhModlist);      // modlist_paddr
         memory.WriteU64(s + 24, X86Layout.CmdlineStart);    // cmdline_paddr
-        memory.WriteU64(s + 32, 0);                         // rsdp_paddr (no ACPI yet)
+        memory.WriteU64(s + 32, rsdp);                      // rsdp_paddr
         memory.WriteU64(s + 40, X86Layout.PvhMemmap);       // memmap_paddr
         memory.WriteU32(s + 48, (uint)map.Count);           // memmap_entries
 

@@ -20,6 +20,9 @@ public static class X86Layout
     /// <summary>End of the area the VMM's boot data uses; kernels load above it.</summary>
     public const ulong BootDataEnd = CmdlineStart + CmdlineMaxSize;
 
+    /// <summary>The ACPI tables: in the BIOS area (inside the reserved hole below 1 MiB), 64 KiB at most.</summary>
+    public const ulong AcpiTablesStart = 0xe0000;
+
     /// <summary>Start of the EBDA/VGA/BIOS hole, reported as reserved.</summary>
     public const ulong LowRamEnd = 0x9fc00;
     public const ulong HighMemoryStart = 0x100000;

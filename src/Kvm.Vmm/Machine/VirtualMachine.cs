@@ -9,6 +9,7 @@ using Kvm.Devices.Virtio.Block;
 using Kvm.Hypervisor;
 using Kvm.Interop.Structs;
 using Kvm.Storage;
+using Kvm.Vmm.Acpi;
 using Kvm.Vmm.Boot;
 using Kvm.Vmm.Cpu;
 using Kvm.Vmm.Exits;
@@ -53,6 +54,7 @@ public sealed class VirtualMachine : IDisposable
     public IReadOnlyList<VcpuThread> Vcpus => _threads;
     public IReadOnlyList<MemorySlot> MemorySlots => _slots;
     public PciBus Pci { get; private set; } = null!;
+    public AcpiTableSet Acpi { get; private set; } = null!;
     public GsiRouting GsiRouting { get; private set; } = null!;
 
     /// <summary>The virtio-blk devices, in the order of <see cref="VmSpec.Disks"/>.</summary>
@@ -145,7 +147,11 @@ public sealed class VirtualMachine : IDisposable
         BuildPci();
 
         PvhBoot.LoadSegments(Kernel, kernelBytes, Memory);
-        PvhBoot.WriteBootData(Memory, Spec.Cmdline);
+        // ACPI tables in the BIOS area (reserved in the memory map), where the legacy RSDP scan
+        // looks too; hvm_start_info points at the RSDP.
+        Acpi = AcpiTables.Build(new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize), X86Layout.AcpiTablesStart);
+        Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
+        PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress);
 
         var cpuid = _kvm.GetSupportedCpuid();
         for (uint id = 0; id < Spec.Cpus; id++)
