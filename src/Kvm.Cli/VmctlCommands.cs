@@ -49,8 +49,12 @@ public static class VmctlCommands
     {
         var kernel = new Option<FileInfo>("--kernel", "-k")
         {
-            Description = "ELF kernel with a PVH entry note to boot (such as build/guest/guestkit.elf)",
+            Description = "kernel to boot: an ELF with a PVH entry note (such as build/guest/guestkit.elf or a vmlinux), or a bzImage",
             Required = true,
+        };
+        var initrd = new Option<FileInfo?>("--initrd", "-i")
+        {
+            Description = "initial ramdisk for a bzImage kernel",
         };
         var cmdline = new Option<string>("--cmdline", "-c")
         {
@@ -113,7 +117,7 @@ public static class VmctlCommands
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
             "(guest shut down, KVM error) or could not start; 2 for a usage error.")
         {
-            kernel, cmdline, memory, cpus, debugExit, hugePages, disks,
+            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, disks,
         };
         run.SetAction(parse =>
         {
@@ -123,6 +127,7 @@ public static class VmctlCommands
                 spec = new VmSpec
                 {
                     Kernel = parse.GetRequiredValue(kernel).FullName,
+                    Initrd = parse.GetValue(initrd)?.FullName,
                     Cmdline = parse.GetValue(cmdline) ?? "",
                     MemoryBytes = VmSpec.ParseSize(parse.GetRequiredValue(memory)),
                     Cpus = parse.GetValue(cpus),

@@ -42,8 +42,8 @@ public sealed class ElfImage
     /// <summary>Reads and parses a kernel file.</summary>
     public static ElfImage Read(string path) => Parse(ReadFile(path), path);
 
-    /// <summary>Reads a kernel file whole; errors name the file and say what is wrong with it.</summary>
-    public static byte[] ReadFile(string path)
+    /// <summary>Reads a boot file whole; errors name it (as <paramref name="what"/>, "kernel" by default) and say what is wrong.</summary>
+    public static byte[] ReadFile(string path, string what = "kernel")
     {
         try
         {
@@ -51,15 +51,15 @@ public sealed class ElfImage
         }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
-            throw new BootException($"kernel {path}: no such file");
+            throw new BootException($"{what} {path}: no such file");
         }
         catch (UnauthorizedAccessException)
         {
-            throw new BootException(Directory.Exists(path) ? $"kernel {path}: is a directory" : $"kernel {path}: permission denied");
+            throw new BootException(Directory.Exists(path) ? $"{what} {path}: is a directory" : $"{what} {path}: permission denied");
         }
         catch (IOException e)
         {
-            throw new BootException($"kernel {path}: cannot read: {e.Message}", e);
+            throw new BootException($"{what} {path}: cannot read: {e.Message}", e);
         }
     }
 

@@ -50,7 +50,11 @@ public sealed class VirtualMachine : IDisposable
     public IoBus PortIo { get; } = new("port I/O");
     public IoBus Mmio { get; } = new("MMIO");
     public Serial16550 Serial { get; private set; } = null!;
-    public ElfImage Kernel { get; private set; } = null!;
+    /// <summary>The kernel when it is an ELF booted through its PVH entry; null for a bzImage.</summary>
+    public ElfImage? Kernel { get; private set; }
+
+    /// <summary>The kernel when it is a bzImage booted through the 64-bit boot protocol; null for an ELF.</summary>
+    public BzImage? BzKernel { get; private set; }
     public IReadOnlyList<VcpuThread> Vcpus => _threads;
     public IReadOnlyList<MemorySlot> MemorySlots => _slots;
     public PciBus Pci { get; private set; } = null!;
@@ -72,15 +76,20 @@ public sealed class VirtualMachine : IDisposable
     {
         spec.Validate();
         byte[] kernelBytes = ElfImage.ReadFile(spec.Kernel);
-        var image = ElfImage.Parse(kernelBytes, spec.Kernel);
+        // The file says which boot protocol it speaks: a bzImage's setup header, or an ELF's PVH note.
+        BzImage? bz = BzImage.IsBzImage(kernelBytes) ? BzImage.Parse(kernelBytes, spec.Kernel) : null;
+        ElfImage? image = bz is null ? ElfImage.Parse(kernelBytes, spec.Kernel) : null;
+        byte[] initrd = spec.Initrd is null ? [] : ElfImage.ReadFile(spec.Initrd, "initrd");
+        if (initrd.Length > 0 && bz is null)
+            throw new BootException($"initrd {spec.Initrd}: only a bzImage kernel takes an initrd here (PVH modules are not supported yet)");
 
         bool ownsKvm = kvm is null;
         kvm ??= KvmSystem.Open();
-        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance) { Kernel = image };
+        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance) { Kernel = image, BzKernel = bz };
         try
         {
             vm.OpenDisks();
-            vm.Build(kernelBytes, serialOutput);
+            vm.Build(kernelBytes, initrd, serialOutput);
             return vm;
         }
         catch
@@ -107,7 +116,7 @@ public sealed class VirtualMachine : IDisposable
         }
     }
 
-    private void Build(byte[] kernelBytes, Action<ReadOnlySpan<byte>> serialOutput)
+    private void Build(byte[] kernelBytes, byte[] initrd, Action<ReadOnlySpan<byte>> serialOutput)
     {
         int maxVcpus = Math.Max(_kvm.CheckExtension(KvmCap.MaxVcpus), _kvm.CheckExtension(KvmCap.NrVcpus));
         if (maxVcpus > 0 && Spec.Cpus > maxVcpus)
@@ -146,12 +155,21 @@ public sealed class VirtualMachine : IDisposable
 
         BuildPci();
 
-        PvhBoot.LoadSegments(Kernel, kernelBytes, Memory);
         // ACPI tables in the BIOS area (reserved in the memory map), where the legacy RSDP scan
-        // looks too; hvm_start_info points at the RSDP.
+        // looks too; hvm_start_info or the zero page points at the RSDP.
         Acpi = AcpiTables.Build(new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize), X86Layout.AcpiTablesStart);
         Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
-        PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress);
+        BzBootInfo? bzBoot = null;
+        if (BzKernel is not null)
+        {
+            bzBoot = BzBoot.Load(Memory, BzKernel, kernelBytes, Spec.Cmdline, initrd, PvhBoot.MemoryMap(Memory),
+                Acpi.RsdpAddress, initrdName: Spec.Initrd ?? "initrd");
+        }
+        else
+        {
+            PvhBoot.LoadSegments(Kernel!, kernelBytes, Memory);
+            PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress);
+        }
 
         var cpuid = _kvm.GetSupportedCpuid();
         for (uint id = 0; id < Spec.Cpus; id++)
@@ -159,10 +177,15 @@ public sealed class VirtualMachine : IDisposable
             var vcpu = Vm.CreateVcpu(id);
             _vcpus.Add(vcpu);
             VcpuSetup.Configure(vcpu, cpuid, Spec.Cpus, hasIrqchip: true);
-            if (id == 0)
+            if (id == 0 && bzBoot is not null)
+            {
+                vcpu.SetSregs(BzBoot.EntrySregs(vcpu.GetSregs(), bzBoot));
+                vcpu.SetRegs(BzBoot.EntryRegs(bzBoot));
+            }
+            else if (id == 0)
             {
                 vcpu.SetSregs(PvhBoot.EntrySregs(vcpu.GetSregs()));
-                vcpu.SetRegs(PvhBoot.EntryRegs(Kernel.PvhEntry));
+                vcpu.SetRegs(PvhBoot.EntryRegs(Kernel!.PvhEntry));
             }
             _threads.Add(new VcpuThread(vcpu, OnExit));
         }

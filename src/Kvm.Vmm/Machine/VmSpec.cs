@@ -9,8 +9,11 @@ public sealed record VmSpec
     public const ulong MinimumMemory = 2UL << 20;
     public const int MaxDisks = 31;
 
-    /// <summary>An ELF kernel with a PVH entry note (the guest kit, or a vmlinux).</summary>
+    /// <summary>An ELF kernel with a PVH entry note (the guest kit, or a vmlinux), or a bzImage.</summary>
     public required string Kernel { get; init; }
+
+    /// <summary>An initial ramdisk for a bzImage kernel (placed as the boot protocol says).</summary>
+    public string? Initrd { get; init; }
     public string Cmdline { get; init; } = "";
     public ulong MemoryBytes { get; init; } = DefaultMemory;
     public int Cpus { get; init; } = 1;

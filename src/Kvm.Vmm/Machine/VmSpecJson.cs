@@ -12,6 +12,7 @@ public sealed class VmSpecDocument
 {
     public string? Kernel { get; set; }
     public string? Cmdline { get; set; }
+    public string? Initrd { get; set; }
     public ulong? MemoryBytes { get; set; }
     public int? Cpus { get; set; }
     public bool? DebugExit { get; set; }
@@ -27,6 +28,7 @@ public sealed class VmSpecDocument
         return d with
         {
             Cmdline = Cmdline ?? d.Cmdline,
+            Initrd = Initrd ?? d.Initrd,
             MemoryBytes = MemoryBytes ?? d.MemoryBytes,
             Cpus = Cpus ?? d.Cpus,
             DebugExit = DebugExit ?? d.DebugExit,
@@ -40,6 +42,7 @@ public sealed class VmSpecDocument
     {
         Kernel = spec.Kernel,
         Cmdline = spec.Cmdline,
+        Initrd = spec.Initrd,
         MemoryBytes = spec.MemoryBytes,
         Cpus = spec.Cpus,
         DebugExit = spec.DebugExit,
