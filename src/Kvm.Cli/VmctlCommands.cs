@@ -112,12 +112,18 @@ public static class VmctlCommands
             DefaultValueFactory = _ => [],
         };
 
+        var cpuFeatures = new Option<string>("--cpu-features")
+        {
+            Description = "CPU features the guest is told its CPU lacks, as Linux names them: -cx16,-xsave (see README)",
+            HelpName = "-NAME[,-NAME...]",
+        };
+
         var run = new Command("run",
             "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
             "(guest shut down, KVM error) or could not start; 2 for a usage error.")
         {
-            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, disks,
+            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuFeatures, disks,
         };
         run.SetAction(parse =>
         {
@@ -134,6 +140,7 @@ public static class VmctlCommands
                     DebugExit = parse.GetValue(debugExit),
                     HugePages = parse.GetValue(hugePages),
                     Disks = (parse.GetValue(disks) ?? []).Select(DiskSpec.Parse).ToArray(),
+                    HiddenCpuFeatures = parse.GetValue(cpuFeatures) is { } f ? Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(f) : [],
                 };
                 spec.Validate();
             }

@@ -13,9 +13,12 @@ public static class VcpuSetup
     /// The CPUID table for vCPU <paramref name="vcpuId"/> of <paramref name="cpuCount"/>: the host's
     /// supported leaves with this vCPU's APIC ID, the logical processor count, and the hypervisor bit.
     /// </summary>
-    public static KvmCpuidEntry2[] CpuidFor(IReadOnlyList<KvmCpuidEntry2> supported, uint vcpuId, int cpuCount)
+    public static KvmCpuidEntry2[] CpuidFor(IReadOnlyList<KvmCpuidEntry2> supported, uint vcpuId, int cpuCount,
+        IReadOnlyCollection<string>? hiddenFeatures = null)
     {
         var table = supported.ToArray();
+        if (hiddenFeatures is { Count: > 0 })
+            CpuFeatures.Hide(table, hiddenFeatures);
         for (int i = 0; i < table.Length; i++)
         {
             ref var e = ref table[i];
@@ -36,9 +39,10 @@ public static class VcpuSetup
         return table;
     }
 
-    public static void Configure(KvmVcpu vcpu, IReadOnlyList<KvmCpuidEntry2> supported, int cpuCount, bool hasIrqchip)
+    public static void Configure(KvmVcpu vcpu, IReadOnlyList<KvmCpuidEntry2> supported, int cpuCount, bool hasIrqchip,
+        IReadOnlyCollection<string>? hiddenFeatures = null)
     {
-        vcpu.SetCpuid(CpuidFor(supported, vcpu.Id, cpuCount));
+        vcpu.SetCpuid(CpuidFor(supported, vcpu.Id, cpuCount, hiddenFeatures));
 
         var fpu = new KvmFpu { Fcw = 0x37f, Mxcsr = 0x1f80 };
         vcpu.SetFpu(fpu);

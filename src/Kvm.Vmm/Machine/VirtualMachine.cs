@@ -176,7 +176,7 @@ public sealed class VirtualMachine : IDisposable
         {
             var vcpu = Vm.CreateVcpu(id);
             _vcpus.Add(vcpu);
-            VcpuSetup.Configure(vcpu, cpuid, Spec.Cpus, hasIrqchip: true);
+            VcpuSetup.Configure(vcpu, cpuid, Spec.Cpus, hasIrqchip: true, Spec.HiddenCpuFeatures);
             if (id == 0 && bzBoot is not null)
             {
                 vcpu.SetSregs(BzBoot.EntrySregs(vcpu.GetSregs(), bzBoot));

@@ -25,6 +25,9 @@ public sealed record VmSpec
     /// <summary>Logs dirty pages of guest RAM from the first instruction on.</summary>
     public bool TrackDirtyPages { get; init; }
 
+    /// <summary>CPU features (Linux /proc/cpuinfo names) the vCPUs are told they lack; see <see cref="Cpu.CpuFeatures"/>.</summary>
+    public IReadOnlyList<string> HiddenCpuFeatures { get; init; } = [];
+
     /// <summary>virtio-blk disks, in PCI slot order (slot 1 onwards).</summary>
     public IReadOnlyList<DiskSpec> Disks { get; init; } = [];
 

@@ -19,6 +19,7 @@ public sealed class VmSpecDocument
     public HugePageMode? HugePages { get; set; }
     public bool? TrackDirtyPages { get; set; }
     public List<DiskSpecDocument>? Disks { get; set; }
+    public List<string>? HiddenCpuFeatures { get; set; }
 
     public VmSpec ToSpec(string source)
     {
@@ -35,6 +36,8 @@ public sealed class VmSpecDocument
             HugePages = HugePages ?? d.HugePages,
             TrackDirtyPages = TrackDirtyPages ?? d.TrackDirtyPages,
             Disks = Disks?.Select((x, i) => x.ToSpec(source, i)).ToArray() ?? d.Disks,
+            HiddenCpuFeatures = HiddenCpuFeatures is null ? d.HiddenCpuFeatures
+                : Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(string.Join(',', HiddenCpuFeatures.Select(f => "-" + f))),
         };
     }
 
@@ -49,6 +52,7 @@ public sealed class VmSpecDocument
         HugePages = spec.HugePages,
         TrackDirtyPages = spec.TrackDirtyPages,
         Disks = spec.Disks.Count == 0 ? null : spec.Disks.Select(DiskSpecDocument.From).ToList(),
+        HiddenCpuFeatures = spec.HiddenCpuFeatures.Count == 0 ? null : spec.HiddenCpuFeatures.ToList(),
     };
 }
 
