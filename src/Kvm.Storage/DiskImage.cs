@@ -30,8 +30,8 @@ public static class DiskImage
         switch (format)
         {
             case "raw":
-                ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite).Dispose(); // errors name the file
-                return RawImage.Open(path, options.ReadOnly, options.Exclusive);
+                // One open that names the file in every error and takes the lock the options ask for.
+                return RawImage.FromHandle(path, ImageFile.Open(path, options.ReadOnly ? FileAccess.Read : FileAccess.ReadWrite, options.Exclusive), options.ReadOnly);
             case "qcow2":
                 return Qcow2Image.OpenFile(path, options, header =>
                 {

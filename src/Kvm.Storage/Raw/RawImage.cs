@@ -67,21 +67,23 @@ public sealed class RawImage : IBlockImage
         }
     }
 
-    /// <summary>
-    /// Opens an existing raw image; its size is the file's length. With <paramref name="exclusive"/>
-    /// a writable image is locked exclusively (see <see cref="ImageOpenOptions.Exclusive"/>).
-    /// </summary>
-    public static RawImage Open(string path, bool readOnly = false, bool exclusive = false)
+    /// <summary>Opens an existing raw image; its size is the file's length.</summary>
+    public static RawImage Open(string path, bool readOnly = false)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         var full = System.IO.Path.GetFullPath(path);
-        var handle = readOnly || exclusive
-            ? ImageFile.Open(full, readOnly ? FileAccess.Read : FileAccess.ReadWrite, exclusive)
-            : File.OpenHandle(full, FileMode.Open, FileAccess.ReadWrite, FileShare.Read);
+        return FromHandle(full, File.OpenHandle(full, FileMode.Open,
+            readOnly ? FileAccess.Read : FileAccess.ReadWrite,
+            readOnly ? FileShare.ReadWrite : FileShare.Read), readOnly);
+    }
+
+    /// <summary>A raw image on a file already opened (and locked) by <see cref="ImageFile.Open"/>; takes the handle.</summary>
+    internal static RawImage FromHandle(string fullPath, SafeFileHandle handle, bool readOnly)
+    {
         try
         {
             var length = RandomAccess.GetLength(handle);
-            return new RawImage(full, handle, (ulong)length, readOnly);
+            return new RawImage(fullPath, handle, (ulong)length, readOnly);
         }
         catch
         {
