@@ -105,9 +105,18 @@ public abstract class PciFunction
         {
             if (ReadConfigOverride(offset, size) is { } overridden)
                 return overridden;
+            ushort status = DynamicStatus;
             uint v = 0;
             for (int i = size - 1; i >= 0; i--)
-                v = v << 8 | _config[offset + i];
+            {
+                int at = offset + i;
+                byte b = _config[at];
+                if (at == StatusRegister)
+                    b |= (byte)status;
+                else if (at == StatusRegister + 1)
+                    b |= (byte)(status >> 8);
+                v = v << 8 | b;
+            }
             return v;
         }
     }
@@ -192,6 +201,9 @@ public abstract class PciFunction
 
     /// <summary>Called under <see cref="ConfigLock"/> after every configuration write.</summary>
     protected virtual void ConfigWritten(int offset, int size, uint value) { }
+
+    /// <summary>Status register bits the function's state sets (such as Interrupt Status), ORed into reads.</summary>
+    protected virtual ushort DynamicStatus => 0;
 
     /// <summary>Lets a subclass answer a configuration read itself (under <see cref="ConfigLock"/>); null reads the bytes.</summary>
     protected virtual uint? ReadConfigOverride(int offset, int size) => null;

@@ -174,19 +174,11 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         int data = _pciCfgCap + 16;
         if (offset < data + 4 && offset + size > data && PciCfgWindow(out int bar, out uint at, out int length))
             ReadBar(bar, at, ConfigBytes(data, length));
-        if (offset <= StatusRegister && offset + size > StatusRegister)
-        {
-            // Status bit 3 (Interrupt Status) shows a pending INTx interrupt, masked or not.
-            uint v = 0;
-            var bytes = ConfigBytes(offset, size);
-            for (int i = size - 1; i >= 0; i--)
-                v = v << 8 | bytes[i];
-            if (Volatile.Read(ref _isr) != 0)
-                v |= (uint)StatusInterrupt << (8 * (StatusRegister - offset));
-            return v;
-        }
         return null;
     }
+
+    /// <summary>Status bit 3 (Interrupt Status) shows a pending INTx interrupt, masked or not.</summary>
+    protected override ushort DynamicStatus => Volatile.Read(ref _isr) != 0 ? StatusInterrupt : (ushort)0;
 
     /// <summary>The BAR access the VIRTIO_PCI_CAP_PCI_CFG window describes, if it is a valid one.</summary>
     private bool PciCfgWindow(out int bar, out uint offset, out int length)
