@@ -26,12 +26,6 @@ public sealed class GsiRouting
         _maxEntries = max > 0 ? (uint)max : 1024;
     }
 
-    /// <summary>Routes installed: the irqchip defaults plus one per MSI GSI that has a message.</summary>
-    public int EntryCount
-    {
-        get { lock (_lock) return DefaultEntries().Count() + _msi.Values.Count(v => v is not null); }
-    }
-
     /// <summary>A new GSI for an MSI; it routes nowhere until <see cref="SetMsi"/>.</summary>
     public uint AllocateMsi()
     {
