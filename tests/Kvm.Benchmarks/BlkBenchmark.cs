@@ -127,7 +127,7 @@ internal static partial class BlkBenchmark
                     a.Add(Figure(RunOurs(cmd, ours), row));
                     b.Add(Figure(RunQemu(cmd, theirs, format), row));
                 }
-                double ma = Median(a), mb = Median(b);
+                double ma = DiskBenchmark.Median(a), mb = DiskBenchmark.Median(b);
                 string unit = row.Throughput ? "MB/s" : "IOPS";
                 Console.WriteLine($"{$"{format} {row.Name} ({unit})",-36}{ma,12:0}{mb,12:0}{ma / mb,8:0.00}");
             }
@@ -164,7 +164,8 @@ internal static partial class BlkBenchmark
     [GeneratedRegex(@"guestkit: blk-bench .*iops=(?<iops>\d+) kibps=(?<kibps>\d+)")]
     private static partial Regex BenchLine();
 
-    private static string Guest(string file, string[] args, int expectedStatus)
+    /// <summary>Runs a program to its end and returns its output; any other exit status than <paramref name="expectedStatus"/> throws.</summary>
+    private static string Guest(string file, string[] args, int expectedStatus = 0)
     {
         var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (var x in args)
@@ -174,35 +175,11 @@ internal static partial class BlkBenchmark
         string output = p.StandardOutput.ReadToEnd();
         p.WaitForExit();
         if (p.ExitCode != expectedStatus)
-            throw new InvalidOperationException($"{file} exited {p.ExitCode}:\n{output}{err.Result}");
+            throw new InvalidOperationException($"{file} {string.Join(' ', args)} exited {p.ExitCode}:\n{output}{err.Result}");
         return output;
     }
 
-    private static void Tool(string file, params string[] args)
-    {
-        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var x in args)
-            psi.ArgumentList.Add(x);
-        using var p = Process.Start(psi)!;
-        var err = p.StandardError.ReadToEndAsync();
-        p.StandardOutput.ReadToEnd();
-        p.WaitForExit();
-        if (p.ExitCode != 0)
-            throw new InvalidOperationException($"{file} {string.Join(' ', args)} failed: {err.Result}");
-    }
+    private static void Tool(string file, params string[] args) => Guest(file, args);
 
-    private static string Qemu(string arg)
-    {
-        var psi = new ProcessStartInfo("qemu-system-x86_64", arg) { RedirectStandardOutput = true, UseShellExecute = false };
-        using var p = Process.Start(psi)!;
-        string s = p.StandardOutput.ReadToEnd();
-        p.WaitForExit();
-        return s;
-    }
-
-    private static double Median(List<double> v)
-    {
-        var s = v.Order().ToArray();
-        return s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;
-    }
+    private static string Qemu(string arg) => Guest("qemu-system-x86_64", [arg]);
 }
