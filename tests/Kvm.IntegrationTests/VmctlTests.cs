@@ -272,6 +272,11 @@ public class VmctlTests
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        // script(1) runs the command with $SHELL. It must be bash: a non-interactive dash dies of
+        // the same SIGINT that vmctl handles, so 'echo status' would never run (CI has no SHELL set,
+        // and /bin/sh is dash there).
+        TestEnvironment.RequireProgram("bash", "bash");
+        psi.Environment["SHELL"] = TestEnvironment.FindOnPath("bash");
         foreach (var a in new[] { "-q", "-e", "-c", inner, "/dev/null" })
             psi.ArgumentList.Add(a);
         using var p = Process.Start(psi)!;
