@@ -118,12 +118,20 @@ public static class VmctlCommands
             HelpName = "-NAME[,-NAME...]",
         };
 
+        var cpuModel = new Option<string>("--cpu-model")
+        {
+            Description = "a named CPU model, so the guest sees the same instruction set on every host that has it:\n" +
+                string.Join("\n", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => $"  {m.Key,-10} {m.Value}")),
+            HelpName = string.Join("|", Kvm.Vmm.Cpu.CpuFeatures.Models.Keys),
+            DefaultValueFactory = _ => "host",
+        };
+
         var run = new Command("run",
             "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
             "(guest shut down, KVM error) or could not start; 2 for a usage error.")
         {
-            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuFeatures, disks,
+            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuModel, cpuFeatures, disks,
         };
         run.SetAction(parse =>
         {
@@ -141,6 +149,7 @@ public static class VmctlCommands
                     HugePages = parse.GetValue(hugePages),
                     Disks = (parse.GetValue(disks) ?? []).Select(DiskSpec.Parse).ToArray(),
                     HiddenCpuFeatures = parse.GetValue(cpuFeatures) is { } f ? Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(f) : [],
+                    CpuModel = parse.GetValue(cpuModel) ?? "host",
                 };
                 spec.Validate();
             }

@@ -86,4 +86,56 @@ public class CpuFeaturesTests
             Kvm.Vmm.Machine.VmSpecJsonContext.Parse("""{ "kernel": "k", "hiddenCpuFeatures": ["nope"] }""", "c.json"));
         Assert.Contains("nope", e.Message);
     }
+
+    [Fact]
+    public void ModelsHideTheFeaturesAboveTheirLevel()
+    {
+        Assert.Empty(CpuFeatures.HiddenByModel("host"));
+        var v3 = CpuFeatures.HiddenByModel("x86-64-v3");
+        Assert.Contains("avx512f", v3);
+        Assert.DoesNotContain("avx2", v3);
+        var v2 = CpuFeatures.HiddenByModel("x86-64-v2");
+        Assert.Contains("xsave", v2);
+        Assert.Contains("avx2", v2);
+        Assert.Contains("movbe", v2);
+        Assert.DoesNotContain("cx16", v2);
+        Assert.DoesNotContain("sse4_2", v2);
+        var v1 = CpuFeatures.HiddenByModel("x86-64");
+        Assert.Contains("cx16", v1);
+        Assert.Contains("sse3", v1);
+        Assert.Contains("xsave", v1);
+        Assert.DoesNotContain("aes", v1);              // not part of any level: the host decides
+        Assert.Superset(new HashSet<string>(v2), new HashSet<string>(v1));
+        Assert.Superset(new HashSet<string>(v3), new HashSet<string>(v2));
+    }
+
+    [Fact]
+    public void AModelAppliedToATableClearsItsBits()
+    {
+        var t = Table();
+        CpuFeatures.Hide(t, CpuFeatures.HiddenByModel("x86-64-v2"));
+        Assert.Equal(0u, t[0].Ecx & ((1u << 26) | (1u << 28) | (1u << 27)));   // xsave, avx, osxsave
+        Assert.NotEqual(0u, t[0].Ecx & (1u << 13));                            // cx16 kept
+        Assert.Equal(0u, t[1].Ebx & ((1u << 5) | (1u << 16) | (1u << 31)));     // avx2, avx512f, avx512vl
+        Assert.Equal(0u, t[3].Ecx & (1u << 5));                                // abm (lzcnt)
+        Assert.NotEqual(0u, t[3].Ecx & 1u);                                    // lahf_lm kept
+    }
+
+    [Fact]
+    public void AnUnknownModelIsRefusedByName()
+    {
+        var e = Assert.Throws<ArgumentException>(() => CpuFeatures.HiddenByModel("pentium"));
+        Assert.Contains("'pentium'", e.Message);
+        Assert.Contains("x86-64-v2", e.Message);
+        var spec = new Kvm.Vmm.Machine.VmSpec { Kernel = "k", CpuModel = "pentium" };
+        Assert.Contains("'pentium'", Assert.Throws<ArgumentException>(spec.Validate).Message);
+    }
+
+    [Fact]
+    public void HidingXsaveAlsoHidesTheXsaveVariants()
+    {
+        var t = Table().Append(new KvmCpuidEntry2 { Function = 0xd, Index = 1, Eax = 0xf }).ToArray();
+        CpuFeatures.Hide(t, ["xsave"]);
+        Assert.Equal(0x4u, t[^1].Eax);                   // xsaveopt, xsavec, xsaves off; bit 2 (xgetbv1) is not named
+    }
 }

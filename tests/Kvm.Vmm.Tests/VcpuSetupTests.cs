@@ -49,14 +49,37 @@ public class VcpuSetupTests
     }
 
     [Fact]
-    public void Leaf1SetsTheHypervisorBitAndKeepsTheOtherFeatureBits()
+    public void Leaf1SetsTheHypervisorBitClearsWhatTheVmmDoesNotOfferAndKeepsTheRest()
     {
         var host = Find([.. Supported()], 1);
         var leaf = Find(VcpuSetup.CpuidFor(Supported(), 0, 1), 1);
 
+        // ECX: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, xTPR, PDCM and OSXSAVE (set by the guest's CR4) off.
+        uint ecxCleared = (1u << 2) | (1u << 3) | (1u << 4) | (1u << 5) | (1u << 6) | (1u << 7) | (1u << 8) | (1u << 14) | (1u << 15) | (1u << 27);
         Assert.Equal(1u << 31, leaf.Ecx & (1u << 31));
-        Assert.Equal(host.Ecx & 0x7fff_ffff, leaf.Ecx & 0x7fff_ffff);
-        Assert.Equal(host.Edx & ~(1u << 28), leaf.Edx & ~(1u << 28));
+        Assert.Equal(0u, leaf.Ecx & ecxCleared);
+        Assert.Equal(host.Ecx & ~ecxCleared & 0x7fff_ffff, leaf.Ecx & 0x7fff_ffff);
+        // EDX: DS, ACPI thermal, TM, PBE off; HTT off with one vCPU.
+        uint edxCleared = (1u << 21) | (1u << 22) | (1u << 29) | (1u << 31) | (1u << 28);
+        Assert.Equal(0u, leaf.Edx & edxCleared);
+        Assert.Equal(host.Edx & ~edxCleared, leaf.Edx);
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void TscDeadlineFollowsTheInKernelLapic(bool offered)
+    {
+        var host = Supported();
+        var h = host[1];
+        h.Ecx &= ~(1u << 24);
+        host[1] = h;
+        var leaf = Find(VcpuSetup.CpuidFor(host, 0, 1, tscDeadline: offered), 1);
+        Assert.Equal(offered, (leaf.Ecx & (1u << 24)) != 0);
+
+        // A CPU model that hides it wins over the LAPIC's offer.
+        var hidden = Find(VcpuSetup.CpuidFor(host, 0, 1, ["tsc_deadline_timer"], tscDeadline: true), 1);
+        Assert.Equal(0u, hidden.Ecx & (1u << 24));
     }
 
     [Fact]
@@ -76,21 +99,107 @@ public class VcpuSetupTests
     }
 
     [Theory]
-    [InlineData(0u)]
-    [InlineData(3u)]
-    [InlineData(200u)]
-    public void Leaf0xBCarriesTheX2ApicIdInEveryLevel(uint vcpu)
+    [InlineData(0u, 1, 0)]
+    [InlineData(1u, 2, 1)]
+    [InlineData(2u, 3, 2)]
+    [InlineData(3u, 4, 2)]
+    [InlineData(7u, 8, 3)]
+    [InlineData(200u, 255, 8)]
+    public void ExtendedTopologyDescribesOneCorePerVcpu(uint vcpu, int count, int coreBits)
+    {
+        var table = VcpuSetup.CpuidFor(Supported(), vcpu, count);
+        const uint flag = KvmCpuidEntry2.FlagSignificantIndex;
+
+        // Level 0: one thread per core; level 1: the cores of the package; level 2: the end.
+        AssertSame(Leaf(0xb, 0, 0, 1, 1 << 8, vcpu, flag), Find(table, 0xb, 0));
+        AssertSame(Leaf(0xb, 1, (uint)coreBits, (uint)count, 1 | (2 << 8), vcpu, flag), Find(table, 0xb, 1));
+        AssertSame(Leaf(0xb, 2, 0, 0, 2, vcpu, flag), Find(table, 0xb, 2));
+        Assert.Equal(3, table.Count(e => e.Function == 0xb));
+        Assert.Equal(coreBits, CpuidTable.CoreIdBits(count));
+    }
+
+    [Fact]
+    public void Leaf0x1FIsBuiltOnlyWhenTheHostHasIt()
+    {
+        Assert.DoesNotContain(VcpuSetup.CpuidFor(Supported(), 1, 2), e => e.Function == 0x1f);
+
+        var host = Supported();
+        host[0] = Leaf(0, 0, 0x1f, host[0].Ebx, host[0].Ecx, host[0].Edx);
+        host.Add(Leaf(0x1f, 0, 0, 0, 0, 1, KvmCpuidEntry2.FlagSignificantIndex));
+        var table = VcpuSetup.CpuidFor(host, 1, 2);
+        Assert.Equal(3, table.Count(e => e.Function == 0x1f));
+        Assert.Equal((1u, 2u, 1u), (Find(table, 0x1f, 1).Eax, Find(table, 0x1f, 1).Ebx, Find(table, 0x1f, 1).Edx));
+    }
+
+    [Theory]
+    [InlineData(1, 0u, 0u)]
+    [InlineData(2, 1u, 1u)]
+    [InlineData(6, 7u, 7u)]
+    public void Leaf4CountsTheCoresAndSharesOnlyTheLastLevelCache(int count, uint coresMinusOne, uint l3Sharing)
     {
         var host = Supported();
-        var table = VcpuSetup.CpuidFor(host, vcpu, 256 - 1);
+        host.Add(Leaf(0x4, 1, 0x1c00_4163, 0x03c0_003f, 0x1fff, 0, KvmCpuidEntry2.FlagSignificantIndex)); // L3
+        var table = VcpuSetup.CpuidFor(host, 0, count);
 
-        foreach (uint sub in new uint[] { 0, 1 })
-        {
-            var before = Find([.. host], 0xb, sub);
-            var after = Find(table, 0xb, sub);
-            Assert.Equal(vcpu, after.Edx);
-            Assert.Equal((before.Eax, before.Ebx, before.Ecx, before.Flags), (after.Eax, after.Ebx, after.Ecx, after.Flags));
-        }
+        var l1 = Find(table, 4, 0);
+        Assert.Equal(coresMinusOne, l1.Eax >> 26);
+        Assert.Equal(0u, (l1.Eax >> 14) & 0xfff);
+        Assert.Equal(host[2].Eax & 0x3fff, l1.Eax & 0x3fff);   // type, level, self-initializing kept
+        var l3 = Find(table, 4, 1);
+        Assert.Equal(coresMinusOne, l3.Eax >> 26);
+        Assert.Equal(l3Sharing, (l3.Eax >> 14) & 0xfff);
+    }
+
+    [Fact]
+    public void NoPerformanceCountersNoThermalManagementNoNestedVirtualization()
+    {
+        var host = Supported();
+        host.Add(Leaf(0x6, 0, 0x77, 0x2, 0x9, 0));
+        host.Add(Leaf(0xa, 0, 0x0703_0805, 0, 0, 0x603));
+        var table = VcpuSetup.CpuidFor(host, 0, 2);
+
+        AssertSame(Leaf(0x6, 0, 0x4, 0, 0, 0), Find(table, 6));    // only ARAT
+        AssertSame(Leaf(0xa, 0, 0, 0, 0, 0), Find(table, 0xa));
+        Assert.Equal(0u, Find(table, 0x8000_0001).Ecx & (1u << 2)); // SVM
+        Assert.Equal(0u, Find(table, 1).Ecx & (1u << 5));           // VMX
+    }
+
+    [Fact]
+    public void AmdTopologyLeavesCarryTheCoreCountAndIds()
+    {
+        var host = Supported();
+        host[0] = Leaf(0, 0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65);    // AuthenticAMD
+        host.Add(Leaf(0x8000_0008, 0, 0x3030, 0x1000, 0x0000_700f, 0));
+        host.Add(Leaf(0x8000_001e, 0, 0x55, 0x0103, 0x0303, 0));
+        var table = VcpuSetup.CpuidFor(host, 5, 6);
+
+        var size = Find(table, 0x8000_0008);
+        Assert.Equal(5u, size.Ecx & 0xff);              // NC: cores - 1
+        Assert.Equal(3u, (size.Ecx >> 12) & 0xf);       // ApicIdCoreIdSize
+        Assert.Equal(0x3030u, size.Eax);                // address sizes kept
+        AssertSame(Leaf(0x8000_001e, 0, 5, 5, 0, 0), Find(table, 0x8000_001e));
+    }
+
+    [Fact]
+    public void IntelLeaf0x80000008EcxIsLeftAlone()
+    {
+        var host = Supported();
+        host.Add(Leaf(0x8000_0008, 0, 0x3027, 0, 0, 0));
+        Assert.Equal(0u, Find(VcpuSetup.CpuidFor(host, 1, 4), 0x8000_0008).Ecx);
+    }
+
+    [Fact]
+    public void TheKvmLeavesAreKept()
+    {
+        var host = Supported();
+        host.Add(Leaf(0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d));
+        var table = VcpuSetup.CpuidFor(host, 1, 2);
+        AssertSame(host[^1], Find(table, 0x4000_0000));
+        AssertSame(Find([.. host], 0x4000_0001), Find(table, 0x4000_0001));
+
+        // A host table whose signature leaf names a lower maximum still reaches the feature leaf.
+        host[^1] = Leaf(0x4000_0000, 0, 0, 0x4b4d_564b, 0x564b_4d56, 0x4d);
+        Assert.Equal(0x4000_0001u, Find(VcpuSetup.CpuidFor(host, 1, 2), 0x4000_0000).Eax);
     }
 
     [Fact]
@@ -99,13 +208,13 @@ public class VcpuSetupTests
         var host = Supported();
         var table = VcpuSetup.CpuidFor(host, 3, 4);
 
-        Assert.Equal(host.Count, table.Length);
-        for (int i = 0; i < host.Count; i++)
+        foreach (var h in host)
         {
-            if (host[i].Function is 1 or 0xb)
+            if (h.Function is 1 or 4 or 0xb or 0x8000_0001)
                 continue;
-            AssertSame(host[i], table[i]);
+            AssertSame(h, Find(table, h.Function, h.Index));
         }
+        Assert.Equal(host.Count - 2 + 3, table.Length); // 0xB: two host subleaves became three
     }
 
     [Fact]
@@ -116,5 +225,20 @@ public class VcpuSetupTests
         VcpuSetup.CpuidFor(host, 7, 8);
         for (int i = 0; i < host.Count; i++)
             AssertSame(copy[i], host[i]);
+    }
+
+    [Fact]
+    public void InitialMsrsAreWhatFirmwareLeavesAndOnlyThoseKvmKnows()
+    {
+        var all = VcpuSetup.InitialMsrs([0x10, 0x174, 0x175, 0x176, 0x1a0, 0x277, 0x2ff, 0xc0000081, 0xc0000082, 0xc0000083, 0xc0000084, 0xc0000102]);
+        Assert.Equal(12, all.Length);
+        Assert.Equal(VcpuSetup.MtrrDefTypeEnabledWriteBack, all.Single(m => m.Index == 0x2ff).Data);
+        Assert.Equal(0x806UL, VcpuSetup.MtrrDefTypeEnabledWriteBack);          // E (bit 11) | WB (6)
+        Assert.Equal(1UL, all.Single(m => m.Index == 0x1a0).Data);              // fast strings
+        Assert.Equal(0x0007_0406_0007_0406UL, all.Single(m => m.Index == 0x277).Data);
+        Assert.All(all.Where(m => m.Index is not (0x2ff or 0x1a0 or 0x277)), m => Assert.Equal(0UL, m.Data));
+
+        var some = VcpuSetup.InitialMsrs([0xc0000082, 0x12345]);
+        Assert.Equal(0xc0000082u, Assert.Single(some).Index);
     }
 }

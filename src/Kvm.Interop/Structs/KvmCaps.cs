@@ -16,6 +16,7 @@ public enum KvmCap
     Irqfd = 32,
     IrqRouting = 25,
     MaxVcpus = 66,
+    TscDeadlineTimer = 72,
     ImmediateExit = 136,
     ManualDirtyLogProtect2 = 168,
     DirtyLogRing = 192,

@@ -12,46 +12,106 @@ public static class CpuFeatures
 {
     private enum Reg { Eax, Ebx, Ecx, Edx }
 
-    private sealed record Feature(uint Leaf, uint Index, Reg Register, int Bit);
+    // Level: the x86-64 psABI micro-architecture level that requires the feature (2, 3 or 4), or 0.
+    private sealed record Feature(uint Leaf, uint Index, Reg Register, int Bit, int Level = 0);
 
     private static readonly Dictionary<string, Feature> Known = new(StringComparer.Ordinal)
     {
-        ["sse3"] = new(1, 0, Reg.Ecx, 0),
+        ["sse3"] = new(1, 0, Reg.Ecx, 0, 2),
         ["pclmulqdq"] = new(1, 0, Reg.Ecx, 1),
-        ["ssse3"] = new(1, 0, Reg.Ecx, 9),
-        ["fma"] = new(1, 0, Reg.Ecx, 12),
-        ["cx16"] = new(1, 0, Reg.Ecx, 13),
+        ["ssse3"] = new(1, 0, Reg.Ecx, 9, 2),
+        ["fma"] = new(1, 0, Reg.Ecx, 12, 3),
+        ["cx16"] = new(1, 0, Reg.Ecx, 13, 2),
         ["pcid"] = new(1, 0, Reg.Ecx, 17),
-        ["sse4_1"] = new(1, 0, Reg.Ecx, 19),
-        ["sse4_2"] = new(1, 0, Reg.Ecx, 20),
+        ["sse4_1"] = new(1, 0, Reg.Ecx, 19, 2),
+        ["sse4_2"] = new(1, 0, Reg.Ecx, 20, 2),
         ["x2apic"] = new(1, 0, Reg.Ecx, 21),
-        ["movbe"] = new(1, 0, Reg.Ecx, 22),
-        ["popcnt"] = new(1, 0, Reg.Ecx, 23),
+        ["movbe"] = new(1, 0, Reg.Ecx, 22, 3),
+        ["popcnt"] = new(1, 0, Reg.Ecx, 23, 2),
         ["tsc_deadline_timer"] = new(1, 0, Reg.Ecx, 24),
         ["aes"] = new(1, 0, Reg.Ecx, 25),
-        ["xsave"] = new(1, 0, Reg.Ecx, 26),
-        ["avx"] = new(1, 0, Reg.Ecx, 28),
-        ["f16c"] = new(1, 0, Reg.Ecx, 29),
+        ["xsave"] = new(1, 0, Reg.Ecx, 26, 3),
+        ["avx"] = new(1, 0, Reg.Ecx, 28, 3),
+        ["f16c"] = new(1, 0, Reg.Ecx, 29, 3),
         ["rdrand"] = new(1, 0, Reg.Ecx, 30),
-        ["bmi1"] = new(7, 0, Reg.Ebx, 3),
-        ["avx2"] = new(7, 0, Reg.Ebx, 5),
-        ["bmi2"] = new(7, 0, Reg.Ebx, 8),
+        ["fsgsbase"] = new(7, 0, Reg.Ebx, 0),
+        ["bmi1"] = new(7, 0, Reg.Ebx, 3, 3),
+        ["hle"] = new(7, 0, Reg.Ebx, 4),
+        ["avx2"] = new(7, 0, Reg.Ebx, 5, 3),
+        ["smep"] = new(7, 0, Reg.Ebx, 7),
+        ["bmi2"] = new(7, 0, Reg.Ebx, 8, 3),
         ["erms"] = new(7, 0, Reg.Ebx, 9),
-        ["avx512f"] = new(7, 0, Reg.Ebx, 16),
+        ["invpcid"] = new(7, 0, Reg.Ebx, 10),
+        ["rtm"] = new(7, 0, Reg.Ebx, 11),
+        ["avx512f"] = new(7, 0, Reg.Ebx, 16, 4),
+        ["avx512dq"] = new(7, 0, Reg.Ebx, 17, 4),
         ["rdseed"] = new(7, 0, Reg.Ebx, 18),
         ["adx"] = new(7, 0, Reg.Ebx, 19),
         ["smap"] = new(7, 0, Reg.Ebx, 20),
+        ["avx512ifma"] = new(7, 0, Reg.Ebx, 21),
+        ["clflushopt"] = new(7, 0, Reg.Ebx, 23),
+        ["clwb"] = new(7, 0, Reg.Ebx, 24),
+        ["avx512cd"] = new(7, 0, Reg.Ebx, 28, 4),
         ["sha_ni"] = new(7, 0, Reg.Ebx, 29),
+        ["avx512bw"] = new(7, 0, Reg.Ebx, 30, 4),
+        ["avx512vl"] = new(7, 0, Reg.Ebx, 31, 4),
+        ["avx512vbmi"] = new(7, 0, Reg.Ecx, 1),
         ["umip"] = new(7, 0, Reg.Ecx, 2),
         ["pku"] = new(7, 0, Reg.Ecx, 3),
+        ["gfni"] = new(7, 0, Reg.Ecx, 8),
+        ["vaes"] = new(7, 0, Reg.Ecx, 9),
+        ["vpclmulqdq"] = new(7, 0, Reg.Ecx, 10),
         ["la57"] = new(7, 0, Reg.Ecx, 16),
         ["rdpid"] = new(7, 0, Reg.Ecx, 22),
-        ["smep"] = new(7, 0, Reg.Ebx, 7),
-        ["lahf_lm"] = new(0x8000_0001, 0, Reg.Ecx, 0),
-        ["abm"] = new(0x8000_0001, 0, Reg.Ecx, 5),
+        ["xsaveopt"] = new(0xd, 1, Reg.Eax, 0),
+        ["xsavec"] = new(0xd, 1, Reg.Eax, 1),
+        ["xsaves"] = new(0xd, 1, Reg.Eax, 3),
+        ["lahf_lm"] = new(0x8000_0001, 0, Reg.Ecx, 0, 2),
+        ["abm"] = new(0x8000_0001, 0, Reg.Ecx, 5, 3),
+        ["sse4a"] = new(0x8000_0001, 0, Reg.Ecx, 6),
+        ["3dnowprefetch"] = new(0x8000_0001, 0, Reg.Ecx, 8),
+        ["xop"] = new(0x8000_0001, 0, Reg.Ecx, 11),
+        ["fma4"] = new(0x8000_0001, 0, Reg.Ecx, 16),
+        ["tbm"] = new(0x8000_0001, 0, Reg.Ecx, 21),
         ["pdpe1gb"] = new(0x8000_0001, 0, Reg.Edx, 26),
         ["rdtscp"] = new(0x8000_0001, 0, Reg.Edx, 27),
     };
+
+    // Features that exist only with another one: hiding the key hides the values too.
+    private static readonly (string Feature, string[] Needs)[] Dependents =
+    [
+        ("xsave", ["avx", "xsaveopt", "xsavec", "xsaves"]),
+        ("avx", ["avx2", "fma", "f16c", "avx512f", "vaes", "vpclmulqdq", "xop", "fma4"]),
+        ("avx512f", ["avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512ifma", "avx512vbmi"]),
+    ];
+
+    /// <summary>
+    /// Named CPU models: each hides the features above an x86-64 psABI level, so that a VM sees
+    /// the same instruction set on every host that has at least that level. <c>host</c> hides nothing.
+    /// </summary>
+    public static IReadOnlyDictionary<string, string> Models { get; } = new Dictionary<string, string>(StringComparer.Ordinal)
+    {
+        ["host"] = "everything this host's KVM offers (the default)",
+        ["x86-64-v3"] = "up to AVX2, BMI1/2, FMA, MOVBE, XSAVE: hides AVX-512",
+        ["x86-64-v2"] = "up to SSE4.2, POPCNT, CMPXCHG16B: hides AVX, XSAVE and newer",
+        ["x86-64"] = "the x86-64 baseline (SSE2): hides CMPXCHG16B, SSE3 and newer",
+    };
+
+    private static int ModelLevel(string model) => model switch
+    {
+        "host" => int.MaxValue,
+        "x86-64-v3" => 3,
+        "x86-64-v2" => 2,
+        "x86-64" => 1,
+        _ => throw new ArgumentException($"cpu model '{model}' is unknown (known: {string.Join(", ", Models.Keys)})"),
+    };
+
+    /// <summary>The features model <paramref name="model"/> hides (with what depends on them).</summary>
+    public static IReadOnlyList<string> HiddenByModel(string model)
+    {
+        int level = ModelLevel(model);
+        return Known.Where(kv => kv.Value.Level > level).Select(kv => kv.Key).ToArray();
+    }
 
     /// <summary>The feature names this VMM can hide.</summary>
     public static IReadOnlyCollection<string> Names => Known.Keys;
@@ -76,15 +136,30 @@ public static class CpuFeatures
         return hidden;
     }
 
+    /// <summary>Whether feature <paramref name="name"/> is present in <paramref name="table"/>.</summary>
+    public static bool IsSet(IEnumerable<KvmCpuidEntry2> table, string name)
+    {
+        if (!Known.TryGetValue(name, out var f))
+            throw new ArgumentException($"unknown CPU feature '{name}'");
+        foreach (var e in table)
+        {
+            if (e.Function != f.Leaf || e.Index != f.Index)
+                continue;
+            uint r = f.Register switch { Reg.Eax => e.Eax, Reg.Ebx => e.Ebx, Reg.Ecx => e.Ecx, _ => e.Edx };
+            return (r & (1u << f.Bit)) != 0;
+        }
+        return false;
+    }
+
     /// <summary>Clears the CPUID bits of <paramref name="hidden"/> in <paramref name="table"/>, and what depends on them.</summary>
     public static void Hide(KvmCpuidEntry2[] table, IReadOnlyCollection<string> hidden)
     {
         var names = new HashSet<string>(hidden, StringComparer.Ordinal);
-        // Features that only exist with another: without XSAVE there is no AVX and no OSXSAVE.
-        if (names.Contains("xsave"))
-            names.UnionWith(["avx", "avx2", "fma", "f16c", "avx512f"]);
-        if (names.Contains("avx"))
-            names.UnionWith(["avx2", "fma", "f16c", "avx512f"]);
+        foreach (var (feature, needs) in Dependents)        // in order: xsave -> avx -> avx512f -> ...
+        {
+            if (names.Contains(feature))
+                names.UnionWith(needs);
+        }
         foreach (var name in names)
         {
             if (!Known.TryGetValue(name, out var f))

@@ -28,6 +28,13 @@ public sealed record VmSpec
     /// <summary>CPU features (Linux /proc/cpuinfo names) the vCPUs are told they lack; see <see cref="Cpu.CpuFeatures"/>.</summary>
     public IReadOnlyList<string> HiddenCpuFeatures { get; init; } = [];
 
+    /// <summary>A named CPU model (see <see cref="Cpu.CpuFeatures.Models"/>); its hidden features add to <see cref="HiddenCpuFeatures"/>.</summary>
+    public string CpuModel { get; init; } = "host";
+
+    /// <summary>Every feature the vCPUs are told they lack: the model's and the explicitly hidden ones.</summary>
+    public IReadOnlyList<string> AllHiddenCpuFeatures() =>
+        Cpu.CpuFeatures.HiddenByModel(CpuModel).Concat(HiddenCpuFeatures).Distinct().ToArray();
+
     /// <summary>virtio-blk disks, in PCI slot order (slot 1 onwards).</summary>
     public IReadOnlyList<DiskSpec> Disks { get; init; } = [];
 
@@ -43,6 +50,8 @@ public sealed record VmSpec
         ulong align = HugePages == HugePageMode.None ? GuestMemory.PageSize : 2UL << 20;
         if (MemoryBytes % align != 0)
             throw new ArgumentException($"memory {MemoryBytes} bytes is not a multiple of {GuestMemory.FormatSize(align)}");
+        if (!Cpu.CpuFeatures.Models.ContainsKey(CpuModel))
+            throw new ArgumentException($"cpu model '{CpuModel}' is unknown (known: {string.Join(", ", Cpu.CpuFeatures.Models.Keys)})");
         if (Disks.Count > MaxDisks)
             throw new ArgumentException($"{Disks.Count} disks is more than the {MaxDisks} PCI slots left");
         foreach (var d in Disks)

@@ -20,6 +20,7 @@ public sealed class VmSpecDocument
     public bool? TrackDirtyPages { get; set; }
     public List<DiskSpecDocument>? Disks { get; set; }
     public List<string>? HiddenCpuFeatures { get; set; }
+    public string? CpuModel { get; set; }
 
     public VmSpec ToSpec(string source)
     {
@@ -38,6 +39,7 @@ public sealed class VmSpecDocument
             Disks = Disks?.Select((x, i) => x.ToSpec(source, i)).ToArray() ?? d.Disks,
             HiddenCpuFeatures = HiddenCpuFeatures is null ? d.HiddenCpuFeatures
                 : Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(string.Join(',', HiddenCpuFeatures.Select(f => "-" + f))),
+            CpuModel = CpuModel ?? d.CpuModel,
         };
     }
 
@@ -53,6 +55,7 @@ public sealed class VmSpecDocument
         TrackDirtyPages = spec.TrackDirtyPages,
         Disks = spec.Disks.Count == 0 ? null : spec.Disks.Select(DiskSpecDocument.From).ToList(),
         HiddenCpuFeatures = spec.HiddenCpuFeatures.Count == 0 ? null : spec.HiddenCpuFeatures.ToList(),
+        CpuModel = spec.CpuModel == "host" ? null : spec.CpuModel,
     };
 }
 
