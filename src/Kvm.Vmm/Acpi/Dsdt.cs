@@ -21,6 +21,7 @@ namespace Kvm.Vmm.Acpi;
 ///   Device (PS2K) { _HID PNP0303, _CRS: IO 0x60, IO 0x64, IRQNoFlags {1} }      // when I8042
 ///   Device (MRES) { _HID PNP0C02, _CRS: Memory32Fixed ECAM, 256 MiB }          // when EcamBase
 /// }
+/// Name (\_S5, Package (4) { 5, 5, 0, 0 })      // soft off, when there is a PM1 block
 /// </code>
 /// Why links rather than GSI numbers in the _PRT: a _PRT entry that names a GSI directly
 /// (Source = 0) describes a level-triggered, active-LOW, shareable interrupt (ACPI 6.x, 6.2.13).
@@ -31,6 +32,9 @@ namespace Kvm.Vmm.Acpi;
 internal static class Dsdt
 {
     public const int PciSlots = 32;
+
+    /// <summary>The SLP_TYP that \_S5 names; the PM device powers off when it is written with SLP_EN.</summary>
+    public const int S5SleepType = Kvm.Devices.Legacy.AcpiPm.AcpiPmDevice.SleepTypeS5;
 
     public static byte[] Build(AcpiConfig config) =>
         AcpiTableBuilders.Sdt("DSDT", 2, w => w.Bytes(Body(config)));
@@ -46,7 +50,12 @@ internal static class Dsdt
             devices.Add(Keyboard());
         if (config.EcamBase is ulong ecam)
             devices.Add(EcamReservation(ecam));
-        return Scope("\\_SB", [.. devices]);
+        byte[] sb = Scope("\\_SB", [.. devices]);
+        if (config.PmIoBase is null)
+            return sb;
+        // \_S5: SLP_TYP values for PM1a_CNT and PM1b_CNT, then two reserved bytes.
+        byte[] s5 = Name("\\_S5", Package(Integer(S5SleepType), Integer(S5SleepType), Integer(0), Integer(0)));
+        return [.. sb, .. s5];
     }
 
     public static string LinkName(int index) => "GSI" + (char)('A' + index);

@@ -33,6 +33,13 @@ public sealed record GuestResetStop(uint VcpuId) : VmStopReason
     public override bool IsError => false;
 }
 
+/// <summary>The guest powered itself off through ACPI (S5: SLP_TYP and SLP_EN in PM1_CNT).</summary>
+public sealed record GuestPowerOffStop(uint VcpuId) : VmStopReason
+{
+    public override string Describe() => $"guest powered off (ACPI S5) on vCPU {VcpuId}";
+    public override bool IsError => false;
+}
+
 /// <summary>The host asked the VM to stop (Ctrl-C, a stop request).</summary>
 public sealed record HostStop(string Why) : VmStopReason
 {

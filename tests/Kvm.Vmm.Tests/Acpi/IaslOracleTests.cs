@@ -166,6 +166,22 @@ public sealed class IaslOracleTests : IDisposable
         Assert.Contains("PNP0501", dsl);
     }
 
+    [SkippableFact]
+    public void Dsdt_names_s5_with_the_sleep_type_the_pm_device_powers_off_on_and_only_with_a_pm_block()
+    {
+        string? why = IaslMissing();
+        Skip.If(why is not null, why);
+        string dsl = Disassemble(Set(), "DSDT");
+        // Name (\_S5, Package (0x04) { 0x05, 0x05, Zero, Zero })
+        var m = System.Text.RegularExpressions.Regex.Match(dsl, @"Name \(\\_S5, Package \(0x04\)[^\n]*\s*\{\s*(\w+),\s*(\w+),\s*Zero,\s*Zero\s*\}");
+        Assert.True(m.Success, dsl);
+        Assert.Equal($"0x{Kvm.Devices.Legacy.AcpiPm.AcpiPmDevice.SleepTypeS5:X2}", m.Groups[1].Value);
+        Assert.Equal(m.Groups[1].Value, m.Groups[2].Value);
+
+        string without = Disassemble(AcpiTables.Build(new AcpiConfig(1) { PmIoBase = null }, 0xE0000), "DSDT");
+        Assert.DoesNotContain("_S5", without);
+    }
+
     [SkippableTheory]
     [InlineData("FACP")]
     [InlineData("APIC")]
