@@ -215,6 +215,7 @@ void lapic_enable(void);                /* software-enable, mask LVTs, mask the 
  * level-triggered, active-high, unmasked.  False if the IOAPIC has no such pin.
  */
 bool ioapic_route_level(unsigned int pin, uint8_t vector, uint8_t apic_id);
+bool ioapic_route(unsigned int pin, uint8_t vector, uint8_t apic_id, bool level);
 unsigned int ioapic_pins(void);         /* redirection entries of the IOAPIC */
 
 /* workloads.c */
@@ -226,7 +227,10 @@ int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_reset(int argc, char **argv);
 int wl_rtc(int argc, char **argv);
+int wl_cpuid(int argc, char **argv);
+int wl_poweroff(int argc, char **argv);
 int wl_irq(int argc, char **argv);
+int wl_uart_irq(int argc, char **argv);
 int wl_pci(int argc, char **argv);
 
 /* blk_workloads.c */

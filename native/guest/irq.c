@@ -94,10 +94,15 @@ unsigned int ioapic_pins(void)
 
 bool ioapic_route_level(unsigned int pin, uint8_t vector, uint8_t apic_id)
 {
+    return ioapic_route(pin, vector, apic_id, true);
+}
+
+bool ioapic_route(unsigned int pin, uint8_t vector, uint8_t apic_id, bool level)
+{
     if (pin >= ioapic_pins())
         return false;
     uint32_t lo = IOAPIC_REG_REDTBL + 2 * pin;
-    uint32_t entry = IOREDTBL_LEVEL | vector;
+    uint32_t entry = (level ? IOREDTBL_LEVEL : 0) | vector;
 
     /* masked while the destination changes, unmasked by the last write */
     ioapic_write(lo, entry | IOREDTBL_MASKED);
@@ -142,5 +147,54 @@ int wl_irq(int argc, char **argv)
     uint64_t ns = time_ns() - t0;
     gk_irq_disable();
     gk_printf("guestkit: irq ok n=%lu ns_per_irq=%lu\n", n, n ? ns / n : 0);
+    return EXIT_OK;
+}
+
+/*
+ * uart-irq [n=COUNT]: COM1's interrupt reaches the CPU on ISA IRQ 4: IOAPIC pin 4 is routed
+ * edge-triggered to vector 0x4e, the UART's transmitter-empty interrupt is enabled, and each of
+ * COUNT characters written to THR must raise one more interrupt once the previous one was
+ * acknowledged by reading IIR (which clears a THRE interrupt, as on a 16550).
+ */
+int wl_uart_irq(int argc, char **argv)
+{
+    uint64_t n = 8, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "n", .max = 1000, .value = &n },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("uart-irq", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    gk_timeout_s = timeout;
+    time_init();
+    lapic_enable();
+    const unsigned int slot = IRQ_VECTORS - 2;
+    if (!ioapic_route(4, IRQ_VECTOR_BASE + slot, lapic_id(), false))
+        gk_fail("uart-irq: the IOAPIC has no pin 4");
+    gk_printf("guestkit: uart-irq: IRQ 4 -> vector 0x%x\n", IRQ_VECTOR_BASE + slot);
+    gk_irq_enable();
+
+    uint64_t before = gk_irq_count[slot];
+    outb(0x3f9, 0x02);                          /* IER: transmitter holding register empty */
+    for (uint64_t i = 1; i <= n; i++) {
+        uint64_t deadline = deadline_after_s(gk_timeout_s);
+        while (gk_irq_count[slot] - before < i)
+            if (deadline_passed(deadline)) {
+                outb(0x3f9, 0);
+                gk_fail("uart-irq: interrupt %lu of %lu not taken within %lu s (IIR 0x%x)", i, n,
+                        gk_timeout_s, inb(0x3fa));
+            }
+        uint8_t iir = inb(0x3fa);               /* acknowledges the THRE interrupt */
+        if ((iir & 0x0f) != 0x02) {
+            outb(0x3f9, 0);
+            gk_fail("uart-irq: IIR 0x%x after interrupt %lu, expected THRE (0x2)", iir, i);
+        }
+        if (i < n)
+            outb(0x3f8, '.');                   /* transmitted at once: THR empty again */
+    }
+    outb(0x3f9, 0);
+    gk_irq_disable();
+    gk_printf("\nguestkit: uart-irq ok n=%lu\n", n);
     return EXIT_OK;
 }

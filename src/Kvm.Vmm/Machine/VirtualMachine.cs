@@ -1,4 +1,5 @@
 using Kvm.Devices.Bus;
+using Kvm.Devices.Legacy.AcpiPm;
 using Kvm.Devices.Legacy.DebugExit;
 using Kvm.Devices.Legacy.I8042;
 using Kvm.Devices.Legacy.Rtc;
@@ -58,6 +59,9 @@ public sealed class VirtualMachine : IDisposable
     public IReadOnlyList<VcpuThread> Vcpus => _threads;
     public IReadOnlyList<MemorySlot> MemorySlots => _slots;
     public PciBus Pci { get; private set; } = null!;
+
+    /// <summary>The ACPI PM1 registers (power button, S5 power-off).</summary>
+    public AcpiPmDevice Pm { get; private set; } = null!;
     public AcpiTableSet Acpi { get; private set; } = null!;
     public GsiRouting GsiRouting { get; private set; } = null!;
 
@@ -150,6 +154,10 @@ public sealed class VirtualMachine : IDisposable
         var i8042 = new I8042Controller(vcpu => RequestStop(new GuestResetStop((uint)vcpu)));
         PortIo.Register(I8042Controller.DataPortAddress, 1, i8042.DataPort);
         PortIo.Register(I8042Controller.CommandPortAddress, 1, i8042.CommandPort);
+        // ACPI PM1a registers where the FADT says (AcpiConfig.PmIoBase); S5 powers the VM off.
+        var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
+        Pm = new AcpiPmDevice(vcpu => RequestStop(new GuestPowerOffStop((uint)vcpu)), new KvmIrqLine(Vm, AcpiConfig.SciIrq));
+        PortIo.Register(acpiConfig.PmIoBase!.Value, AcpiPmDevice.Length, Pm);
         if (Spec.DebugExit)
             PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length, new DebugExitDevice(status => RequestStop(new DebugExitStop(status))));
 
@@ -157,7 +165,7 @@ public sealed class VirtualMachine : IDisposable
 
         // ACPI tables in the BIOS area (reserved in the memory map), where the legacy RSDP scan
         // looks too; hvm_start_info or the zero page points at the RSDP.
-        Acpi = AcpiTables.Build(new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize), X86Layout.AcpiTablesStart);
+        Acpi = AcpiTables.Build(acpiConfig, X86Layout.AcpiTablesStart);
         Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
         BzBootInfo? bzBoot = null;
         if (BzKernel is not null)
@@ -172,11 +180,13 @@ public sealed class VirtualMachine : IDisposable
         }
 
         var cpuid = _kvm.GetSupportedCpuid();
+        var cpuidOptions = new CpuidOptions(Spec.Cpus, Spec.AllHiddenCpuFeatures(), TscDeadline: _kvm.CheckExtension(KvmCap.TscDeadlineTimer) > 0);
+        var msrs = new HashSet<uint>(_kvm.GetMsrIndexList());
         for (uint id = 0; id < Spec.Cpus; id++)
         {
             var vcpu = Vm.CreateVcpu(id);
             _vcpus.Add(vcpu);
-            VcpuSetup.Configure(vcpu, cpuid, Spec.Cpus, hasIrqchip: true, Spec.HiddenCpuFeatures);
+            VcpuSetup.Configure(vcpu, cpuid, cpuidOptions, msrs, hasIrqchip: true);
             if (id == 0 && bzBoot is not null)
             {
                 vcpu.SetSregs(BzBoot.EntrySregs(vcpu.GetSregs(), bzBoot));

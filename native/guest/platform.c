@@ -1,0 +1,175 @@
+/*
+ * guestkit platform workloads: what the VMM tells the guest about its CPU (cpuid) and the ACPI
+ * power-off path an OS takes (poweroff).  Both run at CPL3: CPUID is unprivileged, and the ACPI
+ * tables sit in identity-mapped RAM below 4 GiB.
+ */
+#include "guest.h"
+
+static void cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4])
+{
+    __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+
+static void print_leaf(uint32_t leaf, uint32_t sub)
+{
+    uint32_t r[4];
+    cpuid(leaf, sub, r);
+    gk_printf("guestkit: cpuid %08x.%u eax=%08x ebx=%08x ecx=%08x edx=%08x\n", leaf, sub, r[0], r[1], r[2], r[3]);
+}
+
+/* cpuid: prints the leaves that carry topology, features and the hypervisor's identity, one
+ * line each as `guestkit: cpuid LLLLLLLL.S eax=.. ebx=.. ecx=.. edx=..`. */
+int wl_cpuid(int argc, char **argv)
+{
+    if (!parse_params("cpuid", argc, argv, NULL, 0))
+        return EXIT_USAGE;
+    uint32_t r[4];
+    cpuid(0, 0, r);
+    uint32_t max_basic = r[0];
+    static const uint32_t basic[][2] = {
+        { 0, 0 }, { 1, 0 }, { 4, 0 }, { 4, 1 }, { 4, 2 }, { 4, 3 }, { 6, 0 }, { 7, 0 }, { 0xa, 0 },
+        { 0xb, 0 }, { 0xb, 1 }, { 0xb, 2 }, { 0xd, 0 }, { 0xd, 1 }, { 0x1f, 0 }, { 0x1f, 1 }, { 0x1f, 2 },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(basic); i++)
+        if (basic[i][0] <= max_basic)
+            print_leaf(basic[i][0], basic[i][1]);
+    cpuid(0x40000000, 0, r);
+    if (r[0] >= 0x40000000 && r[0] < 0x40010000)
+        for (uint32_t leaf = 0x40000000; leaf <= r[0] && leaf <= 0x40000001; leaf++)
+            print_leaf(leaf, 0);
+    cpuid(0x80000000, 0, r);
+    uint32_t max_ext = r[0];
+    static const uint32_t ext[] = { 0x80000000, 0x80000001, 0x80000008, 0x8000001e };
+    for (size_t i = 0; i < ARRAY_SIZE(ext); i++)
+        if (ext[i] <= max_ext)
+            print_leaf(ext[i], 0);
+    gk_printf("guestkit: cpuid done\n");
+    return EXIT_OK;
+}
+
+struct sdt_header {
+    char signature[4];
+    uint32_t length;
+    uint8_t revision;
+    uint8_t checksum;
+    char oem[6];
+    char oem_table[8];
+    uint32_t oem_revision;
+    uint32_t creator;
+    uint32_t creator_revision;
+} __attribute__((packed));
+
+static bool sum_ok(const void *p, uint32_t len)
+{
+    uint8_t s = 0;
+    for (uint32_t i = 0; i < len; i++)
+        s = (uint8_t)(s + ((const uint8_t *)p)[i]);
+    return s == 0;
+}
+
+/* A table at a physical address, checked: below 4 GiB, sane length, checksum. */
+static const struct sdt_header *table_at(uint64_t addr, const char *what)
+{
+    if (!addr || addr >= FOUR_GIB - sizeof(struct sdt_header)) {
+        gk_printf("guestkit: error: poweroff: %s at 0x%lx is not in low memory\n", what, addr);
+        return NULL;
+    }
+    const struct sdt_header *h = (const void *)(uintptr_t)addr;
+    if (h->length < sizeof(*h) || h->length > (1u << 20) || !sum_ok(h, h->length)) {
+        gk_printf("guestkit: error: poweroff: %s at 0x%lx: bad length %u or checksum\n", what, addr, h->length);
+        return NULL;
+    }
+    return h;
+}
+
+/* The SLP_TYP of \_S5 from the DSDT's AML: NameOp "_S5_" PackageOp PkgLength NumElements, then
+ * the first element as a BytePrefix constant, Zero or One. */
+static int s5_sleep_type(const struct sdt_header *dsdt)
+{
+    const uint8_t *p = (const uint8_t *)dsdt, *end = p + dsdt->length;
+    for (const uint8_t *q = p + sizeof(*dsdt); q + 4 <= end; q++) {
+        if (q[0] != '_' || q[1] != 'S' || q[2] != '5' || q[3] != '_')
+            continue;
+        const uint8_t *x = q + 4;
+        if (x >= end || *x != 0x12)             /* PackageOp */
+            continue;
+        x++;
+        if (x >= end)
+            break;
+        x += 1 + (*x >> 6);                     /* PkgLength: 1 + the count in bits 6-7 */
+        x++;                                    /* NumElements */
+        if (x >= end)
+            break;
+        if (*x == 0x0a && x + 1 < end)          /* BytePrefix */
+            return x[1];
+        if (*x == 0x00 || *x == 0x01)           /* ZeroOp, OneOp */
+            return *x;
+        return -1;
+    }
+    return -1;
+}
+
+/* poweroff: powers the VM off the way an ACPI OS does: RSDP (from hvm_start_info) -> XSDT ->
+ * FADT -> PM1a_CNT_BLK and the DSDT's \_S5, then writes SLP_TYP | SLP_EN to PM1a_CNT.  The VMM
+ * should end the VM; if the vCPU still runs a second later, that is an error. */
+int wl_poweroff(int argc, char **argv)
+{
+    if (!parse_params("poweroff", argc, argv, NULL, 0))
+        return EXIT_USAGE;
+    time_init();
+    if (!start_info || !start_info->rsdp_paddr) {
+        gk_printf("guestkit: error: poweroff: no RSDP in hvm_start_info\n");
+        return EXIT_FAILED;
+    }
+    const uint8_t *rsdp = (const void *)(uintptr_t)start_info->rsdp_paddr;
+    if (rsdp[0] != 'R' || rsdp[1] != 'S' || rsdp[2] != 'D' || rsdp[3] != ' ' || !sum_ok(rsdp, 20) || rsdp[15] < 2 ||
+        !sum_ok(rsdp, *(const uint32_t *)(rsdp + 20))) {
+        gk_printf("guestkit: error: poweroff: no valid ACPI 2.0 RSDP at 0x%lx\n", start_info->rsdp_paddr);
+        return EXIT_FAILED;
+    }
+    const struct sdt_header *xsdt = table_at(*(const uint64_t *)(rsdp + 24), "XSDT");
+    if (!xsdt)
+        return EXIT_FAILED;
+    const struct sdt_header *fadt = NULL;
+    const uint8_t *entries = (const uint8_t *)xsdt + sizeof(*xsdt);
+    for (uint32_t i = 0; i + 8 <= xsdt->length - sizeof(*xsdt); i += 8) {
+        const struct sdt_header *t = table_at(*(const uint64_t *)(entries + i), "XSDT entry");
+        if (!t)
+            return EXIT_FAILED;
+        if (t->signature[0] == 'F' && t->signature[1] == 'A' && t->signature[2] == 'C' && t->signature[3] == 'P')
+            fadt = t;
+    }
+    if (!fadt || fadt->length < 148) {
+        gk_printf("guestkit: error: poweroff: no FADT in the XSDT\n");
+        return EXIT_FAILED;
+    }
+    const uint8_t *f = (const uint8_t *)fadt;
+    uint32_t pm1a_cnt = *(const uint32_t *)(f + 64);
+    uint64_t dsdt_addr = *(const uint64_t *)(f + 140);
+    if (!dsdt_addr)
+        dsdt_addr = *(const uint32_t *)(f + 40);
+    if (!pm1a_cnt || pm1a_cnt > 0xfffe) {
+        gk_printf("guestkit: error: poweroff: the FADT has no PM1a control block (hardware-reduced ACPI)\n");
+        return EXIT_USAGE;
+    }
+    const struct sdt_header *dsdt = table_at(dsdt_addr, "DSDT");
+    if (!dsdt)
+        return EXIT_FAILED;
+    int slp_typ = s5_sleep_type(dsdt);
+    if (slp_typ < 0 || slp_typ > 7) {
+        gk_printf("guestkit: error: poweroff: the DSDT has no \\_S5 package\n");
+        return EXIT_FAILED;
+    }
+    gk_printf("guestkit: poweroff: PM1a_CNT=0x%x SLP_TYP=%d\n", pm1a_cnt, slp_typ);
+    uint16_t cnt = inw((uint16_t)pm1a_cnt);
+    if (!(cnt & 1))
+        gk_printf("guestkit: poweroff: warning: SCI_EN is clear (the platform is not in ACPI mode)\n");
+    cnt = (uint16_t)((cnt & ~(7u << 10)) | ((unsigned)slp_typ << 10));
+    outw((uint16_t)pm1a_cnt, cnt);
+    outw((uint16_t)pm1a_cnt, (uint16_t)(cnt | (1u << 13)));
+    uint64_t deadline = deadline_after_s(1);
+    while (!deadline_passed(deadline))
+        __asm__ volatile("pause");
+    gk_printf("guestkit: error: poweroff: still running 1 s after SLP_EN\n");
+    return EXIT_FAILED;
+}
