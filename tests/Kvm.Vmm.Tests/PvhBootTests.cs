@@ -343,4 +343,43 @@ public class PvhBootTests
         Assert.Equal(X86Layout.BootTssSelector, s.Tr.Selector);
         Assert.Equal(1, s.Tr.Present);
     }
+
+    [Fact]
+    public void AnInitrdBecomesModuleZeroAtTheTopOfRamBelow4GiB()
+    {
+        using var m = Ram(64 * MiB);
+        var kernel = ElfImage.Parse(ElfBuilder.WithPvh().Build(), "k");
+        byte[] initrd = ElfBuilder.Pattern(10_000, 3);
+        var module = PvhBoot.LoadInitrd(m, kernel, initrd, "rd");
+        PvhBoot.WriteBootData(m, "console=ttyS0", 0, module);
+
+        Assert.Equal(64 * MiB - 12288, module.Address);             // 10,000 bytes end on the page below the top
+        Assert.Equal(10_000UL, module.Size);
+        Assert.True(m.GetSpan(module.Address, initrd.Length).SequenceEqual(initrd));
+        Assert.Equal(1u, m.ReadU32(X86Layout.PvhStartInfo + 12));   // nr_modules
+        Assert.Equal(X86Layout.PvhModlist, m.ReadU64(X86Layout.PvhStartInfo + 16));
+        Assert.Equal(module.Address, m.ReadU64(X86Layout.PvhModlist));
+        Assert.Equal(10_000UL, m.ReadU64(X86Layout.PvhModlist + 8));
+        Assert.Equal(0UL, m.ReadU64(X86Layout.PvhModlist + 16));    // no module command line
+    }
+
+    [Fact]
+    public void WithoutAnInitrdThereAreNoModules()
+    {
+        using var m = Ram(16 * MiB);
+        PvhBoot.WriteBootData(m, "");
+        Assert.Equal(0u, m.ReadU32(X86Layout.PvhStartInfo + 12));
+    }
+
+    [Fact]
+    public void AnInitrdThatDoesNotFitAboveTheKernelIsRefusedWithTheSizes()
+    {
+        using var m = Ram(4 * MiB);
+        var kernel = ElfImage.Parse(ElfBuilder.WithPvh().Build(), "k");   // ends at 0x202000
+        var e = Assert.Throws<BootException>(() => PvhBoot.LoadInitrd(m, kernel, new byte[3 * (int)MiB], "big.img"));
+        Assert.Contains("initrd big.img", e.Message);
+        Assert.Contains("3145728 bytes", e.Message);
+        Assert.Contains("0x202000", e.Message);
+        Assert.Throws<BootException>(() => PvhBoot.LoadInitrd(m, kernel, [], "empty.img"));
+    }
 }

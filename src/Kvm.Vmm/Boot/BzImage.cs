@@ -280,10 +280,26 @@ public sealed class BzImage
         if (size == 0)
             throw new BootException($"initrd {initrdName}: is empty");
         ulong limit = InitrdLimit;
+        if (HighestFit(memoryMap, KernelEnd, limit, size) is ulong start)
+            return start;
+        var usable = UsableRam(memoryMap);
+        ulong top = usable.Count == 0 ? 0 : Math.Min(usable.Max(u => u.End), limit);
+        throw new BootException(
+            $"initrd {initrdName}: {size} bytes ({FormatMiB(size)}) do not fit in RAM between the end of kernel {Name} at 0x{KernelEnd:x} " +
+            $"and 0x{top:x} (the lower of the end of RAM and initrd_addr_max 0x{InitrdAddrMax:x} + 1); give the VM more memory");
+    }
+
+    /// <summary>
+    /// The highest page-aligned address at which <paramref name="size"/> bytes fit in RAM of
+    /// <paramref name="memoryMap"/> between <paramref name="floor"/> and <paramref name="limit"/>
+    /// (exclusive), or null when they do not fit.
+    /// </summary>
+    public static ulong? HighestFit(IReadOnlyList<MemoryMapEntry> memoryMap, ulong floor, ulong limit, ulong size)
+    {
         var usable = UsableRam(memoryMap);
         for (int i = usable.Count - 1; i >= 0; i--)
         {
-            ulong lo = Math.Max(usable[i].Start, KernelEnd);
+            ulong lo = Math.Max(usable[i].Start, floor);
             ulong hi = Math.Min(usable[i].End, limit);
             if (hi <= lo || hi - lo < size)
                 continue;
@@ -291,10 +307,7 @@ public sealed class BzImage
             if (start >= lo)
                 return start;
         }
-        ulong top = usable.Count == 0 ? 0 : Math.Min(usable.Max(u => u.End), limit);
-        throw new BootException(
-            $"initrd {initrdName}: {size} bytes ({FormatMiB(size)}) do not fit in RAM between the end of kernel {Name} at 0x{KernelEnd:x} " +
-            $"and 0x{top:x} (the lower of the end of RAM and initrd_addr_max 0x{InitrdAddrMax:x} + 1); give the VM more memory");
+        return null;
     }
 
     /// <summary>

@@ -10,6 +10,9 @@ public readonly record struct MemoryMapEntry(ulong Address, ulong Size, uint Typ
     public const uint Ram = 1, Reserved = 2;
 }
 
+/// <summary>A module handed to a PVH kernel through hvm_start_info's module list (the initrd).</summary>
+public readonly record struct PvhModule(ulong Address, ulong Size);
+
 /// <summary>
 /// Boots an ELF kernel through its PVH entry: loads the segments, writes hvm_start_info, the memory
 /// map and the command line, and gives the boot vCPU the 32-bit protected-mode state PVH defines
@@ -61,7 +64,7 @@ public static class PvhBoot
     /// Writes the command line, memory map, hvm_start_info and boot GDT into guest RAM;
     /// <paramref name="rsdp"/> is the ACPI RSDP's guest address (0: no ACPI tables).
     /// </summary>
-    public static void WriteBootData(GuestMemory memory, string cmdline, ulong rsdp = 0)
+    public static void WriteBootData(GuestMemory memory, string cmdline, ulong rsdp = 0, PvhModule? module = null)
     {
         byte[] cmd = Encoding.UTF8.GetBytes(cmdline);
         if (cmd.Length >= X86Layout.CmdlineMaxSize)
@@ -87,12 +90,21 @@ public static class PvhBoot
         memory.WriteU32(s + 0, StartInfoMagic);
         memory.WriteU32(s + 4, 1);                          // version
         memory.WriteU32(s + 8, 0);                          // flags
-        memory.WriteU32(s + 12, 0);                         // nr_modules
+        memory.WriteU32(s + 12, module is null ? 0u : 1u);  // nr_modules
         memory.WriteU64(s + 16, X86Layout.PvhModlist);      // modlist_paddr
         memory.WriteU64(s + 24, X86Layout.CmdlineStart);    // cmdline_paddr
         memory.WriteU64(s + 32, rsdp);                      // rsdp_paddr
         memory.WriteU64(s + 40, X86Layout.PvhMemmap);       // memmap_paddr
         memory.WriteU32(s + 48, (uint)map.Count);           // memmap_entries
+
+        if (module is PvhModule m)
+        {
+            // struct hvm_modlist_entry: paddr, size, cmdline_paddr (none), reserved.
+            memory.WriteU64(X86Layout.PvhModlist + 0, m.Address);
+            memory.WriteU64(X86Layout.PvhModlist + 8, m.Size);
+            memory.WriteU64(X86Layout.PvhModlist + 16, 0);
+            memory.WriteU64(X86Layout.PvhModlist + 24, 0);
+        }
 
         // Boot GDT: the descriptors behind the selectors the vCPU starts with.
         ulong g = X86Layout.BootGdt;
@@ -101,6 +113,25 @@ public static class PvhBoot
         memory.WriteU64(g + 0x10, 0x00cf_9b00_0000_ffff); // code, 32-bit, 4 GiB
         memory.WriteU64(g + 0x18, 0x00cf_9300_0000_ffff); // data, 4 GiB
         memory.WriteU64(g + 0x20, 0x0000_8b00_0000_0067); // 32-bit TSS (busy)
+    }
+
+    /// <summary>
+    /// Places an initrd as the PVH module list's first module (Linux takes module 0 as its
+    /// initrd): at the top of RAM below 4 GiB, above the kernel's segments, page-aligned; and
+    /// copies it there. Throws <see cref="BootException"/> naming the sizes when it does not fit.
+    /// </summary>
+    public static PvhModule LoadInitrd(GuestMemory memory, ElfImage kernel, ReadOnlySpan<byte> initrd, string initrdName)
+    {
+        if (initrd.Length == 0)
+            throw new BootException($"initrd {initrdName}: is empty");
+        ulong kernelEnd = kernel.Extent.End;
+        var map = MemoryMap(memory);
+        ulong size = (ulong)initrd.Length;
+        if (BzImage.HighestFit(map, kernelEnd, X86Layout.FourGiB, size) is not ulong address || !memory.IsValid(address, size))
+            throw new BootException(
+                $"initrd {initrdName}: {size} bytes do not fit in RAM below 4 GiB above the end of kernel {kernel.Name} at 0x{kernelEnd:x}; give the VM more memory");
+        memory.Write(address, initrd);
+        return new PvhModule(address, size);
     }
 
     /// <summary>Registers for the boot vCPU at the PVH entry.</summary>

@@ -84,8 +84,8 @@ public sealed class VirtualMachine : IDisposable
         BzImage? bz = BzImage.IsBzImage(kernelBytes) ? BzImage.Parse(kernelBytes, spec.Kernel) : null;
         ElfImage? image = bz is null ? ElfImage.Parse(kernelBytes, spec.Kernel) : null;
         byte[] initrd = spec.Initrd is null ? [] : ElfImage.ReadFile(spec.Initrd, "initrd");
-        if (initrd.Length > 0 && bz is null)
-            throw new BootException($"initrd {spec.Initrd}: only a bzImage kernel takes an initrd here (PVH modules are not supported yet)");
+        if (spec.Initrd is not null && initrd.Length == 0)
+            throw new BootException($"initrd {spec.Initrd}: the file is empty");
 
         bool ownsKvm = kvm is null;
         kvm ??= KvmSystem.Open();
@@ -176,7 +176,8 @@ public sealed class VirtualMachine : IDisposable
         else
         {
             PvhBoot.LoadSegments(Kernel!, kernelBytes, Memory);
-            PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress);
+            PvhModule? module = initrd.Length > 0 ? PvhBoot.LoadInitrd(Memory, Kernel!, initrd, Spec.Initrd!) : null;
+            PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress, module);
         }
 
         var cpuid = _kvm.GetSupportedCpuid();
