@@ -43,7 +43,8 @@ public partial class LinuxBootTests
     {
         string vmlinux = Require("vmlinux");
         const string cmdline = "console=ttyS0 earlyprintk=ttyS0 kvm-test=pvh-42";
-        var spec = new VmSpec { Kernel = vmlinux, Cmdline = cmdline, Cpus = 2, MemoryBytes = 512UL << 20 };
+        string initrd = Require("initramfs.cpio.gz");
+        var spec = new VmSpec { Kernel = vmlinux, Initrd = initrd, Cmdline = cmdline, Cpus = 2, MemoryBytes = 512UL << 20 };
         var (console, vm) = BootUntil(spec, "smpboot: Allowing 2 CPUs");
         using (vm)
         {
@@ -70,6 +71,11 @@ public partial class LinuxBootTests
                 .Select(e => (Start: e.Address, End: e.Address + e.Size - 1, Kind: e.Type == MemoryMapEntry.Ram ? "usable" : "reserved"))
                 .ToArray();
             Assert.Equal(built, printed);
+
+            // The initrd arrived as the PVH module: the kernel reserves it where the VMM put it.
+            ulong address = vm.Memory.ReadU64(X86Layout.PvhModlist), size = vm.Memory.ReadU64(X86Layout.PvhModlist + 8);
+            ulong lastByte = ((address + size + 4095) & ~4095UL) - 1;
+            Assert.Contains($"RAMDISK: [mem 0x{address:x8}-0x{lastByte:x8}]", console);
         }
     }
 
@@ -92,12 +98,48 @@ public partial class LinuxBootTests
     }
 
     [SkippableFact]
-    public void AnInitrdNeedsABzImage()
+    public void AVmlinuxGetsItsInitrdAsThePvhModule()
     {
+        // The guest kit stands in for the kernel: it reports hvm_start_info's module count, and the
+        // module list points at the initrd's bytes in guest RAM.
         string initrd = Require("initramfs.cpio.gz");
         GuestKitRunner.Require();
-        var e = Assert.Throws<BootException>(() => VirtualMachine.Create(
-            GuestKitRunner.Spec("hello") with { Initrd = initrd }, _ => { }));
-        Assert.Contains(initrd, e.Message);
+        var serial = new SerialCapture();
+        using var vm = VirtualMachine.Create(GuestKitRunner.Spec("info") with { Initrd = initrd }, serial.Write);
+        Assert.Equal(new Kvm.Vmm.Exits.DebugExitStop(0), vm.Run(new CancellationTokenSource(Timeout).Token));
+        Assert.Contains(serial.Lines, l => l.Contains("nr_modules=1", StringComparison.Ordinal));
+
+        ulong address = vm.Memory.ReadU64(X86Layout.PvhModlist), size = vm.Memory.ReadU64(X86Layout.PvhModlist + 8);
+        byte[] expected = File.ReadAllBytes(initrd);
+        Assert.Equal((ulong)expected.Length, size);
+        Assert.Equal(0UL, address % 4096);
+        Assert.True(address + size <= vm.Spec.MemoryBytes, $"the module at 0x{address:x}+0x{size:x} is outside RAM");
+        Assert.True(vm.Memory.GetSpan(address, expected.Length).SequenceEqual(expected), "the module's bytes differ from the initrd file");
+    }
+
+    [SkippableFact]
+    public void WhateverStopsTheBootIsReportedAsAClearError()
+    {
+        // On this project's hosts (PVM: CPL0 code is emulated) the kernel stops on an instruction
+        // KVM cannot emulate. vmctl must end with status 1 and say why, with the registers; never
+        // hang. On a host with hardware virtualization the kernel instead reaches the initramfs.
+        string vmlinux = Require("vmlinux");
+        string initrd = Require("initramfs.cpio.gz");
+        var limit = TimeSpan.FromSeconds(300);
+        using var vmctl = LiveProcess.Start(TestEnvironment.Vmctl, ["run", "--kernel", vmlinux, "--initrd", initrd, "--cpus", "2",
+            "--memory", "512M", "--cmdline", "console=ttyS0 earlyprintk=ttyS0 panic=-1"]);
+
+        if (vmctl.WaitFor("kvm-guest: ready", limit))
+            return; // hardware virtualization: the boot did not stop at all
+        Assert.True(vmctl.WaitForExit(TimeSpan.Zero),
+            $"the kernel neither stopped nor reached its init within {limit.TotalSeconds} s; console tail:\n{vmctl.Tail()}");
+        string error = vmctl.Stderr.Result;
+        Assert.True(vmctl.Process.ExitCode == 1, $"vmctl exited {vmctl.Process.ExitCode}; stderr:\n{error}\nconsole tail:\n{vmctl.Tail()}");
+        Assert.Contains("Linux version", vmctl.Output);
+        // One line that names what happened, then the registers of the vCPU that hit it.
+        string first = error.Split('\n')[0];
+        Assert.Matches(@"^vmctl: (KVM internal error on vCPU \d: suberror \d+ \(\w[\w ]+\)|guest shut down|vCPU \d failed to enter)", first);
+        Assert.Matches(@"RIP[ =:]+(0x)?[0-9a-f]{16}", error);
+        Assert.Contains("CR0", error);
     }
 }

@@ -265,47 +265,22 @@ public class VmctlTests
         // discipline, as Ctrl-C does; afterwards the shell's 'read' must see an echoing, line-editing
         // terminal again.
         string inner = $"{TestEnvironment.Vmctl} run --kernel {TestEnvironment.GuestKit} --cmdline hello; echo status=$?; read x; echo got=$x";
-        var psi = new ProcessStartInfo("script")
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
         // script(1) runs the command with $SHELL. It must be bash: a non-interactive dash dies of
         // the same SIGINT that vmctl handles, so 'echo status' would never run (CI has no SHELL set,
         // and /bin/sh is dash there).
         TestEnvironment.RequireProgram("bash", "bash");
-        psi.Environment["SHELL"] = TestEnvironment.FindOnPath("bash");
-        foreach (var a in new[] { "-q", "-e", "-c", inner, "/dev/null" })
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var output = new System.Text.StringBuilder();
-        var reader = Task.Run(() =>
-        {
-            var buf = new char[4096];
-            int n;
-            while ((n = p.StandardOutput.Read(buf, 0, buf.Length)) > 0)
-                lock (output)
-                    output.Append(buf, 0, n);
-        });
-        string Text() { lock (output) return output.ToString().Replace("\r", ""); }
-        void Type(string keys)
-        {
-            p.StandardInput.Write(keys);
-            p.StandardInput.Flush();
-        }
+        using var script = LiveProcess.Start("script", ["-q", "-e", "-c", inner, "/dev/null"],
+            new Dictionary<string, string?> { ["SHELL"] = TestEnvironment.FindOnPath("bash") });
 
-        Assert.True(SpinWait.SpinUntil(() => Text().Contains("parking vCPU"), Timeout), $"the guest did not park: {Text()}");
-        Type("xyz");
+        Assert.True(script.WaitFor("parking vCPU", Timeout), $"the guest did not park: {script.Output}");
+        script.Type("xyz");
         Thread.Sleep(300);
-        Type("\u0003");
-        Assert.True(SpinWait.SpinUntil(() => Text().Contains("status="), Timeout), $"vmctl did not stop on Ctrl-C: {Text()}");
-        Type("abc\n");
-        Assert.True(p.WaitForExit(TimeSpan.FromSeconds(30)), $"the shell did not finish: {Text()}");
-        reader.Wait(TimeSpan.FromSeconds(5));
+        script.Type("\u0003");
+        Assert.True(script.WaitFor("status=", Timeout), $"vmctl did not stop on Ctrl-C: {script.Output}");
+        script.Type("abc\n");
+        Assert.True(script.WaitForExit(TimeSpan.FromSeconds(30)), $"the shell did not finish: {script.Output}");
 
-        string text = Text();
+        string text = script.Output;
         Assert.Contains("vmctl: VM stopped (interrupted)", text);
         Assert.Contains("status=130", text);
         string whileRunning = text[..text.IndexOf("vmctl: VM stopped", StringComparison.Ordinal)];
