@@ -64,6 +64,7 @@ bench: all
 	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks -- boot $(BENCH_ARGS)
 	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- disk $(DISK_BENCH_ARGS)
 	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- blk $(BLK_BENCH_ARGS)
+	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- linux $(LINUX_BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

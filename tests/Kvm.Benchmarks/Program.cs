@@ -6,12 +6,17 @@ using Kvm.Tests.Shared;
 //         same ELF, alternating the two so both see the same machine load. Prints each side and the ratio.
 //   disk: `vmctl disk bench` against `qemu-img bench` on the same kinds of image (DiskBenchmark.cs).
 //   blk: the guest kit's blk-bench on a virtio-blk disk, vmctl run against QEMU q35 (BlkBenchmark.cs).
+//   linux: Debian's vmlinux (PVH) from process start to `smpboot: Allowing 2 CPUs`, vmctl run against
+//         QEMU microvm (LinuxBootBenchmark.cs; needs 'make linux').
 // Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"] [BLK_BENCH_ARGS="--runs 5"]
+//                   [LINUX_BENCH_ARGS="--runs 3 --limit 300"]
 
 if (args.Length > 0 && args[0] == "disk")
     return DiskBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "blk")
     return BlkBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "linux")
+    return LinuxBootBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "boot")
     args = args[1..];
 
@@ -22,7 +27,7 @@ for (int i = 0; i < args.Length; i++)
         runs = n;
     else if (args[i] is "--help" or "-h")
     {
-        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk --help");
+        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk|blk|linux --help");
         return 0;
     }
 }
