@@ -65,27 +65,12 @@ internal static partial class BlkBenchmark
                     Console.WriteLine(Usage);
                     return 0;
                 default:
-                    Console.Error.WriteLine($"benchmark: unknown argument '{args[i]}'\n{Usage}");
-                    return 2;
+                    return Prerequisites.UnknownArgument(args[i], Usage);
             }
         }
 
-        foreach (var (path, what) in new[] { (TestEnvironment.GuestKit, "the guest kit"), (TestEnvironment.Vmctl, "vmctl") })
-        {
-            if (!File.Exists(path))
-            {
-                Console.Error.WriteLine($"benchmark: {what} is missing at {path} (run 'make' first)");
-                return 1;
-            }
-        }
-        foreach (var (program, package) in new[] { ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils") })
-        {
-            if (TestEnvironment.FindOnPath(program) is null)
-            {
-                Console.Error.WriteLine($"benchmark: {program} is not installed (Debian package {package})");
-                return 1;
-            }
-        }
+        if (!Prerequisites.Check([Prerequisites.GuestKit, Prerequisites.Vmctl], [Prerequisites.Qemu, Prerequisites.QemuImg, Prerequisites.QemuIo]))
+            return 1;
 
         string work = dir is null ? Directory.CreateTempSubdirectory("kvm-blkbench-").FullName : Path.GetFullPath(dir);
         Directory.CreateDirectory(work);

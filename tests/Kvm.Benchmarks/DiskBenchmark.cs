@@ -50,23 +50,14 @@ internal static partial class DiskBenchmark
                     Console.WriteLine(Usage);
                     return 0;
                 default:
-                    Console.Error.WriteLine($"benchmark: unknown argument '{args[i]}'\n{Usage}");
-                    return 2;
+                    return Prerequisites.UnknownArgument(args[i], Usage);
             }
         }
 
         string vmctl = TestEnvironment.Vmctl;
-        if (!File.Exists(vmctl))
-        {
-            Console.Error.WriteLine($"benchmark: vmctl is missing at {vmctl} (run 'make' first)");
+        if (!Prerequisites.Check([Prerequisites.Vmctl], [Prerequisites.QemuImg]))
             return 1;
-        }
-        string? qemuImg = TestEnvironment.FindOnPath("qemu-img");
-        if (qemuImg is null)
-        {
-            Console.Error.WriteLine("benchmark: qemu-img is not installed (Debian package qemu-utils)");
-            return 1;
-        }
+        string qemuImg = TestEnvironment.FindOnPath("qemu-img")!;
 
         var total = Stopwatch.StartNew();
         string loadBefore = LoadAverage();

@@ -48,29 +48,16 @@ internal static partial class LinuxBootBenchmark
                     Console.WriteLine(Usage);
                     return 0;
                 default:
-                    Console.Error.WriteLine($"benchmark: unknown argument '{args[i]}'\n{Usage}");
-                    return 2;
+                    return Prerequisites.UnknownArgument(args[i], Usage);
             }
         }
 
         string vmlinux = Path.Combine(TestEnvironment.BuildDir, "linux", "vmlinux");
-        if (!File.Exists(vmlinux))
-        {
-            Console.Error.WriteLine($"benchmark: {Shown(vmlinux)} is missing (run 'make linux')");
+        if (!Prerequisites.Check([(vmlinux, "Debian's vmlinux")], [], buildHint: "make linux")
+            || !Prerequisites.Check([Prerequisites.Vmctl], [Prerequisites.Qemu]))
             return 1;
-        }
         string vmctl = TestEnvironment.Vmctl;
-        if (!File.Exists(vmctl))
-        {
-            Console.Error.WriteLine($"benchmark: vmctl is missing at {vmctl} (run 'make' first)");
-            return 1;
-        }
-        string? qemu = TestEnvironment.FindOnPath("qemu-system-x86_64");
-        if (qemu is null)
-        {
-            Console.Error.WriteLine("benchmark: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)");
-            return 1;
-        }
+        string qemu = TestEnvironment.FindOnPath("qemu-system-x86_64")!;
 
         var ours = new Side("vmctl run", vmctl,
             ["run", "--kernel", vmlinux, "--cpus", "2", "--memory", "512M", "--cmdline", CommandLine]);
@@ -251,13 +238,6 @@ internal static partial class LinuxBootBenchmark
     }
 
     private static string Quote(string s) => s.Contains(' ') ? $"\"{s}\"" : s;
-
-    // The path as the user knows it: relative to the repository when it is inside it.
-    private static string Shown(string path)
-    {
-        string rel = Path.GetRelativePath(TestEnvironment.RepoRoot, path);
-        return rel.StartsWith("..", StringComparison.Ordinal) ? path : rel;
-    }
 
     private static string LoadAverage() => string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3));
 

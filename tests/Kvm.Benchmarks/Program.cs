@@ -33,20 +33,9 @@ for (int i = 0; i < args.Length; i++)
 }
 
 string guest = TestEnvironment.GuestKit, vmctl = TestEnvironment.Vmctl;
-foreach (var (path, what) in new[] { (guest, "the guest kit"), (vmctl, "vmctl") })
-{
-    if (!File.Exists(path))
-    {
-        Console.Error.WriteLine($"benchmark: {what} is missing at {path} (run 'make' first)");
-        return 1;
-    }
-}
-string? qemu = TestEnvironment.FindOnPath("qemu-system-x86_64");
-if (qemu is null)
-{
-    Console.Error.WriteLine("benchmark: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)");
+if (!Prerequisites.Check([Prerequisites.GuestKit, Prerequisites.Vmctl], [Prerequisites.Qemu]))
     return 1;
-}
+string qemu = TestEnvironment.FindOnPath("qemu-system-x86_64")!;
 
 string[] ours = ["run", "--kernel", guest, "--cmdline", "hello", "--debug-exit", "--memory", "256M"];
 string[] theirs =
