@@ -121,8 +121,8 @@ public static class VmctlCommands
         var cpuModel = new Option<string>("--cpu-model")
         {
             Description = "a named CPU model, so the guest sees the same instruction set on every host that has it:\n" +
-                string.Join("\n", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => $"  {m.Key,-10} {m.Value}")),
-            HelpName = string.Join("|", Kvm.Vmm.Cpu.CpuFeatures.Models.Keys),
+                string.Join("\n", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => $"  {m.Name,-10} {m.Description}")),
+            HelpName = string.Join("|", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => m.Name)),
             DefaultValueFactory = _ => "host",
         };
 

@@ -8,6 +8,9 @@ namespace Kvm.Vmm.Cpu;
 /// use it): a VM moving between hosts of different CPUs must see only what both have, and a host
 /// whose KVM cannot run an instruction (PVM here cannot emulate `lock cmpxchg16b`) can hide it.
 /// </summary>
+/// <summary>A named CPU model: it keeps the features of x86-64 psABI levels up to <paramref name="Level"/>.</summary>
+public sealed record CpuModel(string Name, int Level, string Description);
+
 public static class CpuFeatures
 {
     private enum Reg { Eax, Ebx, Ecx, Edx }
@@ -89,27 +92,23 @@ public static class CpuFeatures
     /// Named CPU models: each hides the features above an x86-64 psABI level, so that a VM sees
     /// the same instruction set on every host that has at least that level. <c>host</c> hides nothing.
     /// </summary>
-    public static IReadOnlyDictionary<string, string> Models { get; } = new Dictionary<string, string>(StringComparer.Ordinal)
-    {
-        ["host"] = "everything this host's KVM offers (the default)",
-        ["x86-64-v3"] = "up to AVX2, BMI1/2, FMA, MOVBE, XSAVE: hides AVX-512",
-        ["x86-64-v2"] = "up to SSE4.2, POPCNT, CMPXCHG16B: hides AVX, XSAVE and newer",
-        ["x86-64"] = "the x86-64 baseline (SSE2): hides CMPXCHG16B, SSE3 and newer",
-    };
+    public static IReadOnlyList<CpuModel> Models { get; } =
+    [
+        new("host", int.MaxValue, "everything this host's KVM offers (the default)"),
+        new("x86-64-v3", 3, "up to AVX2, BMI1/2, FMA, MOVBE, XSAVE: hides AVX-512"),
+        new("x86-64-v2", 2, "up to SSE4.2, POPCNT, CMPXCHG16B: hides AVX, XSAVE and newer"),
+        new("x86-64", 1, "the x86-64 baseline (SSE2): hides CMPXCHG16B, SSE3 and newer"),
+    ];
 
-    private static int ModelLevel(string model) => model switch
-    {
-        "host" => int.MaxValue,
-        "x86-64-v3" => 3,
-        "x86-64-v2" => 2,
-        "x86-64" => 1,
-        _ => throw new ArgumentException($"cpu model '{model}' is unknown (known: {string.Join(", ", Models.Keys)})"),
-    };
+    /// <summary>The model called <paramref name="name"/>; throws <see cref="ArgumentException"/> naming the known ones.</summary>
+    public static CpuModel Model(string name) =>
+        Models.FirstOrDefault(m => m.Name == name)
+        ?? throw new ArgumentException($"cpu model '{name}' is unknown (known: {string.Join(", ", Models.Select(m => m.Name))})");
 
     /// <summary>The features model <paramref name="model"/> hides (with what depends on them).</summary>
     public static IReadOnlyList<string> HiddenByModel(string model)
     {
-        int level = ModelLevel(model);
+        int level = Model(model).Level;
         return Known.Where(kv => kv.Value.Level > level).Select(kv => kv.Key).ToArray();
     }
 
@@ -141,14 +140,24 @@ public static class CpuFeatures
     {
         if (!Known.TryGetValue(name, out var f))
             throw new ArgumentException($"unknown CPU feature '{name}'");
-        foreach (var e in table)
+        foreach (var entry in table)
         {
-            if (e.Function != f.Leaf || e.Index != f.Index)
-                continue;
-            uint r = f.Register switch { Reg.Eax => e.Eax, Reg.Ebx => e.Ebx, Reg.Ecx => e.Ecx, _ => e.Edx };
-            return (r & (1u << f.Bit)) != 0;
+            var e = entry;
+            if (e.Function == f.Leaf && e.Index == f.Index)
+                return (Register(ref e, f.Register) & (1u << f.Bit)) != 0;
         }
         return false;
+    }
+
+    private static ref uint Register(ref KvmCpuidEntry2 e, Reg r)
+    {
+        switch (r)
+        {
+            case Reg.Eax: return ref e.Eax;
+            case Reg.Ebx: return ref e.Ebx;
+            case Reg.Ecx: return ref e.Ecx;
+            default: return ref e.Edx;
+        }
     }
 
     /// <summary>Clears the CPUID bits of <paramref name="hidden"/> in <paramref name="table"/>, and what depends on them.</summary>
@@ -169,14 +178,7 @@ public static class CpuFeatures
                 ref var e = ref table[i];
                 if (e.Function != f.Leaf || e.Index != f.Index)
                     continue;
-                uint mask = ~(1u << f.Bit);
-                switch (f.Register)
-                {
-                    case Reg.Eax: e.Eax &= mask; break;
-                    case Reg.Ebx: e.Ebx &= mask; break;
-                    case Reg.Ecx: e.Ecx &= mask; break;
-                    case Reg.Edx: e.Edx &= mask; break;
-                }
+                Register(ref e, f.Register) &= ~(1u << f.Bit);
                 if (name == "xsave" && f.Leaf == 1)
                     e.Ecx &= ~(1u << 27);       // OSXSAVE
             }

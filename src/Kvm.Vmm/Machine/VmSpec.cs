@@ -50,8 +50,7 @@ public sealed record VmSpec
         ulong align = HugePages == HugePageMode.None ? GuestMemory.PageSize : 2UL << 20;
         if (MemoryBytes % align != 0)
             throw new ArgumentException($"memory {MemoryBytes} bytes is not a multiple of {GuestMemory.FormatSize(align)}");
-        if (!Cpu.CpuFeatures.Models.ContainsKey(CpuModel))
-            throw new ArgumentException($"cpu model '{CpuModel}' is unknown (known: {string.Join(", ", Cpu.CpuFeatures.Models.Keys)})");
+        Cpu.CpuFeatures.Model(CpuModel); // throws naming the known models
         if (Disks.Count > MaxDisks)
             throw new ArgumentException($"{Disks.Count} disks is more than the {MaxDisks} PCI slots left");
         foreach (var d in Disks)
