@@ -38,21 +38,8 @@ public sealed class LiveProcess : IDisposable
         get { lock (_output) return _output.ToString().Replace("\r", ""); }
     }
 
-    public static LiveProcess Start(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?>? environment = null)
-    {
-        var psi = new ProcessStartInfo(file)
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        foreach (var a in args)
-            psi.ArgumentList.Add(a);
-        foreach (var (k, v) in environment ?? new Dictionary<string, string?>())
-            psi.Environment[k] = v;
-        return new LiveProcess(Process.Start(psi)!);
-    }
+    public static LiveProcess Start(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?>? environment = null) =>
+        new(TestEnvironment.StartRedirected(file, args, environment));
 
     /// <summary>Writes <paramref name="keys"/> to stdin.</summary>
     public void Type(string keys)

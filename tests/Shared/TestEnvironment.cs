@@ -74,16 +74,7 @@ public static class TestEnvironment
     /// <summary>Runs a program to completion (with a timeout) and returns status, stdout and stderr.</summary>
     public static ProcessResult RunProcess(string file, IEnumerable<string> args, TimeSpan timeout, string? stdin = null)
     {
-        var psi = new ProcessStartInfo(file)
-        {
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            RedirectStandardInput = true,
-            UseShellExecute = false,
-        };
-        foreach (var a in args)
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {file}");
+        using var p = StartRedirected(file, args);
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         if (stdin is not null)
@@ -97,6 +88,23 @@ public static class TestEnvironment
         }
         p.WaitForExit();
         return new ProcessResult(p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>Starts a program with stdin, stdout and stderr redirected, and extra environment variables.</summary>
+    public static Process StartRedirected(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string?>? environment = null)
+    {
+        var psi = new ProcessStartInfo(file)
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            RedirectStandardInput = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in args)
+            psi.ArgumentList.Add(a);
+        foreach (var (k, v) in environment ?? new Dictionary<string, string?>())
+            psi.Environment[k] = v;
+        return Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {file}");
     }
 
     private static string FindRepoRoot()
