@@ -1,7 +1,9 @@
 # kvm: build and test entry points. Everything lands in build/.
 #   make            native shim, guest kit, and the three programs (build/bin/vmctl, kvm-vmm, kvmd)
-#   make run        builds, then boots the guest kit in a VM with its console here
-#   make test       builds, then runs every test (unit and integration)
+#   make run        builds, then boots the guest kit in a VM with its console here (inside a nested
+#                   KVM host under QEMU where this machine has no /dev/kvm)
+#   make test       builds, then runs every test (unit and integration; the KVM ones in the nested
+#                   KVM host where this machine has no /dev/kvm)
 #   make bench      builds, then runs the benchmarks (they print ratios against QEMU and qemu-img)
 
 BUILD    := $(CURDIR)/build
@@ -51,13 +53,24 @@ $(BUILD)/bin/%: $(PUBLISHED)
 
 # Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
 linux: $(BUILD)/linux/vmlinux
-$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init
+$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm-host-init
 	bash native/linux/build.sh $(BUILD)/linux
 
-run: all
-	$(BUILD)/bin/vmctl run --kernel $(GUEST) --cmdline '$(RUN_CMDLINE)' --debug-exit
+# Where /dev/kvm is missing or unusable, the VM runs inside the nested KVM host (tests/kvm-host),
+# which boots Debian's cloud kernel from `make linux` under QEMU's TCG.
+KVM_USABLE = [ -c /dev/kvm ] && { : <>/dev/kvm; } 2>/dev/null
+RUN_VM = $(BUILD)/bin/vmctl run --kernel $(GUEST) --cmdline '$(RUN_CMDLINE)' --debug-exit
 
-test: all
+run: all
+	@if $(KVM_USABLE); then \
+		$(RUN_VM); \
+	else \
+		echo "no /dev/kvm here: running inside an emulated KVM host"; \
+		$(MAKE) --no-print-directory linux >/dev/null && tests/kvm-host/kvm-host --quiet $(RUN_VM); \
+	fi
+
+# The Linux-boot tests need build/linux, and so does the nested KVM host.
+test: all linux
 	@bash tests/run-tests.sh
 
 bench: all

@@ -1,37 +1,101 @@
 #!/bin/bash
 # Runs every test project and prints one closing line: "tests: N passed, N failed, N skipped".
+#
+# Where /dev/kvm works, everything runs here. Where it does not, the tests that need no KVM run
+# here and those marked [Trait("Requires", "kvm")] run inside the nested KVM host
+# (tests/kvm-host/kvm-host, one boot for all of them); the closing line counts both.
+# KVM_TESTS=host forces the first way, KVM_TESTS=nested the second.
+# Under CI=true a skipped test is a failure: CI must never pass over tests that did not run.
 # Test projects find build/ (guest kit, launchers) by walking up to Kvm.sln.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+config=${CONFIG:-Release}
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 
-dotnet test Kvm.sln -c "${CONFIG:-Release}" --nologo --logger "console;verbosity=normal" 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+kvm_usable() {
+    [ -c /dev/kvm ] && { : <>/dev/kvm; } 2>/dev/null
+}
+
+mode=${KVM_TESTS:-}
+if [ -z "$mode" ]; then
+    if kvm_usable; then mode=host; else mode=nested; fi
+fi
+
+status=0
+if [ "$mode" = host ]; then
+    echo "tests: /dev/kvm works here: every test runs on this machine"
+    dotnet test Kvm.sln -c "$config" --nologo --logger "console;verbosity=normal" 2>&1 | tee "$logs/host.log"
+    status=${PIPESTATUS[0]}
+elif [ "$mode" = nested ]; then
+    echo "tests: no usable /dev/kvm here: tests that need KVM run inside a nested KVM host (tests/kvm-host)"
+    dotnet test Kvm.sln -c "$config" --nologo --logger "console;verbosity=normal" \
+        --filter "Requires!=kvm" 2>&1 | tee "$logs/host.log"
+    status=${PIPESTATUS[0]}
+
+    # The assemblies that hold KVM tests, as built by the run above.
+    dlls=()
+    for proj in $(grep -l 'Requires.Kvm)' tests/*/*.cs | xargs -n1 dirname | sort -u); do
+        name=$(basename "$proj")
+        dll="$proj/bin/$config/net10.0/$name.dll"
+        if [ ! -f "$dll" ]; then
+            echo "tests: $dll is missing (the build above failed?)"
+            status=1
+            continue
+        fi
+        dlls+=("$dll")
+    done
+    if [ "${#dlls[@]}" -gt 0 ]; then
+        echo
+        echo "tests: starting the nested KVM host for ${dlls[*]##*/}"
+        nested_start=$(date +%s)
+        tests/kvm-host/kvm-host dotnet vstest "${dlls[@]}" --Parallel \
+            --TestCaseFilter:"Requires=kvm" --logger:"console;verbosity=normal" 2>&1 | tee "$logs/nested.log"
+        nested_status=${PIPESTATUS[0]}
+        nested_seconds=$(( $(date +%s) - nested_start ))
+        [ "$nested_status" -eq 0 ] || status=$nested_status
+    fi
+else
+    echo "tests: KVM_TESTS must be 'host' or 'nested', not '$mode'" >&2
+    exit 2
+fi
 
 # Each test run ends with a summary block: "Total tests: N", "Passed: N", "Failed: N", "Skipped: N"
-# (Failed and Skipped only when non-zero). Sum them over all projects.
-read -r passed failed skipped < <(awk '
+# (Failed and Skipped only when non-zero). Sum them over all runs.
+read -r passed failed skipped < <(cat "$logs"/*.log | awk '
   /^ +Passed: +[0-9]+ *$/  { p += $2 }
   /^ +Failed: +[0-9]+ *$/  { f += $2 }
   /^ +Skipped: +[0-9]+ *$/ { s += $2 }
-  END { printf "%d %d %d\n", p, f, s }' "$log")
+  END { printf "%d %d %d\n", p, f, s }')
 
 # Repeat each failure (name, message, first stack lines) at the end, where a truncated CI log
-# still shows it.
+# still shows it; and each skip with its reason.
 if [ "$failed" -gt 0 ]; then
-  echo
-  echo "failed tests:"
-  awk '/^ +Failed [A-Za-z_]/ { n = 25 } n > 0 { print; n-- }' "$log"
+    echo
+    echo "failed tests:"
+    cat "$logs"/*.log | awk '/^ +Failed [A-Za-z_]/ { n = 25 } n > 0 { print; n-- }'
+fi
+if [ "$skipped" -gt 0 ]; then
+    echo
+    echo "skipped tests:"
+    cat "$logs"/*.log | awk '/^ +Skipped [A-Za-z_]/ { n = 3 } n > 0 { print; n-- }'
 fi
 
 echo
+if [ -n "${nested_seconds:-}" ]; then
+    echo "tests: the nested KVM host part took ${nested_seconds} s"
+fi
+if [ "${CI:-}" = true ] && [ "$skipped" -gt 0 ]; then
+    echo "tests: CI=true and $skipped test(s) skipped: under CI a test that did not run is a failure"
+    failed=$(( failed + skipped ))
+    status=1
+fi
 echo "tests: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
-  echo "dotnet test exited with status $status (a build or runner failure)"
+    echo "tests: a test run exited with status $status (a build, runner or nested-host failure)"
 fi
 if [ "$passed" -eq 0 ] && [ "$status" -eq 0 ]; then
-  echo "no test ran"
-  exit 1
+    echo "no test ran"
+    exit 1
 fi
 exit "$status"

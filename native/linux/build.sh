@@ -4,6 +4,7 @@
 #   OUT/vmlinux            the same kernel uncompressed: an ELF with a PVH entry note
 #   OUT/config, OUT/System.map
 #   OUT/initramfs.cpio.gz  busybox (busybox-static) and the virtio modules, with native/linux/init
+#   OUT/kvm-host.cpio.gz   the nested KVM host's initramfs (tests/kvm-host), with native/linux/kvm-host-init
 # Usage: native/linux/build.sh [OUT]   (default build/linux; `make linux` runs it)
 # Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils.
 set -euo pipefail
@@ -50,33 +51,59 @@ tail -c +$((start + 1)) "$out/bzImage" | head -c "$payload_length" | lz4 -dc > "
 readelf -h "$out/vmlinux" >/dev/null 2>&1 || die "the decompressed payload is not an ELF file"
 readelf -n "$out/vmlinux" | grep -q 'Xen' || die "vmlinux has no Xen ELF note (no PVH entry)"
 
-# initramfs: busybox, the virtio modules in dependency order, and the init script.
-root="$work/initramfs"
-mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
-cp "$work/root/bin/busybox" "$root/bin/busybox"
-cp "$here/init" "$root/init"
-chmod 755 "$root/init" "$root/bin/busybox"
+# Modules are copied with their dependencies first (modinfo's depends= line), in load order.
 moddir="$work/root/lib/modules/$kver/kernel"
-declare -A seen=()
-order=()
+# Usage: add_modules ROOT NAME...  (copies into ROOT/lib/modules and writes ROOT/lib/modules/order)
+add_modules() {
+    local root=$1; shift
+    declare -gA seen=()
+    order=()
+    local m
+    for m in "$@"; do
+        add_module "$root" "$m"
+    done
+    printf '%s\n' "${order[@]}" > "$root/lib/modules/order"
+}
 add_module() {
-    local name=$1 file deps d
+    local root=$1 name=$2 file deps d
     [ -z "${seen[$name]:-}" ] || return 0
     seen[$name]=1
-    file=$(find "$moddir" -name "$name.ko" | head -n 1)
+    # A module's file may spell its name with dashes (kvm-amd.ko is module kvm_amd).
+    file=$(find "$moddir" \( -name "$name.ko" -o -name "${name//_/-}.ko" \) | head -n 1)
     [ -n "$file" ] || die "module $name is not in $kpkg"
     deps=$(strings -a "$file" | sed -n 's/^depends=//p' | head -n 1)
     for d in ${deps//,/ }; do
-        add_module "$d"
+        add_module "$root" "$d"
     done
     cp "$file" "$root/lib/modules/"
-    order+=("$name")
+    order+=("$(basename "$file" .ko)")
 }
-for m in virtio_pci virtio_blk virtio_net; do
-    add_module "$m"
-done
-printf '%s\n' "${order[@]}" > "$root/lib/modules/order"
-(cd "$root" && find . | sort | "$root/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -9 > "$out/initramfs.cpio.gz"
+make_initramfs() {  # ROOT OUTPUT
+    (cd "$1" && find . | sort | "$1/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -9 > "$2"
+}
+new_root() {  # ROOT INIT
+    mkdir -p "$1"/{bin,dev,proc,sys,mnt,lib/modules}
+    cp "$work/root/bin/busybox" "$1/bin/busybox"
+    cp "$2" "$1/init"
+    chmod 755 "$1/init" "$1/bin/busybox"
+}
+
+# The test guest's initramfs: busybox, the virtio modules, and the init script.
+root="$work/initramfs"
+new_root "$root" "$here/init"
+add_modules "$root" virtio_pci virtio_blk virtio_net
+guest_modules=("${order[@]}")
+make_initramfs "$root" "$out/initramfs.cpio.gz"
+
+# The nested KVM host's initramfs (tests/kvm-host): KVM for AMD SVM (QEMU's TCG emulates it),
+# virtiofs for the host's files, a virtio disk for scratch space, and the network modules later
+# tests load (tun, veth, bridge, VLANs, bonding, macvtap, vhost-net, qdiscs).
+root="$work/kvm-host"
+new_root "$root" "$here/kvm-host-init"
+add_modules "$root" kvm_amd virtiofs virtio_pci virtio_blk overlay \
+    tun veth bridge 8021q bonding macvtap vhost_net sch_tbf sch_htb sch_netem act_police
+make_initramfs "$root" "$out/kvm-host.cpio.gz"
 
 rm -rf "$work"
-echo "linux guest: $out/bzImage, $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes), $out/initramfs.cpio.gz (modules: ${order[*]})"
+echo "linux guest: $out/bzImage, $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes), $out/initramfs.cpio.gz (modules: ${guest_modules[*]})"
+echo "linux guest: $out/kvm-host.cpio.gz for the nested KVM host (modules: ${order[*]})"

@@ -3,6 +3,7 @@ using Kvm.Tests.Shared;
 
 namespace Kvm.Hypervisor.Tests;
 
+[Trait(Requires.Trait, Requires.Kvm)]
 public class KvmSystemTests
 {
     [SkippableFact]

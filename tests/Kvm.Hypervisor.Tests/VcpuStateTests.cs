@@ -4,6 +4,7 @@ using Kvm.Tests.Shared;
 namespace Kvm.Hypervisor.Tests;
 
 /// <summary>Every vCPU and VM state ioctl of the shim, read and written back on real /dev/kvm.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class VcpuStateTests
 {
     [SkippableFact]

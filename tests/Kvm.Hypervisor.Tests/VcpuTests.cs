@@ -4,6 +4,7 @@ using Kvm.Tests.Shared;
 namespace Kvm.Hypervisor.Tests;
 
 /// <summary>vCPUs, the run state machine and the dirty log on real /dev/kvm.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class VcpuTests
 {
     [SkippableFact]

@@ -5,6 +5,7 @@ using Kvm.Tests.Shared;
 namespace Kvm.IntegrationTests;
 
 /// <summary>How the VMM reports a guest that KVM cannot run.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class FailureReportTests
 {
     [SkippableFact]

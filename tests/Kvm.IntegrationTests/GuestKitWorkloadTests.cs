@@ -1,3 +1,4 @@
+using Kvm.Tests.Shared;
 using Kvm.Hypervisor;
 using Kvm.Vmm.Exits;
 using Kvm.Vmm.Machine;
@@ -5,6 +6,7 @@ using Kvm.Vmm.Machine;
 namespace Kvm.IntegrationTests;
 
 /// <summary>Each guest-kit workload on real /dev/kvm, through the VM engine in this process.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class GuestKitWorkloadTests
 {
     [SkippableFact]

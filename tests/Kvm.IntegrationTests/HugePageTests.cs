@@ -5,6 +5,7 @@ using Kvm.Vmm.Exits;
 namespace Kvm.IntegrationTests;
 
 /// <summary>Guest RAM on huge pages: the guest kit boots on THP and on reserved hugetlb pages.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class HugePageTests
 {
     private const string NrHugePages = "/proc/sys/vm/nr_hugepages";

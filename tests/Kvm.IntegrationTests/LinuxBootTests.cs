@@ -9,6 +9,7 @@ namespace Kvm.IntegrationTests;
 /// Debian's unmodified cloud kernel (build/linux, from `make linux`) on this VMM, as far as hosts
 /// whose KVM emulates CPL0 code let it go: the early-boot milestones on the serial console.
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public partial class LinuxBootTests
 {
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(150);

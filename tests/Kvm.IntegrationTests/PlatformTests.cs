@@ -13,6 +13,7 @@ namespace Kvm.IntegrationTests;
 /// The platform a guest finds, checked from inside the guest on real /dev/kvm: CPUID as the VMM
 /// built it, APs waiting for SIPI, COM1 on IRQ 4, and ACPI S5 power-off.
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public partial class PlatformTests
 {
     [GeneratedRegex(@"^guestkit: cpuid ([0-9a-f]{8})\.(\d+) eax=([0-9a-f]{8}) ebx=([0-9a-f]{8}) ecx=([0-9a-f]{8}) edx=([0-9a-f]{8})$")]

@@ -3,6 +3,7 @@ using Kvm.Tests.Shared;
 namespace Kvm.IntegrationTests;
 
 /// <summary>The guest kit is a standard PVH ELF: QEMU boots the same file and sees the same output.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class QemuOracleTests
 {
     private static ProcessResult Qemu(string cmdline, params string[] extra)

@@ -11,6 +11,7 @@ namespace Kvm.IntegrationTests;
 /// entries after the interrupt was counted, so a lost or misrouted interrupt fails the run
 /// ("interrupt lost"), and one that is never deasserted never lets the guest back to CPL3.
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class VirtioBlkIntxTests : BlkTestBase
 {
     private static void AssertIntxGsi((VmStopReason Reason, SerialCapture Serial) run, int disk, int gsi) =>

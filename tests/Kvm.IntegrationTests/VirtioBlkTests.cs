@@ -8,6 +8,7 @@ namespace Kvm.IntegrationTests;
 /// The guest kit's virtio-blk driver against this VMM's virtio-blk, with qemu-img and QEMU's own
 /// virtio-blk-pci as the judges.
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class VirtioBlkTests : BlkTestBase
 {
     [SkippableTheory]

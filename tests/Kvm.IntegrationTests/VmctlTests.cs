@@ -4,6 +4,7 @@ using Kvm.Tests.Shared;
 namespace Kvm.IntegrationTests;
 
 /// <summary>The vmctl and kvm-vmm programs as a user runs them: exit statuses, console output, errors.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public class VmctlTests
 {
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(60);
