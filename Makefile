@@ -17,7 +17,8 @@ LAUNCHERS := $(addprefix $(BUILD)/bin/,$(PROGRAMS))
 PUBLISHED := $(BUILD)/lib/.published
 
 CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props
-PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 --self-contained false -p:PublishReadyToRun=true -o $(LIBDIR) --nologo -v quiet
+# The programs set PublishAot: each is published as one native executable (no .NET runtime needed).
+PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 -o $(LIBDIR) --nologo -v quiet
 
 RUN_CMDLINE ?= hello
 
@@ -36,11 +37,12 @@ $(GUEST): $(wildcard native/guest/*.c native/guest/*.h native/guest/*.S native/g
 	$(MAKE) -C native/guest O=$(BUILD)/guest
 
 $(PUBLISHED): $(CS_SOURCES) $(SHIM)
-	@mkdir -p $(LIBDIR)
+	@rm -rf $(LIBDIR) && mkdir -p $(LIBDIR)
 	$(DOTNET) publish src/Kvm.Cli/Kvm.Cli.csproj $(PUBLISH_FLAGS)
 	$(DOTNET) publish src/Kvm.VmmHost/Kvm.VmmHost.csproj $(PUBLISH_FLAGS)
 	$(DOTNET) publish src/Kvm.Daemon/Kvm.Daemon.csproj $(PUBLISH_FLAGS)
 	cp $(SHIM) $(LIBDIR)/
+	@rm -f $(LIBDIR)/*.pdb
 	@touch $@
 
 # Launchers: small scripts so build/bin can move with build/lib.
