@@ -45,11 +45,12 @@ $(PUBLISHED): $(CS_SOURCES) $(SHIM)
 	@rm -f $(LIBDIR)/*.pdb
 	@touch $@
 
-# Launchers: small scripts so build/bin can move with build/lib.
-$(BUILD)/bin/%: $(PUBLISHED)
+# Launchers: relative symlinks, so build/bin can move with build/lib and starting a program costs
+# no shell. A NativeAOT program resolves its own path (/proc/self/exe), so it finds libkvmshim.so
+# beside it in build/lib. Order-only: the link follows build/lib/NAME and needs no remaking.
+$(BUILD)/bin/%: | $(PUBLISHED)
 	@mkdir -p $(dir $@)
-	@printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/../lib/%s" "$$@"\n' $* > $@
-	@chmod +x $@
+	@ln -sfn ../lib/$* $@
 
 # Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
 linux: $(BUILD)/linux/vmlinux
