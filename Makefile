@@ -19,7 +19,8 @@ LAUNCHERS := $(addprefix $(BUILD)/bin/,$(PROGRAMS))
 PUBLISHED := $(BUILD)/lib/.published
 
 CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props
-PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 --self-contained false -p:PublishReadyToRun=true -o $(LIBDIR) --nologo -v quiet
+# The programs set PublishAot: each is published as one native executable (no .NET runtime needed).
+PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 -o $(LIBDIR) --nologo -v quiet
 
 RUN_CMDLINE ?= hello
 
@@ -38,18 +39,20 @@ $(GUEST): $(wildcard native/guest/*.c native/guest/*.h native/guest/*.S native/g
 	$(MAKE) -C native/guest O=$(BUILD)/guest
 
 $(PUBLISHED): $(CS_SOURCES) $(SHIM)
-	@mkdir -p $(LIBDIR)
+	@rm -rf $(LIBDIR) && mkdir -p $(LIBDIR)
 	$(DOTNET) publish src/Kvm.Cli/Kvm.Cli.csproj $(PUBLISH_FLAGS)
 	$(DOTNET) publish src/Kvm.VmmHost/Kvm.VmmHost.csproj $(PUBLISH_FLAGS)
 	$(DOTNET) publish src/Kvm.Daemon/Kvm.Daemon.csproj $(PUBLISH_FLAGS)
 	cp $(SHIM) $(LIBDIR)/
+	@rm -f $(LIBDIR)/*.pdb
 	@touch $@
 
-# Launchers: small scripts so build/bin can move with build/lib.
-$(BUILD)/bin/%: $(PUBLISHED)
+# Launchers: relative symlinks, so build/bin can move with build/lib and starting a program costs
+# no shell. A NativeAOT program resolves its own path (/proc/self/exe), so it finds libkvmshim.so
+# beside it in build/lib. Order-only: the link follows build/lib/NAME and needs no remaking.
+$(BUILD)/bin/%: | $(PUBLISHED)
 	@mkdir -p $(dir $@)
-	@printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/../lib/%s" "$$@"\n' $* > $@
-	@chmod +x $@
+	@ln -sfn ../lib/$* $@
 
 # Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
 linux: $(BUILD)/linux/vmlinux

@@ -15,11 +15,11 @@ trap 'rm -rf "$root"' EXIT
 install -d "$root/DEBIAN" "$root/usr/lib/kvm" "$root/usr/bin" "$root/usr/share/kvm" \
   "$root/lib/systemd/system" "$root/usr/share/doc/kvm"
 cp -a "$build/lib/." "$root/usr/lib/kvm/"
-rm -f "$root/usr/lib/kvm/.published" "$root"/usr/lib/kvm/*.pdb
-# Launchers, not symlinks: the .NET apphost must be started from its own folder.
+rm -f "$root/usr/lib/kvm/.published" "$root"/usr/lib/kvm/*.pdb "$root"/usr/lib/kvm/*.dbg
+# The programs are NativeAOT executables: they find libkvmshim.so beside their real path, so
+# /usr/bin holds plain symlinks.
 for p in vmctl kvm-vmm kvmd; do
-  printf '#!/bin/sh\nexec /usr/lib/kvm/%s "$@"\n' "$p" > "$root/usr/bin/$p"
-  chmod 0755 "$root/usr/bin/$p"
+  ln -s "../lib/kvm/$p" "$root/usr/bin/$p"
 done
 install -m 0644 "$build/guest/guestkit.elf" "$root/usr/share/kvm/guestkit.elf"
 install -m 0644 systemd/kvmd.service "$root/lib/systemd/system/kvmd.service"
@@ -30,7 +30,7 @@ Package: kvm-vmm
 Version: $version
 Architecture: amd64
 Maintainer: kvm maintainers <maintainers@example.invalid>
-Depends: dotnet-runtime-10.0 | dotnet-sdk-10.0, libc6
+Depends: libc6
 Recommends: qemu-utils
 Section: admin
 Priority: optional
