@@ -35,8 +35,10 @@ elif [ "$mode" = nested ]; then
 
     # The assemblies that hold KVM tests, as built by the run above.
     dlls=()
-    for proj in $(grep -l 'Requires.Kvm)' tests/*/*.cs | xargs -n1 dirname | sort -u); do
-        name=$(basename "$proj")
+    for csproj in tests/*/*.csproj; do
+        proj=$(dirname "$csproj")
+        name=$(basename "$csproj" .csproj)
+        grep -rqs --include='*.cs' -F '[Trait(Requires.Trait, Requires.Kvm)]' "$proj" || continue
         dll="$proj/bin/$config/net10.0/$name.dll"
         if [ ! -f "$dll" ]; then
             echo "tests: $dll is missing (the build above failed?)"
@@ -49,8 +51,11 @@ elif [ "$mode" = nested ]; then
         echo
         echo "tests: starting the nested KVM host for ${dlls[*]##*/}"
         nested_start=$(date +%s)
+        # A test that hangs is named and its test host ended (blame), rather than the whole run
+        # waiting for the nested host's time limit.
         tests/kvm-host/kvm-host dotnet vstest "${dlls[@]}" --Parallel \
-            --TestCaseFilter:"Requires=kvm" --logger:"console;verbosity=normal" 2>&1 | tee "$logs/nested.log"
+            --TestCaseFilter:"Requires=kvm" --logger:"console;verbosity=normal" \
+            --Blame:"CollectHangDump;HangDumpType=None;TestTimeout=${KVM_TEST_TIMEOUT:-600s}" 2>&1 | tee "$logs/nested.log"
         nested_status=${PIPESTATUS[0]}
         nested_seconds=$(( $(date +%s) - nested_start ))
         [ "$nested_status" -eq 0 ] || status=$nested_status

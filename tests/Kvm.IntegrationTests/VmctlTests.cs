@@ -285,8 +285,10 @@ public class VmctlTests
         Assert.Contains("vmctl: VM stopped (interrupted)", text);
         Assert.Contains("status=130", text);
         string whileRunning = text[..text.IndexOf("vmctl: VM stopped", StringComparison.Ordinal)];
-        Assert.DoesNotContain("xyz", whileRunning); // not echoed: the keys went to the guest's UART
-        Assert.Contains("abc\ngot=abc", text);      // echoed again once vmctl ended
+        Assert.False(whileRunning.Contains("xyz", StringComparison.Ordinal), // not echoed: the keys went to the guest's UART
+            $"'xyz' was echoed while the VM ran; output:\n{text}");
+        Assert.True(text.Contains("abc\ngot=abc", StringComparison.Ordinal), // echoed again once vmctl ended
+            $"the terminal did not echo 'abc' after vmctl ended; output:\n{text}");
     }
 
     [SkippableFact]
