@@ -76,11 +76,23 @@ run: all
 test: all linux
 	@bash tests/run-tests.sh
 
-bench: all
-	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks -- boot $(BENCH_ARGS)
-	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- disk $(DISK_BENCH_ARGS)
-	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- blk $(BLK_BENCH_ARGS)
-	$(DOTNET) run -c Release --project tests/Kvm.Benchmarks --no-build -- linux $(LINUX_BENCH_ARGS)
+# The VM benchmarks (boot, blk, linux) run where /dev/kvm works, or else all inside one nested KVM
+# host; each says where it measured. The disk benchmark needs no KVM and runs here. The *_ARGS
+# reach the benchmarks through the environment (tests/Kvm.Benchmarks/vm-benchmarks.sh).
+BENCH_DLL = tests/Kvm.Benchmarks/bin/Release/net10.0/Kvm.Benchmarks.dll
+export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS DOTNET
+
+bench: all linux
+	$(DOTNET) build -c Release tests/Kvm.Benchmarks/Kvm.Benchmarks.csproj --nologo -v quiet
+	@status=0; \
+	if $(KVM_USABLE); then \
+		tests/Kvm.Benchmarks/vm-benchmarks.sh $(BENCH_DLL) || status=1; \
+	else \
+		echo "no /dev/kvm here: running the VM benchmarks inside a nested KVM host (QEMU TCG; tests/kvm-host/kvm-host)"; \
+		tests/kvm-host/kvm-host --quiet tests/Kvm.Benchmarks/vm-benchmarks.sh $(BENCH_DLL) || status=1; \
+	fi; \
+	$(DOTNET) $(BENCH_DLL) disk $(DISK_BENCH_ARGS) || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(BUILD)

@@ -163,8 +163,8 @@ internal static partial class DiskBenchmark
         }
         total.Stop();
 
-        Console.WriteLine($"vmctl disk bench vs qemu-img bench ({DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Environment.MachineName}, " +
-                          $"{Environment.ProcessorCount} CPUs, {CpuModel()}, Linux {Kernel()}, {QemuVersion(qemuImg)})");
+        Console.WriteLine($"vmctl disk bench vs qemu-img bench ({DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, {Place.ForDisk}, " +
+                          $"{CpuModel()}, {QemuVersion(qemuImg)}; needs no KVM)");
         Console.WriteLine($"images: qcow2, 64 KiB clusters, made by qemu-img create, on {FileSystem(work)} ({work}); qemu-img -t writeback");
         Console.WriteLine("(both tools go through the host page cache); no flushes during runs; median of " +
                           $"{runs} alternating runs each after one warm-up; 'scattered' = stepped 1 MiB apart");
@@ -208,8 +208,6 @@ internal static partial class DiskBenchmark
         File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim() ?? "unknown CPU";
 
     private static string LoadAverage() => string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3));
-
-    private static string Kernel() => File.ReadAllText("/proc/sys/kernel/osrelease").Trim();
 
     private static string QemuVersion(string qemuImg) =>
         TestEnvironment.RunProcess(qemuImg, ["--version"], TimeSpan.FromSeconds(10)).Stdout.Split('\n')[0].Replace("qemu-img version", "qemu-img").Trim();

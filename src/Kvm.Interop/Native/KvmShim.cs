@@ -8,7 +8,11 @@ namespace Kvm.Interop.Native;
 /// </summary>
 public static unsafe partial class KvmShim
 {
-    public const string Library = "kvmshim";
+    // The file's own name (libkvmshim.so), so that the first path the runtime tries, beside the
+    // program, finds it. Named "kvmshim", the runtime tried kvmshim.so beside the program, then
+    // dlopen's search of every system library folder (about 55 failed lookups, on virtiofs in the
+    // nested KVM host), and only then libkvmshim.so beside the program.
+    public const string Library = "libkvmshim";
 
     [LibraryImport(Library, EntryPoint = "kvmshim_layout", StringMarshalling = StringMarshalling.Utf8)]
     public static partial int Layout(string name);
