@@ -278,6 +278,10 @@ public class VmctlTests
         Thread.Sleep(300);
         script.Type("\u0003");
         Assert.True(script.WaitFor("status=", Timeout), $"vmctl did not stop on Ctrl-C: {script.Output}");
+        // The terminal may pass "status=130" and its line end on in two pieces: type only once the
+        // whole line is out, or the echo of the keys can land between them.
+        Assert.True(SpinWait.SpinUntil(() => script.Output[script.Output.IndexOf("status=", StringComparison.Ordinal)..].Contains('\n'), Timeout),
+            $"the status line did not end: {script.Output}");
         script.Type("abc\n");
         Assert.True(script.WaitForExit(TimeSpan.FromSeconds(30)), $"the shell did not finish: {script.Output}");
 
