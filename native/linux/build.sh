@@ -6,6 +6,7 @@
 #   OUT/initramfs.cpio.gz  busybox (busybox-static), the virtio modules and /bin/kvm-exit (native/linux/
 #                          kvm-exit.c, built static), with native/linux/init
 #   OUT/kvm-host.cpio.gz   the nested KVM host's initramfs (tests/kvm-host), with native/linux/kvm-host-init
+#                          and /bin/kvm-hold (native/linux/kvm-hold.c, static)
 # Usage: native/linux/build.sh [OUT]   (default build/linux; `make linux` runs it)
 # Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils, and a C
 # compiler with a static libc ($CC, default gcc; Debian's libc6-dev).
@@ -106,6 +107,8 @@ make_initramfs "$root" "$out/initramfs.cpio.gz"
 # tests load (tun, veth, bridge, VLANs, bonding, macvtap, vhost-net, qdiscs).
 root="$work/kvm-host"
 new_root "$root" "$here/kvm-host-init"
+"$cc" -static -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-hold" "$here/kvm-hold.c" \
+    || die "cannot build kvm-hold (a static build needs libc6-dev and linux-libc-dev)"
 add_modules "$root" kvm_amd virtiofs virtio_pci virtio_blk overlay \
     tun veth bridge 8021q bonding macvtap vhost_net sch_tbf sch_htb sch_netem act_police
 make_initramfs "$root" "$out/kvm-host.cpio.gz"
