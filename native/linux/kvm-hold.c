@@ -9,9 +9,8 @@
 // breakpoints and cross-CPU synchronisation (text_poke_bp). Under QEMU 7.2's multi-threaded TCG
 // the nested host's vCPUs then kept trapping on int3 at the patched site in __schedule long after
 // the patch was done, and the nested host froze (both vCPUs busy in exc_int3, nothing on the
-// console); with nested paging it even overflowed a vCPU thread's stack. A VM that never goes
-// away keeps those counts above zero: each is patched once, when this program starts, and never
-// again while the tests create and destroy their VMs.
+// console). A VM that never goes away keeps those counts above zero: each site is patched once,
+// when this program starts, and never again while the tests create and destroy their VMs.
 //
 // The VM has an in-kernel irqchip and one vCPU (with its LAPIC, which stays disabled) and never
 // runs. Built static by native/linux/build.sh (the initramfs has no libc).
