@@ -100,6 +100,8 @@ public sealed partial class Qcow2Image : IBlockImage
             {
                 var image = new Qcow2Image(path, file, header, l1, options.ReadOnly, backing, options);
                 image.LoadRefcountTable(length);
+                image.LoadSnapshots();
+                image.LoadBitmaps();
                 return image;
             }
             catch
@@ -235,6 +237,8 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if (_decompressed is not null && _decompressedEntry == entry)
             return _decompressed;
+        if (_header.CompressionType != 0)
+            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster of compression type {_header.CompressionType} (zstd; compression_type at offset 104) cannot be read: only deflate (0) is supported");
         var (hostOffset, sectors) = CompressedDescriptor(entry);
         ulong compressedSize = sectors * 512 - (hostOffset & 511);
         long fileLength = RandomAccess.GetLength(_file);
@@ -612,10 +616,51 @@ public sealed partial class Qcow2Image : IBlockImage
                 $"image {Path}: range at offset {offset} with length {length} is beyond the image size {Size}");
     }
 
+    /// <summary>
+    /// Every write starts here: refused on a read-only image, and on a writable one the autoclear
+    /// features the engine does not maintain are cleared first (see <see cref="MaintainedAutoclear"/>).
+    /// </summary>
     private void CheckWritable()
     {
         if (ReadOnly)
             throw new InvalidOperationException($"image {Path} is open read-only");
+        ClearUnmaintainedAutoclear(MaintainedAutoclear);
+    }
+
+    /// <summary>
+    /// The autoclear feature bits the engine keeps up to date when it writes. The qcow2
+    /// specification asks a writer to clear every autoclear bit whose feature it does not
+    /// maintain, before its first write, so that no later reader trusts metadata the writer let
+    /// go stale (for bit 0, the persistent dirty bitmaps). None yet: when the engine maintains
+    /// bitmaps, <see cref="Qcow2Header.AutoclearBitmaps"/> joins this set.
+    /// </summary>
+    public const ulong MaintainedAutoclear = 0;
+
+    /// <summary>
+    /// Clears (on disk, flushed, before anything else is written) every set autoclear bit not in
+    /// <paramref name="maintained"/>. A cleared bitmaps bit makes the bitmaps extension inconsistent:
+    /// from then on it is ignored, as qemu ignores it.
+    /// </summary>
+    private void ClearUnmaintainedAutoclear(ulong maintained)
+    {
+        lock (_lock)
+        {
+            ulong clear = _header.AutoclearFeatures & ~maintained;
+            if (clear == 0 || _header.Version < 3)
+                return;
+            ulong kept = _header.AutoclearFeatures & maintained;
+            Span<byte> field = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64BigEndian(field, kept);
+            RandomAccess.Write(_file, field, 88);
+            RandomAccess.FlushToDisk(_file);
+            _header.AutoclearFeatures = kept;
+            if ((clear & Qcow2Header.AutoclearBitmaps) != 0 && _header.Bitmaps is not null)
+            {
+                _header.Bitmaps = null;
+                _header.BitmapsIgnored = true;
+                _bitmaps = [];
+            }
+        }
     }
 
     public void Dispose()
