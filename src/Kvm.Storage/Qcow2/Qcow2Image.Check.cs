@@ -54,7 +54,7 @@ public sealed partial class Qcow2Image
     public CheckResult Check(bool repairLeaks = false)
     {
         if (repairLeaks && ReadOnly)
-            throw new InvalidOperationException($"image {Path} is open read-only");
+            throw new InvalidOperationException($"image {ImageText.Escape(Path)} is open read-only");
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);

@@ -238,12 +238,12 @@ public sealed partial class Qcow2Image : IBlockImage
         if (_decompressed is not null && _decompressedEntry == entry)
             return _decompressed;
         if (_header.CompressionType != 0)
-            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster of compression type {_header.CompressionType} (zstd; compression_type at offset 104) cannot be read: only deflate (0) is supported");
+            throw new ImageFormatException($"{Where}: compressed cluster of compression type {_header.CompressionType} (zstd; compression_type at offset 104) cannot be read: only deflate (0) is supported");
         var (hostOffset, sectors) = CompressedDescriptor(entry);
         ulong compressedSize = sectors * 512 - (hostOffset & 511);
         long fileLength = RandomAccess.GetLength(_file);
         if (hostOffset >= (ulong)fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} lies past the end of the file ({fileLength} bytes)");
+            throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} lies past the end of the file ({fileLength} bytes)");
         var packed = new byte[Math.Min(compressedSize, (ulong)fileLength - hostOffset)];
         RandomAccess.Read(_file, packed, (long)hostOffset);
         var output = new byte[_clusterSize];
@@ -259,11 +259,11 @@ public sealed partial class Qcow2Image : IBlockImage
                 total += n;
             }
             if (total != output.Length)
-                throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} inflates to {total} bytes, not {output.Length}");
+                throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} inflates to {total} bytes, not {output.Length}");
         }
         catch (InvalidDataException e)
         {
-            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} is not valid deflate data", e);
+            throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} is not valid deflate data", e);
         }
         _decompressed = output;
         _decompressedEntry = entry;
@@ -293,9 +293,9 @@ public sealed partial class Qcow2Image : IBlockImage
         if (host == 0)
             return;
         if ((host & (ulong)(_clusterSize - 1)) != 0)
-            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at unaligned host offset 0x{host:x}");
+            throw new ImageFormatException($"{Where}: L2 entry for guest cluster {guestCluster} points at unaligned host offset 0x{host:x}");
         if (host >= (ulong)_fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at host offset 0x{host:x}, past the end of the file ({_fileLength} bytes)");
+            throw new ImageFormatException($"{Where}: L2 entry for guest cluster {guestCluster} points at host offset 0x{host:x}, past the end of the file ({_fileLength} bytes)");
     }
 
     private ulong[] LoadL2(ulong l2Offset, ulong l1Index)
@@ -303,7 +303,7 @@ public sealed partial class Qcow2Image : IBlockImage
         if (_l2Cache.TryGet(l2Offset, out var table))
             return table;
         if ((l2Offset & (ulong)(_clusterSize - 1)) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
+            throw new ImageFormatException($"{Where}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
         var raw = new byte[_clusterSize];
         RandomAccess.Read(_file, raw, (long)l2Offset);
         table = new ulong[_l2Entries];
@@ -613,7 +613,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if (offset > Size || length > Size - offset)
             throw new ArgumentOutOfRangeException(nameof(offset),
-                $"image {Path}: range at offset {offset} with length {length} is beyond the image size {Size}");
+                $"image {ImageText.Escape(Path)}: range at offset {offset} with length {length} is beyond the image size {Size}");
     }
 
     /// <summary>
@@ -623,7 +623,7 @@ public sealed partial class Qcow2Image : IBlockImage
     private void CheckWritable()
     {
         if (ReadOnly)
-            throw new InvalidOperationException($"image {Path} is open read-only");
+            throw new InvalidOperationException($"image {ImageText.Escape(Path)} is open read-only");
         ClearUnmaintainedAutoclear(MaintainedAutoclear);
     }
 
