@@ -28,6 +28,7 @@ public sealed record CheckResult
 public sealed partial class Qcow2Image
 {
     private const ulong MaxCheckClusters = 1UL << 25; // 128 MiB of counters
+    private const ulong NoIndex = ulong.MaxValue;
     private const ulong L1Reserved = 0x7f00_0000_0000_01ff, L2Reserved = 0x3f00_0000_0000_01fe;
 
     /// <summary>Problems listed one by one; past this many they are only counted.</summary>
@@ -69,21 +70,32 @@ public sealed partial class Qcow2Image
             {
                 string who = $"snapshot {s.Id} ({s.Name})";
                 if ((s.L1TableOffset & ClusterMask) != 0)
-                    walk.Corrupt($"ERROR {who} l1_offset=0x{s.L1TableOffset:x}: L1 table is not cluster aligned; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted", $"the L1 table of {who}");
+                {
+                    walk.Problems.Report($"ERROR {who} l1_offset=0x{s.L1TableOffset:x}: L1 table is not cluster aligned; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted");
+                    walk.Corrupt($"the L1 table of {who}");
+                }
                 else if ((ulong)s.L1Size * 8 > Qcow2Header.MaxL1Bytes)
-                    walk.Corrupt($"ERROR {who} l1_size=0x{s.L1Size:x}: L1 table is too large; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted", $"the L1 table of {who}");
+                {
+                    walk.Problems.Report($"ERROR {who} l1_size=0x{s.L1Size:x}: L1 table is too large; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted");
+                    walk.Corrupt($"the L1 table of {who}");
+                }
                 else
+                {
                     WalkL1(walk, s.L1TableOffset, s.L1Size, who, active: false);
+                }
                 // Version 3 snapshots carry at least the large VM state size and the disk size.
                 if (_header.Version >= 3 && s.ExtraDataSize < 16)
-                    walk.Corrupt($"ERROR snapshot table entry {s.Index} at offset {s.EntryOffset} is incomplete (extra_data_size {s.ExtraDataSize}, at least 16 in version 3)", null);
+                {
+                    walk.Problems.Report($"ERROR snapshot table entry {s.Index} at offset {s.EntryOffset} is incomplete (extra_data_size {s.ExtraDataSize}, at least 16 in version 3)");
+                    walk.Corrupt(null);
+                }
             }
             walk.Reference(_header.SnapshotsOffset, _snapshotTableEnd - _header.SnapshotsOffset, "snapshot table");
             walk.Reference(_header.RefcountTableOffset, (ulong)_header.RefcountTableClusters * (ulong)_clusterSize, "refcount table");
             for (int i = 0; i < _refTable.Length; i++)
             {
                 if (_refTable[i] != 0)
-                    walk.Reference(_refTable[i], (ulong)_clusterSize, $"refcount block {i}");
+                    walk.Reference(_refTable[i], (ulong)_clusterSize, "refcount block", (ulong)i);
             }
             if (_header.Bitmaps is { } ext)
             {
@@ -91,10 +103,11 @@ public sealed partial class Qcow2Image
                 foreach (var b in _bitmaps)
                 {
                     walk.Reference(b.TableOffset, (ulong)b.TableSize * 8, $"bitmap table of bitmap '{b.Name}'");
+                    string dataWhat = $"data of bitmap '{b.Name}', table entry";
                     ForEachBitmapTableEntry(b, (index, entry) =>
                     {
                         ulong offset = entry & OffsetMask;
-                        if (offset != 0 && !walk.Reference(offset, (ulong)_clusterSize, $"data of bitmap '{b.Name}' (table entry {index})"))
+                        if (offset != 0 && !walk.Reference(offset, (ulong)_clusterSize, dataWhat, index))
                             walk.Unfollowed ??= $"the data of bitmap '{b.Name}'";
                     });
                 }
@@ -147,12 +160,12 @@ public sealed partial class Qcow2Image
             if (wrote)
                 RandomAccess.FlushToDisk(_file);
             // COPIED flags, judged on the refcounts as they are now (after any repair).
-            foreach (var (cluster, copied, text) in walk.CopiedMismatches)
+            foreach (var (cluster, copied, index, entry, table) in walk.CopiedMismatches)
             {
                 ulong now = RefcountOf(cluster);
                 if ((now == 1) != copied)
                 {
-                    walk.Problems.Report($"ERROR OFLAG_COPIED {text} refcount={now}");
+                    walk.Problems.Report($"ERROR OFLAG_COPIED {(table ? "L2 cluster: l1_index=" : "data cluster: guest cluster ")}{index} {(table ? "l1_entry" : "l2_entry")}=0x{entry:x} refcount={now}");
                     walk.Corruptions++;
                 }
             }
@@ -164,7 +177,7 @@ public sealed partial class Qcow2Image
                 Leaks = leaks - fixedLeaks,
                 LeaksFixed = fixedLeaks,
                 Problems = walk.Problems.Listed(),
-                RepairRefused = refused,
+                RepairRefused = leaks > fixedLeaks ? refused : null,
                 AllocatedClusters = allocated,
                 GuestClusters = (Size + ClusterMask) >> _clusterBits,
                 ImageEndOffset = (ulong)_fileLength,
@@ -203,6 +216,7 @@ public sealed partial class Qcow2Image
             return;
         }
         var walked = new HashSet<ulong>();
+        string l2What = $"{owner} L2 table of L1 entry";
         var l2 = new byte[_clusterSize];
         var chunk = new byte[Math.Min(65536, (int)l1Size * 8)];
         for (ulong first = 0; first < l1Size; first += (ulong)chunk.Length / 8)
@@ -216,27 +230,32 @@ public sealed partial class Qcow2Image
                 if (entry == 0)
                     continue;
                 if ((entry & L1Reserved) != 0)
-                    walk.Corrupt($"ERROR {owner} L1 entry {i} (0x{entry:x}) has reserved bits set", null);
+                {
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i} (0x{entry:x}) has reserved bits set");
+                    walk.Corrupt(null);
+                }
                 ulong l2Offset = entry & OffsetMask;
                 if (l2Offset == 0)
                     continue;
-                if (!walk.Reference(l2Offset, (ulong)_clusterSize, $"{owner} L2 table of L1 entry {i}"))
+                if (!walk.Reference(l2Offset, (ulong)_clusterSize, l2What, i))
                 {
                     walk.Unfollowed ??= $"the {owner} L2 table of L1 entry {i}";
                     continue;
                 }
                 if ((l2Offset & ClusterMask) != 0)
                 {
-                    walk.Corrupt($"ERROR {owner} L1 entry {i}: L2 table offset 0x{l2Offset:x} is not cluster aligned", $"the {owner} L2 table of L1 entry {i}");
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i}: L2 table offset 0x{l2Offset:x} is not cluster aligned");
+                    walk.Corrupt($"the {owner} L2 table of L1 entry {i}");
                     continue;
                 }
                 if (active)
-                    walk.NoteActive(l2Offset >> _clusterBits, (entry & Copied) != 0, $"L2 cluster: l1_index={i} l1_entry=0x{entry:x}", RefcountOf(l2Offset >> _clusterBits));
+                    walk.NoteActive(l2Offset >> _clusterBits, (entry & Copied) != 0, i, entry, table: true, RefcountOf(l2Offset >> _clusterBits));
                 if (!walked.Add(l2Offset))
                 {
                     // One table cannot serve two entries of one L1 table. Say so once, and do not
                     // walk it again (an L1 full of aliases would otherwise take minutes).
-                    walk.Corrupt($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses", null);
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
+                    walk.Corrupt(null);
                     continue;
                 }
                 ReadMetadata(l2Offset, l2);
@@ -247,6 +266,7 @@ public sealed partial class Qcow2Image
 
     private void WalkL2(CheckWalk walk, byte[] raw, ulong l1Index, string owner, bool active)
     {
+        string compressedWhat = $"{owner} compressed data of guest cluster", dataWhat = $"{owner} data of guest cluster";
         for (int j = 0; j < _l2Entries; j++)
         {
             ulong e = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(j * 8));
@@ -256,21 +276,30 @@ public sealed partial class Qcow2Image
             if ((e & Compressed) != 0)
             {
                 if ((e & Copied) != 0)
-                    walk.Corrupt($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}): the COPIED flag is set on a compressed cluster", null);
+                {
+                    walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}): the COPIED flag is set on a compressed cluster");
+                    walk.Corrupt(null);
+                }
                 var (host, sectors) = CompressedDescriptor(e);
-                walk.Reference(host, sectors * 512 - (host & 511), $"{owner} compressed data of guest cluster {guest}");
+                walk.Reference(host, sectors * 512 - (host & 511), compressedWhat, guest);
                 continue;
             }
             if ((e & L2Reserved) != 0)
-                walk.Corrupt($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}) has reserved bits set", null);
+            {
+                walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}) has reserved bits set");
+                walk.Corrupt(null);
+            }
             ulong data = e & OffsetMask;
             if (data == 0)
                 continue;
             if ((data & ClusterMask) != 0)
-                walk.Corrupt($"ERROR {owner} L2 entry of guest cluster {guest}: data offset 0x{data:x} is not cluster aligned", null);
-            walk.Reference(data, (ulong)_clusterSize, $"{owner} data of guest cluster {guest}");
+            {
+                walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest}: data offset 0x{data:x} is not cluster aligned");
+                walk.Corrupt(null);
+            }
+            walk.Reference(data, (ulong)_clusterSize, dataWhat, guest);
             if (active)
-                walk.NoteActive(data >> _clusterBits, (e & Copied) != 0, $"data cluster: guest cluster {guest} l2_entry=0x{e:x}", RefcountOf(data >> _clusterBits));
+                walk.NoteActive(data >> _clusterBits, (e & Copied) != 0, guest, e, table: false, RefcountOf(data >> _clusterBits));
         }
     }
 
@@ -284,15 +313,15 @@ public sealed partial class Qcow2Image
         public int Corruptions;
         /// <summary>The first structure the walk could not follow (a repair must not trust the counts then).</summary>
         public string? Unfollowed;
-        public List<(ulong Cluster, bool Copied, string Text)> CopiedMismatches { get; } = new();
+        public List<(ulong Cluster, bool Copied, ulong Index, ulong Entry, bool Table)> CopiedMismatches { get; } = new();
 
         public ulong Length => (ulong)_counts.Length;
         public ulong Count(ulong cluster) => _counts[cluster];
         public bool ActiveShared(ulong cluster) => cluster < (ulong)_activeShared.Length && _activeShared[(int)cluster];
 
-        public void Corrupt(string text, string? unfollowed)
+        /// <summary>Counts a corruption (reported just before); <paramref name="unfollowed"/> names a structure the walk must skip.</summary>
+        public void Corrupt(string? unfollowed)
         {
-            Problems.Report($"{text}");
             Corruptions++;
             if (unfollowed is not null)
                 Unfollowed ??= unfollowed;
@@ -303,7 +332,7 @@ public sealed partial class Qcow2Image
         /// may run past the end of the file by less than a cluster (the last cluster may be short
         /// on disk); one that runs further is a corruption, and false is returned.
         /// </summary>
-        public bool Reference(ulong offset, ulong bytes, string what)
+        public bool Reference(ulong offset, ulong bytes, string what, ulong index = NoIndex)
         {
             if (bytes == 0)
                 return true;
@@ -311,7 +340,7 @@ public sealed partial class Qcow2Image
             ulong cs = (ulong)image._clusterSize;
             if (offset > long.MaxValue || bytes > long.MaxValue || offset + bytes > fileLength + cs - 1)
             {
-                Problems.Report($"ERROR {what} at 0x{offset:x} (+{bytes}) runs past the end of the file ({fileLength} bytes) by a cluster or more");
+                Problems.Report($"ERROR {what}{(index == NoIndex ? "" : " " + index)} at 0x{offset:x} (+{bytes}) runs past the end of the file ({fileLength} bytes) by a cluster or more");
                 Corruptions++;
                 return false;
             }
@@ -332,12 +361,12 @@ public sealed partial class Qcow2Image
         }
 
         /// <summary>An active L1 or L2 entry: its COPIED flag must be set exactly when the cluster's refcount is 1.</summary>
-        public void NoteActive(ulong cluster, bool copied, string text, ulong refcount)
+        public void NoteActive(ulong cluster, bool copied, ulong index, ulong entry, bool table, ulong refcount)
         {
             if (!copied && cluster < (ulong)_activeShared.Length)
                 _activeShared[(int)cluster] = true;
             if ((refcount == 1) != copied)
-                CopiedMismatches.Add((cluster, copied, text));
+                CopiedMismatches.Add((cluster, copied, index, entry, table));
         }
     }
 }
