@@ -643,11 +643,19 @@ public sealed partial class Qcow2Image : IBlockImage
     /// </summary>
     private void ClearUnmaintainedAutoclear(ulong maintained)
     {
+        // Every write comes through here: after the first, one volatile read and no lock.
+        bool usual = maintained == MaintainedAutoclear;
+        if (usual && Volatile.Read(ref _autoclearSettled))
+            return;
         lock (_lock)
         {
             ulong clear = _header.AutoclearFeatures & ~maintained;
             if (clear == 0 || _header.Version < 3)
+            {
+                if (usual)
+                    Volatile.Write(ref _autoclearSettled, true);
                 return;
+            }
             ulong kept = _header.AutoclearFeatures & maintained;
             Span<byte> field = stackalloc byte[8];
             BinaryPrimitives.WriteUInt64BigEndian(field, kept);
@@ -660,8 +668,13 @@ public sealed partial class Qcow2Image : IBlockImage
                 _header.BitmapsIgnored = true;
                 _bitmaps = [];
             }
+            if (usual)
+                Volatile.Write(ref _autoclearSettled, true);
         }
     }
+
+    /// <summary>Set once the autoclear bits left are all in <see cref="MaintainedAutoclear"/> (nothing more for a write to clear).</summary>
+    private bool _autoclearSettled;
 
     public void Dispose()
     {
