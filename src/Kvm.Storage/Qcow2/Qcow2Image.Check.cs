@@ -42,6 +42,7 @@ public sealed partial class Qcow2Image
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            WriteBackMetadata(); // the tables are read from the file below
             ulong clusters = ((ulong)_fileLength + ClusterMask) >> _clusterBits;
             if (clusters > MaxCheckClusters)
                 throw new ImageFormatException($"qcow2 image {Path}: {clusters} host clusters are too many to check in memory");
