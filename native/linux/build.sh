@@ -3,10 +3,13 @@
 #   OUT/bzImage            Debian's cloud kernel as shipped (linux-image-cloud-amd64)
 #   OUT/vmlinux            the same kernel uncompressed: an ELF with a PVH entry note
 #   OUT/config, OUT/System.map
-#   OUT/initramfs.cpio.gz  busybox (busybox-static) and the virtio modules, with native/linux/init
+#   OUT/initramfs.cpio.gz  busybox (busybox-static), the virtio modules and /bin/kvm-exit (native/linux/
+#                          kvm-exit.c, built static), with native/linux/init
 #   OUT/kvm-host.cpio.gz   the nested KVM host's initramfs (tests/kvm-host), with native/linux/kvm-host-init
+#                          and /bin/kvm-hold (native/linux/kvm-hold.c, static)
 # Usage: native/linux/build.sh [OUT]   (default build/linux; `make linux` runs it)
-# Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils.
+# Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils, and a C
+# compiler with a static libc ($CC, default gcc; Debian's libc6-dev).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,8 +19,9 @@ rm -rf "$work"
 mkdir -p "$work/debs" "$work/root"
 
 die() { echo "linux guest: $*" >&2; exit 1; }
-for tool in apt-get apt-cache dpkg lz4 gzip readelf strings od; do
-    command -v "$tool" >/dev/null || die "'$tool' is missing (Debian packages: apt, dpkg, lz4, gzip, binutils)"
+cc=${CC:-gcc}
+for tool in apt-get apt-cache dpkg lz4 gzip readelf strings od "$cc"; do
+    command -v "$tool" >/dev/null || die "'$tool' is missing (Debian packages: apt, dpkg, lz4, gzip, binutils, gcc)"
 done
 
 # The metapackage names the current kernel package.
@@ -88,9 +92,12 @@ new_root() {  # ROOT INIT
     chmod 755 "$1/init" "$1/bin/busybox"
 }
 
-# The test guest's initramfs: busybox, the virtio modules, and the init script.
+# The test guest's initramfs: busybox, the virtio modules, the init script, and kvm-exit, which
+# init uses to end a test run with its verdict (static: the initramfs has no libc).
 root="$work/initramfs"
 new_root "$root" "$here/init"
+"$cc" -static -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-exit" "$here/kvm-exit.c" \
+    || die "cannot build kvm-exit (a static build needs libc6-dev)"
 add_modules "$root" virtio_pci virtio_blk virtio_net
 guest_modules=("${order[@]}")
 make_initramfs "$root" "$out/initramfs.cpio.gz"
@@ -100,6 +107,8 @@ make_initramfs "$root" "$out/initramfs.cpio.gz"
 # tests load (tun, veth, bridge, VLANs, bonding, macvtap, vhost-net, qdiscs).
 root="$work/kvm-host"
 new_root "$root" "$here/kvm-host-init"
+"$cc" -static -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-hold" "$here/kvm-hold.c" \
+    || die "cannot build kvm-hold (a static build needs libc6-dev and linux-libc-dev)"
 add_modules "$root" kvm_amd virtiofs virtio_pci virtio_blk overlay \
     tun veth bridge 8021q bonding macvtap vhost_net sch_tbf sch_htb sch_netem act_police
 make_initramfs "$root" "$out/kvm-host.cpio.gz"

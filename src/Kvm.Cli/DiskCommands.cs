@@ -43,7 +43,8 @@ public static class DiskCommands
         catch (Exception e) when (e is ImageFormatException or ArgumentException or IOException or UnauthorizedAccessException
                                       or FormatException or InvalidOperationException)
         {
-            Console.Error.WriteLine($"{VmctlCommands.Program}: {ForegroundRun.Describe(e)}");
+            // Messages may quote names read from an image: never let one reach the terminal raw.
+            Console.Error.WriteLine($"{VmctlCommands.Program}: {ImageText.EscapeLines(ForegroundRun.Describe(e))}");
             return ExitFailure;
         }
     }
@@ -118,7 +119,7 @@ public static class DiskCommands
             foreach (var layer in info.Chain())
             {
                 string indent = new(' ', depth * 2);
-                Console.WriteLine($"{indent}image: {layer.Path}");
+                Console.WriteLine($"{indent}image: {ImageText.Escape(layer.Path)}");
                 Console.WriteLine($"{indent}format: {layer.Format}");
                 Console.WriteLine($"{indent}virtual size: {Human(layer.VirtualSize)} ({layer.VirtualSize} bytes)");
                 Console.WriteLine($"{indent}file size: {Human(layer.FileSize)} ({layer.FileSize} bytes)");
@@ -127,7 +128,7 @@ public static class DiskCommands
                 if (layer.Version is { } v)
                     Console.WriteLine($"{indent}qcow2 version: {v}, refcount bits: {layer.RefcountBits}, snapshots: {layer.Snapshots}");
                 if (layer.BackingFile is not null)
-                    Console.WriteLine($"{indent}backing file: {layer.BackingFile}" + (layer.BackingFormat is null ? "" : $" (format {layer.BackingFormat})"));
+                    Console.WriteLine($"{indent}backing file: {ImageText.Escape(layer.BackingFile)}" + (layer.BackingFormat is null ? "" : $" (format {ImageText.Escape(layer.BackingFormat)})"));
                 depth++;
             }
             return 0;
@@ -156,7 +157,7 @@ public static class DiskCommands
             }
             Console.WriteLine($"{"offset",-20}{"length",-20}{"kind",-13}{"depth",-7}file");
             foreach (var e in extents)
-                Console.WriteLine($"0x{e.Offset:x16}  0x{e.Length:x16}  {e.Kind.ToString().ToLowerInvariant(),-12} {e.Depth,-6} {(e.Depth < layers.Count ? layers[e.Depth] : "")}");
+                Console.WriteLine($"0x{e.Offset:x16}  0x{e.Length:x16}  {e.Kind.ToString().ToLowerInvariant(),-12} {e.Depth,-6} {(e.Depth < layers.Count ? ImageText.Escape(layers[e.Depth]) : "")}");
             return 0;
         }));
         return cmd;
@@ -165,11 +166,17 @@ public static class DiskCommands
     private static Command Check()
     {
         var file = FileArgument("the image");
-        var repair = new Option<bool>("--repair", "-r") { Description = "give leaked clusters back (the image is opened read-write)" };
+        var repair = new Option<bool>("--repair", "-r")
+        {
+            Description = "give leaked clusters back (the image is opened read-write); refused, changing nothing, when the check could not follow every structure",
+        };
         var json = JsonOption();
         var cmd = new Command("check",
-            "Recount every cluster reference and compare with the stored refcounts.\n" +
-            "Exit status: 0 clean, 2 corruptions found, 3 leaked clusters only (as qemu-img check).") { file, repair, json };
+            "Recount every cluster reference (header, refcount table and blocks, active L1/L2 tables and data,\n" +
+            "the snapshot table and each internal snapshot's tables and data, the bitmap directory, bitmap tables\n" +
+            "and bitmap data) and compare with the stored refcounts; check COPIED flags and reserved bits.\n" +
+            "Exit status: 0 clean, 2 corruptions found, 3 leaked clusters only (as qemu-img check); 1 when the\n" +
+            "image cannot be opened (its header or tables are invalid: the error names the field).") { file, repair, json };
         cmd.SetAction(p => Guard(() =>
         {
             string path = p.GetRequiredValue(file);
@@ -187,7 +194,9 @@ public static class DiskCommands
                 return result.ExitStatus;
             }
             foreach (var problem in result.Problems)
-                Console.WriteLine(problem);
+                Console.WriteLine(ImageText.Escape(problem));
+            if (result.RepairRefused is { } refused)
+                Console.WriteLine($"Repair refused: {ImageText.Escape(refused)}");
             if (result.LeaksFixed > 0)
                 Console.WriteLine($"{result.LeaksFixed} leaked clusters were given back.");
             Console.WriteLine(result.IsClean

@@ -22,9 +22,9 @@ public static class DiskImage
     private static IBlockImage Open(string path, ImageOpenOptions options, string? format, List<string> chain)
     {
         if (chain.Contains(path))
-            throw new ImageFormatException($"image {chain[0]}: backing chain loops back to {path} ({string.Join(" -> ", chain)} -> {path})");
+            throw new ImageFormatException(ImageText.Escape($"image {chain[0]}: backing chain loops back to {path} ({string.Join(" -> ", chain)} -> {path})"));
         if (chain.Count > options.MaxChainDepth)
-            throw new ImageFormatException($"image {chain[0]}: backing chain is deeper than {options.MaxChainDepth} images");
+            throw new ImageFormatException($"image {ImageText.Escape(chain[0])}: backing chain is deeper than {options.MaxChainDepth} images");
         format ??= ProbeFormat(path);
         chain.Add(path);
         switch (format)
@@ -42,19 +42,19 @@ public static class DiskImage
                     {
                         null or "" => null,
                         "qcow2" or "raw" => header.BackingFormat,
-                        var other => throw new ImageFormatException($"qcow2 image {path}: backing format '{other}' is not supported"),
+                        var other => throw new ImageFormatException($"qcow2 image {ImageText.Escape(path)}: backing format '{ImageText.Escape(other)}' is not supported"),
                     };
                     try
                     {
                         return Open(backing, options with { ReadOnly = true, Exclusive = false }, backingFormat, chain);
                     }
-                    catch (ImageFormatException e) when (!e.Message.Contains(path, StringComparison.Ordinal))
+                    catch (ImageFormatException e) when (!e.Message.Contains(ImageText.Escape(path), StringComparison.Ordinal))
                     {
-                        throw new ImageFormatException($"image {path}: cannot open backing file {header.BackingFile}: {e.Message}", e);
+                        throw new ImageFormatException($"image {ImageText.Escape(path)}: cannot open backing file {ImageText.Escape(header.BackingFile)}: {e.Message}", e);
                     }
                 });
             default:
-                throw new ImageFormatException($"image {path}: format '{format}' is not supported (qcow2 and raw are)");
+                throw new ImageFormatException($"image {ImageText.Escape(path)}: format '{format}' is not supported (qcow2 and raw are)");
         }
     }
 
@@ -68,7 +68,7 @@ public static class DiskImage
             string prefix = folder.EndsWith('/') ? folder : folder + "/";
             if (!resolved.StartsWith(prefix, StringComparison.Ordinal))
                 throw new ImageFormatException(
-                    $"image {imagePath}: backing file '{backingName}' resolves to {resolved}, outside the image's folder {folder}");
+                    $"image {ImageText.Escape(imagePath)}: backing file '{ImageText.Escape(backingName)}' resolves to {ImageText.Escape(resolved)}, outside the image's folder {ImageText.Escape(folder)}");
         }
         return resolved;
     }

@@ -18,31 +18,31 @@ internal static class ImageFile
         try
         {
             if (Directory.Exists(path))
-                throw new ImageFormatException($"image {path}: is a directory");
+                throw new ImageFormatException($"image {ImageText.Escape(path)}: is a directory");
             var share = exclusive && access != FileAccess.Read ? FileShare.None : FileShare.Read;
             return File.OpenHandle(path, FileMode.Open, access, share);
         }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
-            throw new ImageFormatException($"image {path}: no such file");
+            throw new ImageFormatException($"image {ImageText.Escape(path)}: no such file");
         }
         catch (UnauthorizedAccessException)
         {
-            throw new ImageFormatException($"image {path}: permission denied ({(access == FileAccess.Read ? "reading" : "reading and writing")})");
+            throw new ImageFormatException($"image {ImageText.Escape(path)}: permission denied ({(access == FileAccess.Read ? "reading" : "reading and writing")})");
         }
         catch (PathTooLongException)
         {
-            throw new ImageFormatException($"image {path}: the path is too long");
+            throw new ImageFormatException($"image {ImageText.Escape(path)}: the path is too long");
         }
         catch (IOException e) when (e.HResult == SharingViolation || e.Message.Contains("being used by another process", StringComparison.Ordinal))
         {
             throw new ImageFormatException(exclusive && access != FileAccess.Read
-                ? $"image {path}: in use (another VM or program has it open; it is locked)"
-                : $"image {path}: in use for writing by another VM or program (it is locked)", e);
+                ? $"image {ImageText.Escape(path)}: in use (another VM or program has it open; it is locked)"
+                : $"image {ImageText.Escape(path)}: in use for writing by another VM or program (it is locked)", e);
         }
         catch (IOException e)
         {
-            throw new ImageFormatException($"image {path}: cannot open: {e.Message}", e);
+            throw new ImageFormatException($"image {ImageText.Escape(path)}: cannot open: {e.Message}", e);
         }
     }
 }

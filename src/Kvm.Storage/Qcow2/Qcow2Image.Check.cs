@@ -11,6 +11,8 @@ public sealed record CheckResult
     public int LeaksFixed { get; init; }
     /// <summary>One line per problem, naming the cluster or table and the values found.</summary>
     public required IReadOnlyList<string> Problems { get; init; }
+    /// <summary>Why a repair that was asked for changed nothing (the structure the check could not follow), or null.</summary>
+    public string? RepairRefused { get; init; }
     public ulong AllocatedClusters { get; init; }
     public ulong GuestClusters { get; init; }
     public ulong ImageEndOffset { get; init; }
@@ -21,104 +23,162 @@ public sealed record CheckResult
     public int ExitStatus => Corruptions > 0 ? 2 : Leaks > 0 ? 3 : 0;
 }
 
-// Consistency check: recount every reference from the tables and compare with the refcounts.
+// Consistency check: recount every reference from every structure of the image and compare with
+// the refcounts, counting as qemu-img check counts (so that the two agree on every image).
 public sealed partial class Qcow2Image
 {
     private const ulong MaxCheckClusters = 1UL << 25; // 128 MiB of counters
+    private const ulong NoIndex = ulong.MaxValue;
+    private const ulong L1Reserved = 0x7f00_0000_0000_01ff, L2Reserved = 0x3f00_0000_0000_01fe;
 
     /// <summary>Problems listed one by one; past this many they are only counted.</summary>
     public const int MaxListedProblems = 1000;
 
+    /// <summary>Header extensions whose meaning the check knows (none of the others may hold clusters a repair could free).</summary>
+    private static readonly uint[] UnderstoodExtensions =
+        [Qcow2Header.ExtBackingFormat, Qcow2Header.ExtFeatureNames, Qcow2Header.ExtBitmaps];
+
+    /// <summary>Compatible feature bits whose meaning the check knows: bit 0, lazy refcounts.</summary>
+    private const ulong UnderstoodCompatible = 1;
+
     /// <summary>
-    /// Recounts the references to every host cluster (header, tables, refcount blocks, L2 tables,
-    /// data, and the same for every internal snapshot) and compares them with the stored refcounts.
-    /// With <paramref name="repairLeaks"/>, clusters whose refcount is higher than their references
-    /// get the right count written back (the image must be open read-write).
+    /// Recounts the references to every host cluster (header, refcount table and blocks, the
+    /// active L1 table and its L2 tables and data, the snapshot table and every snapshot's L1
+    /// table, L2 tables and data, the bitmap directory, bitmap tables and bitmap data) and compares
+    /// them with the stored refcounts.
+    /// With <paramref name="repairLeaks"/> (the image must be open read-write), clusters whose
+    /// refcount is higher than their references get the right count written back, and nothing
+    /// else changes. The repair is refused, changing nothing, when the check could not follow
+    /// every structure (a table outside the file, unaligned, or of a kind it does not know):
+    /// a cluster only such a structure references would look leaked.
     /// </summary>
     public CheckResult Check(bool repairLeaks = false)
     {
-        if (repairLeaks)
-            CheckWritable();
+        if (repairLeaks && ReadOnly)
+            throw new InvalidOperationException($"image {ImageText.Escape(Path)} is open read-only");
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             WriteBackMetadata(); // the tables are read from the file below
             ulong clusters = ((ulong)_fileLength + ClusterMask) >> _clusterBits;
             if (clusters > MaxCheckClusters)
-                throw new ImageFormatException($"qcow2 image {Path}: {clusters} host clusters are too many to check in memory");
-            var expected = new uint[Math.Max(clusters, _nextCluster)];
-            var problems = new ProblemList();
-            int corruptions = 0;
+                throw new ImageFormatException($"{Where}: {clusters} host clusters are too many to check in memory");
+            var walk = new CheckWalk(this, Math.Max(clusters + 1, _nextCluster));
 
-            void Reference(ulong offset, ulong bytes, string what, ulong index)
+            walk.Reference(0, (ulong)_clusterSize, "header");
+            WalkL1(walk, _header.L1TableOffset, _header.L1Size, "active", active: true);
+            foreach (var s in _snapshots)
             {
-                if (bytes == 0)
-                    return;
-                if (!InFile(offset, bytes, (long)expected.Length << _clusterBits))
+                string who = $"snapshot {s.Id} ({s.Name})";
+                if ((s.L1TableOffset & ClusterMask) != 0)
                 {
-                    problems.Report($"ERROR {Describe(what, index)} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
-                    corruptions++;
-                    return;
+                    walk.Problems.Report($"ERROR {who} l1_offset=0x{s.L1TableOffset:x}: L1 table is not cluster aligned; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted");
+                    walk.Corrupt($"the L1 table of {who}");
                 }
-                ulong first = offset >> _clusterBits, last = (offset + bytes - 1) >> _clusterBits;
-                if (last >= (ulong)expected.Length)
+                else if ((ulong)s.L1Size * 8 > Qcow2Header.MaxL1Bytes)
                 {
-                    problems.Report($"ERROR {Describe(what, index)} at 0x{offset:x} (+{bytes}) lies past the end of the file ({_fileLength} bytes)");
-                    corruptions++;
-                    return;
+                    walk.Problems.Report($"ERROR {who} l1_size=0x{s.L1Size:x}: L1 table is too large; snapshot table entry {s.Index} at offset {s.EntryOffset} corrupted");
+                    walk.Corrupt($"the L1 table of {who}");
                 }
-                for (ulong c = first; c <= last; c++)
-                    expected[c]++;
+                else
+                {
+                    WalkL1(walk, s.L1TableOffset, s.L1Size, who, active: false);
+                }
+                // Version 3 snapshots carry at least the large VM state size and the disk size.
+                if (_header.Version >= 3 && s.ExtraDataSize < 16)
+                {
+                    walk.Problems.Report($"ERROR snapshot table entry {s.Index} at offset {s.EntryOffset} is incomplete (extra_data_size {s.ExtraDataSize}, at least 16 in version 3)");
+                    walk.Corrupt(null);
+                }
+            }
+            walk.Reference(_header.SnapshotsOffset, _snapshotTableEnd - _header.SnapshotsOffset, "snapshot table");
+            walk.Reference(_header.RefcountTableOffset, (ulong)_header.RefcountTableClusters * (ulong)_clusterSize, "refcount table");
+            for (int i = 0; i < _refTable.Length; i++)
+            {
+                if (_refTable[i] != 0)
+                    walk.Reference(_refTable[i], (ulong)_clusterSize, "refcount block", (ulong)i);
+            }
+            if (_header.Bitmaps is { } ext)
+            {
+                walk.Reference(ext.DirectoryOffset, ext.DirectorySize, "bitmap directory");
+                foreach (var b in _bitmaps)
+                {
+                    walk.Reference(b.TableOffset, (ulong)b.TableSize * 8, $"bitmap table of bitmap '{b.Name}'");
+                    string dataWhat = $"data of bitmap '{b.Name}', table entry";
+                    ForEachBitmapTableEntry(b, (index, entry) =>
+                    {
+                        ulong offset = entry & OffsetMask;
+                        if (offset != 0 && !walk.Reference(offset, (ulong)_clusterSize, dataWhat, index))
+                            walk.Unfollowed ??= $"the data of bitmap '{b.Name}'";
+                    });
+                }
             }
 
-            Reference(0, (ulong)_clusterSize, "header", NoIndex);
-            Reference(_header.RefcountTableOffset, (ulong)_header.RefcountTableClusters * (ulong)_clusterSize, "refcount table", NoIndex);
-            for (int i = 0; i < _refTable.Length; i++)
-                if (_refTable[i] != 0)
-                    Reference(_refTable[i], (ulong)_clusterSize, "refcount block", (ulong)i);
-
-            CountL1(_header.L1TableOffset, _header.L1Size, "active", Reference, problems, ref corruptions, checkCopied: true);
-
-            if (_header.SnapshotCount > 0)
-                CountSnapshots(Reference, problems, ref corruptions);
+            string? refused = null;
+            if (repairLeaks)
+                refused = RepairRefusal(walk);
 
             // Compare.
             int leaks = 0, fixedLeaks = 0;
             ulong allocated = 0;
-            for (ulong c = 0; c < (ulong)expected.Length; c++)
+            bool wrote = false;
+            for (ulong c = 0; c < walk.Length; c++)
             {
                 ulong stored = RefcountOf(c);
-                ulong want = expected[c];
+                ulong want = walk.Count(c);
                 if (stored != 0)
                     allocated++;
                 if (stored == want)
                     continue;
-                if (stored > want)
+                if (stored < want)
                 {
-                    leaks++;
-                    problems.Report($"Leaked cluster {c} refcount={stored} reference={want}");
-                    if (repairLeaks && !(c / (ulong)EntriesPerBlock >= (ulong)_refTable.Length || _refTable[c / (ulong)EntriesPerBlock] == 0))
-                    {
-                        AddRefcount(c, -(int)Math.Min(stored - want, int.MaxValue));
-                        fixedLeaks++;
-                    }
+                    walk.Problems.Report($"ERROR cluster {c} refcount={stored} reference={want}");
+                    walk.Corruptions++;
+                    continue;
                 }
-                else
+                leaks++;
+                if (repairLeaks && refused is null && c / (ulong)EntriesPerBlock < (ulong)_refTable.Length && _refTable[c / (ulong)EntriesPerBlock] != 0)
                 {
-                    corruptions++;
-                    problems.Report($"ERROR cluster {c} refcount={stored} reference={want}");
+                    if (want == 1 && walk.ActiveShared(c))
+                    {
+                        // An active entry without the COPIED flag points at it: at refcount 1 it would need the flag.
+                        walk.Problems.Report($"Leaked cluster {c} refcount={stored} reference={want} (not repaired: an active table entry without the COPIED flag points at it)");
+                        continue;
+                    }
+                    if (!wrote)
+                    {
+                        // Before the first write: the repair keeps the bitmaps consistent (it frees none of their clusters).
+                        ClearUnmaintainedAutoclear(MaintainedAutoclear | Qcow2Header.AutoclearBitmaps);
+                        wrote = true;
+                    }
+                    AddRefcount(c, -(int)Math.Min(stored - want, int.MaxValue));
+                    fixedLeaks++;
+                    walk.Problems.Report($"Repaired leaked cluster {c} refcount={stored} reference={want}");
+                    continue;
+                }
+                walk.Problems.Report($"Leaked cluster {c} refcount={stored} reference={want}");
+            }
+            if (wrote)
+                RandomAccess.FlushToDisk(_file);
+            // COPIED flags, judged on the refcounts as they are now (after any repair).
+            foreach (var (cluster, copied, index, entry, table) in walk.CopiedMismatches)
+            {
+                ulong now = RefcountOf(cluster);
+                if ((now == 1) != copied)
+                {
+                    walk.Problems.Report($"ERROR OFLAG_COPIED {(table ? "L2 cluster: l1_index=" : "data cluster: guest cluster ")}{index} {(table ? "l1_entry" : "l2_entry")}=0x{entry:x} refcount={now}");
+                    walk.Corruptions++;
                 }
             }
-            if (repairLeaks && fixedLeaks > 0)
-                RandomAccess.FlushToDisk(_file);
 
             return new CheckResult
             {
                 Path = Path,
-                Corruptions = corruptions,
+                Corruptions = walk.Corruptions,
                 Leaks = leaks - fixedLeaks,
                 LeaksFixed = fixedLeaks,
-                Problems = problems.Listed(),
+                Problems = walk.Problems.Listed(),
+                RepairRefused = leaks > fixedLeaks ? refused : null,
                 AllocatedClusters = allocated,
                 GuestClusters = (Size + ClusterMask) >> _clusterBits,
                 ImageEndOffset = (ulong)_fileLength,
@@ -126,129 +186,189 @@ public sealed partial class Qcow2Image
         }
     }
 
-    private delegate void ReferenceFn(ulong offset, ulong bytes, string what, ulong index);
-
-    // "data of guest cluster" + 7 -> "data of guest cluster 7"; NoIndex leaves the text alone.
-    private const ulong NoIndex = ulong.MaxValue;
-    private static string Describe(string what, ulong index) => index == NoIndex ? what : $"{what} {index}";
-
-    private void CountL1(ulong l1Offset, uint l1Size, string owner, ReferenceFn reference, ProblemList problems, ref int corruptions,
-        bool checkCopied)
+    // Why the check's counts are not a safe basis for freeing clusters, or null when they are.
+    private string? RepairRefusal(CheckWalk walk)
     {
-        reference(l1Offset, (ulong)l1Size * 8, owner + " L1 table", NoIndex);
-        ulong[] l1;
-        if (owner == "active")
+        if (walk.Unfollowed is { } what)
+            return $"not repaired: the check could not follow {what}, so clusters only it references would look leaked; nothing was changed";
+        foreach (var ext in _header.Extensions)
         {
-            l1 = _l1;
+            if (!UnderstoodExtensions.Contains(ext.Type))
+                return $"not repaired: header extension 0x{ext.Type:x8} is of an unknown kind and may reference clusters; nothing was changed";
         }
-        else
+        ulong compat = _header.CompatibleFeatures & ~UnderstoodCompatible;
+        if (compat != 0)
+            return $"not repaired: compatible_features 0x{_header.CompatibleFeatures:x} at offset 80 has unknown bits (0x{compat:x}) whose structures may reference clusters; nothing was changed";
+        return null;
+    }
+
+    /// <summary>
+    /// Walks one L1 table as qemu-img check does: every L2 table once per L1 entry that names it,
+    /// and every data cluster once per L2 entry. For the active table, also the COPIED flags
+    /// (set exactly when the refcount is 1).
+    /// </summary>
+    private void WalkL1(CheckWalk walk, ulong l1Offset, uint l1Size, string owner, bool active)
+    {
+        if (l1Size == 0)
+            return;
+        if (!walk.Reference(l1Offset, (ulong)l1Size * 8, $"{owner} L1 table"))
         {
-            var raw = new byte[l1Size * 8];
-            RandomAccess.Read(_file, raw, (long)l1Offset);
-            l1 = new ulong[l1Size];
-            for (int i = 0; i < l1.Length; i++)
-                l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+            walk.Unfollowed ??= $"the {owner} L1 table";
+            return;
         }
-        byte[]? l2Buffer = null;
         var walked = new HashSet<ulong>();
-        string l2What = owner + " L2 table";
-        for (ulong i = 0; i < (ulong)l1.Length; i++)
+        string l2What = $"{owner} L2 table of L1 entry";
+        var l2 = new byte[_clusterSize];
+        var chunk = new byte[Math.Min(65536, (int)l1Size * 8)];
+        for (ulong first = 0; first < l1Size; first += (ulong)chunk.Length / 8)
         {
-            ulong l2Offset = l1[i] & OffsetMask;
-            if (l2Offset == 0)
-                continue;
-            if ((l2Offset & ClusterMask) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
+            int n = (int)Math.Min((ulong)chunk.Length / 8, l1Size - first);
+            ReadMetadata(l1Offset + first * 8, chunk.AsSpan(0, n * 8));
+            for (int k = 0; k < n; k++)
             {
-                problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, unaligned or past the end of the file");
-                corruptions++;
-                continue;
-            }
-            reference(l2Offset, (ulong)_clusterSize, l2What, i);
-            if (!walked.Add(l2Offset))
-            {
-                // One table cannot serve two L1 entries of the same image; say so once, and do not
-                // walk it again (an L1 full of aliases would otherwise take minutes).
-                problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
-                corruptions++;
-                continue;
-            }
-            if (checkCopied && (l1[i] & Copied) != 0 && RefcountOf(l2Offset >> _clusterBits) != 1)
-            {
-                problems.Report($"ERROR OFLAG_COPIED L2 table 0x{l2Offset:x}: L1 entry {i} says unshared, refcount={RefcountOf(l2Offset >> _clusterBits)}");
-                corruptions++;
-            }
-            l2Buffer ??= new byte[_clusterSize];
-            var raw = l2Buffer;
-            RandomAccess.Read(_file, raw, (long)l2Offset);
-            for (int j = 0; j < _l2Entries; j++)
-            {
-                ulong e = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(j * 8));
-                ulong guest = i * (ulong)_l2Entries + (ulong)j;
-                if ((e & Compressed) != 0)
+                ulong i = first + (ulong)k;
+                ulong entry = BinaryPrimitives.ReadUInt64BigEndian(chunk.AsSpan(k * 8));
+                if (entry == 0)
+                    continue;
+                if ((entry & L1Reserved) != 0)
                 {
-                    var (host, sectors) = CompressedDescriptor(e);
-                    reference(host & ~511UL, sectors * 512, "compressed cluster of guest cluster", guest);
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i} (0x{entry:x}) has reserved bits set");
+                    walk.Corrupt(null);
+                }
+                ulong l2Offset = entry & OffsetMask;
+                if (l2Offset == 0)
+                    continue;
+                if (!walk.Reference(l2Offset, (ulong)_clusterSize, l2What, i))
+                {
+                    walk.Unfollowed ??= $"the {owner} L2 table of L1 entry {i}";
                     continue;
                 }
-                ulong data = e & OffsetMask;
-                if (data == 0)
-                    continue;
-                if ((data & ClusterMask) != 0)
+                if ((l2Offset & ClusterMask) != 0)
                 {
-                    problems.Report($"ERROR {owner} L2 entry for guest cluster {guest} points at unaligned host offset 0x{data:x}");
-                    corruptions++;
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i}: L2 table offset 0x{l2Offset:x} is not cluster aligned");
+                    walk.Corrupt($"the {owner} L2 table of L1 entry {i}");
                     continue;
                 }
-                reference(data, (ulong)_clusterSize, "data of guest cluster", guest);
-                if (checkCopied && (e & Copied) != 0 && data >> _clusterBits < (ulong)_fileLength >> _clusterBits
-                    && RefcountOf(data >> _clusterBits) != 1)
+                if (active)
+                    walk.NoteActive(l2Offset >> _clusterBits, (entry & Copied) != 0, i, entry, table: true, RefcountOf(l2Offset >> _clusterBits));
+                if (!walked.Add(l2Offset))
                 {
-                    problems.Report($"ERROR OFLAG_COPIED data cluster 0x{data:x} of guest cluster {guest}: L2 says unshared, refcount={RefcountOf(data >> _clusterBits)}");
-                    corruptions++;
+                    // One table cannot serve two entries of one L1 table. Say so once, and do not
+                    // walk it again (an L1 full of aliases would otherwise take minutes).
+                    walk.Problems.Report($"ERROR {owner} L1 entry {i} points at L2 table 0x{l2Offset:x}, which an earlier entry already uses");
+                    walk.Corrupt(null);
+                    continue;
                 }
+                ReadMetadata(l2Offset, l2);
+                WalkL2(walk, l2, i, owner, active);
             }
         }
     }
 
-    // The snapshot table: each entry's L1 table and everything below it hold references too.
-    private void CountSnapshots(ReferenceFn reference, ProblemList problems, ref int corruptions)
+    private void WalkL2(CheckWalk walk, byte[] raw, ulong l1Index, string owner, bool active)
     {
-        ulong pos = _header.SnapshotsOffset;
-        ulong start = pos;
-        for (uint s = 0; s < _header.SnapshotCount; s++)
+        string compressedWhat = $"{owner} compressed data of guest cluster", dataWhat = $"{owner} data of guest cluster";
+        for (int j = 0; j < _l2Entries; j++)
         {
-            var fixedPart = new byte[40];
-            if (!InFile(pos, 40, _fileLength))
+            ulong e = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(j * 8));
+            if (e == 0)
+                continue;
+            ulong guest = l1Index * (ulong)_l2Entries + (ulong)j;
+            if ((e & Compressed) != 0)
             {
-                problems.Report($"ERROR snapshot {s} header at 0x{pos:x} lies past the end of the file");
-                corruptions++;
-                return;
+                if ((e & Copied) != 0)
+                {
+                    walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}): the COPIED flag is set on a compressed cluster");
+                    walk.Corrupt(null);
+                }
+                var (host, sectors) = CompressedDescriptor(e);
+                walk.Reference(host, sectors * 512 - (host & 511), compressedWhat, guest);
+                continue;
             }
-            RandomAccess.Read(_file, fixedPart, (long)pos);
-            ulong l1Offset = BinaryPrimitives.ReadUInt64BigEndian(fixedPart);
-            uint l1Size = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(8));
-            ushort idSize = BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(12));
-            ushort nameSize = BinaryPrimitives.ReadUInt16BigEndian(fixedPart.AsSpan(14));
-            uint extraSize = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(36));
-            if ((ulong)l1Size * 8 > Qcow2Header.MaxL1Bytes || (l1Offset & ClusterMask) != 0 || !InFile(l1Offset, (ulong)l1Size * 8, _fileLength))
+            if ((e & L2Reserved) != 0)
             {
-                problems.Report($"ERROR snapshot {s}: L1 table 0x{l1Offset:x} with {l1Size} entries is invalid");
-                corruptions++;
+                walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest} (0x{e:x}) has reserved bits set");
+                walk.Corrupt(null);
             }
-            else
+            ulong data = e & OffsetMask;
+            if (data == 0)
+                continue;
+            if ((data & ClusterMask) != 0)
             {
-                CountL1(l1Offset, l1Size, $"snapshot {s}", reference, problems, ref corruptions, checkCopied: false);
+                walk.Problems.Report($"ERROR {owner} L2 entry of guest cluster {guest}: data offset 0x{data:x} is not cluster aligned");
+                walk.Corrupt(null);
             }
-            ulong entry = 40 + (ulong)extraSize + idSize + nameSize;
-            pos += (entry + 7) & ~7UL;
-            if (pos > (ulong)_fileLength)
-            {
-                problems.Report($"ERROR snapshot table entry {s} runs past the end of the file");
-                corruptions++;
-                return;
-            }
+            walk.Reference(data, (ulong)_clusterSize, dataWhat, guest);
+            if (active)
+                walk.NoteActive(data >> _clusterBits, (e & Copied) != 0, guest, e, table: false, RefcountOf(data >> _clusterBits));
         }
-        reference(start, pos - start, "snapshot table", NoIndex);
+    }
+
+    /// <summary>What one check counts: references per host cluster, problems, and what it could not follow.</summary>
+    private sealed class CheckWalk(Qcow2Image image, ulong clusters)
+    {
+        private uint[] _counts = new uint[clusters];
+        private System.Collections.BitArray _activeShared = new((int)Math.Min(clusters, int.MaxValue));
+
+        public ProblemList Problems { get; } = new();
+        public int Corruptions;
+        /// <summary>The first structure the walk could not follow (a repair must not trust the counts then).</summary>
+        public string? Unfollowed;
+        public List<(ulong Cluster, bool Copied, ulong Index, ulong Entry, bool Table)> CopiedMismatches { get; } = new();
+
+        public ulong Length => (ulong)_counts.Length;
+        public ulong Count(ulong cluster) => _counts[cluster];
+        public bool ActiveShared(ulong cluster) => cluster < (ulong)_activeShared.Length && _activeShared[(int)cluster];
+
+        /// <summary>Counts a corruption (reported just before); <paramref name="unfollowed"/> names a structure the walk must skip.</summary>
+        public void Corrupt(string? unfollowed)
+        {
+            Corruptions++;
+            if (unfollowed is not null)
+                Unfollowed ??= unfollowed;
+        }
+
+        /// <summary>
+        /// Counts one reference to every cluster of [offset, offset+bytes). As in qemu, a region
+        /// may run past the end of the file by less than a cluster (the last cluster may be short
+        /// on disk); one that runs further is a corruption, and false is returned.
+        /// </summary>
+        public bool Reference(ulong offset, ulong bytes, string what, ulong index = NoIndex)
+        {
+            if (bytes == 0)
+                return true;
+            ulong fileLength = (ulong)image._fileLength;
+            ulong cs = (ulong)image._clusterSize;
+            if (offset > long.MaxValue || bytes > long.MaxValue || offset + bytes > fileLength + cs - 1)
+            {
+                Problems.Report($"ERROR {what}{(index == NoIndex ? "" : " " + index)} at 0x{offset:x} (+{bytes}) runs past the end of the file ({fileLength} bytes) by a cluster or more");
+                Corruptions++;
+                return false;
+            }
+            ulong first = offset >> image._clusterBits, last = (offset + bytes - 1) >> image._clusterBits;
+            if (last >= (ulong)_counts.Length)
+                Array.Resize(ref _counts, (int)last + 1);
+            for (ulong c = first; c <= last; c++)
+            {
+                if (_counts[c] == uint.MaxValue)
+                {
+                    Problems.Report($"ERROR cluster {c} is referenced more than {uint.MaxValue} times");
+                    Corruptions++;
+                    continue;
+                }
+                _counts[c]++;
+            }
+            return true;
+        }
+
+        /// <summary>An active L1 or L2 entry: its COPIED flag must be set exactly when the cluster's refcount is 1.</summary>
+        public void NoteActive(ulong cluster, bool copied, ulong index, ulong entry, bool table, ulong refcount)
+        {
+            if (!copied && cluster < (ulong)_activeShared.Length)
+                _activeShared[(int)cluster] = true;
+            if ((refcount == 1) != copied)
+                CopiedMismatches.Add((cluster, copied, index, entry, table));
+        }
     }
 }
 

@@ -57,9 +57,9 @@ public sealed partial class Qcow2Image
             ulong offset = e & ~(ulong)0x1ff;
             if (offset != 0 && ((offset & (ulong)(_clusterSize - 1)) != 0 || !InFile(offset, (ulong)_clusterSize, fileLength)))
                 throw new ImageFormatException(
-                    $"qcow2 image {Path}: refcount table entry {i} points at block offset 0x{offset:x}, outside the {fileLength}-byte file or unaligned");
+                    $"{Where}: refcount table entry {i} points at block offset 0x{offset:x}, outside the {fileLength}-byte file or unaligned");
             if (offset == 0 && e != 0)
-                throw new ImageFormatException($"qcow2 image {Path}: refcount table entry {i} has reserved bits set (0x{e:x})");
+                throw new ImageFormatException($"{Where}: refcount table entry {i} has reserved bits set (0x{e:x})");
             _refTable[i] = offset;
         }
         // The L1 and refcount tables must not share clusters (Parse already kept both off the header).
@@ -67,7 +67,7 @@ public sealed partial class Qcow2Image
         ulong rtStart = _header.RefcountTableOffset, rtEnd = rtStart + (ulong)_header.RefcountTableClusters * (ulong)_clusterSize;
         if (_header.L1Size > 0 && l1Start < rtEnd && rtStart < l1End)
             throw new ImageFormatException(
-                $"qcow2 image {Path}: the L1 table (0x{l1Start:x}+{l1End - l1Start}) overlaps the refcount table (0x{rtStart:x}+{rtEnd - rtStart})");
+                $"{Where}: the L1 table (0x{l1Start:x}+{l1End - l1Start}) overlaps the refcount table (0x{rtStart:x}+{rtEnd - rtStart})");
     }
 
     /// <summary>True when [offset, offset+length) lies inside a file of <paramref name="fileLength"/> bytes (no overflow).</summary>
@@ -148,7 +148,7 @@ public sealed partial class Qcow2Image
     {
         ulong blockIndex = cluster / (ulong)EntriesPerBlock;
         if (blockIndex >= (ulong)_refTable.Length || _refTable[blockIndex] == 0)
-            throw new ImageFormatException($"qcow2 image {Path}: host cluster {cluster} has no refcount block (refcount table entry {blockIndex})");
+            throw new ImageFormatException($"{Where}: host cluster {cluster} has no refcount block (refcount table entry {blockIndex})");
         ulong blockOffset = _refTable[blockIndex];
         var block = LoadBlock(blockOffset);
         int index = (int)(cluster % (ulong)EntriesPerBlock);
@@ -157,13 +157,13 @@ public sealed partial class Qcow2Image
         if (delta < 0)
         {
             if (current < (ulong)-delta)
-                throw new ImageFormatException($"qcow2 image {Path}: refcount of host cluster {cluster} is {current}; it cannot drop by {-delta}");
+                throw new ImageFormatException($"{Where}: refcount of host cluster {cluster} is {current}; it cannot drop by {-delta}");
             next = current - (ulong)-delta;
         }
         else
         {
             if (MaxRefcount - current < (ulong)delta)
-                throw new ImageFormatException($"qcow2 image {Path}: refcount of host cluster {cluster} would exceed {MaxRefcount}");
+                throw new ImageFormatException($"{Where}: refcount of host cluster {cluster} would exceed {MaxRefcount}");
             next = current + (ulong)delta;
         }
         WriteEntry(blockOffset, block, index, next);
@@ -339,7 +339,7 @@ public sealed partial class Qcow2Image
                 continue;
             }
             if (tableClusters * (ulong)_clusterSize > Qcow2Header.MaxRefcountTableBytes)
-                throw new ImageFormatException($"qcow2 image {Path}: the refcount table would exceed {Qcow2Header.MaxRefcountTableBytes >> 20} MiB");
+                throw new ImageFormatException($"{Where}: the refcount table would exceed {Qcow2Header.MaxRefcountTableBytes >> 20} MiB");
 
             // 1. New refcount blocks, each counting the clusters of [tableStart, end) in its range.
             foreach (var (index, cluster) in newBlocks)

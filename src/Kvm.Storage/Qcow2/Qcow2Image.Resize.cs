@@ -18,12 +18,12 @@ public sealed partial class Qcow2Image
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             if (newSize < _header.Size)
-                throw new ArgumentException($"image {Path}: shrinking from {_header.Size} to {newSize} bytes is not supported");
+                throw new ArgumentException($"image {ImageText.Escape(Path)}: shrinking from {_header.Size} to {newSize} bytes is not supported");
             if (newSize == _header.Size)
                 return;
             ulong needed = Qcow2Header.L1EntriesFor(newSize, _clusterBits);
             if (needed * 8 > Qcow2Header.MaxL1Bytes)
-                throw new ArgumentException($"image {Path}: {newSize} bytes needs an L1 table over {Qcow2Header.MaxL1Bytes >> 20} MiB");
+                throw new ArgumentException($"image {ImageText.Escape(Path)}: {newSize} bytes needs an L1 table over {Qcow2Header.MaxL1Bytes >> 20} MiB");
             if (needed > _header.L1Size)
             {
                 ulong clusters = (needed * 8 + ClusterMask) >> _clusterBits;

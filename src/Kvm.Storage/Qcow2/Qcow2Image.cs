@@ -115,6 +115,8 @@ public sealed partial class Qcow2Image : IBlockImage
             {
                 var image = new Qcow2Image(path, file, header, l1, options.ReadOnly, backing, options);
                 image.LoadRefcountTable(length);
+                image.LoadSnapshots();
+                image.LoadBitmaps();
                 return image;
             }
             catch
@@ -250,11 +252,13 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if (_decompressed is not null && _decompressedEntry == entry)
             return _decompressed;
+        if (_header.CompressionType != 0)
+            throw new ImageFormatException($"{Where}: compressed cluster of compression type {_header.CompressionType} (zstd; compression_type at offset 104) cannot be read: only deflate (0) is supported");
         var (hostOffset, sectors) = CompressedDescriptor(entry);
         ulong compressedSize = sectors * 512 - (hostOffset & 511);
         long fileLength = RandomAccess.GetLength(_file);
         if (hostOffset >= (ulong)fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} lies past the end of the file ({fileLength} bytes)");
+            throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} lies past the end of the file ({fileLength} bytes)");
         var packed = new byte[Math.Min(compressedSize, (ulong)fileLength - hostOffset)];
         RandomAccess.Read(_file, packed, (long)hostOffset);
         var output = new byte[_clusterSize];
@@ -270,11 +274,11 @@ public sealed partial class Qcow2Image : IBlockImage
                 total += n;
             }
             if (total != output.Length)
-                throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} inflates to {total} bytes, not {output.Length}");
+                throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} inflates to {total} bytes, not {output.Length}");
         }
         catch (InvalidDataException e)
         {
-            throw new ImageFormatException($"qcow2 image {Path}: compressed cluster at host offset 0x{hostOffset:x} is not valid deflate data", e);
+            throw new ImageFormatException($"{Where}: compressed cluster at host offset 0x{hostOffset:x} is not valid deflate data", e);
         }
         _decompressed = output;
         _decompressedEntry = entry;
@@ -304,9 +308,9 @@ public sealed partial class Qcow2Image : IBlockImage
         if (host == 0)
             return;
         if ((host & (ulong)(_clusterSize - 1)) != 0)
-            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at unaligned host offset 0x{host:x}");
+            throw new ImageFormatException($"{Where}: L2 entry for guest cluster {guestCluster} points at unaligned host offset 0x{host:x}");
         if (host >= (ulong)_fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: L2 entry for guest cluster {guestCluster} points at host offset 0x{host:x}, past the end of the file ({_fileLength} bytes)");
+            throw new ImageFormatException($"{Where}: L2 entry for guest cluster {guestCluster} points at host offset 0x{host:x}, past the end of the file ({_fileLength} bytes)");
     }
 
     private ulong[] LoadL2(ulong l2Offset, ulong l1Index)
@@ -320,7 +324,7 @@ public sealed partial class Qcow2Image : IBlockImage
             return pending.Table!;
         }
         if ((l2Offset & (ulong)(_clusterSize - 1)) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
-            throw new ImageFormatException($"qcow2 image {Path}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
+            throw new ImageFormatException($"{Where}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
         var raw = new byte[_clusterSize];
         RandomAccess.Read(_file, raw, (long)l2Offset);
         table = new ulong[_l2Entries];
@@ -774,14 +778,68 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if (offset > Size || length > Size - offset)
             throw new ArgumentOutOfRangeException(nameof(offset),
-                $"image {Path}: range at offset {offset} with length {length} is beyond the image size {Size}");
+                $"image {ImageText.Escape(Path)}: range at offset {offset} with length {length} is beyond the image size {Size}");
     }
 
+    /// <summary>
+    /// Every write starts here: refused on a read-only image, and on a writable one the autoclear
+    /// features the engine does not maintain are cleared first (see <see cref="MaintainedAutoclear"/>).
+    /// </summary>
     private void CheckWritable()
     {
         if (ReadOnly)
-            throw new InvalidOperationException($"image {Path} is open read-only");
+            throw new InvalidOperationException($"image {ImageText.Escape(Path)} is open read-only");
+        ClearUnmaintainedAutoclear(MaintainedAutoclear);
     }
+
+    /// <summary>
+    /// The autoclear feature bits the engine keeps up to date when it writes. The qcow2
+    /// specification asks a writer to clear every autoclear bit whose feature it does not
+    /// maintain, before its first write, so that no later reader trusts metadata the writer let
+    /// go stale (for bit 0, the persistent dirty bitmaps). None yet: when the engine maintains
+    /// bitmaps, <see cref="Qcow2Header.AutoclearBitmaps"/> joins this set.
+    /// </summary>
+    public const ulong MaintainedAutoclear = 0;
+
+    /// <summary>
+    /// Clears (on disk, flushed, before anything else is written) every set autoclear bit not in
+    /// <paramref name="maintained"/>. A cleared bitmaps bit makes the bitmaps extension inconsistent:
+    /// from then on it is ignored, as qemu ignores it.
+    /// </summary>
+    private void ClearUnmaintainedAutoclear(ulong maintained)
+    {
+        // Every write comes through here: after the first, one volatile read and no lock.
+        bool usual = maintained == MaintainedAutoclear;
+        if (usual && Volatile.Read(ref _autoclearSettled))
+            return;
+        lock (_lock)
+        {
+            ulong clear = _header.AutoclearFeatures & ~maintained;
+            if (clear == 0 || _header.Version < 3)
+            {
+                if (usual)
+                    Volatile.Write(ref _autoclearSettled, true);
+                return;
+            }
+            ulong kept = _header.AutoclearFeatures & maintained;
+            Span<byte> field = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64BigEndian(field, kept);
+            RandomAccess.Write(_file, field, 88);
+            RandomAccess.FlushToDisk(_file);
+            _header.AutoclearFeatures = kept;
+            if ((clear & Qcow2Header.AutoclearBitmaps) != 0 && _header.Bitmaps is not null)
+            {
+                _header.Bitmaps = null;
+                _header.BitmapsIgnored = true;
+                _bitmaps = [];
+            }
+            if (usual)
+                Volatile.Write(ref _autoclearSettled, true);
+        }
+    }
+
+    /// <summary>Set once the autoclear bits left are all in <see cref="MaintainedAutoclear"/> (nothing more for a write to clear).</summary>
+    private bool _autoclearSettled;
 
     /// <summary>Writes the metadata still in memory (without waiting for the disk), then closes the file.</summary>
     public void Dispose()
