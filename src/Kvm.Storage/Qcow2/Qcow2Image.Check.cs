@@ -59,6 +59,7 @@ public sealed partial class Qcow2Image
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            WriteBackMetadata(); // the tables are read from the file below
             ulong clusters = ((ulong)_fileLength + ClusterMask) >> _clusterBits;
             if (clusters > MaxCheckClusters)
                 throw new ImageFormatException($"{Where}: {clusters} host clusters are too many to check in memory");

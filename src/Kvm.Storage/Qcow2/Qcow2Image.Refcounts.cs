@@ -1,21 +1,51 @@
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
 
 namespace Kvm.Storage.Qcow2;
 
 // Reference counts and cluster allocation. New clusters are taken from the end of the file;
-// a cluster's refcount is written before anything that points at it.
+// a cluster's refcount is written before anything that points at it. The counts of new data
+// clusters may stay in memory for a while (see WriteBackMetadata): they reach the file before the
+// L2 entries that point at those clusters. Every other refcount change is written through.
 public sealed partial class Qcow2Image
 {
     private ulong[] _refTable = [];
     private readonly Dictionary<ulong, byte[]> _refBlocks = new();
+    // Refcount blocks whose raised counts are not written yet: block offset -> changed bytes [From, To).
+    private readonly Dictionary<ulong, DirtyRange> _dirtyRefBlocks = new();
+    // Where the clusters in use end (the next allocation goes here), in bytes.
     private long _fileLength;
+    // How long the file really is: past _fileLength when it was extended ahead of allocations.
+    private long _physicalLength;
     private ulong _nextCluster;
+
+    /// <summary>How far ahead of new data clusters the file is extended (sparse), in clusters.</summary>
+    private const int GrowthClusters = 64;
+
+    /// <summary>A range of changed entries (L2) or bytes (refcount blocks) not yet written to the file.</summary>
+    private struct DirtyRange
+    {
+        public ulong[]? Table;
+        public int From, To;
+
+        public void Add(int from, int to)
+        {
+            if (To == 0)
+            {
+                (From, To) = (from, to);
+                return;
+            }
+            From = Math.Min(From, from);
+            To = Math.Max(To, to);
+        }
+    }
 
     private int EntriesPerBlock => _clusterSize * 8 / _header.RefcountBits;
 
     private void LoadRefcountTable(long fileLength)
     {
         _fileLength = fileLength;
+        _physicalLength = fileLength;
         _nextCluster = ((ulong)fileLength + (ulong)_clusterSize - 1) >> _clusterBits;
         int entries = (int)(_header.RefcountTableClusters * (ulong)_clusterSize / 8);
         var raw = new byte[entries * 8];
@@ -85,13 +115,30 @@ public sealed partial class Qcow2Image
     }
 
     // Sets an entry in the cached block and writes the byte(s) holding it through to the file.
+    // With sub-byte refcounts that byte may carry raised counts of neighbours not yet written back:
+    // writing a raised count early is safe (at worst a crash leaks the cluster).
     private void WriteEntry(ulong blockOffset, byte[] block, int index, ulong value)
     {
-        int bits = _header.RefcountBits;
         WriteEntryInMemory(block, index, value);
-        int byteOffset = bits >= 8 ? index * (bits / 8) : index * bits / 8;
-        int byteCount = Math.Max(1, bits / 8);
+        var (byteOffset, byteCount) = EntryBytes(index);
         RandomAccess.Write(_file, block.AsSpan(byteOffset, byteCount), (long)blockOffset + byteOffset);
+    }
+
+    // The bytes of a refcount block that hold entry `index`.
+    private (int Offset, int Count) EntryBytes(int index)
+    {
+        int bits = _header.RefcountBits;
+        return (bits >= 8 ? index * (bits / 8) : index * bits / 8, Math.Max(1, bits / 8));
+    }
+
+    /// <summary>Writes the refcount blocks' raised counts that are still only in memory.</summary>
+    private void WriteBackRefcounts()
+    {
+        if (_dirtyRefBlocks.Count == 0)
+            return;
+        foreach (var (offset, range) in _dirtyRefBlocks)
+            RandomAccess.Write(_file, _refBlocks[offset].AsSpan(range.From, range.To - range.From), (long)offset + range.From);
+        _dirtyRefBlocks.Clear();
     }
 
     private ulong MaxRefcount => _header.RefcountBits == 64 ? ulong.MaxValue : (1UL << _header.RefcountBits) - 1;
@@ -125,9 +172,13 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Takes <paramref name="count"/> contiguous clusters from the end of the file with refcount 1
     /// and returns the host offset of the first. Refcount blocks (and a larger refcount table) are
-    /// added first when the new clusters are not yet covered.
+    /// added first when the new clusters are not yet covered. For data clusters
+    /// (<paramref name="forData"/>) the new counts stay in memory until the next write-back, and
+    /// the file is extended (sparse, zeros) ahead of them so that it covers every whole cluster and
+    /// the data writes that follow need not grow it one cluster at a time; metadata clusters get
+    /// their counts written through, because they are pointed at straight away.
     /// </summary>
-    private ulong AllocateClusters(int count)
+    private ulong AllocateClusters(int count, bool forData = false)
     {
         while (true)
         {
@@ -137,9 +188,15 @@ public sealed partial class Qcow2Image
             if (missing == ulong.MaxValue)
             {
                 for (ulong c = start; c <= last; c++)
-                    SetNewRefcount(c, 1);
+                    SetNewRefcount(c, 1, deferred: forData);
                 _nextCluster = last + 1;
                 _fileLength = Math.Max(_fileLength, (long)(_nextCluster << _clusterBits));
+                if (forData && _fileLength > _physicalLength)
+                {
+                    long length = _fileLength + ((long)GrowthClusters << _clusterBits);
+                    RandomAccess.SetLength(_file, length);
+                    _physicalLength = length;
+                }
                 return start << _clusterBits;
             }
             if (missing >= (ulong)_refTable.Length)
@@ -162,12 +219,32 @@ public sealed partial class Qcow2Image
         return ulong.MaxValue;
     }
 
-    private void SetNewRefcount(ulong cluster, ulong value)
+    private void SetNewRefcount(ulong cluster, ulong value, bool deferred = false)
     {
         ulong blockIndex = cluster / (ulong)EntriesPerBlock;
         ulong blockOffset = _refTable[blockIndex];
         var block = LoadBlock(blockOffset);
-        WriteEntry(blockOffset, block, (int)(cluster % (ulong)EntriesPerBlock), value);
+        int index = (int)(cluster % (ulong)EntriesPerBlock);
+        if (!deferred)
+        {
+            WriteEntry(blockOffset, block, index, value);
+            return;
+        }
+        WriteEntryInMemory(block, index, value);
+        var (byteOffset, byteCount) = EntryBytes(index);
+        CollectionsMarshal.GetValueRefOrAddDefault(_dirtyRefBlocks, blockOffset, out _).Add(byteOffset, byteOffset + byteCount);
+    }
+
+    /// <summary>
+    /// Shortens the file to the clusters in use when it was extended ahead of them; called when
+    /// the image is closed, after the metadata is written.
+    /// </summary>
+    private void TrimFile()
+    {
+        if (_physicalLength <= _fileLength)
+            return;
+        RandomAccess.SetLength(_file, _fileLength);
+        _physicalLength = _fileLength;
     }
 
     /// <summary>

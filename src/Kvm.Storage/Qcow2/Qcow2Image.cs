@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.IO.Compression;
+using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
 namespace Kvm.Storage.Qcow2;
@@ -22,6 +23,15 @@ public sealed record Qcow2CreateOptions
 /// before anything points at it, data is written before the L2 entry that maps it, and refcounts
 /// are lowered only after nothing points at the cluster any more. The worst a crash leaves is a
 /// leaked cluster, which <c>qemu-img check -r leaks</c> reclaims.
+/// <para>
+/// Allocating writes keep their metadata in memory, as qemu's caches do with cache=writeback: the
+/// raised refcounts of new data clusters and the L2 entries that map them are written back
+/// together (refcounts first) on <see cref="Flush"/>, on <see cref="Dispose"/>, and when too many
+/// L2 tables have changes pending. A write that completed before the last Flush survives a crash;
+/// one after it may read back as the old content, never as anything else. Changes that take a
+/// reference away (replacing or discarding a cluster) and every change of L1, refcount table or
+/// header are written through, after the pending metadata they could depend on.
+/// </para>
 /// </summary>
 public sealed partial class Qcow2Image : IBlockImage
 {
@@ -43,6 +53,11 @@ public sealed partial class Qcow2Image : IBlockImage
     private byte[]? _decompressed;
     private ulong _decompressedEntry;
     private bool _disposed;
+    // L2 tables with entries not written yet: table offset -> the table and the changed entries.
+    private readonly Dictionary<ulong, DirtyRange> _dirtyL2 = new();
+    // Scratch space (used under the lock): the cluster a partial write builds, and L2 entries in file byte order.
+    private byte[]? _clusterBuffer;
+    private byte[]? _tableBuffer;
 
     private Qcow2Image(string path, SafeFileHandle file, Qcow2Header header, ulong[] l1, bool readOnly, IBlockImage? backing, ImageOpenOptions options)
     {
@@ -302,6 +317,12 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         if (_l2Cache.TryGet(l2Offset, out var table))
             return table;
+        if (_dirtyL2.TryGetValue(l2Offset, out var pending))
+        {
+            // Dropped from the cache with changes not yet written: the memory copy is the current one.
+            _l2Cache.Add(l2Offset, pending.Table!);
+            return pending.Table!;
+        }
         if ((l2Offset & (ulong)(_clusterSize - 1)) != 0 || l2Offset + (ulong)_clusterSize > (ulong)_fileLength)
             throw new ImageFormatException($"{Where}: L1 entry {l1Index} points at L2 table offset 0x{l2Offset:x}, outside the {_fileLength}-byte file or unaligned");
         var raw = new byte[_clusterSize];
@@ -323,24 +344,103 @@ public sealed partial class Qcow2Image : IBlockImage
         {
             ulong host;
             int n;
+            NewClusters run = default;
             lock (_lock)
             {
                 ObjectDisposedException.ThrowIf(_disposed, this);
                 n = MapOwnRun(offset, source.Length, forWrite: true, out host);
                 if (n == 0)
                 {
-                    n = PieceLength(offset, source.Length);
-                    WriteInCluster(offset, source[..n]);
-                    offset += (ulong)n;
-                    source = source[n..];
-                    continue;
+                    run = AllocateWholeClusters(offset, source.Length);
+                    if (run.Count == 0)
+                    {
+                        n = PieceLength(offset, source.Length);
+                        WriteInCluster(offset, source[..n]);
+                        offset += (ulong)n;
+                        source = source[n..];
+                        continue;
+                    }
+                    n = run.Count << _clusterBits;
+                    host = run.Host;
                 }
             }
-            // Overwriting this image's own unshared clusters needs no metadata change.
-            RandomAccess.Write(_file, source[..n], (long)host);
+            // Overwriting this image's own unshared clusters needs no metadata change, and the data
+            // of whole new clusters is not visible until their L2 entries are set below: either
+            // way the data goes to the file outside the lock, so that requests on other threads
+            // (and the file system) are not held up by it.
+            try
+            {
+                RandomAccess.Write(_file, source[..n], (long)host);
+            }
+            catch when (run.Count > 0)
+            {
+                lock (_lock)
+                    ReleaseUnmapped(run);
+                throw;
+            }
+            if (run.Count > 0)
+            {
+                lock (_lock)
+                {
+                    ObjectDisposedException.ThrowIf(_disposed, this);
+                    MapNewClusters(run);
+                }
+            }
             offset += (ulong)n;
             source = source[n..];
         }
+    }
+
+    /// <summary>Whole clusters taken for a write, not yet mapped: guest cluster, count, host offset.</summary>
+    private readonly record struct NewClusters(ulong GuestCluster, int Count, ulong Host);
+
+    /// <summary>
+    /// When the write at <paramref name="offset"/> covers one or more whole guest clusters that hold
+    /// no host cluster (unallocated, or zero clusters without one), takes that many contiguous new
+    /// clusters for them (all under one L2 table) so that one write can fill them. Returns a count
+    /// of 0 when the write does not start that way.
+    /// </summary>
+    private NewClusters AllocateWholeClusters(ulong offset, int length)
+    {
+        if ((offset & ClusterMask) != 0 || length < _clusterSize)
+            return default;
+        ulong guestCluster = offset >> _clusterBits;
+        int index = (int)(guestCluster % (ulong)_l2Entries);
+        int max = Math.Min(length >> _clusterBits, _l2Entries - index);
+        ulong[] table = GetWritableL2(guestCluster, out _);
+        int count = 0;
+        while (count < max && HoldsNoCluster(table[index + count]))
+            count++;
+        if (count == 0)
+            return default;
+        return new NewClusters(guestCluster, count, AllocateClusters(count, forData: true));
+    }
+
+    // An L2 entry that points at no host cluster: unallocated, or a zero cluster without one.
+    private static bool HoldsNoCluster(ulong entry) => (entry & (Compressed | OffsetMask)) == 0;
+
+    /// <summary>Points the L2 entries of written-out new clusters at them.</summary>
+    private void MapNewClusters(NewClusters run)
+    {
+        ulong[] table = GetWritableL2(run.GuestCluster, out ulong l2Offset);
+        int index = (int)(run.GuestCluster % (ulong)_l2Entries);
+        for (int i = 0; i < run.Count; i++)
+        {
+            // Another thread may have mapped the cluster meanwhile (an overlapping write): this
+            // write, which covered the whole cluster, comes after it and replaces it.
+            ulong old = table[index + i];
+            SetL2Entry(table, l2Offset, index + i, (run.Host + ((ulong)i << _clusterBits)) | Copied);
+            ReleaseDataCluster(old);
+        }
+    }
+
+    // Frees new clusters whose data could not be written; nothing points at them.
+    private void ReleaseUnmapped(NewClusters run)
+    {
+        if (_disposed)
+            return;
+        for (int i = 0; i < run.Count; i++)
+            AddRefcount((run.Host >> _clusterBits) + (ulong)i, -1);
     }
 
     // Writes bytes that lie within one guest cluster, allocating (and copying what the rest of
@@ -361,22 +461,36 @@ public sealed partial class Qcow2Image : IBlockImage
             return;
         }
 
-        ulong host = AllocateClusters(1);
-        if (data.Length == _clusterSize)
+        ulong host = AllocateClusters(1, forData: true);
+        if (data.Length == _clusterSize || ReadsAsZeros(entry, guestCluster))
         {
-            // The write covers the cluster: nothing old survives, so no copy is needed.
-            RandomAccess.Write(_file, data, (long)host);
+            // Nothing else of the cluster survives, or it read as zeros: a new cluster already
+            // reads as zeros (it lies past everything ever written, in the part of the file that
+            // allocation extended without writing), so only the new bytes need writing.
+            RandomAccess.Write(_file, data, (long)(host + inCluster));
         }
         else
         {
             // Build the whole new cluster: what the guest saw there before, with the new bytes on top.
-            var cluster = new byte[_clusterSize];
+            var cluster = _clusterBuffer ??= new byte[_clusterSize];
             ReadInCluster(guestCluster << _clusterBits, cluster);
             data.CopyTo(cluster.AsSpan((int)inCluster));
             RandomAccess.Write(_file, cluster, (long)host);
         }
         SetL2Entry(table, l2Offset, index, host | Copied);
         ReleaseDataCluster(entry);
+    }
+
+    // Whether a guest cluster whose L2 entry is `entry` reads as zeros all through.
+    private bool ReadsAsZeros(ulong entry, ulong guestCluster)
+    {
+        if ((entry & Compressed) != 0)
+            return false;
+        if ((entry & ZeroFlag) != 0 && _header.Version >= 3)
+            return true;
+        if ((entry & OffsetMask) != 0)
+            return false;
+        return Backing is null || guestCluster << _clusterBits >= Backing.Size;
     }
 
     public void WriteZeroes(ulong offset, ulong length)
@@ -436,6 +550,8 @@ public sealed partial class Qcow2Image : IBlockImage
 
     private void WriteZeroBytes(ulong offset, ulong count)
     {
+        if (ReadsAsZeros(GetL2Entry(offset >> _clusterBits), offset >> _clusterBits))
+            return;
         var zeros = new byte[count];
         WriteInCluster(offset, zeros);
     }
@@ -497,14 +613,62 @@ public sealed partial class Qcow2Image : IBlockImage
         return table;
     }
 
+    /// <summary>
+    /// Changes an L2 entry. When the old entry held no host cluster, the change only adds a
+    /// reference (or a zero flag) and waits in memory for the next write-back, which writes the
+    /// refcounts first. Otherwise it takes a reference away, and the caller lowers that refcount
+    /// next: the entry is written through now, after the refcounts still pending (the new entry
+    /// may point at a cluster counted only in memory).
+    /// </summary>
     private void SetL2Entry(ulong[] table, ulong l2Offset, int index, ulong entry)
     {
+        ulong old = table[index];
         table[index] = entry;
+        if (_decompressed is not null)
+            _decompressed = null;
+        if (HoldsNoCluster(old))
+        {
+            ref var pending = ref CollectionsMarshal.GetValueRefOrAddDefault(_dirtyL2, l2Offset, out _);
+            pending.Table = table;
+            pending.Add(index, index + 1);
+            if (_dirtyL2.Count > _l2Cache.Capacity)
+                WriteBackMetadata();
+            return;
+        }
+        WriteBackRefcounts();
         Span<byte> raw = stackalloc byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(raw, entry);
         RandomAccess.Write(_file, raw, (long)(l2Offset + (ulong)index * 8));
-        if (_decompressed is not null)
-            _decompressed = null;
+    }
+
+    /// <summary>
+    /// Writes the metadata that allocating writes kept in memory: first the raised refcounts, then
+    /// the L2 entries that point at those clusters (their data is already in the file). With
+    /// <paramref name="durableOrder"/> the refcounts (and data) are made durable before the L2
+    /// entries are written, so that the order holds across a power failure too.
+    /// </summary>
+    private void WriteBackMetadata(bool durableOrder = false)
+    {
+        if (_dirtyL2.Count == 0)
+        {
+            WriteBackRefcounts();
+            return;
+        }
+        if (_dirtyRefBlocks.Count > 0)
+        {
+            WriteBackRefcounts();
+            if (durableOrder)
+                RandomAccess.FlushToDisk(_file);
+        }
+        var raw = _tableBuffer ??= new byte[_clusterSize];
+        foreach (var (l2Offset, range) in _dirtyL2)
+        {
+            var table = range.Table!;
+            for (int i = range.From; i < range.To; i++)
+                BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan((i - range.From) * 8), table[i]);
+            RandomAccess.Write(_file, raw.AsSpan(0, (range.To - range.From) * 8), (long)(l2Offset + (ulong)range.From * 8));
+        }
+        _dirtyL2.Clear();
     }
 
     private void SetL1Entry(ulong index, ulong entry)
@@ -546,6 +710,7 @@ public sealed partial class Qcow2Image : IBlockImage
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            WriteBackMetadata(durableOrder: true);
             RandomAccess.FlushToDisk(_file);
         }
     }
@@ -676,6 +841,7 @@ public sealed partial class Qcow2Image : IBlockImage
     /// <summary>Set once the autoclear bits left are all in <see cref="MaintainedAutoclear"/> (nothing more for a write to clear).</summary>
     private bool _autoclearSettled;
 
+    /// <summary>Writes the metadata still in memory (without waiting for the disk), then closes the file.</summary>
     public void Dispose()
     {
         lock (_lock)
@@ -683,14 +849,30 @@ public sealed partial class Qcow2Image : IBlockImage
             if (_disposed)
                 return;
             _disposed = true;
-            _file.Dispose();
+            try
+            {
+                if (!ReadOnly)
+                {
+                    WriteBackMetadata();
+                    TrimFile();
+                }
+            }
+            finally
+            {
+                _file.Dispose();
+                Backing?.Dispose();
+            }
         }
-        Backing?.Dispose();
     }
 
-    /// <summary>A small LRU cache of L2 tables by host offset. Tables are written through, so eviction only drops.</summary>
+    /// <summary>
+    /// A small LRU cache of L2 tables by host offset. Eviction only drops a table: one with
+    /// changes not yet written stays in the image's pending set until written back.
+    /// </summary>
     private sealed class L2Cache(int capacity)
     {
+        public int Capacity => capacity;
+
         private readonly Dictionary<ulong, LinkedListNode<(ulong Offset, ulong[] Table)>> _map = new();
         private readonly LinkedList<(ulong Offset, ulong[] Table)> _order = new();
 
