@@ -249,36 +249,23 @@ public sealed class Qcow2WriteTests : IDisposable
         QemuImg.Create(basePath, "qcow2", size);
         QemuImg.Io(basePath, "qcow2", $"write -P 0x77 0 {size}");
         var path = _dir.File("c.qcow2");
-        var errors = new System.Collections.Concurrent.ConcurrentQueue<string>();
         using (var img = Qcow2Image.Create(path, new Qcow2CreateOptions { Size = size, BackingFile = "base.qcow2", BackingFormat = "qcow2" }))
         {
-            using var start = new Barrier(threads);
-            var workers = Enumerable.Range(0, threads).Select(t => new Thread(() =>
+            ConcurrentThreads.Run(threads, (t, errors) =>
             {
-                try
+                for (var i = 0; i < chunksPerThread; i++)
                 {
-                    start.SignalAndWait();
-                    for (var i = 0; i < chunksPerThread; i++)
-                    {
-                        var index = i * threads + t;
-                        var data = RandomWorkload.Pattern(t, i, chunk);
-                        img.Write((ulong)index * chunk, data);
-                        var back = new byte[chunk];
-                        img.Read((ulong)index * chunk, back);
-                        if (!back.AsSpan().SequenceEqual(data))
-                            errors.Enqueue($"thread {t} chunk {i}: read back wrong data right after writing it");
-                        if (i % 16 == 15)
-                            img.Flush();
-                    }
+                    var index = i * threads + t;
+                    var data = RandomWorkload.Pattern(t, i, chunk);
+                    img.Write((ulong)index * chunk, data);
+                    var back = new byte[chunk];
+                    img.Read((ulong)index * chunk, back);
+                    if (!back.AsSpan().SequenceEqual(data))
+                        errors.Enqueue($"thread {t} chunk {i}: read back wrong data right after writing it");
+                    if (i % 16 == 15)
+                        img.Flush();
                 }
-                catch (Exception e)
-                {
-                    errors.Enqueue($"thread {t}: {e}");
-                }
-            })).ToList();
-            workers.ForEach(w => w.Start());
-            workers.ForEach(w => w.Join());
-            Assert.Empty(errors);
+            });
         }
         var refPath = _dir.File("c.ref");
         using (var reference = RawReference.Create(refPath, size))
@@ -321,7 +308,6 @@ public sealed class Qcow2WriteTests : IDisposable
             QemuImg.Create(basePath, "qcow2", size);
             QemuImg.Io(basePath, "qcow2", $"write -P 0x77 0 {size / 2}");
         }
-        var errors = new System.Collections.Concurrent.ConcurrentQueue<string>();
         using (var img = Qcow2Image.Create(path, new Qcow2CreateOptions
         {
             Size = size, ClusterSize = clusterSize, BackingFile = withBacking ? "base.qcow2" : null, BackingFormat = withBacking ? "qcow2" : null,
@@ -329,34 +315,19 @@ public sealed class Qcow2WriteTests : IDisposable
         {
             // Two halves: the engine's own check runs between them, with the first half's metadata
             // still pending; the second half's is written only when the image is closed.
-            void WriteChunks(int first, int count)
+            void WriteChunks(int first, int count) => ConcurrentThreads.Run(threads, (t, errors) =>
             {
-                using var start = new Barrier(threads);
-                var workers = Enumerable.Range(0, threads).Select(t => new Thread(() =>
+                for (var i = first; i < first + count; i++)
                 {
-                    try
-                    {
-                        start.SignalAndWait();
-                        for (var i = first; i < first + count; i++)
-                        {
-                            var index = i * threads + t;
-                            var data = RandomWorkload.Pattern(t, i, chunk);
-                            img.Write((ulong)index * (ulong)chunk, data);
-                            var back = new byte[chunk];
-                            img.Read((ulong)index * (ulong)chunk, back);
-                            if (!back.AsSpan().SequenceEqual(data))
-                                errors.Enqueue($"thread {t} chunk {i}: read back wrong data right after writing it");
-                        }
-                    }
-                    catch (Exception e)
-                    {
-                        errors.Enqueue($"thread {t}: {e}");
-                    }
-                })).ToList();
-                workers.ForEach(w => w.Start());
-                workers.ForEach(w => w.Join());
-                Assert.Empty(errors);
-            }
+                    var index = i * threads + t;
+                    var data = RandomWorkload.Pattern(t, i, chunk);
+                    img.Write((ulong)index * (ulong)chunk, data);
+                    var back = new byte[chunk];
+                    img.Read((ulong)index * (ulong)chunk, back);
+                    if (!back.AsSpan().SequenceEqual(data))
+                        errors.Enqueue($"thread {t} chunk {i}: read back wrong data right after writing it");
+                }
+            });
             WriteChunks(0, chunksPerThread / 2);
             var own = img.Check();
             Assert.True(own.IsClean, string.Join('\n', own.Problems));

@@ -288,34 +288,21 @@ public sealed class RawImageTests : IDisposable
         const int threads = 16, chunksPerThread = 64, chunk = 12_345; // odd size: chunks straddle blocks
         var size = (ulong)(threads * chunksPerThread * chunk);
         using var img = RawImage.Create(_dir.File("c.raw"), size);
-        using var start = new Barrier(threads);
-        var errors = new System.Collections.Concurrent.ConcurrentQueue<string>();
-        var workers = Enumerable.Range(0, threads).Select(t => new Thread(() =>
+        ConcurrentThreads.Run(threads, (t, errors) =>
         {
-            try
+            // Chunks are interleaved: thread t owns chunk t, t+threads, … so neighbours write next to each other.
+            for (var i = 0; i < chunksPerThread; i++)
             {
-                start.SignalAndWait();
-                // Chunks are interleaved: thread t owns chunk t, t+threads, … so neighbours write next to each other.
-                for (var i = 0; i < chunksPerThread; i++)
-                {
-                    var index = i * threads + t;
-                    img.Write((ulong)index * chunk, RandomWorkload.Pattern(t, i, chunk));
-                    if (i % 8 == 7)
-                        img.Flush();
-                    var back = new byte[chunk];
-                    img.Read((ulong)index * chunk, back);
-                    if (!back.AsSpan().SequenceEqual(RandomWorkload.Pattern(t, i, chunk)))
-                        errors.Enqueue($"thread {t} chunk {i} read back wrong data right after writing it");
-                }
+                var index = i * threads + t;
+                img.Write((ulong)index * chunk, RandomWorkload.Pattern(t, i, chunk));
+                if (i % 8 == 7)
+                    img.Flush();
+                var back = new byte[chunk];
+                img.Read((ulong)index * chunk, back);
+                if (!back.AsSpan().SequenceEqual(RandomWorkload.Pattern(t, i, chunk)))
+                    errors.Enqueue($"thread {t} chunk {i} read back wrong data right after writing it");
             }
-            catch (Exception e)
-            {
-                errors.Enqueue($"thread {t}: {e}");
-            }
-        })).ToList();
-        workers.ForEach(w => w.Start());
-        workers.ForEach(w => w.Join());
-        Assert.Empty(errors);
+        });
 
         var all = new byte[size];
         img.Read(0, all);
