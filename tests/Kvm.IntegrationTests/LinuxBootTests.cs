@@ -143,10 +143,7 @@ public partial class LinuxBootTests
         vmctl.Type("echo typed in the guest > /mnt/typed.txt\n");
         vmctl.Type("poweroff\n");
 
-        Assert.True(vmctl.WaitForExit(BootTimeout), $"vmctl still runs after poweroff; console tail:\n{vmctl.Tail()}");
-        string stderr = vmctl.Stderr.Result;
-        Assert.True(vmctl.Process.ExitCode == 0, $"vmctl exited {vmctl.Process.ExitCode}; stderr:\n{stderr}\nconsole tail:\n{vmctl.Tail()}");
-        Assert.Matches(@"^vmctl: guest powered off \(ACPI S5\) on vCPU [01]\n$", stderr);
+        AssertEndsWithStatus0(vmctl, "poweroff", @"^vmctl: guest powered off \(ACPI S5\) on vCPU [01]\n$");
         AssertInOrder(vmctl.Output, "The system is going down NOW!", "reboot: Power down");
         // init unmounted the disk on the way down: the file system is clean and holds what was typed.
         disk.AssertConsistent();
@@ -163,10 +160,7 @@ public partial class LinuxBootTests
         using var vmctl = StartVmctlToShell(bzImage, initrd, []);
         vmctl.Type("reboot\n");
 
-        Assert.True(vmctl.WaitForExit(BootTimeout), $"vmctl still runs after reboot; console tail:\n{vmctl.Tail()}");
-        string stderr = vmctl.Stderr.Result;
-        Assert.True(vmctl.Process.ExitCode == 0, $"vmctl exited {vmctl.Process.ExitCode}; stderr:\n{stderr}\nconsole tail:\n{vmctl.Tail()}");
-        Assert.Matches(@"^vmctl: guest requested a reset on vCPU [01]\n$", stderr);
+        AssertEndsWithStatus0(vmctl, "reboot", @"^vmctl: guest requested a reset on vCPU [01]\n$");
         AssertInOrder(vmctl.Output, "The system is going down NOW!", "reboot: Restarting system");
     }
 
@@ -200,6 +194,15 @@ public partial class LinuxBootTests
             return (vm.Memory.ReadU32(zeroPage + 0x218), vm.Memory.ReadU32(zeroPage + 0x21c));
         }
         return (vm.Memory.ReadU64(X86Layout.PvhModlist), vm.Memory.ReadU64(X86Layout.PvhModlist + 8));
+    }
+
+    /// <summary>vmctl ends, after the command typed in the guest's shell, with status 0 and the one line on stderr that says why.</summary>
+    private static void AssertEndsWithStatus0(LiveProcess vmctl, string command, string stderrPattern)
+    {
+        Assert.True(vmctl.WaitForExit(BootTimeout), $"vmctl still runs after {command}; console tail:\n{vmctl.Tail()}");
+        string stderr = vmctl.Stderr.Result;
+        Assert.True(vmctl.Process.ExitCode == 0, $"vmctl exited {vmctl.Process.ExitCode}; stderr:\n{stderr}\nconsole tail:\n{vmctl.Tail()}");
+        Assert.Matches(stderrPattern, stderr);
     }
 
     /// <summary>Starts vmctl on a kernel without kvmtest= (a user's boot: quiet, with a shell) and waits for the prompt.</summary>
