@@ -25,6 +25,7 @@ public static class DiskCommands
         disk.Subcommands.Add(Rebase());
         disk.Subcommands.Add(Convert());
         disk.Subcommands.Add(Resize());
+        disk.Subcommands.Add(BitmapCommands.Build());
         disk.Subcommands.Add(DiskBenchCommand.Build());
         return disk;
     }
@@ -127,6 +128,8 @@ public static class DiskCommands
                     Console.WriteLine($"{indent}cluster size: {cs}");
                 if (layer.Version is { } v)
                     Console.WriteLine($"{indent}qcow2 version: {v}, refcount bits: {layer.RefcountBits}, snapshots: {layer.Snapshots}");
+                foreach (var b in layer.Bitmaps ?? [])
+                    Console.WriteLine($"{indent}bitmap: {b.Name}, granularity {b.Granularity}, {(b.Enabled ? "enabled" : "disabled")}{(b.InUse ? ", in use (stale)" : "")}");
                 if (layer.BackingFile is not null)
                     Console.WriteLine($"{indent}backing file: {ImageText.Escape(layer.BackingFile)}" + (layer.BackingFormat is null ? "" : $" (format {ImageText.Escape(layer.BackingFormat)})"));
                 depth++;
@@ -306,4 +309,6 @@ public sealed record MapEntry(ulong Start, ulong Length, string Kind, int Depth,
 [JsonSerializable(typeof(ImageInfo))]
 [JsonSerializable(typeof(CheckResult))]
 [JsonSerializable(typeof(List<MapEntry>))]
+[JsonSerializable(typeof(List<BitmapInfo>))]
+[JsonSerializable(typeof(BitmapExport))]
 internal sealed partial class DiskJson : JsonSerializerContext;

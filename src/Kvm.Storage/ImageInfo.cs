@@ -3,6 +3,9 @@ using Kvm.Storage.Raw;
 
 namespace Kvm.Storage;
 
+/// <summary>A persistent bitmap as <c>vmctl disk info</c> shows it: name (escaped), granularity in bytes, the auto and in-use flags.</summary>
+public sealed record ImageBitmap(string Name, ulong Granularity, bool Enabled, bool InUse);
+
 /// <summary>What <c>vmctl disk info</c> reports about one image and, nested, its backing chain.</summary>
 public sealed record ImageInfo
 {
@@ -16,6 +19,8 @@ public sealed record ImageInfo
     public uint? Snapshots { get; init; }
     public string? BackingFile { get; init; }
     public string? BackingFormat { get; init; }
+    /// <summary>The persistent dirty bitmaps (qcow2 only), without their contents.</summary>
+    public IReadOnlyList<ImageBitmap>? Bitmaps { get; init; }
     public ImageInfo? Backing { get; init; }
 
     public static ImageInfo Of(IBlockImage image) => image switch
@@ -32,6 +37,7 @@ public sealed record ImageInfo
             Snapshots = q.Header.SnapshotCount,
             BackingFile = q.BackingFile,
             BackingFormat = q.BackingFormat,
+            Bitmaps = q.Bitmaps.Count == 0 ? null : q.Bitmaps.Select(b => new ImageBitmap(b.Name, 1UL << b.GranularityBits, b.Auto, b.InUse)).ToList(),
             Backing = q.Backing is null ? null : Of(q.Backing),
         },
         RawImage r => new ImageInfo { Path = r.Path, Format = "raw", VirtualSize = r.Size, FileSize = (ulong)new FileInfo(r.Path).Length },

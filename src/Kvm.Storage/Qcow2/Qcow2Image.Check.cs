@@ -148,7 +148,7 @@ public sealed partial class Qcow2Image
                     if (!wrote)
                     {
                         // Before the first write: the repair keeps the bitmaps consistent (it frees none of their clusters).
-                        ClearUnmaintainedAutoclear(MaintainedAutoclear | Qcow2Header.AutoclearBitmaps);
+                        ClearUnmaintainedAutoclear(MaintainedAutoclear);
                         wrote = true;
                     }
                     AddRefcount(c, -(int)Math.Min(stored - want, int.MaxValue));

@@ -9,6 +9,12 @@ public sealed record Qcow2Snapshot(int Index, ulong EntryOffset, ulong L1TableOf
 public sealed record Qcow2Bitmap(string Name, ulong EntryOffset, ulong TableOffset, uint TableSize, uint Flags, int GranularityBits)
 {
     public const uint FlagInUse = 1, FlagAuto = 2;
+
+    /// <summary>The name's bytes as stored (unescaped).</summary>
+    public byte[] RawName { get; init; } = [];
+
+    public bool InUse => (Flags & FlagInUse) != 0;
+    public bool Auto => (Flags & FlagAuto) != 0;
 }
 
 // The variable-size metadata: the snapshot table and the bitmap directory with its bitmap tables.
@@ -140,12 +146,14 @@ public sealed partial class Qcow2Image
             if (type != BitmapTypeDirty)
                 throw new ImageFormatException($"{Where}: {bm}: type {type} at offset {pos + 16} is unknown (1 is a dirty tracking bitmap)");
             ulong physical = (ulong)tableSize * (ulong)_clusterSize;
-            ulong diskBytes = Size / 512 * 512;
-            if (physical > BitmapMaxPhysicalBytes || diskBytes > ((physical * 8) << granularity))
+            ulong diskBytes = BitmapDiskSize;
+            // A bitmap marked in use may have the size of a disk before a resize its writer did
+            // not finish saving: qemu accepts that (the bitmap is never read), and so does this.
+            if (physical > BitmapMaxPhysicalBytes || ((flags & Qcow2Bitmap.FlagInUse) == 0 && diskBytes > ((physical * 8) << granularity)))
                 throw new ImageFormatException($"{Where}: {bm}: bitmap_table_size {tableSize} at offset {pos + 8} does not fit the disk size {diskBytes} at granularity 2^{granularity}");
             if (!names.Add(Convert.ToHexString(rawName)))
                 throw new ImageFormatException($"{Where}: {bm}: a bitmap of that name already exists");
-            list.Add(new Qcow2Bitmap(name, pos, tableOffset, tableSize, flags, granularity));
+            list.Add(new Qcow2Bitmap(name, pos, tableOffset, tableSize, flags, granularity) { RawName = rawName });
             pos += entrySize;
         }
         if (list.Count != (int)ext.Count)
@@ -153,11 +161,9 @@ public sealed partial class Qcow2Image
 
         foreach (var b in list)
         {
-            ulong diskBytes = Size / 512 * 512;
-            ulong bits = (diskBytes + (1UL << b.GranularityBits) - 1) >> b.GranularityBits;
-            ulong bytes = (bits + 63) / 64 * 8;
-            ulong expected = (bytes + ClusterMask) >> _clusterBits;
-            if (b.TableSize != expected)
+            ulong diskBytes = BitmapDiskSize;
+            ulong expected = BitmapTableSizeFor(b.GranularityBits);
+            if (!b.InUse && b.TableSize != expected)
                 throw new ImageFormatException($"{Where}: bitmap '{b.Name}' (directory entry at offset {b.EntryOffset}): bitmap_table_size {b.TableSize} at offset {b.EntryOffset + 8} should be {expected} for the disk size {diskBytes} at granularity 2^{b.GranularityBits}");
             ForEachBitmapTableEntry(b, (index, entry) =>
             {

@@ -21,6 +21,7 @@ public sealed partial class Qcow2Image
                 throw new ArgumentException($"image {ImageText.Escape(Path)}: shrinking from {_header.Size} to {newSize} bytes is not supported");
             if (newSize == _header.Size)
                 return;
+            PrepareBitmapsForResize();
             ulong needed = Qcow2Header.L1EntriesFor(newSize, _clusterBits);
             if (needed * 8 > Qcow2Header.MaxL1Bytes)
                 throw new ArgumentException($"image {ImageText.Escape(Path)}: {newSize} bytes needs an L1 table over {Qcow2Header.MaxL1Bytes >> 20} MiB");
@@ -49,6 +50,7 @@ public sealed partial class Qcow2Image
             BinaryPrimitives.WriteUInt64BigEndian(size, newSize);
             RandomAccess.Write(_file, size, 24);
             _header.Size = newSize;
+            ResizeBitmaps();
         }
     }
 

@@ -340,6 +340,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, (ulong)source.Length);
+        MarkBitmaps(offset, (ulong)source.Length);
         while (!source.IsEmpty)
         {
             ulong host;
@@ -497,6 +498,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        MarkBitmaps(offset, length);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
@@ -525,6 +527,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        MarkBitmaps(offset, length);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
@@ -782,24 +785,38 @@ public sealed partial class Qcow2Image : IBlockImage
     }
 
     /// <summary>
-    /// Every write starts here: refused on a read-only image, and on a writable one the autoclear
-    /// features the engine does not maintain are cleared first (see <see cref="MaintainedAutoclear"/>).
+    /// Every write starts here: refused on a read-only image; on a writable one the first write of
+    /// a session first clears the autoclear features the engine does not maintain (see
+    /// <see cref="MaintainedAutoclear"/>) and starts recording writes in the enabled bitmaps.
     /// </summary>
     private void CheckWritable()
     {
         if (ReadOnly)
             throw new InvalidOperationException($"image {ImageText.Escape(Path)} is open read-only");
-        ClearUnmaintainedAutoclear(MaintainedAutoclear);
+        // Every write comes through here: after the first, one volatile read and no lock.
+        if (Volatile.Read(ref _writesPrepared))
+            return;
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_writesPrepared)
+                return;
+            ClearUnmaintainedAutoclear(MaintainedAutoclear);
+            StartTrackingBitmaps();
+            Volatile.Write(ref _writesPrepared, true);
+        }
     }
+
+    /// <summary>Set once the first write of a session has been prepared for (cleared again when the bitmaps are stored).</summary>
+    private bool _writesPrepared;
 
     /// <summary>
     /// The autoclear feature bits the engine keeps up to date when it writes. The qcow2
     /// specification asks a writer to clear every autoclear bit whose feature it does not
     /// maintain, before its first write, so that no later reader trusts metadata the writer let
-    /// go stale (for bit 0, the persistent dirty bitmaps). None yet: when the engine maintains
-    /// bitmaps, <see cref="Qcow2Header.AutoclearBitmaps"/> joins this set.
+    /// go stale. The engine maintains the persistent dirty bitmaps (bit 0).
     /// </summary>
-    public const ulong MaintainedAutoclear = 0;
+    public const ulong MaintainedAutoclear = Qcow2Header.AutoclearBitmaps;
 
     /// <summary>
     /// Clears (on disk, flushed, before anything else is written) every set autoclear bit not in
@@ -808,19 +825,11 @@ public sealed partial class Qcow2Image : IBlockImage
     /// </summary>
     private void ClearUnmaintainedAutoclear(ulong maintained)
     {
-        // Every write comes through here: after the first, one volatile read and no lock.
-        bool usual = maintained == MaintainedAutoclear;
-        if (usual && Volatile.Read(ref _autoclearSettled))
-            return;
         lock (_lock)
         {
             ulong clear = _header.AutoclearFeatures & ~maintained;
             if (clear == 0 || _header.Version < 3)
-            {
-                if (usual)
-                    Volatile.Write(ref _autoclearSettled, true);
                 return;
-            }
             ulong kept = _header.AutoclearFeatures & maintained;
             Span<byte> field = stackalloc byte[8];
             BinaryPrimitives.WriteUInt64BigEndian(field, kept);
@@ -832,14 +841,10 @@ public sealed partial class Qcow2Image : IBlockImage
                 _header.Bitmaps = null;
                 _header.BitmapsIgnored = true;
                 _bitmaps = [];
+                _slots = null;
             }
-            if (usual)
-                Volatile.Write(ref _autoclearSettled, true);
         }
     }
-
-    /// <summary>Set once the autoclear bits left are all in <see cref="MaintainedAutoclear"/> (nothing more for a write to clear).</summary>
-    private bool _autoclearSettled;
 
     /// <summary>Writes the metadata still in memory (without waiting for the disk), then closes the file.</summary>
     public void Dispose()
@@ -854,6 +859,7 @@ public sealed partial class Qcow2Image : IBlockImage
                 if (!ReadOnly)
                 {
                     WriteBackMetadata();
+                    StoreBitmaps();
                     TrimFile();
                 }
             }
