@@ -101,6 +101,8 @@ public sealed partial class Qcow2Image
     {
         var raw = CheckBitmapName(name);
         int g = granularityBits ?? DefaultBitmapGranularityBits;
+        if (g is < DirtyBlockBitmap.MinGranularityBits or > DirtyBlockBitmap.MaxGranularityBits)
+            throw new ArgumentException($"bitmap granularity {(g is >= 0 and < 63 ? (1UL << g).ToString(System.Globalization.CultureInfo.InvariantCulture) : $"2^{g}")} is out of range (512 bytes to 2 GiB, a power of two)");
         PrepareBitmapChange();
         lock (_lock)
         {
@@ -109,9 +111,7 @@ public sealed partial class Qcow2Image
                 throw new ArgumentException($"{Where}: a bitmap named '{ImageText.Escape(name)}' already exists");
             if (Slots.Count >= (int)Qcow2Header.MaxBitmaps)
                 throw new ArgumentException($"{Where}: already holds {Slots.Count} bitmaps, the most an image may hold");
-            if (g is < DirtyBlockBitmap.MinGranularityBits or > DirtyBlockBitmap.MaxGranularityBits)
-                throw new ArgumentException($"bitmap granularity {(g is >= 0 and < 63 ? (1UL << g).ToString() : $"2^{g}")} is out of range (512 bytes to 2 GiB, a power of two)");
-            if ((ulong)BitmapTableSizeFor(g) * (ulong)_clusterSize > BitmapMaxPhysicalBytes)
+            if (DirtyBlockBitmap.DataBytesFor(BitmapDiskSize, g) > BitmapMaxPhysicalBytes)
                 throw new ArgumentException($"bitmap granularity {1UL << g} is too fine for a disk of {Size} bytes: the bitmap would exceed {BitmapMaxPhysicalBytes >> 20} MiB");
             ulong directory = Slots.Aggregate(0UL, (sum, s) => sum + DirectoryEntrySize(s.RawName.Length)) + DirectoryEntrySize(raw.Length);
             if (directory > Qcow2Header.MaxBitmapDirectoryBytes)
