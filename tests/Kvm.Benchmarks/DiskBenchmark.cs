@@ -111,6 +111,12 @@ internal static partial class DiskBenchmark
             QemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", path, $"{size}");
             return path;
         }
+        string FreshWithBitmap(ulong size)
+        {
+            string path = Fresh(size);
+            QemuImg("bitmap", "--add", "-g", "65536", path, "backup"); // an enabled bitmap both tools keep up to date
+            return path;
+        }
 
         // Scattered rows step 1 MiB between 4 KiB requests (qemu-img bench has no random mode), so
         // every write lands in a cluster of its own. Write rows stay inside the image (no wrap); read
@@ -128,6 +134,7 @@ internal static partial class DiskBenchmark
             new("4K scattered read via backing", Scattered(scatterReads, false), scatterReads, () => scatterOverlay, false),
             new("64K sequential read via backing", Sequential(seqReads, false), seqReads, () => seqOverlay, false),
             new("64K sequential write, backing", Sequential(seqWrites, true), seqWrites, () => Overlay(P("fresh.qcow2"), seq), true),
+            new("4K scattered write, enabled bitmap", Scattered(scatterWrites, true), scatterWrites, () => FreshWithBitmap(4096 * MiB), true),
         };
 
         var results = new List<(string Name, double Ours, double Theirs)>();

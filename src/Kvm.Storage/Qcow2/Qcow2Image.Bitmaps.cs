@@ -42,8 +42,8 @@ public sealed partial class Qcow2Image
     private List<BitmapSlot>? _slots;
     // Bitmaps removed since the last store: their clusters are freed once the directory no longer lists them.
     private readonly List<Qcow2Bitmap> _removedBitmaps = [];
-    // The bitmaps that writes mark (loaded and enabled); read without the lock on every write.
-    private volatile DirtyBlockBitmap[] _tracked = [];
+    // The bitmaps that writes mark (loaded and enabled); used under the lock.
+    private DirtyBlockBitmap[] _tracked = [];
 
     /// <summary>The disk size bitmaps cover: whole 512-byte sectors, as qemu counts the disk.</summary>
     private ulong BitmapDiskSize => Size / 512 * 512;
@@ -284,9 +284,20 @@ public sealed partial class Qcow2Image
         LoadSlots(Slots.Where(s => s.Enabled).ToList());
     }
 
-    /// <summary>Records a write of [offset, offset+length) in every enabled bitmap.</summary>
+    /// <summary>
+    /// Records a write of [offset, offset+length) in every enabled bitmap; called under the lock,
+    /// before the write's data goes anywhere. Under the lock, a bitmap operation on another thread
+    /// cannot store the bitmaps between this mark and the check that they are still loaded (a store
+    /// unloads them: the write then loads and marks them in use again first).
+    /// </summary>
     private void MarkBitmaps(ulong offset, ulong length)
     {
+        if (!_writesPrepared)
+        {
+            ClearUnmaintainedAutoclear(MaintainedAutoclear);
+            StartTrackingBitmaps();
+            Volatile.Write(ref _writesPrepared, true);
+        }
         foreach (var bits in _tracked)
             bits.Mark(offset, length);
     }

@@ -340,7 +340,7 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, (ulong)source.Length);
-        MarkBitmaps(offset, (ulong)source.Length);
+        bool marked = false;
         while (!source.IsEmpty)
         {
             ulong host;
@@ -349,6 +349,11 @@ public sealed partial class Qcow2Image : IBlockImage
             lock (_lock)
             {
                 ObjectDisposedException.ThrowIf(_disposed, this);
+                if (!marked)
+                {
+                    MarkBitmaps(offset, (ulong)source.Length);
+                    marked = true;
+                }
                 n = MapOwnRun(offset, source.Length, forWrite: true, out host);
                 if (n == 0)
                 {
@@ -498,10 +503,10 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        MarkBitmaps(offset, length);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            MarkBitmaps(offset, length);
             ForEachCluster(offset, length, (start, count, whole) =>
             {
                 if (!whole)
@@ -527,10 +532,10 @@ public sealed partial class Qcow2Image : IBlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        MarkBitmaps(offset, length);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            MarkBitmaps(offset, length);
             ForEachCluster(offset, length, (start, count, whole) =>
             {
                 ulong guestCluster = start >> _clusterBits;
