@@ -303,6 +303,38 @@ public sealed class Qcow2BitmapTests : IDisposable
     }
 
     [SkippableFact]
+    public void WhileASessionWritesTheFileMarksItsEnabledBitmapsInUse()
+    {
+        QemuImg.Require();
+        var path = _dir.File("inuse.qcow2");
+        CreateImage(path, qemu: false, 4 * MiB, 4096);
+        using (var q = Qcow2Image.Open(path))
+        {
+            q.AddBitmap("on", 12);
+            q.AddBitmap("off", 12, enabled: false);
+        }
+        string Flags() => string.Join(" ", QemuBitmapsShared(path).Select(b => b.Name + "=" + string.Join(',', b.Flags)));
+        using (var q = Qcow2Image.Open(path))
+        {
+            q.Read(0, new byte[512]);
+            Assert.Equal("on=auto off=", Flags()); // nothing written yet
+            q.Write(0, new byte[] { 1 });
+            Assert.Equal("on=in-use,auto off=", Flags()); // a writer that died now would leave it stale
+            q.Flush();
+            Assert.Equal("on=in-use,auto off=", Flags());
+            q.ClearBitmap("off"); // a bitmap operation stores every bitmap
+            Assert.Equal("on=auto off=", Flags());
+            q.WriteZeroes(MiB, 4096); // the next write marks the enabled ones in use again
+            Assert.Equal("on=in-use,auto off=", Flags());
+            q.SetBitmapEnabled("off", true);
+            q.Discard(2 * MiB, 4096);
+            Assert.Equal("on=in-use,auto off=in-use,auto", Flags());
+        }
+        Assert.Equal("on=auto off=auto", Flags());
+        Assert.True(QemuImg.Check(path).Clean);
+    }
+
+    [SkippableFact]
     public void EnableDisableClearMergeAndRemoveAgreeWithQemu()
     {
         QemuImg.Require();
@@ -413,6 +445,29 @@ public sealed class Qcow2BitmapTests : IDisposable
             Assert.Equal(ranges, QemuDirtyBitmap.DirtyRanges(dst, name));
         }
         Assert.True(QemuImg.Check(dst).Clean);
+    }
+
+    [SkippableFact]
+    public void NonAsciiNamesMeanTheSameBitmapToQemuAndTheEngine()
+    {
+        QemuImg.Require();
+        QemuDirtyBitmap.Require();
+        ulong size = 2 * MiB;
+        var path = _dir.File("names.qcow2");
+        QemuImg.Create(path, "qcow2", size, 65536);
+        QemuImg.Run("bitmap", "--add", "-g", "4096", path, "bäckup-ü");
+        using (var q = Qcow2Image.Open(path))
+        {
+            Assert.Equal(["bäckup-ü"], q.ListBitmaps().Select(b => b.Name));
+            q.AddBitmap("日本", 16);
+            q.Write(300 * KiB, new byte[10]);
+        }
+        Assert.Equal(["bäckup-ü", "日本"], QemuBitmaps(path).Select(b => b.Name));
+        Assert.Equal(Expected([(300 * KiB, 10)], 4096, size), QemuDirtyBitmap.DirtyRanges(path, "bäckup-ü"));
+        Assert.Equal(Expected([(300 * KiB, 10)], 65536, size), QemuDirtyBitmap.DirtyRanges(path, "日本"));
+        using (var q = Qcow2Image.Open(path, new ImageOpenOptions { ReadOnly = true }))
+            Assert.Equal(Expected([(300 * KiB, 10)], 4096, size), ToTuples(q.GetBitmapExtents("bäckup-ü")));
+        AssertCleanForBoth(path);
     }
 
     // ------------------------------------------------------------------ stale bitmaps
@@ -832,9 +887,14 @@ public sealed class Qcow2BitmapTests : IDisposable
     }
 
     /// <summary>The bitmaps as <c>qemu-img info</c> lists them, in directory order.</summary>
-    private static List<(string Name, ulong Granularity, string[] Flags)> QemuBitmaps(string path)
+    private static List<(string Name, ulong Granularity, string[] Flags)> QemuBitmaps(string path) => QemuBitmaps(path, shared: false);
+
+    /// <summary>The same, read while the engine has the image open (<c>qemu-img info -U</c>).</summary>
+    private static List<(string Name, ulong Granularity, string[] Flags)> QemuBitmapsShared(string path) => QemuBitmaps(path, shared: true);
+
+    private static List<(string Name, ulong Granularity, string[] Flags)> QemuBitmaps(string path, bool shared)
     {
-        using var doc = JsonDocument.Parse(QemuImg.Run("info", "--output=json", path).Stdout);
+        using var doc = JsonDocument.Parse(QemuImg.Run(shared ? ["info", "-U", "--output=json", path] : ["info", "--output=json", path]).Stdout);
         var list = new List<(string, ulong, string[])>();
         if (doc.RootElement.GetProperty("format-specific").GetProperty("data").TryGetProperty("bitmaps", out var bitmaps))
         {
