@@ -435,7 +435,7 @@ public sealed class CrashTests(ITestOutputHelper output)
     /// same thing; without a disk's fsync cost the writer spends more of its time inside Write(),
     /// where the kills are most telling, and the rounds run faster.
     /// </summary>
-    private static readonly Lazy<string> WorkRoot = new(() =>
+    internal static readonly Lazy<string> WorkRoot = new(() =>
     {
         if (Environment.GetEnvironmentVariable("KVM_CRASH_DIR") is { Length: > 0 } chosen)
             return chosen;
@@ -455,7 +455,7 @@ public sealed class CrashTests(ITestOutputHelper output)
         return Path.GetTempPath();
     });
 
-    private static string MakeWorkDir(string prefix)
+    internal static string MakeWorkDir(string prefix)
     {
         string dir = Path.Combine(WorkRoot.Value, prefix + Path.GetRandomFileName().Replace(".", "", StringComparison.Ordinal));
         Directory.CreateDirectory(dir);

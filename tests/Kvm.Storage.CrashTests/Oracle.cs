@@ -125,13 +125,14 @@ public sealed record WriterRun(IReadOnlyList<string> Lines, string Stderr, int E
 }
 
 /// <summary>When to kill a writer: <paramref name="Delay"/> after it printed "flushed
-/// <paramref name="AfterFlush"/>", or after "opened" when AfterFlush is 0. A zero delay kills as
-/// soon as the line is read.</summary>
+/// <paramref name="AfterFlush"/>", or after "opened" when AfterFlush is 0, or after "closing" (it
+/// is closing the image) when AfterFlush is negative. A zero delay kills as soon as the line is
+/// read.</summary>
 public sealed record KillAt(int AfterFlush, TimeSpan Delay)
 {
     public override string ToString() =>
         (Delay == TimeSpan.Zero ? "right " : FormattableString.Invariant($"{Delay.TotalMilliseconds:0.0} ms "))
-        + (AfterFlush == 0 ? "after 'opened'" : FormattableString.Invariant($"after 'flushed {AfterFlush}'"));
+        + (AfterFlush == 0 ? "after 'opened'" : AfterFlush < 0 ? "after 'closing'" : FormattableString.Invariant($"after 'flushed {AfterFlush}'"));
 }
 
 /// <summary>
@@ -164,7 +165,7 @@ public static class Writer
         bool killed = false;
         var clock = Stopwatch.StartNew();
         TimeSpan openedAt = TimeSpan.Zero, triggeredAt = TimeSpan.Zero;
-        string trigger = kill is null ? "" : kill.AfterFlush == 0 ? "opened" : string.Create(CultureInfo.InvariantCulture, $"flushed {kill.AfterFlush}");
+        string trigger = kill is null ? "" : kill.AfterFlush == 0 ? "opened" : kill.AfterFlush < 0 ? "closing" : string.Create(CultureInfo.InvariantCulture, $"flushed {kill.AfterFlush}");
         bool killOnRead = kill is not null && kill.Delay == TimeSpan.Zero;
         using var p = Process.Start(psi) ?? throw new InvalidOperationException("cannot start the CrashWriter process");
 

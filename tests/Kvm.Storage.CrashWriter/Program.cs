@@ -7,8 +7,9 @@ using Kvm.Storage.Qcow2;
 //
 // Opens an existing qcow2 image read-write and performs the seeded write sequence of
 // CrashPlan.Make(SEED, SLOTS, SLOT_SIZE). Prints "opened" once the image is open, "flushed N"
-// after each Flush() that followed write N, and "done" at the end. Kvm.Storage.CrashTests kills
-// it with SIGKILL at random moments and checks the image it leaves.
+// after each Flush() that followed write N, "closing" just before it closes the image (where the
+// persistent bitmaps are stored), and "done" once it is closed. Kvm.Storage.CrashTests kills it
+// with SIGKILL at random moments and checks the image it leaves.
 
 if (args.Length != 4
     || !ulong.TryParse(args[1], NumberStyles.None, CultureInfo.InvariantCulture, out ulong seed)
@@ -46,6 +47,8 @@ try
             stdout.Flush();
         }
     }
+    stdout.WriteLine("closing");
+    stdout.Flush();
 }
 catch (Exception e) when (e is ImageFormatException or IOException or UnauthorizedAccessException)
 {
