@@ -712,6 +712,47 @@ public sealed class Qcow2BitmapTests : IDisposable
         Assert.DoesNotContain(QemuBitmaps(path), b => b.Flags.Contains("in-use"));
     }
 
+    [SkippableFact]
+    public void BitmapOperationsOnAnotherThreadLoseNoConcurrentWrite()
+    {
+        // Writers mark granules while another thread keeps storing the bitmaps (each bitmap
+        // operation stores them all and unloads them). Every write must end up recorded: a mark
+        // that landed in bits already stored, or after they were unloaded, would be lost, and the
+        // bitmap would be wrong yet trusted.
+        QemuImg.Require();
+        QemuDirtyBitmap.Require();
+        const int writers = 2, perWriter = 3000;
+        ulong size = 64 * MiB;
+        var path = _dir.File("race.qcow2");
+        CreateImage(path, qemu: false, size, 65536);
+        using (var q = Qcow2Image.Open(path))
+        {
+            q.AddBitmap("all", 12);
+            var data = new byte[512];
+            ConcurrentThreads.Run(writers + 1, (t, errors) =>
+            {
+                if (t == writers)
+                {
+                    // The store loop: add and remove a bitmap until the writers are done.
+                    for (int i = 0; Volatile.Read(ref _writersDone) < writers; i++)
+                    {
+                        q.AddBitmap($"t{i}", 16);
+                        q.RemoveBitmap($"t{i}");
+                    }
+                    return;
+                }
+                for (int i = 0; i < perWriter; i++)
+                    q.Write(((ulong)(i * writers + t) << 12) % size, data); // one 4 KiB granule per write
+                Interlocked.Increment(ref _writersDone);
+            });
+        }
+        var writes = Enumerable.Range(0, writers * perWriter).Select(k => (((ulong)k << 12) % size, 512UL));
+        Assert.Equal(Expected(writes, 4096, size), QemuDirtyBitmap.DirtyRanges(path, "all"));
+        AssertCleanForBoth(path);
+    }
+
+    private int _writersDone;
+
     // ------------------------------------------------------------------ vmctl
 
     [SkippableFact]
