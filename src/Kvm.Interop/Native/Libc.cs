@@ -52,4 +52,27 @@ public static unsafe partial class Libc
     /// <summary>lseek(2); with <see cref="SeekData"/>/<see cref="SeekHole"/> it finds a sparse file's extents.</summary>
     [LibraryImport(Lib, EntryPoint = "lseek", SetLastError = true)]
     public static partial long Lseek(SafeFileHandle fd, long offset, int whence);
+
+    [LibraryImport(Lib, EntryPoint = "geteuid")]
+    public static partial uint GetEuid();
+
+    [LibraryImport(Lib, EntryPoint = "getegid")]
+    public static partial uint GetEgid();
+
+    /// <summary>chown(2); pass uint.MaxValue (-1) to leave the owner or the group as it is.</summary>
+    [LibraryImport(Lib, EntryPoint = "chown", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Chown(string path, uint owner, uint group);
+
+    [LibraryImport(Lib, EntryPoint = "getgrnam", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial IntPtr GetGrNam(string name);
+
+    /// <summary>
+    /// The id of a group by name (through NSS, as getgrnam(3) finds it), or null. struct group on
+    /// x86-64 glibc: char *gr_name, char *gr_passwd, gid_t gr_gid, char **gr_mem.
+    /// </summary>
+    public static uint? GroupId(string name)
+    {
+        IntPtr g = GetGrNam(name);
+        return g == IntPtr.Zero ? null : (uint)Marshal.ReadInt32(g, 16);
+    }
 }

@@ -1,0 +1,242 @@
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Kvm.Interop.Native;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Rpc;
+
+/// <summary>Where and how an <see cref="RpcServer"/> listens.</summary>
+public sealed record RpcServerOptions
+{
+    public required string SocketPath { get; init; }
+
+    /// <summary>Who may connect (root and the server's own user always may).</summary>
+    public RpcAccessPolicy Access { get; init; } = RpcAccessPolicy.OwnerOnly;
+
+    /// <summary>The socket file's mode: with a group policy, 0660 so only its members can connect.</summary>
+    public UnixFileMode SocketMode { get; init; } = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite;
+
+    /// <summary>The longest message (one line) accepted; a longer one gets an error and the connection closes.</summary>
+    public int MaxMessageBytes { get; init; } = 1 << 20;
+
+    /// <summary>Connections served at once; one more gets an error and is closed.</summary>
+    public int MaxConnections { get; init; } = 64;
+}
+
+/// <summary>
+/// A JSON-RPC server on a unix stream socket. Each connection is checked by its peer's credentials
+/// (SO_PEERCRED) before anything is read from it, then its requests are handled one after another
+/// (a client that wants several in flight opens several connections). Nothing a peer sends can end
+/// the server: every bad message gets an error object, and a message over the limit closes only its
+/// connection.
+/// </summary>
+public sealed partial class RpcServer : IAsyncDisposable
+{
+    private readonly RpcServerOptions _options;
+    private readonly RpcDispatcher _dispatcher;
+    private readonly ILogger _logger;
+    private readonly Socket _listener;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Lock _connectionsLock = new();
+    private readonly HashSet<Task> _connections = [];
+    private Task? _acceptLoop;
+    private int _open;
+
+    /// <summary>Creates the socket file (replacing a stale one, refusing one a live server answers on) and listens.</summary>
+    public RpcServer(RpcServerOptions options, RpcDispatcher dispatcher, ILogger logger)
+    {
+        _options = options;
+        _dispatcher = dispatcher;
+        _logger = logger;
+        string path = options.SocketPath;
+        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        RemoveStaleSocket(path);
+        _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            _listener.Bind(new UnixDomainSocketEndPoint(path));
+            File.SetUnixFileMode(path, options.SocketMode);
+            if (options.Access.GroupId is { } gid && Libc.Chown(path, uint.MaxValue, gid) != 0)
+                throw new IOException($"cannot give socket {path} to group '{options.Access.GroupName}': {Marshal.GetLastPInvokeErrorMessage()}");
+            _listener.Listen(128);
+        }
+        catch
+        {
+            _listener.Dispose();
+            throw;
+        }
+    }
+
+    public string SocketPath => _options.SocketPath;
+
+    /// <summary>Connections open now.</summary>
+    public int OpenConnections => Volatile.Read(ref _open);
+
+    private static void RemoveStaleSocket(string path)
+    {
+        if (!File.Exists(path) && !Directory.Exists(path))
+            return;
+        if ((File.GetAttributes(path) & FileAttributes.Directory) != 0)
+            throw new IOException($"socket path {path} is a directory");
+        using (var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            try
+            {
+                probe.Connect(new UnixDomainSocketEndPoint(path));
+                throw new IOException($"socket {path} is in use: another server answers on it");
+            }
+            catch (SocketException)
+            {
+                // Nobody listens: a socket left by a server that died.
+            }
+        }
+        File.Delete(path);
+    }
+
+    /// <summary>Starts accepting connections.</summary>
+    public void Start() => _acceptLoop ??= Task.Run(AcceptLoopAsync);
+
+    private async Task AcceptLoopAsync()
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            Socket client;
+            try
+            {
+                client = await _listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                break;
+            }
+            catch (SocketException e) when (!_stop.IsCancellationRequested)
+            {
+                LogAcceptFailed(_logger, _options.SocketPath, e.Message);
+                await Task.Delay(50).ConfigureAwait(false);
+                continue;
+            }
+            catch (ObjectDisposedException)
+            {
+                break;
+            }
+            var task = Task.Run(() => ServeAsync(client));
+            lock (_connectionsLock)
+                _connections.Add(task);
+            _ = task.ContinueWith(t =>
+            {
+                lock (_connectionsLock)
+                    _connections.Remove(t);
+            }, TaskScheduler.Default);
+        }
+    }
+
+    private async Task ServeAsync(Socket socket)
+    {
+        int open = Interlocked.Increment(ref _open);
+        var channel = new LineChannel(new NetworkStream(socket, ownsSocket: true), _options.MaxMessageBytes);
+        try
+        {
+            PeerCredentials peer;
+            try
+            {
+                peer = PeerCredentials.Of(socket);
+            }
+            catch (Exception e) when (e is SocketException or IOException)
+            {
+                LogPeerUnknown(_logger, _options.SocketPath, e.Message);
+                return;
+            }
+            if (_options.Access.Refusal(peer) is { } refusal)
+            {
+                LogRefused(_logger, _options.SocketPath, peer.Pid, peer.Uid, peer.Gid, refusal);
+                await TrySendAsync(channel, RpcDispatcher.ErrorResponse(null, new RpcException(RpcErrorCode.PermissionDenied, refusal))).ConfigureAwait(false);
+                return;
+            }
+            if (open > _options.MaxConnections)
+            {
+                LogTooMany(_logger, _options.SocketPath, _options.MaxConnections, peer.Pid, peer.Uid);
+                await TrySendAsync(channel, RpcDispatcher.ErrorResponse(null, new RpcException(RpcErrorCode.TooManyConnections,
+                    $"too many connections: the server serves at most {_options.MaxConnections} at once"))).ConfigureAwait(false);
+                return;
+            }
+            while (!_stop.IsCancellationRequested)
+            {
+                var (status, line) = await channel.ReadLineAsync(_stop.Token).ConfigureAwait(false);
+                if (status == LineStatus.EndOfStream)
+                    return;
+                if (status == LineStatus.TooLong)
+                {
+                    LogTooLong(_logger, _options.SocketPath, peer.Pid, peer.Uid, _options.MaxMessageBytes);
+                    await TrySendAsync(channel, RpcDispatcher.ErrorResponse(null, new RpcException(RpcErrorCode.MessageTooLarge,
+                        $"message too large: more than {_options.MaxMessageBytes} bytes without a newline; closing the connection"))).ConfigureAwait(false);
+                    return;
+                }
+                if (line.IsEmpty || line.Span.IndexOfAnyExcept(" \t"u8) < 0)
+                    continue; // blank lines between messages are ignored
+                var response = await _dispatcher.HandleAsync(line, peer, _stop.Token).ConfigureAwait(false);
+                if (response is not null)
+                    await channel.WriteLineAsync(response, _stop.Token).ConfigureAwait(false);
+            }
+        }
+        catch (Exception e) when (e is IOException or SocketException or OperationCanceledException or ObjectDisposedException)
+        {
+            // The peer went away, or the server is stopping.
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _open);
+            await channel.DisposeAsync().ConfigureAwait(false);
+        }
+    }
+
+    private async Task TrySendAsync(LineChannel channel, byte[] message)
+    {
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
+        timeout.CancelAfter(TimeSpan.FromSeconds(5));
+        try
+        {
+            await channel.WriteLineAsync(message, timeout.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or SocketException or OperationCanceledException)
+        {
+        }
+    }
+
+    /// <summary>Stops accepting, ends every connection, and removes the socket file.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        if (_stop.IsCancellationRequested)
+            return;
+        _stop.Cancel();
+        _listener.Dispose();
+        if (_acceptLoop is not null)
+            await _acceptLoop.ConfigureAwait(false);
+        Task[] open;
+        lock (_connectionsLock)
+            open = [.. _connections];
+        await Task.WhenAll(open).ConfigureAwait(false);
+        try
+        {
+            File.Delete(_options.SocketPath);
+        }
+        catch (IOException)
+        {
+        }
+        _stop.Dispose();
+    }
+
+    [LoggerMessage(EventId = 5001, Level = LogLevel.Warning, Message = "{Socket}: refused a connection from pid {Pid} (uid {Uid}, gid {Gid}): {Reason}")]
+    private static partial void LogRefused(ILogger logger, string socket, int pid, uint uid, uint gid, string reason);
+
+    [LoggerMessage(EventId = 5002, Level = LogLevel.Warning, Message = "{Socket}: refused a connection from pid {Pid} (uid {Uid}): already {Max} connections")]
+    private static partial void LogTooMany(ILogger logger, string socket, int max, int pid, uint uid);
+
+    [LoggerMessage(EventId = 5003, Level = LogLevel.Warning, Message = "{Socket}: closed the connection of pid {Pid} (uid {Uid}): a message over {Max} bytes")]
+    private static partial void LogTooLong(ILogger logger, string socket, int pid, uint uid, int max);
+
+    [LoggerMessage(EventId = 5004, Level = LogLevel.Warning, Message = "{Socket}: accept failed: {Problem}")]
+    private static partial void LogAcceptFailed(ILogger logger, string socket, string problem);
+
+    [LoggerMessage(EventId = 5005, Level = LogLevel.Warning, Message = "{Socket}: closed a connection whose peer credentials could not be read: {Problem}")]
+    private static partial void LogPeerUnknown(ILogger logger, string socket, string problem);
+}
