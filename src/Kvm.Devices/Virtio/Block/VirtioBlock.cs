@@ -69,6 +69,7 @@ public sealed class VirtioBlock : IVirtioDevice
     private readonly byte[] _serial;
     private GuestMemory? _memory;
     private long _ioErrors;
+    private readonly VirtioBlockCounters _counters = new();
 
     public VirtioBlock(string name, IBlockImage image, VirtioBlockOptions options, ILogger? logger = null)
     {
@@ -94,6 +95,9 @@ public sealed class VirtioBlock : IVirtioDevice
 
     /// <summary>Requests that ended in IOERR because the image failed (not because the request was bad).</summary>
     public long IoErrors => Interlocked.Read(ref _ioErrors);
+
+    /// <summary>Requests, bytes and time spent serving them, by request type, since the device was made.</summary>
+    public VirtioBlockStats Stats => _counters.Snapshot(IoErrors);
 
     public ulong Features
     {
@@ -179,6 +183,7 @@ public sealed class VirtioBlock : IVirtioDevice
         ulong inBytes = chain.WritableBytes - 1;          // device-writable data bytes
         ulong outBytes = chain.ReadableBytes - HeaderSize; // device-readable data bytes
 
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
         uint written = 1;
         byte status;
         switch (type)
@@ -209,6 +214,8 @@ public sealed class VirtioBlock : IVirtioDevice
                 break;
         }
         memory.WriteU8(statusAddress, status);
+        _counters.Count(type, status, type switch { TypeIn => inBytes, TypeOut => outBytes, _ => 0 },
+            System.Diagnostics.Stopwatch.GetTimestamp() - started);
         return written;
     }
 
