@@ -18,6 +18,8 @@ public static class VmctlCommands
             "'vmctl run' boots one VM in the foreground with its serial console on this terminal.");
         root.Subcommands.Add(RunCommand());
         root.Subcommands.Add(DiskCommands.Build());
+        root.Subcommands.Add(ControlCommands.Control());
+        root.Subcommands.Add(ControlCommands.ConsoleCommand());
         return root;
     }
 
@@ -126,12 +128,23 @@ public static class VmctlCommands
             DefaultValueFactory = _ => "host",
         };
 
+        var control = new Option<string>("--control")
+        {
+            Description = "also serve the VM's control socket at this path (see 'vmctl control')",
+            HelpName = "SOCKET",
+        };
+        var consoleSocket = new Option<string>("--console")
+        {
+            Description = "put the serial console on a socket at this path instead of this terminal (see 'vmctl console')",
+            HelpName = "SOCKET",
+        };
+
         var run = new Command("run",
             "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
             "(guest shut down, KVM error) or could not start; 2 for a usage error.")
         {
-            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuModel, cpuFeatures, disks,
+            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuModel, cpuFeatures, disks, control, consoleSocket,
         };
         run.SetAction(parse =>
         {
@@ -158,7 +171,12 @@ public static class VmctlCommands
                 Console.Error.WriteLine($"{Program}: {e.Message}");
                 return ExitUsage;
             }
-            return ForegroundRun.Execute(spec, Program, new StderrLogger(Program));
+            var host = new Kvm.Vmm.Control.VmHostOptions
+            {
+                ControlSocket = parse.GetValue(control),
+                ConsoleSocket = parse.GetValue(consoleSocket),
+            };
+            return ForegroundRun.Execute(spec, Program, host, new StderrLogger(Program));
         });
         return run;
     }

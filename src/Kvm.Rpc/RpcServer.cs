@@ -36,7 +36,9 @@ public sealed partial class RpcServer : IAsyncDisposable
     private readonly RpcDispatcher _dispatcher;
     private readonly ILogger _logger;
     private readonly Socket _listener;
+    // Reads (and accepting) stop first; requests already being handled get a grace period to answer.
     private readonly CancellationTokenSource _stop = new();
+    private readonly CancellationTokenSource _abort = new();
     private readonly Lock _connectionsLock = new();
     private readonly HashSet<Task> _connections = [];
     private Task? _acceptLoop;
@@ -173,9 +175,9 @@ public sealed partial class RpcServer : IAsyncDisposable
                 }
                 if (line.IsEmpty || line.Span.IndexOfAnyExcept(" \t"u8) < 0)
                     continue; // blank lines between messages are ignored
-                var response = await _dispatcher.HandleAsync(line, peer, _stop.Token).ConfigureAwait(false);
+                var response = await _dispatcher.HandleAsync(line, peer, _abort.Token).ConfigureAwait(false);
                 if (response is not null)
-                    await channel.WriteLineAsync(response, _stop.Token).ConfigureAwait(false);
+                    await channel.WriteLineAsync(response, _abort.Token).ConfigureAwait(false);
             }
         }
         catch (Exception e) when (e is IOException or SocketException or OperationCanceledException or ObjectDisposedException)
@@ -202,7 +204,14 @@ public sealed partial class RpcServer : IAsyncDisposable
         }
     }
 
-    /// <summary>Stops accepting, ends every connection, and removes the socket file.</summary>
+    /// <summary>How long requests being handled when the server is disposed get to send their answers.</summary>
+    public TimeSpan DrainTime { get; init; } = TimeSpan.FromSeconds(2);
+
+    /// <summary>
+    /// Stops accepting and reading; requests being handled get <see cref="DrainTime"/> to answer
+    /// (a stop request answers once the VM has stopped, which is what disposes the server); then
+    /// every connection ends and the socket file is removed.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
         if (_stop.IsCancellationRequested)
@@ -214,7 +223,10 @@ public sealed partial class RpcServer : IAsyncDisposable
         Task[] open;
         lock (_connectionsLock)
             open = [.. _connections];
-        await Task.WhenAll(open).ConfigureAwait(false);
+        var all = Task.WhenAll(open);
+        await Task.WhenAny(all, Task.Delay(DrainTime)).ConfigureAwait(false);
+        _abort.Cancel();
+        await all.ConfigureAwait(false);
         try
         {
             File.Delete(_options.SocketPath);
@@ -223,6 +235,7 @@ public sealed partial class RpcServer : IAsyncDisposable
         {
         }
         _stop.Dispose();
+        _abort.Dispose();
     }
 
     [LoggerMessage(EventId = 5001, Level = LogLevel.Warning, Message = "{Socket}: refused a connection from pid {Pid} (uid {Uid}, gid {Gid}): {Reason}")]

@@ -17,7 +17,14 @@ public static class ForegroundRun
     public const int ExitInterrupted = 130;
     public const int ExitTerminated = 143;
 
-    public static int Execute(VmSpec spec, string program, ILogger? logger = null)
+    public static int Execute(VmSpec spec, string program, ILogger? logger = null) =>
+        Execute(spec, program, new Control.VmHostOptions(), logger);
+
+    /// <summary>
+    /// Runs the VM with, as <paramref name="host"/> asks, a control socket (status, pause, resume,
+    /// stop, stats, devices) and a console socket instead of this terminal.
+    /// </summary>
+    public static int Execute(VmSpec spec, string program, Control.VmHostOptions host, ILogger? logger = null)
     {
         using var cancel = new CancellationTokenSource();
         int signalExit = 0;
@@ -34,11 +41,16 @@ public static class ForegroundRun
         try
         {
             VmStopReason reason;
-            using (var console = ForegroundConsole.Attach())
+            if (host.ConsoleSocket is null && host.ControlSocket is null)
             {
+                using var console = ForegroundConsole.Attach();
                 using var vm = VirtualMachine.Create(spec, console.Write, logger: logger);
                 console.PumpInput(vm.Serial);
                 reason = vm.Run(cancel.Token);
+            }
+            else
+            {
+                reason = Control.VmHost.Run(spec, host, logger ?? Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance, cancel.Token);
             }
             return Report(reason, program, signalExit);
         }

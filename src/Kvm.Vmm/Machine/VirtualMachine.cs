@@ -36,6 +36,9 @@ public sealed class VirtualMachine : IDisposable
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
+    // Exits to this process by KVM exit reason (indexes past the array count as "other").
+    private readonly long[] _exitCounts = new long[32];
+    private long _startedTimestamp;
 
     private VirtualMachine(VmSpec spec, KvmSystem kvm, bool ownsKvm, ILogger log)
     {
@@ -244,6 +247,7 @@ public sealed class VirtualMachine : IDisposable
         if (_started)
             throw new InvalidOperationException("the VM was already started");
         _started = true;
+        _startedTimestamp = System.Diagnostics.Stopwatch.GetTimestamp();
         foreach (var t in _threads)
             t.StateChanged += OnVcpuStateChanged;
         foreach (var t in _threads)
@@ -269,6 +273,29 @@ public sealed class VirtualMachine : IDisposable
         _stopped.TrySetResult(reason);
         foreach (var t in _threads)
             t.RequestStop();
+    }
+
+    /// <summary>How long the VM has run since <see cref="Start"/> (zero before).</summary>
+    public TimeSpan Uptime => _startedTimestamp == 0 ? TimeSpan.Zero : System.Diagnostics.Stopwatch.GetElapsedTime(_startedTimestamp);
+
+    /// <summary>Exits handled by this process so far, by KVM exit reason (only reasons seen at least once).</summary>
+    public IReadOnlyDictionary<string, long> ExitCounts
+    {
+        get
+        {
+            var counts = new SortedDictionary<string, long>(StringComparer.Ordinal);
+            for (int i = 0; i < _exitCounts.Length; i++)
+            {
+                long n = Interlocked.Read(ref _exitCounts[i]);
+                if (n == 0)
+                    continue;
+                string name = i == _exitCounts.Length - 1 ? "other"
+                    : Enum.IsDefined((Kvm.Interop.Structs.KvmExitReason)i) ? ((Kvm.Interop.Structs.KvmExitReason)i).ToString().ToLowerInvariant()
+                    : $"reason{i}";
+                counts[name] = n;
+            }
+            return counts;
+        }
     }
 
     /// <summary>Pauses every vCPU and waits until all are paused.</summary>
@@ -297,6 +324,7 @@ public sealed class VirtualMachine : IDisposable
     private VcpuAction OnExit(KvmVcpu vcpu)
     {
         var exit = VcpuExit.Decode(vcpu.RunPage);
+        Interlocked.Increment(ref _exitCounts[Math.Min((int)exit.Reason, _exitCounts.Length - 1)]);
         var outcome = ExitHandler.Handle(exit, PortIo, Mmio, vcpu.Id);
         if (!outcome.ShouldStop)
             return VcpuAction.Continue;

@@ -1,0 +1,211 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Net.Sockets;
+using System.Text.Json;
+using System.Text.Json.Serialization.Metadata;
+using Kvm.Interop.Handles;
+using Kvm.Interop.Native;
+using Kvm.Rpc;
+using Kvm.Vmm.Control;
+
+namespace Kvm.Cli;
+
+/// <summary>vmctl control (a VM's control socket) and vmctl console (its console socket).</summary>
+public static class ControlCommands
+{
+    private const int ExitFailure = 1;
+
+    /// <summary>Ctrl-]: detaches from a console, as in telnet and virsh.</summary>
+    public const byte DetachKey = 0x1d;
+
+    public static Command Control()
+    {
+        var cmd = new Command("control",
+            "Talk to a running VM through its control socket (kvm-vmm --control, vmctl run --control).\n" +
+            "Exit status: 0 done; 1 when the VM refused or the socket could not be reached (the reason follows).");
+        cmd.Subcommands.Add(Verb("status", "Run state, vCPU states, uptime, exits by reason.", (c, _) => Call(c, "status", VmControlJson.Default.VmStatus), PrintStatus));
+        cmd.Subcommands.Add(Verb("pause", "Pause every vCPU.", (c, _) => Call(c, "pause", VmControlJson.Default.StateChange), r => Console.WriteLine(r.State)));
+        cmd.Subcommands.Add(Verb("resume", "Resume a paused VM.", (c, _) => Call(c, "resume", VmControlJson.Default.StateChange), r => Console.WriteLine(r.State)));
+        cmd.Subcommands.Add(Stop());
+        cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", (c, _) => Call(c, "stats", VmControlJson.Default.VmStats), PrintStats));
+        cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", (c, _) => Call(c, "devices", VmControlJson.Default.VmDevices), PrintDevices));
+        return cmd;
+    }
+
+    private static Argument<string> SocketArgument() => new("SOCKET") { Description = "the VM's control socket" };
+
+    private static T Call<T>(RpcClient client, string method, JsonTypeInfo<T> info) =>
+        client.CallAsync(method, info).GetAwaiter().GetResult();
+
+    private static Command Verb<T>(string name, string description, Func<RpcClient, ParseResult, T> call, Action<T> print)
+        where T : class
+    {
+        var socket = SocketArgument();
+        var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
+        var cmd = new Command(name, description) { socket, json };
+        cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
+        {
+            var result = call(client, p);
+            if (p.GetValue(json))
+                Console.WriteLine(JsonSerializer.Serialize(result, (JsonTypeInfo<T>)VmControlJson.Default.GetTypeInfo(typeof(T))!));
+            else
+                print(result);
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Stop()
+    {
+        var socket = SocketArgument();
+        var force = new Option<bool>("--force", "-f") { Description = "stop at once, without asking the guest" };
+        var timeout = new Option<double>("--timeout", "-t")
+        {
+            Description = "seconds to wait for the guest to power off after the ACPI power button before forcing the stop",
+            DefaultValueFactory = _ => VmControl.DefaultStopTimeoutSeconds,
+        };
+        var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
+        var cmd = new Command("stop", "Stop the VM: the ACPI power button first, forced after --timeout; or forced at once with --force.")
+        {
+            socket, force, timeout, json,
+        };
+        cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
+        {
+            var result = client.CallAsync("stop", new StopRequest(p.GetValue(force), p.GetValue(timeout)),
+                VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult).GetAwaiter().GetResult();
+            if (p.GetValue(json))
+                Console.WriteLine(JsonSerializer.Serialize(result, VmControlJson.Default.StopResult));
+            else
+                Console.WriteLine($"{result.Outcome}: {result.Reason} ({result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s)");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static int Guard(string socket, Func<RpcClient, int> action)
+    {
+        try
+        {
+            using var client = RpcClient.Connect(socket, "the VM");
+            return action(client);
+        }
+        catch (RpcException e)
+        {
+            Console.Error.WriteLine($"{VmctlCommands.Program}: {e.Describe()}");
+            return ExitFailure;
+        }
+    }
+
+    private static void PrintStatus(VmStatus s)
+    {
+        Console.WriteLine($"state: {s.State} (kvm-vmm pid {s.Pid}, up {s.UptimeSeconds.ToString("0.###", CultureInfo.InvariantCulture)} s)");
+        Console.WriteLine($"vcpus: {string.Join(", ", s.Vcpus.Select(v => $"{v.Id} {v.State}"))}");
+        Console.WriteLine($"exits: {(s.Exits.Count == 0 ? "none" : string.Join(", ", s.Exits.Select(e => $"{e.Key} {e.Value}")))}");
+        if (s.StopReason is not null)
+            Console.WriteLine($"stopped: {s.StopReason}");
+    }
+
+    private static void PrintStats(VmStats s)
+    {
+        Console.WriteLine($"memory: guest {s.Memory.GuestBytes} bytes, kvm-vmm resident {s.Memory.ResidentBytes} bytes");
+        foreach (var d in s.Disks)
+        {
+            Console.WriteLine($"{d.Id}: {d.Image}{(d.ReadOnly ? " (read-only)" : "")}");
+            Console.WriteLine($"  reads {d.Reads} ({d.BytesRead} bytes), writes {d.Writes} ({d.BytesWritten} bytes), flushes {d.Flushes}, " +
+                              $"discards {d.Discards}, write-zeroes {d.WriteZeroes}, other {d.Other}, failed {d.Failed}, I/O errors {d.IoErrors}");
+            Console.WriteLine($"  service time: mean {d.MeanMicroseconds.ToString("0.#", CultureInfo.InvariantCulture)} us, longest {d.MaxMicroseconds} us");
+        }
+    }
+
+    private static void PrintDevices(VmDevices d)
+    {
+        foreach (var x in d.Devices)
+            Console.WriteLine($"{x.Id,-28} {x.Kind,-18} {x.Location,-22} {x.Detail}");
+    }
+
+    public static Command ConsoleCommand()
+    {
+        var socket = new Argument<string>("SOCKET") { Description = "the VM's console socket (kvm-vmm --console, vmctl run --console)" };
+        var cmd = new Command("console",
+            "Attach this terminal to a VM's serial console: what the guest writes appears here (the last 64 KiB\n" +
+            "first), what you type goes to the guest. Ctrl-] detaches; the VM keeps running. Without a terminal,\n" +
+            "standard input is sent and the output copied until the VM's console closes.") { socket };
+        cmd.SetAction(p => Attach(p.GetRequiredValue(socket)));
+        return cmd;
+    }
+
+    private static int Attach(string path)
+    {
+        var sock = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            sock.Connect(new UnixDomainSocketEndPoint(path));
+        }
+        catch (SocketException e)
+        {
+            sock.Dispose();
+            Console.Error.WriteLine($"{VmctlCommands.Program}: cannot attach to the console at {path}: {(File.Exists(path) ? e.Message : "no such socket (is the VM running?)")}");
+            return ExitFailure;
+        }
+        bool tty = Libc.IsATty(0) == 1;
+        if (tty)
+        {
+            KvmShim.TermCbreak(0);
+            Console.Error.WriteLine($"{VmctlCommands.Program}: attached to {path}; Ctrl-] detaches");
+        }
+        var stdout = new StdioStream(StdioHandle.Output, FileAccess.Write);
+        var detached = new ManualResetEventSlim();
+        var input = new Thread(() =>
+        {
+            var stdin = new StdioStream(StdioHandle.Input, FileAccess.Read);
+            var buf = new byte[256];
+            try
+            {
+                while (true)
+                {
+                    int n = stdin.Read(buf, 0, buf.Length);
+                    if (n <= 0)
+                        return;
+                    int key = tty ? Array.IndexOf(buf, DetachKey, 0, n) : -1;
+                    if (key >= 0)
+                    {
+                        if (key > 0)
+                            sock.Send(buf.AsSpan(0, key));
+                        detached.Set();
+                        sock.Shutdown(SocketShutdown.Both);
+                        return;
+                    }
+                    sock.Send(buf.AsSpan(0, n));
+                }
+            }
+            catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+            {
+            }
+        }) { IsBackground = true };
+        input.Start();
+        var buffer = new byte[4096];
+        try
+        {
+            while (true)
+            {
+                int n = sock.Receive(buffer);
+                if (n <= 0)
+                    break;
+                stdout.Write(buffer, 0, n);
+                stdout.Flush();
+            }
+        }
+        catch (SocketException)
+        {
+        }
+        finally
+        {
+            sock.Dispose();
+            if (tty)
+                KvmShim.TermRestore();
+        }
+        if (tty)
+            Console.Error.WriteLine(detached.IsSet ? $"\r\n{VmctlCommands.Program}: detached" : $"\r\n{VmctlCommands.Program}: the console closed (the VM stopped)");
+        return 0;
+    }
+}

@@ -1,0 +1,169 @@
+using System.Globalization;
+using Kvm.Devices.Virtio.Block;
+using Kvm.Hypervisor;
+using Kvm.Rpc;
+using Kvm.Vmm.Exits;
+using Kvm.Vmm.Machine;
+
+namespace Kvm.Vmm.Control;
+
+/// <summary>
+/// The operations of a running VM that kvm-vmm's control socket offers: status, pause, resume,
+/// stop (the ACPI power button, then forced after a timeout, or forced at once), stats and
+/// devices. Each is a plain method (tests call them directly); <see cref="Register"/> puts them
+/// on an RPC dispatcher under those names.
+/// </summary>
+public sealed class VmControl(VirtualMachine vm)
+{
+    public const double DefaultStopTimeoutSeconds = 30;
+    public const double MaxStopTimeoutSeconds = 3600;
+
+    private readonly Lock _lock = new();
+    private bool _paused;
+    private bool _stopping;
+
+    private bool Stopped => vm.Stopped.IsCompleted;
+
+    public string State
+    {
+        get
+        {
+            lock (_lock)
+                return Stopped ? "stopped" : _stopping ? "stopping" : _paused ? "paused" : "running";
+        }
+    }
+
+    public VmStatus Status() => new(
+        State,
+        Environment.ProcessId,
+        Math.Round(vm.Uptime.TotalSeconds, 3),
+        vm.Vcpus.Select(t => new VcpuStatus((int)t.Vcpu.Id, t.State.ToString().ToLowerInvariant())).ToList(),
+        vm.ExitCounts,
+        vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : null);
+
+    public StateChange Pause()
+    {
+        lock (_lock)
+        {
+            RequireRunning("pause");
+            if (!_paused)
+            {
+                vm.Pause();
+                _paused = true;
+            }
+            return new StateChange("paused");
+        }
+    }
+
+    public StateChange Resume()
+    {
+        lock (_lock)
+        {
+            RequireRunning("resume");
+            if (_paused)
+            {
+                vm.Resume();
+                _paused = false;
+            }
+            return new StateChange("running");
+        }
+    }
+
+    private void RequireRunning(string operation)
+    {
+        if (Stopped || _stopping)
+            throw new RpcException(RpcErrorCode.InvalidState, $"{operation}: the VM is {(Stopped ? "stopped" : "stopping")}");
+    }
+
+    /// <summary>
+    /// Stops the VM. Without force: presses the ACPI power button and waits up to the timeout for
+    /// the guest to power off, then forces the stop. A paused VM cannot answer the power button:
+    /// that is refused unless forced.
+    /// </summary>
+    public async Task<StopResult> StopAsync(StopRequest request, CancellationToken cancel)
+    {
+        if (request.TimeoutSeconds is < 0 or > MaxStopTimeoutSeconds || double.IsNaN(request.TimeoutSeconds))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"stop: timeoutSeconds {request.TimeoutSeconds.ToString(CultureInfo.InvariantCulture)} is out of range (0 to {MaxStopTimeoutSeconds})");
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        double Elapsed() => Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 3);
+        lock (_lock)
+        {
+            if (Stopped)
+                return new StopResult("already-stopped", vm.Stopped.Result.Describe(), 0);
+            if (_paused && !request.Force)
+                throw new RpcException(RpcErrorCode.InvalidState, "stop: the VM is paused, so the guest cannot answer the power button; resume it first, or force the stop");
+            _stopping = true;
+        }
+        if (!request.Force)
+        {
+            vm.Pm.PressPowerButton();
+            var done = await Task.WhenAny(vm.Stopped, Task.Delay(TimeSpan.FromSeconds(request.TimeoutSeconds), cancel)).ConfigureAwait(false);
+            if (done == vm.Stopped)
+                return new StopResult("guest", vm.Stopped.Result.Describe(), Elapsed());
+        }
+        string why = request.Force ? "stopped by request (forced)"
+            : $"stopped by request: forced after the guest did not power off within {request.TimeoutSeconds.ToString(CultureInfo.InvariantCulture)} s of the power button";
+        vm.RequestStop(new HostStop(why));
+        var reason = await vm.Stopped.ConfigureAwait(false);
+        return new StopResult(reason is HostStop ? "forced" : "guest", reason.Describe(), Elapsed());
+    }
+
+    public VmStats Stats() => new(
+        new MemoryStats(vm.Spec.MemoryBytes, ResidentBytes()),
+        vm.Disks.Select((d, i) =>
+        {
+            var block = (VirtioBlock)d.Device;
+            var s = block.Stats;
+            return new DiskStats($"disk{i}", block.Image.Path, block.ReadOnly, s.Reads, s.Writes, s.Flushes, s.Discards,
+                s.WriteZeroes, s.Other, s.Failed, s.BytesRead, s.BytesWritten, s.IoErrors, Math.Round(s.MeanMicroseconds, 1), s.MaxMicroseconds);
+        }).ToList());
+
+    /// <summary>This process's resident set (VmRSS from /proc/self/status), in bytes.</summary>
+    private static long ResidentBytes()
+    {
+        foreach (var line in File.ReadLines("/proc/self/status"))
+        {
+            if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
+            {
+                var parts = line.Split(' ', '\t', StringSplitOptions.RemoveEmptyEntries);
+                return long.Parse(parts[1], CultureInfo.InvariantCulture) * 1024;
+            }
+        }
+        return 0;
+    }
+
+    public VmDevices Devices()
+    {
+        var list = new List<DeviceInfo>();
+        foreach (var e in vm.PortIo.Entries)
+        {
+            string kind = e.Device.GetType().Name;
+            list.Add(new DeviceInfo(
+                $"{kind.ToLowerInvariant()}@0x{e.Base:x}",
+                kind,
+                $"port 0x{e.Base:x}-0x{e.Last:x}",
+                null));
+        }
+        for (int i = 0; i < vm.Disks.Count; i++)
+        {
+            var transport = vm.Disks[i];
+            var block = (VirtioBlock)transport.Device;
+            int slot = Enumerable.Range(0, Kvm.Devices.Pci.PciBus.SlotCount).First(s => ReferenceEquals(vm.Pci[s], transport));
+            list.Add(new DeviceInfo($"disk{i}", "virtio-blk", $"pci 00:{slot:x2}.0",
+                $"{block.Image.Path}{(block.ReadOnly ? " (read-only)" : "")}, {block.QueueCount} queue(s), {block.Capacity} sectors"));
+        }
+        return new VmDevices(list);
+    }
+
+    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices.</summary>
+    public void Register(RpcDispatcher dispatcher)
+    {
+        var json = VmControlJson.Default;
+        dispatcher.Add("status", json.VmStatus, (_, _) => ValueTask.FromResult(Status()));
+        dispatcher.Add("pause", json.StateChange, (_, _) => ValueTask.FromResult(Pause()));
+        dispatcher.Add("resume", json.StateChange, (_, _) => ValueTask.FromResult(Resume()));
+        dispatcher.Add("stop", json.StopRequest, json.StopResult, async (request, _, cancel) => await StopAsync(request, cancel).ConfigureAwait(false));
+        dispatcher.Add("stats", json.VmStats, (_, _) => ValueTask.FromResult(Stats()));
+        dispatcher.Add("devices", json.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
+    }
+}

@@ -1,0 +1,47 @@
+using System.Text.Json.Serialization;
+
+namespace Kvm.Vmm.Control;
+
+/// <summary>The reply to <c>status</c>: the VM's run state, each vCPU's, how long it has run, exits by reason.</summary>
+/// <param name="State">running, paused, stopping or stopped.</param>
+/// <param name="StopReason">Why it stopped (when stopped or stopping).</param>
+public sealed record VmStatus(string State, int Pid, double UptimeSeconds, IReadOnlyList<VcpuStatus> Vcpus,
+    IReadOnlyDictionary<string, long> Exits, string? StopReason);
+
+public sealed record VcpuStatus(int Id, string State);
+
+/// <summary>Parameters of <c>stop</c>: the power button first and force after <paramref name="TimeoutSeconds"/>, or force at once.</summary>
+public sealed record StopRequest(bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
+
+/// <summary>How a <c>stop</c> ended: <paramref name="Outcome"/> is "guest" (the guest powered off after the power button), "forced" or "already-stopped".</summary>
+public sealed record StopResult(string Outcome, string Reason, double Seconds);
+
+/// <summary>The reply to <c>pause</c> and <c>resume</c>.</summary>
+public sealed record StateChange(string State);
+
+/// <summary>The reply to <c>stats</c>.</summary>
+public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);
+
+/// <summary>Guest RAM as configured, and this process's resident memory (VmRSS) now.</summary>
+public sealed record MemoryStats(ulong GuestBytes, long ResidentBytes);
+
+/// <summary>One virtio-blk device: its image and what it has served (service times in microseconds).</summary>
+public sealed record DiskStats(string Id, string Image, bool ReadOnly, long Reads, long Writes, long Flushes, long Discards,
+    long WriteZeroes, long Other, long Failed, long BytesRead, long BytesWritten, long IoErrors, double MeanMicroseconds, long MaxMicroseconds);
+
+/// <summary>The reply to <c>devices</c>.</summary>
+public sealed record VmDevices(IReadOnlyList<DeviceInfo> Devices);
+
+/// <summary>A device by its stable id, its kind and where the guest finds it.</summary>
+public sealed record DeviceInfo(string Id, string Kind, string Location, string? Detail);
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow)]
+[JsonSerializable(typeof(VmStatus))]
+[JsonSerializable(typeof(StopRequest))]
+[JsonSerializable(typeof(StopResult))]
+[JsonSerializable(typeof(StateChange))]
+[JsonSerializable(typeof(VmStats))]
+[JsonSerializable(typeof(VmDevices))]
+public sealed partial class VmControlJson : JsonSerializerContext;

@@ -1,0 +1,70 @@
+using Kvm.Rpc;
+using Kvm.Vmm.Exits;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Control;
+
+/// <summary>How kvm-vmm (or vmctl run) exposes a VM: a control socket, a console socket, and who may use them.</summary>
+public sealed record VmHostOptions
+{
+    /// <summary>The JSON-RPC control socket (status, pause, resume, stop, stats, devices); null for none.</summary>
+    public string? ControlSocket { get; init; }
+
+    /// <summary>The console socket; null keeps the console on this process's terminal.</summary>
+    public string? ConsoleSocket { get; init; }
+
+    /// <summary>Who may use the sockets besides root and this process's user.</summary>
+    public RpcAccessPolicy Access { get; init; } = RpcAccessPolicy.OwnerOnly;
+
+    /// <summary>Mode of both socket files.</summary>
+    public UnixFileMode SocketMode { get; init; } = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite;
+}
+
+/// <summary>Runs a VM with its control and console sockets until it stops.</summary>
+public static class VmHost
+{
+    public static VmStopReason Run(VmSpec spec, VmHostOptions options, ILogger logger, CancellationToken cancel)
+    {
+        Kvm.Devices.Legacy.Serial.Serial16550? serial = null;
+        ConsoleServer? console = null;
+        ForegroundConsole? terminal = null;
+        RpcServer? control = null;
+        try
+        {
+            if (options.ConsoleSocket is { } consolePath)
+                console = new ConsoleServer(consolePath, options.Access, options.SocketMode,
+                    bytes => serial is { } s ? s.EnqueueInput(bytes.Span) : bytes.Length, logger);
+            else
+                terminal = ForegroundConsole.Attach();
+
+            using var vm = VirtualMachine.Create(spec, console is not null ? console.Write : terminal!.Write, logger: logger);
+            serial = vm.Serial;
+            terminal?.PumpInput(vm.Serial);
+            console?.Start();
+            if (options.ControlSocket is { } controlPath)
+            {
+                var dispatcher = new RpcDispatcher(logger);
+                new VmControl(vm).Register(dispatcher);
+                control = new RpcServer(new RpcServerOptions
+                {
+                    SocketPath = controlPath,
+                    Access = options.Access,
+                    SocketMode = options.SocketMode,
+                }, dispatcher, logger);
+                control.Start();
+            }
+            var reason = vm.Run(cancel);
+            // A stop request answers once the VM has stopped: let it before the socket goes.
+            control?.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            control = null;
+            return reason;
+        }
+        finally
+        {
+            control?.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            console?.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            terminal?.Dispose();
+        }
+    }
+}
