@@ -30,6 +30,7 @@ static const struct workload workloads[] = {
     { "rtc", wl_rtc },
     { "cpuid", wl_cpuid },
     { "poweroff", wl_poweroff },
+    { "tick", wl_tick },
     { "irq", wl_irq },
     { "uart-irq", wl_uart_irq },
     { "pci", wl_pci },

@@ -229,6 +229,7 @@ int wl_reset(int argc, char **argv);
 int wl_rtc(int argc, char **argv);
 int wl_cpuid(int argc, char **argv);
 int wl_poweroff(int argc, char **argv);
+int wl_tick(int argc, char **argv);
 int wl_irq(int argc, char **argv);
 int wl_uart_irq(int argc, char **argv);
 int wl_pci(int argc, char **argv);

@@ -1,7 +1,8 @@
 /*
- * guestkit platform workloads: what the VMM tells the guest about its CPU (cpuid) and the ACPI
- * power-off path an OS takes (poweroff).  Both run at CPL3: CPUID is unprivileged, and the ACPI
- * tables sit in identity-mapped RAM below 4 GiB.
+ * guestkit platform workloads: what the VMM tells the guest about its CPU (cpuid), the ACPI
+ * power-off path an OS takes (poweroff) and the ACPI power button (tick).  All run at CPL3: CPUID
+ * is unprivileged, the ACPI tables sit in identity-mapped RAM below 4 GiB, and the PM1 registers
+ * are I/O ports (IOPL=3).
  */
 #include "guest.h"
 
@@ -67,16 +68,17 @@ static bool sum_ok(const void *p, uint32_t len)
     return s == 0;
 }
 
-/* A table at a physical address, checked: below 4 GiB, sane length, checksum. */
-static const struct sdt_header *table_at(uint64_t addr, const char *what)
+/* A table at a physical address, checked: below 4 GiB, sane length, checksum.  Errors name the
+ * workload `who`. */
+static const struct sdt_header *table_at(const char *who, uint64_t addr, const char *what)
 {
     if (!addr || addr >= FOUR_GIB - sizeof(struct sdt_header)) {
-        gk_printf("guestkit: error: poweroff: %s at 0x%lx is not in low memory\n", what, addr);
+        gk_printf("guestkit: error: %s: %s at 0x%lx is not in low memory\n", who, what, addr);
         return NULL;
     }
     const struct sdt_header *h = (const void *)(uintptr_t)addr;
     if (h->length < sizeof(*h) || h->length > (1u << 20) || !sum_ok(h, h->length)) {
-        gk_printf("guestkit: error: poweroff: %s at 0x%lx: bad length %u or checksum\n", what, addr, h->length);
+        gk_printf("guestkit: error: %s: %s at 0x%lx: bad length %u or checksum\n", who, what, addr, h->length);
         return NULL;
     }
     return h;
@@ -109,67 +111,197 @@ static int s5_sleep_type(const struct sdt_header *dsdt)
     return -1;
 }
 
-/* poweroff: powers the VM off the way an ACPI OS does: RSDP (from hvm_start_info) -> XSDT ->
- * FADT -> PM1a_CNT_BLK and the DSDT's \_S5, then writes SLP_TYP | SLP_EN to PM1a_CNT.  The VMM
+/* What the kit takes from the FADT and the DSDT to power off, and to watch the power button. */
+struct acpi_pm {
+    uint32_t pm1a_cnt;          /* PM1a_CNT_BLK (I/O port) */
+    uint32_t pm1a_evt;          /* PM1a_EVT_BLK (I/O port; 0 if none) */
+    uint8_t pm1_evt_len;        /* PM1_EVT_LEN: PM1_STS, then PM1_EN at + len/2 */
+    int slp_typ;                /* \_S5's first SLP_TYP value */
+};
+
+/* FADT offsets (ACPI 6.x, 5.2.9) */
+#define FADT_DSDT               40
+#define FADT_PM1A_EVT_BLK       56
+#define FADT_PM1A_CNT_BLK       64
+#define FADT_PM1_EVT_LEN        88
+#define FADT_X_DSDT             140
+#define FADT_V1_LENGTH          116     /* ACPI 1.0: up to the flags */
+
+/* The ACPI tables an OS reads to power off: RSDP (from hvm_start_info) -> XSDT (or RSDT) -> FADT
+ * (PM1a_CNT_BLK, PM1a_EVT_BLK, PM1_EVT_LEN, X_DSDT) -> the DSDT's \_S5; an ACPI 1.0 RSDP leads to
+ * the RSDT instead of the XSDT.  Errors are printed with `who` as the prefix.  Returns EXIT_OK;
+ * EXIT_USAGE when the FADT has no PM1a control block (hardware-reduced ACPI) or, with need_evt,
+ * no usable PM1a event block; EXIT_FAILED for missing or broken tables. */
+static int acpi_pm_find(const char *who, bool need_evt, struct acpi_pm *pm)
+{
+    if (!start_info || !start_info->rsdp_paddr) {
+        gk_printf("guestkit: error: %s: no RSDP in hvm_start_info\n", who);
+        return EXIT_FAILED;
+    }
+    /* ACPI 2.0+ (revision >= 2): the XSDT with 64-bit entries; ACPI 1.0 (QEMU's pc and q35 give
+     * one): the RSDT with 32-bit entries */
+    const uint8_t *rsdp = (const void *)(uintptr_t)start_info->rsdp_paddr;
+    bool v2 = rsdp[15] >= 2;
+    if (rsdp[0] != 'R' || rsdp[1] != 'S' || rsdp[2] != 'D' || rsdp[3] != ' ' || !sum_ok(rsdp, 20) ||
+        (v2 && !sum_ok(rsdp, *(const uint32_t *)(rsdp + 20)))) {
+        gk_printf("guestkit: error: %s: no valid ACPI RSDP at 0x%lx\n", who, start_info->rsdp_paddr);
+        return EXIT_FAILED;
+    }
+    const char *sdt_name = v2 ? "XSDT" : "RSDT";
+    uint32_t entry_size = v2 ? 8 : 4;
+    const struct sdt_header *sdt =
+        table_at(who, v2 ? *(const uint64_t *)(rsdp + 24) : *(const uint32_t *)(rsdp + 16), sdt_name);
+    if (!sdt)
+        return EXIT_FAILED;
+    const struct sdt_header *fadt = NULL;
+    const uint8_t *entries = (const uint8_t *)sdt + sizeof(*sdt);
+    for (uint32_t i = 0; i + entry_size <= sdt->length - sizeof(*sdt); i += entry_size) {
+        uint64_t addr = v2 ? *(const uint64_t *)(entries + i) : *(const uint32_t *)(entries + i);
+        const struct sdt_header *t = table_at(who, addr, v2 ? "XSDT entry" : "RSDT entry");
+        if (!t)
+            return EXIT_FAILED;
+        if (t->signature[0] == 'F' && t->signature[1] == 'A' && t->signature[2] == 'C' && t->signature[3] == 'P')
+            fadt = t;
+    }
+    if (!fadt || fadt->length < FADT_V1_LENGTH) {
+        gk_printf("guestkit: error: %s: no FADT in the %s\n", who, sdt_name);
+        return EXIT_FAILED;
+    }
+    const uint8_t *f = (const uint8_t *)fadt;
+    pm->pm1a_cnt = *(const uint32_t *)(f + FADT_PM1A_CNT_BLK);
+    pm->pm1a_evt = *(const uint32_t *)(f + FADT_PM1A_EVT_BLK);
+    pm->pm1_evt_len = f[FADT_PM1_EVT_LEN];
+    uint64_t dsdt_addr = fadt->length >= FADT_X_DSDT + 8 ? *(const uint64_t *)(f + FADT_X_DSDT) : 0;
+    if (!dsdt_addr)
+        dsdt_addr = *(const uint32_t *)(f + FADT_DSDT);
+    if (need_evt && !pm->pm1a_evt) {
+        gk_printf("guestkit: error: %s: the FADT has no PM1a event block (hardware-reduced ACPI)\n", who);
+        return EXIT_USAGE;
+    }
+    if (need_evt && (pm->pm1_evt_len < 4 || (pm->pm1_evt_len & 1) || pm->pm1a_evt + pm->pm1_evt_len > 0x10000)) {
+        gk_printf("guestkit: error: %s: the FADT's PM1a event block (PM1a_EVT_BLK=0x%x PM1_EVT_LEN=%u) "
+                  "is not a usable I/O port range\n", who, pm->pm1a_evt, pm->pm1_evt_len);
+        return EXIT_USAGE;
+    }
+    if (!pm->pm1a_cnt || pm->pm1a_cnt > 0xfffe) {
+        gk_printf("guestkit: error: %s: the FADT has no PM1a control block (hardware-reduced ACPI)\n", who);
+        return EXIT_USAGE;
+    }
+    const struct sdt_header *dsdt = table_at(who, dsdt_addr, "DSDT");
+    if (!dsdt)
+        return EXIT_FAILED;
+    pm->slp_typ = s5_sleep_type(dsdt);
+    if (pm->slp_typ < 0 || pm->slp_typ > 7) {
+        gk_printf("guestkit: error: %s: the DSDT has no \\_S5 package\n", who);
+        return EXIT_FAILED;
+    }
+    return EXIT_OK;
+}
+
+/* Enters S5: prints `guestkit: poweroff: PM1a_CNT=0xPORT SLP_TYP=N`, writes SLP_TYP and then
+ * SLP_TYP | SLP_EN to PM1a_CNT.  The VMM should end the VM; returns EXIT_FAILED (after printing
+ * the error) if the vCPU still runs a second later.  Needs time_init(). */
+static int acpi_enter_s5(const struct acpi_pm *pm)
+{
+    gk_printf("guestkit: poweroff: PM1a_CNT=0x%x SLP_TYP=%d\n", pm->pm1a_cnt, pm->slp_typ);
+    uint16_t cnt = inw((uint16_t)pm->pm1a_cnt);
+    if (!(cnt & 1))
+        gk_printf("guestkit: poweroff: warning: SCI_EN is clear (the platform is not in ACPI mode)\n");
+    cnt = (uint16_t)((cnt & ~(7u << 10)) | ((unsigned)pm->slp_typ << 10));
+    outw((uint16_t)pm->pm1a_cnt, cnt);
+    outw((uint16_t)pm->pm1a_cnt, (uint16_t)(cnt | (1u << 13)));
+    uint64_t deadline = deadline_after_s(1);
+    while (!deadline_passed(deadline))
+        __asm__ volatile("pause");
+    gk_printf("guestkit: error: poweroff: still running 1 s after SLP_EN\n");
+    return EXIT_FAILED;
+}
+
+/* poweroff: powers the VM off the way an ACPI OS does: RSDP (from hvm_start_info) -> XSDT (or
+ * RSDT) -> FADT -> PM1a_CNT_BLK and the DSDT's \_S5, then writes SLP_TYP | SLP_EN to PM1a_CNT.  The VMM
  * should end the VM; if the vCPU still runs a second later, that is an error. */
 int wl_poweroff(int argc, char **argv)
 {
     if (!parse_params("poweroff", argc, argv, NULL, 0))
         return EXIT_USAGE;
     time_init();
-    if (!start_info || !start_info->rsdp_paddr) {
-        gk_printf("guestkit: error: poweroff: no RSDP in hvm_start_info\n");
-        return EXIT_FAILED;
-    }
-    const uint8_t *rsdp = (const void *)(uintptr_t)start_info->rsdp_paddr;
-    if (rsdp[0] != 'R' || rsdp[1] != 'S' || rsdp[2] != 'D' || rsdp[3] != ' ' || !sum_ok(rsdp, 20) || rsdp[15] < 2 ||
-        !sum_ok(rsdp, *(const uint32_t *)(rsdp + 20))) {
-        gk_printf("guestkit: error: poweroff: no valid ACPI 2.0 RSDP at 0x%lx\n", start_info->rsdp_paddr);
-        return EXIT_FAILED;
-    }
-    const struct sdt_header *xsdt = table_at(*(const uint64_t *)(rsdp + 24), "XSDT");
-    if (!xsdt)
-        return EXIT_FAILED;
-    const struct sdt_header *fadt = NULL;
-    const uint8_t *entries = (const uint8_t *)xsdt + sizeof(*xsdt);
-    for (uint32_t i = 0; i + 8 <= xsdt->length - sizeof(*xsdt); i += 8) {
-        const struct sdt_header *t = table_at(*(const uint64_t *)(entries + i), "XSDT entry");
-        if (!t)
-            return EXIT_FAILED;
-        if (t->signature[0] == 'F' && t->signature[1] == 'A' && t->signature[2] == 'C' && t->signature[3] == 'P')
-            fadt = t;
-    }
-    if (!fadt || fadt->length < 148) {
-        gk_printf("guestkit: error: poweroff: no FADT in the XSDT\n");
-        return EXIT_FAILED;
-    }
-    const uint8_t *f = (const uint8_t *)fadt;
-    uint32_t pm1a_cnt = *(const uint32_t *)(f + 64);
-    uint64_t dsdt_addr = *(const uint64_t *)(f + 140);
-    if (!dsdt_addr)
-        dsdt_addr = *(const uint32_t *)(f + 40);
-    if (!pm1a_cnt || pm1a_cnt > 0xfffe) {
-        gk_printf("guestkit: error: poweroff: the FADT has no PM1a control block (hardware-reduced ACPI)\n");
+    struct acpi_pm pm;
+    int status = acpi_pm_find("poweroff", false, &pm);
+    if (status != EXIT_OK)
+        return status;
+    return acpi_enter_s5(&pm);
+}
+
+#define PM1_PWRBTN              (1u << 8)       /* PWRBTN_STS in PM1_STS, PWRBTN_EN in PM1_EN */
+#define TICK_POLL_MS            1
+
+/* tick: prints `guestkit: tick N` every `period` ms of TSC time.  With pwrbtn=1 it arms the ACPI
+ * fixed power button (PWRBTN_EN in PM1a_EN) and polls PWRBTN_STS between ticks; a press powers
+ * the VM off as `poweroff` does.  n=COUNT ends after COUNT ticks, timeout=S fails after S s. */
+int wl_tick(int argc, char **argv)
+{
+    uint64_t period = 100, n = 0, pwrbtn = 1, timeout = 0;
+    const struct param params[] = {
+        { .key = "period", .max = 3600000, .value = &period },
+        { .key = "n", .max = INT64_MAX, .value = &n },
+        { .key = "pwrbtn", .max = 1, .value = &pwrbtn },
+        { .key = "timeout", .max = 86400, .value = &timeout },
+    };
+
+    if (!parse_params("tick", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    if (!period) {
+        gk_printf("guestkit: error: bad argument 'period=0' for tick\n");
         return EXIT_USAGE;
     }
-    const struct sdt_header *dsdt = table_at(dsdt_addr, "DSDT");
-    if (!dsdt)
-        return EXIT_FAILED;
-    int slp_typ = s5_sleep_type(dsdt);
-    if (slp_typ < 0 || slp_typ > 7) {
-        gk_printf("guestkit: error: poweroff: the DSDT has no \\_S5 package\n");
-        return EXIT_FAILED;
+    time_init();
+
+    struct acpi_pm pm = { 0 };
+    uint16_t pm1_sts = 0;
+    if (pwrbtn) {
+        int status = acpi_pm_find("tick", true, &pm);
+        if (status != EXIT_OK)
+            return status;
+        pm1_sts = (uint16_t)pm.pm1a_evt;
+        uint16_t pm1_en = (uint16_t)(pm.pm1a_evt + pm.pm1_evt_len / 2);
+        outw(pm1_sts, PM1_PWRBTN);                      /* write 1 to clear; other bits 0: untouched */
+        outw(pm1_en, (uint16_t)(inw(pm1_en) | PM1_PWRBTN));
+        gk_printf("guestkit: tick pwrbtn armed PM1a_EVT=0x%x\n", pm.pm1a_evt);
     }
-    gk_printf("guestkit: poweroff: PM1a_CNT=0x%x SLP_TYP=%d\n", pm1a_cnt, slp_typ);
-    uint16_t cnt = inw((uint16_t)pm1a_cnt);
-    if (!(cnt & 1))
-        gk_printf("guestkit: poweroff: warning: SCI_EN is clear (the platform is not in ACPI mode)\n");
-    cnt = (uint16_t)((cnt & ~(7u << 10)) | ((unsigned)slp_typ << 10));
-    outw((uint16_t)pm1a_cnt, cnt);
-    outw((uint16_t)pm1a_cnt, (uint16_t)(cnt | (1u << 13)));
-    uint64_t deadline = deadline_after_s(1);
-    while (!deadline_passed(deadline))
-        __asm__ volatile("pause");
-    gk_printf("guestkit: error: poweroff: still running 1 s after SLP_EN\n");
-    return EXIT_FAILED;
+
+    uint64_t period_tsc = muldiv64(period, tsc_hz, 1000);
+    uint64_t poll_tsc = muldiv64(TICK_POLL_MS, tsc_hz, 1000);
+    uint64_t now = rdtsc();
+    uint64_t next_tick = now + period_tsc, next_poll = now;
+    uint64_t end = timeout ? deadline_after_s(timeout) : UINT64_MAX;
+    uint64_t ticks = 0;
+    for (;;) {
+        now = rdtsc();
+        if (pwrbtn && now >= next_poll) {
+            next_poll = now + poll_tsc;
+            if (inw(pm1_sts) & PM1_PWRBTN) {
+                outw(pm1_sts, PM1_PWRBTN);
+                gk_printf("guestkit: tick pwrbtn pressed after %lu ticks\n", ticks);
+                return acpi_enter_s5(&pm);
+            }
+        }
+        if (now >= next_tick) {
+            ticks++;
+            gk_printf("guestkit: tick %lu\n", ticks);
+            if (n && ticks == n) {
+                gk_printf("guestkit: tick done n=%lu\n", n);
+                return EXIT_OK;
+            }
+            /* the next tick a period after this one was due; after a gap of more than a period
+             * (the vCPU did not run), a period from now: missed ticks are not made up */
+            next_tick += period_tsc;
+            if (next_tick <= now)
+                next_tick = now + period_tsc;
+        }
+        if (now >= end) {
+            gk_printf("guestkit: error: tick: timeout after %lu s\n", timeout);
+            return EXIT_FAILED;
+        }
+        cpu_relax();
+    }
 }
