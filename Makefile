@@ -64,7 +64,8 @@ $(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm
 
 # Where /dev/kvm is missing or unusable, the VM runs inside the nested KVM host (tests/kvm-host),
 # which boots Debian's cloud kernel from `make linux` under QEMU's TCG.
-KVM_USABLE = [ -c /dev/kvm ] && { : <>/dev/kvm; } 2>/dev/null
+# A /dev/kvm served by kvm-pvm (a PVM guest kernel) counts as missing: Linux guests fail there.
+KVM_USABLE = [ -c /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && { : <>/dev/kvm; } 2>/dev/null
 RUN_VM = $(BUILD)/bin/vmctl run --kernel $(GUEST) --cmdline '$(RUN_CMDLINE)' --debug-exit
 
 run: all
