@@ -1,0 +1,256 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using Kvm.Rpc;
+using Kvm.Tests.Shared;
+using Kvm.Vmm.Control;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// kvm-vmm with its control and console sockets, as kvmd will drive it: the guest kit's `tick`
+/// workload prints a numbered line every 50 ms and powers off when the ACPI power button is
+/// pressed, so the console shows whether the VM runs, pauses and resumes, and `stop` shows whether
+/// the guest answered the power button or was forced.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public sealed partial class VmControlTests : IDisposable
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(60);
+    private readonly string _dir = Directory.CreateTempSubdirectory("kvm-control-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private string ControlPath => Path.Combine(_dir, "control.sock");
+    private string ConsolePath => Path.Combine(_dir, "console.sock");
+
+    private static void Require()
+    {
+        TestEnvironment.RequireKvm();
+        TestEnvironment.RequireGuestKit();
+        if (!File.Exists(TestEnvironment.KvmVmm) || !File.Exists(TestEnvironment.Vmctl))
+            throw new SkipException($"{TestEnvironment.KvmVmm} or {TestEnvironment.Vmctl} is missing (run 'make' first)");
+    }
+
+    /// <summary>Starts kvm-vmm on the tick workload with both sockets, a disk, and waits until it answers.</summary>
+    private LiveProcess StartVm(string cmdline)
+    {
+        string disk = Path.Combine(_dir, "disk.raw");
+        using (var f = File.Create(disk))
+            f.SetLength(8 << 20);
+        string spec = Path.Combine(_dir, "vm.json");
+        File.WriteAllText(spec, JsonSerializer.Serialize(new Dictionary<string, object>
+        {
+            ["kernel"] = TestEnvironment.GuestKit,
+            ["cmdline"] = cmdline,
+            ["debugExit"] = true,
+            ["cpus"] = 2,
+            ["disks"] = new[] { new Dictionary<string, object> { ["path"] = disk, ["serial"] = "d0" } },
+        }));
+        var vm = LiveProcess.Start(TestEnvironment.KvmVmm, ["--spec", spec, "--control", ControlPath, "--console", ConsolePath]);
+        Assert.True(SpinWait.SpinUntil(() => File.Exists(ControlPath) && File.Exists(ConsolePath) || vm.Process.HasExited, Timeout),
+            "kvm-vmm did not create its sockets");
+        Assert.False(vm.Process.HasExited, $"kvm-vmm exited early: {vm.Stderr.Result}");
+        return vm;
+    }
+
+    private RpcClient Control() => RpcClient.Connect(ControlPath, "kvm-vmm");
+
+    private static T Call<T>(RpcClient c, string method, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> info) =>
+        c.CallAsync(method, info).WaitAsync(Timeout).GetAwaiter().GetResult();
+
+    /// <summary>A console client that collects what the guest prints.</summary>
+    private sealed class ConsoleClient : IDisposable
+    {
+        private readonly Socket _socket = new(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        private readonly StringBuilder _text = new();
+        private readonly Task _reader;
+
+        public ConsoleClient(string path)
+        {
+            _socket.Connect(new UnixDomainSocketEndPoint(path));
+            _reader = Task.Run(() =>
+            {
+                var buf = new byte[4096];
+                try
+                {
+                    int n;
+                    while ((n = _socket.Receive(buf)) > 0)
+                        lock (_text)
+                            _text.Append(Encoding.UTF8.GetString(buf, 0, n));
+                }
+                catch (SocketException)
+                {
+                }
+                catch (ObjectDisposedException)
+                {
+                }
+            });
+        }
+
+        public string Text
+        {
+            get { lock (_text) return _text.ToString(); }
+        }
+
+        /// <summary>The highest tick number printed so far (0 before the first).</summary>
+        public int LastTick => TickLine().Matches(Text).Select(m => int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)).DefaultIfEmpty(0).Max();
+
+        public bool WaitForTick(int atLeast) => SpinWait.SpinUntil(() => LastTick >= atLeast, Timeout);
+
+        public bool WaitFor(string text) => SpinWait.SpinUntil(() => Text.Contains(text, StringComparison.Ordinal), Timeout);
+
+        public bool Closed(TimeSpan within) => _reader.Wait(within);
+
+        public void Dispose()
+        {
+            _socket.Dispose();
+            _reader.Wait(TimeSpan.FromSeconds(5));
+        }
+    }
+
+    [GeneratedRegex(@"guestkit: tick (\d+)\n")]
+    private static partial Regex TickLine();
+
+    [SkippableFact]
+    public void StatusPauseResumeStatsDevicesAndAStopTheGuestAnswers()
+    {
+        Require();
+        using var vm = StartVm("tick period=50");
+        using var control = Control();
+
+        using (var first = new ConsoleClient(ConsolePath))
+        {
+            Assert.True(first.WaitFor("guestkit: tick pwrbtn armed"), first.Text);
+            Assert.True(first.WaitForTick(3), first.Text);
+        }
+
+        var status = Call(control, "status", VmControlJson.Default.VmStatus);
+        Assert.Equal("running", status.State);
+        Assert.Equal(vm.Process.Id, status.Pid);
+        Assert.Equal([0, 1], status.Vcpus.Select(v => v.Id));
+        Assert.True(status.UptimeSeconds > 0);
+        Assert.True(status.Exits.GetValueOrDefault("io") > 0, JsonSerializer.Serialize(status.Exits));
+        Assert.Null(status.StopReason);
+
+        // A second client attaches after the first detached: the history, then live output.
+        using var console = new ConsoleClient(ConsolePath);
+        Assert.True(console.WaitFor("guestkit: tick 1\n"), console.Text);
+        int before = console.LastTick;
+        Assert.True(console.WaitForTick(before + 3), console.Text);
+
+        // Paused: no tick for a second (20 periods); resumed: they go on.
+        Assert.Equal("paused", Call(control, "pause", VmControlJson.Default.StateChange).State);
+        Assert.Equal("paused", Call(control, "status", VmControlJson.Default.VmStatus).State);
+        Thread.Sleep(300); // output already on its way when the vCPUs stopped
+        int atPause = console.LastTick;
+        Thread.Sleep(1000);
+        Assert.Equal(atPause, console.LastTick);
+        Assert.Equal("running", Call(control, "resume", VmControlJson.Default.StateChange).State);
+        Assert.True(console.WaitForTick(atPause + 3), console.Text);
+
+        var stats = Call(control, "stats", VmControlJson.Default.VmStats);
+        Assert.Equal(256UL << 20, stats.Memory.GuestBytes);
+        Assert.True(stats.Memory.ResidentBytes > 0);
+        var disk = Assert.Single(stats.Disks);
+        Assert.Equal("disk0", disk.Id);
+        Assert.EndsWith("disk.raw", disk.Image);
+        Assert.Equal(0, disk.Failed);
+
+        var devices = Call(control, "devices", VmControlJson.Default.VmDevices).Devices;
+        Assert.Contains(devices, d => d.Kind == "Serial16550" && d.Location == "port 0x3f8-0x3ff");
+        Assert.Contains(devices, d => d.Kind == "AcpiPmDevice");
+        Assert.Contains(devices, d => d.Id == "disk0" && d.Kind == "virtio-blk" && d.Location == "pci 00:01.0");
+
+        // The CLI shows the same VM.
+        var cli = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "status", ControlPath], Timeout);
+        Assert.True(cli.ExitCode == 0, cli.Stderr);
+        Assert.Contains("state: running", cli.Stdout, StringComparison.Ordinal);
+
+        // Stop: the power button, which the guest answers by powering off.
+        var stop = control.CallAsync("stop", new StopRequest(), VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult)
+            .WaitAsync(Timeout).GetAwaiter().GetResult();
+        Assert.Equal("guest", stop.Outcome);
+        Assert.Contains("power", stop.Reason, StringComparison.OrdinalIgnoreCase);
+        Assert.True(console.WaitFor("guestkit: tick pwrbtn pressed"), console.Text);
+        Assert.True(vm.WaitForExit(Timeout));
+        Assert.Equal(0, vm.Process.ExitCode);
+        Assert.True(console.Closed(TimeSpan.FromSeconds(10)), "the console socket stayed open after the VM stopped");
+        Assert.False(File.Exists(ControlPath), "the control socket file outlived the VM");
+        Assert.False(File.Exists(ConsolePath), "the console socket file outlived the VM");
+    }
+
+    [SkippableFact]
+    public void AGuestThatIgnoresThePowerButtonIsForcedAfterTheTimeoutAndAPausedOneOnlyByForce()
+    {
+        Require();
+        using var vm = StartVm("tick period=50 pwrbtn=0");
+        using var control = Control();
+        using var console = new ConsoleClient(ConsolePath);
+        Assert.True(console.WaitForTick(2), console.Text);
+
+        // Paused, the guest cannot answer the power button: refused unless forced.
+        Call(control, "pause", VmControlJson.Default.StateChange);
+        var refused = Assert.Throws<RpcException>(() => control.CallAsync("stop", new StopRequest(), VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult)
+            .WaitAsync(Timeout).GetAwaiter().GetResult());
+        Assert.Equal(RpcErrorCode.InvalidState, refused.Code);
+        Assert.Contains("paused", refused.Message, StringComparison.Ordinal);
+        Call(control, "resume", VmControlJson.Default.StateChange);
+
+        var sw = Stopwatch.StartNew();
+        var stop = control.CallAsync("stop", new StopRequest(Force: false, TimeoutSeconds: 1), VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult)
+            .WaitAsync(Timeout).GetAwaiter().GetResult();
+        Assert.Equal("forced", stop.Outcome);
+        Assert.Contains("did not power off within 1 s", stop.Reason, StringComparison.Ordinal);
+        Assert.True(stop.Seconds >= 1, $"forced after {stop.Seconds} s");
+        Assert.True(vm.WaitForExit(Timeout));
+        Assert.Equal(0, vm.Process.ExitCode);
+        Assert.DoesNotContain("pwrbtn pressed", console.Text, StringComparison.Ordinal);
+    }
+
+    [SkippableFact]
+    public void ForcedStopThroughTheCliAndBadRequestsGetErrorsWhileTheVmRuns()
+    {
+        Require();
+        using var vm = StartVm("tick period=50");
+        using var console = new ConsoleClient(ConsolePath);
+        Assert.True(console.WaitForTick(2), console.Text);
+
+        using (var raw = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            raw.Connect(new UnixDomainSocketEndPoint(ControlPath));
+            using var stream = new NetworkStream(raw);
+            using var reader = new StreamReader(stream);
+            foreach (var (line, code) in new[]
+                     {
+                         ("{not json", RpcErrorCode.ParseError),
+                         ("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"reboot\"}", RpcErrorCode.MethodNotFound),
+                         ("{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"stop\",\"params\":{\"force\":\"yes\"}}", RpcErrorCode.InvalidParams),
+                         ("{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"stop\",\"params\":{\"timeoutSeconds\":-1}}", RpcErrorCode.InvalidParams),
+                     })
+            {
+                stream.Write(Encoding.UTF8.GetBytes(line + "\n"));
+                string? reply = reader.ReadLine();
+                Assert.NotNull(reply);
+                using var doc = JsonDocument.Parse(reply);
+                Assert.Equal(code, doc.RootElement.GetProperty("error").GetProperty("code").GetInt32());
+            }
+        }
+        int before = console.LastTick;
+        Assert.True(console.WaitForTick(before + 2), "the VM stopped running after bad requests: " + console.Text);
+
+        var stop = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "stop", "--force", ControlPath], Timeout);
+        Assert.True(stop.ExitCode == 0, stop.Stderr);
+        Assert.StartsWith("forced: ", stop.Stdout, StringComparison.Ordinal);
+        Assert.True(vm.WaitForExit(Timeout));
+        Assert.Equal(0, vm.Process.ExitCode);
+        Assert.DoesNotContain("pwrbtn pressed", console.Text, StringComparison.Ordinal);
+
+        // Nothing listens any more: the CLI says so in one line.
+        var gone = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "status", ControlPath], Timeout);
+        Assert.Equal(1, gone.ExitCode);
+        Assert.Contains("cannot connect", gone.Stderr, StringComparison.Ordinal);
+    }
+}
