@@ -84,8 +84,9 @@ public sealed record NotesResult(IReadOnlyList<string> Notes);
 
 public sealed record PeerResult(int Pid, uint Uid, uint Gid);
 
+// As a method declares its types: unknown members refused, null where the type says not null refused.
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase,
-    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow)]
+    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow, RespectNullableAnnotations = true)]
 [JsonSerializable(typeof(AddParams))]
 [JsonSerializable(typeof(SumResult))]
 [JsonSerializable(typeof(EchoParams))]
