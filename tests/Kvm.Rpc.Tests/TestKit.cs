@@ -70,7 +70,9 @@ public sealed record SumResult(long Sum);
 public sealed record EchoParams
 {
     public required string Text { get; init; }
-    public int Repeat { get; init; } = 1;
+    // Not "int Repeat = 1": the source generator sets every init-only property in one object
+    // initializer, so an absent one becomes 0, not the declared default.
+    public int? Repeat { get; init; }
 }
 
 public sealed record EchoResult(string Text);
@@ -123,7 +125,7 @@ public sealed class TestServer : IAsyncDisposable
         Dispatcher.Add("add", TestJson.Default.AddParams, TestJson.Default.SumResult,
             (p, _, _) => ValueTask.FromResult(new SumResult((long)p.A + p.B)));
         Dispatcher.Add("echo", TestJson.Default.EchoParams, TestJson.Default.EchoResult,
-            (p, _, _) => ValueTask.FromResult(new EchoResult(string.Concat(Enumerable.Repeat(p.Text, Math.Clamp(p.Repeat, 0, 1000))))));
+            (p, _, _) => ValueTask.FromResult(new EchoResult(string.Concat(Enumerable.Repeat(p.Text, Math.Clamp(p.Repeat ?? 1, 0, 1000))))));
         Dispatcher.Add("note", TestJson.Default.NoteParams, RpcJsonContext.Default.Done, (p, _, _) =>
         {
             _notes.Enqueue(p.Text);
