@@ -41,8 +41,10 @@ public static class TestPeer
     {
         string source = Path.GetDirectoryName(Find())!;
         string target = Path.Combine(into.Path, "peer");
-        CopyTree(source, target);
         string home = Path.Combine(into.Path, "home");
+        if (Directory.Exists(target))
+            return (Path.Combine(target, "RpcTestPeer.dll"), home);
+        CopyTree(source, target);
         Directory.CreateDirectory(home);
         File.SetUnixFileMode(home, (UnixFileMode)Convert.ToInt32("777", 8));
         return (Path.Combine(target, "RpcTestPeer.dll"), home);
