@@ -113,6 +113,7 @@ public sealed class DispatcherTests : IAsyncLifetime
         { "a lone continuation byte in jsonrpc", "{\"jsonrpc\":\"2.0\\x80\",\"id\":9,\"method\":\"notes\"}", [RpcErrorCode.ParseError, RpcErrorCode.InvalidRequest] },
         { "a lone surrogate escape in the method", "{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"\\ud800\"}", [RpcErrorCode.ParseError, RpcErrorCode.InvalidRequest, RpcErrorCode.MethodNotFound] },
         { "a lone surrogate escape in a param", "{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"echo\",\"params\":{\"text\":\"\\udc00\"}}", [RpcErrorCode.ParseError, RpcErrorCode.InvalidParams] },
+        { "invalid UTF-8 in a string id", "{\"jsonrpc\":\"2.0\",\"id\":\"x\\xc0\\x80\",\"method\":\"notes\"}", [RpcErrorCode.ParseError, RpcErrorCode.InvalidRequest] },
         { "a NUL byte in a string", "{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"no\\x00tes\"}", [RpcErrorCode.ParseError] },
         { "a truncated UTF-8 sequence at the end", "{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"notes\"}\\xe2\\x82", [RpcErrorCode.ParseError] },
     };
