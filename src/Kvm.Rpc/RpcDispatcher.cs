@@ -113,7 +113,15 @@ public sealed partial class RpcDispatcher(ILogger logger)
             {
                 if (idElement.ValueKind is not (JsonValueKind.Number or JsonValueKind.String or JsonValueKind.Null))
                     return ErrorResponse(null, new RpcException(RpcErrorCode.InvalidRequest, $"invalid request: id must be a number, a string or null, not {Describe(idElement)}"));
-                id = idElement.GetRawText();
+                try
+                {
+                    id = idElement.GetRawText();
+                }
+                catch (InvalidOperationException)
+                {
+                    // A string id that is not valid UTF-8: it cannot be echoed, so it is not one.
+                    return ErrorResponse(null, new RpcException(RpcErrorCode.InvalidRequest, "invalid request: id is not valid UTF-8 text"));
+                }
             }
             if (!root.TryGetProperty("jsonrpc", out var version) || version.ValueKind != JsonValueKind.String || !version.ValueEquals("2.0"u8))
                 return ErrorResponse(id ?? "null", new RpcException(RpcErrorCode.InvalidRequest, "invalid request: \"jsonrpc\" must be \"2.0\""));
