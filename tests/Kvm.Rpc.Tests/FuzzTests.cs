@@ -18,7 +18,7 @@ public sealed class FuzzTests
 {
     private const int Limit = 16 << 10;
     private static readonly TimeSpan Budget = TimeSpan.FromSeconds(16);
-    private const int MaxLinesPerConnection = 6000;
+    private const int MaxLinesPerConnection = 10000;
     private static readonly TimeSpan AnswerTimeout = TimeSpan.FromSeconds(10);
 
     private static readonly string[] Corpus =
