@@ -43,7 +43,7 @@ public readonly record struct PeerCredentials(int Pid, uint Uid, uint Gid)
             {
                 if (!line.StartsWith("Groups:", StringComparison.Ordinal))
                     continue;
-                foreach (var g in line["Groups:".Length..].Split(' ', '\t', StringSplitOptions.RemoveEmptyEntries))
+                foreach (var g in line["Groups:".Length..].Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries))
                 {
                     if (uint.TryParse(g, NumberStyles.None, CultureInfo.InvariantCulture, out uint v) && v == gid)
                         return true;

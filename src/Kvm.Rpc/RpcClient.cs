@@ -67,12 +67,25 @@ public sealed class RpcClient : IDisposable
                 JsonSerializer.Serialize(w, parameters, paramsInfo);
                 w.WriteEndObject();
             }
+            // A server that refuses the connection (credentials, too many connections) sends its
+            // reason and closes without reading: the request may then fail to be written (EPIPE),
+            // but the reason is waiting to be read, and it says more than "the connection broke".
+            IOException? writeFailure = null;
             try
             {
                 await _channel.WriteLineAsync(request.WrittenMemory, cancel).ConfigureAwait(false);
+            }
+            catch (IOException e)
+            {
+                writeFailure = e;
+            }
+            try
+            {
                 while (true)
                 {
                     var (status, line) = await _channel.ReadLineAsync(cancel).ConfigureAwait(false);
+                    if (status != LineStatus.Line && writeFailure is not null)
+                        throw new IOException(writeFailure.Message, writeFailure);
                     if (status != LineStatus.Line)
                         throw new RpcException(RpcErrorCode.OperationFailed, status == LineStatus.EndOfStream
                             ? $"{method}: the server at {SocketPath} closed the connection without answering"
@@ -83,7 +96,7 @@ public sealed class RpcClient : IDisposable
             }
             catch (IOException e)
             {
-                throw new RpcException(RpcErrorCode.OperationFailed, $"{method}: the connection to {SocketPath} broke", inner: e);
+                throw new RpcException(RpcErrorCode.OperationFailed, $"{method}: the connection to {SocketPath} broke", inner: writeFailure ?? e);
             }
         }
         finally

@@ -113,13 +113,31 @@ public sealed partial class RpcDispatcher(ILogger logger)
             {
                 if (idElement.ValueKind is not (JsonValueKind.Number or JsonValueKind.String or JsonValueKind.Null))
                     return ErrorResponse(null, new RpcException(RpcErrorCode.InvalidRequest, $"invalid request: id must be a number, a string or null, not {Describe(idElement)}"));
-                id = idElement.GetRawText();
+                try
+                {
+                    id = idElement.GetRawText();
+                }
+                catch (InvalidOperationException)
+                {
+                    // A string id that is not valid UTF-8: it cannot be echoed, so it is not one.
+                    return ErrorResponse(null, new RpcException(RpcErrorCode.InvalidRequest, "invalid request: id is not valid UTF-8 text"));
+                }
             }
-            if (!root.TryGetProperty("jsonrpc", out var version) || version.ValueKind != JsonValueKind.String || version.GetString() != "2.0")
+            if (!root.TryGetProperty("jsonrpc", out var version) || version.ValueKind != JsonValueKind.String || !version.ValueEquals("2.0"u8))
                 return ErrorResponse(id ?? "null", new RpcException(RpcErrorCode.InvalidRequest, "invalid request: \"jsonrpc\" must be \"2.0\""));
             if (!root.TryGetProperty("method", out var methodElement) || methodElement.ValueKind != JsonValueKind.String)
                 return ErrorResponse(id ?? "null", new RpcException(RpcErrorCode.InvalidRequest, "invalid request: \"method\" must be a string"));
-            string method = methodElement.GetString()!;
+            // GetString throws on text that is not valid UTF-8 (or escapes a lone surrogate); that
+            // must be an answer, not an exception that ends the connection.
+            string method;
+            try
+            {
+                method = methodElement.GetString()!;
+            }
+            catch (InvalidOperationException)
+            {
+                return ErrorResponse(id ?? "null", new RpcException(RpcErrorCode.InvalidRequest, "invalid request: \"method\" is not valid UTF-8 text"));
+            }
             JsonElement? parameters = root.TryGetProperty("params", out var p) ? p : null;
 
             if (!_methods.TryGetValue(method, out var handler))

@@ -80,6 +80,10 @@ public sealed partial class RpcServer : IAsyncDisposable
             return;
         if ((File.GetAttributes(path) & FileAttributes.Directory) != 0)
             throw new IOException($"socket path {path} is a directory");
+        // Only a socket may be replaced: a regular file (a disk image, a log) that a wrong path
+        // names does not answer a connect either, and deleting it would lose it.
+        if (Libc.IsSocket(path) == false)
+            throw new IOException($"socket path {path} exists and is not a socket; not replacing it");
         using (var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
         {
             try

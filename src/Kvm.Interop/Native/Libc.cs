@@ -66,6 +66,25 @@ public static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "getgrnam", StringMarshalling = StringMarshalling.Utf8)]
     private static partial IntPtr GetGrNam(string name);
 
+    [LibraryImport(Lib, EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Statx(int dirfd, string path, int flags, uint mask, byte* statxbuf);
+
+    /// <summary>
+    /// Whether <paramref name="path"/> itself (a final symlink not followed) is a unix socket; null
+    /// when it cannot be examined. statx(2): struct statx is 256 bytes on every architecture, its
+    /// __u16 stx_mode at offset 28; STATX_TYPE asks for the file type only.
+    /// </summary>
+    public static bool? IsSocket(string path)
+    {
+        const int AtFdCwd = -100, AtSymlinkNoFollow = 0x100;
+        const uint StatxType = 0x1;
+        byte* buf = stackalloc byte[256];
+        if (Statx(AtFdCwd, path, AtSymlinkNoFollow, StatxType, buf) != 0)
+            return null;
+        ushort mode = *(ushort*)(buf + 28);
+        return (mode & 0xF000) == 0xC000; // S_IFMT, S_IFSOCK
+    }
+
     /// <summary>
     /// The id of a group by name (through NSS, as getgrnam(3) finds it), or null. struct group on
     /// x86-64 glibc: char *gr_name, char *gr_passwd, gid_t gr_gid, char **gr_mem.
