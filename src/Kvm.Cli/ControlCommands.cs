@@ -195,8 +195,9 @@ public static class ControlCommands
                 stdout.Flush();
             }
         }
-        catch (SocketException)
+        catch (Exception e) when (e is SocketException or IOException)
         {
+            // The VM's console went away, or our standard output was closed (a pipe whose reader left).
         }
         finally
         {

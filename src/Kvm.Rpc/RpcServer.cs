@@ -74,7 +74,11 @@ public sealed partial class RpcServer : IAsyncDisposable
     /// <summary>Connections open now.</summary>
     public int OpenConnections => Volatile.Read(ref _open);
 
-    private static void RemoveStaleSocket(string path)
+    /// <summary>
+    /// Makes way for a new socket at <paramref name="path"/>: a socket nobody answers on (left by
+    /// a server that died) is removed; a live one, a directory or any other file is refused.
+    /// </summary>
+    public static void RemoveStaleSocket(string path)
     {
         if (!File.Exists(path) && !Directory.Exists(path))
             return;

@@ -48,8 +48,7 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         _input = input;
         _logger = logger;
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-        if (File.Exists(path))
-            File.Delete(path);
+        RpcServer.RemoveStaleSocket(path);
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {

@@ -137,7 +137,9 @@ public sealed class VmControl(VirtualMachine vm)
         var list = new List<DeviceInfo>();
         foreach (var e in vm.PortIo.Entries)
         {
-            string kind = e.Device.GetType().Name;
+            // A device with several port ranges registers nested types (the i8042's data and command ports).
+            var type = e.Device.GetType();
+            string kind = type.DeclaringType is { } owner ? $"{owner.Name}.{type.Name}" : type.Name;
             list.Add(new DeviceInfo(
                 $"{kind.ToLowerInvariant()}@0x{e.Base:x}",
                 kind,

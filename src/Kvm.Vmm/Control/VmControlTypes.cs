@@ -37,7 +37,7 @@ public sealed record DeviceInfo(string Id, string Kind, string Location, string?
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
     DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
-    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow)]
+    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow, RespectNullableAnnotations = true)]
 [JsonSerializable(typeof(VmStatus))]
 [JsonSerializable(typeof(StopRequest))]
 [JsonSerializable(typeof(StopResult))]
