@@ -254,4 +254,129 @@ public sealed partial class VmControlTests : IDisposable
         Assert.Equal(1, gone.ExitCode);
         Assert.Contains("cannot connect", gone.Stderr, StringComparison.Ordinal);
     }
+
+    private static readonly string[] FuzzCorpus =
+    [
+        """{"jsonrpc":"2.0","id":1,"method":"status"}""",
+        """{"jsonrpc":"2.0","id":"s","method":"stats","params":{}}""",
+        """{"jsonrpc":"2.0","id":2,"method":"devices","params":null}""",
+        """{"jsonrpc":"2.0","id":3,"method":"pause"}""",
+        """{"jsonrpc":"2.0","id":4,"method":"resume"}""",
+        """{"jsonrpc":"2.0","method":"status"}""",
+        """{"jsonrpc":"2.0","id":5,"method":"status","params":[1]}""",
+    ];
+
+    // A mutated or random line (never a newline inside, never a valid "stop").
+    private static byte[] FuzzLine(Random r)
+    {
+        byte[] valid = Encoding.UTF8.GetBytes(FuzzCorpus[r.Next(FuzzCorpus.Length)]);
+        byte[] line = r.Next(9) switch
+        {
+            0 => valid,
+            1 or 2 => Flip(valid, r),
+            3 => valid[..r.Next(valid.Length)],
+            4 => Encoding.ASCII.GetBytes(string.Concat(Enumerable.Repeat("[", r.Next(60, 3000))) + string.Concat(Enumerable.Repeat("]", r.Next(0, 3000)))),
+            5 => [.. valid[..(valid.Length / 2)], 0xff, 0xc0, 0x80, .. valid[(valid.Length / 2)..]],
+            6 => Encoding.ASCII.GetBytes($$"""{"jsonrpc":"2.0","id":{{new string('9', r.Next(1, 5000))}},"method":"status"}"""),
+            7 => Random(r),
+            _ => Encoding.ASCII.GetBytes($$$"""{"jsonrpc":"2.0","id":6,"method":"stats","params":{"x":"{{{new string('z', r.Next(20) == 0 ? 1_200_000 : r.Next(1000, 40000))}}}"}}"""), // now and then over the 1 MiB limit
+        };
+        for (int i = 0; i < line.Length; i++)
+            if (line[i] == (byte)'\n')
+                line[i] = (byte)' ';
+        return line;
+
+        static byte[] Flip(byte[] b, Random r)
+        {
+            var c = (byte[])b.Clone();
+            for (int n = r.Next(1, 4); n > 0; n--)
+                c[r.Next(c.Length)] = (byte)r.Next(256);
+            return c;
+        }
+
+        static byte[] Random(Random r)
+        {
+            var b = new byte[r.Next(1, 300)];
+            r.NextBytes(b);
+            return b;
+        }
+    }
+
+    [SkippableFact]
+    public void SeededFuzzOfTheControlSocketNeitherStopsNorHangsTheVmmAndItsMemoryStaysBounded()
+    {
+        Require();
+        using var vm = StartVm("tick period=50");
+        using var console = new ConsoleClient(ConsolePath);
+        Assert.True(console.WaitForTick(2), console.Text);
+        long rssBefore;
+        using (var c = Control())
+            rssBefore = Call(c, "stats", VmControlJson.Default.VmStats).Memory.ResidentBytes;
+
+        var random = new Random(20261202);
+        int lines = 0, answers = 0, reconnects = 0;
+        var budget = Stopwatch.StartNew();
+        Socket? sock = null;
+        StreamReader? reader = null;
+        try
+        {
+            while (budget.Elapsed < TimeSpan.FromSeconds(20) && lines < 3000)
+            {
+                if (sock is null)
+                {
+                    sock = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                    sock.Connect(new UnixDomainSocketEndPoint(ControlPath));
+                    sock.ReceiveTimeout = 10000;
+                    reader = new StreamReader(new NetworkStream(sock), Encoding.UTF8);
+                }
+                // Every fuzzed line is followed by a status request that must be answered: the
+                // server read the line, answered it (or not, for a notification), and goes on.
+                byte[] line = FuzzLine(random);
+                byte[] sentinel = Encoding.ASCII.GetBytes($$"""{"jsonrpc":"2.0","id":"sentinel-{{lines}}","method":"status"}""" + "\n");
+                try
+                {
+                    sock.Send([.. line, (byte)'\n', .. sentinel]);
+                    while (true)
+                    {
+                        string? reply = reader!.ReadLine();
+                        Assert.True(reply is not null, $"the control socket closed after line {lines}: {Encoding.UTF8.GetString(line[..Math.Min(200, line.Length)])}");
+                        using var doc = JsonDocument.Parse(reply);
+                        Assert.Equal("2.0", doc.RootElement.GetProperty("jsonrpc").GetString());
+                        answers++;
+                        if (doc.RootElement.TryGetProperty("id", out var id) && id.ValueKind == JsonValueKind.String && id.GetString() == $"sentinel-{lines}")
+                            break;
+                        if (doc.RootElement.TryGetProperty("error", out var e) && e.GetProperty("code").GetInt32() == RpcErrorCode.MessageTooLarge)
+                            throw new IOException("closed after an oversized line, as it should be");
+                    }
+                }
+                catch (Exception e) when (e is IOException or SocketException && line.Length > 1 << 20)
+                {
+                    // Only an oversized line may cost the connection (the server answers -32003 and
+                    // closes it, possibly while the rest of the line is still being sent).
+                    Assert.True(line.Length > 1 << 20, $"the connection broke after a line of {line.Length} bytes: {e.Message}");
+                    reader!.Dispose();
+                    sock.Dispose();
+                    sock = null;
+                    reconnects++;
+                }
+                lines++;
+            }
+        }
+        finally
+        {
+            reader?.Dispose();
+            sock?.Dispose();
+        }
+        Assert.True(lines >= 500, $"only {lines} lines in {budget.Elapsed}");
+        Assert.True(reconnects > 0, "no oversized line was sent: the limit went untested");
+
+        using var control = Control();
+        Call(control, "resume", VmControlJson.Default.StateChange); // a fuzzed "pause" may have been the last word
+        Assert.Equal("running", Call(control, "status", VmControlJson.Default.VmStatus).State);
+        int tick = console.LastTick;
+        Assert.True(console.WaitForTick(tick + 2), "the guest stopped running after the fuzz: " + console.Text[^Math.Min(300, console.Text.Length)..]);
+        long rssAfter = Call(control, "stats", VmControlJson.Default.VmStats).Memory.ResidentBytes;
+        Assert.True(rssAfter - rssBefore < 64L << 20, $"kvm-vmm's resident memory grew from {rssBefore >> 20} to {rssAfter >> 20} MiB over {lines} lines ({answers} answers, {reconnects} reconnects)");
+        Assert.False(vm.Process.HasExited);
+    }
 }
