@@ -50,21 +50,38 @@ public sealed partial class RpcServer : IAsyncDisposable
         _options = options;
         _dispatcher = dispatcher;
         _logger = logger;
-        string path = options.SocketPath;
-        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-        RemoveStaleSocket(path);
-        _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        _listener = Listen(options.SocketPath, options.SocketMode, options.Access, 128);
+    }
+
+    /// <summary>
+    /// A listening unix socket at <paramref name="path"/> that accepts from the moment its file
+    /// exists: it is bound under a temporary name in the same folder, given its mode and group,
+    /// set listening, and only then renamed into place (a client that sees the file never gets
+    /// "connection refused"). A stale socket there is replaced; anything else is refused.
+    /// </summary>
+    public static Socket Listen(string path, UnixFileMode mode, RpcAccessPolicy access, int backlog)
+    {
+        string full = Path.GetFullPath(path);
+        string dir = Path.GetDirectoryName(full)!;
+        Directory.CreateDirectory(dir);
+        RemoveStaleSocket(full);
+        // Short, so that it fits in sun_path (108 bytes) wherever the final name does.
+        string temporary = Path.Combine(dir, $".s{Guid.NewGuid():N}"[..10]);
+        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
-            _listener.Bind(new UnixDomainSocketEndPoint(path));
-            File.SetUnixFileMode(path, options.SocketMode);
-            if (options.Access.GroupId is { } gid && Libc.Chown(path, uint.MaxValue, gid) != 0)
-                throw new IOException($"cannot give socket {path} to group '{options.Access.GroupName}': {Marshal.GetLastPInvokeErrorMessage()}");
-            _listener.Listen(128);
+            socket.Bind(new UnixDomainSocketEndPoint(temporary));
+            File.SetUnixFileMode(temporary, mode);
+            if (access.GroupId is { } gid && Libc.Chown(temporary, uint.MaxValue, gid) != 0)
+                throw new IOException($"cannot give socket {path} to group '{access.GroupName}': {Marshal.GetLastPInvokeErrorMessage()}");
+            socket.Listen(backlog);
+            File.Move(temporary, full, overwrite: false);
+            return socket;
         }
         catch
         {
-            _listener.Dispose();
+            socket.Dispose();
+            File.Delete(temporary);
             throw;
         }
     }

@@ -47,22 +47,7 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         _access = access;
         _input = input;
         _logger = logger;
-        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-        RpcServer.RemoveStaleSocket(path);
-        _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        try
-        {
-            _listener.Bind(new UnixDomainSocketEndPoint(path));
-            File.SetUnixFileMode(path, mode);
-            if (access.GroupId is { } gid)
-                Kvm.Interop.Native.Libc.Chown(path, uint.MaxValue, gid);
-            _listener.Listen(16);
-        }
-        catch
-        {
-            _listener.Dispose();
-            throw;
-        }
+        _listener = RpcServer.Listen(path, mode, access, 16);
     }
 
     public string SocketPath => _path;
