@@ -6,7 +6,7 @@ using System.Text.Json.Serialization.Metadata;
 using Kvm.Interop.Handles;
 using Kvm.Interop.Native;
 using Kvm.Rpc;
-using Kvm.Vmm.Control;
+using Kvm.Control;
 
 namespace Kvm.Cli;
 

@@ -171,12 +171,12 @@ public static class VmctlCommands
                 Console.Error.WriteLine($"{Program}: {e.Message}");
                 return ExitUsage;
             }
-            var host = new Kvm.Vmm.Control.VmHostOptions
+            var host = new Kvm.Control.VmHostOptions
             {
                 ControlSocket = parse.GetValue(control),
                 ConsoleSocket = parse.GetValue(consoleSocket),
             };
-            return ForegroundRun.Execute(spec, Program, host, new StderrLogger(Program));
+            return Kvm.Control.VmHost.Execute(spec, Program, host, new StderrLogger(Program));
         });
         return run;
     }

@@ -1,5 +1,5 @@
 using Kvm.Rpc;
-using Kvm.Vmm.Control;
+using Kvm.Control;
 using Kvm.Vmm.Machine;
 
 // kvm-vmm --spec FILE|- [--control SOCKET] [--console SOCKET] [--group NAME]
@@ -82,4 +82,4 @@ catch (Exception e) when (e is IOException or UnauthorizedAccessException or Arg
     Console.Error.WriteLine($"{program}: {ForegroundRun.Describe(e)}");
     return 2;
 }
-return ForegroundRun.Execute(spec, program, host, new StderrLogger(program));
+return VmHost.Execute(spec, program, host, new StderrLogger(program));

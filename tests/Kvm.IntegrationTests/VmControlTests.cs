@@ -5,7 +5,7 @@ using System.Text.Json;
 using System.Text.RegularExpressions;
 using Kvm.Rpc;
 using Kvm.Tests.Shared;
-using Kvm.Vmm.Control;
+using Kvm.Control;
 
 namespace Kvm.IntegrationTests;
 

@@ -18,13 +18,14 @@ public static class ForegroundRun
     public const int ExitTerminated = 143;
 
     public static int Execute(VmSpec spec, string program, ILogger? logger = null) =>
-        Execute(spec, program, new Control.VmHostOptions(), logger);
+        Execute(spec, program, runner: null, logger);
 
     /// <summary>
-    /// Runs the VM with, as <paramref name="host"/> asks, a control socket (status, pause, resume,
-    /// stop, stats, devices) and a console socket instead of this terminal.
+    /// Runs the VM through <paramref name="runner"/> (for example with control and console sockets,
+    /// which a layer above this one provides) or, when null, with its console on this terminal;
+    /// either way Ctrl-C and SIGTERM stop it and the way it ended becomes the exit status.
     /// </summary>
-    public static int Execute(VmSpec spec, string program, Control.VmHostOptions host, ILogger? logger = null)
+    public static int Execute(VmSpec spec, string program, Func<VmSpec, CancellationToken, VmStopReason>? runner, ILogger? logger = null)
     {
         using var cancel = new CancellationTokenSource();
         int signalExit = 0;
@@ -41,7 +42,7 @@ public static class ForegroundRun
         try
         {
             VmStopReason reason;
-            if (host.ConsoleSocket is null && host.ControlSocket is null)
+            if (runner is null)
             {
                 using var console = ForegroundConsole.Attach();
                 using var vm = VirtualMachine.Create(spec, console.Write, logger: logger);
@@ -50,7 +51,7 @@ public static class ForegroundRun
             }
             else
             {
-                reason = Control.VmHost.Run(spec, host, logger ?? Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance, cancel.Token);
+                reason = runner(spec, cancel.Token);
             }
             return Report(reason, program, signalExit);
         }

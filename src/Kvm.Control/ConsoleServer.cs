@@ -4,7 +4,7 @@ using System.Threading.Channels;
 using Kvm.Rpc;
 using Microsoft.Extensions.Logging;
 
-namespace Kvm.Vmm.Control;
+namespace Kvm.Control;
 
 /// <summary>
 /// A VM's serial console on a unix stream socket: raw bytes both ways, for any number of clients

@@ -3,7 +3,7 @@ using Kvm.Vmm.Exits;
 using Kvm.Vmm.Machine;
 using Microsoft.Extensions.Logging;
 
-namespace Kvm.Vmm.Control;
+namespace Kvm.Control;
 
 /// <summary>How kvm-vmm (or vmctl run) exposes a VM: a control socket, a console socket, and who may use them.</summary>
 public sealed record VmHostOptions
@@ -24,6 +24,15 @@ public sealed record VmHostOptions
 /// <summary>Runs a VM with its control and console sockets until it stops.</summary>
 public static class VmHost
 {
+    /// <summary>
+    /// Runs the VM in the foreground as <see cref="ForegroundRun"/> does (signals, exit status),
+    /// with the sockets <paramref name="options"/> asks for; with none, exactly as ForegroundRun.
+    /// </summary>
+    public static int Execute(VmSpec spec, string program, VmHostOptions options, ILogger logger) =>
+        options.ControlSocket is null && options.ConsoleSocket is null
+            ? ForegroundRun.Execute(spec, program, logger)
+            : ForegroundRun.Execute(spec, program, (s, cancel) => Run(s, options, logger, cancel), logger);
+
     public static VmStopReason Run(VmSpec spec, VmHostOptions options, ILogger logger, CancellationToken cancel)
     {
         Kvm.Devices.Legacy.Serial.Serial16550? serial = null;

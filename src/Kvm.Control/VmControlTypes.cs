@@ -1,6 +1,6 @@
 using System.Text.Json.Serialization;
 
-namespace Kvm.Vmm.Control;
+namespace Kvm.Control;
 
 /// <summary>The reply to <c>status</c>: the VM's run state, each vCPU's, how long it has run, exits by reason.</summary>
 /// <param name="State">running, paused, stopping or stopped.</param>

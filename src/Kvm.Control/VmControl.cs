@@ -5,7 +5,7 @@ using Kvm.Rpc;
 using Kvm.Vmm.Exits;
 using Kvm.Vmm.Machine;
 
-namespace Kvm.Vmm.Control;
+namespace Kvm.Control;
 
 /// <summary>
 /// The operations of a running VM that kvm-vmm's control socket offers: status, pause, resume,
