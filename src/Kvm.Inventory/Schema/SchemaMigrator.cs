@@ -54,7 +54,7 @@ public static partial class SchemaMigrator
             )
             """, transaction: tx).ConfigureAwait(false);
         var applied = (await conn.QueryAsync<AppliedMigration>(
-            "select version, name, applied_at from schema_migrations order by version", transaction: tx).ConfigureAwait(false)).AsList();
+            "select version, name, applied_at from schema_migrations order by version", transaction: tx).ConfigureAwait(false)).ToList();
 
         var current = applied.Count == 0 ? 0 : applied[^1].Version;
         if (current > latest)
@@ -94,7 +94,7 @@ public static partial class SchemaMigrator
         await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
         if (await conn.ExecuteScalarAsync<string?>("select to_regclass('schema_migrations')::text").ConfigureAwait(false) is null)
             return [];
-        return (await conn.QueryAsync<AppliedMigration>("select version, name, applied_at from schema_migrations order by version").ConfigureAwait(false)).AsList();
+        return (await conn.QueryAsync<AppliedMigration>("select version, name, applied_at from schema_migrations order by version").ConfigureAwait(false)).ToList();
     }
 
     private static void Validate(IReadOnlyList<Migration> migrations)
