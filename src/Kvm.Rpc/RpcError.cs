@@ -24,6 +24,9 @@ public static class RpcErrorCode
 
     /// <summary>The object is not in a state that allows the operation (pause a stopped VM).</summary>
     public const int InvalidState = -32005;
+
+    /// <summary>An object with that name (a VM, a host) already exists.</summary>
+    public const int AlreadyExists = -32006;
 }
 
 /// <summary>

@@ -1,0 +1,117 @@
+using Dapper;
+using Kvm.Rpc;
+using Npgsql;
+
+namespace Kvm.Inventory.Repositories;
+
+/// <summary>
+/// The VMs of the inventory, by name. Each change records its event in the same statement, so
+/// the events never miss a change nor tell of one that did not happen.
+/// </summary>
+public sealed class VmRepository(NpgsqlDataSource db)
+{
+    private const string Columns = "id, name, spec::text as spec, desired_state, actual_state, owner_host, created_at, updated_at";
+
+    /// <summary>
+    /// Creates VM <paramref name="name"/> with <paramref name="spec"/> (a JSON object), desired and
+    /// actual state 'stopped'. A name already taken is an AlreadyExists error naming it.
+    /// </summary>
+    public Task<VmRow> CreateAsync(string name, string spec, Guid? ownerHost = null, CancellationToken ct = default) =>
+        DbErrors.Run($"create VM '{name}'", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var row = await conn.QuerySingleAsync<VmRecord>($"""
+                with v as (
+                    insert into vms (name, spec, owner_host) values (@name, @spec::jsonb, @ownerHost)
+                    returning *),
+                e as (
+                    insert into events (kind, subject, host, data)
+                    select 'vm.created', 'vm/' || v.name, v.owner_host, jsonb_build_object('id', v.id) from v)
+                select {Columns} from v
+                """, new { name, spec, ownerHost }).ConfigureAwait(false);
+            return row.ToRow();
+        }, e => e.SqlState switch
+        {
+            DbErrors.UniqueViolation when e.ConstraintName == "vms_name_key" =>
+                new InventoryException($"a VM named '{name}' already exists", e, RpcErrorCode.AlreadyExists),
+            DbErrors.CheckViolation when e.ConstraintName == "vms_name_check" =>
+                new InventoryException($"VM name '{name}' is not allowed: use 1 to 63 letters, digits, '.', '_' and '-', starting with a letter or digit", e, RpcErrorCode.InvalidParams),
+            DbErrors.CheckViolation when e.ConstraintName == "vms_spec_check" =>
+                new InventoryException($"the spec of VM '{name}' is not a JSON object", e, RpcErrorCode.InvalidParams),
+            DbErrors.InvalidTextRepresentation =>
+                new InventoryException($"the spec of VM '{name}' is not valid JSON: {e.MessageText}", e, RpcErrorCode.InvalidParams),
+            DbErrors.ForeignKeyViolation => OwnerMissing(ownerHost, e),
+            _ => null,
+        });
+
+    /// <summary>VM <paramref name="name"/>, or null.</summary>
+    public Task<VmRow?> FindAsync(string name, CancellationToken ct = default) =>
+        DbErrors.Run($"read VM '{name}'", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var row = await conn.QuerySingleOrDefaultAsync<VmRecord>($"select {Columns} from vms where name = @name", new { name }).ConfigureAwait(false);
+            return row?.ToRow();
+        });
+
+    /// <summary>VM <paramref name="name"/>; a NotFound error naming it when there is none.</summary>
+    public async Task<VmRow> GetAsync(string name, CancellationToken ct = default) =>
+        await FindAsync(name, ct).ConfigureAwait(false) ?? throw DbErrors.NotFound($"VM '{name}'");
+
+    /// <summary>Every VM, by name.</summary>
+    public Task<IReadOnlyList<VmRow>> ListAsync(CancellationToken ct = default) =>
+        DbErrors.Run("list VMs", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var rows = await conn.QueryAsync<VmRecord>($"select {Columns} from vms order by name").ConfigureAwait(false);
+            return (IReadOnlyList<VmRow>)rows.Select(r => r.ToRow()).ToList();
+        });
+
+    /// <summary>Sets what the user wants VM <paramref name="name"/> to be; returns the row as it now is.</summary>
+    public Task<VmRow> SetDesiredStateAsync(string name, VmDesiredState state, CancellationToken ct = default) =>
+        UpdateAsync(name, $"set desired state of VM '{name}' to {StateNames.Of(state)}", "desired_state = @value", "vm.desired-state", StateNames.Of(state), ct);
+
+    /// <summary>Records what VM <paramref name="name"/> was seen to be; returns the row as it now is.</summary>
+    public Task<VmRow> SetActualStateAsync(string name, VmActualState state, CancellationToken ct = default) =>
+        UpdateAsync(name, $"set actual state of VM '{name}' to {StateNames.Of(state)}", "actual_state = @value", "vm.actual-state", StateNames.Of(state), ct);
+
+    /// <summary>Deletes VM <paramref name="name"/>; a NotFound error naming it when there is none.</summary>
+    public Task DeleteAsync(string name, CancellationToken ct = default) =>
+        DbErrors.Run($"delete VM '{name}'", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var deleted = await conn.ExecuteScalarAsync<Guid?>("""
+                with v as (delete from vms where name = @name returning id, name, owner_host),
+                e as (
+                    insert into events (kind, subject, host, data)
+                    select 'vm.deleted', 'vm/' || v.name, v.owner_host, jsonb_build_object('id', v.id) from v)
+                select id from v
+                """, new { name }).ConfigureAwait(false);
+            return deleted ?? throw DbErrors.NotFound($"VM '{name}'");
+        });
+
+    private Task<VmRow> UpdateAsync(string name, string operation, string assignment, string eventKind, string value, CancellationToken ct) =>
+        DbErrors.Run(operation, async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            // The assignments are constants of this class, never user input.
+            var row = await conn.QuerySingleOrDefaultAsync<VmRecord>($"""
+                with v as (
+                    update vms set {assignment}, updated_at = now() where name = @name
+                    returning *),
+                e as (
+                    insert into events (kind, subject, host, data)
+                    select @eventKind, 'vm/' || v.name, v.owner_host, jsonb_build_object('state', @value::text) from v)
+                select {Columns} from v
+                """, new { name, value, eventKind }).ConfigureAwait(false);
+            return row?.ToRow() ?? throw DbErrors.NotFound($"VM '{name}'");
+        });
+
+    private static InventoryException OwnerMissing(Guid? host, PostgresException e) =>
+        new($"host {host} does not exist", e, RpcErrorCode.NotFound);
+
+    /// <summary>A vms row as Npgsql reads it: states as text, timestamptz as a UTC DateTime.</summary>
+    internal sealed record VmRecord(Guid Id, string Name, string Spec, string DesiredState, string ActualState, Guid? OwnerHost, DateTime CreatedAt, DateTime UpdatedAt)
+    {
+        public VmRow ToRow() => new(Id, Name, Spec, StateNames.Desired(DesiredState), StateNames.Actual(ActualState), OwnerHost, Times.Utc(CreatedAt), Times.Utc(UpdatedAt));
+    }
+}
