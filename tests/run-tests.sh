@@ -67,10 +67,25 @@ elif [ "$mode" = nested ]; then
         nested_start=$(date +%s)
         # A test that hangs is named and its test host ended (blame), rather than the whole run
         # waiting for the nested host's time limit.
-        tests/kvm-host/kvm-host dotnet vstest "${dlls[@]}" --Parallel \
-            --TestCaseFilter:"Requires=kvm" --logger:"console;verbosity=normal" \
-            --Blame:"CollectHangDump;HangDumpType=None;TestTimeout=${KVM_TEST_TIMEOUT:-600s}" 2>&1 | tee "$logs/nested.log"
-        nested_status=${PIPESTATUS[0]}
+        run_nested() {
+            tests/kvm-host/kvm-host dotnet vstest "${dlls[@]}" --Parallel \
+                --TestCaseFilter:"Requires=kvm" --logger:"console;verbosity=normal" \
+                --Blame:"CollectHangDump;HangDumpType=None;TestTimeout=${KVM_TEST_TIMEOUT:-600s}" 2>&1 | tee "$logs/nested.log"
+            return "${PIPESTATUS[0]}"
+        }
+        run_nested
+        nested_status=$?
+        # The nested host itself (QEMU's TCG) occasionally stops taking timer interrupts: both of
+        # its vCPUs halt with interrupts enabled and nothing wakes them (seen 2026-12-02 once in
+        # several runs; kvm-host detects it and exits 125 with the registers). That is the test
+        # machinery failing, not a test: run the nested part once more, and count only that run.
+        if [ "$nested_status" -eq 125 ] && grep -q "the nested host froze" "$logs/nested.log"; then
+            mv "$logs/nested.log" "$logs/nested-frozen.txt"
+            echo
+            echo "tests: the nested KVM host froze (see above); running its tests once more"
+            run_nested
+            nested_status=$?
+        fi
         nested_seconds=$(( $(date +%s) - nested_start ))
         [ "$nested_status" -eq 0 ] || status=$nested_status
     fi
