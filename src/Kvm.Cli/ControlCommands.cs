@@ -23,31 +23,29 @@ public static class ControlCommands
         var cmd = new Command("control",
             "Talk to a running VM through its control socket (kvm-vmm --control, vmctl run --control).\n" +
             "Exit status: 0 done; 1 when the VM refused or the socket could not be reached (the reason follows).");
-        cmd.Subcommands.Add(Verb("status", "Run state, vCPU states, uptime, exits by reason.", (c, _) => Call(c, "status", VmControlJson.Default.VmStatus), PrintStatus));
-        cmd.Subcommands.Add(Verb("pause", "Pause every vCPU.", (c, _) => Call(c, "pause", VmControlJson.Default.StateChange), r => Console.WriteLine(r.State)));
-        cmd.Subcommands.Add(Verb("resume", "Resume a paused VM.", (c, _) => Call(c, "resume", VmControlJson.Default.StateChange), r => Console.WriteLine(r.State)));
+        var json = VmControlJson.Default;
+        cmd.Subcommands.Add(Verb("status", "Run state, vCPU states, uptime, exits by reason.", json.VmStatus, PrintStatus));
+        cmd.Subcommands.Add(Verb("pause", "Pause every vCPU.", json.StateChange, r => Console.WriteLine(r.State)));
+        cmd.Subcommands.Add(Verb("resume", "Resume a paused VM.", json.StateChange, r => Console.WriteLine(r.State)));
         cmd.Subcommands.Add(Stop());
-        cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", (c, _) => Call(c, "stats", VmControlJson.Default.VmStats), PrintStats));
-        cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", (c, _) => Call(c, "devices", VmControlJson.Default.VmDevices), PrintDevices));
+        cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", json.VmStats, PrintStats));
+        cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", json.VmDevices, PrintDevices));
         return cmd;
     }
 
     private static Argument<string> SocketArgument() => new("SOCKET") { Description = "the VM's control socket" };
 
-    private static T Call<T>(RpcClient client, string method, JsonTypeInfo<T> info) =>
-        client.CallAsync(method, info).GetAwaiter().GetResult();
-
-    private static Command Verb<T>(string name, string description, Func<RpcClient, ParseResult, T> call, Action<T> print)
-        where T : class
+    /// <summary>A verb that calls the method of its own name without parameters and prints the reply.</summary>
+    private static Command Verb<T>(string name, string description, JsonTypeInfo<T> reply, Action<T> print)
     {
         var socket = SocketArgument();
         var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
         var cmd = new Command(name, description) { socket, json };
         cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
         {
-            var result = call(client, p);
+            var result = client.CallAsync(name, reply).GetAwaiter().GetResult();
             if (p.GetValue(json))
-                Console.WriteLine(JsonSerializer.Serialize(result, (JsonTypeInfo<T>)VmControlJson.Default.GetTypeInfo(typeof(T))!));
+                Console.WriteLine(JsonSerializer.Serialize(result, reply));
             else
                 print(result);
             return 0;

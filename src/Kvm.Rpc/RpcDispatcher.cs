@@ -57,7 +57,6 @@ public sealed partial class RpcDispatcher(ILogger logger)
 
     private static TParams ParseParams<TParams>(string method, JsonElement? json, JsonTypeInfo<TParams> info)
     {
-        JsonElement element;
         if (json is not { ValueKind: JsonValueKind.Object } e)
         {
             if (json is null or { ValueKind: JsonValueKind.Null } && typeof(TParams) == typeof(NoParams))
@@ -65,10 +64,9 @@ public sealed partial class RpcDispatcher(ILogger logger)
             throw new RpcException(RpcErrorCode.InvalidParams,
                 $"{method}: params must be an object of named parameters, not {Describe(json)}");
         }
-        element = e;
         try
         {
-            return element.Deserialize(info)
+            return e.Deserialize(info)
                    ?? throw new RpcException(RpcErrorCode.InvalidParams, $"{method}: params must not be null");
         }
         catch (JsonException x)

@@ -292,12 +292,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     private void MarkBitmaps(ulong offset, ulong length)
     {
-        if (!_writesPrepared)
-        {
-            ClearUnmaintainedAutoclear(MaintainedAutoclear);
-            StartTrackingBitmaps();
-            Volatile.Write(ref _writesPrepared, true);
-        }
+        PrepareWrites();
         foreach (var bits in _tracked)
             bits.Mark(offset, length);
     }
@@ -339,13 +334,13 @@ public sealed partial class Qcow2Image
             if (slot.Bits is not { } bits)
                 continue;
             uint size = BitmapTableSizeFor(slot.GranularityBits);
-            var old = slot.Stored is { } st ? ReadBitmapTable(st) : [];
             bool sameTable = slot.Stored is not null && slot.Stored.TableSize == size;
             if (sameTable && !bits.Changed)
             {
                 tables[slot] = (slot.Stored!.TableOffset, size);
                 continue;
             }
+            var old = slot.Stored is { } st ? ReadBitmapTable(st) : [];
             var table = new ulong[size];
             for (uint i = 0; i < size; i++)
             {

@@ -804,12 +804,18 @@ public sealed partial class Qcow2Image : IBlockImage
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
-            if (_writesPrepared)
-                return;
-            ClearUnmaintainedAutoclear(MaintainedAutoclear);
-            StartTrackingBitmaps();
-            Volatile.Write(ref _writesPrepared, true);
+            PrepareWrites();
         }
+    }
+
+    /// <summary>Under the lock, once per session (again after the bitmaps are stored): see <see cref="CheckWritable"/>.</summary>
+    private void PrepareWrites()
+    {
+        if (_writesPrepared)
+            return;
+        ClearUnmaintainedAutoclear(MaintainedAutoclear);
+        StartTrackingBitmaps();
+        Volatile.Write(ref _writesPrepared, true);
     }
 
     /// <summary>Set once the first write of a session has been prepared for (cleared again when the bitmaps are stored).</summary>
