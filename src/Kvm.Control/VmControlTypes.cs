@@ -35,6 +35,12 @@ public sealed record VmDevices(IReadOnlyList<DeviceInfo> Devices);
 /// <summary>A device by its stable id, its kind and where the guest finds it.</summary>
 public sealed record DeviceInfo(string Id, string Kind, string Location, string? Detail);
 
+/// <summary>How a kvm-vmm process ended, as it recorded it in its exit file (--exit-file).</summary>
+/// <param name="Status">The process's exit status.</param>
+/// <param name="Reason">Why the VM stopped.</param>
+/// <param name="Failed">Whether that was a failure (a crash of the guest or the VMM) rather than a requested or guest-initiated stop.</param>
+public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pid, DateTimeOffset At);
+
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
     DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
     UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow, RespectNullableAnnotations = true)]
@@ -44,4 +50,5 @@ public sealed record DeviceInfo(string Id, string Kind, string Location, string?
 [JsonSerializable(typeof(StateChange))]
 [JsonSerializable(typeof(VmStats))]
 [JsonSerializable(typeof(VmDevices))]
+[JsonSerializable(typeof(VmExitRecord))]
 public sealed partial class VmControlJson : JsonSerializerContext;

@@ -17,21 +17,62 @@ public sealed record VmHostOptions
     /// <summary>Who may use the sockets besides root and this process's user.</summary>
     public RpcAccessPolicy Access { get; init; } = RpcAccessPolicy.OwnerOnly;
 
+    /// <summary>
+    /// Where to record how the VM ended (<see cref="VmExitRecord"/>, written atomically just before
+    /// the process exits), for a supervisor that may not be this process's parent; null for none.
+    /// </summary>
+    public string? ExitFile { get; init; }
+
     /// <summary>Mode of both socket files.</summary>
     public UnixFileMode SocketMode { get; init; } = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite;
 }
 
 /// <summary>Runs a VM with its control and console sockets until it stops.</summary>
-public static class VmHost
+public static partial class VmHost
 {
     /// <summary>
     /// Runs the VM in the foreground as <see cref="ForegroundRun"/> does (signals, exit status),
     /// with the sockets <paramref name="options"/> asks for; with none, exactly as ForegroundRun.
     /// </summary>
-    public static int Execute(VmSpec spec, string program, VmHostOptions options, ILogger logger) =>
-        options.ControlSocket is null && options.ConsoleSocket is null
+    public static int Execute(VmSpec spec, string program, VmHostOptions options, ILogger logger)
+    {
+        VmStopReason? stopped = null;
+        int status = options.ControlSocket is null && options.ConsoleSocket is null
             ? ForegroundRun.Execute(spec, program, logger)
-            : ForegroundRun.Execute(spec, program, (s, cancel) => Run(s, options, logger, cancel), logger);
+            : ForegroundRun.Execute(spec, program, (s, cancel) => stopped = Run(s, options, logger, cancel), logger);
+        if (options.ExitFile is { } file)
+            WriteExitRecord(file, new VmExitRecord(status, stopped?.Describe() ?? "the VM did not start (see the log)",
+                stopped is null || stopped.IsError, Environment.ProcessId, DateTimeOffset.UtcNow), logger);
+        return status;
+    }
+
+    /// <summary>Writes <paramref name="record"/> to <paramref name="path"/> through a temporary file and a rename: a reader sees all of it or none.</summary>
+    public static void WriteExitRecord(string path, VmExitRecord record, ILogger logger)
+    {
+        string temporary = $"{path}.{Environment.ProcessId}.tmp";
+        try
+        {
+            File.WriteAllText(temporary, System.Text.Json.JsonSerializer.Serialize(record, VmControlJson.Default.VmExitRecord));
+            File.Move(temporary, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            LogExitRecordFailed(logger, path, e.Message);
+        }
+    }
+
+    /// <summary>Reads an exit record; null when the file is missing or not a record (a process killed before writing it).</summary>
+    public static VmExitRecord? ReadExitRecord(string path)
+    {
+        try
+        {
+            return System.Text.Json.JsonSerializer.Deserialize(File.ReadAllText(path), VmControlJson.Default.VmExitRecord);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Text.Json.JsonException)
+        {
+            return null;
+        }
+    }
 
     public static VmStopReason Run(VmSpec spec, VmHostOptions options, ILogger logger, CancellationToken cancel)
     {
@@ -76,4 +117,7 @@ public static class VmHost
             terminal?.Dispose();
         }
     }
+
+    [LoggerMessage(EventId = 1310, Level = LogLevel.Error, Message = "cannot record the exit status in {Path}: {Error}")]
+    private static partial void LogExitRecordFailed(ILogger logger, string path, string error);
 }

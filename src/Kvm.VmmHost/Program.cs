@@ -2,11 +2,12 @@ using Kvm.Rpc;
 using Kvm.Control;
 using Kvm.Vmm.Machine;
 
-// kvm-vmm --spec FILE|- [--control SOCKET] [--console SOCKET] [--group NAME]
+// kvm-vmm --spec FILE|- [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
 const string program = "kvm-vmm";
 ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
+                   [--log FILE] [--exit-file FILE] [--new-session]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input). kvmd starts one
     kvm-vmm per VM; for interactive use, 'vmctl run' does the same from command-line options.
@@ -17,6 +18,11 @@ const string usage = """
                         attach and detach at will ('vmctl console')
       --group NAME      members of this group may use the sockets (mode 0660); without it, only
                         root and this process's user may
+      --log FILE        append this process's output (its log) to FILE instead of the terminal
+      --exit-file FILE  record how the VM ended there (JSON: status, reason, failed, pid, at)
+                        just before exiting, for a supervisor that is not this process's parent
+      --new-session     leave the caller's session (setsid): signals to the terminal or to the
+                        caller's process group do not reach the VM (kvmd starts VMs this way)
 
     Spec fields: kernel (required), initrd, cmdline, memoryBytes, cpus, debugExit, hugePages
     (None, Transparent, HugeTlb), trackDirtyPages, disks. Example:
@@ -33,6 +39,8 @@ if (args is ["--help" or "-h"])
     return 0;
 }
 string? source = null;
+string? log = null;
+bool newSession = false;
 var host = new VmHostOptions();
 for (int i = 0; i < args.Length; i++)
 {
@@ -47,6 +55,15 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--console":
             host = host with { ConsoleSocket = Value() ?? "" };
+            break;
+        case "--log":
+            log = Value() ?? "";
+            break;
+        case "--exit-file":
+            host = host with { ExitFile = Value() ?? "" };
+            break;
+        case "--new-session":
+            newSession = true;
             break;
         case "--group":
             string? group = Value();
@@ -65,10 +82,31 @@ for (int i = 0; i < args.Length; i++)
             return 2;
     }
 }
-if (string.IsNullOrEmpty(source) || host.ControlSocket == "" || host.ConsoleSocket == "")
+if (string.IsNullOrEmpty(source) || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "")
 {
-    Console.Error.WriteLine($"{program}: expected '--spec FILE', and a path after --control and --console (see 'kvm-vmm --help')");
+    Console.Error.WriteLine($"{program}: expected '--spec FILE', and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
     return 2;
+}
+if (newSession && Kvm.Interop.Native.Libc.SetSid() < 0)
+{
+    // Fails only for a process group leader, which a freshly started child is not: say so and go on.
+    Console.Error.WriteLine($"{program}: --new-session: setsid failed (errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()}); staying in the caller's session");
+}
+if (log is not null)
+{
+    try
+    {
+        // Standard output and error both go to the log, appended, from here on (the .NET console
+        // streams write to fds 1 and 2 directly, so the dup2 redirects them too).
+        using var file = File.Open(log, new FileStreamOptions { Mode = FileMode.Append, Access = FileAccess.Write, Share = FileShare.ReadWrite });
+        if (Kvm.Interop.Native.Libc.Dup2(file.SafeFileHandle, 1) < 0 || Kvm.Interop.Native.Libc.Dup2(file.SafeFileHandle, 2) < 0)
+            throw new IOException($"dup2 failed (errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()})");
+    }
+    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+    {
+        Console.Error.WriteLine($"{program}: --log {log}: {e.Message}");
+        return 1;
+    }
 }
 VmSpec spec;
 try

@@ -54,3 +54,49 @@ public sealed class StdioHandle : SafeFdHandle
 
     public static readonly StdioHandle Input = new(0), Output = new(1), Error = new(2);
 }
+
+/// <summary>A pidfd from pidfd_open(2): refers to one process, readable once it has exited.</summary>
+public sealed class PidFdHandle : SafeFdHandle
+{
+    public PidFdHandle(int fd) : base(fd) { }
+
+    /// <summary>Opens a pidfd for process <paramref name="pid"/>; null when there is no such process.</summary>
+    public static PidFdHandle? Open(int pid)
+    {
+        int fd = Libc.PidfdOpen(pid, 0);
+        if (fd >= 0)
+            return new PidFdHandle(fd);
+        int errno = Marshal.GetLastPInvokeError();
+        if (errno == Errno.ESRCH)
+            return null;
+        throw new IOException($"pidfd_open({pid}) failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+    }
+
+    /// <summary>Whether the process has exited, waiting up to <paramref name="timeoutMs"/> (-1: forever).</summary>
+    public bool WaitForExit(int timeoutMs)
+    {
+        const short PollIn = 0x1;
+        while (true)
+        {
+            int r = Libc.PollOne(this, PollIn, timeoutMs);
+            if (r > 0)
+                return true;
+            if (r == 0)
+                return false;
+            int errno = Marshal.GetLastPInvokeError();
+            if (errno != Errno.EINTR)
+                throw new IOException($"poll on a pidfd failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+        }
+    }
+
+    /// <summary>Sends <paramref name="signal"/> to the process; false when it has already exited.</summary>
+    public bool Signal(int signal)
+    {
+        if (Libc.PidfdSendSignal(this, signal, IntPtr.Zero, 0) == 0)
+            return true;
+        int errno = Marshal.GetLastPInvokeError();
+        if (errno == Errno.ESRCH)
+            return false;
+        throw new IOException($"pidfd_send_signal({signal}) failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+    }
+}

@@ -63,6 +63,45 @@ public static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "chown", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int Chown(string path, uint owner, uint group);
 
+    /// <summary>setsid(2): a new session and process group, so the caller's terminal and its signals no longer reach this process.</summary>
+    [LibraryImport(Lib, EntryPoint = "setsid", SetLastError = true)]
+    public static partial int SetSid();
+
+    [LibraryImport(Lib, EntryPoint = "kill", SetLastError = true)]
+    public static partial int Kill(int pid, int signal);
+
+    [LibraryImport(Lib, EntryPoint = "dup2", SetLastError = true)]
+    public static partial int Dup2(SafeHandle oldFd, int newFd);
+
+    /// <summary>pidfd_open(2) (glibc 2.36): a file descriptor that refers to process <paramref name="pid"/> and becomes readable when it exits.</summary>
+    [LibraryImport(Lib, EntryPoint = "pidfd_open", SetLastError = true)]
+    public static partial int PidfdOpen(int pid, uint flags);
+
+    /// <summary>pidfd_send_signal(2): a signal to the process a pidfd refers to, never to a later process that reused its pid.</summary>
+    [LibraryImport(Lib, EntryPoint = "pidfd_send_signal", SetLastError = true)]
+    public static partial int PidfdSendSignal(SafeFdHandle pidfd, int signal, IntPtr info, uint flags);
+
+    /// <summary>poll(2) on one descriptor for <paramref name="events"/>; returns the revents, 0 on timeout, or -1.</summary>
+    public static int PollOne(SafeFdHandle fd, short events, int timeoutMs)
+    {
+        bool added = false;
+        try
+        {
+            fd.DangerousAddRef(ref added);
+            long entry = (uint)fd.DangerousGetHandle().ToInt32() | ((long)(ushort)events << 32); // struct pollfd { int fd; short events; short revents; }
+            int n = Poll(&entry, 1, timeoutMs);
+            return n <= 0 ? n : (int)(ushort)(entry >> 48);
+        }
+        finally
+        {
+            if (added)
+                fd.DangerousRelease();
+        }
+    }
+
+    [LibraryImport(Lib, EntryPoint = "poll", SetLastError = true)]
+    private static partial int Poll(long* fds, nuint count, int timeoutMs);
+
     [LibraryImport(Lib, EntryPoint = "getgrnam", StringMarshalling = StringMarshalling.Utf8)]
     private static partial IntPtr GetGrNam(string name);
 

@@ -19,7 +19,7 @@ public sealed class StderrLogger(string program, LogLevel minimum = LogLevel.War
     {
         if (!IsEnabled(logLevel))
             return;
-        string level = logLevel >= LogLevel.Error ? "error" : "warning";
+        string level = logLevel switch { >= LogLevel.Error => "error", LogLevel.Warning => "warning", _ => "info" };
         string text = formatter(state, exception);
         if (exception is not null)
             text += $": {exception.Message}";
