@@ -1,14 +1,33 @@
-// kvmd: the host daemon (RPC endpoint for vmctl, inventory and leases, supervisor of kvm-vmm).
-// Only the program's shell exists so far: the daemon's services arrive with the RPC and
-// inventory layers. It says so instead of pretending to run.
-const string usage = """
-    Usage: kvmd [--help] [--version]
+using System.Runtime.InteropServices;
+using Kvm.Cluster;
+using Kvm.Rpc;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging;
 
-    The kvm host daemon: serves vmctl over a unix socket, keeps the VM inventory and leases in
-    PostgreSQL, and supervises one kvm-vmm process per VM.
+// kvmd: the host daemon. Wiring only: the services are Kvm.Cluster's.
+const string program = "kvmd";
+ForegroundConsole.UsePlainStandardStreams();
+var defaults = new KvmdOptions();
+string usage = $"""
+    Usage: kvmd [--socket PATH] [--state-dir DIR] [--run-dir DIR] [--database CONNSTRING]
+                [--host-name NAME] [--group NAME] [--vmm PATH]
 
-    Not available yet in this build: the RPC and inventory layers it serves are still to come.
-    Use 'vmctl run' to run a VM in the foreground without the daemon.
+    The kvm host daemon: serves vmctl over a unix socket, keeps the VM inventory in PostgreSQL,
+    and runs one kvm-vmm process per VM. VMs outlive kvmd: stopping, restarting or upgrading kvmd
+    leaves them running, and the next kvmd finds them again.
+
+      --socket PATH        the RPC socket vmctl talks to (default {defaults.Socket})
+      --state-dir DIR      persistent state: the private PostgreSQL cluster, VM logs (default {defaults.StateDirectory})
+      --run-dir DIR        runtime files: each VM's sockets, spec and exit record (default {defaults.RunDirectory})
+      --database CONNSTR   a shared PostgreSQL cluster, as an Npgsql connection string (what several
+                           hosts need; also KVMD_DATABASE); without it kvmd runs a private cluster
+                           under the state directory (initdb and pg_ctl from the installed server)
+      --host-name NAME     this host's name in the inventory (default: the machine's host name)
+      --group NAME         members of this group may use kvmd's and the VMs' sockets (default {defaults.Group};
+                           root only when the group does not exist)
+      --vmm PATH           the kvm-vmm executable (default: beside kvmd's own executable)
+
+    SIGTERM or SIGINT stops kvmd; the VMs go on running.
     """;
 
 if (args is ["--help" or "-h"])
@@ -18,8 +37,60 @@ if (args is ["--help" or "-h"])
 }
 if (args is ["--version"])
 {
-    Console.WriteLine($"kvmd {typeof(Program).Assembly.GetName().Version}");
+    Console.WriteLine($"kvmd {typeof(Kvmd).Assembly.GetName().Version}");
     return 0;
 }
-Console.Error.WriteLine("kvmd: the daemon is not available in this build yet; use 'vmctl run' (see 'kvmd --help')");
-return 1;
+var options = defaults with { Database = Environment.GetEnvironmentVariable("KVMD_DATABASE") is { Length: > 0 } env ? env : null };
+for (int i = 0; i < args.Length; i++)
+{
+    string arg = args[i];
+    if (i + 1 >= args.Length)
+    {
+        Console.Error.WriteLine($"{program}: {(arg.StartsWith("--", StringComparison.Ordinal) ? $"{arg} needs a value" : $"unexpected argument '{arg}'")} (see 'kvmd --help')");
+        return 2;
+    }
+    string value = args[++i];
+    switch (arg)
+    {
+        case "--socket": options = options with { Socket = Path.GetFullPath(value) }; break;
+        case "--state-dir": options = options with { StateDirectory = Path.GetFullPath(value) }; break;
+        case "--run-dir": options = options with { RunDirectory = Path.GetFullPath(value) }; break;
+        case "--database": options = options with { Database = value }; break;
+        case "--host-name": options = options with { HostName = value }; break;
+        case "--group": options = options with { Group = value }; break;
+        case "--vmm": options = options with { Vmm = Path.GetFullPath(value) }; break;
+        default:
+            Console.Error.WriteLine($"{program}: unexpected argument '{arg}' (see 'kvmd --help')");
+            return 2;
+    }
+}
+
+var logger = new StderrLogger(program, LogLevel.Information);
+using var stop = new CancellationTokenSource();
+using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
+using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
+Kvmd kvmd;
+try
+{
+    kvmd = await Kvmd.StartAsync(options, logger, stop.Token);
+}
+catch (Exception e) when (e is RpcException or IOException or UnauthorizedAccessException)
+{
+    Console.Error.WriteLine($"{program}: cannot start: {(e is RpcException r ? r.Describe() : e.Message)}");
+    return 1;
+}
+catch (OperationCanceledException)
+{
+    return 0;
+}
+Console.Error.WriteLine($"{program}: serving {options.Socket} as host '{kvmd.Host.Name}', {kvmd.Supervisor.Running.Count} VM(s) running");
+try
+{
+    await Task.Delay(Timeout.Infinite, stop.Token);
+}
+catch (OperationCanceledException)
+{
+}
+Console.Error.WriteLine($"{program}: stopping; {kvmd.Supervisor.Running.Count} VM(s) go on running");
+await kvmd.DisposeAsync();
+return 0;

@@ -27,8 +27,11 @@ public sealed record EmbeddedPostgresOptions
     /// </summary>
     public bool Durable { get; init; } = true;
 
-    /// <summary>How long initdb, a start or a stop may take.</summary>
-    public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(60);
+    /// <summary>
+    /// How long initdb, a start or a stop may take. Generous: initdb takes seconds on a usual
+    /// machine but minutes on a slow one (over 60 s in a nested KVM host under QEMU's TCG).
+    /// </summary>
+    public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(300);
 }
 
 /// <summary>

@@ -44,6 +44,14 @@ public sealed class EventRepository(NpgsqlDataSource db)
             return (IReadOnlyList<EventRow>)rows.Select(r => r.ToRow()).ToList();
         });
 
+    /// <summary>The id of the newest event (0 when there is none): where a reader that wants only what happens next starts.</summary>
+    public Task<long> NewestIdAsync(CancellationToken ct = default) =>
+        DbErrors.Run("read the newest event's id", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            return await conn.ExecuteScalarAsync<long>("select coalesce(max(id), 0) from events").ConfigureAwait(false);
+        });
+
     internal sealed record EventRecord(long Id, DateTime At, string Kind, string Subject, Guid? Host, string Data)
     {
         public EventRow ToRow() => new(Id, Times.Utc(At), Kind, Subject, Host, Data);

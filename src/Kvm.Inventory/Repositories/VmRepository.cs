@@ -74,6 +74,23 @@ public sealed class VmRepository(NpgsqlDataSource db)
     public Task<VmRow> SetActualStateAsync(string name, VmActualState state, CancellationToken ct = default) =>
         UpdateAsync(name, $"set actual state of VM '{name}' to {StateNames.Of(state)}", "actual_state = @value", "vm.actual-state", StateNames.Of(state), ct);
 
+    /// <summary>Records which host runs VM <paramref name="name"/> (null: none); returns the row as it now is.</summary>
+    public Task<VmRow> SetOwnerHostAsync(string name, Guid? host, CancellationToken ct = default) =>
+        DbErrors.Run($"set the host of VM '{name}'", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var row = await conn.QuerySingleOrDefaultAsync<VmRecord>($"""
+                with v as (
+                    update vms set owner_host = @host, updated_at = now() where name = @name
+                    returning *),
+                e as (
+                    insert into events (kind, subject, host, data)
+                    select 'vm.owner', 'vm/' || v.name, v.owner_host, jsonb_build_object('host', v.owner_host) from v)
+                select {Columns} from v
+                """, new { name, host }).ConfigureAwait(false);
+            return row?.ToRow() ?? throw DbErrors.NotFound($"VM '{name}'");
+        }, e => e.SqlState == DbErrors.ForeignKeyViolation ? OwnerMissing(host, e) : null);
+
     /// <summary>Deletes VM <paramref name="name"/>; a NotFound error naming it when there is none.</summary>
     public Task DeleteAsync(string name, CancellationToken ct = default) =>
         DbErrors.Run($"delete VM '{name}'", async () =>

@@ -1,0 +1,455 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Text.Json;
+using Kvm.Cluster.Supervision;
+using Kvm.Control;
+using Kvm.Inventory;
+using Kvm.Rpc;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Cluster;
+
+/// <summary>
+/// The host daemon: the inventory (opened, or started privately), this host's row and heartbeat,
+/// the supervisor of this host's kvm-vmm processes, and the RPC socket vmctl talks to. Started by
+/// <see cref="StartAsync"/>; disposing it stops serving and lets go of the VMs, which go on
+/// running (a new kvmd finds them again).
+/// </summary>
+public sealed partial class Kvmd : IAsyncDisposable
+{
+    private readonly KvmdOptions _options;
+    private readonly ILogger _logger;
+    private readonly InventoryDatabase _db;
+    private readonly VmSupervisor _supervisor;
+    private readonly ConcurrentDictionary<string, SemaphoreSlim> _vmLocks = new(StringComparer.Ordinal);
+    private readonly CancellationTokenSource _stopping = new();
+    private readonly Stopwatch _uptime = Stopwatch.StartNew();
+    private RpcServer? _server;
+    private Task? _heartbeat;
+
+    private Kvmd(KvmdOptions options, ILogger logger, InventoryDatabase db, HostRow host)
+    {
+        _options = options;
+        _logger = logger;
+        _db = db;
+        Host = host;
+        _supervisor = new VmSupervisor(options, logger) { OnExit = OnVmExitAsync };
+    }
+
+    /// <summary>This host's row in the inventory.</summary>
+    public HostRow Host { get; }
+
+    public InventoryDatabase Inventory => _db;
+
+    public VmSupervisor Supervisor => _supervisor;
+
+    /// <summary>How often this host records that it is alive.</summary>
+    public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// Opens the inventory, registers this host, finds again the VMs this host ran (they kept
+    /// running while no kvmd did), records the end of those that stopped meanwhile, then serves.
+    /// </summary>
+    public static async Task<Kvmd> StartAsync(KvmdOptions options, ILogger logger, CancellationToken cancel = default)
+    {
+        Directory.CreateDirectory(options.StateDirectory);
+        Directory.CreateDirectory(Path.Combine(options.RunDirectory, "vms"));
+        var db = await InventoryDatabase.OpenAsync(new InventoryOptions
+        {
+            ConnectionString = options.Database,
+            StateDirectory = options.StateDirectory,
+        }, cancel).ConfigureAwait(false);
+        Kvmd? kvmd = null;
+        try
+        {
+            var host = await db.Hosts.RegisterAsync(options.HostName, "", cancel).ConfigureAwait(false);
+            kvmd = new Kvmd(options, logger, db, host);
+            await kvmd.RecoverAsync(cancel).ConfigureAwait(false);
+            kvmd.Serve();
+            return kvmd;
+        }
+        catch
+        {
+            if (kvmd is not null)
+                await kvmd.DisposeAsync().ConfigureAwait(false);
+            else
+                await db.DisposeAsync().ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    private void Serve()
+    {
+        var dispatcher = new RpcDispatcher(_logger);
+        Register(dispatcher);
+        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(_options.Socket))!);
+        _server = new RpcServer(new RpcServerOptions
+        {
+            SocketPath = _options.Socket,
+            Access = _options.Group is { } g && Kvm.Interop.Native.Libc.GroupId(g) is not null ? RpcAccessPolicy.ForGroup(g) : RpcAccessPolicy.OwnerOnly,
+        }, dispatcher, _logger);
+        _server.Start();
+        _heartbeat = Task.Run(HeartbeatLoopAsync);
+        LogServing(_logger, _options.Socket, Host.Name, Host.Id);
+    }
+
+    private async Task HeartbeatLoopAsync()
+    {
+        while (!_stopping.IsCancellationRequested)
+        {
+            try
+            {
+                await Task.Delay(HeartbeatInterval, _stopping.Token).ConfigureAwait(false);
+                await _db.Hosts.HeartbeatAsync(Host.Id, _stopping.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
+            {
+                return;
+            }
+            catch (RpcException e)
+            {
+                LogHeartbeatFailed(_logger, e.Message);
+            }
+        }
+    }
+
+    /// <summary>
+    /// After a start: every VM the inventory says this host runs is found again through its control
+    /// socket, or its end (recorded in its exit file while no kvmd watched) is recorded now. A VM
+    /// whose directory is here but whose start was not recorded (kvmd died in between) is found too.
+    /// </summary>
+    private async Task RecoverAsync(CancellationToken cancel)
+    {
+        var vms = await _db.Vms.ListAsync(cancel).ConfigureAwait(false);
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var vm in vms.Where(v => v.OwnerHost == Host.Id))
+        {
+            names.Add(vm.Name);
+            var process = await _supervisor.AdoptAsync(vm.Name, cancel).ConfigureAwait(false);
+            if (process is null)
+            {
+                var record = VmHost.ReadExitRecord(_supervisor.FilesOf(vm.Name).ExitFile);
+                var exit = record is not null ? new VmExit(record.Status, record.Reason, record.Failed)
+                    : new VmExit(null, "kvm-vmm is gone and recorded no exit status (killed, or the host restarted)", true);
+                await RecordExitAsync(vm.Name, exit, whileAway: true, cancel).ConfigureAwait(false);
+            }
+        }
+        foreach (var name in _supervisor.NamesOnDisk().Where(n => !names.Contains(n)))
+        {
+            var row = vms.FirstOrDefault(v => v.Name == name);
+            if (row is null || row.OwnerHost is not null)
+                continue;
+            if (await _supervisor.AdoptAsync(name, cancel).ConfigureAwait(false) is { } process)
+            {
+                await _db.Vms.SetOwnerHostAsync(name, Host.Id, cancel).ConfigureAwait(false);
+                var status = await StatusOfAsync(name, cancel).ConfigureAwait(false);
+                await _db.Vms.SetActualStateAsync(name, status?.State == "paused" ? VmActualState.Paused : VmActualState.Running, cancel).ConfigureAwait(false);
+                LogAdoptedUnrecorded(_logger, name, process.Pid);
+            }
+        }
+    }
+
+    private async Task OnVmExitAsync(VmProcess process, VmExit exit)
+    {
+        var gate = Gate(process.Name);
+        await gate.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            if (process.TryMarkRecorded())
+                await RecordExitAsync(process.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    private async Task RecordExitAsync(string name, VmExit exit, bool whileAway, CancellationToken cancel)
+    {
+        var row = await _db.Vms.FindAsync(name, cancel).ConfigureAwait(false);
+        if (row is null || (row.OwnerHost is { } owner && owner != Host.Id))
+            return; // deleted meanwhile, or another host has taken it over
+        if (row.OwnerHost is not null)
+            await _db.Vms.SetOwnerHostAsync(name, null, cancel).ConfigureAwait(false);
+        await _db.Vms.SetActualStateAsync(name, exit.Failed ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
+        if (row.DesiredState != VmDesiredState.Stopped)
+            await _db.Vms.SetDesiredStateAsync(name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
+        await _db.Events.AppendAsync(exit.Failed ? "vm.failed" : "vm.exited", $"vm/{name}",
+            JsonSerializer.Serialize(new EventData(exit.Status, exit.Reason, whileAway), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
+    }
+
+    private SemaphoreSlim Gate(string name) => _vmLocks.GetOrAdd(name, _ => new SemaphoreSlim(1, 1));
+
+    private async Task<T> WithVmAsync<T>(string name, Func<Task<T>> action, CancellationToken cancel)
+    {
+        var gate = Gate(name);
+        await gate.WaitAsync(cancel).ConfigureAwait(false);
+        try
+        {
+            return await action().ConfigureAwait(false);
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    // ---- Operations (the RPC methods call these; tests may too) ----
+
+    public Task<VmInfo> CreateAsync(CreateVmRequest request, CancellationToken cancel) => WithVmAsync(request.Name, async () =>
+    {
+        var spec = CheckSpec(request.Name, request.Spec);
+        var row = await _db.Vms.CreateAsync(request.Name, VmSpecJsonContext.Format(spec), ct: cancel).ConfigureAwait(false);
+        if (!request.Start)
+            return Info(row);
+        return await StartLockedAsync(row, cancel).ConfigureAwait(false);
+    }, cancel);
+
+    public Task<VmInfo> StartAsync(string name, CancellationToken cancel) => WithVmAsync(name, async () =>
+    {
+        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        if (_supervisor.Find(name) is not null)
+            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{name}' is already running on this host");
+        if (row.OwnerHost is { } owner && owner != Host.Id)
+            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{name}' runs on host {await HostNameAsync(owner, cancel).ConfigureAwait(false)}");
+        return await StartLockedAsync(row, cancel).ConfigureAwait(false);
+    }, cancel);
+
+    private async Task<VmInfo> StartLockedAsync(VmRow row, CancellationToken cancel)
+    {
+        VmSpec spec;
+        try
+        {
+            spec = VmSpecJsonContext.Parse(row.Spec, $"of VM '{row.Name}' in the inventory");
+            spec.Validate();
+        }
+        catch (ArgumentException e)
+        {
+            throw new RpcException(RpcErrorCode.InvalidState, $"cannot start VM '{row.Name}': its spec is not valid", inner: e);
+        }
+        await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Running, cancel).ConfigureAwait(false);
+        await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Starting, cancel).ConfigureAwait(false);
+        await _db.Vms.SetOwnerHostAsync(row.Name, Host.Id, cancel).ConfigureAwait(false);
+        try
+        {
+            await _supervisor.StartAsync(row.Name, spec, cancel).ConfigureAwait(false);
+        }
+        catch (Exception e)
+        {
+            await _db.Vms.SetOwnerHostAsync(row.Name, null, CancellationToken.None).ConfigureAwait(false);
+            await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Failed, CancellationToken.None).ConfigureAwait(false);
+            await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, CancellationToken.None).ConfigureAwait(false);
+            await _db.Events.AppendAsync("vm.start-failed", $"vm/{row.Name}",
+                JsonSerializer.Serialize(new EventData(null, e.Message, false), KvmdEventJson.Default.EventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+            throw;
+        }
+        var now = await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Running, cancel).ConfigureAwait(false);
+        return Info(now);
+    }
+
+    public Task<VmStopped> StopAsync(StopVmRequest request, CancellationToken cancel) => WithVmAsync(request.Name, async () =>
+    {
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        var process = RunningHere(row);
+        await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
+        await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Stopping, cancel).ConfigureAwait(false);
+        StopResult result;
+        try
+        {
+            using var client = _supervisor.Connect(row.Name);
+            result = await client.CallAsync("stop", new StopRequest(request.Force, request.TimeoutSeconds),
+                VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult, cancel).ConfigureAwait(false);
+        }
+        catch (RpcException e) when (e.Code == RpcErrorCode.InvalidState)
+        {
+            // A paused VM cannot answer the power button: it stays as it was.
+            await _db.Vms.SetActualStateAsync(row.Name, row.ActualState, CancellationToken.None).ConfigureAwait(false);
+            await _db.Vms.SetDesiredStateAsync(row.Name, row.DesiredState, CancellationToken.None).ConfigureAwait(false);
+            throw;
+        }
+        // kvm-vmm exits once stopped; its end is recorded here, before the answer, so that what
+        // the caller reads next already says stopped (OnVmExitAsync then finds it recorded).
+        var exit = await process.Exited.WaitAsync(TimeSpan.FromSeconds(30), cancel).ConfigureAwait(false);
+        if (process.TryMarkRecorded())
+            await RecordExitAsync(row.Name, exit, whileAway: false, cancel).ConfigureAwait(false);
+        return new VmStopped(row.Name, result.Outcome, result.Reason, result.Seconds);
+    }, cancel);
+
+    public Task<VmInfo> PauseAsync(string name, CancellationToken cancel) => ChangeAsync(name, "pause", VmDesiredState.Paused, VmActualState.Paused, cancel);
+
+    public Task<VmInfo> ResumeAsync(string name, CancellationToken cancel) => ChangeAsync(name, "resume", VmDesiredState.Running, VmActualState.Running, cancel);
+
+    private Task<VmInfo> ChangeAsync(string name, string method, VmDesiredState desired, VmActualState actual, CancellationToken cancel) => WithVmAsync(name, async () =>
+    {
+        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        RunningHere(row);
+        using (var client = _supervisor.Connect(name))
+            await client.CallAsync(method, VmControlJson.Default.StateChange, cancel).ConfigureAwait(false);
+        await _db.Vms.SetDesiredStateAsync(name, desired, cancel).ConfigureAwait(false);
+        return Info(await _db.Vms.SetActualStateAsync(name, actual, cancel).ConfigureAwait(false));
+    }, cancel);
+
+    public Task<VmInfo> DeleteAsync(DeleteVmRequest request, CancellationToken cancel) => WithVmAsync(request.Name, async () =>
+    {
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        if (row.OwnerHost is { } owner && owner != Host.Id)
+            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' runs on host {await HostNameAsync(owner, cancel).ConfigureAwait(false)}; stop it there first");
+        if (_supervisor.Find(row.Name) is { } process)
+        {
+            if (!request.Force)
+                throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' is running; stop it first, or delete with force");
+            process.TryMarkRecorded(); // the row goes: nothing to record
+            process.Signal(9);
+            await process.Exited.WaitAsync(TimeSpan.FromSeconds(30), cancel).ConfigureAwait(false);
+        }
+        await _db.Vms.DeleteAsync(row.Name, cancel).ConfigureAwait(false);
+        var files = _supervisor.FilesOf(row.Name);
+        foreach (var dir in new[] { files.RunDirectory, files.StateDirectory })
+            if (Directory.Exists(dir))
+                Directory.Delete(dir, recursive: true);
+        return Info(row);
+    }, cancel);
+
+    public async Task<VmList> ListAsync(CancellationToken cancel)
+    {
+        var rows = await _db.Vms.ListAsync(cancel).ConfigureAwait(false);
+        var hosts = (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        return new VmList(rows.Select(r => Info(r, hosts)).ToList());
+    }
+
+    public async Task<VmDetail> ShowAsync(string name, CancellationToken cancel)
+    {
+        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        var hosts = (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        var files = _supervisor.FilesOf(name);
+        bool here = _supervisor.Find(name) is not null;
+        var status = here ? await StatusOfAsync(name, cancel).ConfigureAwait(false) : null;
+        using var spec = JsonDocument.Parse(row.Spec);
+        return new VmDetail(Info(row, hosts), spec.RootElement.Clone(), status,
+            here ? null : VmHost.ReadExitRecord(files.ExitFile),
+            here ? files.ControlSocket : null, here ? files.ConsoleSocket : null,
+            File.Exists(files.Log) ? files.Log : null);
+    }
+
+    public async Task<ConsoleEndpoint> ConsoleAsync(string name, CancellationToken cancel)
+    {
+        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        RunningHere(row);
+        return new ConsoleEndpoint(name, _supervisor.FilesOf(name).ConsoleSocket);
+    }
+
+    public async Task<EventList> EventsAsync(EventsRequest request, CancellationToken cancel)
+    {
+        if (request.Limit is < 1 or > 10000)
+            throw new RpcException(RpcErrorCode.InvalidParams, $"events: limit {request.Limit} is out of range (1 to 10000)");
+        if (request.TimeoutSeconds is < 0 or > 3600 || double.IsNaN(request.TimeoutSeconds))
+            throw new RpcException(RpcErrorCode.InvalidParams, "events: timeoutSeconds is out of range (0 to 3600)");
+        var deadline = Stopwatch.StartNew();
+        long newest = await _db.Events.NewestIdAsync(cancel).ConfigureAwait(false);
+        long after = request.After >= 0 ? request.After : Math.Max(0, newest + request.After);
+        while (true)
+        {
+            var rows = await _db.Events.ListSinceAsync(after, request.Limit, cancel).ConfigureAwait(false);
+            if (rows.Count > 0 || deadline.Elapsed.TotalSeconds >= request.TimeoutSeconds)
+            {
+                var hosts = rows.Count == 0 ? [] : (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+                var list = rows.Select(e =>
+                {
+                    using var data = JsonDocument.Parse(e.Data);
+                    return new EventInfo(e.Id, e.At, e.Kind, e.Subject, e.Host is { } h && hosts.TryGetValue(h, out var n) ? n : null, data.RootElement.Clone());
+                }).ToList();
+                return new EventList(list, list.Count > 0 ? list[^1].Id : after, Math.Max(newest, list.Count > 0 ? list[^1].Id : 0));
+            }
+            await Task.Delay(200, cancel).ConfigureAwait(false);
+        }
+    }
+
+    public async Task<HostList> HostsAsync(CancellationToken cancel) =>
+        new((await _db.Hosts.ListAsync(cancel).ConfigureAwait(false))
+            .Select(h => new HostInfo(h.Id, h.Name, h.Address, h.RegisteredAt, h.LastSeen, h.Id == Host.Id)).ToList());
+
+    public DaemonStatus Status() => new(Host.Name, Host.Id, Environment.ProcessId,
+        typeof(Kvmd).Assembly.GetName().Version?.ToString() ?? "unknown",
+        _db.Embedded is { } e ? $"private cluster ({e.Root})" : "shared cluster",
+        _supervisor.Running.Count, Math.Round(_uptime.Elapsed.TotalSeconds, 3));
+
+    private async Task<VmStatus?> StatusOfAsync(string name, CancellationToken cancel)
+    {
+        try
+        {
+            using var client = _supervisor.Connect(name);
+            return await client.CallAsync("status", VmControlJson.Default.VmStatus, cancel).ConfigureAwait(false);
+        }
+        catch (RpcException)
+        {
+            return null;
+        }
+    }
+
+    private VmProcess RunningHere(VmRow row)
+    {
+        if (_supervisor.Find(row.Name) is { } process)
+            return process;
+        if (row.OwnerHost is { } owner && owner != Host.Id)
+            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' runs on another host ({owner}); ask that host's kvmd");
+        throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' is not running (it is {StateNames.Of(row.ActualState)})");
+    }
+
+    private async Task<string> HostNameAsync(Guid id, CancellationToken cancel) =>
+        (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).FirstOrDefault(h => h.Id == id)?.Name ?? id.ToString();
+
+    private VmInfo Info(VmRow row, IReadOnlyDictionary<Guid, string>? hosts = null) => new(
+        row.Name, row.Id, StateNames.Of(row.DesiredState), StateNames.Of(row.ActualState),
+        row.OwnerHost is { } h ? (h == Host.Id ? Host.Name : hosts is not null && hosts.TryGetValue(h, out var n) ? n : h.ToString()) : null,
+        _supervisor.Find(row.Name)?.Pid, row.CreatedAt, row.UpdatedAt);
+
+    /// <summary>Parses and checks a VM spec from a client: valid, and every path absolute (kvm-vmm does not run in the client's directory).</summary>
+    private static VmSpec CheckSpec(string name, JsonElement json)
+    {
+        if (json.ValueKind != JsonValueKind.Object)
+            throw new RpcException(RpcErrorCode.InvalidParams, $"the spec of VM '{name}' must be a JSON object, not {json.ValueKind.ToString().ToLowerInvariant()}");
+        try
+        {
+            var spec = VmSpecJsonContext.Parse(json.GetRawText(), $"of VM '{name}'");
+            spec.Validate();
+            foreach (var (field, path) in new[] { ("kernel", spec.Kernel), ("initrd", spec.Initrd) }.Concat(spec.Disks.Select((d, i) => ($"disks[{i}].path", (string?)d.Path))))
+                if (path is not null && !Path.IsPathRooted(path))
+                    throw new ArgumentException($"{field} '{path}' is not an absolute path (kvmd starts the VM in another directory)");
+            return spec;
+        }
+        catch (ArgumentException e)
+        {
+            throw new RpcException(RpcErrorCode.InvalidParams, $"the spec of VM '{name}' is not valid: {e.Message}", inner: e);
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _stopping.Cancel();
+        if (_server is not null)
+            await _server.DisposeAsync().ConfigureAwait(false);
+        if (_heartbeat is not null)
+            await _heartbeat.ConfigureAwait(false);
+        _supervisor.Dispose();
+        await _db.DisposeAsync().ConfigureAwait(false);
+        _stopping.Dispose();
+    }
+
+    [LoggerMessage(EventId = 2100, Level = LogLevel.Information, Message = "kvmd serves {Socket} as host '{Host}' ({HostId})")]
+    private static partial void LogServing(ILogger logger, string socket, string host, Guid hostId);
+
+    [LoggerMessage(EventId = 2101, Level = LogLevel.Warning, Message = "cannot record this host's heartbeat: {Error}")]
+    private static partial void LogHeartbeatFailed(ILogger logger, string error);
+
+    [LoggerMessage(EventId = 2102, Level = LogLevel.Warning, Message = "VM '{Name}': found running (kvm-vmm pid {Pid}) though the inventory did not record its start; recorded now")]
+    private static partial void LogAdoptedUnrecorded(ILogger logger, string name, int pid);
+}
+
+/// <summary>The data of a VM's vm.exited, vm.failed or vm.start-failed event.</summary>
+/// <param name="WhileAway">The VM ended while no kvmd watched it (found at kvmd's start).</param>
+public sealed record EventData(int? Status, string Reason, bool WhileAway);
+
+[System.Text.Json.Serialization.JsonSourceGenerationOptions(PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.CamelCase)]
+[System.Text.Json.Serialization.JsonSerializable(typeof(EventData))]
+public sealed partial class KvmdEventJson : System.Text.Json.Serialization.JsonSerializerContext;

@@ -1,0 +1,27 @@
+using Kvm.Rpc;
+
+namespace Kvm.Cluster;
+
+public sealed partial class Kvmd
+{
+    /// <summary>
+    /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.delete, vm.list,
+    /// vm.show, vm.console, events.wait, hosts.list, daemon.status.
+    /// </summary>
+    public void Register(RpcDispatcher dispatcher)
+    {
+        var j = KvmdJson.Default;
+        dispatcher.Add("vm.create", j.CreateVmRequest, j.VmInfo, async (r, _, c) => await CreateAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("vm.start", j.VmNameRequest, j.VmInfo, async (r, _, c) => await StartAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.stop", j.StopVmRequest, j.VmStopped, async (r, _, c) => await StopAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("vm.pause", j.VmNameRequest, j.VmInfo, async (r, _, c) => await PauseAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.resume", j.VmNameRequest, j.VmInfo, async (r, _, c) => await ResumeAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.delete", j.DeleteVmRequest, j.VmInfo, async (r, _, c) => await DeleteAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("vm.list", j.VmList, async (_, c) => await ListAsync(c).ConfigureAwait(false));
+        dispatcher.Add("vm.show", j.VmNameRequest, j.VmDetail, async (r, _, c) => await ShowAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.console", j.VmNameRequest, j.ConsoleEndpoint, async (r, _, c) => await ConsoleAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("events.wait", j.EventsRequest, j.EventList, async (r, _, c) => await EventsAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("hosts.list", j.HostList, async (_, c) => await HostsAsync(c).ConfigureAwait(false));
+        dispatcher.Add("daemon.status", j.DaemonStatus, (_, _) => ValueTask.FromResult(Status()));
+    }
+}

@@ -1,0 +1,74 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Kvm.Control;
+
+namespace Kvm.Cluster;
+
+// The kvmd RPC's parameters and results (methods: see KvmdApi.Register).
+
+/// <summary>Parameters naming one VM.</summary>
+public sealed record VmNameRequest(string Name);
+
+/// <summary><c>vm.create</c>: a VM named <paramref name="Name"/> with <paramref name="Spec"/> (the kvm-vmm spec: absolute paths), started at once when <paramref name="Start"/>.</summary>
+public sealed record CreateVmRequest(string Name, JsonElement Spec, bool Start = false);
+
+/// <summary><c>vm.stop</c>: the ACPI power button, forced after <paramref name="TimeoutSeconds"/>; or forced at once.</summary>
+public sealed record StopVmRequest(string Name, bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
+
+/// <summary><c>vm.delete</c>: a running VM is refused unless <paramref name="Force"/> (which stops it first, forced).</summary>
+public sealed record DeleteVmRequest(string Name, bool Force = false);
+
+/// <summary>A VM as the inventory and this host see it.</summary>
+/// <param name="Host">The name of the host that runs it, if any.</param>
+/// <param name="Pid">kvm-vmm's pid, when it runs on this host.</param>
+public sealed record VmInfo(string Name, Guid Id, string DesiredState, string ActualState, string? Host, int? Pid,
+    DateTimeOffset CreatedAt, DateTimeOffset UpdatedAt);
+
+public sealed record VmList(IReadOnlyList<VmInfo> Vms);
+
+/// <summary><c>vm.show</c>: the VM, its spec, and when it runs here, its live status and sockets; else how it last ended.</summary>
+public sealed record VmDetail(VmInfo Vm, JsonElement Spec, VmStatus? Status, VmExitRecord? LastExit,
+    string? ControlSocket, string? ConsoleSocket, string? Log);
+
+/// <summary><c>vm.console</c>: where to attach to the VM's serial console.</summary>
+public sealed record ConsoleEndpoint(string Name, string Socket);
+
+/// <summary><c>vm.stop</c>'s result: how the VM stopped.</summary>
+public sealed record VmStopped(string Name, string Outcome, string Reason, double Seconds);
+
+/// <summary>
+/// <c>events.wait</c>: events after id <paramref name="After"/>, waiting up to
+/// <paramref name="TimeoutSeconds"/> for the first one; a negative <paramref name="After"/> means
+/// that many before the newest (-20: the last 20; use 0 for all, and EventList.Newest to start after now).
+/// </summary>
+public sealed record EventsRequest(long After = 0, double TimeoutSeconds = 0, int Limit = 1000);
+
+public sealed record EventInfo(long Id, DateTimeOffset At, string Kind, string Subject, string? Host, JsonElement Data);
+
+/// <summary>Events in order; <paramref name="Last"/> is the id to ask after next time; <paramref name="Newest"/> the newest event's id when asked.</summary>
+public sealed record EventList(IReadOnlyList<EventInfo> Events, long Last, long Newest);
+
+public sealed record HostInfo(Guid Id, string Name, string Address, DateTimeOffset RegisteredAt, DateTimeOffset LastSeen, bool Self);
+
+public sealed record HostList(IReadOnlyList<HostInfo> Hosts);
+
+/// <summary><c>daemon.status</c>.</summary>
+public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Version, string Database, int RunningVms, double UptimeSeconds);
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow, RespectNullableAnnotations = true)]
+[JsonSerializable(typeof(VmNameRequest))]
+[JsonSerializable(typeof(CreateVmRequest))]
+[JsonSerializable(typeof(StopVmRequest))]
+[JsonSerializable(typeof(DeleteVmRequest))]
+[JsonSerializable(typeof(VmInfo))]
+[JsonSerializable(typeof(VmList))]
+[JsonSerializable(typeof(VmDetail))]
+[JsonSerializable(typeof(ConsoleEndpoint))]
+[JsonSerializable(typeof(VmStopped))]
+[JsonSerializable(typeof(EventsRequest))]
+[JsonSerializable(typeof(EventList))]
+[JsonSerializable(typeof(HostList))]
+[JsonSerializable(typeof(DaemonStatus))]
+public sealed partial class KvmdJson : JsonSerializerContext;
