@@ -123,16 +123,21 @@ public static class ControlCommands
 
     public static Command ConsoleCommand()
     {
-        var socket = new Argument<string>("SOCKET") { Description = "the VM's console socket (kvm-vmm --console, vmctl run --console)" };
+        var target = new Argument<string>("NAME|SOCKET")
+        {
+            Description = "a VM kvmd runs (by name), or a console socket (a path with a '/': kvm-vmm --console, vmctl run --console)",
+        };
         var cmd = new Command("console",
             "Attach this terminal to a VM's serial console: what the guest writes appears here (the last 64 KiB\n" +
             "first), what you type goes to the guest. Ctrl-] detaches; the VM keeps running. Without a terminal,\n" +
-            "standard input is sent and the output copied until the VM's console closes.") { socket };
-        cmd.SetAction(p => Attach(p.GetRequiredValue(socket)));
+            "standard input is sent and the output copied until the VM's console closes.") { target };
+        cmd.SetAction(p => p.GetRequiredValue(target) is var t && t.Contains('/', StringComparison.Ordinal)
+            ? Attach(t)
+            : KvmdCommands.AttachByName(p, t));
         return cmd;
     }
 
-    private static int Attach(string path)
+    internal static int Attach(string path)
     {
         var sock = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try

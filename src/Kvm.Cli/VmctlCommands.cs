@@ -15,11 +15,15 @@ public static class VmctlCommands
     {
         var root = new RootCommand(
             "vmctl: run and manage virtual machines on KVM.\n\n" +
-            "'vmctl run' boots one VM in the foreground with its serial console on this terminal.");
+            "'vmctl run' boots one VM in the foreground with its serial console on this terminal, with no daemon.\n" +
+            "'vmctl create', 'start', 'stop', 'list' and the other VM verbs manage VMs through kvmd.");
+        root.Options.Add(KvmdCommands.Connect);
         root.Subcommands.Add(RunCommand());
         root.Subcommands.Add(DiskCommands.Build());
         root.Subcommands.Add(ControlCommands.Control());
         root.Subcommands.Add(ControlCommands.ConsoleCommand());
+        foreach (var verb in KvmdCommands.Build())
+            root.Subcommands.Add(verb);
         return root;
     }
 
@@ -49,85 +53,7 @@ public static class VmctlCommands
 
     private static Command RunCommand()
     {
-        var kernel = new Option<FileInfo>("--kernel", "-k")
-        {
-            Description = "kernel to boot: an ELF with a PVH entry note (such as build/guest/guestkit.elf or a vmlinux), or a bzImage",
-            Required = true,
-        };
-        var initrd = new Option<FileInfo?>("--initrd", "-i")
-        {
-            Description = "initial ramdisk for a bzImage kernel",
-        };
-        var cmdline = new Option<string>("--cmdline", "-c")
-        {
-            Description = "kernel command line (for the guest kit: the workload and its key=value arguments)",
-            DefaultValueFactory = _ => "",
-        };
-        var memory = new Option<string>("--memory", "-m")
-        {
-            Description = "guest RAM size, with K, M or G suffix",
-            DefaultValueFactory = _ => "256M",
-        };
-        var cpus = new Option<int>("--cpus")
-        {
-            Description = "number of vCPUs",
-            DefaultValueFactory = _ => 1,
-            CustomParser = r =>
-            {
-                string text = r.Tokens.Count > 0 ? r.Tokens[^1].Value : "";
-                if (int.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int n))
-                    return n;
-                r.AddError($"--cpus '{text}' is not a whole number");
-                return 0;
-            },
-        };
-        var debugExit = new Option<bool>("--debug-exit")
-        {
-            Description = "add the debug-exit port at 0xf4; vmctl then exits with the byte the guest writes there",
-        };
-        var hugePages = new Option<HugePageMode>("--hugepages")
-        {
-            Description = "back guest RAM with huge pages: none, transparent (THP through madvise) or hugetlb (the reserved pool)",
-            HelpName = "none|transparent|hugetlb",
-            DefaultValueFactory = _ => HugePageMode.None,
-            CustomParser = r =>
-            {
-                string text = r.Tokens.Count > 0 ? r.Tokens[^1].Value : "";
-                switch (text.ToLowerInvariant())
-                {
-                    case "none": return HugePageMode.None;
-                    case "transparent" or "thp": return HugePageMode.Transparent;
-                    case "hugetlb": return HugePageMode.HugeTlb;
-                    default:
-                        r.AddError($"--hugepages '{text}' is not one of none, transparent, hugetlb");
-                        return HugePageMode.None;
-                }
-            },
-        };
-
-        var disks = new Option<string[]>("--disk", "-d")
-        {
-            Description = "give the VM a virtio-blk disk on a raw or qcow2 image (repeatable; PCI slots in order).\n" +
-                "Options after the path: readonly (the guest cannot write), serial=ID (what the guest reads as\n" +
-                "the disk's ID, up to 20 characters), queues=N (request queues served in parallel, 1 to 64)",
-            HelpName = "PATH[,readonly][,serial=ID][,queues=N]",
-            DefaultValueFactory = _ => [],
-        };
-
-        var cpuFeatures = new Option<string>("--cpu-features")
-        {
-            Description = "CPU features the guest is told its CPU lacks, as Linux names them: -cx16,-xsave (see README)",
-            HelpName = "-NAME[,-NAME...]",
-        };
-
-        var cpuModel = new Option<string>("--cpu-model")
-        {
-            Description = "a named CPU model, so the guest sees the same instruction set on every host that has it:\n" +
-                string.Join("\n", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => $"  {m.Name,-10} {m.Description}")),
-            HelpName = string.Join("|", Kvm.Vmm.Cpu.CpuFeatures.Models.Select(m => m.Name)),
-            DefaultValueFactory = _ => "host",
-        };
-
+        var specOptions = new SpecOptions(kernelRequired: true);
         var control = new Option<string>("--control")
         {
             Description = "also serve the VM's control socket at this path (see 'vmctl control')",
@@ -142,28 +68,16 @@ public static class VmctlCommands
         var run = new Command("run",
             "Boot one VM in the foreground. Its serial console (COM1) is this terminal; Ctrl-C stops the VM.\n" +
             "Exit status: with --debug-exit, the status the guest wrote; 130 after Ctrl-C; 1 when the VM failed\n" +
-            "(guest shut down, KVM error) or could not start; 2 for a usage error.")
-        {
-            kernel, initrd, cmdline, memory, cpus, debugExit, hugePages, cpuModel, cpuFeatures, disks, control, consoleSocket,
-        };
+            "(guest shut down, KVM error) or could not start; 2 for a usage error.");
+        specOptions.AddTo(run);
+        run.Options.Add(control);
+        run.Options.Add(consoleSocket);
         run.SetAction(parse =>
         {
             VmSpec spec;
             try
             {
-                spec = new VmSpec
-                {
-                    Kernel = parse.GetRequiredValue(kernel).FullName,
-                    Initrd = parse.GetValue(initrd)?.FullName,
-                    Cmdline = parse.GetValue(cmdline) ?? "",
-                    MemoryBytes = VmSpec.ParseSize(parse.GetRequiredValue(memory)),
-                    Cpus = parse.GetValue(cpus),
-                    DebugExit = parse.GetValue(debugExit),
-                    HugePages = parse.GetValue(hugePages),
-                    Disks = (parse.GetValue(disks) ?? []).Select(DiskSpec.Parse).ToArray(),
-                    HiddenCpuFeatures = parse.GetValue(cpuFeatures) is { } f ? Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(f) : [],
-                    CpuModel = parse.GetValue(cpuModel) ?? "host",
-                };
+                spec = specOptions.Spec(parse);
                 spec.Validate();
             }
             catch (Exception e) when (e is FormatException or ArgumentException)
