@@ -27,6 +27,7 @@ public static class TestEnvironment
     public static string GuestKit => Path.Combine(BuildDir, "guest", "guestkit.elf");
     public static string Vmctl => Path.Combine(BuildDir, "bin", "vmctl");
     public static string KvmVmm => Path.Combine(BuildDir, "bin", "kvm-vmm");
+    public static string Kvmd => Path.Combine(BuildDir, "bin", "kvmd");
 
     /// <summary>Skips the calling test, naming what is missing, unless /dev/kvm is usable.</summary>
     public static void RequireKvm() => SkipIf(KvmUnavailable());
