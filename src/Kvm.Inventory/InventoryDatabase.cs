@@ -55,6 +55,10 @@ public sealed class InventoryDatabase : IAsyncDisposable
     public DiskRepository Disks { get; }
     public ReservationRepository Reservations { get; }
 
+    /// <summary>Starts following the events after <paramref name="afterId"/> on a connection of its own; dispose it to stop.</summary>
+    public InventoryNotifications FollowEvents(long afterId, InventoryNotificationsOptions? options = null) =>
+        InventoryNotifications.Start(DataSource, afterId, options);
+
     /// <summary>Opens the inventory: starts the private cluster if there is no connection string, then migrates the schema.</summary>
     public static async Task<InventoryDatabase> OpenAsync(InventoryOptions options, CancellationToken ct = default)
     {
