@@ -1,4 +1,5 @@
 using System.Text.Json;
+using Dapper;
 using Kvm.Rpc;
 using static Kvm.Inventory.Tests.InventoryTestKit;
 
@@ -175,6 +176,32 @@ public sealed class LeaseTests(ClusterFixture cluster)
         Assert.Contains("the lease is free (generation 2)", free.Message);
         var missing = await Assert.ThrowsAsync<InventoryException>(() => inv.Vms.SetOwnerAsync("nope", null, now.Token));
         Assert.Equal(RpcErrorCode.NotFound, missing.Code);
+    }
+
+    [SkippableFact]
+    public async Task A_fenced_write_racing_a_lease_change_waits_for_it_and_is_refused_once_it_commits()
+    {
+        await using var inv = await OpenAsync(cluster);
+        var h1 = await inv.Hosts.RegisterAsync("host-1", "");
+        var h2 = await inv.Hosts.RegisterAsync("host-2", "");
+        var vm = await inv.Vms.CreateAsync("web1", "{}");
+        var held = await inv.Leases.AcquireAsync(LeaseKind.Vm, vm.Id, h1.Id, Long);
+
+        // Another host takes the lease over in a transaction not committed yet (as an acquisition
+        // does, with the row locked): the write under the old token must not slip in before it.
+        await using var conn = await inv.DataSource.OpenConnectionAsync();
+        await using var tx = await conn.BeginTransactionAsync();
+        await conn.ExecuteAsync("select 1 from leases where resource_id = @id for update", new { id = vm.Id }, tx);
+        await conn.ExecuteAsync("update leases set owner_host = @h, generation = generation + 1 where resource_id = @id", new { h = h2.Id, id = vm.Id }, tx);
+        var write = inv.Vms.SetActualStateAsync("web1", VmActualState.Failed, held.Token);
+        await Task.Delay(500);
+        Assert.False(write.IsCompleted, "the fenced write did not wait for the lease's row lock");
+        await tx.CommitAsync();
+
+        var stale = await Assert.ThrowsAsync<InventoryException>(() => write.WaitAsync(Patience));
+        Assert.Equal(RpcErrorCode.StaleLease, stale.Code);
+        Assert.Contains("held by host 'host-2' at generation 2", stale.Message);
+        Assert.Equal(VmActualState.Stopped, (await inv.Vms.GetAsync("web1")).ActualState);
     }
 
     [SkippableFact]
