@@ -35,6 +35,9 @@ public sealed class InventoryDatabase : IAsyncDisposable
         Hosts = new HostRepository(dataSource);
         Vms = new VmRepository(dataSource);
         Events = new EventRepository(dataSource);
+        Leases = new LeaseRepository(dataSource);
+        Disks = new DiskRepository(dataSource);
+        Reservations = new ReservationRepository(dataSource);
     }
 
     public NpgsqlDataSource DataSource { get; }
@@ -48,6 +51,13 @@ public sealed class InventoryDatabase : IAsyncDisposable
     public HostRepository Hosts { get; }
     public VmRepository Vms { get; }
     public EventRepository Events { get; }
+    public LeaseRepository Leases { get; }
+    public DiskRepository Disks { get; }
+    public ReservationRepository Reservations { get; }
+
+    /// <summary>Starts following the events after <paramref name="afterId"/> on a connection of its own; dispose it to stop.</summary>
+    public InventoryNotifications FollowEvents(long afterId, InventoryNotificationsOptions? options = null) =>
+        InventoryNotifications.Start(DataSource, afterId, options);
 
     /// <summary>Opens the inventory: starts the private cluster if there is no connection string, then migrates the schema.</summary>
     public static async Task<InventoryDatabase> OpenAsync(InventoryOptions options, CancellationToken ct = default)

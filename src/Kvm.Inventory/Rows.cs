@@ -27,7 +27,41 @@ public sealed record VmRow(
 /// <summary>A row of events: <see cref="Subject"/> names the object ('vm/web1'), <see cref="Data"/> is a JSON object.</summary>
 public sealed record EventRow(long Id, DateTimeOffset At, string Kind, string Subject, Guid? Host, string Data);
 
-/// <summary>The text the database stores for each state (the CHECK constraints of schema v1 list the same).</summary>
+/// <summary>An image's format (disks.format).</summary>
+public enum DiskFormat { Qcow2, Raw }
+
+/// <summary>
+/// A row of disks: an image at <see cref="Path"/>; <see cref="Backing"/> is the image below it in
+/// its backing chain; <see cref="Host"/> is where the file lives (null: storage every host reaches).
+/// </summary>
+public sealed record DiskRow(Guid Id, string Path, DiskFormat Format, long SizeBytes, Guid? Backing, Guid? Host, DateTimeOffset CreatedAt);
+
+/// <summary>How a disk is reserved: a writable disk exclusively, a read-only one or a backing image shared.</summary>
+public enum ReservationMode { Exclusive, Shared }
+
+/// <summary>
+/// A row of reservations, with the names of what it refers to: disk <see cref="Disk"/> (at
+/// <see cref="DiskPath"/>) is used by VM <see cref="HolderVm"/> on host <see cref="HolderHost"/>
+/// (no VM: the host itself, for a migration or a commit). <see cref="Lease"/> is the lease it was
+/// made under, with the generation then held (null: made without a lease).
+/// </summary>
+public sealed record ReservationRow(
+    long Id,
+    Guid Disk,
+    string DiskPath,
+    Guid HolderHost,
+    string HolderHostName,
+    Guid? HolderVm,
+    string? HolderVmName,
+    ReservationMode Mode,
+    LeaseToken? Lease,
+    DateTimeOffset CreatedAt)
+{
+    /// <summary>"VM 'web1' on host 'h1'", or "host 'h1'".</summary>
+    public string Holder => HolderVmName is null ? $"host '{HolderHostName}'" : $"VM '{HolderVmName}' on host '{HolderHostName}'";
+}
+
+/// <summary>The text the database stores for each state, format and mode (the CHECK constraints of the schema list the same).</summary>
 public static class StateNames
 {
     public static string Of(VmDesiredState s) => s switch
@@ -49,6 +83,34 @@ public static class StateNames
         VmActualState.Failed => "failed",
         VmActualState.Unknown => "unknown",
         _ => throw new ArgumentOutOfRangeException(nameof(s), s, "not an actual VM state"),
+    };
+
+    public static string Of(DiskFormat f) => f switch
+    {
+        DiskFormat.Qcow2 => "qcow2",
+        DiskFormat.Raw => "raw",
+        _ => throw new ArgumentOutOfRangeException(nameof(f), f, "not a disk format"),
+    };
+
+    public static string Of(ReservationMode m) => m switch
+    {
+        ReservationMode.Exclusive => "exclusive",
+        ReservationMode.Shared => "shared",
+        _ => throw new ArgumentOutOfRangeException(nameof(m), m, "not a reservation mode"),
+    };
+
+    public static DiskFormat Format(string s) => s switch
+    {
+        "qcow2" => DiskFormat.Qcow2,
+        "raw" => DiskFormat.Raw,
+        _ => throw new InventoryException($"disks.format '{s}' is not a format this kvmd knows"),
+    };
+
+    public static ReservationMode Mode(string s) => s switch
+    {
+        "exclusive" => ReservationMode.Exclusive,
+        "shared" => ReservationMode.Shared,
+        _ => throw new InventoryException($"reservations.mode '{s}' is not a mode this kvmd knows"),
     };
 
     public static VmDesiredState Desired(string s) =>

@@ -27,6 +27,12 @@ public static class RpcErrorCode
 
     /// <summary>An object with that name (a VM, a host) already exists.</summary>
     public const int AlreadyExists = -32006;
+
+    /// <summary>
+    /// A write made under a lease whose token is stale: the lease has moved on to another holder or
+    /// generation, or has expired. The writer no longer owns the object and must stop acting on it.
+    /// </summary>
+    public const int StaleLease = -32007;
 }
 
 /// <summary>

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using Dapper;
 using Kvm.Rpc;
 using Npgsql;
@@ -8,7 +9,8 @@ namespace Kvm.Inventory.Repositories;
 /// The inventory's events, in id order. A reader remembers the last id it saw and asks for those
 /// after it. Ids come from a sequence, so a transaction that commits late can make an id appear
 /// below one already read: a reader that must see every event re-reads a short window behind its
-/// last id (the NOTIFY-based follower to come handles this).
+/// last id (<see cref="InventoryNotifications"/> does). Each event is announced at its commit on
+/// channel <see cref="InventoryNotifications.Channel"/> (schema v2's trigger).
 /// </summary>
 public sealed class EventRepository(NpgsqlDataSource db)
 {
@@ -34,15 +36,82 @@ public sealed class EventRepository(NpgsqlDataSource db)
         });
 
     /// <summary>The events after <paramref name="afterId"/> (0: from the first), oldest first, at most <paramref name="limit"/>.</summary>
-    public Task<IReadOnlyList<EventRow>> ListSinceAsync(long afterId, int limit = 1000, CancellationToken ct = default) =>
-        DbErrors.Run($"list events after {afterId}", async () =>
+    public Task<IReadOnlyList<EventRow>> ReadAfterAsync(long afterId, int limit = 1000, CancellationToken ct = default)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(limit);
+        return DbErrors.Run($"list events after {afterId}", async () =>
         {
-            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(limit);
             await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
-            var rows = await conn.QueryAsync<EventRecord>(
-                $"select {Columns} from events where id > @afterId order by id limit @limit", new { afterId, limit }).ConfigureAwait(false);
-            return (IReadOnlyList<EventRow>)rows.Select(r => r.ToRow()).ToList();
+            return await ReadAfterAsync(conn, afterId, limit).ConfigureAwait(false);
         });
+    }
+
+    /// <summary>The same as <see cref="ReadAfterAsync(long, int, CancellationToken)"/>.</summary>
+    public Task<IReadOnlyList<EventRow>> ListSinceAsync(long afterId, int limit = 1000, CancellationToken ct = default) => ReadAfterAsync(afterId, limit, ct);
+
+    /// <summary>
+    /// The events after <paramref name="afterId"/>, at most <paramref name="limit"/>, waiting up to
+    /// <paramref name="timeout"/> for the first one when there is none yet (a long poll: empty
+    /// when the time is up). Holds a connection of its own, listening, while it waits.
+    /// </summary>
+    public Task<IReadOnlyList<EventRow>> WaitAfterAsync(long afterId, TimeSpan timeout, int limit = 1000, CancellationToken ct = default)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(limit);
+        return DbErrors.Run($"wait for events after {afterId}", async () =>
+        {
+            var deadline = Stopwatch.GetTimestamp() + (long)(Math.Max(timeout.TotalSeconds, 0) * Stopwatch.Frequency);
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            var notified = false;
+            conn.Notification += (_, _) => notified = true;
+            await using (var listen = new NpgsqlCommand($"listen {InventoryNotifications.Channel}", conn))
+                await listen.ExecuteNonQueryAsync(ct).ConfigureAwait(false);
+            try
+            {
+                while (true)
+                {
+                    // Listening before reading: an event committed after the read is announced.
+                    notified = false;
+                    var rows = await ReadAfterAsync(conn, afterId, limit).ConfigureAwait(false);
+                    var left = Stopwatch.GetElapsedTime(Stopwatch.GetTimestamp(), deadline);
+                    if (rows.Count > 0 || left <= TimeSpan.Zero)
+                        return rows;
+                    if (!notified)
+                        await conn.WaitAsync(left, ct).ConfigureAwait(false);
+                }
+            }
+            finally
+            {
+                // The connection goes back to the pool: it must not keep listening. A broken one
+                // is not pooled again.
+                if (conn.FullState == System.Data.ConnectionState.Open)
+                {
+                    try
+                    {
+                        await using var unlisten = new NpgsqlCommand("unlisten *", conn);
+                        await unlisten.ExecuteNonQueryAsync(CancellationToken.None).ConfigureAwait(false);
+                    }
+                    catch (NpgsqlException)
+                    {
+                    }
+                }
+            }
+        });
+    }
+
+    internal static async Task<IReadOnlyList<EventRow>> ReadAfterAsync(NpgsqlConnection conn, long afterId, int limit)
+    {
+        var rows = await conn.QueryAsync<EventRecord>(
+            $"select {Columns} from events where id > @afterId order by id limit @limit", new { afterId, limit }).ConfigureAwait(false);
+        return rows.Select(r => r.ToRow()).ToList();
+    }
+
+    /// <summary>The events with ids from <paramref name="fromId"/> to <paramref name="toId"/>, in id order.</summary>
+    internal static async Task<IReadOnlyList<EventRow>> ReadRangeAsync(NpgsqlConnection conn, long fromId, long toId)
+    {
+        var rows = await conn.QueryAsync<EventRecord>(
+            $"select {Columns} from events where id between @fromId and @toId order by id", new { fromId, toId }).ConfigureAwait(false);
+        return rows.Select(r => r.ToRow()).ToList();
+    }
 
     /// <summary>The id of the newest event (0 when there is none): where a reader that wants only what happens next starts.</summary>
     public Task<long> NewestIdAsync(CancellationToken ct = default) =>

@@ -64,9 +64,3 @@ public sealed class HostRepository(NpgsqlDataSource db)
         public HostRow ToRow() => new(Id, Name, Address, Times.Utc(RegisteredAt), Times.Utc(LastSeen));
     }
 }
-
-internal static class Times
-{
-    /// <summary>A timestamptz as Npgsql reads it (a DateTime of kind Utc) as a DateTimeOffset.</summary>
-    public static DateTimeOffset Utc(DateTime t) => new(DateTime.SpecifyKind(t, DateTimeKind.Utc));
-}

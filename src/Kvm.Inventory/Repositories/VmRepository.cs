@@ -123,6 +123,60 @@ public sealed class VmRepository(NpgsqlDataSource db)
             return row?.ToRow() ?? throw DbErrors.NotFound($"VM '{name}'");
         });
 
+    /// <summary>
+    /// Records what VM <paramref name="name"/> was seen to be, under its lease: the row changes only
+    /// if, in the same statement, the VM's lease is held by <paramref name="fence"/>'s host at its
+    /// generation and unexpired; else a StaleLease error naming the lease's current owner and
+    /// generation, and nothing changes.
+    /// </summary>
+    public Task<VmRow> SetActualStateAsync(string name, VmActualState state, LeaseToken fence, CancellationToken ct = default) =>
+        UpdateUnderLeaseAsync(name, $"set actual state of VM '{name}' to {StateNames.Of(state)}", fence, "actual_state = @value",
+            "'vm.actual-state', 'vm/' || v.name, v.owner_host, jsonb_build_object('state', @value::text, 'generation', @fenceGeneration::bigint)",
+            StateNames.Of(state), null, ct);
+
+    /// <summary>
+    /// Records which host runs VM <paramref name="name"/> (null: none), under its lease, as
+    /// <see cref="SetActualStateAsync(string, VmActualState, LeaseToken, CancellationToken)"/> does.
+    /// </summary>
+    public Task<VmRow> SetOwnerAsync(string name, Guid? owner, LeaseToken fence, CancellationToken ct = default) =>
+        UpdateUnderLeaseAsync(name, $"set the host of VM '{name}'", fence, "owner_host = @owner",
+            "'vm.owner', 'vm/' || v.name, v.owner_host, jsonb_build_object('host', v.owner_host, 'generation', @fenceGeneration::bigint)",
+            null, owner, ct);
+
+    private Task<VmRow> UpdateUnderLeaseAsync(string name, string operation, LeaseToken fence, string assignment, string eventValues, string? value, Guid? owner, CancellationToken ct)
+    {
+        if (fence.Kind != LeaseKind.Vm)
+            throw new ArgumentException($"a VM's row is written under the VM's lease, not under {fence}", nameof(fence));
+        return DbErrors.Run(operation, async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            // The lease row is locked FOR SHARE while checked: an acquisition or a break of the
+            // lease waits for this statement, and one that committed first fails the check (its
+            // newer generation is what the check sees after the wait). The assignments and event
+            // values are constants of this class, never user input.
+            var row = await conn.QuerySingleOrDefaultAsync<VmRecord>($"""
+                with v as (
+                    update vms set {assignment}, updated_at = now()
+                    where name = @name and id = @fenceResource and exists (
+                        select 1 from leases l
+                        where l.resource_kind = 'vm' and l.resource_id = vms.id and {Fences.Holds("l")}
+                        for share)
+                    returning *),
+                e as (
+                    insert into events (kind, subject, host, data)
+                    select {eventValues} from v)
+                select {Columns} from v
+                """, new { name, value, owner, fenceResource = fence.ResourceId, fenceHost = fence.Host, fenceGeneration = fence.Generation }).ConfigureAwait(false);
+            if (row is not null)
+                return row.ToRow();
+            var id = await conn.ExecuteScalarAsync<Guid?>("select id from vms where name = @name", new { name }).ConfigureAwait(false)
+                ?? throw DbErrors.NotFound($"VM '{name}'");
+            if (id != fence.ResourceId)
+                throw new InventoryException($"{operation}: the token is for the lease on VM {fence.ResourceId}, not on VM '{name}' ({id})", code: RpcErrorCode.InvalidParams);
+            throw await Fences.StaleAsync(conn, null, fence, operation).ConfigureAwait(false);
+        }, e => e.SqlState == DbErrors.ForeignKeyViolation ? OwnerMissing(owner, e) : null);
+    }
+
     private static InventoryException OwnerMissing(Guid? host, PostgresException e) =>
         new($"host {host} does not exist", e, RpcErrorCode.NotFound);
 
