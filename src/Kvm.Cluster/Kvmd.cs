@@ -345,24 +345,17 @@ public sealed partial class Kvmd : IAsyncDisposable
             throw new RpcException(RpcErrorCode.InvalidParams, $"events: limit {request.Limit} is out of range (1 to 10000)");
         if (request.TimeoutSeconds is < 0 or > 3600 || double.IsNaN(request.TimeoutSeconds))
             throw new RpcException(RpcErrorCode.InvalidParams, "events: timeoutSeconds is out of range (0 to 3600)");
-        var deadline = Stopwatch.StartNew();
         long newest = await _db.Events.NewestIdAsync(cancel).ConfigureAwait(false);
         long after = request.After >= 0 ? request.After : Math.Max(0, newest + request.After);
-        while (true)
+        // A long poll: LISTEN/NOTIFY wakes it when an event arrives.
+        var rows = await _db.Events.WaitAfterAsync(after, TimeSpan.FromSeconds(request.TimeoutSeconds), request.Limit, cancel).ConfigureAwait(false);
+        var hosts = rows.Count == 0 ? [] : (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        var list = rows.Select(e =>
         {
-            var rows = await _db.Events.ListSinceAsync(after, request.Limit, cancel).ConfigureAwait(false);
-            if (rows.Count > 0 || deadline.Elapsed.TotalSeconds >= request.TimeoutSeconds)
-            {
-                var hosts = rows.Count == 0 ? [] : (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
-                var list = rows.Select(e =>
-                {
-                    using var data = JsonDocument.Parse(e.Data);
-                    return new EventInfo(e.Id, e.At, e.Kind, e.Subject, e.Host is { } h && hosts.TryGetValue(h, out var n) ? n : null, data.RootElement.Clone());
-                }).ToList();
-                return new EventList(list, list.Count > 0 ? list[^1].Id : after, Math.Max(newest, list.Count > 0 ? list[^1].Id : 0));
-            }
-            await Task.Delay(200, cancel).ConfigureAwait(false);
-        }
+            using var data = JsonDocument.Parse(e.Data);
+            return new EventInfo(e.Id, e.At, e.Kind, e.Subject, e.Host is { } h && hosts.TryGetValue(h, out var n) ? n : null, data.RootElement.Clone());
+        }).ToList();
+        return new EventList(list, list.Count > 0 ? list[^1].Id : after, Math.Max(newest, list.Count > 0 ? list[^1].Id : 0));
     }
 
     public async Task<HostList> HostsAsync(CancellationToken cancel) =>
