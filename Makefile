@@ -18,7 +18,7 @@ PROGRAMS := vmctl kvm-vmm kvmd
 LAUNCHERS := $(addprefix $(BUILD)/bin/,$(PROGRAMS))
 PUBLISHED := $(BUILD)/lib/.published
 
-CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props
+CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props VERSION
 # The programs set PublishAot: each is published as one native executable (no .NET runtime needed).
 PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 -o $(LIBDIR) --nologo -v quiet
 
