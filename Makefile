@@ -36,7 +36,7 @@ programs: $(LAUNCHERS)
 
 $(SHIM): native/kvmshim/kvmshim.c
 	@mkdir -p $(dir $@)
-	$(CC) -O2 -g -Wall -Wextra -Werror -std=gnu11 -fPIC -shared -fvisibility=hidden -o $@ $<
+	$(CC) -O2 -g -Wall -Wextra -Werror -std=gnu11 -fPIC -shared -fvisibility=hidden -D_FORTIFY_SOURCE=2 -Wl,-z,relro,-z,now -o $@ $<
 
 $(GUEST): $(wildcard native/guest/*.c native/guest/*.h native/guest/*.S native/guest/*.ld native/guest/Makefile)
 	$(MAKE) -C native/guest O=$(BUILD)/guest
