@@ -5,6 +5,7 @@
 #   make test       builds, then runs every test (unit and integration; the KVM ones in the nested
 #                   KVM host where this machine has no /dev/kvm)
 #   make bench      builds, then runs the benchmarks (they print ratios against QEMU and qemu-img)
+#   make deb        builds the programs, then the Debian package build/kvm_VERSION_amd64.deb
 
 BUILD    := $(CURDIR)/build
 DOTNET   ?= dotnet
@@ -24,7 +25,7 @@ PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 -o $(LIBDIR) --nologo -v quiet
 
 RUN_CMDLINE ?= hello
 
-.PHONY: all native guest programs run test unit-test integration-test bench clean linux
+.PHONY: all native guest programs run test unit-test integration-test bench clean linux deb
 all: native guest programs
 
 native: $(SHIM)
@@ -97,6 +98,11 @@ bench: all linux
 	fi; \
 	$(DOTNET) $(BENCH_DLL) disk $(DISK_BENCH_ARGS) || status=1; \
 	exit $$status
+
+# The Debian package (packaging/build-deb.sh: the programs, kvmd.service, the kvm group): the version
+# is the file VERSION, like the programs'. Needs dpkg-dev and help2man (.ci/run installs them).
+deb: programs
+	@bash packaging/build-deb.sh $(LIBDIR) $(BUILD)
 
 clean:
 	rm -rf $(BUILD)
