@@ -5,6 +5,7 @@
 #   make test       builds, then runs every test (unit and integration; the KVM ones in the nested
 #                   KVM host where this machine has no /dev/kvm)
 #   make bench      builds, then runs the benchmarks (they print ratios against QEMU and qemu-img)
+#   make deb        builds the programs, then the Debian package build/kvm_VERSION_amd64.deb
 
 BUILD    := $(CURDIR)/build
 DOTNET   ?= dotnet
@@ -18,13 +19,13 @@ PROGRAMS := vmctl kvm-vmm kvmd
 LAUNCHERS := $(addprefix $(BUILD)/bin/,$(PROGRAMS))
 PUBLISHED := $(BUILD)/lib/.published
 
-CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props
+CS_SOURCES := $(shell find src -name '*.cs' -o -name '*.csproj' 2>/dev/null) Directory.Build.props Directory.Packages.props VERSION
 # The programs set PublishAot: each is published as one native executable (no .NET runtime needed).
 PUBLISH_FLAGS := -c $(CONFIG) -r linux-x64 -o $(LIBDIR) --nologo -v quiet
 
 RUN_CMDLINE ?= hello
 
-.PHONY: all native guest programs run test unit-test integration-test bench clean linux
+.PHONY: all native guest programs run test unit-test integration-test bench clean linux deb
 all: native guest programs
 
 native: $(SHIM)
@@ -36,7 +37,7 @@ programs: $(LAUNCHERS)
 
 $(SHIM): native/kvmshim/kvmshim.c
 	@mkdir -p $(dir $@)
-	$(CC) -O2 -g -Wall -Wextra -Werror -std=gnu11 -fPIC -shared -fvisibility=hidden -o $@ $<
+	$(CC) -O2 -g -Wall -Wextra -Werror -std=gnu11 -fPIC -shared -fvisibility=hidden -D_FORTIFY_SOURCE=2 -Wl,-z,relro,-z,now -o $@ $<
 
 $(GUEST): $(wildcard native/guest/*.c native/guest/*.h native/guest/*.S native/guest/*.ld native/guest/Makefile)
 	$(MAKE) -C native/guest O=$(BUILD)/guest
@@ -97,6 +98,11 @@ bench: all linux
 	fi; \
 	$(DOTNET) $(BENCH_DLL) disk $(DISK_BENCH_ARGS) || status=1; \
 	exit $$status
+
+# The Debian package (packaging/build-deb.sh: the programs, kvmd.service, the kvm group): the version
+# is the file VERSION, like the programs'. Needs dpkg-dev and help2man (.ci/run installs them).
+deb: programs
+	@bash packaging/build-deb.sh $(LIBDIR) $(BUILD)
 
 clean:
 	rm -rf $(BUILD)
