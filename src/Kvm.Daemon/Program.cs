@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using Kvm.Cluster;
+using Kvm.Cluster.Systemd;
 using Kvm.Rpc;
 using Kvm.Vmm.Machine;
 using Microsoft.Extensions.Logging;
@@ -66,6 +67,11 @@ for (int i = 0; i < args.Length; i++)
 }
 
 var logger = new StderrLogger(program, LogLevel.Information);
+// Under systemd (Type=notify): READY once serving, a watchdog while running, STOPPING at the end.
+// Read and removed from the environment first, so that no child (kvm-vmm, postgres) inherits it.
+var systemd = SystemdNotifier.FromEnvironment(logger: logger);
+// The first start makes the private cluster (initdb): minutes on a slow machine.
+systemd.ExtendTimeout(TimeSpan.FromMinutes(5));
 using var stop = new CancellationTokenSource();
 using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
 using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
@@ -83,7 +89,10 @@ catch (OperationCanceledException)
 {
     return 0;
 }
-Console.Error.WriteLine($"{program}: serving {options.Socket} as host '{kvmd.Host.Name}', {kvmd.Supervisor.Running.Count} VM(s) running");
+string serving = $"serving {options.Socket} as host '{kvmd.Host.Name}', {kvmd.Supervisor.Running.Count} VM(s) running";
+Console.Error.WriteLine($"{program}: {serving}");
+systemd.Ready(serving);
+var watchdog = systemd.RunWatchdogAsync(() => true, stop.Token);
 try
 {
     await Task.Delay(Timeout.Infinite, stop.Token);
@@ -91,6 +100,15 @@ try
 catch (OperationCanceledException)
 {
 }
-Console.Error.WriteLine($"{program}: stopping; {kvmd.Supervisor.Running.Count} VM(s) go on running");
+string stopping = $"stopping; {kvmd.Supervisor.Running.Count} VM(s) go on running";
+Console.Error.WriteLine($"{program}: {stopping}");
+systemd.Stopping(stopping);
 await kvmd.DisposeAsync();
+try
+{
+    await watchdog;
+}
+catch (OperationCanceledException)
+{
+}
 return 0;
