@@ -91,6 +91,9 @@ public sealed partial class Kvmd : IAsyncDisposable
         }, dispatcher, _logger);
         _server.Start();
         _heartbeat = Task.Run(HeartbeatLoopAsync);
+        _renewer = Task.Run(RenewLoopAsync);
+        if (_options.Takeover)
+            _takeover = Task.Run(TakeoverLoopAsync);
         LogServing(_logger, _options.Socket, Host.Name, Host.Id);
     }
 
@@ -127,7 +130,26 @@ public sealed partial class Kvmd : IAsyncDisposable
         {
             names.Add(vm.Name);
             var process = await _supervisor.AdoptAsync(vm.Name, cancel).ConfigureAwait(false);
-            if (process is null)
+            // Its lease: taken back if this host still holds it and can renew it; else the VM is not ours to run.
+            var lease = await _db.Leases.FindAsync(LeaseKind.Vm, vm.Id, cancel).ConfigureAwait(false);
+            if (lease?.Token is { } token && token.Host == Host.Id)
+            {
+                long sent = System.Diagnostics.Stopwatch.GetTimestamp();
+                var renewed = await _db.Leases.RenewAsync(Host.Id, [token], _options.LeaseDuration, cancel).ConfigureAwait(false);
+                if (renewed.Count == 1)
+                {
+                    _leases[vm.Name] = new HeldLease(token, sent);
+                    if (process is not null)
+                        await ArmFenceAsync(vm.Name, sent, cancel).ConfigureAwait(false);
+                }
+            }
+            if (process is not null && LeaseOf(vm.Name) is null)
+            {
+                await FenceNowAsync(vm.Name, lease?.Token ?? new LeaseToken(LeaseKind.Vm, vm.Id, Host.Id, lease?.Generation ?? 0),
+                    "found running after a restart of kvmd, but its lease had expired or moved on").ConfigureAwait(false);
+                process = null; // its end is recorded by the supervisor's exit handler
+            }
+            else if (process is null)
             {
                 var record = VmHost.ReadExitRecord(_supervisor.FilesOf(vm.Name).ExitFile);
                 var exit = record is not null ? new VmExit(record.Status, record.Reason, record.Failed)
@@ -142,9 +164,20 @@ public sealed partial class Kvmd : IAsyncDisposable
                 continue;
             if (await _supervisor.AdoptAsync(name, cancel).ConfigureAwait(false) is { } process)
             {
-                await _db.Vms.SetOwnerHostAsync(name, Host.Id, cancel).ConfigureAwait(false);
+                LeaseToken token;
+                try
+                {
+                    token = await AcquireVmLeaseAsync(row, cancel).ConfigureAwait(false);
+                }
+                catch (RpcException e) when (e.Code == RpcErrorCode.InvalidState)
+                {
+                    await FenceNowAsync(name, new LeaseToken(LeaseKind.Vm, row.Id, Host.Id, 0), $"found running unrecorded, but another host holds its lease: {e.Message}").ConfigureAwait(false);
+                    continue;
+                }
+                await ArmFenceAsync(name, _leases[name].SentAt, cancel).ConfigureAwait(false);
+                await _db.Vms.SetOwnerAsync(name, Host.Id, token, cancel).ConfigureAwait(false);
                 var status = await StatusOfAsync(name, cancel).ConfigureAwait(false);
-                await _db.Vms.SetActualStateAsync(name, status?.State == "paused" ? VmActualState.Paused : VmActualState.Running, cancel).ConfigureAwait(false);
+                await _db.Vms.SetActualStateAsync(name, status?.State == "paused" ? VmActualState.Paused : VmActualState.Running, token, cancel).ConfigureAwait(false);
                 LogAdoptedUnrecorded(_logger, name, process.Pid);
             }
         }
@@ -169,15 +202,24 @@ public sealed partial class Kvmd : IAsyncDisposable
     {
         var row = await _db.Vms.FindAsync(name, cancel).ConfigureAwait(false);
         if (row is null || (row.OwnerHost is { } owner && owner != Host.Id))
+        {
+            _leases.TryRemove(name, out _);
             return; // deleted meanwhile, or another host has taken it over
-        if (row.OwnerHost is not null)
-            await _db.Vms.SetOwnerHostAsync(name, null, cancel).ConfigureAwait(false);
-        await _db.Vms.SetActualStateAsync(name, exit.Failed ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
-        if (row.DesiredState != VmDesiredState.Stopped)
+        }
+        bool fenced = exit.Reason.Contains("fenced:", StringComparison.Ordinal);
+        await RecordEndUnderLeaseAsync(row, exit.Failed || fenced ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
+        // A VM fenced because its lease could not be renewed is still wanted: its desired state stays.
+        if (row.DesiredState != VmDesiredState.Stopped && !fenced)
             await _db.Vms.SetDesiredStateAsync(name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
         await _db.Events.AppendAsync(exit.Failed ? "vm.failed" : "vm.exited", $"vm/{name}",
             JsonSerializer.Serialize(new EventData(exit.Status, exit.Reason, whileAway), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
     }
+
+    /// <summary>Records a running VM's state under its lease (refused once the lease has moved on).</summary>
+    private Task<VmRow> SetActualAsync(string name, VmActualState state, CancellationToken cancel) =>
+        LeaseOf(name) is { } token
+            ? _db.Vms.SetActualStateAsync(name, state, token, cancel)
+            : throw new RpcException(RpcErrorCode.StaleLease, $"VM '{name}': this host no longer holds its lease");
 
     private SemaphoreSlim Gate(string name) => _vmLocks.GetOrAdd(name, _ => new SemaphoreSlim(1, 1));
 
@@ -228,23 +270,27 @@ public sealed partial class Kvmd : IAsyncDisposable
         {
             throw new RpcException(RpcErrorCode.InvalidState, $"cannot start VM '{row.Name}': its spec is not valid", inner: e);
         }
+        // The VM's lease first (a takeover has acquired it already): refused, naming the holder,
+        // while another host holds it; every write about the VM from here on carries it.
+        var token = LeaseOf(row.Name) ?? await AcquireVmLeaseAsync(row, cancel).ConfigureAwait(false);
         await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Running, cancel).ConfigureAwait(false);
-        await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Starting, cancel).ConfigureAwait(false);
-        await _db.Vms.SetOwnerHostAsync(row.Name, Host.Id, cancel).ConfigureAwait(false);
+        await _db.Vms.SetOwnerAsync(row.Name, Host.Id, token, cancel).ConfigureAwait(false);
+        await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Starting, token, cancel).ConfigureAwait(false);
         try
         {
             await _supervisor.StartAsync(row.Name, spec, cancel).ConfigureAwait(false);
+            if (_leases.TryGetValue(row.Name, out var held))
+                await ArmFenceAsync(row.Name, held.SentAt, cancel).ConfigureAwait(false);
         }
         catch (Exception e)
         {
-            await _db.Vms.SetOwnerHostAsync(row.Name, null, CancellationToken.None).ConfigureAwait(false);
-            await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Failed, CancellationToken.None).ConfigureAwait(false);
+            await RecordEndUnderLeaseAsync(row, VmActualState.Failed, CancellationToken.None).ConfigureAwait(false);
             await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, CancellationToken.None).ConfigureAwait(false);
             await _db.Events.AppendAsync("vm.start-failed", $"vm/{row.Name}",
                 JsonSerializer.Serialize(new EventData(null, e.Message, false), KvmdEventJson.Default.EventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
             throw;
         }
-        var now = await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Running, cancel).ConfigureAwait(false);
+        var now = await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Running, token, cancel).ConfigureAwait(false);
         return Info(now);
     }
 
@@ -253,7 +299,7 @@ public sealed partial class Kvmd : IAsyncDisposable
         var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
         var process = RunningHere(row);
         await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
-        await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Stopping, cancel).ConfigureAwait(false);
+        await SetActualAsync(row.Name, VmActualState.Stopping, cancel).ConfigureAwait(false);
         StopResult result;
         try
         {
@@ -264,7 +310,7 @@ public sealed partial class Kvmd : IAsyncDisposable
         catch (RpcException e) when (e.Code == RpcErrorCode.InvalidState)
         {
             // A paused VM cannot answer the power button: it stays as it was.
-            await _db.Vms.SetActualStateAsync(row.Name, row.ActualState, CancellationToken.None).ConfigureAwait(false);
+            await SetActualAsync(row.Name, row.ActualState, CancellationToken.None).ConfigureAwait(false);
             await _db.Vms.SetDesiredStateAsync(row.Name, row.DesiredState, CancellationToken.None).ConfigureAwait(false);
             throw;
         }
@@ -287,7 +333,7 @@ public sealed partial class Kvmd : IAsyncDisposable
         using (var client = _supervisor.Connect(name))
             await client.CallAsync(method, VmControlJson.Default.StateChange, cancel).ConfigureAwait(false);
         await _db.Vms.SetDesiredStateAsync(name, desired, cancel).ConfigureAwait(false);
-        return Info(await _db.Vms.SetActualStateAsync(name, actual, cancel).ConfigureAwait(false));
+        return Info(await SetActualAsync(name, actual, cancel).ConfigureAwait(false));
     }, cancel);
 
     public Task<VmInfo> DeleteAsync(DeleteVmRequest request, CancellationToken cancel) => WithVmAsync(request.Name, async () =>
@@ -303,6 +349,8 @@ public sealed partial class Kvmd : IAsyncDisposable
             process.Signal(9);
             await process.Exited.WaitAsync(TimeSpan.FromSeconds(30), cancel).ConfigureAwait(false);
         }
+        if (_leases.TryRemove(row.Name, out var held))
+            await _db.Leases.ReleaseAsync(held.Token, cancel).ConfigureAwait(false);
         await _db.Vms.DeleteAsync(row.Name, cancel).ConfigureAwait(false);
         var files = _supervisor.FilesOf(row.Name);
         foreach (var dir in new[] { files.RunDirectory, files.StateDirectory })
@@ -422,8 +470,9 @@ public sealed partial class Kvmd : IAsyncDisposable
         _stopping.Cancel();
         if (_server is not null)
             await _server.DisposeAsync().ConfigureAwait(false);
-        if (_heartbeat is not null)
-            await _heartbeat.ConfigureAwait(false);
+        foreach (var loop in new[] { _heartbeat, _renewer, _takeover })
+            if (loop is not null)
+                await loop.ConfigureAwait(false);
         _supervisor.Dispose();
         await _db.DisposeAsync().ConfigureAwait(false);
         _stopping.Dispose();

@@ -13,7 +13,7 @@ namespace Kvm.Control;
 /// devices. Each is a plain method (tests call them directly); <see cref="Register"/> puts them
 /// on an RPC dispatcher under those names.
 /// </summary>
-public sealed class VmControl(VirtualMachine vm)
+public sealed class VmControl(VirtualMachine vm) : IDisposable
 {
     public const double DefaultStopTimeoutSeconds = 30;
     public const double MaxStopTimeoutSeconds = 3600;
@@ -108,6 +108,72 @@ public sealed class VmControl(VirtualMachine vm)
         return new StopResult(reason is HostStop ? "forced" : "guest", reason.Describe(), Elapsed());
     }
 
+    private Timer? _fence;
+    private long _fenceDeadline; // Stopwatch timestamp; 0: not armed
+    private string _fenceAction = "stop";
+
+    /// <summary>
+    /// Arms (or re-arms) the fence: unless armed again within <see cref="FenceRequest.Seconds"/>,
+    /// the VM stops (or pauses) by itself. A supervisor that holds the VM's lease re-arms it after
+    /// each renewal with the time its lease still surely has; if the supervisor stops renewing (it
+    /// froze, died, or lost the database), the VM is off before the lease can pass to another host.
+    /// The deadline is on this process's monotonic clock, which no other process's stall can hold.
+    /// </summary>
+    public FenceStatus Fence(FenceRequest request)
+    {
+        if (request.Action is not ("stop" or "pause"))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"fence: action '{request.Action}' is not one of stop, pause");
+        if (request.Seconds is < 0 or > 86400 || double.IsNaN(request.Seconds))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"fence: seconds {request.Seconds.ToString(CultureInfo.InvariantCulture)} is out of range (0 to 86400)");
+        lock (_lock)
+        {
+            if (request.Disarm)
+            {
+                _fence?.Dispose();
+                _fence = null;
+                _fenceDeadline = 0;
+                return new FenceStatus(false, 0, _fenceAction);
+            }
+            RequireRunning("fence");
+            _fenceAction = request.Action;
+            var due = TimeSpan.FromSeconds(request.Seconds);
+            _fenceDeadline = System.Diagnostics.Stopwatch.GetTimestamp() + (long)(due.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
+            _fence ??= new Timer(_ => FenceExpired());
+            _fence.Change(due, Timeout.InfiniteTimeSpan);
+            return new FenceStatus(true, request.Seconds, _fenceAction);
+        }
+    }
+
+    private void FenceExpired()
+    {
+        string action;
+        lock (_lock)
+        {
+            // A re-arm may have raced with this timer's firing: act only on a deadline that has passed.
+            if (_fenceDeadline == 0 || System.Diagnostics.Stopwatch.GetTimestamp() < _fenceDeadline || Stopped)
+                return;
+            _fenceDeadline = 0;
+            action = _fenceAction;
+            if (action == "pause" && !_paused && !_stopping)
+            {
+                vm.Pause();
+                _paused = true;
+                return;
+            }
+            _stopping = true;
+        }
+        vm.RequestStop(new HostStop("fenced: the supervisor did not renew the VM's lease in time"));
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            _fence?.Dispose();
+            _fence = null;
+        }
+    }
+
     public VmStats Stats() => new(
         new MemoryStats(vm.Spec.MemoryBytes, ResidentBytes()),
         vm.Disks.Select((d, i) =>
@@ -157,7 +223,7 @@ public sealed class VmControl(VirtualMachine vm)
         return new VmDevices(list);
     }
 
-    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices.</summary>
+    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence.</summary>
     public void Register(RpcDispatcher dispatcher)
     {
         var json = VmControlJson.Default;
@@ -167,5 +233,6 @@ public sealed class VmControl(VirtualMachine vm)
         dispatcher.Add("stop", json.StopRequest, json.StopResult, async (request, _, cancel) => await StopAsync(request, cancel).ConfigureAwait(false));
         dispatcher.Add("stats", json.VmStats, (_, _) => ValueTask.FromResult(Stats()));
         dispatcher.Add("devices", json.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
+        dispatcher.Add("fence", json.FenceRequest, json.FenceStatus, (r, _, _) => ValueTask.FromResult(Fence(r)));
     }
 }

@@ -35,6 +35,12 @@ public sealed record VmDevices(IReadOnlyList<DeviceInfo> Devices);
 /// <summary>A device by its stable id, its kind and where the guest finds it.</summary>
 public sealed record DeviceInfo(string Id, string Kind, string Location, string? Detail);
 
+/// <summary>Parameters of <c>fence</c>: stop (or pause) the VM unless fenced again within <paramref name="Seconds"/>; or disarm.</summary>
+public sealed record FenceRequest(double Seconds = 0, string Action = "stop", bool Disarm = false);
+
+/// <summary>The reply to <c>fence</c>.</summary>
+public sealed record FenceStatus(bool Armed, double Seconds, string Action);
+
 /// <summary>How a kvm-vmm process ended, as it recorded it in its exit file (--exit-file).</summary>
 /// <param name="Status">The process's exit status.</param>
 /// <param name="Reason">Why the VM stopped.</param>
@@ -51,4 +57,6 @@ public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pi
 [JsonSerializable(typeof(VmStats))]
 [JsonSerializable(typeof(VmDevices))]
 [JsonSerializable(typeof(VmExitRecord))]
+[JsonSerializable(typeof(FenceRequest))]
+[JsonSerializable(typeof(FenceStatus))]
 public sealed partial class VmControlJson : JsonSerializerContext;

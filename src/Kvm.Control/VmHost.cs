@@ -80,6 +80,7 @@ public static partial class VmHost
         ConsoleServer? console = null;
         ForegroundConsole? terminal = null;
         RpcServer? control = null;
+        VmControl? vmControl = null;
         try
         {
             if (options.ConsoleSocket is { } consolePath)
@@ -95,7 +96,8 @@ public static partial class VmHost
             if (options.ControlSocket is { } controlPath)
             {
                 var dispatcher = new RpcDispatcher(logger);
-                new VmControl(vm).Register(dispatcher);
+                vmControl = new VmControl(vm);
+                vmControl.Register(dispatcher);
                 control = new RpcServer(new RpcServerOptions
                 {
                     SocketPath = controlPath,
@@ -113,6 +115,7 @@ public static partial class VmHost
         finally
         {
             control?.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            vmControl?.Dispose();
             console?.DisposeAsync().AsTask().GetAwaiter().GetResult();
             terminal?.Dispose();
         }

@@ -12,6 +12,8 @@ var defaults = new KvmdOptions();
 string usage = $"""
     Usage: kvmd [--socket PATH] [--state-dir DIR] [--run-dir DIR] [--database CONNSTRING]
                 [--host-name NAME] [--group NAME] [--vmm PATH]
+                [--lease-duration S] [--lease-renew S] [--fence-margin S] [--fence-action stop|pause]
+                [--no-takeover]
 
     The kvm host daemon: serves vmctl over a unix socket, keeps the VM inventory in PostgreSQL,
     and runs one kvm-vmm process per VM. VMs outlive kvmd: stopping, restarting or upgrading kvmd
@@ -27,6 +29,15 @@ string usage = $"""
       --group NAME         members of this group may use kvmd's and the VMs' sockets (default {defaults.Group};
                            root only when the group does not exist)
       --vmm PATH           the kvm-vmm executable (default: beside kvmd's own executable)
+
+    Leases (a host runs a VM only while it holds the VM's lease; README explains the choice):
+      --lease-duration S   how long a VM lease lasts unless renewed (default {defaults.LeaseDuration.TotalSeconds} s)
+      --lease-renew S      how often leases are renewed (default {defaults.LeaseRenewInterval.TotalSeconds} s)
+      --fence-margin S     a VM whose lease was not renewed stops (or pauses) by itself this long
+                           before the lease could expire (default {defaults.FenceMargin.TotalSeconds} s)
+      --fence-action A     stop or pause (default {defaults.FenceAction})
+      --no-takeover        never start VMs whose host stopped renewing their leases (default: this
+                           host takes them over once their lease has expired)
 
     SIGTERM or SIGINT stops kvmd; the VMs go on running.
     """;
@@ -45,6 +56,11 @@ var options = defaults with { Database = Environment.GetEnvironmentVariable("KVM
 for (int i = 0; i < args.Length; i++)
 {
     string arg = args[i];
+    if (arg == "--no-takeover")
+    {
+        options = options with { Takeover = false };
+        continue;
+    }
     if (i + 1 >= args.Length)
     {
         Console.Error.WriteLine($"{program}: {(arg.StartsWith("--", StringComparison.Ordinal) ? $"{arg} needs a value" : $"unexpected argument '{arg}'")} (see 'kvmd --help')");
@@ -60,12 +76,36 @@ for (int i = 0; i < args.Length; i++)
         case "--host-name": options = options with { HostName = value }; break;
         case "--group": options = options with { Group = value }; break;
         case "--vmm": options = options with { Vmm = Path.GetFullPath(value) }; break;
+        case "--lease-duration" or "--lease-renew" or "--fence-margin":
+            if (!double.TryParse(value, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double seconds) || !(seconds > 0) || seconds > 86400)
+            {
+                Console.Error.WriteLine($"{program}: {arg} '{value}' is not a number of seconds (above 0, at most 86400)");
+                return 2;
+            }
+            var span = TimeSpan.FromSeconds(seconds);
+            options = arg switch
+            {
+                "--lease-duration" => options with { LeaseDuration = span },
+                "--lease-renew" => options with { LeaseRenewInterval = span },
+                _ => options with { FenceMargin = span },
+            };
+            break;
+        case "--fence-action": options = options with { FenceAction = value }; break;
         default:
             Console.Error.WriteLine($"{program}: unexpected argument '{arg}' (see 'kvmd --help')");
             return 2;
     }
 }
 
+try
+{
+    options.Validate();
+}
+catch (ArgumentException e)
+{
+    Console.Error.WriteLine($"{program}: {e.Message} (see 'kvmd --help')");
+    return 2;
+}
 var logger = new StderrLogger(program, LogLevel.Information);
 // Under systemd (Type=notify): READY once serving, a watchdog while running, STOPPING at the end.
 // Read and removed from the environment first, so that no child (kvm-vmm, postgres) inherits it.

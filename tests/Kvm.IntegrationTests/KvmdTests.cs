@@ -47,10 +47,12 @@ public sealed class KvmdTests : IDisposable
     }
 
     /// <summary>Starts kvmd and waits until it answers.</summary>
-    private LiveProcess StartKvmd()
+    private LiveProcess StartKvmd() => StartKvmd(Socket, StateDir, RunDir, "test-host", []);
+
+    private LiveProcess StartKvmd(string socket, string stateDir, string runDir, string host, IEnumerable<string> more)
     {
         var kvmd = LiveProcess.Start(TestEnvironment.Kvmd,
-            ["--socket", Socket, "--state-dir", StateDir, "--run-dir", RunDir, "--host-name", "test-host", "--group", "nonexistent-group"]);
+            ["--socket", socket, "--state-dir", stateDir, "--run-dir", runDir, "--host-name", host, "--group", "nonexistent-group", .. more]);
         _daemons.Add(kvmd);
         bool up = SpinWait.SpinUntil(() =>
         {
@@ -58,7 +60,7 @@ public sealed class KvmdTests : IDisposable
                 return true;
             try
             {
-                using var c = RpcClient.Connect(Socket, "kvmd");
+                using var c = RpcClient.Connect(socket, "kvmd");
                 c.CallAsync("daemon.status", KvmdJson.Default.DaemonStatus).WaitAsync(TimeSpan.FromSeconds(10)).GetAwaiter().GetResult();
                 return true;
             }
@@ -73,15 +75,16 @@ public sealed class KvmdTests : IDisposable
         return kvmd;
     }
 
-    private ProcessResult Vmctl(params string[] args)
-    {
-        var r = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["--connect", Socket, .. args], Timeout);
-        return r;
-    }
+    private ProcessResult Vmctl(params string[] args) => VmctlAt(Socket, args);
 
-    private string VmctlOk(params string[] args)
+    private static ProcessResult VmctlAt(string socket, params string[] args) =>
+        TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["--connect", socket, .. args], Timeout);
+
+    private string VmctlOk(params string[] args) => VmctlOkAt(Socket, args);
+
+    private static string VmctlOkAt(string socket, params string[] args)
     {
-        var r = Vmctl(args);
+        var r = VmctlAt(socket, args);
         Assert.True(r.ExitCode == 0, $"vmctl {string.Join(' ', args)}: status {r.ExitCode}: {r.Stderr}");
         return r.Stdout;
     }
@@ -244,6 +247,109 @@ public sealed class KvmdTests : IDisposable
         var stop = JsonSerializer.Deserialize(VmctlOk("stop", "a", "--json"), KvmdJson.Default.VmStopped)!;
         Assert.Equal("guest", stop.Outcome);
         AssertAgrees("a", "stopped", "stopped");
+    }
+
+    /// <summary>
+    /// Two hosts, one inventory (host B uses host A's cluster as its shared one). A VM runs on A;
+    /// A's kvmd is frozen (SIGSTOP) past the lease's expiry. A's VM fences itself before the lease
+    /// can expire; B breaks the lease (a new generation) and starts the VM; A, continued, finds its
+    /// lease lost and records nothing over B's. The VM never runs on both hosts at once: A's
+    /// kvm-vmm ended before B took the lease.
+    /// </summary>
+    [SkippableFact]
+    public void TwoHostsNeverRunOneVmAtOnceWhenTheOwnerFreezes()
+    {
+        Require();
+        var a = StartKvmd();
+        string bDir = Path.Combine(_dir, "b");
+        string bSocket = Path.Combine(bDir, "kvmd.sock");
+        string shared = new Npgsql.NpgsqlConnectionStringBuilder
+        {
+            Host = Path.Combine(StateDir, "postgres", "run"),
+            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
+            Database = "kvm",
+        }.ConnectionString;
+        StartKvmd(bSocket, Path.Combine(bDir, "state"), Path.Combine(bDir, "run"), "host-b", ["--database", shared]);
+        Assert.Equal(["host-b", "test-host"], JsonSerializer.Deserialize(VmctlOk("hosts", "--json"), KvmdJson.Default.HostList)!.Hosts.Select(h => h.Name).Order());
+
+        Create("ha", "tick period=50");
+        VmctlOk("start", "ha");
+        AssertAgrees("ha", "running", "running");
+        int pidOnA = Show("ha").Vm.Pid!.Value;
+        using (var console = Console("ha"))
+            Assert.True(console.WaitForTick(3), console.Text);
+        // B refuses to start a VM whose lease A holds, naming A.
+        var refused = VmctlAt(bSocket, "start", "ha");
+        Assert.Equal(1, refused.ExitCode);
+        Assert.Contains("test-host", refused.Stderr, StringComparison.Ordinal);
+
+        var frozenAt = DateTimeOffset.UtcNow;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        Assert.Equal(0, Kvm.Interop.Native.Libc.Kill(a.Process.Id, 19)); // SIGSTOP
+        try
+        {
+            // A's VM stops by itself (its fence), then B takes the VM over.
+            Assert.True(SpinWait.SpinUntil(() => Ended(pidOnA), Timeout), "A's VM did not fence itself");
+            var exitOnA = VmHost.ReadExitRecord(Path.Combine(RunDir, "vms", "ha", "exit.json"));
+            Assert.NotNull(exitOnA);
+            Assert.Contains("fenced", exitOnA.Reason, StringComparison.Ordinal);
+            VmInfo? onB = null;
+            Assert.True(SpinWait.SpinUntil(() =>
+            {
+                onB = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "ha", "--json"), KvmdJson.Default.VmDetail)!.Vm;
+                if (onB.Host == "host-b" && onB.ActualState == "running")
+                    return true;
+                Thread.Sleep(200);
+                return false;
+            }, Timeout), $"B did not take the VM over: {JsonSerializer.Serialize(onB!, KvmdJson.Default.VmInfo)}");
+            System.Console.WriteLine($"takeover: the VM ran on host-b {clock.Elapsed.TotalSeconds:0.0} s after host A froze (lease duration 10 s, fence margin 3 s)");
+
+            // A's VM had ended before B took the lease (one clock: this machine's).
+            var events = VmctlOkAt(bSocket, "events", "--after", "0", "--json").Split('\n', StringSplitOptions.RemoveEmptyEntries)
+                .Select(l => JsonSerializer.Deserialize(l, KvmdJson.Default.EventInfo)!).Where(e => e.Subject == "vm/ha").ToList();
+            var broken = Assert.Single(events, e => e.Kind == "lease.broken");
+            Assert.True(exitOnA.At < broken.At, $"A's VM ended at {exitOnA.At:O}, after B broke its lease at {broken.At:O}");
+            Assert.True(frozenAt < exitOnA.At);
+            Assert.Contains(events, e => e.Kind == "vm.takeover" && e.Host == "host-b");
+        }
+        finally
+        {
+            Kvm.Interop.Native.Libc.Kill(a.Process.Id, 18); // SIGCONT
+        }
+
+        // A, continued, finds its lease lost; the inventory keeps B's record, and B's VM runs on.
+        int pidOnB = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "ha", "--json"), KvmdJson.Default.VmDetail)!.Vm.Pid!.Value;
+        _vmPids.Add(pidOnB);
+        Thread.Sleep(5000); // A's renewal rounds
+        var seenByA = Show("ha").Vm;
+        Assert.Equal("host-b", seenByA.Host);
+        Assert.Equal("running", seenByA.ActualState);
+        Assert.Null(seenByA.Pid);
+        Assert.True(Directory.Exists($"/proc/{pidOnB}"), "B's VM stopped");
+        var detailOnB = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "ha", "--json"), KvmdJson.Default.VmDetail)!;
+        using (var console = new ConsoleClient(detailOnB.ConsoleSocket!))
+            Assert.True(console.WaitForTick(3), console.Text);
+        var stop = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "stop", "ha", "--json"), KvmdJson.Default.VmStopped)!;
+        Assert.Equal("guest", stop.Outcome);
+        AssertAgrees("ha", "stopped", "stopped");
+
+        Kvm.Interop.Native.Libc.Kill(a.Process.Id, 15);
+        Assert.True(a.WaitForExit(Timeout));
+        Assert.Contains("fenced", a.Stderr.Result, StringComparison.Ordinal);
+    }
+
+    /// <summary>Whether process <paramref name="pid"/> has ended: gone, or a zombie its frozen parent cannot reap.</summary>
+    private static bool Ended(int pid)
+    {
+        try
+        {
+            string stat = File.ReadAllText($"/proc/{pid}/stat");
+            return stat[(stat.LastIndexOf(')') + 2)..].StartsWith('Z');
+        }
+        catch (IOException)
+        {
+            return true;
+        }
     }
 
     public void Dispose()

@@ -99,19 +99,33 @@ public sealed class LeaseRepository(NpgsqlDataSource db)
         {
             if (tokens.Count == 0)
                 return (IReadOnlyList<LeaseGrant>)[];
-            var kinds = tokens.Select(t => LeaseNames.Of(t.Kind)).ToArray();
-            var ids = tokens.Select(t => t.ResourceId).ToArray();
-            var generations = tokens.Select(t => t.Generation).ToArray();
+            // The tokens travel as one JSON text: Dapper.AOT does not generate array parameters
+            // (Dapper would fall back to reflection, which a NativeAOT kvmd cannot use).
+            var buffer = new System.Buffers.ArrayBufferWriter<byte>();
+            using (var w = new System.Text.Json.Utf8JsonWriter(buffer))
+            {
+                w.WriteStartArray();
+                foreach (var t in tokens)
+                {
+                    w.WriteStartObject();
+                    w.WriteString("kind", LeaseNames.Of(t.Kind));
+                    w.WriteString("id", t.ResourceId);
+                    w.WriteNumber("generation", t.Generation);
+                    w.WriteEndObject();
+                }
+                w.WriteEndArray();
+            }
+            string list = System.Text.Encoding.UTF8.GetString(buffer.WrittenSpan);
             await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
             // clock_timestamp() in the condition is read when each row is checked, also when the
             // row is re-checked after waiting for a concurrent acquisition's lock.
             var rows = await conn.QueryAsync<RenewedRecord>("""
                 update leases l set expires_at = clock_timestamp() + @seconds * interval '1 second'
-                from unnest(@kinds::text[], @ids::uuid[], @generations::bigint[]) as t(kind, id, generation)
+                from jsonb_to_recordset(@list::jsonb) as t(kind text, id uuid, generation bigint)
                 where l.resource_kind = t.kind and l.resource_id = t.id and l.generation = t.generation
                   and l.owner_host = @host and l.expires_at > clock_timestamp()
                 returning l.resource_kind, l.resource_id, l.generation, l.expires_at
-                """, new { seconds, kinds, ids, generations, host }).ConfigureAwait(false);
+                """, new { seconds, list, host }).ConfigureAwait(false);
             return (IReadOnlyList<LeaseGrant>)rows
                 .Select(r => new LeaseGrant(new LeaseToken(LeaseNames.Kind(r.ResourceKind), r.ResourceId, host, r.Generation), Times.Utc(r.ExpiresAt)))
                 .ToList();
