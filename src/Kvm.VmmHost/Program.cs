@@ -13,7 +13,7 @@ const string usage = """
     kvm-vmm per VM; for interactive use, 'vmctl run' does the same from command-line options.
 
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
-                        (methods status, pause, resume, stop, stats, devices; 'vmctl control')
+                        (methods status, pause, resume, stop, stats, devices, fence; 'vmctl control')
       --console SOCKET  put the serial console on that socket instead of this terminal; clients
                         attach and detach at will ('vmctl console')
       --group NAME      members of this group may use the sockets (mode 0660); without it, only
