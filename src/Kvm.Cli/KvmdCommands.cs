@@ -41,6 +41,8 @@ public static class KvmdCommands
         yield return Show();
         yield return Events();
         yield return Hosts();
+        yield return Leases();
+        yield return Disks();
     }
 
     private static Argument<string> NameArgument() => new("NAME") { Description = "the VM's name" };
@@ -313,6 +315,47 @@ public static class KvmdCommands
                 Console.WriteLine($"{"NAME",-20} {"LAST SEEN",-24} ID");
                 foreach (var h in l.Hosts)
                     Console.WriteLine($"{h.Name + (h.Self ? " *" : ""),-20} {h.LastSeen.ToLocalTime():yyyy-MM-dd HH:mm:ss},{(DateTimeOffset.UtcNow - h.LastSeen).TotalSeconds,6:0}s ago {h.Id}");
+            });
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Leases()
+    {
+        var json = JsonOption();
+        var cmd = new Command("leases", "The leases: a host runs a VM only while it holds the VM's lease; the generation grows at every acquisition.\n" + ExitStatuses) { json };
+        cmd.SetAction(p => Call(p, client =>
+        {
+            var list = client.CallAsync("leases.list", KvmdJson.Default.LeaseList).GetAwaiter().GetResult();
+            Print(p.GetValue(json), list, KvmdJson.Default.LeaseList, l =>
+            {
+                Console.WriteLine($"{"KIND",-5} {"RESOURCE",-24} {"HOLDER",-16} {"GEN",5} EXPIRES");
+                foreach (var x in l.Leases)
+                    Console.WriteLine($"{x.Kind,-5} {x.Resource ?? x.ResourceId.ToString(),-24} {x.Owner ?? "-",-16} {x.Generation,5} " +
+                        (x.ExpiresAt is { } e ? $"{e.ToLocalTime():yyyy-MM-dd HH:mm:ss.fff} ({(e - DateTimeOffset.UtcNow).TotalSeconds:0.0} s)" : "-"));
+            });
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Disks()
+    {
+        var json = JsonOption();
+        var cmd = new Command("disks", "The disk images the inventory knows (registered when a VM using them starts) and who holds them: a writable\n" +
+            "disk exclusively, read-only and backing images shared.\n" + ExitStatuses) { json };
+        cmd.SetAction(p => Call(p, client =>
+        {
+            var list = client.CallAsync("disks.list", KvmdJson.Default.DiskList).GetAwaiter().GetResult();
+            Print(p.GetValue(json), list, KvmdJson.Default.DiskList, l =>
+            {
+                foreach (var d in l.Disks)
+                {
+                    Console.WriteLine($"{d.Path} ({d.Format}, {d.SizeBytes} bytes{(d.Backing is { } b ? $", over {b}" : "")})");
+                    foreach (var r in d.Reservations)
+                        Console.WriteLine($"  {r.Mode,-9} {(r.Vm is { } vm ? $"VM '{vm}' on " : "")}host '{r.Host}'{(r.Generation is { } g ? $" (lease generation {g})" : "")}");
+                }
             });
             return 0;
         }));

@@ -207,6 +207,7 @@ public sealed partial class Kvmd : IAsyncDisposable
             return; // deleted meanwhile, or another host has taken it over
         }
         bool fenced = exit.Reason.Contains("fenced:", StringComparison.Ordinal);
+        await ReleaseDisksAsync(row, cancel).ConfigureAwait(false);
         await RecordEndUnderLeaseAsync(row, exit.Failed || fenced ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
         // A VM fenced because its lease could not be renewed is still wanted: its desired state stays.
         if (row.DesiredState != VmDesiredState.Stopped && !fenced)
@@ -278,12 +279,14 @@ public sealed partial class Kvmd : IAsyncDisposable
         await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Starting, token, cancel).ConfigureAwait(false);
         try
         {
+            await ReserveDisksAsync(row, spec, token, cancel).ConfigureAwait(false);
             await _supervisor.StartAsync(row.Name, spec, cancel).ConfigureAwait(false);
             if (_leases.TryGetValue(row.Name, out var held))
                 await ArmFenceAsync(row.Name, held.SentAt, cancel).ConfigureAwait(false);
         }
         catch (Exception e)
         {
+            await ReleaseDisksAsync(row, CancellationToken.None).ConfigureAwait(false);
             await RecordEndUnderLeaseAsync(row, VmActualState.Failed, CancellationToken.None).ConfigureAwait(false);
             await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, CancellationToken.None).ConfigureAwait(false);
             await _db.Events.AppendAsync("vm.start-failed", $"vm/{row.Name}",

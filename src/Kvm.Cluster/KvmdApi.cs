@@ -6,7 +6,7 @@ public sealed partial class Kvmd
 {
     /// <summary>
     /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.delete, vm.list,
-    /// vm.show, vm.console, events.wait, hosts.list, daemon.status.
+    /// vm.show, vm.console, events.wait, hosts.list, disks.list, leases.list, daemon.status.
     /// </summary>
     public void Register(RpcDispatcher dispatcher)
     {
@@ -22,6 +22,8 @@ public sealed partial class Kvmd
         dispatcher.Add("vm.console", j.VmNameRequest, j.ConsoleEndpoint, async (r, _, c) => await ConsoleAsync(r.Name, c).ConfigureAwait(false));
         dispatcher.Add("events.wait", j.EventsRequest, j.EventList, async (r, _, c) => await EventsAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("hosts.list", j.HostList, async (_, c) => await HostsAsync(c).ConfigureAwait(false));
+        dispatcher.Add("disks.list", j.DiskList, async (_, c) => await DisksAsync(c).ConfigureAwait(false));
+        dispatcher.Add("leases.list", j.LeaseList, async (_, c) => await LeasesAsync(c).ConfigureAwait(false));
         dispatcher.Add("daemon.status", j.DaemonStatus, (_, _) => ValueTask.FromResult(Status()));
     }
 }

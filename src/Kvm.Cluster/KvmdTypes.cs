@@ -52,6 +52,19 @@ public sealed record HostInfo(Guid Id, string Name, string Address, DateTimeOffs
 
 public sealed record HostList(IReadOnlyList<HostInfo> Hosts);
 
+/// <summary>A reservation of a disk: how, and by whom (the VM and its host), under which lease generation.</summary>
+public sealed record ReservationInfo(string Mode, string Host, string? Vm, long? Generation);
+
+/// <summary>A disk image in the inventory, the image below it, and who holds it.</summary>
+public sealed record DiskInfo(Guid Id, string Path, string Format, long SizeBytes, string? Backing, IReadOnlyList<ReservationInfo> Reservations);
+
+public sealed record DiskList(IReadOnlyList<DiskInfo> Disks);
+
+/// <summary>A lease: on what (and its name, for a VM), who holds it until when (null: free), its generation.</summary>
+public sealed record LeaseInfo(string Kind, Guid ResourceId, string? Resource, string? Owner, DateTimeOffset? ExpiresAt, long Generation);
+
+public sealed record LeaseList(IReadOnlyList<LeaseInfo> Leases);
+
 /// <summary><c>daemon.status</c>.</summary>
 public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Version, string Database, int RunningVms, double UptimeSeconds);
 
@@ -71,4 +84,6 @@ public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Vers
 [JsonSerializable(typeof(EventList))]
 [JsonSerializable(typeof(HostList))]
 [JsonSerializable(typeof(DaemonStatus))]
+[JsonSerializable(typeof(DiskList))]
+[JsonSerializable(typeof(LeaseList))]
 public sealed partial class KvmdJson : JsonSerializerContext;

@@ -261,15 +261,7 @@ public sealed class KvmdTests : IDisposable
     {
         Require();
         var a = StartKvmd();
-        string bDir = Path.Combine(_dir, "b");
-        string bSocket = Path.Combine(bDir, "kvmd.sock");
-        string shared = new Npgsql.NpgsqlConnectionStringBuilder
-        {
-            Host = Path.Combine(StateDir, "postgres", "run"),
-            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
-            Database = "kvm",
-        }.ConnectionString;
-        StartKvmd(bSocket, Path.Combine(bDir, "state"), Path.Combine(bDir, "run"), "host-b", ["--database", shared]);
+        string bSocket = StartHostB();
         Assert.Equal(["host-b", "test-host"], JsonSerializer.Deserialize(VmctlOk("hosts", "--json"), KvmdJson.Default.HostList)!.Hosts.Select(h => h.Name).Order());
 
         Create("ha", "tick period=50");
@@ -338,6 +330,73 @@ public sealed class KvmdTests : IDisposable
         Assert.Contains("fenced", a.Stderr.Result, StringComparison.Ordinal);
     }
 
+    /// <summary>Starts a second host, "host-b", whose inventory is the first host's cluster (a shared one); returns its socket.</summary>
+    private string StartHostB()
+    {
+        string bDir = Path.Combine(_dir, "b");
+        string bSocket = Path.Combine(bDir, "kvmd.sock");
+        string shared = new Npgsql.NpgsqlConnectionStringBuilder
+        {
+            Host = Path.Combine(StateDir, "postgres", "run"),
+            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
+            Database = "kvm",
+        }.ConnectionString;
+        StartKvmd(bSocket, Path.Combine(bDir, "state"), Path.Combine(bDir, "run"), "host-b", ["--database", shared]);
+        return bSocket;
+    }
+
+    /// <summary>
+    /// A writable disk is one VM's at a time, across hosts: a VM on host B that wants the disk a VM
+    /// on host A runs with is refused, naming that VM and host; once A's VM stops (its reservation
+    /// released, with an event), B's starts. Read-only use is shared.
+    /// </summary>
+    [SkippableFact]
+    public void DiskReservationsAcrossTwoHosts()
+    {
+        Require();
+        StartKvmd();
+        string bSocket = StartHostB();
+        string disk = Path.Combine(_dir, "shared.raw");
+        using (var f = File.Create(disk))
+            f.SetLength(8 << 20);
+        string[] vm = ["--kernel", TestEnvironment.GuestKit, "--cmdline", "tick period=50", "--debug-exit"];
+        VmctlOk(["create", "x", .. vm, "--disk", disk]);
+        VmctlOkAt(bSocket, ["create", "y", .. vm, "--disk", disk]);
+        VmctlOkAt(bSocket, ["create", "ro1", .. vm, "--disk", disk + ",readonly"]);
+
+        VmctlOk("start", "x");
+        var refused = VmctlAt(bSocket, "start", "y");
+        Assert.Equal(1, refused.ExitCode);
+        Assert.Contains("VM 'x' on host 'test-host'", refused.Stderr, StringComparison.Ordinal);
+        Assert.Contains("exclusive", refused.Stderr, StringComparison.Ordinal);
+        var afterRefusal = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "y", "--json"), KvmdJson.Default.VmDetail)!.Vm;
+        Assert.Equal("stopped", afterRefusal.DesiredState);
+        Assert.Null(afterRefusal.Host);
+        // Read-only is shared with other readers, never with a writer.
+        Assert.Equal(1, VmctlAt(bSocket, "start", "ro1").ExitCode);
+
+        var disks = JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks;
+        var entry = Assert.Single(disks, d => d.Path == disk);
+        var held = Assert.Single(entry.Reservations);
+        Assert.Equal(("exclusive", "test-host", "x"), (held.Mode, held.Host, held.Vm));
+        Assert.Contains(JsonSerializer.Deserialize(VmctlOk("leases", "--json"), KvmdJson.Default.LeaseList)!.Leases,
+            l => l.Kind == "vm" && l.Resource == "x" && l.Owner == "test-host" && l.ExpiresAt is not null);
+
+        long before = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "events", "--after", "0", "--json").Split('\n', StringSplitOptions.RemoveEmptyEntries).Last(), KvmdJson.Default.EventInfo)!.Id;
+        VmctlOk("stop", "x", "--force");
+        var released = VmctlOkAt(bSocket, "events", "--after", before.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json");
+        Assert.Contains("reservation.released", released, StringComparison.Ordinal);
+        Assert.Empty(Assert.Single(JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks, d => d.Path == disk).Reservations);
+
+        VmctlOkAt(bSocket, "start", "y");
+        var nowHeld = Assert.Single(Assert.Single(JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks, d => d.Path == disk).Reservations);
+        Assert.Equal(("exclusive", "host-b", "y"), (nowHeld.Mode, nowHeld.Host, nowHeld.Vm));
+        VmctlOkAt(bSocket, "stop", "y", "--force");
+        VmctlOkAt(bSocket, "start", "ro1");
+        Assert.Equal("shared", Assert.Single(Assert.Single(JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks, d => d.Path == disk).Reservations).Mode);
+        VmctlOkAt(bSocket, "stop", "ro1", "--force");
+    }
+
     /// <summary>Whether process <paramref name="pid"/> has ended: gone, or a zombie its frozen parent cannot reap.</summary>
     private static bool Ended(int pid)
     {
@@ -366,6 +425,21 @@ public sealed class KvmdTests : IDisposable
         }
         foreach (int pid in _vmPids)
             Kvm.Interop.Native.Libc.Kill(pid, 9);
+        // Any VM a failed test left running (VMs outlive kvmd by design): those whose files are here.
+        foreach (var proc in Directory.EnumerateDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(proc), out int pid))
+                continue;
+            try
+            {
+                string cmdline = File.ReadAllText(Path.Combine(proc, "cmdline"));
+                if (cmdline.Contains("kvm-vmm", StringComparison.Ordinal) && cmdline.Contains(_dir, StringComparison.Ordinal))
+                    Kvm.Interop.Native.Libc.Kill(pid, 9);
+            }
+            catch (IOException)
+            {
+            }
+        }
         // A cluster left by a kvmd that was killed: immediate shutdown (SIGQUIT to the postmaster).
         string pidFile = Path.Combine(StateDir, "postgres", "data", "postmaster.pid");
         if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).First(), out int postmaster))
