@@ -80,11 +80,12 @@ public static class ControlCommands
         return cmd;
     }
 
-    private static int Guard(string socket, Func<RpcClient, int> action)
+    /// <summary>Connects to <paramref name="what"/> at <paramref name="socket"/> and runs <paramref name="action"/>; an RPC error is printed as its chain of observations and gives status 1.</summary>
+    internal static int Guard(string socket, Func<RpcClient, int> action, string what = "the VM")
     {
         try
         {
-            using var client = RpcClient.Connect(socket, "the VM");
+            using var client = RpcClient.Connect(socket, what);
             return action(client);
         }
         catch (RpcException e)

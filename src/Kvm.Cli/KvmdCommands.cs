@@ -50,19 +50,8 @@ public static class KvmdCommands
     private static Option<bool> JsonOption() => new("--json") { Description = "print the reply as JSON" };
 
     /// <summary>Calls kvmd; an RPC error is printed as its chain of observations and gives status 1.</summary>
-    internal static int Call(ParseResult parse, Func<RpcClient, int> action)
-    {
-        try
-        {
-            using var client = RpcClient.Connect(parse.GetRequiredValue(Connect), "kvmd");
-            return action(client);
-        }
-        catch (RpcException e)
-        {
-            Console.Error.WriteLine($"{VmctlCommands.Program}: {e.Describe()}");
-            return ExitFailure;
-        }
-    }
+    internal static int Call(ParseResult parse, Func<RpcClient, int> action) =>
+        ControlCommands.Guard(parse.GetRequiredValue(Connect), action, "kvmd");
 
     private static T Invoke<TParams, T>(RpcClient client, string method, TParams parameters, JsonTypeInfo<TParams> p, JsonTypeInfo<T> r) =>
         client.CallAsync(method, parameters, p, r).GetAwaiter().GetResult();

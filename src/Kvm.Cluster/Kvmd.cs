@@ -152,7 +152,7 @@ public sealed partial class Kvmd : IAsyncDisposable
             else if (process is null)
             {
                 var record = VmHost.ReadExitRecord(_supervisor.FilesOf(vm.Name).ExitFile);
-                var exit = record is not null ? new VmExit(record.Status, record.Reason, record.Failed)
+                var exit = record is not null ? VmExit.Of(record)
                     : new VmExit(null, "kvm-vmm is gone and recorded no exit status (killed, or the host restarted)", true);
                 await RecordExitAsync(vm.Name, exit, whileAway: true, cancel).ConfigureAwait(false);
             }
@@ -176,27 +176,19 @@ public sealed partial class Kvmd : IAsyncDisposable
                 }
                 await ArmFenceAsync(name, _leases[name].SentAt, cancel).ConfigureAwait(false);
                 await _db.Vms.SetOwnerAsync(name, Host.Id, token, cancel).ConfigureAwait(false);
-                var status = await StatusOfAsync(name, cancel).ConfigureAwait(false);
+                var status = await _supervisor.StatusAsync(name, cancel).ConfigureAwait(false);
                 await _db.Vms.SetActualStateAsync(name, status?.State == "paused" ? VmActualState.Paused : VmActualState.Running, token, cancel).ConfigureAwait(false);
                 LogAdoptedUnrecorded(_logger, name, process.Pid);
             }
         }
     }
 
-    private async Task OnVmExitAsync(VmProcess process, VmExit exit)
+    private Task OnVmExitAsync(VmProcess process, VmExit exit) => WithVmAsync(process.Name, async () =>
     {
-        var gate = Gate(process.Name);
-        await gate.WaitAsync().ConfigureAwait(false);
-        try
-        {
-            if (process.TryMarkRecorded())
-                await RecordExitAsync(process.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
-        }
-        finally
-        {
-            gate.Release();
-        }
-    }
+        if (process.TryMarkRecorded())
+            await RecordExitAsync(process.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
+        return 0;
+    }, CancellationToken.None);
 
     private async Task RecordExitAsync(string name, VmExit exit, bool whileAway, CancellationToken cancel)
     {
@@ -206,11 +198,10 @@ public sealed partial class Kvmd : IAsyncDisposable
             _leases.TryRemove(name, out _);
             return; // deleted meanwhile, or another host has taken it over
         }
-        bool fenced = exit.Reason.Contains("fenced:", StringComparison.Ordinal);
         await ReleaseDisksAsync(row, cancel).ConfigureAwait(false);
-        await RecordEndUnderLeaseAsync(row, exit.Failed || fenced ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
+        await RecordEndUnderLeaseAsync(row, exit.Failed || exit.Fenced ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
         // A VM fenced because its lease could not be renewed is still wanted: its desired state stays.
-        if (row.DesiredState != VmDesiredState.Stopped && !fenced)
+        if (row.DesiredState != VmDesiredState.Stopped && !exit.Fenced)
             await _db.Vms.SetDesiredStateAsync(name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
         await _db.Events.AppendAsync(exit.Failed ? "vm.failed" : "vm.exited", $"vm/{name}",
             JsonSerializer.Serialize(new EventData(exit.Status, exit.Reason, whileAway), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
@@ -222,11 +213,9 @@ public sealed partial class Kvmd : IAsyncDisposable
             ? _db.Vms.SetActualStateAsync(name, state, token, cancel)
             : throw new RpcException(RpcErrorCode.StaleLease, $"VM '{name}': this host no longer holds its lease");
 
-    private SemaphoreSlim Gate(string name) => _vmLocks.GetOrAdd(name, _ => new SemaphoreSlim(1, 1));
-
     private async Task<T> WithVmAsync<T>(string name, Func<Task<T>> action, CancellationToken cancel)
     {
-        var gate = Gate(name);
+        var gate = _vmLocks.GetOrAdd(name, _ => new SemaphoreSlim(1, 1));
         await gate.WaitAsync(cancel).ConfigureAwait(false);
         try
         {
@@ -365,17 +354,17 @@ public sealed partial class Kvmd : IAsyncDisposable
     public async Task<VmList> ListAsync(CancellationToken cancel)
     {
         var rows = await _db.Vms.ListAsync(cancel).ConfigureAwait(false);
-        var hosts = (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        var hosts = await HostNamesAsync(cancel).ConfigureAwait(false);
         return new VmList(rows.Select(r => Info(r, hosts)).ToList());
     }
 
     public async Task<VmDetail> ShowAsync(string name, CancellationToken cancel)
     {
         var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
-        var hosts = (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        var hosts = await HostNamesAsync(cancel).ConfigureAwait(false);
         var files = _supervisor.FilesOf(name);
         bool here = _supervisor.Find(name) is not null;
-        var status = here ? await StatusOfAsync(name, cancel).ConfigureAwait(false) : null;
+        var status = here ? await _supervisor.StatusAsync(name, cancel).ConfigureAwait(false) : null;
         using var spec = JsonDocument.Parse(row.Spec);
         return new VmDetail(Info(row, hosts), spec.RootElement.Clone(), status,
             here ? null : VmHost.ReadExitRecord(files.ExitFile),
@@ -400,7 +389,7 @@ public sealed partial class Kvmd : IAsyncDisposable
         long after = request.After >= 0 ? request.After : Math.Max(0, newest + request.After);
         // A long poll: LISTEN/NOTIFY wakes it when an event arrives.
         var rows = await _db.Events.WaitAfterAsync(after, TimeSpan.FromSeconds(request.TimeoutSeconds), request.Limit, cancel).ConfigureAwait(false);
-        var hosts = rows.Count == 0 ? [] : (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+        var hosts = rows.Count == 0 ? new Dictionary<Guid, string>() : await HostNamesAsync(cancel).ConfigureAwait(false);
         var list = rows.Select(e =>
         {
             using var data = JsonDocument.Parse(e.Data);
@@ -418,19 +407,6 @@ public sealed partial class Kvmd : IAsyncDisposable
         _db.Embedded is { } e ? $"private cluster ({e.Root})" : "shared cluster",
         _supervisor.Running.Count, Math.Round(_uptime.Elapsed.TotalSeconds, 3));
 
-    private async Task<VmStatus?> StatusOfAsync(string name, CancellationToken cancel)
-    {
-        try
-        {
-            using var client = _supervisor.Connect(name);
-            return await client.CallAsync("status", VmControlJson.Default.VmStatus, cancel).ConfigureAwait(false);
-        }
-        catch (RpcException)
-        {
-            return null;
-        }
-    }
-
     private VmProcess RunningHere(VmRow row)
     {
         if (_supervisor.Find(row.Name) is { } process)
@@ -441,7 +417,11 @@ public sealed partial class Kvmd : IAsyncDisposable
     }
 
     private async Task<string> HostNameAsync(Guid id, CancellationToken cancel) =>
-        (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).FirstOrDefault(h => h.Id == id)?.Name ?? id.ToString();
+        (await HostNamesAsync(cancel).ConfigureAwait(false)).GetValueOrDefault(id) ?? id.ToString();
+
+    /// <summary>Every host's name by id.</summary>
+    private async Task<Dictionary<Guid, string>> HostNamesAsync(CancellationToken cancel) =>
+        (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
 
     private VmInfo Info(VmRow row, IReadOnlyDictionary<Guid, string>? hosts = null) => new(
         row.Name, row.Id, StateNames.Of(row.DesiredState), StateNames.Of(row.ActualState),

@@ -7,6 +7,13 @@ using Kvm.Vmm.Machine;
 
 namespace Kvm.Control;
 
+/// <summary>The VM's fence expired: its supervisor did not renew its lease in time (<see cref="VmControl.Fence"/>).</summary>
+public sealed record FenceStop : VmStopReason
+{
+    public override string Describe() => "VM stopped: fenced: the supervisor did not renew the VM's lease in time";
+    public override bool IsError => false;
+}
+
 /// <summary>
 /// The operations of a running VM that kvm-vmm's control socket offers: status, pause, resume,
 /// stop (the ACPI power button, then forced after a timeout, or forced at once), stats and
@@ -162,7 +169,7 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
             }
             _stopping = true;
         }
-        vm.RequestStop(new HostStop("fenced: the supervisor did not renew the VM's lease in time"));
+        vm.RequestStop(new FenceStop());
     }
 
     public void Dispose()

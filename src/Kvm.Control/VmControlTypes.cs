@@ -45,7 +45,8 @@ public sealed record FenceStatus(bool Armed, double Seconds, string Action);
 /// <param name="Status">The process's exit status.</param>
 /// <param name="Reason">Why the VM stopped.</param>
 /// <param name="Failed">Whether that was a failure (a crash of the guest or the VMM) rather than a requested or guest-initiated stop.</param>
-public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pid, DateTimeOffset At);
+/// <param name="Fenced">Whether the VM's fence stopped it (its supervisor stopped renewing its lease).</param>
+public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pid, DateTimeOffset At, bool Fenced = false);
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
     DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,

@@ -42,7 +42,7 @@ public static partial class VmHost
             : ForegroundRun.Execute(spec, program, (s, cancel) => stopped = Run(s, options, logger, cancel), logger);
         if (options.ExitFile is { } file)
             WriteExitRecord(file, new VmExitRecord(status, stopped?.Describe() ?? "the VM did not start (see the log)",
-                stopped is null || stopped.IsError, Environment.ProcessId, DateTimeOffset.UtcNow), logger);
+                stopped is null || stopped.IsError, Environment.ProcessId, DateTimeOffset.UtcNow, stopped is FenceStop), logger);
         return status;
     }
 

@@ -45,6 +45,19 @@ internal sealed partial class ConsoleClient : IDisposable
 
     public bool WaitForTick(int atLeast) => SpinWait.SpinUntil(() => LastTick >= atLeast, Timeout);
 
+    /// <summary>
+    /// Asserts that the tick counter stands still for a second (20 periods) once output already on
+    /// its way when the vCPUs stopped has arrived; returns where it stands.
+    /// </summary>
+    public int AssertStandsStill()
+    {
+        Thread.Sleep(300);
+        int atPause = LastTick;
+        Thread.Sleep(1000);
+        Xunit.Assert.Equal(atPause, LastTick);
+        return atPause;
+    }
+
     public bool WaitFor(string text) => SpinWait.SpinUntil(() => Text.Contains(text, StringComparison.Ordinal), Timeout);
 
     public bool Closed(TimeSpan within) => _reader.Wait(within);

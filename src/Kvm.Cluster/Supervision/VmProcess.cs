@@ -8,7 +8,11 @@ namespace Kvm.Cluster.Supervision;
 /// <param name="Status">Its exit status; null when nobody could learn it (a process kvmd adopted, killed before it recorded one).</param>
 /// <param name="Reason">Why: the VM's own account from its exit record, or what kvmd saw.</param>
 /// <param name="Failed">A crash of the guest or the VMM, rather than a stop asked for or done by the guest.</param>
-public sealed record VmExit(int? Status, string Reason, bool Failed);
+/// <param name="Fenced">The VM's fence stopped it: this host had stopped renewing its lease.</param>
+public sealed record VmExit(int? Status, string Reason, bool Failed, bool Fenced = false)
+{
+    public static VmExit Of(VmExitRecord record) => new(record.Status, record.Reason, record.Failed, record.Fenced);
+}
 
 /// <summary>
 /// One running kvm-vmm: started by this kvmd (its child) or found again after a restart of kvmd
@@ -77,7 +81,7 @@ public sealed class VmProcess : IDisposable
         int status = child.ExitCode;
         var record = VmHost.ReadExitRecord(Files.ExitFile);
         if (record is not null && record.Pid == Pid)
-            return new VmExit(status, record.Reason, record.Failed);
+            return VmExit.Of(record) with { Status = status };
         // .NET reports death by signal N as 128 + N.
         string reason = status > 128 ? $"kvm-vmm was killed by signal {status - 128}" : $"kvm-vmm exited with status {status} without recording why";
         return new VmExit(status, reason, true);
@@ -89,7 +93,7 @@ public sealed class VmProcess : IDisposable
         // The exit record is written just before the process exits; it is there now if it ever will be.
         var record = VmHost.ReadExitRecord(Files.ExitFile);
         return record is not null && record.Pid == Pid
-            ? new VmExit(record.Status, record.Reason, record.Failed)
+            ? VmExit.Of(record)
             : new VmExit(null, "kvm-vmm ended without recording why (killed?)", true);
     }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 

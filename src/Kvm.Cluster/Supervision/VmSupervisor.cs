@@ -140,6 +140,9 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
     public RpcClient Connect(string name) =>
         RpcClient.Connect(FilesOf(name).ControlSocket, $"the VM '{name}'");
 
+    /// <summary>The status VM <paramref name="name"/>'s kvm-vmm reports; null when it does not answer.</summary>
+    public Task<VmStatus?> StatusAsync(string name, CancellationToken cancel) => TryStatusAsync(FilesOf(name).ControlSocket, cancel);
+
     private static async Task<VmStatus?> TryStatusAsync(string socket, CancellationToken cancel)
     {
         if (!File.Exists(socket))
