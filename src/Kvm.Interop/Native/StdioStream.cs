@@ -7,9 +7,14 @@ namespace Kvm.Interop.Native;
 /// A stream over a standard fd with plain read(2)/write(2): no file position of its own (so output
 /// appended to a file lands after what others wrote), and none of .NET's console handling (which
 /// switches a terminal's keypad mode and, for input, runs its own echoing line editor).
+/// With <paramref name="discardOnBrokenPipe"/>, a reader that went away (EPIPE: <c>vmctl list | head -1</c>)
+/// makes the writes from then on succeed without effect, as .NET's console streams do on Unix,
+/// rather than throw from whatever printed next.
 /// </summary>
-public sealed unsafe class StdioStream(StdioHandle fd, FileAccess access) : Stream
+public sealed unsafe class StdioStream(StdioHandle fd, FileAccess access, bool discardOnBrokenPipe = false) : Stream
 {
+    private volatile bool _broken;
+
     public override bool CanRead => access.HasFlag(FileAccess.Read);
     public override bool CanWrite => access.HasFlag(FileAccess.Write);
     public override bool CanSeek => false;
@@ -18,7 +23,7 @@ public sealed unsafe class StdioStream(StdioHandle fd, FileAccess access) : Stre
 
     public override void Write(ReadOnlySpan<byte> buffer)
     {
-        while (!buffer.IsEmpty)
+        while (!buffer.IsEmpty && !_broken)
         {
             nint n;
             fixed (byte* p = buffer)
@@ -28,6 +33,11 @@ public sealed unsafe class StdioStream(StdioHandle fd, FileAccess access) : Stre
                 int errno = Marshal.GetLastPInvokeError();
                 if (errno == Errno.EINTR)
                     continue;
+                if (errno == Errno.EPIPE && discardOnBrokenPipe)
+                {
+                    _broken = true;
+                    return;
+                }
                 throw new IOException($"write to fd {fd.Fd} failed: {Errno.Describe(errno)}", errno);
             }
             buffer = buffer[(int)n..];

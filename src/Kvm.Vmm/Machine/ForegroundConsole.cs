@@ -34,7 +34,7 @@ public sealed class ForegroundConsole : IDisposable
 
     private static TextWriter PlainWriter(int fd) =>
         TextWriter.Synchronized(new StreamWriter(
-            new StdioStream(fd == 1 ? StdioHandle.Output : StdioHandle.Error, FileAccess.Write),
+            new StdioStream(fd == 1 ? StdioHandle.Output : StdioHandle.Error, FileAccess.Write, discardOnBrokenPipe: true),
             new System.Text.UTF8Encoding(encoderShouldEmitUTF8Identifier: false)) { AutoFlush = true });
 
     public static ForegroundConsole Attach()
