@@ -18,10 +18,8 @@ public sealed class KvmdTests : IDisposable
 {
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(90);
 
-    /// <summary>kvmd's first start makes its PostgreSQL cluster: minutes in the nested KVM host.</summary>
-    private static readonly TimeSpan StartTimeout = TimeSpan.FromSeconds(400);
     private readonly string _dir;
-    private readonly List<LiveProcess> _daemons = [];
+    private readonly List<KvmdInstance> _daemons = [];
     private readonly HashSet<int> _vmPids = [];
 
     public KvmdTests()
@@ -31,8 +29,7 @@ public sealed class KvmdTests : IDisposable
         File.SetUnixFileMode(_dir, (UnixFileMode)0b111_101_101);
     }
 
-    private string Socket => Path.Combine(_dir, "kvmd.sock");
-    private string StateDir => Path.Combine(_dir, "state");
+    private string Socket => KvmdInstance.SocketIn(_dir);
     private string RunDir => Path.Combine(_dir, "run");
 
     private static void Require()
@@ -46,33 +43,14 @@ public sealed class KvmdTests : IDisposable
             throw new SkipException("PostgreSQL's server programs are missing (apt-get install postgresql)");
     }
 
-    /// <summary>Starts kvmd and waits until it answers.</summary>
-    private LiveProcess StartKvmd() => StartKvmd(Socket, StateDir, RunDir, "test-host", []);
+    /// <summary>Starts kvmd (host "test-host", files in the test's folder) and waits until it answers.</summary>
+    private LiveProcess StartKvmd() => StartKvmd(_dir, "test-host", []);
 
-    private LiveProcess StartKvmd(string socket, string stateDir, string runDir, string host, IEnumerable<string> more)
+    private LiveProcess StartKvmd(string folder, string host, IEnumerable<string> more)
     {
-        var kvmd = LiveProcess.Start(TestEnvironment.Kvmd,
-            ["--socket", socket, "--state-dir", stateDir, "--run-dir", runDir, "--host-name", host, "--group", "nonexistent-group", .. more]);
+        var kvmd = KvmdInstance.Start(folder, host, more);
         _daemons.Add(kvmd);
-        bool up = SpinWait.SpinUntil(() =>
-        {
-            if (kvmd.Process.HasExited)
-                return true;
-            try
-            {
-                using var c = RpcClient.Connect(socket, "kvmd");
-                c.CallAsync("daemon.status", KvmdJson.Default.DaemonStatus).WaitAsync(TimeSpan.FromSeconds(10)).GetAwaiter().GetResult();
-                return true;
-            }
-            catch (Exception e) when (e is RpcException or TimeoutException)
-            {
-                Thread.Sleep(100);
-                return false;
-            }
-        }, StartTimeout);
-        if (kvmd.Process.HasExited || !up)
-            Assert.Fail($"kvmd did not come up (exited: {kvmd.Process.HasExited}): {(kvmd.Process.HasExited ? kvmd.Stderr.Result : "")}");
-        return kvmd;
+        return kvmd.Process;
     }
 
     private ProcessResult Vmctl(params string[] args) => VmctlAt(Socket, args);
@@ -96,13 +74,7 @@ public sealed class KvmdTests : IDisposable
     /// <summary>The inventory itself, read from kvmd's private cluster, not through kvmd.</summary>
     private async Task<IReadOnlyList<VmRow>> InventoryVms()
     {
-        string cs = new Npgsql.NpgsqlConnectionStringBuilder
-        {
-            Host = Path.Combine(StateDir, "postgres", "run"),
-            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
-            Database = "kvm",
-        }.ConnectionString;
-        await using var db = await InventoryDatabase.OpenAsync(new InventoryOptions { ConnectionString = cs });
+        await using var db = await InventoryDatabase.OpenAsync(new InventoryOptions { ConnectionString = KvmdInstance.DatabaseIn(_dir) });
         return await db.Vms.ListAsync();
     }
 
@@ -329,15 +301,8 @@ public sealed class KvmdTests : IDisposable
     private string StartHostB()
     {
         string bDir = Path.Combine(_dir, "b");
-        string bSocket = Path.Combine(bDir, "kvmd.sock");
-        string shared = new Npgsql.NpgsqlConnectionStringBuilder
-        {
-            Host = Path.Combine(StateDir, "postgres", "run"),
-            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
-            Database = "kvm",
-        }.ConnectionString;
-        StartKvmd(bSocket, Path.Combine(bDir, "state"), Path.Combine(bDir, "run"), "host-b", ["--database", shared]);
-        return bSocket;
+        StartKvmd(bDir, "host-b", ["--database", KvmdInstance.DatabaseIn(_dir)]);
+        return KvmdInstance.SocketIn(bDir);
     }
 
     /// <summary>
@@ -408,37 +373,14 @@ public sealed class KvmdTests : IDisposable
 
     public void Dispose()
     {
+        // A clean stop: kvmd stops its private PostgreSQL cluster.
         foreach (var d in _daemons)
-        {
-            if (!d.Process.HasExited)
-            {
-                // A clean stop: kvmd stops its private PostgreSQL cluster.
-                Kvm.Interop.Native.Libc.Kill(d.Process.Id, 15);
-                d.WaitForExit(TimeSpan.FromSeconds(30));
-            }
             d.Dispose();
-        }
         foreach (int pid in _vmPids)
             Kvm.Interop.Native.Libc.Kill(pid, 9);
-        // Any VM a failed test left running (VMs outlive kvmd by design): those whose files are here.
-        foreach (var proc in Directory.EnumerateDirectories("/proc"))
-        {
-            if (!int.TryParse(Path.GetFileName(proc), out int pid))
-                continue;
-            try
-            {
-                string cmdline = File.ReadAllText(Path.Combine(proc, "cmdline"));
-                if (cmdline.Contains("kvm-vmm", StringComparison.Ordinal) && cmdline.Contains(_dir, StringComparison.Ordinal))
-                    Kvm.Interop.Native.Libc.Kill(pid, 9);
-            }
-            catch (IOException)
-            {
-            }
-        }
-        // A cluster left by a kvmd that was killed: immediate shutdown (SIGQUIT to the postmaster).
-        string pidFile = Path.Combine(StateDir, "postgres", "data", "postmaster.pid");
-        if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).First(), out int postmaster))
-            Kvm.Interop.Native.Libc.Kill(postmaster, 3);
+        // Any VM a failed test left running (VMs outlive kvmd by design), and a cluster left by a
+        // kvmd that was killed.
+        KvmdInstance.KillLeftovers(_dir);
         try
         {
             Directory.Delete(_dir, recursive: true);
