@@ -328,6 +328,4 @@ internal static partial class LinuxBootBenchmark
                 return [.. _lines];
         }
     }
-
-    private sealed class BenchmarkFailure(string message) : Exception(message);
 }

@@ -5,9 +5,12 @@ internal static class Prerequisites
 {
     public static readonly (string Path, string What) GuestKit = (TestEnvironment.GuestKit, "the guest kit");
     public static readonly (string Path, string What) Vmctl = (TestEnvironment.Vmctl, "vmctl");
+    public static readonly (string Path, string What) Kvmd = (TestEnvironment.Kvmd, "kvmd");
+    public static readonly (string Path, string What) KvmVmm = (TestEnvironment.KvmVmm, "kvm-vmm");
     public static readonly (string Program, string Package) Qemu = ("qemu-system-x86_64", "qemu-system-x86");
     public static readonly (string Program, string Package) QemuImg = ("qemu-img", "qemu-utils");
     public static readonly (string Program, string Package) QemuIo = ("qemu-io", "qemu-utils");
+    public static readonly (string Program, string Package) Psql = ("psql", "postgresql-client");
 
     /// <summary>
     /// True when every file exists (built by <c>make</c>, or by <paramref name="buildHint"/>) and
