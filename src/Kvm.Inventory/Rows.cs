@@ -4,7 +4,10 @@ namespace Kvm.Inventory;
 public enum VmDesiredState { Stopped, Running, Paused }
 
 /// <summary>What the VM's owner host last saw it be (vms.actual_state).</summary>
-public enum VmActualState { Stopped, Starting, Running, Paused, Stopping, Migrating, Failed, Unknown }
+public enum VmActualState { Stopped, Starting, Running, Paused, Stopping, Migrating, Failed, Unknown, Fenced }
+
+/// <summary>What kvmd does when a VM ends without being asked to (vms.restart_policy).</summary>
+public enum VmRestartPolicy { No, OnFailure, Always }
 
 /// <summary>A row of hosts: a host running kvmd; <see cref="LastSeen"/> is its last heartbeat.</summary>
 public sealed record HostRow(Guid Id, string Name, string Address, DateTimeOffset RegisteredAt, DateTimeOffset LastSeen);
@@ -22,7 +25,8 @@ public sealed record VmRow(
     VmActualState ActualState,
     Guid? OwnerHost,
     DateTimeOffset CreatedAt,
-    DateTimeOffset UpdatedAt);
+    DateTimeOffset UpdatedAt,
+    VmRestartPolicy RestartPolicy = VmRestartPolicy.No);
 
 /// <summary>A row of events: <see cref="Subject"/> names the object ('vm/web1'), <see cref="Data"/> is a JSON object.</summary>
 public sealed record EventRow(long Id, DateTimeOffset At, string Kind, string Subject, Guid? Host, string Data);
@@ -82,8 +86,21 @@ public static class StateNames
         VmActualState.Migrating => "migrating",
         VmActualState.Failed => "failed",
         VmActualState.Unknown => "unknown",
+        VmActualState.Fenced => "fenced",
         _ => throw new ArgumentOutOfRangeException(nameof(s), s, "not an actual VM state"),
     };
+
+    public static string Of(VmRestartPolicy p) => p switch
+    {
+        VmRestartPolicy.No => "no",
+        VmRestartPolicy.OnFailure => "on-failure",
+        VmRestartPolicy.Always => "always",
+        _ => throw new ArgumentOutOfRangeException(nameof(p), p, "not a restart policy"),
+    };
+
+    /// <summary>The policy named <paramref name="s"/> ('no', 'on-failure', 'always'); null for any other text.</summary>
+    public static VmRestartPolicy? RestartPolicy(string s) =>
+        Enum.GetValues<VmRestartPolicy>().Where(v => Of(v) == s).Select(v => (VmRestartPolicy?)v).FirstOrDefault();
 
     public static string Of(DiskFormat f) => f switch
     {

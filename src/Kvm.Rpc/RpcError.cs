@@ -33,6 +33,12 @@ public static class RpcErrorCode
     /// generation, or has expired. The writer no longer owns the object and must stop acting on it.
     /// </summary>
     public const int StaleLease = -32007;
+
+    /// <summary>
+    /// Something the operation needs is held by another holder (a disk reserved by another VM);
+    /// the message names the holder. It may succeed once the holder lets go.
+    /// </summary>
+    public const int Conflict = -32008;
 }
 
 /// <summary>

@@ -32,7 +32,7 @@ public sealed class ReservationTests(ClusterFixture cluster)
         Assert.Equal((disk.Id, "/d/data.qcow2", "host-1", "web1", ReservationMode.Exclusive, (LeaseToken?)null),
             (mine.Disk, mine.DiskPath, mine.HolderHostName, mine.HolderVmName, mine.Mode, mine.Lease));
         var xx = await Assert.ThrowsAsync<InventoryException>(() => inv.Reservations.ReserveAsync(disk.Id, w.H2.Id, w.Web2.Id, ReservationMode.Exclusive));
-        Assert.Equal(RpcErrorCode.InvalidState, xx.Code);
+        Assert.Equal(RpcErrorCode.Conflict, xx.Code);
         Assert.EndsWith("disk '/d/data.qcow2' is reserved exclusive by VM 'web1' on host 'host-1', and cannot be reserved exclusive by VM 'web2' on host 'host-2'", xx.Message);
         var xs = await Assert.ThrowsAsync<InventoryException>(() => inv.Reservations.ReserveAsync(disk.Id, w.H2.Id, null, ReservationMode.Shared));
         Assert.EndsWith("is reserved exclusive by VM 'web1' on host 'host-1', and cannot be reserved shared by host 'host-2'", xs.Message);
@@ -71,7 +71,7 @@ public sealed class ReservationTests(ClusterFixture cluster)
 
         // db1 wants web1's top image: refused, and none of its chain (mid, base: free to share) is reserved.
         var refused = await Assert.ThrowsAsync<InventoryException>(() => inv.Reservations.ReserveChainAsync(top1.Id, w.H2.Id, w.Db1.Id, readOnly: false));
-        Assert.Equal(RpcErrorCode.InvalidState, refused.Code);
+        Assert.Equal(RpcErrorCode.Conflict, refused.Code);
         Assert.Contains("disk '/vm/web1.qcow2' is reserved exclusive by VM 'web1' on host 'host-1', and cannot be reserved exclusive by VM 'db1' on host 'host-2'", refused.Message);
         // A conflict below the top: the top (reserved first) is rolled back too.
         var top3 = await inv.Disks.RegisterAsync("/vm/db1.qcow2", DiskFormat.Qcow2, 1, top1.Id);
@@ -119,7 +119,8 @@ public sealed class ReservationTests(ClusterFixture cluster)
         var b = await inv.Disks.RegisterAsync("/d/b.qcow2", DiskFormat.Qcow2, 1);
         var c = await inv.Disks.RegisterAsync("/d/c.qcow2", DiskFormat.Qcow2, 1);
         var d = await inv.Disks.RegisterAsync("/d/d.qcow2", DiskFormat.Qcow2, 1);
-        var shortLease = await inv.Leases.AcquireAsync(LeaseKind.Vm, w.Web1.Id, w.H1.Id, TimeSpan.FromSeconds(1));
+        // Short, but long enough to be live at the first break below even on a loaded machine (1 s was not).
+        var shortLease = await inv.Leases.AcquireAsync(LeaseKind.Vm, w.Web1.Id, w.H1.Id, TimeSpan.FromSeconds(6));
         var longLease = await inv.Leases.AcquireAsync(LeaseKind.Vm, w.Web2.Id, w.H1.Id, TimeSpan.FromMinutes(5));
         await inv.Reservations.ReserveAsync(a.Id, w.H1.Id, w.Web1.Id, ReservationMode.Exclusive, shortLease.Token);
         await inv.Reservations.ReserveAsync(b.Id, w.H1.Id, w.Web2.Id, ReservationMode.Exclusive, longLease.Token);
@@ -141,7 +142,7 @@ public sealed class ReservationTests(ClusterFixture cluster)
         Assert.Equal([a.Id, c.Id], broken.Select(r => r.Disk));
         Assert.Equal([b.Id], (await inv.Reservations.ListAsync()).Select(r => r.Disk));
         var events = await EventsAsync(inv, "reservation.broken");
-        Assert.Equal([$"disk/{a.Id}", $"disk/{c.Id}"], events.Select(e => e.Subject).Order());
+        Assert.Equal(new[] { $"disk/{a.Id}", $"disk/{c.Id}" }.Order(StringComparer.Ordinal), events.Select(e => e.Subject).Order(StringComparer.Ordinal));
         Assert.All(events, e => Assert.Equal(w.H1.Id, e.Host));
         Assert.Contains(events, e => JsonDocument.Parse(e.Data).RootElement.GetProperty("lease_generation").GetInt64() == shortLease.Token.Generation);
 

@@ -186,7 +186,7 @@ public sealed class ReservationRepository(NpgsqlDataSource db)
             ? "reserved by a holder that has released it since: try again"
             : "reserved " + string.Join(", ", holders.Select(h => $"{StateNames.Of(h.Mode)} by {h.Holder}"));
         throw new InventoryException($"{operation}: disk '{conflict.Path}' is {inTheWay}, and cannot be reserved {StateNames.Of(conflict.Mode)} by {who}",
-            conflict.Cause, RpcErrorCode.InvalidState);
+            conflict.Cause, RpcErrorCode.Conflict);
     }
 
     private static async Task<ReservationRow> ReserveOneAsync(NpgsqlConnection conn, NpgsqlTransaction tx, Guid disk, Guid holderHost, Guid? holderVm, ReservationMode mode, LeaseToken? fence)

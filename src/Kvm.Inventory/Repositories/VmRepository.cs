@@ -10,25 +10,29 @@ namespace Kvm.Inventory.Repositories;
 /// </summary>
 public sealed class VmRepository(NpgsqlDataSource db)
 {
-    private const string Columns = "id, name, spec::text as spec, desired_state, actual_state, owner_host, created_at, updated_at";
+    private const string Columns = "id, name, spec::text as spec, desired_state, actual_state, owner_host, created_at, updated_at, restart_policy";
 
     /// <summary>
     /// Creates VM <paramref name="name"/> with <paramref name="spec"/> (a JSON object), desired and
     /// actual state 'stopped'. A name already taken is an AlreadyExists error naming it.
     /// </summary>
     public Task<VmRow> CreateAsync(string name, string spec, Guid? ownerHost = null, CancellationToken ct = default) =>
+        CreateAsync(name, spec, VmRestartPolicy.No, ownerHost, ct);
+
+    /// <summary>As <see cref="CreateAsync(string, string, Guid?, CancellationToken)"/>, with what kvmd does when the VM ends unasked.</summary>
+    public Task<VmRow> CreateAsync(string name, string spec, VmRestartPolicy restart, Guid? ownerHost = null, CancellationToken ct = default) =>
         DbErrors.Run($"create VM '{name}'", async () =>
         {
             await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
             var row = await conn.QuerySingleAsync<VmRecord>($"""
                 with v as (
-                    insert into vms (name, spec, owner_host) values (@name, @spec::jsonb, @ownerHost)
+                    insert into vms (name, spec, owner_host, restart_policy) values (@name, @spec::jsonb, @ownerHost, @restart)
                     returning *),
                 e as (
                     insert into events (kind, subject, host, data)
                     select 'vm.created', 'vm/' || v.name, v.owner_host, jsonb_build_object('id', v.id) from v)
                 select {Columns} from v
-                """, new { name, spec, ownerHost }).ConfigureAwait(false);
+                """, new { name, spec, ownerHost, restart = StateNames.Of(restart) }).ConfigureAwait(false);
             return row.ToRow();
         }, e => e.SqlState switch
         {
@@ -181,8 +185,9 @@ public sealed class VmRepository(NpgsqlDataSource db)
         new($"host {host} does not exist", e, RpcErrorCode.NotFound);
 
     /// <summary>A vms row as Npgsql reads it: states as text, timestamptz as a UTC DateTime.</summary>
-    internal sealed record VmRecord(Guid Id, string Name, string Spec, string DesiredState, string ActualState, Guid? OwnerHost, DateTime CreatedAt, DateTime UpdatedAt)
+    internal sealed record VmRecord(Guid Id, string Name, string Spec, string DesiredState, string ActualState, Guid? OwnerHost, DateTime CreatedAt, DateTime UpdatedAt, string RestartPolicy)
     {
-        public VmRow ToRow() => new(Id, Name, Spec, StateNames.Desired(DesiredState), StateNames.Actual(ActualState), OwnerHost, Times.Utc(CreatedAt), Times.Utc(UpdatedAt));
+        public VmRow ToRow() => new(Id, Name, Spec, StateNames.Desired(DesiredState), StateNames.Actual(ActualState), OwnerHost, Times.Utc(CreatedAt), Times.Utc(UpdatedAt),
+            StateNames.RestartPolicy(RestartPolicy) ?? throw new InventoryException($"vms.restart_policy '{RestartPolicy}' is not a policy this kvmd knows"));
     }
 }
