@@ -319,3 +319,92 @@ int wl_blk_bench(int argc, char **argv)
               muldiv64(ops, 1000000000ull, ns), muldiv64(ops * bs, 1000000000ull, ns) / 1024);
     return EXIT_OK;
 }
+
+/* ---- blk-log ---- */
+
+#define LOG_HEAD_MAGIC  0x44484f4c4b47ull       /* "GKLOHD" little-endian */
+#define LOG_REC_MAGIC   0x43524f4c4b47ull       /* "GKLORC" */
+
+struct log_sector {
+    uint64_t magic;
+    uint64_t seq;       /* head: the last record written; record: its number (its sector) */
+    uint64_t tag;       /* the run that wrote it: a number drawn at the run's start */
+    uint64_t prev_tag;  /* record: the tag of the head it continued from */
+};
+
+/* blk-log: a journal of which run wrote when, to tell whether two runs of one VM (on two hosts)
+ * ever wrote its disk at the same time.  Sector 0 is the head (the last record's number and the
+ * tag of the run that wrote it); record N is sector N.  A run draws a tag, reads the head, and
+ * every `period` ms writes record seq+1 and then the head, each flushed.  Two runs at once would
+ * interleave their tags in the records; one run after another leaves each tag in one block,
+ * each run's first record continuing the head the run before left.  Prints
+ * `guestkit: blk-log tag=T from=SEQ` once and `guestkit: blk-log seq N` per record; n=COUNT
+ * ends after COUNT records. */
+int wl_blk_log(int argc, char **argv)
+{
+    uint64_t disk = 0, period = 50, n = 0, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "disk", .max = 255, .value = &disk },
+        { .key = "period", .max = 3600000, .value = &period },
+        { .key = "n", .max = INT64_MAX, .value = &n },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("blk-log", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    if (!at_least_1("blk-log", "period", period) || !at_least_1("blk-log", "timeout", timeout))
+        return EXIT_USAGE;
+    gk_timeout_s = timeout;
+    time_init();
+
+    static struct blk_dev dev;
+    struct blk_dev *b = &dev;
+    const struct blk_options opt = { .queues = 1, .qd = 1, .max_io = 4096 };
+    blk_open(b, "blk-log", (unsigned int)disk, &opt);
+    bool flush = blk_has(b, VIRTIO_BLK_F_FLUSH);
+
+    struct blk_slot *s;
+    if (blk_sync(b, 0, VIRTIO_BLK_T_IN, 0, SECTOR_SIZE, &s) != VIRTIO_BLK_S_OK)
+        request_failed("blk-log", b, s);
+    struct log_sector head;
+    memcpy(&head, s->data, sizeof head);
+    if (head.magic != LOG_HEAD_MAGIC) {
+        head.seq = 0;
+        head.tag = 0;
+    }
+    /* distinct for each run: the TSC's low bits at this instant, mixed */
+    uint64_t tag = rdtsc() * 0x9e3779b97f4a7c15ull;
+    tag ^= tag >> 29;
+    if (!tag)
+        tag = 1;
+    gk_printf("guestkit: blk-log tag=%lu from=%lu\n", tag, head.seq);
+
+    uint64_t period_tsc = muldiv64(period, tsc_hz, 1000);
+    uint64_t next = rdtsc();
+    for (uint64_t written = 0; !n || written < n; written++) {
+        while (rdtsc() < next)
+            cpu_relax();
+        next += period_tsc;
+        uint64_t seq = head.seq + 1;
+        if (seq >= b->capacity) {
+            gk_printf("guestkit: error: blk-log: the disk is full after %lu records\n", head.seq);
+            return EXIT_FAILED;
+        }
+        const struct log_sector rec = { LOG_REC_MAGIC, seq, tag, head.tag };
+        const struct log_sector next_head = { LOG_HEAD_MAGIC, seq, tag, 0 };
+        const struct { uint64_t lba; const struct log_sector *what; } steps[] = { { seq, &rec }, { 0, &next_head } };
+        for (unsigned int i = 0; i < ARRAY_SIZE(steps); i++) {
+            s = blk_free_slot(b, 0);
+            memset(s->data, 0, SECTOR_SIZE);
+            memcpy(s->data, steps[i].what, sizeof *steps[i].what);
+            if (blk_sync(b, 0, VIRTIO_BLK_T_OUT, steps[i].lba, SECTOR_SIZE, &s) != VIRTIO_BLK_S_OK)
+                request_failed("blk-log", b, s);
+            if (flush && blk_sync(b, 0, VIRTIO_BLK_T_FLUSH, 0, 0, &s) != VIRTIO_BLK_S_OK)
+                request_failed("blk-log", b, s);
+        }
+        head = next_head;
+        gk_printf("guestkit: blk-log seq %lu\n", seq);
+    }
+    gk_printf("guestkit: blk-log done n=%lu\n", n);
+    return EXIT_OK;
+}

@@ -35,6 +35,7 @@ static const struct workload workloads[] = {
     { "uart-irq", wl_uart_irq },
     { "pci", wl_pci },
     { "blk-verify", wl_blk_verify },
+    { "blk-log", wl_blk_log },
     { "blk-bench", wl_blk_bench },
     { "blk-evil", wl_blk_evil },
 };
