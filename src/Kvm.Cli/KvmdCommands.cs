@@ -32,7 +32,7 @@ public static class KvmdCommands
     public static IEnumerable<Command> Build()
     {
         yield return Create();
-        yield return NameVerb("start", "Start a VM defined with 'vmctl create'; returns once it runs.", "vm.start", PrintInfo);
+        yield return Start();
         yield return Stop();
         yield return NameVerb("pause", "Pause a running VM (its vCPUs stop; its memory and devices stay).", "vm.pause", PrintInfo);
         yield return NameVerb("resume", "Resume a paused VM.", "vm.resume", PrintInfo);
@@ -81,6 +81,25 @@ public static class KvmdCommands
     private static void PrintInfo(VmInfo i) =>
         Console.WriteLine($"{i.Name}: {i.ActualState}{(i.Host is { } h ? $" on {h}" : "")}{(i.Pid is { } pid ? $" (kvm-vmm pid {pid})" : "")}");
 
+    private static Command Start()
+    {
+        var vm = NameArgument();
+        var wait = new Option<double>("--wait")
+        {
+            Description = "when a disk the VM needs is reserved by another VM, wait up to this many seconds for it to be released (kvmd is told of the release at once), instead of failing at once",
+            HelpName = "SECONDS",
+        };
+        var json = JsonOption();
+        var cmd = new Command("start", $"Start a VM defined with 'vmctl create'; returns once it runs.\n{ExitStatuses}") { vm, wait, json };
+        cmd.SetAction(p => Call(p, client =>
+        {
+            var info = Invoke(client, "vm.start", new StartVmRequest(p.GetRequiredValue(vm), p.GetValue(wait)), KvmdJson.Default.StartVmRequest, KvmdJson.Default.VmInfo);
+            Print(p.GetValue(json), info, KvmdJson.Default.VmInfo, PrintInfo);
+            return 0;
+        }));
+        return cmd;
+    }
+
     private static Command Create()
     {
         var vm = NameArgument();
@@ -91,6 +110,13 @@ public static class KvmdCommands
             HelpName = "FILE",
         };
         var start = new Option<bool>("--start") { Description = "start the VM at once" };
+        var restart = new Option<string>("--restart")
+        {
+            Description = "when the VM ends without being asked to: 'no' (it stays down), 'on-failure' (started again after a crash or a failure status), 'always' (also after the guest powers off); at most 5 quick restarts in a row, 1 s apart doubling",
+            HelpName = "POLICY",
+            DefaultValueFactory = _ => "no",
+        };
+        restart.AcceptOnlyFromAmong("no", "on-failure", "always");
         var json = JsonOption();
         var cmd = new Command("create",
             "Define a VM in kvmd's inventory, with the same options as 'vmctl run' or a spec file; --start starts it.\n" +
@@ -98,6 +124,7 @@ public static class KvmdCommands
         specOptions.AddTo(cmd);
         cmd.Options.Add(specFile);
         cmd.Options.Add(start);
+        cmd.Options.Add(restart);
         cmd.Options.Add(json);
         cmd.SetAction(p =>
         {
@@ -130,7 +157,7 @@ public static class KvmdCommands
             return Call(p, client =>
             {
                 using var doc = JsonDocument.Parse(specJson);
-                var info = Invoke(client, "vm.create", new CreateVmRequest(p.GetRequiredValue(vm), doc.RootElement.Clone(), p.GetValue(start)),
+                var info = Invoke(client, "vm.create", new CreateVmRequest(p.GetRequiredValue(vm), doc.RootElement.Clone(), p.GetValue(start), p.GetRequiredValue(restart)),
                     KvmdJson.Default.CreateVmRequest, KvmdJson.Default.VmInfo);
                 Print(p.GetValue(json), info, KvmdJson.Default.VmInfo, PrintInfo);
                 return 0;
@@ -221,6 +248,7 @@ public static class KvmdCommands
                 var v = x.Vm;
                 Console.WriteLine($"name:    {v.Name} ({v.Id})");
                 Console.WriteLine($"state:   {v.ActualState} (desired: {v.DesiredState}){(v.Host is { } h ? $" on {h}" : "")}");
+                Console.WriteLine($"restart: {v.Restart}");
                 if (x.Status is { } s)
                 {
                     Console.WriteLine($"kvm-vmm: pid {s.Pid}, up {s.UptimeSeconds.ToString("0.###", CultureInfo.InvariantCulture)} s");

@@ -27,6 +27,7 @@ public sealed partial class Kvmd : IAsyncDisposable
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
     private RpcServer? _server;
     private Task? _heartbeat;
+    private InventoryView? _view;
 
     private Kvmd(KvmdOptions options, ILogger logger, InventoryDatabase db, HostRow host)
     {
@@ -43,6 +44,9 @@ public sealed partial class Kvmd : IAsyncDisposable
     public InventoryDatabase Inventory => _db;
 
     public VmSupervisor Supervisor => _supervisor;
+
+    /// <summary>The cached view of the inventory, kept current from its notifications (started before serving).</summary>
+    public InventoryView View => _view ?? throw new InvalidOperationException("kvmd is not serving yet");
 
     /// <summary>How often this host records that it is alive.</summary>
     public TimeSpan HeartbeatInterval { get; init; } = TimeSpan.FromSeconds(5);
@@ -66,6 +70,7 @@ public sealed partial class Kvmd : IAsyncDisposable
             var host = await db.Hosts.RegisterAsync(options.HostName, "", cancel).ConfigureAwait(false);
             kvmd = new Kvmd(options, logger, db, host);
             await kvmd.RecoverAsync(cancel).ConfigureAwait(false);
+            kvmd._view = await InventoryView.StartAsync(db, logger, cancel: cancel).ConfigureAwait(false);
             kvmd.Serve();
             return kvmd;
         }
@@ -198,13 +203,20 @@ public sealed partial class Kvmd : IAsyncDisposable
             _leases.TryRemove(name, out _);
             return; // deleted meanwhile, or another host has taken it over
         }
+        bool fenced = exit.Fenced | _fencing.TryRemove(name, out _);
         await ReleaseDisksAsync(row, cancel).ConfigureAwait(false);
-        await RecordEndUnderLeaseAsync(row, exit.Failed || exit.Fenced ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
-        // A VM fenced because its lease could not be renewed is still wanted: its desired state stays.
-        if (row.DesiredState != VmDesiredState.Stopped && !exit.Fenced)
+        await RecordEndUnderLeaseAsync(row, fenced ? VmActualState.Fenced : exit.Failed ? VmActualState.Failed : VmActualState.Stopped, cancel).ConfigureAwait(false);
+        // A VM fenced because its lease could not be renewed is still wanted: its desired state
+        // stays, and any host may start it again (TakeoverOnceAsync). One that ended unasked is
+        // started again if its restart policy says so; else it is now wanted stopped.
+        bool restart = !fenced && row.DesiredState != VmDesiredState.Stopped
+            && (row.RestartPolicy == VmRestartPolicy.Always || (row.RestartPolicy == VmRestartPolicy.OnFailure && exit.Failed));
+        if (row.DesiredState != VmDesiredState.Stopped && !fenced && !restart)
             await _db.Vms.SetDesiredStateAsync(name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
         await _db.Events.AppendAsync(exit.Failed ? "vm.failed" : "vm.exited", $"vm/{name}",
             JsonSerializer.Serialize(new EventData(exit.Status, exit.Reason, whileAway), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
+        if (restart)
+            await ScheduleRestartAsync(row, exit, cancel).ConfigureAwait(false);
     }
 
     /// <summary>Records a running VM's state under its lease (refused once the lease has moved on).</summary>
@@ -223,6 +235,8 @@ public sealed partial class Kvmd : IAsyncDisposable
         }
         finally
         {
+            // Whatever the operation wrote, the next read sees it (its notification may come later).
+            _view?.Invalidate();
             gate.Release();
         }
     }
@@ -232,23 +246,75 @@ public sealed partial class Kvmd : IAsyncDisposable
     public Task<VmInfo> CreateAsync(CreateVmRequest request, CancellationToken cancel) => WithVmAsync(request.Name, async () =>
     {
         var spec = CheckSpec(request.Name, request.Spec);
-        var row = await _db.Vms.CreateAsync(request.Name, VmSpecJsonContext.Format(spec), ct: cancel).ConfigureAwait(false);
+        var restart = StateNames.RestartPolicy(request.Restart)
+            ?? throw new RpcException(RpcErrorCode.InvalidParams, $"VM '{request.Name}': restart policy '{request.Restart}' is not one of no, on-failure, always");
+        var row = await _db.Vms.CreateAsync(request.Name, VmSpecJsonContext.Format(spec), restart, ct: cancel).ConfigureAwait(false);
         if (!request.Start)
             return Info(row);
         return await StartLockedAsync(row, cancel).ConfigureAwait(false);
     }, cancel);
 
-    public Task<VmInfo> StartAsync(string name, CancellationToken cancel) => WithVmAsync(name, async () =>
-    {
-        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
-        if (_supervisor.Find(name) is not null)
-            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{name}' is already running on this host");
-        if (row.OwnerHost is { } owner && owner != Host.Id)
-            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{name}' runs on host {await HostNameAsync(owner, cancel).ConfigureAwait(false)}");
-        return await StartLockedAsync(row, cancel).ConfigureAwait(false);
-    }, cancel);
+    public Task<VmInfo> StartAsync(string name, CancellationToken cancel) => StartAsync(new StartVmRequest(name), cancel);
 
-    private async Task<VmInfo> StartLockedAsync(VmRow row, CancellationToken cancel)
+    /// <summary>
+    /// Starts the VM; while a disk it needs is reserved by another VM, waits (up to the request's
+    /// wait) for a reservation to be released or broken anywhere, then tries again.
+    /// </summary>
+    public async Task<VmInfo> StartAsync(StartVmRequest request, CancellationToken cancel)
+    {
+        if (request.WaitSeconds is < 0 or > 86400 || double.IsNaN(request.WaitSeconds))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.start: waitSeconds {request.WaitSeconds} is out of range (0 to 86400)");
+        var deadline = Stopwatch.GetTimestamp() + (long)(request.WaitSeconds * Stopwatch.Frequency);
+        bool waited = false;
+        while (true)
+        {
+            var remaining = Stopwatch.GetElapsedTime(Stopwatch.GetTimestamp(), deadline);
+            bool mayWait = remaining > TimeSpan.Zero;
+            // Subscribed before trying, so that a release between the refusal and the wait is not missed.
+            using var stopWaiting = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+            var released = mayWait
+                ? View.WaitForAsync(e => e.Kind is "reservation.released" or "reservation.broken", remaining, stopWaiting.Token)
+                : Task.FromResult<EventRow?>(null);
+            try
+            {
+                return await WithVmAsync(request.Name, async () =>
+                {
+                    var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+                    if (_supervisor.Find(request.Name) is not null)
+                        throw new RpcException(RpcErrorCode.InvalidState, $"VM '{request.Name}' is already running on this host");
+                    if (row.OwnerHost is { } owner && owner != Host.Id)
+                        throw new RpcException(RpcErrorCode.InvalidState, $"VM '{request.Name}' runs on host {await HostNameAsync(owner, cancel).ConfigureAwait(false)}");
+                    return await StartLockedAsync(row, cancel, waitingForDisks: mayWait).ConfigureAwait(false);
+                }, cancel).ConfigureAwait(false);
+            }
+            catch (RpcException e) when (e.Code == RpcErrorCode.Conflict && mayWait)
+            {
+                if (!waited)
+                {
+                    waited = true;
+                    LogWaitingForDisk(_logger, request.Name, e.Message);
+                    await _db.Events.AppendAsync("vm.start-waiting", $"vm/{request.Name}",
+                        JsonSerializer.Serialize(new EventData(null, e.Message, false), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
+                }
+                // Woken by a release or a broken reservation anywhere (or a resync, or the end of
+                // the wait); then one more try, which at the end refuses naming the holder as it is.
+                try
+                {
+                    await released.ConfigureAwait(false);
+                }
+                catch (OperationCanceledException) when (!cancel.IsCancellationRequested)
+                {
+                }
+                cancel.ThrowIfCancellationRequested();
+            }
+            finally
+            {
+                await stopWaiting.CancelAsync().ConfigureAwait(false);
+            }
+        }
+    }
+
+    private async Task<VmInfo> StartLockedAsync(VmRow row, CancellationToken cancel, bool waitingForDisks = false)
     {
         VmSpec spec;
         try
@@ -273,6 +339,17 @@ public sealed partial class Kvmd : IAsyncDisposable
             if (_leases.TryGetValue(row.Name, out var held))
                 await ArmFenceAsync(row.Name, held.SentAt, cancel).ConfigureAwait(false);
         }
+        catch (RpcException e) when (e.Code == RpcErrorCode.Conflict)
+        {
+            // A disk is another VM's: the VM never started, and is back as it was, its lease released.
+            await ReleaseDisksAsync(row, CancellationToken.None).ConfigureAwait(false);
+            await RecordEndUnderLeaseAsync(row, row.ActualState is VmActualState.Running or VmActualState.Starting ? VmActualState.Stopped : row.ActualState, CancellationToken.None).ConfigureAwait(false);
+            await _db.Vms.SetDesiredStateAsync(row.Name, row.DesiredState, CancellationToken.None).ConfigureAwait(false);
+            if (!waitingForDisks)
+                await _db.Events.AppendAsync("vm.start-failed", $"vm/{row.Name}",
+                    JsonSerializer.Serialize(new EventData(null, e.Message, false), KvmdEventJson.Default.EventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+            throw;
+        }
         catch (Exception e)
         {
             await ReleaseDisksAsync(row, CancellationToken.None).ConfigureAwait(false);
@@ -283,6 +360,8 @@ public sealed partial class Kvmd : IAsyncDisposable
             throw;
         }
         var now = await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Running, token, cancel).ConfigureAwait(false);
+        _startedAt[row.Name] = Stopwatch.GetTimestamp();
+        _fencing.TryRemove(row.Name, out _); // a mark left from a fence of an earlier run
         return Info(now);
     }
 
@@ -353,14 +432,14 @@ public sealed partial class Kvmd : IAsyncDisposable
 
     public async Task<VmList> ListAsync(CancellationToken cancel)
     {
-        var rows = await _db.Vms.ListAsync(cancel).ConfigureAwait(false);
+        var rows = await View.VmsAsync(cancel).ConfigureAwait(false);
         var hosts = await HostNamesAsync(cancel).ConfigureAwait(false);
         return new VmList(rows.Select(r => Info(r, hosts)).ToList());
     }
 
     public async Task<VmDetail> ShowAsync(string name, CancellationToken cancel)
     {
-        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        var row = await CachedVmAsync(name, cancel).ConfigureAwait(false);
         var hosts = await HostNamesAsync(cancel).ConfigureAwait(false);
         var files = _supervisor.FilesOf(name);
         bool here = _supervisor.Find(name) is not null;
@@ -374,7 +453,7 @@ public sealed partial class Kvmd : IAsyncDisposable
 
     public async Task<ConsoleEndpoint> ConsoleAsync(string name, CancellationToken cancel)
     {
-        var row = await _db.Vms.GetAsync(name, cancel).ConfigureAwait(false);
+        var row = await CachedVmAsync(name, cancel).ConfigureAwait(false);
         RunningHere(row);
         return new ConsoleEndpoint(name, _supervisor.FilesOf(name).ConsoleSocket);
     }
@@ -387,8 +466,18 @@ public sealed partial class Kvmd : IAsyncDisposable
             throw new RpcException(RpcErrorCode.InvalidParams, "events: timeoutSeconds is out of range (0 to 3600)");
         long newest = await _db.Events.NewestIdAsync(cancel).ConfigureAwait(false);
         long after = request.After >= 0 ? request.After : Math.Max(0, newest + request.After);
-        // A long poll: LISTEN/NOTIFY wakes it when an event arrives.
-        var rows = await _db.Events.WaitAfterAsync(after, TimeSpan.FromSeconds(request.TimeoutSeconds), request.Limit, cancel).ConfigureAwait(false);
+        // A long poll, woken by the view's notification connection (one for all waiters, rather
+        // than a connection held per waiter): subscribed before reading, so none is missed.
+        var timeout = TimeSpan.FromSeconds(request.TimeoutSeconds);
+        using var stopWaiting = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+        var arrived = timeout > TimeSpan.Zero ? View.WaitForAsync(e => e.Id > after, timeout, stopWaiting.Token) : null;
+        var rows = await _db.Events.ReadAfterAsync(after, request.Limit, cancel).ConfigureAwait(false);
+        if (rows.Count == 0 && arrived is not null)
+        {
+            await arrived.ConfigureAwait(false);
+            rows = await _db.Events.ReadAfterAsync(after, request.Limit, cancel).ConfigureAwait(false);
+        }
+        await stopWaiting.CancelAsync().ConfigureAwait(false);
         var hosts = rows.Count == 0 ? new Dictionary<Guid, string>() : await HostNamesAsync(cancel).ConfigureAwait(false);
         var list = rows.Select(e =>
         {
@@ -405,7 +494,7 @@ public sealed partial class Kvmd : IAsyncDisposable
     public DaemonStatus Status() => new(Host.Name, Host.Id, Environment.ProcessId,
         typeof(Kvmd).Assembly.GetName().Version?.ToString() ?? "unknown",
         _db.Embedded is { } e ? $"private cluster ({e.Root})" : "shared cluster",
-        _supervisor.Running.Count, Math.Round(_uptime.Elapsed.TotalSeconds, 3));
+        _supervisor.Running.Count, Math.Round(_uptime.Elapsed.TotalSeconds, 3), View.Status());
 
     private VmProcess RunningHere(VmRow row)
     {
@@ -420,13 +509,21 @@ public sealed partial class Kvmd : IAsyncDisposable
         (await HostNamesAsync(cancel).ConfigureAwait(false)).GetValueOrDefault(id) ?? id.ToString();
 
     /// <summary>Every host's name by id.</summary>
-    private async Task<Dictionary<Guid, string>> HostNamesAsync(CancellationToken cancel) =>
+    private Task<IReadOnlyDictionary<Guid, string>> HostNamesAsync(CancellationToken cancel) =>
+        _view is { } view ? view.HostNamesAsync(cancel) : ReadHostNamesAsync(cancel);
+
+    private async Task<IReadOnlyDictionary<Guid, string>> ReadHostNamesAsync(CancellationToken cancel) =>
         (await _db.Hosts.ListAsync(cancel).ConfigureAwait(false)).ToDictionary(h => h.Id, h => h.Name);
+
+    /// <summary>VM <paramref name="name"/>'s row from the cached view; NotFound naming it when there is none.</summary>
+    private async Task<VmRow> CachedVmAsync(string name, CancellationToken cancel) =>
+        await View.FindVmAsync(name, cancel).ConfigureAwait(false)
+        ?? throw new RpcException(RpcErrorCode.NotFound, $"VM '{name}' does not exist");
 
     private VmInfo Info(VmRow row, IReadOnlyDictionary<Guid, string>? hosts = null) => new(
         row.Name, row.Id, StateNames.Of(row.DesiredState), StateNames.Of(row.ActualState),
         row.OwnerHost is { } h ? (h == Host.Id ? Host.Name : hosts is not null && hosts.TryGetValue(h, out var n) ? n : h.ToString()) : null,
-        _supervisor.Find(row.Name)?.Pid, row.CreatedAt, row.UpdatedAt);
+        _supervisor.Find(row.Name)?.Pid, row.CreatedAt, row.UpdatedAt, StateNames.Of(row.RestartPolicy));
 
     /// <summary>Parses and checks a VM spec from a client: valid, and every path absolute (kvm-vmm does not run in the client's directory).</summary>
     private static VmSpec CheckSpec(string name, JsonElement json)
@@ -456,6 +553,8 @@ public sealed partial class Kvmd : IAsyncDisposable
         foreach (var loop in new[] { _heartbeat, _renewer, _takeover })
             if (loop is not null)
                 await loop.ConfigureAwait(false);
+        if (_view is not null)
+            await _view.DisposeAsync().ConfigureAwait(false);
         _supervisor.Dispose();
         await _db.DisposeAsync().ConfigureAwait(false);
         _stopping.Dispose();
@@ -466,6 +565,9 @@ public sealed partial class Kvmd : IAsyncDisposable
 
     [LoggerMessage(EventId = 2101, Level = LogLevel.Warning, Message = "cannot record this host's heartbeat: {Error}")]
     private static partial void LogHeartbeatFailed(ILogger logger, string error);
+
+    [LoggerMessage(EventId = 2103, Level = LogLevel.Information, Message = "VM '{Name}': waiting for a disk: {Why}")]
+    private static partial void LogWaitingForDisk(ILogger logger, string name, string why);
 
     [LoggerMessage(EventId = 2102, Level = LogLevel.Warning, Message = "VM '{Name}': found running (kvm-vmm pid {Pid}) though the inventory did not record its start; recorded now")]
     private static partial void LogAdoptedUnrecorded(ILogger logger, string name, int pid);

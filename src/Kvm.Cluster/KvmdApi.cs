@@ -12,7 +12,7 @@ public sealed partial class Kvmd
     {
         var j = KvmdJson.Default;
         dispatcher.Add("vm.create", j.CreateVmRequest, j.VmInfo, async (r, _, c) => await CreateAsync(r, c).ConfigureAwait(false));
-        dispatcher.Add("vm.start", j.VmNameRequest, j.VmInfo, async (r, _, c) => await StartAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.start", j.StartVmRequest, j.VmInfo, async (r, _, c) => await StartAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.stop", j.StopVmRequest, j.VmStopped, async (r, _, c) => await StopAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.pause", j.VmNameRequest, j.VmInfo, async (r, _, c) => await PauseAsync(r.Name, c).ConfigureAwait(false));
         dispatcher.Add("vm.resume", j.VmNameRequest, j.VmInfo, async (r, _, c) => await ResumeAsync(r.Name, c).ConfigureAwait(false));

@@ -24,6 +24,9 @@ public sealed partial class Kvmd
     private sealed record HeldLease(LeaseToken Token, long SentAt);
 
     private readonly ConcurrentDictionary<string, HeldLease> _leases = new(StringComparer.Ordinal);
+
+    /// <summary>VMs this kvmd is stopping because their lease is lost: their end is recorded as fenced.</summary>
+    private readonly ConcurrentDictionary<string, bool> _fencing = new(StringComparer.Ordinal);
     private Task? _renewer;
     private Task? _takeover;
 
@@ -108,15 +111,18 @@ public sealed partial class Kvmd
     private async Task FenceNowAsync(string name, LeaseToken token, string why)
     {
         LogFenced(_logger, name, token.Generation, why);
-        if (_supervisor.Find(name) is { } process)
+        if (_supervisor.Find(name) is { } process && !process.Exited.IsCompleted)
         {
+            _fencing[name] = true;
             try
             {
+                // The fence fired at once: kvm-vmm stops the VM and records the end as fenced.
                 using var client = _supervisor.Connect(name);
                 using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(5));
-                await client.CallAsync("stop", new StopRequest(Force: true), VmControlJson.Default.StopRequest, VmControlJson.Default.StopResult, timeout.Token).ConfigureAwait(false);
+                await client.CallAsync("fence", new FenceRequest(0, "stop"), VmControlJson.Default.FenceRequest, VmControlJson.Default.FenceStatus, timeout.Token).ConfigureAwait(false);
+                await process.Exited.WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
             }
-            catch (Exception e) when (e is RpcException or OperationCanceledException)
+            catch (Exception e) when (e is RpcException or OperationCanceledException or TimeoutException)
             {
                 process.Signal(9);
             }
@@ -192,12 +198,12 @@ public sealed partial class Kvmd
 
     private async Task TakeoverOnceAsync(CancellationToken cancel)
     {
-        var vms = await _db.Vms.ListAsync(cancel).ConfigureAwait(false);
+        // The candidates from the cached view (no query while nothing changes), then each one's
+        // lease from the database, whose expiry no notification announces.
+        var vms = await View.VmsAsync(cancel).ConfigureAwait(false);
         foreach (var vm in vms)
         {
-            if (vm.DesiredState == VmDesiredState.Stopped || vm.OwnerHost == Host.Id || _supervisor.Find(vm.Name) is not null)
-                continue;
-            if (vm.OwnerHost is null && vm.ActualState is VmActualState.Stopped or VmActualState.Failed)
+            if (!MayTakeOver(vm))
                 continue;
             var lease = await _db.Leases.FindAsync(LeaseKind.Vm, vm.Id, cancel).ConfigureAwait(false);
             // A cheap look first (the acquisition decides, by the database's clock).
@@ -206,7 +212,7 @@ public sealed partial class Kvmd
             await WithVmAsync(vm.Name, async () =>
             {
                 var row = await _db.Vms.FindAsync(vm.Name, cancel).ConfigureAwait(false);
-                if (row is null || row.DesiredState == VmDesiredState.Stopped || _supervisor.Find(row.Name) is not null)
+                if (row is null || !MayTakeOver(row))
                     return 0;
                 try
                 {
@@ -216,7 +222,7 @@ public sealed partial class Kvmd
                 {
                     return 0; // renewed after all, or another host was quicker
                 }
-                var previous = row.OwnerHost is { } p ? await HostNameAsync(p, cancel).ConfigureAwait(false) : "none";
+                var previous = row.OwnerHost is { } p ? await HostNameAsync(p, cancel).ConfigureAwait(false) : "none (it was fenced)";
                 LogTakingOver(_logger, row.Name, previous, LeaseOf(row.Name)?.Generation ?? 0);
                 await _db.Events.AppendAsync("vm.takeover", $"vm/{row.Name}",
                     JsonSerializer.Serialize(new EventData(null, $"from host {previous}", false), KvmdEventJson.Default.EventData), Host.Id, cancel).ConfigureAwait(false);
@@ -225,6 +231,81 @@ public sealed partial class Kvmd
             }, cancel).ConfigureAwait(false);
         }
     }
+
+    /// <summary>
+    /// Wanted running, and not running here: either owned by another host (taken once its lease
+    /// has expired) or left fenced by its host (taken once its lease is free, by any host).
+    /// </summary>
+    private bool MayTakeOver(VmRow vm) =>
+        vm.DesiredState != VmDesiredState.Stopped && vm.OwnerHost != Host.Id && _supervisor.Find(vm.Name) is null
+        && (vm.OwnerHost is not null || vm.ActualState == VmActualState.Fenced);
+
+    // ---- The restart policy ----
+
+    /// <summary>Starts of each VM by its restart policy in a row that ran less than <see cref="StableRun"/>.</summary>
+    private readonly ConcurrentDictionary<string, int> _quickRestarts = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, long> _startedAt = new(StringComparer.Ordinal);
+
+    /// <summary>A run this long resets the count of quick restarts.</summary>
+    private static readonly TimeSpan StableRun = TimeSpan.FromSeconds(60);
+
+    /// <summary>Quick restarts in a row after which kvmd gives up (as systemd's start limit).</summary>
+    private const int MaxQuickRestarts = 5;
+
+    /// <summary>
+    /// Starts VM <paramref name="row"/> again after it ended unasked, as its restart policy says:
+    /// after 1 s, doubling with each quick end in a row (up to 16 s); after
+    /// <see cref="MaxQuickRestarts"/> quick ends in a row it stays down, wanted stopped.
+    /// </summary>
+    private async Task ScheduleRestartAsync(VmRow row, VmExit exit, CancellationToken cancel)
+    {
+        string name = row.Name;
+        bool quick = !_startedAt.TryRemove(name, out var started) || Stopwatch.GetElapsedTime(started) < StableRun;
+        int attempt = quick ? _quickRestarts.AddOrUpdate(name, 1, (_, n) => n + 1) : _quickRestarts[name] = 1;
+        if (attempt > MaxQuickRestarts)
+        {
+            _quickRestarts.TryRemove(name, out _);
+            await _db.Vms.SetDesiredStateAsync(name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
+            await _db.Events.AppendAsync("vm.restart-abandoned", $"vm/{name}",
+                JsonSerializer.Serialize(new EventData(exit.Status, $"ended {MaxQuickRestarts} times in a row within {StableRun.TotalSeconds} s of its start; restart policy '{StateNames.Of(row.RestartPolicy)}' gives up", false), KvmdEventJson.Default.EventData),
+                Host.Id, cancel).ConfigureAwait(false);
+            LogRestartAbandoned(_logger, name, MaxQuickRestarts);
+            return;
+        }
+        var delay = TimeSpan.FromSeconds(1 << (attempt - 1));
+        await _db.Events.AppendAsync("vm.restarting", $"vm/{name}",
+            JsonSerializer.Serialize(new EventData(exit.Status, $"restart policy '{StateNames.Of(row.RestartPolicy)}': attempt {attempt} in {delay.TotalSeconds} s after: {exit.Reason}", false), KvmdEventJson.Default.EventData),
+            Host.Id, cancel).ConfigureAwait(false);
+        _ = Task.Run(async () =>
+        {
+            try
+            {
+                await Task.Delay(delay, _stopping.Token).ConfigureAwait(false);
+                await WithVmAsync(name, async () =>
+                {
+                    // Still wanted, still not running anywhere (the user may have stopped or deleted it meanwhile).
+                    var now = await _db.Vms.FindAsync(name, _stopping.Token).ConfigureAwait(false);
+                    if (now is null || now.DesiredState == VmDesiredState.Stopped || now.OwnerHost is not null || _supervisor.Find(name) is not null)
+                        return 0;
+                    await StartLockedAsync(now, _stopping.Token).ConfigureAwait(false);
+                    return 0;
+                }, _stopping.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
+            {
+            }
+            catch (Exception e) when (e is RpcException or IOException)
+            {
+                LogRestartFailed(_logger, name, e.Message);
+            }
+        });
+    }
+
+    [LoggerMessage(EventId = 2116, Level = LogLevel.Warning, Message = "VM '{Name}': its restart policy gave up after {Count} quick ends in a row")]
+    private static partial void LogRestartAbandoned(ILogger logger, string name, int count);
+
+    [LoggerMessage(EventId = 2117, Level = LogLevel.Warning, Message = "VM '{Name}': the restart its policy asked for failed: {Error}")]
+    private static partial void LogRestartFailed(ILogger logger, string name, string error);
 
     [LoggerMessage(EventId = 2110, Level = LogLevel.Warning, Message = "VM '{Name}': cannot arm its fence: {Error}")]
     private static partial void LogFenceArmFailed(ILogger logger, string name, string error);

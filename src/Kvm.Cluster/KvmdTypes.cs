@@ -10,7 +10,15 @@ namespace Kvm.Cluster;
 public sealed record VmNameRequest(string Name);
 
 /// <summary><c>vm.create</c>: a VM named <paramref name="Name"/> with <paramref name="Spec"/> (the kvm-vmm spec: absolute paths), started at once when <paramref name="Start"/>.</summary>
-public sealed record CreateVmRequest(string Name, JsonElement Spec, bool Start = false);
+/// <param name="Restart">What kvmd does when the VM ends without being asked to: "no", "on-failure" or "always".</param>
+public sealed record CreateVmRequest(string Name, JsonElement Spec, bool Start = false, string Restart = "no");
+
+/// <summary>
+/// <c>vm.start</c>. When a disk the VM needs is reserved by another VM, the start waits up to
+/// <paramref name="WaitSeconds"/> for it to be released (woken by the release's notification),
+/// then tries again; 0 refuses at once, naming the holder.
+/// </summary>
+public sealed record StartVmRequest(string Name, double WaitSeconds = 0);
 
 /// <summary><c>vm.stop</c>: the ACPI power button, forced after <paramref name="TimeoutSeconds"/>; or forced at once.</summary>
 public sealed record StopVmRequest(string Name, bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
@@ -21,8 +29,9 @@ public sealed record DeleteVmRequest(string Name, bool Force = false);
 /// <summary>A VM as the inventory and this host see it.</summary>
 /// <param name="Host">The name of the host that runs it, if any.</param>
 /// <param name="Pid">kvm-vmm's pid, when it runs on this host.</param>
+/// <param name="Restart">The restart policy: "no", "on-failure" or "always".</param>
 public sealed record VmInfo(string Name, Guid Id, string DesiredState, string ActualState, string? Host, int? Pid,
-    DateTimeOffset CreatedAt, DateTimeOffset UpdatedAt);
+    DateTimeOffset CreatedAt, DateTimeOffset UpdatedAt, string Restart);
 
 public sealed record VmList(IReadOnlyList<VmInfo> Vms);
 
@@ -66,13 +75,14 @@ public sealed record LeaseInfo(string Kind, Guid ResourceId, string? Resource, s
 public sealed record LeaseList(IReadOnlyList<LeaseInfo> Leases);
 
 /// <summary><c>daemon.status</c>.</summary>
-public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Version, string Database, int RunningVms, double UptimeSeconds);
+public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Version, string Database, int RunningVms, double UptimeSeconds, ViewStatus View);
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, WriteIndented = false,
     DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
     UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow, RespectNullableAnnotations = true)]
 [JsonSerializable(typeof(VmNameRequest))]
 [JsonSerializable(typeof(CreateVmRequest))]
+[JsonSerializable(typeof(StartVmRequest))]
 [JsonSerializable(typeof(StopVmRequest))]
 [JsonSerializable(typeof(DeleteVmRequest))]
 [JsonSerializable(typeof(VmInfo))]

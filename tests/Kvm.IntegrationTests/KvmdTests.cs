@@ -17,63 +17,21 @@ namespace Kvm.IntegrationTests;
 public sealed class KvmdTests : IDisposable
 {
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(90);
+    private readonly KvmdHarness _kvmd = new();
 
-    /// <summary>kvmd's first start makes its PostgreSQL cluster: minutes in the nested KVM host.</summary>
-    private static readonly TimeSpan StartTimeout = TimeSpan.FromSeconds(400);
-    private readonly string _dir;
-    private readonly List<LiveProcess> _daemons = [];
-    private readonly HashSet<int> _vmPids = [];
-
-    public KvmdTests()
-    {
-        _dir = Directory.CreateTempSubdirectory("kvmd-").FullName;
-        // kvmd's private cluster runs as the 'postgres' user, which must reach its directory.
-        File.SetUnixFileMode(_dir, (UnixFileMode)0b111_101_101);
-    }
-
-    private string Socket => Path.Combine(_dir, "kvmd.sock");
-    private string StateDir => Path.Combine(_dir, "state");
-    private string RunDir => Path.Combine(_dir, "run");
+    private string Socket => _kvmd.Socket;
+    private string StateDir => _kvmd.StateDir;
+    private string RunDir => _kvmd.RunDir;
 
     private static void Require()
     {
         TestEnvironment.RequireKvm();
         TestEnvironment.RequireGuestKit();
-        foreach (var p in new[] { TestEnvironment.Kvmd, TestEnvironment.KvmVmm, TestEnvironment.Vmctl })
-            if (!File.Exists(p))
-                throw new SkipException($"{p} is missing (run 'make' first)");
-        if (TestEnvironment.FindOnPath("initdb") is null && !Directory.Exists("/usr/lib/postgresql"))
-            throw new SkipException("PostgreSQL's server programs are missing (apt-get install postgresql)");
+        KvmdHarness.RequireKvmd();
     }
 
-    /// <summary>Starts kvmd and waits until it answers.</summary>
-    private LiveProcess StartKvmd() => StartKvmd(Socket, StateDir, RunDir, "test-host", []);
-
-    private LiveProcess StartKvmd(string socket, string stateDir, string runDir, string host, IEnumerable<string> more)
-    {
-        var kvmd = LiveProcess.Start(TestEnvironment.Kvmd,
-            ["--socket", socket, "--state-dir", stateDir, "--run-dir", runDir, "--host-name", host, "--group", "nonexistent-group", .. more]);
-        _daemons.Add(kvmd);
-        bool up = SpinWait.SpinUntil(() =>
-        {
-            if (kvmd.Process.HasExited)
-                return true;
-            try
-            {
-                using var c = RpcClient.Connect(socket, "kvmd");
-                c.CallAsync("daemon.status", KvmdJson.Default.DaemonStatus).WaitAsync(TimeSpan.FromSeconds(10)).GetAwaiter().GetResult();
-                return true;
-            }
-            catch (Exception e) when (e is RpcException or TimeoutException)
-            {
-                Thread.Sleep(100);
-                return false;
-            }
-        }, StartTimeout);
-        if (kvmd.Process.HasExited || !up)
-            Assert.Fail($"kvmd did not come up (exited: {kvmd.Process.HasExited}): {(kvmd.Process.HasExited ? kvmd.Stderr.Result : "")}");
-        return kvmd;
-    }
+    /// <summary>Starts kvmd (this test's first host) and waits until it answers.</summary>
+    private LiveProcess StartKvmd(IEnumerable<string>? more = null) => _kvmd.Start(more);
 
     private ProcessResult Vmctl(params string[] args) => VmctlAt(Socket, args);
 
@@ -96,13 +54,7 @@ public sealed class KvmdTests : IDisposable
     /// <summary>The inventory itself, read from kvmd's private cluster, not through kvmd.</summary>
     private async Task<IReadOnlyList<VmRow>> InventoryVms()
     {
-        string cs = new Npgsql.NpgsqlConnectionStringBuilder
-        {
-            Host = Path.Combine(StateDir, "postgres", "run"),
-            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
-            Database = "kvm",
-        }.ConnectionString;
-        await using var db = await InventoryDatabase.OpenAsync(new InventoryOptions { ConnectionString = cs });
+        await using var db = await InventoryDatabase.OpenAsync(new InventoryOptions { ConnectionString = _kvmd.SharedDatabase() });
         return await db.Vms.ListAsync();
     }
 
@@ -121,8 +73,6 @@ public sealed class KvmdTests : IDisposable
         Assert.Equal(running, row.OwnerHost is not null);
         Assert.Equal(running ? "test-host" : null, listed.Host);
         Assert.Equal(running, listed.Pid is not null);
-        if (listed.Pid is { } pid)
-            _vmPids.Add(pid);
     }
 
     private ConsoleClient Console(string name)
@@ -204,7 +154,9 @@ public sealed class KvmdTests : IDisposable
     public void KvmdKilledAndStartedAgainWhileVmsRunDisturbsNoVm()
     {
         Require();
-        var first = StartKvmd();
+        // A lease long enough for the restart on a slow machine: the VMs must not fence meanwhile.
+        string[] lease = ["--lease-duration", "60", "--fence-margin", "10"];
+        var first = StartKvmd(lease);
         Create("a", "tick period=50");
         Create("b", "tick period=50");
         VmctlOk("start", "a");
@@ -227,7 +179,7 @@ public sealed class KvmdTests : IDisposable
         Assert.True(SpinWait.SpinUntil(() => !Directory.Exists($"/proc/{pidB}"), Timeout), "VM b's kvm-vmm did not exit");
 
         // A new kvmd finds VM a running (same process) and controls it; VM b is recorded as stopped.
-        StartKvmd();
+        StartKvmd(lease);
         AssertAgrees("a", "running", "running");
         Assert.Equal(pidA, Show("a").Vm.Pid);
         AssertAgrees("b", "stopped", "stopped");
@@ -248,7 +200,8 @@ public sealed class KvmdTests : IDisposable
     /// A's kvmd is frozen (SIGSTOP) past the lease's expiry. A's VM fences itself before the lease
     /// can expire; B breaks the lease (a new generation) and starts the VM; A, continued, finds its
     /// lease lost and records nothing over B's. The VM never runs on both hosts at once: A's
-    /// kvm-vmm ended before B took the lease.
+    /// kvm-vmm ended before B took the lease, and the guest's own journal on its disk (blk-log:
+    /// each run's tag and a counter) shows A's run, then B's run continuing it, never interleaved.
     /// </summary>
     [SkippableFact]
     public void TwoHostsNeverRunOneVmAtOnceWhenTheOwnerFreezes()
@@ -258,12 +211,15 @@ public sealed class KvmdTests : IDisposable
         string bSocket = StartHostB();
         Assert.Equal(["host-b", "test-host"], JsonSerializer.Deserialize(VmctlOk("hosts", "--json"), KvmdJson.Default.HostList)!.Hosts.Select(h => h.Name).Order());
 
-        Create("ha", "tick period=50");
+        string disk = Path.Combine(_kvmd.Dir, "ha.raw");
+        using (var f = File.Create(disk))
+            f.SetLength(8 << 20);
+        VmctlOk("create", "ha", "--kernel", TestEnvironment.GuestKit, "--cmdline", "blk-log period=50", "--debug-exit", "--disk", disk);
         VmctlOk("start", "ha");
         AssertAgrees("ha", "running", "running");
         int pidOnA = Show("ha").Vm.Pid!.Value;
         using (var console = Console("ha"))
-            Assert.True(console.WaitForTick(3), console.Text);
+            Assert.True(console.WaitFor("guestkit: blk-log seq 3"), console.Text);
         // B refuses to start a VM whose lease A holds, naming A.
         var refused = VmctlAt(bSocket, "start", "ha");
         Assert.Equal(1, refused.ExitCode);
@@ -306,7 +262,6 @@ public sealed class KvmdTests : IDisposable
 
         // A, continued, finds its lease lost; the inventory keeps B's record, and B's VM runs on.
         int pidOnB = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "ha", "--json"), KvmdJson.Default.VmDetail)!.Vm.Pid!.Value;
-        _vmPids.Add(pidOnB);
         Thread.Sleep(5000); // A's renewal rounds
         var seenByA = Show("ha").Vm;
         Assert.Equal("host-b", seenByA.Host);
@@ -315,30 +270,148 @@ public sealed class KvmdTests : IDisposable
         Assert.True(Directory.Exists($"/proc/{pidOnB}"), "B's VM stopped");
         var detailOnB = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "show", "ha", "--json"), KvmdJson.Default.VmDetail)!;
         using (var console = new ConsoleClient(detailOnB.ConsoleSocket!))
-            Assert.True(console.WaitForTick(3), console.Text);
-        var stop = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "stop", "ha", "--json"), KvmdJson.Default.VmStopped)!;
-        Assert.Equal("guest", stop.Outcome);
+            Assert.True(console.WaitFor("guestkit: blk-log seq"), console.Text);
+        Thread.Sleep(1000); // B's run writes on
+        var stop = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "stop", "ha", "--force", "--json"), KvmdJson.Default.VmStopped)!;
+        Assert.Equal("forced", stop.Outcome);
         AssertAgrees("ha", "stopped", "stopped");
+
+        // The guest's journal: exactly two runs, one after the other, the second continuing the first.
+        var runs = BlkLogRuns(disk);
+        Assert.True(runs.Count == 2, $"expected A's run then B's, found {runs.Count} run(s): {string.Join(", ", runs)}");
+        Assert.True(runs[0].Records >= 3 && runs[1].Records >= 3, string.Join(", ", runs));
 
         Kvm.Interop.Native.Libc.Kill(a.Process.Id, 15);
         Assert.True(a.WaitForExit(Timeout));
         Assert.Contains("fenced", a.Stderr.Result, StringComparison.Ordinal);
     }
 
-    /// <summary>Starts a second host, "host-b", whose inventory is the first host's cluster (a shared one); returns its socket.</summary>
-    private string StartHostB()
+    /// <summary>
+    /// Reads the guest kit's blk-log journal from a raw disk and returns its runs in order (a run:
+    /// the records one boot wrote). Fails the test if two runs interleave: a record whose tag
+    /// differs from the one before must start a new run (a tag never seen before) that continued
+    /// from the record before it (its prev_tag is that record's tag), and the records are numbered
+    /// 1..head with no gap.
+    /// </summary>
+    private static List<(ulong Tag, int Records)> BlkLogRuns(string disk)
     {
-        string bDir = Path.Combine(_dir, "b");
-        string bSocket = Path.Combine(bDir, "kvmd.sock");
-        string shared = new Npgsql.NpgsqlConnectionStringBuilder
+        const ulong HeadMagic = 0x44484f4c4b47, RecordMagic = 0x43524f4c4b47;
+        var bytes = File.ReadAllBytes(disk);
+        ulong Word(long sector, int i) => BitConverter.ToUInt64(bytes, (int)(sector * 512 + i * 8));
+        Assert.Equal(HeadMagic, Word(0, 0));
+        long last = (long)Word(0, 1);
+        var runs = new List<(ulong Tag, int Records)>();
+        ulong previous = 0;
+        for (long seq = 1; seq <= last; seq++)
         {
-            Host = Path.Combine(StateDir, "postgres", "run"),
-            Username = Kvm.Inventory.Embedded.EmbeddedPostgres.SuperUser,
-            Database = "kvm",
-        }.ConnectionString;
-        StartKvmd(bSocket, Path.Combine(bDir, "state"), Path.Combine(bDir, "run"), "host-b", ["--database", shared]);
-        return bSocket;
+            Assert.True(Word(seq, 0) == RecordMagic && Word(seq, 1) == (ulong)seq, $"record {seq} of {last} is missing or misnumbered");
+            ulong tag = Word(seq, 2), prevTag = Word(seq, 3);
+            if (runs.Count > 0 && tag == previous)
+            {
+                runs[^1] = (tag, runs[^1].Records + 1);
+                continue;
+            }
+            Assert.True(runs.All(r => r.Tag != tag), $"record {seq}: run {tag} wrote again after run {previous}: two runs wrote at once");
+            Assert.True(prevTag == previous, $"record {seq}: run {tag} continued from run {prevTag}, but the record before is run {previous}'s");
+            runs.Add((tag, 1));
+            previous = tag;
+        }
+        return runs;
     }
+
+    /// <summary>
+    /// One host alone. Its kvmd freezes past the lease: its VM fences itself. Continued, the host
+    /// finds the VM fenced and still wanted, takes its lease again (a new generation) and starts
+    /// it: nobody else would. A VM with restart policy 'on-failure' killed (a crash) is started
+    /// again; one with 'always' whose guest ends by itself is started again, up to five quick
+    /// times in a row, then left stopped.
+    /// </summary>
+    [SkippableFact]
+    public void ALoneHostRestartsItsFencedVmAndVmsByTheirRestartPolicy()
+    {
+        Require();
+        var kvmd = StartKvmd(["--lease-duration", "6", "--lease-renew", "1", "--fence-margin", "2"]);
+        Create("lone", "tick period=50");
+        VmctlOk("start", "lone");
+        int first = Show("lone").Vm.Pid!.Value;
+        long generation = LeaseGeneration("lone");
+        Assert.Equal(0, Kvm.Interop.Native.Libc.Kill(kvmd.Process.Id, 19)); // SIGSTOP
+        try
+        {
+            Assert.True(SpinWait.SpinUntil(() => Ended(first), Timeout), $"the VM did not fence itself: {ProcessState(first)}\nits log:\n{VmLog("lone")}");
+        }
+        finally
+        {
+            Kvm.Interop.Native.Libc.Kill(kvmd.Process.Id, 18); // SIGCONT
+        }
+        Assert.True(SpinWait.SpinUntil(() => Show("lone").Vm is { ActualState: "running", Pid: { } p } && p != first, Timeout),
+            $"the fenced VM was not started again: {JsonSerializer.Serialize(Show("lone").Vm, KvmdJson.Default.VmInfo)}");
+        Assert.True(LeaseGeneration("lone") > generation);
+        using (var console = Console("lone"))
+            Assert.True(console.WaitForTick(2), console.Text);
+        // Recorded as fenced (wanted still), then taken over by this same host.
+        var events = Events("lone");
+        int fenced = events.FindIndex(e => e.Kind == "vm.actual-state" && e.Data.GetProperty("state").GetString() == "fenced");
+        Assert.True(fenced >= 0, $"no fenced state recorded: {string.Join(", ", events.Select(e => e.Kind))}");
+        Assert.Contains(events.Skip(fenced), e => e.Kind == "vm.takeover" && e.Host == "test-host");
+        VmctlOk("stop", "lone", "--force");
+        AssertAgrees("lone", "stopped", "stopped");
+
+        // on-failure: a crash (kvm-vmm killed) is followed by a new start; a stop asked for is not.
+        VmctlOk("create", "crashy", "--kernel", TestEnvironment.GuestKit, "--cmdline", "tick period=50", "--debug-exit", "--restart", "on-failure");
+        VmctlOk("start", "crashy");
+        int crashed = Show("crashy").Vm.Pid!.Value;
+        Assert.Equal(0, Kvm.Interop.Native.Libc.Kill(crashed, 9));
+        Assert.True(SpinWait.SpinUntil(() => Show("crashy").Vm is { ActualState: "running", Pid: { } p } && p != crashed, Timeout),
+            "the crashed VM was not started again");
+        Assert.Contains("vm.restarting", Events("crashy").Select(e => e.Kind));
+        VmctlOk("stop", "crashy", "--force");
+        Thread.Sleep(2000);
+        AssertAgrees("crashy", "stopped", "stopped");
+
+        // always: a guest that ends by itself (status 0) is started again; five quick ends in a
+        // row, and kvmd gives up.
+        VmctlOk("create", "again", "--kernel", TestEnvironment.GuestKit, "--cmdline", "tick period=20 n=5", "--debug-exit", "--restart", "always");
+        VmctlOk("start", "again");
+        Assert.True(SpinWait.SpinUntil(() => Events("again").Any(e => e.Kind == "vm.restart-abandoned"), TimeSpan.FromSeconds(120)),
+            $"kvmd did not give up: {string.Join(", ", Events("again").Select(e => e.Kind))}");
+        var again = Events("again");
+        Assert.Equal(5, again.Count(e => e.Kind == "vm.restarting"));
+        Assert.Equal(6, again.Count(e => e.Kind == "vm.exited"));
+        AssertAgrees("again", "stopped", "stopped");
+    }
+
+    private string VmLog(string vm)
+    {
+        string log = Path.Combine(StateDir, "vms", vm, "kvm-vmm.log");
+        return File.Exists(log) ? string.Join('\n', File.ReadLines(log).TakeLast(30)) : $"({log} is missing)";
+    }
+
+    /// <summary>A process's state and where each of its threads waits, for a failure's message.</summary>
+    private static string ProcessState(int pid)
+    {
+        try
+        {
+            var lines = new List<string> { File.ReadAllText($"/proc/{pid}/stat") };
+            foreach (var task in Directory.EnumerateDirectories($"/proc/{pid}/task"))
+                lines.Add($"{Path.GetFileName(task)} {File.ReadAllText(Path.Combine(task, "comm")).Trim()} {File.ReadAllText(Path.Combine(task, "wchan"))} {File.ReadAllText(Path.Combine(task, "stat")).Split(' ')[2]}");
+            return string.Join('\n', lines);
+        }
+        catch (IOException e)
+        {
+            return e.Message;
+        }
+    }
+
+    private List<EventInfo> Events(string vm) =>
+        VmctlOk("events", "--after", "0", "--json").Split('\n', StringSplitOptions.RemoveEmptyEntries)
+            .Select(l => JsonSerializer.Deserialize(l, KvmdJson.Default.EventInfo)!).Where(e => e.Subject == $"vm/{vm}").ToList();
+
+    private long LeaseGeneration(string vm) =>
+        Assert.Single(JsonSerializer.Deserialize(VmctlOk("leases", "--json"), KvmdJson.Default.LeaseList)!.Leases, l => l.Kind == "vm" && l.Resource == vm).Generation;
+
+    /// <summary>Starts a second host, "host-b", whose inventory is the first host's cluster (a shared one); returns its socket.</summary>
+    private string StartHostB() => _kvmd.StartHost("host-b");
 
     /// <summary>
     /// A writable disk is one VM's at a time, across hosts: a VM on host B that wants the disk a VM
@@ -351,7 +424,7 @@ public sealed class KvmdTests : IDisposable
         Require();
         StartKvmd();
         string bSocket = StartHostB();
-        string disk = Path.Combine(_dir, "shared.raw");
+        string disk = Path.Combine(_kvmd.Dir, "shared.raw");
         using (var f = File.Create(disk))
             f.SetLength(8 << 20);
         string[] vm = ["--kernel", TestEnvironment.GuestKit, "--cmdline", "tick period=50", "--debug-exit"];
@@ -377,13 +450,30 @@ public sealed class KvmdTests : IDisposable
         Assert.Contains(JsonSerializer.Deserialize(VmctlOk("leases", "--json"), KvmdJson.Default.LeaseList)!.Leases,
             l => l.Kind == "vm" && l.Resource == "x" && l.Owner == "test-host" && l.ExpiresAt is not null);
 
+        // A start that waits for the disk: it waits (and says so in an event) until A's VM lets go,
+        // then starts at once, woken by the release's notification.
         long before = JsonSerializer.Deserialize(VmctlOkAt(bSocket, "events", "--after", "0", "--json").Split('\n', StringSplitOptions.RemoveEmptyEntries).Last(), KvmdJson.Default.EventInfo)!.Id;
+        using var waiting = LiveProcess.Start(TestEnvironment.Vmctl, ["--connect", bSocket, "start", "y", "--wait", "300"]);
+        Assert.True(SpinWait.SpinUntil(() => VmctlOkAt(bSocket, "events", "--after", "0", "--json").Contains("vm.start-waiting", StringComparison.Ordinal), Timeout),
+            "the waiting start recorded no vm.start-waiting event");
+        Thread.Sleep(1000);
+        if (waiting.Process.HasExited)
+            Assert.Fail($"the waiting start ended while the disk was held: {waiting.Output} {waiting.Stderr.Result}");
         VmctlOk("stop", "x", "--force");
+        Assert.True(waiting.WaitForExit(Timeout), "the waiting start did not end once the disk was released");
+        if (waiting.Process.ExitCode != 0)
+            Assert.Fail($"the waiting start failed: {waiting.Stderr.Result}\nevents:\n{VmctlOkAt(bSocket, "events", "--after", before.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json")}");
+        Assert.Contains("y: running on host-b", waiting.Output, StringComparison.Ordinal);
         var released = VmctlOkAt(bSocket, "events", "--after", before.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json");
         Assert.Contains("reservation.released", released, StringComparison.Ordinal);
-        Assert.Empty(Assert.Single(JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks, d => d.Path == disk).Reservations);
+        // A wait that runs out refuses as an immediate start does, naming the holder.
+        var stopwatch = System.Diagnostics.Stopwatch.StartNew();
+        var timedOut = Vmctl("start", "x", "--wait", "2");
+        Assert.Equal(1, timedOut.ExitCode);
+        Assert.Contains("VM 'y' on host 'host-b'", timedOut.Stderr, StringComparison.Ordinal);
+        Assert.True(stopwatch.Elapsed >= TimeSpan.FromSeconds(2), $"the start waited {stopwatch.Elapsed.TotalSeconds:0.0} s, not 2 s");
+        Assert.Equal("stopped", Show("x").Vm.ActualState);
 
-        VmctlOkAt(bSocket, "start", "y");
         var nowHeld = Assert.Single(Assert.Single(JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks, d => d.Path == disk).Reservations);
         Assert.Equal(("exclusive", "host-b", "y"), (nowHeld.Mode, nowHeld.Host, nowHeld.Vm));
         VmctlOkAt(bSocket, "stop", "y", "--force");
@@ -406,45 +496,5 @@ public sealed class KvmdTests : IDisposable
         }
     }
 
-    public void Dispose()
-    {
-        foreach (var d in _daemons)
-        {
-            if (!d.Process.HasExited)
-            {
-                // A clean stop: kvmd stops its private PostgreSQL cluster.
-                Kvm.Interop.Native.Libc.Kill(d.Process.Id, 15);
-                d.WaitForExit(TimeSpan.FromSeconds(30));
-            }
-            d.Dispose();
-        }
-        foreach (int pid in _vmPids)
-            Kvm.Interop.Native.Libc.Kill(pid, 9);
-        // Any VM a failed test left running (VMs outlive kvmd by design): those whose files are here.
-        foreach (var proc in Directory.EnumerateDirectories("/proc"))
-        {
-            if (!int.TryParse(Path.GetFileName(proc), out int pid))
-                continue;
-            try
-            {
-                string cmdline = File.ReadAllText(Path.Combine(proc, "cmdline"));
-                if (cmdline.Contains("kvm-vmm", StringComparison.Ordinal) && cmdline.Contains(_dir, StringComparison.Ordinal))
-                    Kvm.Interop.Native.Libc.Kill(pid, 9);
-            }
-            catch (IOException)
-            {
-            }
-        }
-        // A cluster left by a kvmd that was killed: immediate shutdown (SIGQUIT to the postmaster).
-        string pidFile = Path.Combine(StateDir, "postgres", "data", "postmaster.pid");
-        if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).First(), out int postmaster))
-            Kvm.Interop.Native.Libc.Kill(postmaster, 3);
-        try
-        {
-            Directory.Delete(_dir, recursive: true);
-        }
-        catch (IOException)
-        {
-        }
-    }
+    public void Dispose() => _kvmd.Dispose();
 }
