@@ -454,23 +454,7 @@ internal static class KvmdBenchmark
         });
         bool done = reader.Wait(Limit);
         double ms = done ? reader.Result : -1;
-        try
-        {
-            p.Kill(entireProcessTree: true);
-        }
-        catch (InvalidOperationException)
-        {
-            // It had ended.
-        }
-        p.WaitForExit();
-        // The pipe closed with the process: the reader ends too, before the process is disposed.
-        try
-        {
-            reader.Wait(TimeSpan.FromSeconds(10));
-        }
-        catch (AggregateException)
-        {
-        }
+        Prerequisites.EndAndDrain(p, reader);
         if (ms < 0)
             throw new BenchmarkFailure($"{file} {string.Join(' ', args)} did not print '{Marker}' " +
                                        $"({(done ? "the guest printed an error, or the program ended" : $"within {Limit.TotalSeconds} s")}); " +

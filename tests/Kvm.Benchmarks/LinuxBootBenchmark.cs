@@ -200,23 +200,7 @@ internal static partial class LinuxBootBenchmark
         bool done = reader.Wait(TimeSpan.FromSeconds(limitSeconds));
         (double Seconds, string? Line, double? Kernel)? found = done ? reader.Result : null;
 
-        try
-        {
-            p.Kill(entireProcessTree: true);
-        }
-        catch (InvalidOperationException)
-        {
-            // It had exited already.
-        }
-        p.WaitForExit();
-        // The pipe has closed with the process, so the reader ends too (before the process is disposed).
-        try
-        {
-            reader.Wait(TimeSpan.FromSeconds(10));
-        }
-        catch (AggregateException)
-        {
-        }
+        Prerequisites.EndAndDrain(p, reader);
 
         if (found is { } hit && hit.Line is not null)
             return new Result(hit.Seconds, hit.Kernel);

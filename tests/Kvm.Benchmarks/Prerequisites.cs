@@ -44,4 +44,28 @@ internal static class Prerequisites
         Console.Error.WriteLine($"benchmark: unknown argument '{argument}'\n{usage}");
         return 2;
     }
+
+    /// <summary>
+    /// Ends <paramref name="p"/> (with its children) if it still runs and waits for it, then lets
+    /// <paramref name="reader"/>, which reads its output, finish: the pipe closed with the process.
+    /// </summary>
+    public static void EndAndDrain(System.Diagnostics.Process p, Task reader)
+    {
+        try
+        {
+            p.Kill(entireProcessTree: true);
+        }
+        catch (InvalidOperationException)
+        {
+            // It had ended.
+        }
+        p.WaitForExit();
+        try
+        {
+            reader.Wait(TimeSpan.FromSeconds(10));
+        }
+        catch (AggregateException)
+        {
+        }
+    }
 }
