@@ -67,6 +67,7 @@ public sealed class KvmdFuzzTests(ITestOutputHelper output) : IDisposable
         RpcErrorCode.ParseError, RpcErrorCode.InvalidRequest, RpcErrorCode.MethodNotFound, RpcErrorCode.InvalidParams,
         RpcErrorCode.OperationFailed, RpcErrorCode.NotFound, RpcErrorCode.InvalidState, RpcErrorCode.AlreadyExists,
         RpcErrorCode.StaleLease,
+        RpcErrorCode.Conflict,
     ];
 
     private readonly KvmdHarness _sandbox = new();
