@@ -6,25 +6,29 @@ namespace Kvm.Cluster;
 
 // The kvmd RPC's parameters and results (methods: see KvmdApi.Register).
 
+// A request's members without a default are [JsonRequired]: a missing one is then an invalid-params
+// error naming it, not a null that reaches the handlers (a null name failed inside them as an
+// internal error).
+
 /// <summary>Parameters naming one VM.</summary>
-public sealed record VmNameRequest(string Name);
+public sealed record VmNameRequest([property: JsonRequired] string Name);
 
 /// <summary><c>vm.create</c>: a VM named <paramref name="Name"/> with <paramref name="Spec"/> (the kvm-vmm spec: absolute paths), started at once when <paramref name="Start"/>.</summary>
 /// <param name="Restart">What kvmd does when the VM ends without being asked to: "no", "on-failure" or "always".</param>
-public sealed record CreateVmRequest(string Name, JsonElement Spec, bool Start = false, string Restart = "no");
+public sealed record CreateVmRequest([property: JsonRequired] string Name, [property: JsonRequired] JsonElement Spec, bool Start = false, string Restart = "no");
 
 /// <summary>
 /// <c>vm.start</c>. When a disk the VM needs is reserved by another VM, the start waits up to
 /// <paramref name="WaitSeconds"/> for it to be released (woken by the release's notification),
 /// then tries again; 0 refuses at once, naming the holder.
 /// </summary>
-public sealed record StartVmRequest(string Name, double WaitSeconds = 0);
+public sealed record StartVmRequest([property: JsonRequired] string Name, double WaitSeconds = 0);
 
 /// <summary><c>vm.stop</c>: the ACPI power button, forced after <paramref name="TimeoutSeconds"/>; or forced at once.</summary>
-public sealed record StopVmRequest(string Name, bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
+public sealed record StopVmRequest([property: JsonRequired] string Name, bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
 
 /// <summary><c>vm.delete</c>: a running VM is refused unless <paramref name="Force"/> (which stops it first, forced).</summary>
-public sealed record DeleteVmRequest(string Name, bool Force = false);
+public sealed record DeleteVmRequest([property: JsonRequired] string Name, bool Force = false);
 
 /// <summary>A VM as the inventory and this host see it.</summary>
 /// <param name="Host">The name of the host that runs it, if any.</param>

@@ -174,13 +174,16 @@ public sealed partial class RpcDispatcher(ILogger logger)
         e is NullReferenceException or IndexOutOfRangeException or InvalidCastException or ArgumentNullException
             or NotImplementedException or AccessViolationException or KeyNotFoundException;
 
-    /// <summary>A method name for messages: control characters shown as \xNN, at most 100 characters.</summary>
-    internal static string Printable(string s)
+    /// <summary>How much of a client's text <see cref="Printable"/> keeps.</summary>
+    public const int PrintableLength = 100;
+
+    /// <summary>A client's text (a method name, a VM name) for messages: control characters shown as \xNN, at most 100 characters.</summary>
+    public static string Printable(string s)
     {
         var b = new System.Text.StringBuilder();
-        foreach (char c in s.Length > 100 ? s[..100] : s)
+        foreach (char c in s.Length > PrintableLength ? s[..PrintableLength] : s)
             b.Append(char.IsControl(c) ? $"\\x{(int)c:x2}" : c);
-        return s.Length > 100 ? b + "..." : b.ToString();
+        return s.Length > PrintableLength ? b + "..." : b.ToString();
     }
 
     internal static byte[] ErrorResponse(string? id, RpcException e) =>

@@ -23,15 +23,19 @@ public sealed class KvmdHarness : IDisposable
     public string StateDir => Path.Combine(Dir, "state");
     public string RunDir => Path.Combine(Dir, "run");
 
-    /// <summary>Skips, naming it, unless kvmd is built and PostgreSQL's server programs are installed.</summary>
+    /// <summary>Skips, naming it, unless kvmd is built and PostgreSQL's server programs are installed (under CI=true a skip is a failure).</summary>
     public static void RequireKvmd()
     {
         foreach (var p in new[] { TestEnvironment.Kvmd, TestEnvironment.KvmVmm, TestEnvironment.Vmctl })
-            if (!File.Exists(p))
-                throw new SkipException($"{p} is missing (run 'make' first)");
-        if (TestEnvironment.FindOnPath("initdb") is null && !Directory.Exists("/usr/lib/postgresql"))
-            throw new SkipException("PostgreSQL's server programs are missing (apt-get install postgresql)");
+            TestEnvironment.SkipIf(File.Exists(p) ? null : $"{p} is missing (run 'make' first)");
+        TestEnvironment.SkipIf(PostgresUnavailable());
     }
+
+    /// <summary>Null when kvmd's private cluster can be made here, else what is missing: PostgreSQL's server programs.</summary>
+    public static string? PostgresUnavailable() =>
+        TestEnvironment.FindOnPath("initdb") is null && !Directory.Exists("/usr/lib/postgresql")
+            ? "PostgreSQL's server programs are missing (apt-get install postgresql)"
+            : null;
 
     /// <summary>The first host's private cluster as a connection string, logging in as <paramref name="user"/> (default: its superuser).</summary>
     public string SharedDatabase(string? user = null) =>

@@ -102,6 +102,27 @@ public sealed class NotificationTests(ClusterFixture cluster)
         Assert.Equal([a, b], await inv.Events.ReadAfterAsync(0, 10));
     }
 
+    /// <summary>
+    /// A long poll ends at its timeout however little time it has left when it starts waiting:
+    /// with less than a millisecond left it waited until the next event (Npgsql takes 0 ms as no
+    /// timeout), and with no event coming, for ever. Found by the seeded kvmd fuzz (an events.wait
+    /// that never answered).
+    /// </summary>
+    [SkippableFact]
+    public async Task A_long_poll_with_less_than_a_millisecond_left_still_times_out()
+    {
+        await using var inv = await OpenAsync(cluster);
+        var a = await inv.Events.AppendAsync("note", "test/a");
+        // Timeouts around the time one read takes, so that some wait starts with under 1 ms left.
+        for (int micros = 50; micros <= 3000; micros += 25)
+        {
+            var poll = inv.Events.WaitAfterAsync(a.Id, TimeSpan.FromTicks(micros * 10));
+            var done = await Task.WhenAny(poll, Task.Delay(TimeSpan.FromSeconds(5)));
+            Assert.True(done == poll, $"a long poll of {micros} µs had not ended after 5 s");
+            Assert.Empty(await poll);
+        }
+    }
+
     private static async Task<InventoryNotice> NextAsync(InventoryNotifications follower) =>
         await NextOrNullAsync(follower, Patience) ?? throw new TimeoutException($"no notice in {Patience}");
 

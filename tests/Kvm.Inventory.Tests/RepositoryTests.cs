@@ -115,6 +115,46 @@ public sealed class RepositoryTests(ClusterFixture cluster)
         Assert.Equal(["web1"], (await vms.ListAsync()).Select(v => v.Name));
     }
 
+    /// <summary>InventoryNames says of a name what the schema's check constraints on vms.name and hosts.name say.</summary>
+    [SkippableFact]
+    public async Task The_name_rule_agrees_with_the_schemas_constraints()
+    {
+        var db = await MigratedAsync();
+        var hosts = new HostRepository(db);
+        var vms = new VmRepository(db);
+        string[] names =
+        [
+            "a", "Z", "7", "web-1.x_y", "a..", new string('a', 63), new string('a', 64), "", "-a", ".a", "_a", "a/b", "a b", "../etc",
+            "\u00e9t\u00e9", "a\u00e9", "\uff21", "a\n", "\na", "a\u0000", "a\t", "a$", "a%", "A-", "\u0661",
+        ];
+        foreach (string name in names)
+        {
+            bool vm = await Accepted(() => vms.CreateAsync(name, "{}"));
+            bool host = await Accepted(() => hosts.RegisterAsync(name, ""));
+            Assert.True(vm == InventoryNames.IsValid(name) && host == vm,
+                $"name '{Uri.EscapeDataString(name)}': the VM table {(vm ? "accepts" : "refuses")} it, the host table {(host ? "accepts" : "refuses")} it, InventoryNames says {(InventoryNames.IsValid(name) ? "valid" : "invalid")}");
+        }
+
+        // A long name is quoted short, with its length.
+        var refused = await Assert.ThrowsAsync<InventoryException>(() => vms.CreateAsync(new string('x', 100_000), "{}"));
+        Assert.Equal(RpcErrorCode.InvalidParams, refused.Code);
+        Assert.Contains("(100000 characters) is not allowed", refused.Message, StringComparison.Ordinal);
+        Assert.True(refused.Message.Length < 300, refused.Message);
+
+        static async Task<bool> Accepted(Func<Task> create)
+        {
+            try
+            {
+                await create();
+                return true;
+            }
+            catch (InventoryException)
+            {
+                return false;
+            }
+        }
+    }
+
     [SkippableFact]
     public async Task Events_append_and_list_after_an_id_in_order_with_a_limit()
     {

@@ -75,8 +75,11 @@ public sealed class EventRepository(NpgsqlDataSource db)
                     var left = Stopwatch.GetElapsedTime(Stopwatch.GetTimestamp(), deadline);
                     if (rows.Count > 0 || left <= TimeSpan.Zero)
                         return rows;
+                    // In whole milliseconds, rounded up: Npgsql takes a timeout of 0 ms as no
+                    // timeout at all, so a wait with less than 1 ms left (a notification just
+                    // before the deadline, or a tiny timeout) waited for the next event, however late.
                     if (!notified)
-                        await conn.WaitAsync(left, ct).ConfigureAwait(false);
+                        await conn.WaitAsync((int)Math.Ceiling(left.TotalMilliseconds), ct).ConfigureAwait(false);
                 }
             }
             finally
