@@ -7,6 +7,7 @@ using System.Text.Json;
 using Kvm.Cluster;
 using Kvm.Rpc;
 using Kvm.Tests.Shared;
+using static Kvm.Tests.Shared.JsonRpcOracle;
 using Xunit.Abstractions;
 
 namespace Kvm.IntegrationTests;
@@ -819,79 +820,6 @@ public sealed class KvmdFuzzTests(ITestOutputHelper output) : IDisposable
         string text = e.GetRawText();
         foreach (string trace in new[] { "   at ", ".cs:line ", "--- End of stack trace" })
             Assert.False(text.Contains(trace, StringComparison.Ordinal), $"{at}: a stack trace in an error: {Clip(r)}");
-    }
-
-    /// <summary>
-    /// What a line deserves, judged without kvmd: the framing (a newline-terminated line loses a
-    /// trailing CR; a blank line is ignored), JSON with the dispatcher's depth limit, the id.
-    /// </summary>
-    private static void AssertDeserved(byte[] raw, bool terminated, List<JsonElement> got, string at)
-    {
-        ReadOnlySpan<byte> line = raw;
-        if (terminated && line.Length > 0 && line[^1] == (byte)'\r')
-            line = line[..^1];
-        if (line.IndexOfAnyExcept(" \t"u8) < 0)
-        {
-            Assert.True(got.Count == 0, $"{at}: a blank line was answered: {string.Join(" | ", got)}");
-            return;
-        }
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(line.ToArray(), new JsonDocumentOptions { MaxDepth = RpcDispatcher.MaxDepth });
-        }
-        catch (JsonException)
-        {
-            Assert.True(got.Count == 1, $"{at}: text that is not JSON was not answered");
-            AssertError(got[0], RpcErrorCode.ParseError, "null", at);
-            return;
-        }
-        using (doc)
-        {
-            var root = doc.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-            {
-                Assert.True(got.Count == 1, $"{at}: JSON that is not an object was not answered");
-                AssertError(got[0], RpcErrorCode.InvalidRequest, "null", at);
-            }
-            else if (root.TryGetProperty("id", out var id) && id.ValueKind is JsonValueKind.Number or JsonValueKind.String or JsonValueKind.Null)
-            {
-                string rawId;
-                try
-                {
-                    rawId = id.GetRawText();
-                }
-                catch (InvalidOperationException)
-                {
-                    // An id that is not valid UTF-8 cannot be echoed: an invalid request, id null.
-                    Assert.True(got.Count == 1, $"{at}: a request whose id is not UTF-8 was not answered");
-                    AssertError(got[0], RpcErrorCode.InvalidRequest, "null", at);
-                    return;
-                }
-                Assert.True(got.Count == 1, $"{at}: a request with id {rawId} was not answered");
-                Assert.True(rawId == got[0].GetProperty("id").GetRawText(), $"{at}: the answer to id {rawId}: {Clip(got[0])}");
-            }
-        }
-    }
-
-    private static void AssertError(JsonElement r, int code, string id, string at)
-    {
-        Assert.True(r.TryGetProperty("error", out var e) && e.GetProperty("code").GetInt32() == code && r.GetProperty("id").GetRawText() == id,
-            $"{at}: expected error {code} with id {id}, got {Clip(r)}");
-    }
-
-    private static string Clip(JsonElement e)
-    {
-        string s = e.GetRawText();
-        return s.Length > 600 ? s[..600] + $"... ({s.Length} characters)" : s;
-    }
-
-    private static string Show(byte[] line)
-    {
-        var b = new StringBuilder();
-        foreach (byte x in line.Length > 300 ? line[..300] : line)
-            b.Append(x is >= 0x20 and < 0x7f ? ((char)x).ToString() : $"\\x{x:x2}");
-        return line.Length > 300 ? $"{b}... ({line.Length} bytes)" : b.ToString();
     }
 
     // ---- Making lines ----

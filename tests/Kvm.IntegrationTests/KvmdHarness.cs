@@ -41,8 +41,17 @@ public sealed class KvmdHarness : IDisposable
     public string SharedDatabase(string? user = null) =>
         user is null ? KvmdInstance.DatabaseIn(Dir) : new Npgsql.NpgsqlConnectionStringBuilder(KvmdInstance.DatabaseIn(Dir)) { Username = user }.ConnectionString;
 
-    /// <summary>Starts the first host, "test-host", with its private cluster (again, after it was stopped or killed).</summary>
-    public LiveProcess Start(IEnumerable<string>? more = null) => Add(KvmdInstance.Start(Dir, "test-host", more)).Process;
+    /// <summary>
+    /// Starts the first host, "test-host", with its private cluster (again, after it was stopped or
+    /// killed). Its first start copies <see cref="PostgresTemplate"/> in as its cluster unless
+    /// <paramref name="freshCluster"/> asks kvmd to make its own (initdb: minutes in the nested host).
+    /// </summary>
+    public LiveProcess Start(IEnumerable<string>? more = null, bool freshCluster = false)
+    {
+        if (!freshCluster && !Directory.Exists(Path.Combine(StateDir, "postgres")))
+            PostgresTemplate.CopyTo(StateDir);
+        return Add(KvmdInstance.Start(Dir, "test-host", more)).Process;
+    }
 
     /// <summary>Starts host <paramref name="host"/> in Dir/<paramref name="host"/> on the first host's cluster; returns its socket.</summary>
     public string StartHost(string host, IEnumerable<string>? more = null, string? user = null) =>

@@ -30,8 +30,11 @@ public sealed class KvmdTests : IDisposable
         KvmdHarness.RequireKvmd();
     }
 
-    /// <summary>Starts kvmd (this test's first host) and waits until it answers.</summary>
-    private LiveProcess StartKvmd(IEnumerable<string>? more = null) => _kvmd.Start(more);
+    /// <summary>
+    /// Starts kvmd (this test's first host) and waits until it answers; on a copy of the template
+    /// cluster unless <paramref name="freshCluster"/> lets kvmd make its own, as on a new host.
+    /// </summary>
+    private LiveProcess StartKvmd(IEnumerable<string>? more = null, bool freshCluster = false) => _kvmd.Start(more, freshCluster);
 
     private ProcessResult Vmctl(params string[] args) => VmctlAt(Socket, args);
 
@@ -88,7 +91,8 @@ public sealed class KvmdTests : IDisposable
     public void AVmsLifeThroughKvmd()
     {
         Require();
-        StartKvmd();
+        // As a user meets it: kvmd's first start makes its private cluster (initdb) itself.
+        StartKvmd(freshCluster: true);
         Create("life", "tick period=50");
         AssertAgrees("life", "stopped", "stopped");
         var refused = Vmctl("create", "life", "--kernel", TestEnvironment.GuestKit);

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text;
 using System.Text.Json;
 using Kvm.Rpc;
+using static Kvm.Tests.Shared.JsonRpcOracle;
 
 namespace Kvm.Rpc.Tests;
 
@@ -118,7 +119,7 @@ public sealed class FuzzTests
                     Assert.True(got.Count <= 1, $"{where}: {got.Count} answers to one line");
                 }
                 answers += got.Count;
-                AssertDeserved(line, got, where);
+                AssertDeserved(line, terminated: true, got, where);
             }
         }
         finally
@@ -166,65 +167,6 @@ public sealed class FuzzTests
             Assert.DoesNotContain("   at ", text, StringComparison.Ordinal);
             Assert.DoesNotContain(TestServer.SecretBugDetail, text, StringComparison.Ordinal);
         }
-    }
-
-    // What a line deserves, judged independently of the server: the framing (CR stripped, blank
-    // ignored), JSON parsing with the dispatcher's depth limit, and the request's id.
-    private static void AssertDeserved(byte[] raw, List<JsonElement> got, string where)
-    {
-        ReadOnlySpan<byte> line = raw;
-        if (line.Length > 0 && line[^1] == (byte)'\r')
-            line = line[..^1];
-        if (line.IndexOfAnyExcept(" \t"u8) < 0)
-        {
-            Assert.True(got.Count == 0, $"{where}: a blank line was answered");
-            return;
-        }
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(line.ToArray(), new JsonDocumentOptions { MaxDepth = RpcDispatcher.MaxDepth });
-        }
-        catch (JsonException)
-        {
-            Assert.True(got.Count == 1, $"{where}: text that is not JSON was not answered");
-            Response.AssertError(got[0], RpcErrorCode.ParseError, "null");
-            return;
-        }
-        using (doc)
-        {
-            var root = doc.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-            {
-                Assert.True(got.Count == 1, $"{where}: JSON that is not an object was not answered");
-                Response.AssertError(got[0], RpcErrorCode.InvalidRequest, "null");
-            }
-            else if (root.TryGetProperty("id", out var id) && id.ValueKind is JsonValueKind.Number or JsonValueKind.String or JsonValueKind.Null)
-            {
-                string rawId;
-                try
-                {
-                    rawId = id.GetRawText();
-                }
-                catch (InvalidOperationException)
-                {
-                    // An id that is not valid UTF-8 cannot be echoed: an invalid request, id null.
-                    Assert.True(got.Count == 1, $"{where}: a request with an id that is not UTF-8 was not answered");
-                    Response.AssertError(got[0], RpcErrorCode.InvalidRequest, "null");
-                    return;
-                }
-                Assert.True(got.Count == 1, $"{where}: a request with id {rawId} was not answered");
-                Assert.Equal(rawId, got[0].GetProperty("id").GetRawText());
-            }
-        }
-    }
-
-    private static string Show(byte[] line)
-    {
-        var b = new StringBuilder();
-        foreach (byte x in line.Length > 300 ? line[..300] : line)
-            b.Append(x is >= 0x20 and < 0x7f ? ((char)x).ToString() : $"\\x{x:x2}");
-        return line.Length > 300 ? $"{b}... ({line.Length} bytes)" : b.ToString();
     }
 
     private static readonly byte[][] BadUtf8 =
