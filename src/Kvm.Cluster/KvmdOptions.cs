@@ -52,6 +52,14 @@ public sealed record KvmdOptions
     /// <summary>Throws ArgumentException naming the setting that is out of range.</summary>
     public void Validate()
     {
+        if (!Kvm.Inventory.InventoryNames.IsValid(HostName))
+        {
+            // Linux says "(none)" when no host name was ever set (an early boot, a bare container).
+            string source = HostName == Environment.MachineName ? " (this machine's host name, the default)" : "";
+            throw new ArgumentException(
+                $"the host name {Kvm.Inventory.InventoryNames.Quote(HostName)}{source} cannot name this host in the inventory: " +
+                $"{Kvm.Inventory.InventoryNames.Rule}; give one with --host-name NAME");
+        }
         if (LeaseDuration < TimeSpan.FromSeconds(2))
             throw new ArgumentException($"the lease duration {LeaseDuration.TotalSeconds} s is below 2 s");
         if (FenceMargin <= TimeSpan.Zero || FenceMargin >= LeaseDuration)
