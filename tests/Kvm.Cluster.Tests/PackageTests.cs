@@ -1,4 +1,3 @@
-using Kvm.Interop.Native;
 using Kvm.Tests.Shared;
 
 namespace Kvm.Cluster.Tests;
@@ -10,29 +9,18 @@ namespace Kvm.Cluster.Tests;
 /// test refuses to start where a kvm package, or any file it would install, is already there and
 /// not its own.
 /// </summary>
-public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
+public sealed class PackageTests
 {
-    private const string Package = "kvm";
-
-    /// <summary>Left in /run while the test's own package is installed: a later run may purge it.</summary>
-    private const string Marker = "/run/kvm-package-test";
-
-    private static readonly TimeSpan DpkgTimeout = TimeSpan.FromMinutes(5);
-
-    private readonly BuiltPackage _deb;
-
-    public PackageTests(BuiltPackage deb) => _deb = deb;
-
     [SkippableFact]
     public void Lintian_reports_no_errors_and_no_warnings()
     {
-        var deb = _deb.Require();
+        var deb = DebianPackage.Require();
         TestEnvironment.RequireProgram("lintian", "lintian");
 
         // -I shows the informational tags too, for the log; only E and W lines fail the test. Each
         // overridden tag has its reason in packaging/lintian-overrides.
         var r = TestEnvironment.RunProcess("lintian", ["-I", "--tag-display-limit", "0", deb], TimeSpan.FromMinutes(5));
-        var complaints = Lines(r.Stdout).Where(l => l.StartsWith("E: ", StringComparison.Ordinal) || l.StartsWith("W: ", StringComparison.Ordinal)).ToList();
+        var complaints = DebianPackage.Lines(r.Stdout).Where(l => l.StartsWith("E: ", StringComparison.Ordinal) || l.StartsWith("W: ", StringComparison.Ordinal)).ToList();
         Assert.True(complaints.Count == 0 && r.ExitCode == 0,
             $"lintian {deb} (exit {r.ExitCode}):\n{r.Stdout}{r.Stderr}");
     }
@@ -40,10 +28,10 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
     [SkippableFact]
     public void The_package_holds_the_programs_in_usr_lib_kvm_with_links_on_PATH()
     {
-        var deb = _deb.Require();
-        var r = Run("dpkg-deb", ["--contents", deb]);
+        var deb = DebianPackage.Require();
+        var r = DebianPackage.Run("dpkg-deb", ["--contents", deb]);
         // "-rwxr-xr-x root/root 1147208 2026-12-02 13:39 ./usr/lib/kvm/kvmd" (symlinks: "... -> target")
-        var entries = Lines(r.Stdout).Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries))
+        var entries = DebianPackage.Lines(r.Stdout).Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries))
             .ToDictionary(f => f[5].TrimStart('.'), f => (Mode: f[0], Owner: f[1], Target: f.Length > 7 ? f[7] : null));
 
         Assert.All(entries.Values, e => Assert.Equal("root/root", e.Owner));
@@ -58,9 +46,9 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
         Assert.Contains("/var/lib/kvm/", entries.Keys);
         Assert.DoesNotContain(entries.Keys, k => k.EndsWith(".dbg", StringComparison.Ordinal) || k.StartsWith("/run", StringComparison.Ordinal));
 
-        var control = Run("dpkg-deb", ["--field", deb, "Package", "Version", "Architecture", "Depends"]).Stdout;
+        var control = DebianPackage.Run("dpkg-deb", ["--field", deb, "Package", "Version", "Architecture", "Depends"]).Stdout;
         Assert.Contains("Package: kvm\n", control);
-        Assert.Contains($"Version: {BuiltPackage.Version}\n", control);
+        Assert.Contains($"Version: {DebianPackage.Version}\n", control);
         Assert.Contains("Architecture: amd64\n", control);
         Assert.Matches(@"Depends: .*libc6 \(>= [0-9.]+\)", control);
     }
@@ -68,18 +56,16 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
     [SkippableFact]
     public void The_package_installs_runs_and_is_removed_and_purged_without_leaving_anything()
     {
-        var deb = _deb.Require();
-        RequireRoot();
+        var deb = DebianPackage.Require();
+        DebianPackage.RequireRoot();
         TestEnvironment.RequireProgram("systemd-analyze", "systemd");
-        var files = PackageFiles(deb);
-        RefuseToCollide(files);
+        var files = DebianPackage.Files(deb);
 
         var before = Snapshot();
-        File.WriteAllText(Marker, $"installed by {nameof(PackageTests)} (pid {Environment.ProcessId}); the next run may purge it\n");
         try
         {
-            Run("dpkg", ["--install", deb], DpkgTimeout);
-            Assert.Equal("ii ", Status());
+            DebianPackage.Install(deb, files);
+            Assert.Equal("ii ", DebianPackage.Status());
 
             // The unit as installed: systemd-analyze also checks that ExecStart= exists and is
             // executable, and that the man page in Documentation= is there.
@@ -93,21 +79,21 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
 
             // The programs run from the installed files, through the links on PATH: each finds its
             // real path and what lies beside it.
-            Assert.Contains("Usage: kvmd", Run("/usr/sbin/kvmd", ["--help"]).Stdout);
-            Assert.Contains($"kvmd {BuiltPackage.Version}", Run("/usr/sbin/kvmd", ["--version"]).Stdout);
-            Assert.Contains("vmctl", Run("/usr/bin/vmctl", ["--help"]).Stdout);
-            Assert.Contains(BuiltPackage.Version, Run("/usr/bin/vmctl", ["--version"]).Stdout);
-            Assert.Contains("Usage: kvm-vmm", Run("/usr/lib/kvm/kvm-vmm", ["--help"]).Stdout);
+            Assert.Contains("Usage: kvmd", DebianPackage.Run("/usr/sbin/kvmd", ["--help"]).Stdout);
+            Assert.Contains($"kvmd {DebianPackage.Version}", DebianPackage.Run("/usr/sbin/kvmd", ["--version"]).Stdout);
+            Assert.Contains("vmctl", DebianPackage.Run("/usr/bin/vmctl", ["--help"]).Stdout);
+            Assert.Contains(DebianPackage.Version, DebianPackage.Run("/usr/bin/vmctl", ["--version"]).Stdout);
+            Assert.Contains("Usage: kvm-vmm", DebianPackage.Run("/usr/lib/kvm/kvm-vmm", ["--help"]).Stdout);
 
-            Run("dpkg", ["--remove", Package], DpkgTimeout);
+            DebianPackage.Run("dpkg", ["--remove", DebianPackage.Name], DebianPackage.DpkgTimeout);
             // Removed: the package's files are gone; its conffile (/etc/default/kvmd) stays until
             // the purge, as dpkg keeps configuration.
-            Assert.Equal("rc ", Status());
-            var left = files.Where(f => f != "/etc/default/kvmd" && (File.Exists(f) || Directory.Exists(f) && !IsSharedDirectory(f))).ToList();
+            Assert.Equal("rc ", DebianPackage.Status());
+            var left = files.Where(f => f != "/etc/default/kvmd" && (File.Exists(f) || Directory.Exists(f) && !DebianPackage.IsSharedDirectory(f))).ToList();
             Assert.True(left.Count == 0, $"left after dpkg --remove: {string.Join(", ", left)}");
 
-            Run("dpkg", ["--purge", Package], DpkgTimeout);
-            Assert.Null(Status());
+            DebianPackage.Run("dpkg", ["--purge", DebianPackage.Name], DebianPackage.DpkgTimeout);
+            Assert.Null(DebianPackage.Status());
             // Purged: the file system is as before the installation, but for the kvm group when the
             // package made it (system groups stay: files elsewhere may belong to them).
             var after = Snapshot();
@@ -119,55 +105,8 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
         finally
         {
             // Whatever failed above, the package goes.
-            if (Status() is not null)
-                TestEnvironment.RunProcess("dpkg", ["--purge", Package], DpkgTimeout);
-            if (Status() is null)
-                File.Delete(Marker);
+            DebianPackage.Purge();
         }
-    }
-
-    /// <summary>The package's paths (files, links and directories) as dpkg-deb lists them.</summary>
-    private static List<string> PackageFiles(string deb) =>
-        Lines(Run("dpkg-deb", ["--contents", deb]).Stdout)
-            .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[5].TrimStart('.').TrimEnd('/'))
-            .Where(p => p.Length > 0)
-            .ToList();
-
-    /// <summary>Directories other packages have too (/usr/bin, /lib/systemd/system, ...): dpkg leaves them.</summary>
-    private static bool IsSharedDirectory(string path) => path is not ("/usr/lib/kvm" or "/var/lib/kvm" or "/usr/share/doc/kvm");
-
-    /// <summary>
-    /// Refuses (skips, or fails under CI) where installing would touch what is not the test's own:
-    /// an installed kvm package, or a file of the package already on disk. A kvm package a previous
-    /// run of this test left (its marker is in /run) is purged first.
-    /// </summary>
-    private static void RefuseToCollide(List<string> files)
-    {
-        if (Status() is { } status)
-        {
-            if (!File.Exists(Marker))
-            {
-                TestEnvironment.SkipIf($"a package named '{Package}' is on this machine (dpkg status '{status.Trim()}') and this test did not install it: " +
-                                       "it would replace and purge it (remove it with 'dpkg --purge kvm' to run this test)");
-            }
-            Run("dpkg", ["--purge", Package], DpkgTimeout);
-        }
-        var existing = files.Where(f => File.Exists(f) || Directory.Exists(f) && !IsSharedDirectory(f)).ToList();
-        if (existing.Count > 0)
-        {
-            TestEnvironment.SkipIf($"{string.Join(", ", existing)} already exist here and belong to no kvm package: " +
-                                   "installing and purging the package would replace or delete them");
-        }
-    }
-
-    private static void RequireRoot() =>
-        TestEnvironment.SkipIf(Libc.GetEuid() == 0 ? null : "installing a Debian package needs root (this test runs dpkg --install, --remove, --purge)");
-
-    /// <summary>The package's dpkg status abbreviation ("ii ", "rc "), or null when dpkg does not know it as installed or configured.</summary>
-    private static string? Status()
-    {
-        var r = TestEnvironment.RunProcess("dpkg-query", ["--show", "--showformat=${db:Status-Abbrev}", Package], TimeSpan.FromSeconds(30));
-        return r.ExitCode != 0 || r.Stdout.StartsWith("un", StringComparison.Ordinal) || r.Stdout.Length == 0 ? null : r.Stdout;
     }
 
     /// <summary>
@@ -206,57 +145,6 @@ public sealed class PackageTests : IClassFixture<PackageTests.BuiltPackage>
                 if (entry is DirectoryInfo && entry.LinkTarget is null)
                     pending.Push(entry.FullName);
             }
-        }
-    }
-
-    private static ProcessResult Run(string file, string[] args, TimeSpan? timeout = null)
-    {
-        var r = TestEnvironment.RunProcess(file, args, timeout ?? TimeSpan.FromMinutes(1));
-        Assert.True(r.ExitCode == 0, $"{file} {string.Join(' ', args)} exited with {r.ExitCode}:\n{r.Stdout}{r.Stderr}");
-        return r;
-    }
-
-    private static IEnumerable<string> Lines(string s) => s.Split('\n', StringSplitOptions.RemoveEmptyEntries);
-
-    /// <summary>
-    /// build/kvm_VERSION_amd64.deb as <c>make deb</c> makes it, once for the class. The programs
-    /// in build/lib are taken as they are (<c>-o</c>): other test assemblies may be running them,
-    /// and republishing would delete them under those tests (make builds them before any test).
-    /// </summary>
-    public sealed class BuiltPackage
-    {
-        public static readonly string Version = File.ReadAllText(Path.Combine(TestEnvironment.RepoRoot, "VERSION")).Trim();
-
-        private readonly Lazy<(string? Deb, string? Missing)> _built = new(Build);
-
-        /// <summary>The package's path; skips (fails under CI) when it cannot be built here, naming what is missing.</summary>
-        public string Require()
-        {
-            var (deb, missing) = _built.Value;
-            TestEnvironment.SkipIf(missing);
-            return deb!;
-        }
-
-        private static (string? Deb, string? Missing) Build()
-        {
-            var lib = Path.Combine(TestEnvironment.RepoRoot, "build", "lib");
-            foreach (var p in new[] { "kvmd", "kvm-vmm", "vmctl", "libkvmshim.so" })
-            {
-                if (!File.Exists(Path.Combine(lib, p)))
-                    return (null, $"{Path.Combine(lib, p)} is missing (run 'make' first)");
-            }
-            foreach (var (program, package) in new[] { ("make", "make"), ("dpkg-deb", "dpkg"), ("dpkg-shlibdeps", "dpkg-dev"), ("strip", "binutils"), ("help2man", "help2man") })
-            {
-                if (TestEnvironment.ProgramUnavailable(program, package) is { } missing)
-                    return (null, missing);
-            }
-            var r = TestEnvironment.RunProcess("make",
-                ["-C", TestEnvironment.RepoRoot, "--no-print-directory", "-o", Path.Combine(lib, ".published"), "deb"],
-                TimeSpan.FromMinutes(10));
-            Assert.True(r.ExitCode == 0, $"make deb exited with {r.ExitCode}:\n{r.Stdout}{r.Stderr}");
-            var deb = Path.Combine(TestEnvironment.RepoRoot, "build", $"kvm_{Version}_amd64.deb");
-            Assert.True(File.Exists(deb), $"make deb did not make {deb}:\n{r.Stdout}");
-            return (deb, null);
         }
     }
 }
