@@ -52,6 +52,34 @@ public sealed class LeaseTests(ClusterFixture cluster)
     }
 
     [SkippableFact]
+    public async Task A_host_holding_a_lease_cannot_be_deleted_and_one_whose_leases_are_free_can()
+    {
+        await using var inv = await OpenAsync(cluster);
+        var h1 = await inv.Hosts.RegisterAsync("host-1", "");
+        var vm = await inv.Vms.CreateAsync("web1", "{}");
+        var held = await inv.Leases.AcquireAsync(LeaseKind.Vm, vm.Id, h1.Id, Long);
+
+        {
+            var e = await Assert.ThrowsAsync<Npgsql.PostgresException>(() => DeleteHostAsync(inv, h1.Id));
+            Assert.Equal("23503", e.SqlState); // foreign_key_violation, not the lease's own check
+            Assert.Equal("leases_owner_host_fkey", e.ConstraintName);
+        }
+        Assert.Equal(held.Token, (await inv.Leases.FindAsync(LeaseKind.Vm, vm.Id))!.Token);
+
+        Assert.True(await inv.Leases.ReleaseAsync(held.Token));
+        Assert.Equal(1, await DeleteHostAsync(inv, h1.Id));
+        var free = await inv.Leases.FindAsync(LeaseKind.Vm, vm.Id);
+        Assert.Equal((null, 1L), (free!.OwnerHost, free.Generation));
+    }
+
+    private static async Task<int> DeleteHostAsync(InventoryDatabase inv, Guid id)
+    {
+        await using var cmd = inv.DataSource.CreateCommand("delete from hosts where id = $1");
+        cmd.Parameters.Add(new Npgsql.NpgsqlParameter { Value = id });
+        return await cmd.ExecuteNonQueryAsync();
+    }
+
+    [SkippableFact]
     public async Task A_lease_held_and_unexpired_is_refused_naming_the_holder_and_the_expiry_and_stays_as_it_was()
     {
         await using var inv = await OpenAsync(cluster);
