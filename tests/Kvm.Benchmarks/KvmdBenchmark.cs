@@ -16,7 +16,8 @@ using Kvm.Tests.Shared;
 /// created (not started) in the inventory; peers: psql reading the same rows from the same
 /// database, vm.list of the empty inventory. Needs no KVM.</item>
 /// <item>rpc: the round trip of kvm-vmm's control socket `status` on a running guest, and of kvmd's
-/// vm.show (the inventory plus that status) and daemon.status; peer: QEMU's QMP `query-status` on
+/// vm.show (the inventory plus that status) and daemon.status, and the status call on a new
+/// connection each time, as vm.show makes it; peer: QEMU's QMP `query-status` on
 /// QEMU microvm running the same guest. Calls interleaved, one connection per server.</item>
 /// <item>boot: from `vmctl create` to the guest's first console line through kvmd (`vmctl create`
 /// + `vmctl start`, then the VM's console socket), against `vmctl run` and QEMU to the same line
@@ -302,6 +303,11 @@ internal static class KvmdBenchmark
             var rows = new (string Name, Action Call, List<double> Times)[]
             {
                 ("kvm-vmm control socket: status", () => vmm.Call("status").Dispose(), []),
+                ("kvm-vmm: connect, status, close", () =>
+                {
+                    using var fresh = LineClient.Connect(control, Limit);
+                    fresh.Call("status").Dispose();
+                }, []),
                 ("kvmd: vm.show (inventory + status)", () => daemon.Call("vm.show", "{\"name\":\"rpc\"}").Dispose(), []),
                 ("kvmd: daemon.status (no inventory)", () => daemon.Call("daemon.status").Dispose(), []),
                 ("QEMU QMP: query-status", () => qmp.Qmp("query-status").Dispose(), []),
