@@ -156,9 +156,18 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         string action;
         lock (_lock)
         {
-            // A re-arm may have raced with this timer's firing: act only on a deadline that has passed.
-            if (_fenceDeadline == 0 || System.Diagnostics.Stopwatch.GetTimestamp() < _fenceDeadline || Stopped)
+            if (_fenceDeadline == 0 || Stopped)
                 return;
+            // Act only on a deadline that has passed. The timer may fire before it, because a re-arm
+            // raced with this firing or because the timer's clock (milliseconds, coarse) runs a
+            // little ahead of the Stopwatch's: then wait for the rest, or the one-shot timer would
+            // never fire again and the fence would be silently gone.
+            long left = _fenceDeadline - System.Diagnostics.Stopwatch.GetTimestamp();
+            if (left > 0)
+            {
+                _fence?.Change(TimeSpan.FromSeconds((double)left / System.Diagnostics.Stopwatch.Frequency) + TimeSpan.FromMilliseconds(1), Timeout.InfiniteTimeSpan);
+                return;
+            }
             _fenceDeadline = 0;
             action = _fenceAction;
             if (action == "pause" && !_paused && !_stopping)

@@ -62,6 +62,38 @@ public sealed partial class VmControlTests : IDisposable
     private static T Call<T>(RpcClient c, string method, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> info) =>
         c.CallAsync(method, info).WaitAsync(Timeout).GetAwaiter().GetResult();
 
+    /// <summary>
+    /// The fence kvmd arms after each lease renewal: re-armed in time, the VM runs on; left to
+    /// expire, the VM stops by itself, every time. The durations have fractions of a millisecond
+    /// on purpose: a timer counts whole milliseconds and may fire before the exact deadline, which
+    /// must delay the stop, not lose the fence (it once did, and a frozen kvmd's VM ran on).
+    /// </summary>
+    [SkippableFact]
+    public void AFenceReArmedInTimeHoldsAndOneLeftToExpireStopsTheVm()
+    {
+        Require();
+        using var vm = StartVm("tick period=50");
+        using var control = Control();
+        FenceStatus Arm(double seconds) => control.CallAsync("fence", new FenceRequest(seconds),
+            VmControlJson.Default.FenceRequest, VmControlJson.Default.FenceStatus).WaitAsync(Timeout).GetAwaiter().GetResult();
+
+        var armed = Arm(0.6007);
+        Assert.True(armed.Armed);
+        Assert.Equal("stop", armed.Action);
+        for (int i = 0; i < 15; i++)
+        {
+            Thread.Sleep(100);
+            Arm(0.6007);
+        }
+        Assert.Equal("running", Call(control, "status", VmControlJson.Default.VmStatus).State);
+
+        Arm(0.2503);
+        if (!vm.WaitForExit(Timeout))
+            Assert.Fail("the VM did not stop when its fence expired");
+        Assert.Equal(0, vm.Process.ExitCode);
+        Assert.Contains("fenced", vm.Stderr.Result, StringComparison.Ordinal);
+    }
+
     [SkippableFact]
     public void StatusPauseResumeStatsDevicesAndAStopTheGuestAnswers()
     {
