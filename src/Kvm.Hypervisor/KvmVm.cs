@@ -132,6 +132,24 @@ public sealed class KvmVm : IDisposable
 
     public void SetClock(in KvmClockData clock) => Errno.Check(KvmShim.SetClock(_handle, clock), "KVM_SET_CLOCK");
 
+    /// <summary>One chip of the in-kernel irqchip (<see cref="KvmIrqchip.PicMaster"/>, <see cref="KvmIrqchip.PicSlave"/>, <see cref="KvmIrqchip.Ioapic"/>).</summary>
+    public KvmIrqchip GetIrqchip(uint chipId)
+    {
+        var chip = new KvmIrqchip { ChipId = chipId };
+        Errno.Check(KvmShim.GetIrqchip(_handle, ref chip), "KVM_GET_IRQCHIP");
+        return chip;
+    }
+
+    public void SetIrqchip(in KvmIrqchip chip) => Errno.Check(KvmShim.SetIrqchip(_handle, chip), "KVM_SET_IRQCHIP");
+
+    public KvmPitState2 GetPit2()
+    {
+        Errno.Check(KvmShim.GetPit2(_handle, out var pit), "KVM_GET_PIT2");
+        return pit;
+    }
+
+    public void SetPit2(in KvmPitState2 pit) => Errno.Check(KvmShim.SetPit2(_handle, pit), "KVM_SET_PIT2");
+
     public KvmVcpu CreateVcpu(uint id)
     {
         int fd = KvmShim.CreateVcpu(_handle, id);
