@@ -72,3 +72,43 @@ public class VcpuStateRoundTripTests
         Assert.Contains("vCPU 0", e.Message, StringComparison.Ordinal);
     }
 }
+
+/// <summary><see cref="VmState"/>: the irqchip, PIT, clock and routes of one VM, restored into another.</summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public class VmStateRoundTripTests
+{
+    [SkippableFact]
+    public unsafe void IrqchipPitClockAndRoutesCarryOverToAFreshVm()
+    {
+        TestEnvironment.RequireKvm();
+        using var sys = KvmSystem.Open();
+        using var a = sys.CreateVm();
+        a.CreateIrqchip();
+        a.CreatePit2();
+        var routes = Enumerable.Range(0, 24).Select(i => KvmIrqRoutingEntry.Irqchip((uint)i, 2, (uint)i)).Append(KvmIrqRoutingEntry.Msi(24, 0xfee0_0000, 0x41)).ToArray();
+        a.SetGsiRouting(routes);
+        var io = a.GetIrqchip(KvmIrqchip.Ioapic);
+        System.Runtime.CompilerServices.Unsafe.As<byte, KvmIoapicState>(ref io.Chip[0]).RedirTbl[9] = 0x1_0039;
+        a.SetIrqchip(io);
+        var pit = a.GetPit2();
+        pit.Channel0.Count = 4242;
+        a.SetPit2(pit);
+        a.SetClock(new KvmClockData { Clock = 7_000_000_000 });
+        var saved = VmState.Save(a);
+        Assert.Equal(25, saved.Routes.Length);
+
+        using var b = sys.CreateVm();
+        b.CreateIrqchip();
+        b.CreatePit2();
+        saved.Restore(b);
+        var ioBack = b.GetIrqchip(KvmIrqchip.Ioapic);
+        Assert.Equal(0x1_0039UL, System.Runtime.CompilerServices.Unsafe.As<byte, KvmIoapicState>(ref ioBack.Chip[0]).RedirTbl[9]);
+        Assert.Equal(4242u, b.GetPit2().Channel0.Count);
+        Assert.InRange(b.GetClock().Clock, 7_000_000_000UL, 8_000_000_000UL);
+        Assert.Equal(routes, b.GsiRoutes);
+
+        using var bare = sys.CreateVm();
+        var e = Assert.Throws<HypervisorException>(() => saved.Restore(bare));
+        Assert.Contains("irqchip", e.Message, StringComparison.Ordinal);
+    }
+}
