@@ -43,6 +43,12 @@ static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_m
 static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "kvm_irq_routing_entry");
 static_assert(sizeof(struct kvm_clock_data) == 48, "kvm_clock_data");
 static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config");
+static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state");
+static_assert(sizeof(struct kvm_ioapic_state) == 216, "kvm_ioapic_state");
+static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip");
+static_assert(sizeof(struct kvm_pit_channel_state) == 24, "kvm_pit_channel_state");
+static_assert(sizeof(struct kvm_pit_state2) == 112, "kvm_pit_state2");
+static_assert(sizeof(struct kvm_debugregs) == 128, "kvm_debugregs");
 static_assert(offsetof(struct kvm_run, exit_reason) == 8, "kvm_run.exit_reason");
 static_assert(offsetof(struct kvm_run, io) == 32, "kvm_run union");
 
@@ -95,6 +101,24 @@ static const struct layout_entry layout_table[] = {
     OF(kvm_irq_routing_msi, devid),
     SZ(kvm_clock_data), OF(kvm_clock_data, clock), OF(kvm_clock_data, flags),
     OF(kvm_clock_data, realtime), OF(kvm_clock_data, host_tsc),
+    SZ(kvm_pic_state), OF(kvm_pic_state, last_irr), OF(kvm_pic_state, irr), OF(kvm_pic_state, imr),
+    OF(kvm_pic_state, isr), OF(kvm_pic_state, priority_add), OF(kvm_pic_state, irq_base),
+    OF(kvm_pic_state, read_reg_select), OF(kvm_pic_state, poll), OF(kvm_pic_state, special_mask),
+    OF(kvm_pic_state, init_state), OF(kvm_pic_state, auto_eoi), OF(kvm_pic_state, rotate_on_auto_eoi),
+    OF(kvm_pic_state, special_fully_nested_mode), OF(kvm_pic_state, init4), OF(kvm_pic_state, elcr),
+    OF(kvm_pic_state, elcr_mask),
+    SZ(kvm_ioapic_state), OF(kvm_ioapic_state, base_address), OF(kvm_ioapic_state, ioregsel),
+    OF(kvm_ioapic_state, id), OF(kvm_ioapic_state, irr), OF(kvm_ioapic_state, redirtbl),
+    SZ(kvm_irqchip), OF(kvm_irqchip, chip_id), OF(kvm_irqchip, chip),
+    SZ(kvm_pit_channel_state), OF(kvm_pit_channel_state, count), OF(kvm_pit_channel_state, latched_count),
+    OF(kvm_pit_channel_state, count_latched), OF(kvm_pit_channel_state, status_latched),
+    OF(kvm_pit_channel_state, status), OF(kvm_pit_channel_state, read_state),
+    OF(kvm_pit_channel_state, write_state), OF(kvm_pit_channel_state, write_latch),
+    OF(kvm_pit_channel_state, rw_mode), OF(kvm_pit_channel_state, mode), OF(kvm_pit_channel_state, bcd),
+    OF(kvm_pit_channel_state, gate), OF(kvm_pit_channel_state, count_load_time),
+    SZ(kvm_pit_state2), OF(kvm_pit_state2, channels), OF(kvm_pit_state2, flags),
+    SZ(kvm_debugregs), OF(kvm_debugregs, db), OF(kvm_debugregs, dr6), OF(kvm_debugregs, dr7),
+    OF(kvm_debugregs, flags),
     SZ(kvm_run), OF(kvm_run, request_interrupt_window), OF(kvm_run, immediate_exit),
     OF(kvm_run, exit_reason), OF(kvm_run, ready_for_interrupt_injection),
     OF(kvm_run, if_flag), OF(kvm_run, flags), OF(kvm_run, cr8), OF(kvm_run, apic_base),
@@ -336,6 +360,28 @@ EXPORT int32_t kvm_set_clock(int32_t vmfd, const struct kvm_clock_data *clock)
     return result(ioctl(vmfd, KVM_SET_CLOCK, clock));
 }
 
+// The in-kernel PIC (chip_id 0 master, 1 slave) and IOAPIC (2): KVM_CREATE_IRQCHIP must have run.
+EXPORT int32_t kvm_get_irqchip(int32_t vmfd, struct kvm_irqchip *chip)
+{
+    return result(ioctl(vmfd, KVM_GET_IRQCHIP, chip));
+}
+
+EXPORT int32_t kvm_set_irqchip(int32_t vmfd, const struct kvm_irqchip *chip)
+{
+    return result(ioctl(vmfd, KVM_SET_IRQCHIP, chip));
+}
+
+// The in-kernel PIT (KVM_CREATE_PIT2 must have run).
+EXPORT int32_t kvm_get_pit2(int32_t vmfd, struct kvm_pit_state2 *pit)
+{
+    return result(ioctl(vmfd, KVM_GET_PIT2, pit));
+}
+
+EXPORT int32_t kvm_set_pit2(int32_t vmfd, const struct kvm_pit_state2 *pit)
+{
+    return result(ioctl(vmfd, KVM_SET_PIT2, pit));
+}
+
 // ---- vCPU fd ----
 
 EXPORT int32_t kvm_create_vcpu(int32_t vmfd, uint32_t id)
@@ -454,6 +500,28 @@ EXPORT int32_t kvm_get_lapic(int32_t vcpufd, struct kvm_lapic_state *lapic)
 EXPORT int32_t kvm_set_lapic(int32_t vcpufd, const struct kvm_lapic_state *lapic)
 {
     return result(ioctl(vcpufd, KVM_SET_LAPIC, lapic));
+}
+
+EXPORT int32_t kvm_get_debugregs(int32_t vcpufd, struct kvm_debugregs *regs)
+{
+    return result(ioctl(vcpufd, KVM_GET_DEBUGREGS, regs));
+}
+
+EXPORT int32_t kvm_set_debugregs(int32_t vcpufd, const struct kvm_debugregs *regs)
+{
+    return result(ioctl(vcpufd, KVM_SET_DEBUGREGS, regs));
+}
+
+// The vCPU's TSC frequency in kHz (KVM_CAP_GET_TSC_KHZ), or -errno.
+EXPORT int32_t kvm_get_tsc_khz(int32_t vcpufd)
+{
+    return result(ioctl(vcpufd, KVM_GET_TSC_KHZ, 0));
+}
+
+// Sets the vCPU's TSC frequency (KVM_CAP_TSC_CONTROL): a restored guest keeps the rate it saw.
+EXPORT int32_t kvm_set_tsc_khz(int32_t vcpufd, uint32_t khz)
+{
+    return result(ioctl(vcpufd, KVM_SET_TSC_KHZ, (unsigned long)khz));
 }
 
 EXPORT int32_t kvm_get_mp_state(int32_t vcpufd, struct kvm_mp_state *state)

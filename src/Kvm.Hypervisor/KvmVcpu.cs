@@ -123,6 +123,25 @@ public sealed unsafe class KvmVcpu : IDisposable
             Errno.Check(KvmShim.SetLapic(_handle, p), "KVM_SET_LAPIC");
     }
 
+    public KvmDebugregs GetDebugregs()
+    {
+        Errno.Check(KvmShim.GetDebugregs(_handle, out var r), "KVM_GET_DEBUGREGS");
+        return r;
+    }
+
+    public void SetDebugregs(in KvmDebugregs regs) => Errno.Check(KvmShim.SetDebugregs(_handle, regs), "KVM_SET_DEBUGREGS");
+
+    /// <summary>The vCPU's TSC frequency in kHz (KVM_GET_TSC_KHZ).</summary>
+    public uint GetTscKhz()
+    {
+        int khz = KvmShim.GetTscKhz(_handle);
+        Errno.Check(khz, "KVM_GET_TSC_KHZ");
+        return (uint)khz;
+    }
+
+    /// <summary>Sets the vCPU's TSC frequency (KVM_SET_TSC_KHZ); refused where the host cannot scale the TSC to it.</summary>
+    public void SetTscKhz(uint khz) => Errno.Check(KvmShim.SetTscKhz(_handle, khz), "KVM_SET_TSC_KHZ");
+
     public KvmMpState GetMpState()
     {
         Errno.Check(KvmShim.GetMpState(_handle, out var s), "KVM_GET_MP_STATE");

@@ -94,8 +94,26 @@ public sealed class KvmVm : IDisposable
 
     public void SetTssAddress(ulong addr) => Errno.Check(KvmShim.SetTssAddr(_handle, addr), "KVM_SET_TSS_ADDR");
     public void SetIdentityMapAddress(ulong addr) => Errno.Check(KvmShim.SetIdentityMapAddr(_handle, addr), "KVM_SET_IDENTITY_MAP_ADDR");
-    public void CreateIrqchip() => Errno.Check(KvmShim.CreateIrqchip(_handle), "KVM_CREATE_IRQCHIP");
-    public void CreatePit2() => Errno.Check(KvmShim.CreatePit2(_handle, 0), "KVM_CREATE_PIT2");
+    public void CreateIrqchip()
+    {
+        Errno.Check(KvmShim.CreateIrqchip(_handle), "KVM_CREATE_IRQCHIP");
+        HasIrqchip = true;
+    }
+
+    public void CreatePit2()
+    {
+        Errno.Check(KvmShim.CreatePit2(_handle, 0), "KVM_CREATE_PIT2");
+        HasPit = true;
+    }
+
+    /// <summary>Whether the in-kernel PIC and IOAPIC were created (KVM_CREATE_IRQCHIP).</summary>
+    public bool HasIrqchip { get; private set; }
+
+    /// <summary>Whether the in-kernel PIT was created (KVM_CREATE_PIT2).</summary>
+    public bool HasPit { get; private set; }
+
+    /// <summary>The GSI routing table last set (KVM has no call that reads it back); empty before the first.</summary>
+    public IReadOnlyList<KvmIrqRoutingEntry> GsiRoutes { get; private set; } = [];
 
     /// <summary>Drives an interrupt line of the in-kernel PIC/IOAPIC.</summary>
     public void SetIrqLine(uint irq, bool level) => Errno.Check(KvmShim.IrqLine(_handle, irq, level ? 1u : 0u), "KVM_IRQ_LINE");
@@ -122,6 +140,7 @@ public sealed class KvmVm : IDisposable
     {
         fixed (KvmIrqRoutingEntry* p = entries)
             Errno.Check(KvmShim.SetGsiRouting(_handle, (uint)entries.Length, p), "KVM_SET_GSI_ROUTING");
+        GsiRoutes = entries.ToArray();
     }
 
     public KvmClockData GetClock()
@@ -131,6 +150,24 @@ public sealed class KvmVm : IDisposable
     }
 
     public void SetClock(in KvmClockData clock) => Errno.Check(KvmShim.SetClock(_handle, clock), "KVM_SET_CLOCK");
+
+    /// <summary>One chip of the in-kernel irqchip (<see cref="KvmIrqchip.PicMaster"/>, <see cref="KvmIrqchip.PicSlave"/>, <see cref="KvmIrqchip.Ioapic"/>).</summary>
+    public KvmIrqchip GetIrqchip(uint chipId)
+    {
+        var chip = new KvmIrqchip { ChipId = chipId };
+        Errno.Check(KvmShim.GetIrqchip(_handle, ref chip), "KVM_GET_IRQCHIP");
+        return chip;
+    }
+
+    public void SetIrqchip(in KvmIrqchip chip) => Errno.Check(KvmShim.SetIrqchip(_handle, chip), "KVM_SET_IRQCHIP");
+
+    public KvmPitState2 GetPit2()
+    {
+        Errno.Check(KvmShim.GetPit2(_handle, out var pit), "KVM_GET_PIT2");
+        return pit;
+    }
+
+    public void SetPit2(in KvmPitState2 pit) => Errno.Check(KvmShim.SetPit2(_handle, pit), "KVM_SET_PIT2");
 
     public KvmVcpu CreateVcpu(uint id)
     {

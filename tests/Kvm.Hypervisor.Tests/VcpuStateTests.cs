@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using Kvm.Interop.Structs;
 using Kvm.Tests.Shared;
 
@@ -122,6 +123,79 @@ public class VcpuStateTests
         Assert.True(b.Clock > a.Clock, $"kvmclock went from {a.Clock} to {b.Clock}");
         vm.SetClock(new KvmClockData { Clock = 5_000_000_000 });
         Assert.InRange(vm.GetClock().Clock, 5_000_000_000UL, 6_000_000_000UL);
+    }
+
+    [SkippableFact]
+    public unsafe void IrqchipPicAndIoapicRoundTrip()
+    {
+        TestEnvironment.RequireKvm();
+        using var sys = KvmSystem.Open();
+        using var vm = sys.CreateVm();
+        vm.CreateIrqchip();
+
+        var master = vm.GetIrqchip(KvmIrqchip.PicMaster);
+        Assert.Equal(KvmIrqchip.PicMaster, master.ChipId);
+        ref var pic = ref Unsafe.As<byte, KvmPicState>(ref master.Chip[0]);
+        pic.Imr = 0xa5;
+        pic.IrqBase = 0x20;
+        vm.SetIrqchip(master);
+        var picBack = vm.GetIrqchip(KvmIrqchip.PicMaster);
+        var p = Unsafe.As<byte, KvmPicState>(ref picBack.Chip[0]);
+        Assert.Equal((0xa5, 0x20), (p.Imr, p.IrqBase));
+        // The slave is a chip of its own.
+        var slave = vm.GetIrqchip(KvmIrqchip.PicSlave);
+        Assert.NotEqual(0xa5, Unsafe.As<byte, KvmPicState>(ref slave.Chip[0]).Imr);
+
+        var chip = vm.GetIrqchip(KvmIrqchip.Ioapic);
+        ref var ioapic = ref Unsafe.As<byte, KvmIoapicState>(ref chip.Chip[0]);
+        Assert.Equal(0xfec0_0000UL, ioapic.BaseAddress);
+        ioapic.RedirTbl[5] = 0x0000_0000_0001_0031UL; // vector 0x31, masked
+        vm.SetIrqchip(chip);
+        var ioBack = vm.GetIrqchip(KvmIrqchip.Ioapic);
+        Assert.Equal(0x0000_0000_0001_0031UL, Unsafe.As<byte, KvmIoapicState>(ref ioBack.Chip[0]).RedirTbl[5]);
+    }
+
+    [SkippableFact]
+    public void PitRoundTrips()
+    {
+        TestEnvironment.RequireKvm();
+        using var sys = KvmSystem.Open();
+        using var vm = sys.CreateVm();
+        vm.CreateIrqchip();
+        vm.CreatePit2();
+        var pit = vm.GetPit2();
+        pit.Channel2.Count = 1193;
+        pit.Channel2.Mode = 3;
+        pit.Channel2.RwMode = 3;
+        vm.SetPit2(pit);
+        var back = vm.GetPit2();
+        Assert.Equal((1193u, (byte)3, (byte)3), (back.Channel2.Count, back.Channel2.Mode, back.Channel2.RwMode));
+    }
+
+    [SkippableFact]
+    public unsafe void DebugRegistersRoundTrip()
+    {
+        TestEnvironment.RequireKvm();
+        using var t = new KvmTestVm(KvmTestVm.PortLoop);
+        var r = t.Vcpu.GetDebugregs();
+        r.Db[0] = 0x1000;
+        r.Db[3] = 0x4000;
+        r.Dr7 = 0x401; // L0, and bit 10, which always reads as 1
+        t.Vcpu.SetDebugregs(r);
+        var back = t.Vcpu.GetDebugregs();
+        Assert.Equal((0x1000UL, 0x4000UL, 0x401UL), (back.Db[0], back.Db[3], back.Dr7));
+    }
+
+    [SkippableFact]
+    public void TscFrequencyIsReported()
+    {
+        TestEnvironment.RequireKvm();
+        using var t = new KvmTestVm(KvmTestVm.PortLoop);
+        uint khz = t.Vcpu.GetTscKhz();
+        Assert.InRange(khz, 100_000u, 10_000_000u);
+        // Setting the rate it already has is always accepted, scaling or not.
+        t.Vcpu.SetTscKhz(khz);
+        Assert.Equal(khz, t.Vcpu.GetTscKhz());
     }
 
     [SkippableFact]

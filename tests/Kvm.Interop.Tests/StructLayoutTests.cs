@@ -29,6 +29,12 @@ public class StructLayoutTests
         { "kvm_userspace_memory_region", Unsafe.SizeOf<KvmUserspaceMemoryRegion>() },
         { "kvm_irq_routing_entry", Unsafe.SizeOf<KvmIrqRoutingEntry>() },
         { "kvm_clock_data", Unsafe.SizeOf<KvmClockData>() },
+        { "kvm_pic_state", Unsafe.SizeOf<KvmPicState>() },
+        { "kvm_ioapic_state", Unsafe.SizeOf<KvmIoapicState>() },
+        { "kvm_irqchip", Unsafe.SizeOf<KvmIrqchip>() },
+        { "kvm_pit_channel_state", Unsafe.SizeOf<KvmPitChannelState>() },
+        { "kvm_pit_state2", Unsafe.SizeOf<KvmPitState2>() },
+        { "kvm_debugregs", Unsafe.SizeOf<KvmDebugregs>() },
         { "kvm_run", KvmRunLayout.Size },
     };
 
@@ -86,6 +92,24 @@ public class StructLayoutTests
             Add<KvmIrqRoutingEntry>("kvm_irq_routing_entry." + c, cs);
         foreach (var (c, cs) in new[] { ("clock", "Clock"), ("flags", "Flags"), ("realtime", "Realtime"), ("host_tsc", "HostTsc") })
             Add<KvmClockData>("kvm_clock_data." + c, cs);
+        foreach (var (c, cs) in new[] { ("last_irr", "LastIrr"), ("irr", "Irr"), ("imr", "Imr"), ("isr", "Isr"), ("priority_add", "PriorityAdd"),
+                     ("irq_base", "IrqBase"), ("read_reg_select", "ReadRegSelect"), ("poll", "Poll"), ("special_mask", "SpecialMask"),
+                     ("init_state", "InitState"), ("auto_eoi", "AutoEoi"), ("rotate_on_auto_eoi", "RotateOnAutoEoi"),
+                     ("special_fully_nested_mode", "SpecialFullyNestedMode"), ("init4", "Init4"), ("elcr", "Elcr"), ("elcr_mask", "ElcrMask") })
+            Add<KvmPicState>("kvm_pic_state." + c, cs);
+        foreach (var (c, cs) in new[] { ("base_address", "BaseAddress"), ("ioregsel", "IoRegSel"), ("id", "Id"), ("irr", "Irr"), ("redirtbl", "RedirTbl") })
+            Add<KvmIoapicState>("kvm_ioapic_state." + c, cs);
+        Add<KvmIrqchip>("kvm_irqchip.chip_id", nameof(KvmIrqchip.ChipId));
+        Add<KvmIrqchip>("kvm_irqchip.chip", nameof(KvmIrqchip.Chip));
+        foreach (var (c, cs) in new[] { ("count", "Count"), ("latched_count", "LatchedCount"), ("count_latched", "CountLatched"),
+                     ("status_latched", "StatusLatched"), ("status", "Status"), ("read_state", "ReadState"), ("write_state", "WriteState"),
+                     ("write_latch", "WriteLatch"), ("rw_mode", "RwMode"), ("mode", "Mode"), ("bcd", "Bcd"), ("gate", "Gate"),
+                     ("count_load_time", "CountLoadTime") })
+            Add<KvmPitChannelState>("kvm_pit_channel_state." + c, cs);
+        Add<KvmPitState2>("kvm_pit_state2.channels", nameof(KvmPitState2.Channel0));
+        Add<KvmPitState2>("kvm_pit_state2.flags", nameof(KvmPitState2.Flags));
+        foreach (var (c, cs) in new[] { ("db", "Db"), ("dr6", "Dr6"), ("dr7", "Dr7"), ("flags", "Flags") })
+            Add<KvmDebugregs>("kvm_debugregs." + c, cs);
         return d;
     }
 

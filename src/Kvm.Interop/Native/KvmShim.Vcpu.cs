@@ -66,4 +66,17 @@ public static unsafe partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvm_set_vcpu_events")]
     public static partial int SetVcpuEvents(KvmVcpuHandle vcpu, in KvmVcpuEvents events);
+
+    [LibraryImport(Library, EntryPoint = "kvm_get_debugregs")]
+    public static partial int GetDebugregs(KvmVcpuHandle vcpu, out KvmDebugregs regs);
+
+    [LibraryImport(Library, EntryPoint = "kvm_set_debugregs")]
+    public static partial int SetDebugregs(KvmVcpuHandle vcpu, in KvmDebugregs regs);
+
+    /// <summary>The vCPU's TSC frequency in kHz, or -errno.</summary>
+    [LibraryImport(Library, EntryPoint = "kvm_get_tsc_khz")]
+    public static partial int GetTscKhz(KvmVcpuHandle vcpu);
+
+    [LibraryImport(Library, EntryPoint = "kvm_set_tsc_khz")]
+    public static partial int SetTscKhz(KvmVcpuHandle vcpu, uint khz);
 }

@@ -49,6 +49,18 @@ public static unsafe partial class KvmShim
     [LibraryImport(Library, EntryPoint = "kvm_set_clock")]
     public static partial int SetClock(KvmVmHandle vm, in KvmClockData clock);
 
+    [LibraryImport(Library, EntryPoint = "kvm_get_irqchip")]
+    public static partial int GetIrqchip(KvmVmHandle vm, ref KvmIrqchip chip);
+
+    [LibraryImport(Library, EntryPoint = "kvm_set_irqchip")]
+    public static partial int SetIrqchip(KvmVmHandle vm, in KvmIrqchip chip);
+
+    [LibraryImport(Library, EntryPoint = "kvm_get_pit2")]
+    public static partial int GetPit2(KvmVmHandle vm, out KvmPitState2 pit);
+
+    [LibraryImport(Library, EntryPoint = "kvm_set_pit2")]
+    public static partial int SetPit2(KvmVmHandle vm, in KvmPitState2 pit);
+
     [LibraryImport(Library, EntryPoint = "kvm_create_vcpu")]
     public static partial int CreateVcpu(KvmVmHandle vm, uint id);
 }

@@ -159,3 +159,14 @@ public unsafe struct KvmVcpuEvents
     public byte ExceptionHasPayload;
     public ulong ExceptionPayload;
 }
+
+/// <summary>struct kvm_debugregs: DR0-DR3, DR6, DR7 of a vCPU (KVM_GET/SET_DEBUGREGS).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct KvmDebugregs
+{
+    public fixed ulong Db[4];
+    public ulong Dr6;
+    public ulong Dr7;
+    public ulong Flags;
+    public fixed ulong Reserved[9];
+}

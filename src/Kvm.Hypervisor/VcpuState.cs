@@ -1,0 +1,110 @@
+using Kvm.Interop.Native;
+using Kvm.Interop.Structs;
+
+namespace Kvm.Hypervisor;
+
+/// <summary>
+/// Everything KVM holds for one vCPU that a snapshot carries: general and special registers, the
+/// XSAVE area (FPU, SSE, AVX...), XCR0, every MSR of KVM's save list that this vCPU can read, the
+/// local APIC, the multiprocessing state, pending events, debug registers and the TSC rate. Taken
+/// from a vCPU that is not running (and whose last port I/O or MMIO exit was completed by a
+/// KVM_RUN with immediate_exit set), and restored into a fresh vCPU of a VM built the same way.
+/// </summary>
+public sealed class VcpuState
+{
+    public required uint Id { get; init; }
+    public required KvmRegs Regs { get; init; }
+    public required KvmSregs Sregs { get; init; }
+    public required KvmXsave Xsave { get; init; }
+    public required KvmXcrs Xcrs { get; init; }
+    public required KvmMsrEntry[] Msrs { get; init; }
+    public required KvmLapicState Lapic { get; init; }
+    public required KvmMpState MpState { get; init; }
+    public required KvmVcpuEvents Events { get; init; }
+    public required KvmDebugregs Debugregs { get; init; }
+
+    /// <summary>The TSC rate in kHz, or 0 where KVM does not report it.</summary>
+    public required uint TscKhz { get; init; }
+
+    /// <summary>
+    /// The MSRs of <paramref name="candidates"/> (KVM's save list, <see cref="KvmSystem.GetMsrIndexList"/>)
+    /// that <paramref name="vcpu"/> can read: KVM_GET_MSRS stops at the first one it cannot, which
+    /// is dropped, and the rest is read again.
+    /// </summary>
+    public static uint[] ReadableMsrs(KvmVcpu vcpu, IReadOnlyList<uint> candidates)
+    {
+        var list = candidates.ToList();
+        var entries = new KvmMsrEntry[list.Count];
+        while (true)
+        {
+            for (int i = 0; i < list.Count; i++)
+                entries[i] = new KvmMsrEntry { Index = list[i] };
+            int n = vcpu.GetMsrs(entries.AsSpan(0, list.Count));
+            if (n == list.Count)
+                return [.. list];
+            list.RemoveAt(n);
+        }
+    }
+
+    /// <summary>Reads the state of <paramref name="vcpu"/>, with the MSRs <paramref name="msrs"/> (see <see cref="ReadableMsrs"/>).</summary>
+    public static VcpuState Save(KvmVcpu vcpu, IReadOnlyList<uint> msrs)
+    {
+        // The MP state first: reading it lets KVM settle a pending INIT or SIPI into the registers.
+        var mp = vcpu.GetMpState();
+        var entries = new KvmMsrEntry[msrs.Count];
+        for (int i = 0; i < entries.Length; i++)
+            entries[i] = new KvmMsrEntry { Index = msrs[i] };
+        int read = vcpu.GetMsrs(entries);
+        if (read != entries.Length)
+            throw new HypervisorException($"vCPU {vcpu.Id}: KVM_GET_MSRS read {read} of {entries.Length} MSRs; MSR 0x{entries[read].Index:x} was refused");
+        return new VcpuState
+        {
+            Id = vcpu.Id,
+            Regs = vcpu.GetRegs(),
+            Sregs = vcpu.GetSregs(),
+            Xsave = vcpu.GetXsave(),
+            Xcrs = vcpu.GetXcrs(),
+            Msrs = entries,
+            Lapic = vcpu.GetLapic(),
+            MpState = mp,
+            Events = vcpu.GetEvents(),
+            Debugregs = vcpu.GetDebugregs(),
+            TscKhz = TryTscKhz(vcpu),
+        };
+    }
+
+    /// <summary>
+    /// Writes this state into <paramref name="vcpu"/> (a fresh vCPU with the same id, its CPUID
+    /// already set). The order follows the dependencies between the pieces: the TSC rate before
+    /// the TSC MSR; special registers (EFER, CR0/CR4, the APIC base) before the MSRs and the XSAVE
+    /// features they enable; the MP state before the local APIC; pending events after the APIC.
+    /// </summary>
+    public void Restore(KvmVcpu vcpu)
+    {
+        if (vcpu.Id != Id)
+            throw new HypervisorException($"the state of vCPU {Id} cannot be restored into vCPU {vcpu.Id}");
+        if (TscKhz != 0 && TryTscKhz(vcpu) != TscKhz)
+            vcpu.SetTscKhz(TscKhz);
+        vcpu.SetSregs(Sregs);
+        vcpu.SetXcrs(Xcrs);
+        vcpu.SetXsave(Xsave);
+        vcpu.SetRegs(Regs);
+        vcpu.SetMsrs(Msrs);
+        vcpu.SetMpState(MpState);
+        vcpu.SetLapic(Lapic);
+        vcpu.SetEvents(Events);
+        vcpu.SetDebugregs(Debugregs);
+    }
+
+    private static uint TryTscKhz(KvmVcpu vcpu)
+    {
+        try
+        {
+            return vcpu.GetTscKhz();
+        }
+        catch (KvmIoctlException)
+        {
+            return 0;
+        }
+    }
+}
