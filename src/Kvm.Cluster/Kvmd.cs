@@ -566,7 +566,7 @@ public sealed partial class Kvmd : IAsyncDisposable
     /// it: it costs no lock, no query, and no answer that quotes a name of up to 1 MiB twice.
     /// </summary>
     private static string CheckName(string name) => InventoryNames.IsValid(name) ? name
-        : throw new RpcException(RpcErrorCode.InvalidParams, $"VM name {InventoryNames.Quote(name)} is not allowed: {InventoryNames.Rule}");
+        : throw new RpcException(RpcErrorCode.InvalidParams, InventoryNames.NotAllowed("VM name", name));
 
     /// <summary>Parses and checks a VM spec from a client: valid, and every path absolute (kvm-vmm does not run in the client's directory).</summary>
     private static VmSpec CheckSpec(string name, JsonElement json)

@@ -34,12 +34,9 @@ public sealed class VcpuState
     public static uint[] ReadableMsrs(KvmVcpu vcpu, IReadOnlyList<uint> candidates)
     {
         var list = candidates.ToList();
-        var entries = new KvmMsrEntry[list.Count];
         while (true)
         {
-            for (int i = 0; i < list.Count; i++)
-                entries[i] = new KvmMsrEntry { Index = list[i] };
-            int n = vcpu.GetMsrs(entries.AsSpan(0, list.Count));
+            int n = vcpu.GetMsrs(Entries(list));
             if (n == list.Count)
                 return [.. list];
             list.RemoveAt(n);
@@ -51,9 +48,7 @@ public sealed class VcpuState
     {
         // The MP state first: reading it lets KVM settle a pending INIT or SIPI into the registers.
         var mp = vcpu.GetMpState();
-        var entries = new KvmMsrEntry[msrs.Count];
-        for (int i = 0; i < entries.Length; i++)
-            entries[i] = new KvmMsrEntry { Index = msrs[i] };
+        var entries = Entries(msrs);
         int read = vcpu.GetMsrs(entries);
         if (read != entries.Length)
             throw new HypervisorException($"vCPU {vcpu.Id}: KVM_GET_MSRS read {read} of {entries.Length} MSRs; MSR 0x{entries[read].Index:x} was refused");
@@ -95,6 +90,9 @@ public sealed class VcpuState
         vcpu.SetEvents(Events);
         vcpu.SetDebugregs(Debugregs);
     }
+
+    /// <summary>MSR entries to read, one per index.</summary>
+    private static KvmMsrEntry[] Entries(IReadOnlyList<uint> indices) => [.. indices.Select(i => new KvmMsrEntry { Index = i })];
 
     private static uint TryTscKhz(KvmVcpu vcpu)
     {

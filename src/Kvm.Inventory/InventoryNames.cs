@@ -21,6 +21,9 @@ public static class InventoryNames
     public static bool IsValid(string? name) =>
         name is { Length: >= 1 and <= MaxLength } && char.IsAsciiLetterOrDigit(name[0]) && !name.AsSpan().ContainsAnyExcept(Allowed);
 
+    /// <summary>The refusal of a name no VM or host can have: "<paramref name="what"/> 'NAME' is not allowed: RULE".</summary>
+    public static string NotAllowed(string what, string name) => $"{what} {Quote(name)} is not allowed: {Rule}";
+
     /// <summary>A name a client sent, for a message: quoted, control characters shown as \xNN, a long one cut short with its length.</summary>
     public static string Quote(string name) =>
         name.Length > RpcDispatcher.PrintableLength ? $"'{RpcDispatcher.Printable(name)}' ({name.Length} characters)" : $"'{RpcDispatcher.Printable(name)}'";

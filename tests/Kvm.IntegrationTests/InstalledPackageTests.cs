@@ -77,7 +77,7 @@ public sealed class InstalledPackageTests
                 kvmd.Dispose();
             }
             KvmdInstance.KillLeftovers("/run/kvm/vms/pkg");
-            EndServer("/var/lib/kvm/postgres/data");
+            KvmdInstance.EndServer("/var/lib/kvm/postgres/data");
             DebianPackage.Purge();
         }
     }
@@ -109,14 +109,6 @@ public sealed class InstalledPackageTests
             Assert.Fail($"the installed kvmd ({execStart}) did not answer within {KvmdInstance.StartTimeout.TotalSeconds} s: {stderr}");
         }
         return kvmd;
-    }
-
-    /// <summary>Ends the PostgreSQL server of <paramref name="dataDir"/> if one is left (a kvmd that did not stop): SIGQUIT, an immediate shutdown.</summary>
-    private static void EndServer(string dataDir)
-    {
-        string pidFile = Path.Combine(dataDir, "postmaster.pid");
-        if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).FirstOrDefault(), out int postmaster))
-            Kvm.Interop.Native.Libc.Kill(postmaster, 3);
     }
 
     private static bool Stop(LiveProcess kvmd)

@@ -29,7 +29,7 @@ public sealed class HostRepository(NpgsqlDataSource db)
                 """, new { name, address }).ConfigureAwait(false);
             return row.ToRow();
         }, e => e.SqlState == DbErrors.CheckViolation && e.ConstraintName == "hosts_name_check"
-            ? new InventoryException($"host name {InventoryNames.Quote(name)} is not allowed: {InventoryNames.Rule}", e, RpcErrorCode.InvalidParams)
+            ? new InventoryException(InventoryNames.NotAllowed("host name", name), e, RpcErrorCode.InvalidParams)
             : null);
 
     /// <summary>Records that host <paramref name="id"/> is alive now; returns the time recorded.</summary>

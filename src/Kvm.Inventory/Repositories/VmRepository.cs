@@ -39,7 +39,7 @@ public sealed class VmRepository(NpgsqlDataSource db)
             DbErrors.UniqueViolation when e.ConstraintName == "vms_name_key" =>
                 new InventoryException($"a VM named '{name}' already exists", e, RpcErrorCode.AlreadyExists),
             DbErrors.CheckViolation when e.ConstraintName == "vms_name_check" =>
-                new InventoryException($"VM name {InventoryNames.Quote(name)} is not allowed: {InventoryNames.Rule}", e, RpcErrorCode.InvalidParams),
+                new InventoryException(InventoryNames.NotAllowed("VM name", name), e, RpcErrorCode.InvalidParams),
             DbErrors.CheckViolation when e.ConstraintName == "vms_spec_check" =>
                 new InventoryException($"the spec of VM '{name}' is not a JSON object", e, RpcErrorCode.InvalidParams),
             DbErrors.InvalidTextRepresentation =>

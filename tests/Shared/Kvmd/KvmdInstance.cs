@@ -149,16 +149,20 @@ public sealed class KvmdInstance : IDisposable
             return;
         // kvmd folders: this one and those one level below (the other hosts').
         foreach (var kvmd in Directory.EnumerateDirectories(folder).Prepend(folder))
+            EndServer(Path.Combine(kvmd, "state", "postgres", "data"));
+    }
+
+    /// <summary>Ends the PostgreSQL server of data directory <paramref name="dataDir"/> if its postmaster.pid names one (SIGQUIT: an immediate shutdown).</summary>
+    public static void EndServer(string dataDir)
+    {
+        string pidFile = Path.Combine(dataDir, "postmaster.pid");
+        try
         {
-            string pidFile = Path.Combine(kvmd, "state", "postgres", "data", "postmaster.pid");
-            try
-            {
-                if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).FirstOrDefault(), out int postmaster))
-                    Libc.Kill(postmaster, 3);
-            }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-            }
+            if (File.Exists(pidFile) && int.TryParse(File.ReadLines(pidFile).FirstOrDefault(), out int postmaster))
+                Libc.Kill(postmaster, 3);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
         }
     }
 }
