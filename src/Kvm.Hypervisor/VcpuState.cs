@@ -1,3 +1,4 @@
+using Kvm.Hypervisor.State;
 using Kvm.Interop.Native;
 using Kvm.Interop.Structs;
 
@@ -89,6 +90,35 @@ public sealed class VcpuState
         vcpu.SetLapic(Lapic);
         vcpu.SetEvents(Events);
         vcpu.SetDebugregs(Debugregs);
+    }
+
+    /// <summary>The most MSRs a record may hold (KVM's save list has a few hundred at most).</summary>
+    public const int MaxMsrs = 4096;
+
+    /// <summary>Writes this state as a record's fields (read back by <see cref="Read"/>).</summary>
+    public void Write(StateWriter w) => w
+        .U32(Id).U32(TscKhz)
+        .Struct(Regs).Struct(Sregs).Struct(Xsave).Struct(Xcrs)
+        .Structs<KvmMsrEntry>(Msrs)
+        .Struct(Lapic).Struct(MpState).Struct(Events).Struct(Debugregs);
+
+    public static VcpuState Read(ref StateReader r)
+    {
+        var state = new VcpuState
+        {
+            Id = r.U32("id"),
+            TscKhz = r.U32("tsc_khz"),
+            Regs = r.Struct<KvmRegs>("regs"),
+            Sregs = r.Struct<KvmSregs>("sregs"),
+            Xsave = r.Struct<KvmXsave>("xsave"),
+            Xcrs = r.Struct<KvmXcrs>("xcrs"),
+            Msrs = r.Structs<KvmMsrEntry>("msrs", MaxMsrs),
+            Lapic = r.Struct<KvmLapicState>("lapic"),
+            MpState = r.Struct<KvmMpState>("mp_state"),
+            Events = r.Struct<KvmVcpuEvents>("events"),
+            Debugregs = r.Struct<KvmDebugregs>("debugregs"),
+        };
+        return state;
     }
 
     /// <summary>MSR entries to read, one per index.</summary>

@@ -1,3 +1,4 @@
+using Kvm.Hypervisor.State;
 using Kvm.Interop.Structs;
 
 namespace Kvm.Hypervisor;
@@ -53,5 +54,41 @@ public sealed class VmState
             vm.SetPit2(pit);
         // Only the clock value: the flags KVM_GET_CLOCK reports (stable TSC, realtime) are not input.
         vm.SetClock(new KvmClockData { Clock = Clock.Clock });
+    }
+
+    /// <summary>The most GSI routes a record may hold (KVM allows 4096).</summary>
+    public const int MaxRoutes = 4096;
+
+    /// <summary>Writes this state as a record's fields (read back by <see cref="Read"/>).</summary>
+    public void Write(StateWriter w)
+    {
+        w.Bool(Ioapic.HasValue);
+        if (PicMaster is { } master && PicSlave is { } slave && Ioapic is { } ioapic)
+            w.Struct(master).Struct(slave).Struct(ioapic);
+        w.Bool(Pit.HasValue);
+        if (Pit is { } pit)
+            w.Struct(pit);
+        w.Struct(Clock).Structs<KvmIrqRoutingEntry>(Routes);
+    }
+
+    public static VmState Read(ref StateReader r)
+    {
+        KvmIrqchip? master = null, slave = null, ioapic = null;
+        if (r.Bool("irqchip"))
+        {
+            master = r.Struct<KvmIrqchip>("pic_master");
+            slave = r.Struct<KvmIrqchip>("pic_slave");
+            ioapic = r.Struct<KvmIrqchip>("ioapic");
+        }
+        KvmPitState2? pit = r.Bool("pit") ? r.Struct<KvmPitState2>("pit_state") : null;
+        return new VmState
+        {
+            PicMaster = master,
+            PicSlave = slave,
+            Ioapic = ioapic,
+            Pit = pit,
+            Clock = r.Struct<KvmClockData>("clock"),
+            Routes = r.Structs<KvmIrqRoutingEntry>("routes", MaxRoutes),
+        };
     }
 }
