@@ -24,6 +24,7 @@ static const struct workload workloads[] = {
     { "exit", wl_exit },
     { "count", wl_count },
     { "dirty", wl_dirty },
+    { "pattern", wl_pattern },
     { "fault", wl_fault },
     { "info", wl_info },
     { "reset", wl_reset },

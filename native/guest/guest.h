@@ -223,6 +223,7 @@ int wl_hello(int argc, char **argv);
 int wl_exit(int argc, char **argv);
 int wl_count(int argc, char **argv);
 int wl_dirty(int argc, char **argv);
+int wl_pattern(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_reset(int argc, char **argv);

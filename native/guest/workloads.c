@@ -59,6 +59,53 @@ int wl_count(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* one word per 8 bytes, derived from its address and the seed: a moved or lost page shows */
+static uint64_t pattern_value(uint64_t addr, uint64_t seed)
+{
+    uint64_t x = addr * 0x9e3779b97f4a7c15ull ^ seed;
+    x ^= x >> 29;
+    return x * 0xbf58476d1ce4e5b9ull;
+}
+
+int wl_pattern(int argc, char **argv)
+{
+    uint64_t size = 0, rounds = 1, seed = 1;
+    const struct param params[] = {
+        { .key = "size", .size = true, .required = true, .max = FOUR_GIB, .value = &size },
+        { .key = "rounds", .required = false, .max = 1000000, .value = &rounds },
+        { .key = "seed", .required = false, .max = UINT64_MAX, .value = &seed },
+    };
+
+    if (!parse_params("pattern", argc, argv, params, 3))
+        return EXIT_USAGE;
+    uint64_t base = ram_area_base();
+    if (!ram_area_fits(base, size)) {
+        gk_printf("guestkit: error: pattern region of %lu bytes at 0x%lx does not fit in guest RAM\n",
+                  size, base);
+        return EXIT_USAGE;
+    }
+    uint64_t words = size / 8;
+    for (uint64_t i = 0; i < words; i++) {
+        uint64_t addr = base + i * 8;
+        *(volatile uint64_t *)(uintptr_t)addr = pattern_value(addr, seed);
+    }
+    gk_printf("guestkit: pattern written size=%lu base=0x%lx\n", size, base);
+    for (uint64_t round = 1; round <= rounds; round++) {
+        for (uint64_t i = 0; i < words; i++) {
+            uint64_t addr = base + i * 8;
+            uint64_t v = *(volatile uint64_t *)(uintptr_t)addr;
+            if (v != pattern_value(addr, seed)) {
+                gk_printf("guestkit: error: pattern: round %lu: 0x%lx holds 0x%lx, not 0x%lx\n",
+                          round, addr, v, pattern_value(addr, seed));
+                return EXIT_FAILED;
+            }
+        }
+        gk_printf("guestkit: pattern round %lu\n", round);
+    }
+    gk_printf("guestkit: pattern done rounds=%lu\n", rounds);
+    return EXIT_OK;
+}
+
 static uint64_t dirty_value(uint64_t addr, uint64_t pass)
 {
     return addr ^ ((pass + 1) * 0x9e3779b97f4a7c15ull);

@@ -35,6 +35,7 @@ public sealed class VcpuThread
     private bool _pauseRequested;
     private bool _stopRequested;
     private bool _threadAlive;
+    private bool _exitPending;      // the last KVM_RUN exited to user space; the next entry completes it
     private ulong _pthread;
 
     /// <param name="vcpu">The vCPU to run.</param>
@@ -146,6 +147,21 @@ public sealed class VcpuThread
 
     private void Raise(VcpuRunState s) => StateChanged?.Invoke(this, s);
 
+    /// <summary>
+    /// Lets KVM finish the exit user space just handled (the data of a port or MMIO read goes into
+    /// the registers only at the next KVM_RUN) without running guest code: KVM_RUN with
+    /// immediate_exit set completes it and returns -EINTR. A paused vCPU is then whole, so its
+    /// state can be saved (<see cref="VcpuState"/>).
+    /// </summary>
+    private void CompletePendingExit()
+    {
+        _exitPending = false;
+        _vcpu.SetImmediateExit(true);
+        int rc = _vcpu.Run();
+        if (rc < 0 && rc != -Errno.EINTR && rc != -Errno.EAGAIN)
+            throw new HypervisorException($"vCPU {_vcpu.Id}: KVM_RUN to complete the last exit failed", new KvmIoctlException("KVM_RUN", -rc));
+    }
+
     private void Loop()
     {
         lock (_gate)
@@ -162,6 +178,11 @@ public sealed class VcpuThread
                 {
                     while (_pauseRequested && !_stopRequested)
                     {
+                        if (_exitPending)
+                        {
+                            CompletePendingExit();
+                            continue;
+                        }
                         if (SetState(VcpuRunState.Paused))
                         {
                             // Tell listeners outside the lock, then look at the requests again.
@@ -183,9 +204,13 @@ public sealed class VcpuThread
 
                 int rc = _vcpu.Run();
                 if (rc == -Errno.EINTR || rc == -Errno.EAGAIN)
+                {
+                    _exitPending = false;   // KVM completed the last exit before it looked at immediate_exit
                     continue;
+                }
                 if (rc < 0)
                     throw new HypervisorException($"vCPU {_vcpu.Id}: KVM_RUN failed", new KvmIoctlException("KVM_RUN", -rc));
+                _exitPending = true;
                 if (_onExit(_vcpu) == VcpuAction.Stop)
                     break;
             }

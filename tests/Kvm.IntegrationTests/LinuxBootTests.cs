@@ -77,7 +77,7 @@ public partial class LinuxBootTests
         {
             initrdAt = InitrdPlacement(vm);
             builtMap = PvhBoot.MemoryMap(vm.Memory);
-            acpi = vm.Acpi;
+            acpi = vm.Acpi!;
             using var cancel = new CancellationTokenSource(BootTimeout);
             var reason = vm.Run(cancel.Token);
             console = serial.Text.Replace("\r", "");

@@ -1,4 +1,6 @@
 using System.Buffers.Binary;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Pci;
 
@@ -233,9 +235,80 @@ public sealed class MsixTable : IDisposable
         _vectors[index]?.SetMessage(e.Address, e.Data);
     }
 
+    /// <summary>The table, the pending bits and the enable and mask bits as they are now.</summary>
+    public MsixState Save()
+    {
+        lock (_lock)
+        {
+            var entries = new MsixEntryState[_entries.Length];
+            for (int i = 0; i < entries.Length; i++)
+            {
+                var e = _entries[i];
+                entries[i] = new MsixEntryState(e.AddressLow, e.AddressHigh, e.Data, e.Control, Programmed: !e.Dirty);
+            }
+            return new MsixState(_enabled, _functionMasked, entries, [.. _pending]);
+        }
+    }
+
+    /// <summary>
+    /// Takes <paramref name="state"/> over. Entries whose message had been given to their vector are
+    /// given it again (on KVM: their MSI routes are installed), so a vector signalled after the
+    /// restore reaches the same destination; pending bits stay pending until unmasked.
+    /// </summary>
+    public void Restore(MsixState state)
+    {
+        if (state.Entries.Length != _entries.Length)
+            throw new DeviceStateException($"the saved MSI-X table has {state.Entries.Length} vectors, this one {_entries.Length}");
+        if (state.Pending.Length != _pending.Length)
+            throw new DeviceStateException($"the saved MSI-X pending bits have {state.Pending.Length} words, not {_pending.Length}");
+        lock (_lock)
+        {
+            _enabled = state.Enabled;
+            _functionMasked = state.FunctionMasked;
+            state.Pending.CopyTo(_pending, 0);
+            for (int i = 0; i < _entries.Length; i++)
+            {
+                var e = state.Entries[i];
+                _entries[i] = new Entry { AddressLow = e.AddressLow & ~3u, AddressHigh = e.AddressHigh, Data = e.Data, Control = e.Control & VectorControlMask, Dirty = true };
+                if (e.Programmed)
+                    FlushMessageLocked(i);
+            }
+        }
+    }
+
     public void Dispose()
     {
         foreach (var v in _vectors)
             v?.Dispose();
+    }
+}
+
+/// <summary>One MSI-X table entry; <paramref name="Programmed"/>: its message was given to its vector.</summary>
+public readonly record struct MsixEntryState(uint AddressLow, uint AddressHigh, uint Data, uint Control, bool Programmed);
+
+/// <summary>The state of an <see cref="MsixTable"/>.</summary>
+public sealed record MsixState(bool Enabled, bool FunctionMasked, MsixEntryState[] Entries, ulong[] Pending)
+{
+    public void Write(StateWriter w)
+    {
+        w.Bool(Enabled).Bool(FunctionMasked).U32((uint)Entries.Length);
+        foreach (var e in Entries)
+            w.U32(e.AddressLow).U32(e.AddressHigh).U32(e.Data).U32(e.Control).Bool(e.Programmed);
+        w.U32((uint)Pending.Length);
+        foreach (var p in Pending)
+            w.U64(p);
+    }
+
+    public static MsixState Read(ref StateReader r)
+    {
+        bool enabled = r.Bool("msix_enabled"), masked = r.Bool("msix_function_masked");
+        var entries = new MsixEntryState[r.U32("msix_vectors", 1, 2048)];
+        for (int i = 0; i < entries.Length; i++)
+            entries[i] = new MsixEntryState(r.U32("msix_address_low"), r.U32("msix_address_high"), r.U32("msix_data"),
+                r.U32("msix_control"), r.Bool("msix_programmed"));
+        var pending = new ulong[r.U32("msix_pending_words", 1, 32)];
+        for (int i = 0; i < pending.Length; i++)
+            pending[i] = r.U64("msix_pending");
+        return new MsixState(enabled, masked, entries, pending);
     }
 }

@@ -1,4 +1,6 @@
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Pci;
 
@@ -9,7 +11,7 @@ namespace Kvm.Devices.Pci;
 /// <see cref="PortCount"/> ports. Functions are plugged one per slot (function 0); their BARs are
 /// assigned from a 32-bit MMIO window as firmware would, and the guest may move them.
 /// </summary>
-public sealed class PciBus : IBusDevice
+public sealed class PciBus : IBusDevice, IStatefulDevice
 {
     public const ushort ConfigAddressPort = 0xcf8;
     public const ushort ConfigDataPort = 0xcfc;
@@ -142,5 +144,28 @@ public sealed class PciBus : IBusDevice
         lock (_lock)
             function = _slots[slot];
         return function is not null;
+    }
+
+    public string StateKind => "pci-bus";
+
+    /// <summary>
+    /// The bus's own state: CONFIG_ADDRESS and the host bridge's configuration space. The functions
+    /// in the other slots are devices of their own, each with its record.
+    /// </summary>
+    public void SaveState(StateWriter writer)
+    {
+        uint address;
+        lock (_lock)
+            address = _address;
+        writer.U32(address).Bytes(_slots[0]!.SaveConfig());
+    }
+
+    public void RestoreState(ref StateReader reader)
+    {
+        uint address = reader.U32("config_address");
+        byte[] bridge = reader.Bytes("host_bridge_config", PciFunction.ConfigSpaceSize, exact: true);
+        _slots[0]!.RestoreConfig(bridge);
+        lock (_lock)
+            _address = address & 0x80ff_fffc;
     }
 }

@@ -282,6 +282,39 @@ public abstract class PciFunction
         }
     }
 
+    /// <summary>The 256 bytes of configuration space as the guest left them.</summary>
+    public byte[] SaveConfig()
+    {
+        lock (ConfigLock)
+            return [.. _config];
+    }
+
+    /// <summary>
+    /// Takes saved configuration bytes over (BAR addresses, command, capability bodies), then
+    /// re-registers the BARs where they say and tells the subclass (<see cref="OnBarMapped"/>).
+    /// The read-only bytes (identity, BAR types, capability layout) must match this function's:
+    /// a saved function of another kind or layout is refused, naming the first differing offset.
+    /// </summary>
+    public void RestoreConfig(ReadOnlySpan<byte> config)
+    {
+        if (config.Length != ConfigSpaceSize)
+            throw new Manager.DeviceStateException($"{Name}: saved configuration space has {config.Length} bytes, not {ConfigSpaceSize}");
+        lock (ConfigLock)
+        {
+            for (int i = 0; i < ConfigSpaceSize; i++)
+            {
+                if (i is StatusRegister or StatusRegister + 1)
+                    continue;       // dynamic bits are ORed in on reads; the stored ones are fixed
+                if (((config[i] ^ _config[i]) & ~_writeMask[i]) != 0)
+                    throw new Manager.DeviceStateException(
+                        $"{Name}: saved configuration byte 0x{i:x2} is 0x{config[i]:x2} where this function has read-only 0x{_config[i]:x2} (another device or layout)");
+            }
+            config.CopyTo(_config);
+            _command = GetU16(CommandRegister);
+            UpdateMappingsLocked();
+        }
+    }
+
     private static bool ValidAccess(int offset, int size) =>
         size is 1 or 2 or 4 && offset >= 0 && offset + size <= ConfigSpaceSize && offset % size == 0;
 

@@ -1,4 +1,5 @@
 using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Virtio;
 
@@ -40,4 +41,23 @@ public interface IVirtioDevice : IDisposable
 
     /// <summary>Device reset: every worker has stopped; forget negotiated state.</summary>
     void Reset();
+
+    /// <summary>What the device's part of a snapshot record holds, such as "virtio-blk".</summary>
+    string StateKind { get; }
+
+    /// <summary>Every worker has stopped: finish what the device holds back (such as image metadata not yet written).</summary>
+    void Pause() { }
+
+    /// <summary>The workers are about to start again.</summary>
+    void Resume() { }
+
+    /// <summary>Writes the device's own state (its transport writes the queues and the negotiation).</summary>
+    void SaveState(StateWriter writer) { }
+
+    /// <summary>
+    /// Reads what <see cref="SaveState"/> wrote, into a fresh device that has not been activated;
+    /// <see cref="Activate"/> follows if the saved device was active. Refuses a saved device the
+    /// guest would find different (<see cref="Manager.DeviceStateException"/>).
+    /// </summary>
+    void RestoreState(ref StateReader reader) { }
 }

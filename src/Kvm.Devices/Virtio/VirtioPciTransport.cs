@@ -1,7 +1,9 @@
 using System.Buffers.Binary;
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
 using Kvm.Devices.Pci;
 using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -14,8 +16,16 @@ namespace Kvm.Devices.Virtio;
 /// VMM has KVM ioeventfds), and a worker thread per enabled queue waits on that eventfd and runs
 /// the device's request handling, so the vCPU threads never do device I/O. Interrupts go out as
 /// MSI-X vectors, or through the INTx line and the ISR register when MSI-X is off.
+/// <para>
+/// The workers' lives follow the device's: they start when the driver sets DRIVER_OK (or when a
+/// paused device resumes) and stop at reset, at <see cref="Pause"/> (after the request each is
+/// serving completes: nothing is in flight afterwards) and at disposal. A paused transport keeps
+/// taking the driver's register accesses; only the queues wait. Its state (configuration space,
+/// MSI-X table, negotiation, queue positions and the device's own record) can then be saved and
+/// restored into a fresh transport, which carries on when resumed.
+/// </para>
 /// </summary>
-public sealed class VirtioPciTransport : PciFunction, IDisposable
+public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposable
 {
     public const ushort VirtioVendorId = 0x1af4;
     public const ushort ModernDeviceIdBase = 0x1040;
@@ -41,6 +51,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private readonly Virtqueue[] _queues;
     private readonly EventFd[] _notifiers;
     private readonly Thread?[] _workers;
+    private readonly bool[] _broken;        // a queue whose worker met a protocol error, until reset
     private readonly int _msixCap;
     private readonly int _pciCfgCap;
     private readonly object _lock = new();
@@ -56,7 +67,8 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     private bool _intxAsserted;     // under _intxLock
     private ulong? _notifyBase;
     private volatile bool _stopping;
-    private bool _active;       // DRIVER_OK was accepted and the workers run, until reset
+    private bool _active;       // DRIVER_OK was accepted (workers run unless paused), until reset
+    private bool _paused;       // workers stopped by Pause, until Resume
     private bool _disposed;
 
     public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiController? msi, IInterruptLine? intx,
@@ -76,6 +88,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         _queues = new Virtqueue[device.QueueCount];
         _notifiers = new EventFd[device.QueueCount];
         _workers = new Thread?[device.QueueCount];
+        _broken = new bool[device.QueueCount];
         for (int i = 0; i < _queues.Length; i++)
         {
             _queues[i] = new Virtqueue(i, device.MaxQueueSize);
@@ -427,16 +440,29 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
         }
         _stopping = false;
         _active = true;
+        if (!_paused)
+            StartWorkers(kick: false);
+        return true;
+    }
+
+    /// <summary>
+    /// A worker for every active queue that has none and is not broken. With <paramref name="kick"/>
+    /// each looks at its ring at once: chains may have arrived while no worker ran (paused, or
+    /// restored from a snapshot). A device the driver just activated waits for its notification.
+    /// </summary>
+    private void StartWorkers(bool kick)
+    {
         for (int i = 0; i < _queues.Length; i++)
         {
-            if (!_queues[i].IsActive)
+            if (!_queues[i].IsActive || _broken[i] || _workers[i] is not null)
                 continue;
             int index = i;
             var t = new Thread(() => WorkerLoop(index)) { IsBackground = true, Name = $"{Name} q{i}" };
             _workers[i] = t;
             t.Start();
+            if (kick)
+                _notifiers[i].Signal();
         }
-        return true;
     }
 
     /// <summary>Device reset: stop the workers, then forget everything the driver set up.</summary>
@@ -444,6 +470,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
     {
         StopWorkers();
         _active = false;
+        Array.Clear(_broken);
         foreach (var q in _queues)
             q.Reset();
         _device.Reset();
@@ -516,6 +543,7 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
             DeviceLog.WorkerFailed(_log, Name, index, e);
         }
         // The queue is broken: wait for the reset that stops this worker.
+        Volatile.Write(ref _broken[index], true);
         RaiseNeedsReset();
         while (!_stopping)
             notifier.Read();
@@ -594,6 +622,135 @@ public sealed class VirtioPciTransport : PciFunction, IDisposable
             return;
         _intxAsserted = level;
         _intx?.SetLevel(level);
+    }
+
+    // ---------------------------------------------------------------- pause, resume, state
+
+    public string StateKind => "virtio-pci/" + _device.StateKind;
+
+    /// <summary>Whether the workers are held by <see cref="Pause"/>.</summary>
+    public bool Paused
+    {
+        get { lock (_lock) return _paused; }
+    }
+
+    /// <summary>
+    /// Stops every worker after the request it is serving, then lets the device finish what it
+    /// holds back (a disk flushes its image). Queue notifications that arrive meanwhile stay in
+    /// their eventfds and the rings; <see cref="Resume"/> serves them.
+    /// </summary>
+    public void Pause()
+    {
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_paused)
+                return;
+            _paused = true;
+            StopWorkers();
+        }
+        _device.Pause();
+    }
+
+    /// <summary>Starts the workers of an active device again; each looks at its ring at once.</summary>
+    public void Resume()
+    {
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (!_paused)
+                return;
+            _device.Resume();
+            _paused = false;
+            if (_active)
+                StartWorkers(kick: true);
+        }
+    }
+
+    /// <summary>The transport's state: configuration space, MSI-X, negotiation, queues, then the device's record.</summary>
+    public void SaveState(StateWriter writer)
+    {
+        lock (_lock)
+        {
+            if (!_paused)
+                throw new InvalidOperationException($"{Name}: the device must be paused before its state is saved");
+            writer.Bytes(SaveConfig());
+            _msix.Save().Write(writer);
+            writer.U32(_deviceFeatureSelect).U32(_driverFeatureSelect).U64(_driverFeatures).U16(_configVector)
+                .U8(Status).U16(_queueSelect).U8((byte)Volatile.Read(ref _isr)).Bool(_active)
+                .U32((uint)_queues.Length);
+            for (int i = 0; i < _queues.Length; i++)
+            {
+                _queues[i].Save().Write(writer);
+                writer.Bool(Volatile.Read(ref _broken[i]));
+            }
+            _device.SaveState(writer);
+        }
+    }
+
+    /// <summary>
+    /// Restores a saved transport into this fresh, paused one: BARs go where the guest had put
+    /// them (queue notifications bound there), MSI-X messages are routed again, an active device
+    /// is activated on the saved queues. Its workers start at <see cref="Resume"/>.
+    /// </summary>
+    public void RestoreState(ref StateReader reader)
+    {
+        if (!Paused)
+            throw new InvalidOperationException($"{Name}: the device must be paused before a state is restored into it");
+        byte[] config = reader.Bytes("pci_config", ConfigSpaceSize, exact: true);
+        var msix = MsixState.Read(ref reader);
+        uint deviceSelect = reader.U32("device_feature_select"), driverSelect = reader.U32("driver_feature_select");
+        ulong features = reader.U64("driver_features");
+        ushort configVector = reader.U16("config_vector");
+        byte status = reader.U8("status");
+        ushort queueSelect = reader.U16("queue_select");
+        byte isr = reader.U8("isr");
+        bool active = reader.Bool("active");
+        uint queueCount = reader.U32("queue_count");
+        if (queueCount != (uint)_queues.Length)
+            throw new DeviceStateException($"{Name}: the saved device had {queueCount} queues, this one {_queues.Length}");
+        var queues = new (VirtqueueState State, bool Broken)[_queues.Length];
+        for (int i = 0; i < queues.Length; i++)
+            queues[i] = (VirtqueueState.Read(ref reader), reader.Bool("queue_broken"));
+        if ((features & ~OfferedFeatures) != 0)
+            throw new DeviceStateException(
+                $"{Name}: the driver negotiated features 0x{features & ~OfferedFeatures:x} that this device does not offer (offered: 0x{OfferedFeatures:x})");
+        _device.RestoreState(ref reader);
+
+        RestoreConfig(config);
+        lock (_lock)
+        {
+            _msix.Restore(msix);
+            _deviceFeatureSelect = deviceSelect;
+            _driverFeatureSelect = driverSelect;
+            _driverFeatures = features;
+            _configVector = CheckVector(configVector);
+            _queueSelect = queueSelect;
+            bool eventIdx = (features & VirtioFeature.Bit(VirtioFeature.RingEventIdx)) != 0;
+            bool indirect = (features & VirtioFeature.Bit(VirtioFeature.RingIndirectDesc)) != 0;
+            for (int i = 0; i < _queues.Length; i++)
+            {
+                try
+                {
+                    _queues[i].Restore(queues[i].State, _memory, eventIdx, indirect);
+                }
+                catch (VirtqueueException e)
+                {
+                    throw new DeviceStateException($"{Name}: saved {e.Message}");
+                }
+                _broken[i] = queues[i].Broken;
+            }
+            if (active)
+                _device.Activate(features, _memory);
+            _active = active;
+            Volatile.Write(ref _status, status);
+            lock (_intxLock)
+            {
+                Volatile.Write(ref _isr, isr & 3);
+                _intxAsserted = false;
+                UpdateIntxLocked();
+            }
+        }
     }
 
     public void Dispose()

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Virtio;
 
@@ -86,6 +87,34 @@ public sealed class Virtqueue
         _lastAvail = _nextUsed = _signalledUsed = 0;
         _signalledValid = false;
         _memory = memory;
+    }
+
+    /// <summary>The queue's configuration and, when active, where the device is in its rings.</summary>
+    public VirtqueueState Save() => new(Size, Enabled, DescTable, AvailRing, UsedRing, MsixVector, IsActive,
+        _lastAvail, _nextUsed, _signalledUsed, _signalledValid);
+
+    /// <summary>
+    /// Takes <paramref name="state"/> over; an active queue is activated again on
+    /// <paramref name="memory"/> (its rings checked as on DRIVER_OK) and carries on where it was.
+    /// </summary>
+    public void Restore(VirtqueueState state, GuestMemory memory, bool eventIdx, bool indirect)
+    {
+        if (state.Size > MaxSize)
+            throw new Manager.DeviceStateException($"queue {Index}: the saved size {state.Size} is more than this queue's {MaxSize}");
+        Reset();
+        Size = state.Size;
+        Enabled = state.Enabled;
+        DescTable = state.DescTable;
+        AvailRing = state.AvailRing;
+        UsedRing = state.UsedRing;
+        MsixVector = state.MsixVector;
+        if (!state.Active)
+            return;
+        Activate(memory, eventIdx, indirect);
+        _lastAvail = state.LastAvail;
+        _nextUsed = state.NextUsed;
+        _signalledUsed = state.SignalledUsed;
+        _signalledValid = state.SignalledValid;
     }
 
     /// <summary>Stops using guest memory (device reset).</summary>
@@ -260,4 +289,16 @@ public sealed class Virtqueue
             index = next;
         }
     }
+}
+
+/// <summary>The state of a <see cref="Virtqueue"/>: what the driver configured and the device's ring positions.</summary>
+public sealed record VirtqueueState(ushort Size, bool Enabled, ulong DescTable, ulong AvailRing, ulong UsedRing, ushort MsixVector,
+    bool Active, ushort LastAvail, ushort NextUsed, ushort SignalledUsed, bool SignalledValid)
+{
+    public void Write(StateWriter w) => w.U16(Size).Bool(Enabled).U64(DescTable).U64(AvailRing).U64(UsedRing).U16(MsixVector)
+        .Bool(Active).U16(LastAvail).U16(NextUsed).U16(SignalledUsed).Bool(SignalledValid);
+
+    public static VirtqueueState Read(ref StateReader r) => new(r.U16("queue_size"), r.Bool("queue_enabled"),
+        r.U64("queue_desc"), r.U64("queue_avail"), r.U64("queue_used"), r.U16("queue_msix_vector"), r.Bool("queue_active"),
+        r.U16("queue_last_avail"), r.U16("queue_next_used"), r.U16("queue_signalled_used"), r.Bool("queue_signalled_valid"));
 }

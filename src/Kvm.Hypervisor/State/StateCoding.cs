@@ -7,6 +7,13 @@ using System.Text;
 namespace Kvm.Hypervisor.State;
 
 /// <summary>
+/// One piece of a machine's state as a snapshot carries it: the stable id of its owner ("vm",
+/// "vcpu0", "serial0", "virtio-blk0"), what kind of record it is, and the bytes its owner wrote
+/// with <see cref="StateWriter"/>.
+/// </summary>
+public sealed record StateRecord(string Id, string Kind, byte[] Payload);
+
+/// <summary>
 /// A state record's bytes could not be read: the record ends early, a length or a value is out of
 /// range. The message names the record, the field and its offset in the record.
 /// </summary>

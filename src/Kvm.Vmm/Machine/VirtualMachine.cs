@@ -1,13 +1,11 @@
 using Kvm.Devices.Bus;
 using Kvm.Devices.Legacy.AcpiPm;
-using Kvm.Devices.Legacy.DebugExit;
-using Kvm.Devices.Legacy.I8042;
-using Kvm.Devices.Legacy.Rtc;
 using Kvm.Devices.Legacy.Serial;
+using Kvm.Devices.Manager;
 using Kvm.Devices.Pci;
 using Kvm.Devices.Virtio;
-using Kvm.Devices.Virtio.Block;
 using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
 using Kvm.Interop.Structs;
 using Kvm.Storage;
 using Kvm.Vmm.Acpi;
@@ -31,8 +29,10 @@ public sealed class VirtualMachine : IDisposable
     private readonly List<KvmVcpu> _vcpus = new();
     private readonly List<VcpuThread> _threads = new();
     private readonly List<MemorySlot> _slots = new();
-    private readonly List<IBlockImage> _images = new();
-    private readonly List<VirtioPciTransport> _pciDevices = new();
+    private readonly List<IBlockImage?> _images = new();
+    private MachineDevices _devices = null!;
+    private readonly bool _restoring;
+    private uint[]? _msrs;
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
@@ -40,12 +40,13 @@ public sealed class VirtualMachine : IDisposable
     private readonly long[] _exitCounts = new long[32];
     private long _startedTimestamp;
 
-    private VirtualMachine(VmSpec spec, KvmSystem kvm, bool ownsKvm, ILogger log)
+    private VirtualMachine(VmSpec spec, KvmSystem kvm, bool ownsKvm, ILogger log, bool restoring)
     {
         Spec = spec;
         _kvm = kvm;
         _ownsKvm = ownsKvm;
         _log = log;
+        _restoring = restoring;
     }
 
     public VmSpec Spec { get; }
@@ -53,7 +54,10 @@ public sealed class VirtualMachine : IDisposable
     public KvmVm Vm { get; private set; } = null!;
     public IoBus PortIo { get; } = new("port I/O");
     public IoBus Mmio { get; } = new("MMIO");
-    public Serial16550 Serial { get; private set; } = null!;
+    public Serial16550 Serial => _devices.Serial;
+
+    /// <summary>Every device under its stable id (see <see cref="MachineDevices"/>).</summary>
+    public DeviceManager Devices { get; } = new();
     /// <summary>The kernel when it is an ELF booted through its PVH entry; null for a bzImage.</summary>
     public ElfImage? Kernel { get; private set; }
 
@@ -61,15 +65,17 @@ public sealed class VirtualMachine : IDisposable
     public BzImage? BzKernel { get; private set; }
     public IReadOnlyList<VcpuThread> Vcpus => _threads;
     public IReadOnlyList<MemorySlot> MemorySlots => _slots;
-    public PciBus Pci { get; private set; } = null!;
+    public PciBus Pci => _devices.Pci;
 
     /// <summary>The ACPI PM1 registers (power button, S5 power-off).</summary>
-    public AcpiPmDevice Pm { get; private set; } = null!;
-    public AcpiTableSet Acpi { get; private set; } = null!;
-    public GsiRouting GsiRouting { get; private set; } = null!;
+    public AcpiPmDevice Pm => _devices.Pm;
+
+    /// <summary>The ACPI tables written into guest memory (null for a machine built to be restored).</summary>
+    public AcpiTableSet? Acpi { get; private set; }
+    public GsiRouting GsiRouting => _devices.GsiRouting;
 
     /// <summary>The virtio-blk devices, in the order of <see cref="VmSpec.Disks"/>.</summary>
-    public IReadOnlyList<VirtioPciTransport> Disks => _pciDevices;
+    public IReadOnlyList<VirtioPciTransport> Disks => _devices.Disks;
 
     /// <summary>Completes with the reason the VM stopped (the first one reported).</summary>
     public Task<VmStopReason> Stopped => _stopped.Task;
@@ -92,11 +98,37 @@ public sealed class VirtualMachine : IDisposable
 
         bool ownsKvm = kvm is null;
         kvm ??= KvmSystem.Open();
-        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance) { Kernel = image, BzKernel = bz };
+        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance, restoring: false) { Kernel = image, BzKernel = bz };
         try
         {
             vm.OpenDisks();
             vm.Build(kernelBytes, initrd, serialOutput);
+            return vm;
+        }
+        catch
+        {
+            vm.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Builds the machine <paramref name="spec"/> describes for a saved state to be restored into:
+    /// RAM, the VM, its vCPUs (CPUID and MSR set-up as for a boot) and every device, paused, but no
+    /// kernel is read or loaded and nothing is written to RAM. Then fill RAM, call
+    /// <see cref="RestoreState"/>, and <see cref="Start"/>.
+    /// </summary>
+    public static VirtualMachine CreateForRestore(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null, ILogger? logger = null)
+    {
+        spec.Validate();
+        bool ownsKvm = kvm is null;
+        kvm ??= KvmSystem.Open();
+        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance, restoring: true);
+        try
+        {
+            vm.OpenDisks();
+            vm.Build(null, [], serialOutput);
+            vm.Devices.PauseAll();
             return vm;
         }
         catch
@@ -123,7 +155,7 @@ public sealed class VirtualMachine : IDisposable
         }
     }
 
-    private void Build(byte[] kernelBytes, byte[] initrd, Action<ReadOnlySpan<byte>> serialOutput)
+    private void Build(byte[]? kernelBytes, byte[] initrd, Action<ReadOnlySpan<byte>> serialOutput)
     {
         int maxVcpus = Math.Max(_kvm.CheckExtension(KvmCap.MaxVcpus), _kvm.CheckExtension(KvmCap.NrVcpus));
         if (maxVcpus > 0 && Spec.Cpus > maxVcpus)
@@ -151,33 +183,29 @@ public sealed class VirtualMachine : IDisposable
         else
             VmmLog.CapabilityMissing(_log, "KVM_CAP_PIT2");
 
-        Serial = new Serial16550(serialOutput, new KvmIrqLine(Vm, Serial16550.Com1Irq));
-        PortIo.Register(Serial16550.Com1Port, Serial16550.RegisterCount, Serial);
-        PortIo.Register(CmosRtc.Port, CmosRtc.PortCount, new CmosRtc());
-        var i8042 = new I8042Controller(vcpu => RequestStop(new GuestResetStop((uint)vcpu)));
-        PortIo.Register(I8042Controller.DataPortAddress, 1, i8042.DataPort);
-        PortIo.Register(I8042Controller.CommandPortAddress, 1, i8042.CommandPort);
-        // ACPI PM1a registers where the FADT says (AcpiConfig.PmIoBase); S5 powers the VM off.
+        // ACPI PM1a registers where the FADT says; the devices are made in one place, MachineDevices.
         var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
-        Pm = new AcpiPmDevice(vcpu => RequestStop(new GuestPowerOffStop((uint)vcpu)), new KvmIrqLine(Vm, AcpiConfig.SciIrq));
-        PortIo.Register(acpiConfig.PmIoBase!.Value, AcpiPmDevice.Length, Pm);
-        if (Spec.DebugExit)
-            PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length, new DebugExitDevice(status => RequestStop(new DebugExitStop(status))));
-
-        BuildPci();
+        _devices = MachineDevices.Build(new DeviceContext(Spec, Vm, Memory, PortIo, Mmio, acpiConfig, serialOutput, RequestStop, _log),
+            Devices, _images);
 
         // ACPI tables in the BIOS area (reserved in the memory map), where the legacy RSDP scan
         // looks too; hvm_start_info or the zero page points at the RSDP.
-        Acpi = AcpiTables.Build(acpiConfig, X86Layout.AcpiTablesStart);
-        Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
         BzBootInfo? bzBoot = null;
-        if (BzKernel is not null)
+        if (kernelBytes is null)
         {
+            // Restoring: RAM, the registers and the devices come from the saved state.
+        }
+        else if (BzKernel is not null)
+        {
+            Acpi = AcpiTables.Build(acpiConfig, X86Layout.AcpiTablesStart);
+            Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
             bzBoot = BzBoot.Load(Memory, BzKernel, kernelBytes, Spec.Cmdline, initrd, PvhBoot.MemoryMap(Memory),
                 Acpi.RsdpAddress, initrdName: Spec.Initrd ?? "initrd");
         }
         else
         {
+            Acpi = AcpiTables.Build(acpiConfig, X86Layout.AcpiTablesStart);
+            Memory.Write(Acpi.BaseAddress, Acpi.Bytes);
             PvhBoot.LoadSegments(Kernel!, kernelBytes, Memory);
             PvhModule? module = initrd.Length > 0 ? PvhBoot.LoadInitrd(Memory, Kernel!, initrd, Spec.Initrd!) : null;
             PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress, module);
@@ -196,7 +224,7 @@ public sealed class VirtualMachine : IDisposable
                 vcpu.SetSregs(BzBoot.EntrySregs(vcpu.GetSregs(), bzBoot));
                 vcpu.SetRegs(BzBoot.EntryRegs(bzBoot));
             }
-            else if (id == 0)
+            else if (id == 0 && kernelBytes is not null)
             {
                 vcpu.SetSregs(PvhBoot.EntrySregs(vcpu.GetSregs()));
                 vcpu.SetRegs(PvhBoot.EntryRegs(Kernel!.PvhEntry));
@@ -206,40 +234,6 @@ public sealed class VirtualMachine : IDisposable
         VmmLog.VmCreated(_log, GuestMemory.FormatSize(Spec.MemoryBytes), Spec.Cpus, Spec.Kernel);
     }
 
-    /// <summary>The PCI bus behind ports 0xCF8-0xCFF and one virtio-blk device per disk, slots 1 onwards.</summary>
-    private void BuildPci()
-    {
-        Pci = new PciBus(Mmio, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
-        PortIo.Register(PciBus.ConfigAddressPort, PciBus.PortCount, Pci);
-        GsiRouting = new GsiRouting(Vm);
-        var msi = new KvmMsiController(Vm, GsiRouting);
-        var ioevents = new KvmIoEventRegistrar(Vm);
-        var intxLines = new Dictionary<byte, SharedInterruptLine>();
-
-        for (int i = 0; i < Spec.Disks.Count; i++)
-        {
-            int slot = i + 1;
-            byte gsi = X86Layout.PciIntxGsi(slot);
-            if (!intxLines.TryGetValue(gsi, out var line))
-                intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(Vm, gsi));
-            var image = _images[i];
-            _images[i] = null!;     // the device owns it from here on
-            var block = new VirtioBlock($"virtio-blk{i}", image, Spec.Disks[i].ToOptions(), _log);
-            VirtioPciTransport transport;
-            try
-            {
-                transport = new VirtioPciTransport(block, Memory, msi, line.CreateSource(), ioevents, _log);
-            }
-            catch
-            {
-                block.Dispose();
-                throw;
-            }
-            _pciDevices.Add(transport);
-            Pci.Add(transport, gsi);
-        }
-    }
-
     /// <summary>Starts every vCPU thread.</summary>
     public void Start()
     {
@@ -247,6 +241,8 @@ public sealed class VirtualMachine : IDisposable
         if (_started)
             throw new InvalidOperationException("the VM was already started");
         _started = true;
+        if (_restoring)
+            Devices.ResumeAll();
         _startedTimestamp = System.Diagnostics.Stopwatch.GetTimestamp();
         foreach (var t in _threads)
             t.StateChanged += OnVcpuStateChanged;
@@ -298,17 +294,98 @@ public sealed class VirtualMachine : IDisposable
         }
     }
 
-    /// <summary>Pauses every vCPU and waits until all are paused.</summary>
+    /// <summary>
+    /// Pauses every vCPU and waits until all are paused (each with its last exit completed), then
+    /// pauses every device (no request in flight, no worker running, disk images flushed).
+    /// </summary>
     public void Pause()
     {
         foreach (var t in _threads)
             t.Pause(TimeSpan.FromSeconds(10));
+        Devices.PauseAll();
     }
 
+    /// <summary>Resumes the devices, then the vCPUs.</summary>
     public void Resume()
     {
+        Devices.ResumeAll();
         foreach (var t in _threads)
             t.Resume();
+    }
+
+    /// <summary>Record kinds of the VM and of each vCPU (the devices' are theirs).</summary>
+    public const string VmRecordKind = "kvm-vm", VcpuRecordKind = "kvm-vcpu";
+
+    /// <summary>
+    /// The machine's state as records by id: "vm" (irqchip, PIT, clock, GSI routes), "vcpu0"...
+    /// (registers and everything else KVM holds per vCPU), then every device's. The machine must be
+    /// paused (<see cref="Pause"/>) or not started. Guest RAM is not in it.
+    /// </summary>
+    public IReadOnlyList<StateRecord> SaveState()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_threads.Any(t => t.State == VcpuRunState.Running))
+            throw new InvalidOperationException("the VM must be paused before its state is saved");
+        _msrs ??= VcpuState.ReadableMsrs(_vcpus[0], _kvm.GetMsrIndexList());
+        var records = new List<StateRecord>();
+        var w = new StateWriter();
+        VmState.Save(Vm).Write(w);
+        records.Add(new StateRecord("vm", VmRecordKind, w.ToArray()));
+        foreach (var vcpu in _vcpus)
+        {
+            w = new StateWriter();
+            VcpuState.Save(vcpu, _msrs).Write(w);
+            records.Add(new StateRecord($"vcpu{vcpu.Id}", VcpuRecordKind, w.ToArray()));
+        }
+        records.AddRange(Devices.SaveAll());
+        return records;
+    }
+
+    /// <summary>
+    /// Restores <paramref name="records"/> (from <see cref="SaveState"/> of a machine built from
+    /// the same spec) into this machine from <see cref="CreateForRestore"/>, before it starts:
+    /// the VM's chips and routes, each vCPU, then each device (which re-drives its interrupt
+    /// lines and MSI routes). Guest RAM must hold the saved contents before <see cref="Start"/>.
+    /// </summary>
+    public void RestoreState(IReadOnlyList<StateRecord> records)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (!_restoring || _started)
+            throw new InvalidOperationException("a state is restored only into a machine made by CreateForRestore, before it starts");
+        var byId = new Dictionary<string, StateRecord>(StringComparer.Ordinal);
+        foreach (var r in records)
+            if (!byId.TryAdd(r.Id, r))
+                throw new DeviceStateException($"the saved state has two records '{r.Id}'");
+        StateRecord Take(string id, string kind)
+        {
+            if (!byId.Remove(id, out var r))
+                throw new DeviceStateException($"the saved state has no record '{id}' ({kind}): it was saved from another machine");
+            if (r.Kind != kind)
+                throw new DeviceStateException($"record '{id}' is a {r.Kind}, not a {kind}");
+            return r;
+        }
+        var vmRecord = Take("vm", VmRecordKind);
+        var vcpuRecords = _vcpus.Select(v => Take($"vcpu{v.Id}", VcpuRecordKind)).ToArray();
+        foreach (var id in byId.Keys.Where(k => k.StartsWith("vcpu", StringComparison.Ordinal) && byId[k].Kind == VcpuRecordKind))
+            throw new DeviceStateException($"the saved VM had {id}; this one has {_vcpus.Count} vCPUs");
+
+        var reader = new StateReader(vmRecord.Payload, vmRecord.Id);
+        var vmState = VmState.Read(ref reader);
+        reader.End();
+        var vcpuStates = new VcpuState[vcpuRecords.Length];
+        for (int i = 0; i < vcpuRecords.Length; i++)
+        {
+            reader = new StateReader(vcpuRecords[i].Payload, vcpuRecords[i].Id);
+            vcpuStates[i] = VcpuState.Read(ref reader);
+            reader.End();
+            if (vcpuStates[i].Id != _vcpus[i].Id)
+                throw reader.Error("id", $"the record holds vCPU {vcpuStates[i].Id}");
+        }
+
+        vmState.Restore(Vm);
+        for (int i = 0; i < _vcpus.Count; i++)
+            vcpuStates[i].Restore(_vcpus[i]);
+        Devices.RestoreAll([.. byId.Values]);
     }
 
     /// <summary>Reads the dirty-page bitmap of every RAM slot (needs <see cref="VmSpec.TrackDirtyPages"/>).</summary>
@@ -369,8 +446,7 @@ public sealed class VirtualMachine : IDisposable
             StopVcpus();
         bool allStopped = _threads.All(t => t.State is VcpuRunState.Stopped or VcpuRunState.Created);
         // Device workers stop before the VM, guest RAM and the images go away.
-        foreach (var d in _pciDevices)
-            d.Dispose();
+        Devices.Dispose();
         foreach (var image in _images)
             image?.Dispose();
         foreach (var v in _vcpus)

@@ -1,5 +1,7 @@
 using System.Buffers.Binary;
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Legacy.AcpiPm;
 
@@ -15,7 +17,7 @@ namespace Kvm.Devices.Legacy.AcpiPm;
 /// </list>
 /// Accesses of any width and alignment within the block work byte by byte, as on real chipsets.
 /// </summary>
-public sealed class AcpiPmDevice(Action<int> powerOff, IInterruptLine? sci = null) : IBusDevice
+public sealed class AcpiPmDevice(Action<int> powerOff, IInterruptLine? sci = null) : IBusDevice, IStatefulDevice
 {
     public const int Length = 6;
 
@@ -113,4 +115,37 @@ public sealed class AcpiPmDevice(Action<int> powerOff, IInterruptLine? sci = nul
         _sciAsserted = level;
         sci?.SetLevel(level);
     }
+
+    public string StateKind => "acpi-pm";
+
+    public AcpiPmState Save()
+    {
+        lock (_lock)
+            return new AcpiPmState(_status, _enable, _control);
+    }
+
+    /// <summary>Takes <paramref name="state"/> over and drives the SCI to what it implies.</summary>
+    public void Restore(AcpiPmState state)
+    {
+        lock (_lock)
+        {
+            _status = state.Status;
+            _enable = (ushort)(state.Enable & EnableMask);
+            _control = (ushort)((state.Control & ControlKeepMask) | ControlSciEnable);
+            _sciAsserted = false;
+            UpdateSciLocked();
+        }
+    }
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    public void RestoreState(ref StateReader reader) => Restore(AcpiPmState.Read(ref reader));
+}
+
+/// <summary>The state of an <see cref="AcpiPmDevice"/>: PM1_STS, PM1_EN and PM1_CNT.</summary>
+public sealed record AcpiPmState(ushort Status, ushort Enable, ushort Control)
+{
+    public void Write(StateWriter w) => w.U16(Status).U16(Enable).U16(Control);
+
+    public static AcpiPmState Read(ref StateReader r) => new(r.U16("pm1_status"), r.U16("pm1_enable"), r.U16("pm1_control"));
 }

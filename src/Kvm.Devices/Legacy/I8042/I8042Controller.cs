@@ -1,4 +1,6 @@
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Legacy.I8042;
 
@@ -10,7 +12,7 @@ namespace Kvm.Devices.Legacy.I8042;
 /// probing driver finds a controller that works and has no devices. Register two
 /// <see cref="Port"/> adapters: <see cref="DataPort"/> and <see cref="CommandPort"/>.
 /// </summary>
-public sealed class I8042Controller(Action<int> onReset)
+public sealed class I8042Controller(Action<int> onReset) : IStatefulDevice
 {
     public const ushort DataPortAddress = 0x60, CommandPortAddress = 0x64;
 
@@ -101,6 +103,24 @@ public sealed class I8042Controller(Action<int> onReset)
         _status |= StatusOutputFull;
     }
 
+    public string StateKind => "i8042";
+
+    public I8042State Save()
+    {
+        lock (_lock)
+            return new I8042State(_commandByte, _status, _output, _pendingCommand);
+    }
+
+    public void Restore(I8042State state)
+    {
+        lock (_lock)
+            (_commandByte, _status, _output, _pendingCommand) = (state.CommandByte, state.Status, state.Output, state.PendingCommand);
+    }
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    public void RestoreState(ref StateReader reader) => Restore(I8042State.Read(ref reader));
+
     private sealed class Port(I8042Controller controller, bool data) : IBusDevice
     {
         public void Read(ulong offset, Span<byte> bytes, int vcpuId)
@@ -120,4 +140,13 @@ public sealed class I8042Controller(Action<int> onReset)
                 controller.WriteCommand(bytes[0], vcpuId);
         }
     }
+}
+
+/// <summary>The state of an <see cref="I8042Controller"/>: command byte, status, output buffer and a command awaiting its data.</summary>
+public sealed record I8042State(byte CommandByte, byte Status, byte Output, byte PendingCommand)
+{
+    public void Write(StateWriter w) => w.U8(CommandByte).U8(Status).U8(Output).U8(PendingCommand);
+
+    public static I8042State Read(ref StateReader r) =>
+        new(r.U8("command_byte"), r.U8("status"), r.U8("output"), r.U8("pending_command"));
 }

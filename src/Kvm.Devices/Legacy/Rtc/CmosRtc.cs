@@ -1,4 +1,6 @@
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Legacy.Rtc;
 
@@ -9,7 +11,7 @@ namespace Kvm.Devices.Legacy.Rtc;
 /// 128-byte CMOS are plain storage. Setting the time is accepted and ignored (the guest's clock
 /// follows the host's). No alarm or periodic interrupts.
 /// </summary>
-public sealed class CmosRtc(Func<DateTime>? clock = null) : IBusDevice
+public sealed class CmosRtc(Func<DateTime>? clock = null) : IBusDevice, IStatefulDevice
 {
     public const ushort Port = 0x70;
     public const int PortCount = 2;
@@ -87,4 +89,36 @@ public sealed class CmosRtc(Func<DateTime>? clock = null) : IBusDevice
     }
 
     private static byte Bcd(int value) => (byte)(value / 10 << 4 | value % 10);
+
+    public string StateKind => "cmos-rtc";
+
+    /// <summary>The index register and the CMOS bytes (the time itself follows the host's clock and is not state).</summary>
+    public RtcState Save()
+    {
+        lock (_lock)
+            return new RtcState(_index, [.. _cmos]);
+    }
+
+    public void Restore(RtcState state)
+    {
+        if (state.Cmos.Length != _cmos.Length)
+            throw new DeviceStateException($"the saved CMOS has {state.Cmos.Length} bytes, not {_cmos.Length}");
+        lock (_lock)
+        {
+            _index = state.Index;
+            state.Cmos.CopyTo(_cmos, 0);
+        }
+    }
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    public void RestoreState(ref StateReader reader) => Restore(RtcState.Read(ref reader));
+}
+
+/// <summary>The state of a <see cref="CmosRtc"/>: the selected register and the 128 CMOS bytes.</summary>
+public sealed record RtcState(byte Index, byte[] Cmos)
+{
+    public void Write(StateWriter w) => w.U8(Index).Bytes(Cmos);
+
+    public static RtcState Read(ref StateReader r) => new(r.U8("index"), r.Bytes("cmos", 128, exact: true));
 }

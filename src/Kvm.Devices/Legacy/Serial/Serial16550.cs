@@ -1,4 +1,6 @@
 using Kvm.Devices.Bus;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Devices.Legacy.Serial;
 
@@ -8,7 +10,7 @@ namespace Kvm.Devices.Legacy.Serial;
 /// queued by the host with <see cref="EnqueueInput"/> into a 16-byte receive FIFO. Interrupts are
 /// level-triggered on the given line. Loopback mode (MCR bit 4) works as the driver's probe expects.
 /// </summary>
-public sealed class Serial16550 : IBusDevice
+public sealed class Serial16550 : IBusDevice, IStatefulDevice
 {
     public const ushort Com1Port = 0x3f8;
     public const uint Com1Irq = 4;
@@ -263,4 +265,46 @@ public sealed class Serial16550 : IBusDevice
         _irqAsserted = level;
         _irq.SetLevel(level);
     }
+
+    public string StateKind => "serial16550";
+
+    /// <summary>The registers and the receive FIFO as they are now.</summary>
+    public SerialState Save()
+    {
+        lock (_lock)
+            return new SerialState(_ier, _lcr, _mcr, _scr, _fcr, _dll, _dlm, _msrDelta, _overrun, _thrInterruptPending, [.. _rx]);
+    }
+
+    /// <summary>Takes <paramref name="state"/> over and drives the interrupt line to what it implies.</summary>
+    public void Restore(SerialState state)
+    {
+        lock (_lock)
+        {
+            (_ier, _lcr, _mcr, _scr, _fcr, _dll, _dlm, _msrDelta) =
+                (state.Ier, state.Lcr, state.Mcr, state.Scr, state.Fcr, state.Dll, state.Dlm, state.MsrDelta);
+            _overrun = state.Overrun;
+            _thrInterruptPending = state.ThrInterruptPending;
+            _rx.Clear();
+            foreach (var b in state.Receive)
+                _rx.Enqueue(b);
+            _irqAsserted = false;
+            UpdateIrqLocked();
+        }
+    }
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    public void RestoreState(ref StateReader reader) => Restore(SerialState.Read(ref reader));
+}
+
+/// <summary>The state of a <see cref="Serial16550"/>: its registers and the bytes waiting in its receive FIFO.</summary>
+public sealed record SerialState(byte Ier, byte Lcr, byte Mcr, byte Scr, byte Fcr, byte Dll, byte Dlm, byte MsrDelta,
+    bool Overrun, bool ThrInterruptPending, byte[] Receive)
+{
+    public void Write(StateWriter w) => w.U8(Ier).U8(Lcr).U8(Mcr).U8(Scr).U8(Fcr).U8(Dll).U8(Dlm).U8(MsrDelta)
+        .Bool(Overrun).Bool(ThrInterruptPending).Bytes(Receive);
+
+    public static SerialState Read(ref StateReader r) => new(r.U8("ier"), r.U8("lcr"), r.U8("mcr"), r.U8("scr"),
+        r.U8("fcr"), r.U8("dll"), r.U8("dlm"), r.U8("msr_delta"), r.Bool("overrun"), r.Bool("thr_interrupt_pending"),
+        r.Bytes("receive", Serial16550.FifoSize));
 }

@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using System.Text;
+using Kvm.Devices.Manager;
 using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
 using Kvm.Storage;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -153,6 +155,31 @@ public sealed class VirtioBlock : IVirtioDevice
     public void Activate(ulong features, GuestMemory memory) => _memory = memory;
 
     public void Reset() => _memory = null;
+
+    public string StateKind => "virtio-blk";
+
+    /// <summary>Requests complete before their worker stops, so pausing only writes what the image holds back.</summary>
+    public void Pause() => _image.Flush();
+
+    /// <summary>What the guest knows of the disk: its capacity, whether it is read-only, its queues.</summary>
+    public VirtioBlockState Save() => new(Capacity, ReadOnly, _options.Queues);
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    /// <summary>
+    /// Accepts the saved disk if the guest cannot tell this one from it: same capacity, same
+    /// read-only flag, same number of queues. Another image (moved, or a copy) is fine.
+    /// </summary>
+    public void RestoreState(ref StateReader reader)
+    {
+        var saved = VirtioBlockState.Read(ref reader);
+        if (saved.Capacity != Capacity)
+            throw new DeviceStateException($"{Name}: the saved disk had {saved.Capacity} sectors, {_image.Path} has {Capacity}");
+        if (saved.ReadOnly != ReadOnly)
+            throw new DeviceStateException($"{Name}: the saved disk was {(saved.ReadOnly ? "read-only" : "writable")}, {_image.Path} is {(ReadOnly ? "read-only" : "writable")}");
+        if (saved.Queues != _options.Queues)
+            throw new DeviceStateException($"{Name}: the saved disk had {saved.Queues} queues, this one {_options.Queues}");
+    }
 
     public void ProcessQueue(Virtqueue queue)
     {
@@ -404,4 +431,13 @@ public sealed class VirtioBlock : IVirtioDevice
     }
 
     public void Dispose() => _image.Dispose();
+}
+
+/// <summary>What a guest knows of a <see cref="VirtioBlock"/> device beyond its queues.</summary>
+public sealed record VirtioBlockState(ulong Capacity, bool ReadOnly, int Queues)
+{
+    public void Write(StateWriter w) => w.U64(Capacity).Bool(ReadOnly).I32(Queues);
+
+    public static VirtioBlockState Read(ref StateReader r) =>
+        new(r.U64("capacity"), r.Bool("read_only"), (int)r.U32("queues", 1, VirtioBlockOptions.MaxQueues));
 }

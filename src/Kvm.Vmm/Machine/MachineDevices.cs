@@ -1,0 +1,110 @@
+using Kvm.Devices.Bus;
+using Kvm.Devices.Legacy.AcpiPm;
+using Kvm.Devices.Legacy.DebugExit;
+using Kvm.Devices.Legacy.I8042;
+using Kvm.Devices.Legacy.Rtc;
+using Kvm.Devices.Legacy.Serial;
+using Kvm.Devices.Manager;
+using Kvm.Devices.Pci;
+using Kvm.Devices.Virtio;
+using Kvm.Devices.Virtio.Block;
+using Kvm.Hypervisor;
+using Kvm.Storage;
+using Kvm.Vmm.Acpi;
+using Kvm.Vmm.Boot;
+using Kvm.Vmm.Exits;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Machine;
+
+/// <summary>What the devices of a machine are built on: the VM, its RAM and buses, and the machine's callbacks.</summary>
+internal sealed record DeviceContext(
+    VmSpec Spec,
+    KvmVm Vm,
+    GuestMemory Memory,
+    IoBus PortIo,
+    IoBus Mmio,
+    AcpiConfig Acpi,
+    Action<ReadOnlySpan<byte>> SerialOutput,
+    Action<VmStopReason> RequestStop,
+    ILogger Log);
+
+/// <summary>
+/// The devices of a machine, made from its spec: each one is created, placed on its bus, wired to
+/// its interrupt and given to the <see cref="DeviceManager"/> under its stable id here, and
+/// nowhere else, so a new device is added in one place. The ids are what snapshots carry:
+/// "serial0", "rtc", "i8042", "pm", "debug-exit", "pci-bus", then "virtio-blk0", "virtio-blk1"...
+/// in the order of the spec's disks (PCI slots 1 onwards).
+/// </summary>
+internal sealed class MachineDevices
+{
+    private MachineDevices(DeviceManager manager) => Manager = manager;
+
+    public DeviceManager Manager { get; }
+    public Serial16550 Serial { get; private set; } = null!;
+    public AcpiPmDevice Pm { get; private set; } = null!;
+    public PciBus Pci { get; private set; } = null!;
+    public GsiRouting GsiRouting { get; private set; } = null!;
+    public List<VirtioPciTransport> Disks { get; } = new();
+
+    /// <summary>
+    /// Builds every device of <paramref name="ctx"/>'s spec into <paramref name="manager"/>.
+    /// <paramref name="images"/> are the spec's disks, opened; each one the devices take over is
+    /// set to null in the list (what is left there is the caller's to dispose of on failure).
+    /// </summary>
+    public static MachineDevices Build(DeviceContext ctx, DeviceManager manager, IList<IBlockImage?> images)
+    {
+        var d = new MachineDevices(manager);
+        var vm = ctx.Vm;
+
+        d.Serial = manager.Add("serial0", new Serial16550(ctx.SerialOutput, new KvmIrqLine(vm, Serial16550.Com1Irq)));
+        ctx.PortIo.Register(Serial16550.Com1Port, Serial16550.RegisterCount, d.Serial);
+
+        ctx.PortIo.Register(CmosRtc.Port, CmosRtc.PortCount, manager.Add("rtc", new CmosRtc()));
+
+        var i8042 = manager.Add("i8042", new I8042Controller(vcpu => ctx.RequestStop(new GuestResetStop((uint)vcpu))));
+        ctx.PortIo.Register(I8042Controller.DataPortAddress, 1, i8042.DataPort);
+        ctx.PortIo.Register(I8042Controller.CommandPortAddress, 1, i8042.CommandPort);
+
+        // ACPI PM1a registers where the FADT says (AcpiConfig.PmIoBase); S5 powers the VM off.
+        d.Pm = manager.Add("pm", new AcpiPmDevice(vcpu => ctx.RequestStop(new GuestPowerOffStop((uint)vcpu)),
+            new KvmIrqLine(vm, AcpiConfig.SciIrq)));
+        ctx.PortIo.Register(ctx.Acpi.PmIoBase!.Value, AcpiPmDevice.Length, d.Pm);
+
+        if (ctx.Spec.DebugExit)
+            ctx.PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length,
+                manager.Add("debug-exit", new DebugExitDevice(status => ctx.RequestStop(new DebugExitStop(status)))));
+
+        // The PCI bus behind ports 0xCF8-0xCFF; one virtio-blk function per disk, slots 1 onwards.
+        d.Pci = manager.Add("pci-bus", new PciBus(ctx.Mmio, X86Layout.PciMmioStart, X86Layout.PciMmioSize));
+        ctx.PortIo.Register(PciBus.ConfigAddressPort, PciBus.PortCount, d.Pci);
+        d.GsiRouting = new GsiRouting(vm);
+        var msi = new KvmMsiController(vm, d.GsiRouting);
+        var ioevents = new KvmIoEventRegistrar(vm);
+        var intxLines = new Dictionary<byte, SharedInterruptLine>();
+        for (int i = 0; i < ctx.Spec.Disks.Count; i++)
+        {
+            int slot = i + 1;
+            byte gsi = X86Layout.PciIntxGsi(slot);
+            if (!intxLines.TryGetValue(gsi, out var line))
+                intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(vm, gsi));
+            var image = images[i]!;
+            images[i] = null;       // the device owns it from here on
+            var block = new VirtioBlock($"virtio-blk{i}", image, ctx.Spec.Disks[i].ToOptions(), ctx.Log);
+            VirtioPciTransport transport;
+            try
+            {
+                transport = new VirtioPciTransport(block, ctx.Memory, msi, line.CreateSource(), ioevents, ctx.Log);
+            }
+            catch
+            {
+                block.Dispose();
+                throw;
+            }
+            manager.Add($"virtio-blk{i}", transport);
+            d.Disks.Add(transport);
+            d.Pci.Add(transport, gsi);
+        }
+        return d;
+    }
+}
