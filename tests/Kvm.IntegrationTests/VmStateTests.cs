@@ -204,4 +204,47 @@ public sealed class VmStateTests : BlkTestBase
             Assert.Contains("'serial0'", e.Message);
         }
     }
+
+    /// <summary>
+    /// The saved vCPUs' CPUID is restored as it was; a saved CPU that had a feature this host's
+    /// KVM does not offer (here: one added to the record) is refused, naming the feature.
+    /// </summary>
+    [SkippableFact]
+    public void ARestoreOntoAHostLackingAFeatureOfTheSavedCpuIsRefusedNamingIt()
+    {
+        GuestKitRunner.Require();
+        using var kvm = Kvm.Hypervisor.KvmSystem.Open();
+        var offered = Kvm.Vmm.Cpu.CpuidTable.For(kvm.GetSupportedCpuid(), 0,
+            new Kvm.Vmm.Cpu.CpuidOptions(1, TscDeadline: kvm.CheckExtension(Kvm.Interop.Structs.KvmCap.TscDeadlineTimer) > 0));
+        var absent = Kvm.Vmm.Cpu.CpuFeatures.Names.Order(StringComparer.Ordinal)
+            .FirstOrDefault(n => !Kvm.Vmm.Cpu.CpuFeatures.IsSet(offered, n) && offered.Any(e => Kvm.Vmm.Cpu.CpuFeatures.Set([e], n)));
+        if (absent is null)
+            Assert.Fail("this host's KVM offers every CPU feature the VMM knows: no feature to take away");
+
+        var a = VirtualMachine.Create(Spec("tick period=50 pwrbtn=0"), _ => { });
+        a.Start();
+        var saved = SaveAndEnd(a);
+        var cpuid = saved.Records.Single(r => r.Id == "cpuid");
+        var reader = new StateReader(cpuid.Payload, "cpuid");
+        uint count = reader.U32("vcpus");
+        var tables = new Kvm.Interop.Structs.KvmCpuidEntry2[count][];
+        for (int i = 0; i < tables.Length; i++)
+            tables[i] = reader.Structs<Kvm.Interop.Structs.KvmCpuidEntry2>("table", 1024);
+        Assert.True(Kvm.Vmm.Cpu.CpuFeatures.Set(tables[0], absent));
+        var w = new StateWriter().U32(count);
+        foreach (var t in tables)
+            w.Structs<Kvm.Interop.Structs.KvmCpuidEntry2>(t);
+        var tampered = saved.Records.Select(r => r.Id == "cpuid" ? r with { Payload = w.ToArray() } : r).ToArray();
+
+        using (var refused = VirtualMachine.CreateForRestore(Spec("tick"), _ => { }))
+        {
+            var e = Assert.Throws<Kvm.Devices.Manager.DeviceStateException>(() => refused.RestoreState(tampered));
+            Assert.Contains(absent, e.Message);
+        }
+        // The untouched state restores and runs on.
+        var serial = new SerialCapture();
+        using var b = Restore(Spec("tick period=50 pwrbtn=0"), saved, serial);
+        b.Start();
+        Assert.True(serial.WaitFor("guestkit: tick ", Wait), serial.Text);
+    }
 }

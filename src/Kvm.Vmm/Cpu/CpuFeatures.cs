@@ -149,6 +149,31 @@ public static class CpuFeatures
         return false;
     }
 
+    /// <summary>Sets feature <paramref name="name"/>'s CPUID bit in <paramref name="table"/> (where its leaf is present; false if it is not).</summary>
+    public static bool Set(KvmCpuidEntry2[] table, string name)
+    {
+        if (!Known.TryGetValue(name, out var f))
+            throw new ArgumentException($"unknown CPU feature '{name}'");
+        for (int i = 0; i < table.Length; i++)
+        {
+            ref var e = ref table[i];
+            if (e.Function == f.Leaf && e.Index == f.Index)
+            {
+                Register(ref e, f.Register) |= 1u << f.Bit;
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /// <summary>
+    /// The known features <paramref name="wanted"/> has that <paramref name="offered"/> lacks, by
+    /// name: what a VM that ran with CPUID <paramref name="wanted"/> would lose on a host whose KVM
+    /// offers <paramref name="offered"/> (KVM_GET_SUPPORTED_CPUID).
+    /// </summary>
+    public static IReadOnlyList<string> Missing(IReadOnlyList<KvmCpuidEntry2> wanted, IReadOnlyList<KvmCpuidEntry2> offered) =>
+        Known.Keys.Where(name => IsSet(wanted, name) && !IsSet(offered, name)).Order(StringComparer.Ordinal).ToArray();
+
     private static ref uint Register(ref KvmCpuidEntry2 e, Reg r)
     {
         switch (r)

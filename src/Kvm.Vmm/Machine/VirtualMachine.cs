@@ -33,6 +33,7 @@ public sealed class VirtualMachine : IDisposable
     private MachineDevices _devices = null!;
     private readonly bool _restoring;
     private uint[]? _msrs;
+    private readonly List<KvmCpuidEntry2[]> _cpuids = new();     // what each vCPU was given
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
@@ -219,6 +220,7 @@ public sealed class VirtualMachine : IDisposable
             var vcpu = Vm.CreateVcpu(id);
             _vcpus.Add(vcpu);
             VcpuSetup.Configure(vcpu, cpuid, cpuidOptions, msrs, hasIrqchip: true);
+            _cpuids.Add(CpuidTable.For(cpuid, id, cpuidOptions));
             if (id == 0 && bzBoot is not null)
             {
                 vcpu.SetSregs(BzBoot.EntrySregs(vcpu.GetSregs(), bzBoot));
@@ -313,8 +315,11 @@ public sealed class VirtualMachine : IDisposable
             t.Resume();
     }
 
-    /// <summary>Record kinds of the VM and of each vCPU (the devices' are theirs).</summary>
-    public const string VmRecordKind = "kvm-vm", VcpuRecordKind = "kvm-vcpu";
+    /// <summary>Record kinds of the VM, of each vCPU and of the vCPUs' CPUID (the devices' are theirs).</summary>
+    public const string VmRecordKind = "kvm-vm", VcpuRecordKind = "kvm-vcpu", CpuidRecordKind = "kvm-cpuid";
+
+    /// <summary>The most CPUID entries a vCPU's table may have in a record.</summary>
+    private const int MaxCpuidEntries = 1024;
 
     /// <summary>
     /// The machine's state as records by id: "vm" (irqchip, PIT, clock, GSI routes), "vcpu0"...
@@ -329,6 +334,11 @@ public sealed class VirtualMachine : IDisposable
         _msrs ??= VcpuState.ReadableMsrs(_vcpus[0], _kvm.GetMsrIndexList());
         var records = new List<StateRecord>();
         var w = new StateWriter();
+        w.U32((uint)_cpuids.Count);
+        foreach (var table in _cpuids)
+            w.Structs<KvmCpuidEntry2>(table);
+        records.Add(new StateRecord("cpuid", CpuidRecordKind, w.ToArray()));
+        w = new StateWriter();
         VmState.Save(Vm).Write(w);
         records.Add(new StateRecord("vm", VmRecordKind, w.ToArray()));
         foreach (var vcpu in _vcpus)
@@ -364,12 +374,30 @@ public sealed class VirtualMachine : IDisposable
                 throw new DeviceStateException($"record '{id}' is a {r.Kind}, not a {kind}");
             return r;
         }
+        var cpuidRecord = Take("cpuid", CpuidRecordKind);
         var vmRecord = Take("vm", VmRecordKind);
         var vcpuRecords = _vcpus.Select(v => Take($"vcpu{v.Id}", VcpuRecordKind)).ToArray();
         foreach (var id in byId.Keys.Where(k => k.StartsWith("vcpu", StringComparison.Ordinal) && byId[k].Kind == VcpuRecordKind))
             throw new DeviceStateException($"the saved VM had {id}; this one has {_vcpus.Count} vCPUs");
 
-        var reader = new StateReader(vmRecord.Payload, vmRecord.Id);
+        var reader = new StateReader(cpuidRecord.Payload, cpuidRecord.Id);
+        uint tables = reader.U32("vcpus", (uint)_vcpus.Count, (uint)_vcpus.Count);
+        var cpuids = new KvmCpuidEntry2[tables][];
+        for (int i = 0; i < cpuids.Length; i++)
+            cpuids[i] = reader.Structs<KvmCpuidEntry2>($"vcpu{i}", MaxCpuidEntries);
+        reader.End();
+        // The guest saw these CPUs: it may use any feature they had, so this host must have them all.
+        // What this host gives a vCPU that hides nothing (KVM's supported CPUID plus what the VMM
+        // adds from capabilities, such as the TSC deadline timer).
+        var offered = CpuidTable.For(_kvm.GetSupportedCpuid(), 0,
+            new CpuidOptions(Spec.Cpus, TscDeadline: _kvm.CheckExtension(KvmCap.TscDeadlineTimer) > 0));
+        var missing = cpuids.SelectMany(t => CpuFeatures.Missing(t, offered)).Distinct().ToArray();
+        if (missing.Length > 0)
+            throw new DeviceStateException(
+                $"this host's CPU (as KVM offers it) lacks {string.Join(", ", missing)}, which the saved VM's CPU had: " +
+                "restore it on a host that has them, or give VMs that move a CPU model both hosts have (--cpu-model)");
+
+        reader = new StateReader(vmRecord.Payload, vmRecord.Id);
         var vmState = VmState.Read(ref reader);
         reader.End();
         var vcpuStates = new VcpuState[vcpuRecords.Length];
@@ -384,7 +412,12 @@ public sealed class VirtualMachine : IDisposable
 
         vmState.Restore(Vm);
         for (int i = 0; i < _vcpus.Count; i++)
+        {
+            // The CPU the guest saw, not the one this spec would give on this host.
+            _vcpus[i].SetCpuid(cpuids[i]);
+            _cpuids[i] = cpuids[i];
             vcpuStates[i].Restore(_vcpus[i]);
+        }
         Devices.RestoreAll([.. byId.Values]);
     }
 
