@@ -269,7 +269,7 @@ public static class SnapshotReader
             int at = Position;
             ushort n = U16($"{field} length");
             if (n == 0 || n > SnapshotFormat.MaxNameBytes)
-                throw Error($"field '{field} length' is {n}; a {field} has 1 to {SnapshotFormat.MaxNameBytes} bytes", at);
+                throw Error($"field '{field} length' is {n}; {(field == "id" ? "an" : "a")} {field} has 1 to {SnapshotFormat.MaxNameBytes} bytes", at);
             var bytes = Take(n, field);
             for (int i = 0; i < bytes.Length; i++)
                 if (!SnapshotFormat.IsNameChar(bytes[i]))

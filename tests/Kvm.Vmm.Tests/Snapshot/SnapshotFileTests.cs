@@ -459,7 +459,7 @@ public class SnapshotFileTests
 
         b = (byte[])bytes.Clone();
         BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(layout.RecordIds[0]), 0);
-        RefusedState(b, true, "field 'id length' is 0; a id has 1 to 128 bytes");
+        RefusedState(b, true, "field 'id length' is 0; an id has 1 to 128 bytes");
 
         b = (byte[])bytes.Clone();
         int second = layout.Fields.Where(f => f.Name == "guest address").ElementAt(1).Offset;
