@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Hashing;
 using System.Text;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Vmm.Snapshot;
 
@@ -181,10 +182,10 @@ public static class SnapshotReader
         return ranges;
     }
 
-    private static SnapshotRecord[] ReadRecords(ref Cursor c, int end)
+    private static StateRecord[] ReadRecords(ref Cursor c, int end)
     {
         int count = c.Count("record count", SnapshotFormat.MaxRecords, SnapshotFormat.MinRecordSize, 0);
-        var records = new SnapshotRecord[count];
+        var records = new StateRecord[count];
         var seen = new Dictionary<string, int>(count, StringComparer.Ordinal);
         string section = c.Where;
         for (int i = 0; i < count; i++)
@@ -199,7 +200,7 @@ public static class SnapshotReader
             if (seen.TryGetValue(id, out int first))
                 throw c.Error($"duplicate record id '{id}' (record {first} has it too)", at);
             seen.Add(id, i);
-            records[i] = new SnapshotRecord(id, kind, payload);
+            records[i] = new StateRecord(id, kind, payload);
         }
         c.Where = section;
         if (c.Position != end)

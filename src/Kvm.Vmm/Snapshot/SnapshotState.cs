@@ -1,15 +1,7 @@
 using System.Security.Cryptography;
+using Kvm.Hypervisor.State;
 
 namespace Kvm.Vmm.Snapshot;
-
-/// <summary>
-/// One piece of VM state in a snapshot: the state record of the owner with the stable id
-/// <paramref name="Id"/> ("vcpu0", "serial0", "virtio-blk0", "vm"), of the kind
-/// <paramref name="Kind"/> ("vcpu", "serial16550"), whose bytes <paramref name="Payload"/> the
-/// owner wrote (a <c>StateWriter</c>'s) and alone reads. Ids and kinds are 1 to
-/// <see cref="SnapshotFormat.MaxNameBytes"/> characters of A-Z a-z 0-9 . _ : / -.
-/// </summary>
-public sealed record SnapshotRecord(string Id, string Kind, byte[] Payload);
 
 /// <summary>
 /// A RAM region of the guest and where its bytes lie in the memory file: <paramref name="Size"/>
@@ -95,8 +87,12 @@ public sealed class SnapshotState
     /// </summary>
     public IReadOnlyList<GuestPageRange>? WorkingSet { get; init; }
 
-    /// <summary>The state records, ids unique, in the order they were written.</summary>
-    public required IReadOnlyList<SnapshotRecord> Records { get; init; }
+    /// <summary>
+    /// The state records (each owner's <see cref="StateRecord"/>), in the order they were written:
+    /// ids unique, ids and kinds 1 to <see cref="SnapshotFormat.MaxNameBytes"/> characters of
+    /// A-Z a-z 0-9 . _ : / -, payloads at most <see cref="SnapshotFormat.MaxPayloadBytes"/>.
+    /// </summary>
+    public required IReadOnlyList<StateRecord> Records { get; init; }
 
     /// <summary>The bytes of guest RAM in the memory file after its header page: the regions' sizes added up.</summary>
     public ulong MemoryDataSize
@@ -111,7 +107,7 @@ public sealed class SnapshotState
     }
 
     /// <summary>The record with id <paramref name="id"/>, or null.</summary>
-    public SnapshotRecord? FindRecord(string id)
+    public StateRecord? FindRecord(string id)
     {
         foreach (var r in Records)
             if (r.Id == id)
@@ -126,7 +122,7 @@ public sealed class SnapshotState
     public static SnapshotState Create(
         string specJson,
         IEnumerable<(ulong GuestAddress, ulong Size)> ram,
-        IEnumerable<SnapshotRecord> records,
+        IEnumerable<StateRecord> records,
         IReadOnlyList<GuestPageRange>? workingSet = null) => new()
         {
             Id = NewId(),

@@ -215,7 +215,7 @@ public class SnapshotFileTests
             SpecJson = "{}",
             Regions = SnapshotRegion.Layout([(0x100000, 0x2000)]),
             WorkingSet = [new(0x101, 1)],
-            Records = [new SnapshotRecord("vcpu0", "vcpu", [0xAA, 0xBB])],
+            Records = [new StateRecord("vcpu0", "vcpu", [0xAA, 0xBB])],
         };
         var f = SnapshotWriter.EncodeState(state);
         Assert.Equal("KVMSNAP\0"u8.ToArray(), f[..8]);
@@ -435,7 +435,7 @@ public class SnapshotFileTests
     {
         var state = State();
         var records = state.Records.ToList();
-        records.Insert(2, new SnapshotRecord("vcpu9", "vcpu", [7]));
+        records.Insert(2, new StateRecord("vcpu9", "vcpu", [7]));
         var (dir, bytes, _) = Written(new SnapshotState { Id = state.Id, Created = state.Created, SpecJson = "{}", Regions = state.Regions, Records = records });
         dir.Dispose();
         // "vcpu9" becomes "vcpu0", the id of record 1.
@@ -597,7 +597,7 @@ public class SnapshotFileTests
     public void TheWriterRefusesWhatTheReaderWould()
     {
         var s = State();
-        SnapshotState With(IReadOnlyList<SnapshotRecord>? records = null, IReadOnlyList<SnapshotRegion>? regions = null, IReadOnlyList<GuestPageRange>? ws = null, string spec = "{}", DateTimeOffset? created = null) =>
+        SnapshotState With(IReadOnlyList<StateRecord>? records = null, IReadOnlyList<SnapshotRegion>? regions = null, IReadOnlyList<GuestPageRange>? ws = null, string spec = "{}", DateTimeOffset? created = null) =>
             new() { Id = s.Id, Created = created ?? s.Created, SpecJson = spec, Regions = regions ?? s.Regions, Records = records ?? s.Records, WorkingSet = ws };
 
         void Refuses(SnapshotState state, string text)

@@ -132,17 +132,18 @@ public static class SnapshotTestData
     /// <summary>12 MiB of RAM in two regions (8 MiB low, 4 MiB above 4 GiB), records and a working set.</summary>
     public static SnapshotState State(bool workingSet = true, int extraRecords = 0)
     {
-        var records = new List<SnapshotRecord>
+        var records = new List<StateRecord>
         {
-            new("vm", "vm", [1, 2, 3]),
-            new("vcpu0", "vcpu", VcpuPayload(0)),
-            new("vcpu1", "vcpu", VcpuPayload(1)),
+            // Ids and kinds as VirtualMachine.SaveState and the device manager name them.
+            new("vm", VirtualMachine.VmRecordKind, [1, 2, 3]),
+            new("vcpu0", VirtualMachine.VcpuRecordKind, VcpuPayload(0)),
+            new("vcpu1", VirtualMachine.VcpuRecordKind, VcpuPayload(1)),
             new("serial0", "serial16550", [0x60, 0, 0, 3]),
-            new("rtc", "rtc", []),
-            new("virtio-blk0", "virtio-blk", [.. Enumerable.Range(0, 300).Select(i => (byte)i)]),
+            new("rtc", "cmos-rtc", []),
+            new("virtio-blk0", "virtio-pci/virtio-blk", [.. Enumerable.Range(0, 300).Select(i => (byte)i)]),
         };
         for (int i = 0; i < extraRecords; i++)
-            records.Add(new SnapshotRecord($"dev{i}", "test:kind/x", [(byte)i]));
+            records.Add(new StateRecord($"dev{i}", "test:kind/x", [(byte)i]));
         return SnapshotState.Create(SpecJson(), [(0, 8UL << 20), (HighRam, 4UL << 20)], records,
             workingSet ? [new(0, 1), new(16, 4), new(0x7ff, 1), new(HighRam / 4096, 3), new(HighRam / 4096 + 1023, 1)] : null);
     }
