@@ -100,3 +100,35 @@ public sealed class PidFdHandle : SafeFdHandle
         throw new IOException($"pidfd_send_signal({signal}) failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
     }
 }
+
+/// <summary>A directory opened read-only (O_DIRECTORY), for fsync(2) after a rename inside it.</summary>
+public sealed class DirectoryHandle : SafeFdHandle
+{
+    private DirectoryHandle(int fd) : base(fd) { }
+
+    /// <summary>Opens the directory <paramref name="path"/>; throws <see cref="IOException"/> naming it and the errno.</summary>
+    public static DirectoryHandle Open(string path)
+    {
+        const int ORdonly = 0, ODirectory = 0x10000, OCloexec = 0x80000;
+        int fd = Libc.Open(path, ORdonly | ODirectory | OCloexec);
+        if (fd < 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            throw new IOException($"open({path}) as a directory failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+        }
+        return new DirectoryHandle(fd);
+    }
+
+    /// <summary>
+    /// fsync(2) on the directory, so that the names created or renamed in it survive a crash;
+    /// throws <see cref="IOException"/> naming <paramref name="path"/> (the directory, for the message).
+    /// </summary>
+    public void Sync(string path)
+    {
+        if (Libc.Fsync(this) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            throw new IOException($"fsync({path}) failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+        }
+    }
+}

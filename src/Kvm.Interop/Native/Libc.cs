@@ -53,6 +53,14 @@ public static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "lseek", SetLastError = true)]
     public static partial long Lseek(SafeFileHandle fd, long offset, int whence);
 
+    /// <summary>open(2) without a mode (no O_CREAT): returns the fd or -1.</summary>
+    [LibraryImport(Lib, EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Open(string path, int flags);
+
+    /// <summary>fsync(2): the file's (or directory's) data and metadata reach the disk.</summary>
+    [LibraryImport(Lib, EntryPoint = "fsync", SetLastError = true)]
+    public static partial int Fsync(SafeFdHandle fd);
+
     [LibraryImport(Lib, EntryPoint = "geteuid")]
     public static partial uint GetEuid();
 
