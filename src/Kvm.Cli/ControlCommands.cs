@@ -28,6 +28,7 @@ public static class ControlCommands
         cmd.Subcommands.Add(Verb("pause", "Pause every vCPU.", json.StateChange, r => Console.WriteLine(r.State)));
         cmd.Subcommands.Add(Verb("resume", "Resume a paused VM.", json.StateChange, r => Console.WriteLine(r.State)));
         cmd.Subcommands.Add(Stop());
+        cmd.Subcommands.Add(Save());
         cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", json.VmStats, PrintStats));
         cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", json.VmDevices, PrintDevices));
         return cmd;
@@ -75,6 +76,34 @@ public static class ControlCommands
                 Console.WriteLine(JsonSerializer.Serialize(result, VmControlJson.Default.StopResult));
             else
                 Console.WriteLine($"{result.Outcome}: {result.Reason} ({result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s)");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Save()
+    {
+        var socket = SocketArgument();
+        var directory = new Argument<string>("DIR") { Description = "the snapshot directory (created if missing; a snapshot there is replaced once the new one is whole)" };
+        var stop = new Option<bool>("--stop") { Description = "stop the VM once it is saved (default: it carries on as it was)" };
+        var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
+        var cmd = new Command("save",
+            "Save the VM into DIR: pause it (no disk request in flight, images flushed), write its state and RAM,\n" +
+            "then let it carry on, or stop it with --stop. 'vmctl restore DIR' starts it again where it was.")
+        {
+            socket, directory, stop, json,
+        };
+        cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
+        {
+            string dir = Path.GetFullPath(p.GetRequiredValue(directory));
+            var result = client.CallAsync("save", new SaveRequest(dir, p.GetValue(stop)),
+                VmControlJson.Default.SaveRequest, VmControlJson.Default.SaveResult).GetAwaiter().GetResult();
+            if (p.GetValue(json))
+                Console.WriteLine(JsonSerializer.Serialize(result, VmControlJson.Default.SaveResult));
+            else
+                Console.WriteLine($"saved to {result.Directory}: {result.MemoryBytes} bytes of RAM ({result.MemoryBytesWritten} not zero), " +
+                                  $"state {result.StateBytes} bytes; guest paused {(result.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
+                                  $"{result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; the VM is {result.State}");
             return 0;
         }));
         return cmd;

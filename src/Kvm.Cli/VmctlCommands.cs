@@ -19,6 +19,7 @@ public static class VmctlCommands
             "'vmctl create', 'start', 'stop', 'list' and the other VM verbs manage VMs through kvmd.");
         root.Options.Add(KvmdCommands.Connect);
         root.Subcommands.Add(RunCommand());
+        root.Subcommands.Add(RestoreCommand());
         root.Subcommands.Add(DiskCommands.Build());
         root.Subcommands.Add(ControlCommands.Control());
         root.Subcommands.Add(ControlCommands.ConsoleCommand());
@@ -93,5 +94,46 @@ public static class VmctlCommands
             return Kvm.Control.VmHost.Execute(spec, Program, host, new StderrLogger(Program));
         });
         return run;
+    }
+
+    private static Command RestoreCommand()
+    {
+        var directory = new Argument<string>("DIR") { Description = "a snapshot directory ('vmctl control save')" };
+        var memory = new Option<string>("--memory")
+        {
+            Description = "how guest RAM comes back: eager (read all of it before the vCPUs start)",
+            DefaultValueFactory = _ => "eager",
+            HelpName = "eager",
+        };
+        memory.AcceptOnlyFromAmong("eager");
+        var control = new Option<string>("--control") { Description = "also serve the VM's control socket at this path (see 'vmctl control')", HelpName = "SOCKET" };
+        var consoleSocket = new Option<string>("--console") { Description = "put the serial console on a socket at this path instead of this terminal", HelpName = "SOCKET" };
+        var cmd = new Command("restore",
+            "Start a saved VM in the foreground where it was saved: same devices, RAM, registers and timers. A damaged\n" +
+            "snapshot, one of another format version, or one saved with CPU features this host lacks is refused.\n" +
+            "Exit status: as 'vmctl run'.")
+        {
+            directory, memory, control, consoleSocket,
+        };
+        cmd.SetAction(parse =>
+        {
+            VmLaunch launch;
+            try
+            {
+                launch = RestoreLaunch.Open(Path.GetFullPath(parse.GetRequiredValue(directory)));
+            }
+            catch (Exception e) when (e is Kvm.Vmm.Snapshot.SnapshotFormatException or ArgumentException or IOException)
+            {
+                Console.Error.WriteLine($"{Program}: {e.Message}");
+                return 1;
+            }
+            var host = new Kvm.Control.VmHostOptions
+            {
+                ControlSocket = parse.GetValue(control),
+                ConsoleSocket = parse.GetValue(consoleSocket),
+            };
+            return Kvm.Control.VmHost.Execute(launch, Program, host, new StderrLogger(Program));
+        });
+        return cmd;
     }
 }

@@ -1,4 +1,5 @@
 using System.Globalization;
+using Kvm.Devices.Virtio;
 using Kvm.Devices.Virtio.Block;
 using Kvm.Hypervisor;
 using Kvm.Rpc;
@@ -75,6 +76,70 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
             return new StateChange("running");
         }
     }
+
+    /// <summary>
+    /// Saves the VM into <see cref="SaveRequest.Directory"/>: pauses it (vCPUs, then devices: no
+    /// request in flight, images flushed), writes its state and RAM as one snapshot, then resumes
+    /// it (unless it was paused before) or, with <see cref="SaveRequest.Stop"/>, stops it. A save
+    /// that fails leaves the VM as it was and any older snapshot in the directory intact.
+    /// </summary>
+    public SaveResult Save(SaveRequest request)
+    {
+        if (string.IsNullOrEmpty(request.Directory) || !Path.IsPathFullyQualified(request.Directory))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"save: directory '{request.Directory}' is not an absolute path");
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool wasPaused;
+        lock (_lock)
+        {
+            RequireRunning("save");
+            if (_saving)
+                throw new RpcException(RpcErrorCode.InvalidState, "save: a save of this VM is already running");
+            _saving = true;
+            wasPaused = _paused;
+            if (!_paused)
+            {
+                vm.Pause();
+                _paused = true;
+            }
+        }
+        Kvm.Vmm.Snapshot.SnapshotWriteResult? written = null;
+        double paused;
+        string state;
+        try
+        {
+            try
+            {
+                written = Kvm.Vmm.Snapshot.VmSnapshot.Save(vm, request.Directory);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException)
+            {
+                throw new RpcException(RpcErrorCode.OperationFailed, $"save {request.Directory}: {e.Message}", inner: e);
+            }
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                _saving = false;
+                if (request.Stop && written is not null)
+                    _stopping = true;
+                else if (!wasPaused)
+                {
+                    vm.Resume();
+                    _paused = false;
+                }
+                state = _stopping ? "stopping" : _paused ? "paused" : "running";
+            }
+            paused = System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds;
+        }
+        if (request.Stop)
+            vm.RequestStop(new HostStop($"stopped after saving to {request.Directory}"));
+        return new SaveResult(request.Directory, state, wasPaused ? 0 : Math.Round(paused, 4),
+            Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4),
+            written!.StateBytes, written.MemoryDataSize, written.MemoryBytesWritten);
+    }
+
+    private bool _saving;
 
     private void RequireRunning(string operation)
     {
@@ -196,7 +261,7 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         {
             var block = (VirtioBlock)d.Device;
             var s = block.Stats;
-            return new DiskStats($"disk{i}", block.Image.Path, block.ReadOnly, s.Reads, s.Writes, s.Flushes, s.Discards,
+            return new DiskStats($"virtio-blk{i}", block.Image.Path, block.ReadOnly, s.Reads, s.Writes, s.Flushes, s.Discards,
                 s.WriteZeroes, s.Other, s.Failed, s.BytesRead, s.BytesWritten, s.IoErrors, Math.Round(s.MeanMicroseconds, 1), s.MaxMicroseconds);
         }).ToList());
 
@@ -214,30 +279,11 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         return 0;
     }
 
-    public VmDevices Devices()
-    {
-        var list = new List<DeviceInfo>();
-        foreach (var e in vm.PortIo.Entries)
-        {
-            // A device with several port ranges registers nested types (the i8042's data and command ports).
-            var type = e.Device.GetType();
-            string kind = type.DeclaringType is { } owner ? $"{owner.Name}.{type.Name}" : type.Name;
-            list.Add(new DeviceInfo(
-                $"{kind.ToLowerInvariant()}@0x{e.Base:x}",
-                kind,
-                $"port 0x{e.Base:x}-0x{e.Last:x}",
-                null));
-        }
-        for (int i = 0; i < vm.Disks.Count; i++)
-        {
-            var transport = vm.Disks[i];
-            var block = (VirtioBlock)transport.Device;
-            int slot = Enumerable.Range(0, Kvm.Devices.Pci.PciBus.SlotCount).First(s => ReferenceEquals(vm.Pci[s], transport));
-            list.Add(new DeviceInfo($"disk{i}", "virtio-blk", $"pci 00:{slot:x2}.0",
-                $"{block.Image.Path}{(block.ReadOnly ? " (read-only)" : "")}, {block.QueueCount} queue(s), {block.Capacity} sectors"));
-        }
-        return new VmDevices(list);
-    }
+    /// <summary>Every device by its stable id (the ids snapshots carry), its kind and where the guest finds it.</summary>
+    public VmDevices Devices() => new(vm.Devices.Devices.Select(d => new DeviceInfo(d.Id, d.Device.StateKind, vm.DeviceLocation(d.Id) ?? "",
+        d.Device is VirtioPciTransport { Device: VirtioBlock block }
+            ? $"{block.Image.Path}{(block.ReadOnly ? " (read-only)" : "")}, {block.QueueCount} queue(s), {block.Capacity} sectors"
+            : null)).ToList());
 
     /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence.</summary>
     public void Register(RpcDispatcher dispatcher)
@@ -250,5 +296,6 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         dispatcher.Add("stats", json.VmStats, (_, _) => ValueTask.FromResult(Stats()));
         dispatcher.Add("devices", json.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
         dispatcher.Add("fence", json.FenceRequest, json.FenceStatus, (r, _, _) => ValueTask.FromResult(Fence(r)));
+        dispatcher.Add("save", json.SaveRequest, json.SaveResult, (r, _, _) => ValueTask.FromResult(Save(r)));
     }
 }

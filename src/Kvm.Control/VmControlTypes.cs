@@ -19,6 +19,17 @@ public sealed record StopResult(string Outcome, string Reason, double Seconds);
 /// <summary>The reply to <c>pause</c> and <c>resume</c>.</summary>
 public sealed record StateChange(string State);
 
+/// <summary>Parameters of <c>save</c>: the snapshot directory (absolute), and whether the VM stops once saved.</summary>
+public sealed record SaveRequest([property: JsonRequired] string Directory, bool Stop = false);
+
+/// <summary>
+/// The reply to <c>save</c>: where the snapshot went, the VM's state afterwards (running, paused,
+/// stopping), how long the guest was paused for it and how long the whole save took, and the bytes
+/// written (guest RAM in all, and what was not zero pages).
+/// </summary>
+public sealed record SaveResult(string Directory, string State, double PausedSeconds, double Seconds,
+    long StateBytes, ulong MemoryBytes, ulong MemoryBytesWritten);
+
 /// <summary>The reply to <c>stats</c>.</summary>
 public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);
 
@@ -55,6 +66,8 @@ public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pi
 [JsonSerializable(typeof(StopRequest))]
 [JsonSerializable(typeof(StopResult))]
 [JsonSerializable(typeof(StateChange))]
+[JsonSerializable(typeof(SaveRequest))]
+[JsonSerializable(typeof(SaveResult))]
 [JsonSerializable(typeof(VmStats))]
 [JsonSerializable(typeof(VmDevices))]
 [JsonSerializable(typeof(VmExitRecord))]

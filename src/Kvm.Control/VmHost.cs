@@ -34,12 +34,12 @@ public static partial class VmHost
     /// Runs the VM in the foreground as <see cref="ForegroundRun"/> does (signals, exit status),
     /// with the sockets <paramref name="options"/> asks for; with none, exactly as ForegroundRun.
     /// </summary>
-    public static int Execute(VmSpec spec, string program, VmHostOptions options, ILogger logger)
+    public static int Execute(VmLaunch launch, string program, VmHostOptions options, ILogger logger)
     {
         VmStopReason? stopped = null;
         int status = options.ControlSocket is null && options.ConsoleSocket is null
-            ? ForegroundRun.Execute(spec, program, logger)
-            : ForegroundRun.Execute(spec, program, (s, cancel) => stopped = Run(s, options, logger, cancel), logger);
+            ? ForegroundRun.Execute(launch, program, logger)
+            : ForegroundRun.Execute(launch, program, (s, cancel) => stopped = Run(s, options, logger, cancel), logger);
         if (options.ExitFile is { } file)
             WriteExitRecord(file, new VmExitRecord(status, stopped?.Describe() ?? "the VM did not start (see the log)",
                 stopped is null || stopped.IsError, Environment.ProcessId, DateTimeOffset.UtcNow, stopped is FenceStop), logger);
@@ -74,7 +74,7 @@ public static partial class VmHost
         }
     }
 
-    public static VmStopReason Run(VmSpec spec, VmHostOptions options, ILogger logger, CancellationToken cancel)
+    public static VmStopReason Run(VmLaunch launch, VmHostOptions options, ILogger logger, CancellationToken cancel)
     {
         Kvm.Devices.Legacy.Serial.Serial16550? serial = null;
         ConsoleServer? console = null;
@@ -89,7 +89,7 @@ public static partial class VmHost
             else
                 terminal = ForegroundConsole.Attach();
 
-            using var vm = VirtualMachine.Create(spec, console is not null ? console.Write : terminal!.Write, logger: logger);
+            using var vm = launch.Create(console is not null ? console.Write : terminal!.Write, logger);
             serial = vm.Serial;
             terminal?.PumpInput(vm.Serial);
             console?.Start();

@@ -2,18 +2,26 @@ using Kvm.Rpc;
 using Kvm.Control;
 using Kvm.Vmm.Machine;
 
-// kvm-vmm --spec FILE|- [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
+// kvm-vmm (--spec FILE|- | --restore DIR) [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
 const string program = "kvm-vmm";
 ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session]
+           kvm-vmm --restore DIR [--memory eager] [the same options]
 
-    Runs exactly one VM, described by a JSON spec (FILE, or - for standard input). kvmd starts one
-    kvm-vmm per VM; for interactive use, 'vmctl run' does the same from command-line options.
+    Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
+    from a snapshot directory that 'save' wrote (the VM carries on where it was saved). kvmd
+    starts one kvm-vmm per VM; for interactive use, 'vmctl run' and 'vmctl restore' do the same
+    from command-line options.
 
+      --restore DIR     restore the VM saved in DIR (its state file and memory file); a damaged
+                        snapshot, one of another format version, or one saved on a host with CPU
+                        features this one lacks is refused before anything starts
+      --memory eager    how guest RAM comes back: eager reads all of it before the vCPUs start
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
-                        (methods status, pause, resume, stop, stats, devices, fence; 'vmctl control')
+                        (methods status, pause, resume, stop, save, stats, devices, fence;
+                        'vmctl control')
       --console SOCKET  put the serial console on that socket instead of this terminal; clients
                         attach and detach at will ('vmctl console')
       --group NAME      members of this group may use the sockets (mode 0660); without it, only
@@ -39,6 +47,8 @@ if (args is ["--help" or "-h"])
     return 0;
 }
 string? source = null;
+string? restore = null;
+string? memory = null;
 string? log = null;
 bool newSession = false;
 var host = new VmHostOptions();
@@ -49,6 +59,12 @@ for (int i = 0; i < args.Length; i++)
     {
         case "--spec" when source is null:
             source = Value();
+            break;
+        case "--restore" when restore is null:
+            restore = Value() ?? "";
+            break;
+        case "--memory" when memory is null:
+            memory = Value() ?? "";
             break;
         case "--control":
             host = host with { ControlSocket = Value() ?? "" };
@@ -82,9 +98,15 @@ for (int i = 0; i < args.Length; i++)
             return 2;
     }
 }
-if (string.IsNullOrEmpty(source) || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "")
+if (string.IsNullOrEmpty(source) == string.IsNullOrEmpty(restore) || (memory is not null && restore is null)
+    || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "")
 {
-    Console.Error.WriteLine($"{program}: expected '--spec FILE', and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
+    Console.Error.WriteLine($"{program}: expected '--spec FILE' or '--restore DIR' (--memory only with --restore), and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
+    return 2;
+}
+if (memory is not null && memory != "eager")
+{
+    Console.Error.WriteLine($"{program}: --memory '{memory}' is not one of: eager");
     return 2;
 }
 if (newSession && Kvm.Interop.Native.Libc.SetSid() < 0)
@@ -108,16 +130,27 @@ if (log is not null)
         return 1;
     }
 }
-VmSpec spec;
+VmLaunch launch;
 try
 {
-    string json = source == "-" ? Console.In.ReadToEnd() : File.ReadAllText(source);
-    spec = VmSpecJsonContext.Parse(json, source);
-    spec.Validate();
+    if (restore is not null)
+        launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions { Memory = Kvm.Vmm.Snapshot.MemoryLoad.Eager });
+    else
+    {
+        string json = source == "-" ? Console.In.ReadToEnd() : File.ReadAllText(source!);
+        var spec = VmSpecJsonContext.Parse(json, source!);
+        spec.Validate();
+        launch = spec;
+    }
 }
 catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
 {
     Console.Error.WriteLine($"{program}: {ForegroundRun.Describe(e)}");
     return 2;
 }
-return VmHost.Execute(spec, program, host, new StderrLogger(program));
+catch (Kvm.Vmm.Snapshot.SnapshotFormatException e)
+{
+    Console.Error.WriteLine($"{program}: {e.Message}");
+    return 1;
+}
+return VmHost.Execute(launch, program, host, new StderrLogger(program));

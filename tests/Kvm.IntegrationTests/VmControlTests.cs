@@ -132,14 +132,14 @@ public sealed partial class VmControlTests : IDisposable
         Assert.Equal(256UL << 20, stats.Memory.GuestBytes);
         Assert.True(stats.Memory.ResidentBytes > 0);
         var disk = Assert.Single(stats.Disks);
-        Assert.Equal("disk0", disk.Id);
+        Assert.Equal("virtio-blk0", disk.Id);
         Assert.EndsWith("disk.raw", disk.Image);
         Assert.Equal(0, disk.Failed);
 
         var devices = Call(control, "devices", VmControlJson.Default.VmDevices).Devices;
-        Assert.Contains(devices, d => d.Kind == "Serial16550" && d.Location == "port 0x3f8-0x3ff");
-        Assert.Contains(devices, d => d.Kind == "AcpiPmDevice");
-        Assert.Contains(devices, d => d.Id == "disk0" && d.Kind == "virtio-blk" && d.Location == "pci 00:01.0");
+        Assert.Contains(devices, d => d.Id == "serial0" && d.Kind == "serial16550" && d.Location == "port 0x3f8-0x3ff");
+        Assert.Contains(devices, d => d.Id == "pm" && d.Kind == "acpi-pm");
+        Assert.Contains(devices, d => d.Id == "virtio-blk0" && d.Kind == "virtio-pci/virtio-blk" && d.Location == "pci 00:01.0");
 
         // The CLI shows the same VM.
         var cli = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "status", ControlPath], Timeout);

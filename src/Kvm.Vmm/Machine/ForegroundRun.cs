@@ -17,15 +17,15 @@ public static class ForegroundRun
     public const int ExitInterrupted = 130;
     public const int ExitTerminated = 143;
 
-    public static int Execute(VmSpec spec, string program, ILogger? logger = null) =>
-        Execute(spec, program, runner: null, logger);
+    public static int Execute(VmLaunch launch, string program, ILogger? logger = null) =>
+        Execute(launch, program, runner: null, logger);
 
     /// <summary>
     /// Runs the VM through <paramref name="runner"/> (for example with control and console sockets,
     /// which a layer above this one provides) or, when null, with its console on this terminal;
     /// either way Ctrl-C and SIGTERM stop it and the way it ended becomes the exit status.
     /// </summary>
-    public static int Execute(VmSpec spec, string program, Func<VmSpec, CancellationToken, VmStopReason>? runner, ILogger? logger = null)
+    public static int Execute(VmLaunch launch, string program, Func<VmLaunch, CancellationToken, VmStopReason>? runner, ILogger? logger = null)
     {
         using var cancel = new CancellationTokenSource();
         int signalExit = 0;
@@ -45,13 +45,13 @@ public static class ForegroundRun
             if (runner is null)
             {
                 using var console = ForegroundConsole.Attach();
-                using var vm = VirtualMachine.Create(spec, console.Write, logger: logger);
+                using var vm = launch.Create(console.Write, logger);
                 console.PumpInput(vm.Serial);
                 reason = vm.Run(cancel.Token);
             }
             else
             {
-                reason = runner(spec, cancel.Token);
+                reason = runner(launch, cancel.Token);
             }
             return Report(reason, program, signalExit);
         }
@@ -84,7 +84,8 @@ public static class ForegroundRun
     public static bool IsUserFacing(Exception e) =>
         e is BootException or HypervisorException or GuestMemoryException or KvmIoctlException or ArgumentException
             or FormatException or IOException or UnauthorizedAccessException
-            or Kvm.Devices.Bus.BusException;
+            or Kvm.Devices.Bus.BusException or Snapshot.SnapshotFormatException or Kvm.Devices.Manager.DeviceStateException
+            or Kvm.Hypervisor.State.StateFormatException;
 
     /// <summary>The message chain: what failed, then what it failed because of.</summary>
     public static string Describe(Exception e)

@@ -47,6 +47,11 @@ internal sealed class MachineDevices
     public GsiRouting GsiRouting { get; private set; } = null!;
     public List<VirtioPciTransport> Disks { get; } = new();
 
+    /// <summary>Where the guest finds each device, by id ("port 0x3f8-0x3ff", "pci 00:01.0").</summary>
+    public Dictionary<string, string> Locations { get; } = new(StringComparer.Ordinal);
+
+    private static string Ports(ushort first, int count) => count == 1 ? $"port 0x{first:x}" : $"port 0x{first:x}-0x{first + count - 1:x}";
+
     /// <summary>
     /// Builds every device of <paramref name="ctx"/>'s spec into <paramref name="manager"/>.
     /// <paramref name="images"/> are the spec's disks, opened; each one the devices take over is
@@ -59,25 +64,33 @@ internal sealed class MachineDevices
 
         d.Serial = manager.Add("serial0", new Serial16550(ctx.SerialOutput, new KvmIrqLine(vm, Serial16550.Com1Irq)));
         ctx.PortIo.Register(Serial16550.Com1Port, Serial16550.RegisterCount, d.Serial);
+        d.Locations["serial0"] = Ports(Serial16550.Com1Port, Serial16550.RegisterCount);
 
         ctx.PortIo.Register(CmosRtc.Port, CmosRtc.PortCount, manager.Add("rtc", new CmosRtc()));
+        d.Locations["rtc"] = Ports(CmosRtc.Port, CmosRtc.PortCount);
 
         var i8042 = manager.Add("i8042", new I8042Controller(vcpu => ctx.RequestStop(new GuestResetStop((uint)vcpu))));
         ctx.PortIo.Register(I8042Controller.DataPortAddress, 1, i8042.DataPort);
         ctx.PortIo.Register(I8042Controller.CommandPortAddress, 1, i8042.CommandPort);
+        d.Locations["i8042"] = $"ports 0x{I8042Controller.DataPortAddress:x}, 0x{I8042Controller.CommandPortAddress:x}";
 
         // ACPI PM1a registers where the FADT says (AcpiConfig.PmIoBase); S5 powers the VM off.
         d.Pm = manager.Add("pm", new AcpiPmDevice(vcpu => ctx.RequestStop(new GuestPowerOffStop((uint)vcpu)),
             new KvmIrqLine(vm, AcpiConfig.SciIrq)));
         ctx.PortIo.Register(ctx.Acpi.PmIoBase!.Value, AcpiPmDevice.Length, d.Pm);
+        d.Locations["pm"] = Ports(ctx.Acpi.PmIoBase!.Value, AcpiPmDevice.Length);
 
         if (ctx.Spec.DebugExit)
+        {
             ctx.PortIo.Register(DebugExitDevice.DefaultPort, DebugExitDevice.Length,
                 manager.Add("debug-exit", new DebugExitDevice(status => ctx.RequestStop(new DebugExitStop(status)))));
+            d.Locations["debug-exit"] = Ports(DebugExitDevice.DefaultPort, DebugExitDevice.Length);
+        }
 
         // The PCI bus behind ports 0xCF8-0xCFF; one virtio-blk function per disk, slots 1 onwards.
         d.Pci = manager.Add("pci-bus", new PciBus(ctx.Mmio, X86Layout.PciMmioStart, X86Layout.PciMmioSize));
         ctx.PortIo.Register(PciBus.ConfigAddressPort, PciBus.PortCount, d.Pci);
+        d.Locations["pci-bus"] = Ports(PciBus.ConfigAddressPort, PciBus.PortCount);
         d.GsiRouting = new GsiRouting(vm);
         var msi = new KvmMsiController(vm, d.GsiRouting);
         var ioevents = new KvmIoEventRegistrar(vm);
@@ -103,7 +116,8 @@ internal sealed class MachineDevices
             }
             manager.Add($"virtio-blk{i}", transport);
             d.Disks.Add(transport);
-            d.Pci.Add(transport, gsi);
+            int at = d.Pci.Add(transport, gsi);
+            d.Locations[$"virtio-blk{i}"] = $"pci 00:{at:x2}.0";
         }
         return d;
     }

@@ -59,6 +59,9 @@ public sealed class VirtualMachine : IDisposable
 
     /// <summary>Every device under its stable id (see <see cref="MachineDevices"/>).</summary>
     public DeviceManager Devices { get; } = new();
+
+    /// <summary>Where the guest finds the device with <paramref name="id"/> ("port 0x3f8-0x3ff", "pci 00:01.0"), or null.</summary>
+    public string? DeviceLocation(string id) => _devices.Locations.GetValueOrDefault(id);
     /// <summary>The kernel when it is an ELF booted through its PVH entry; null for a bzImage.</summary>
     public ElfImage? Kernel { get; private set; }
 

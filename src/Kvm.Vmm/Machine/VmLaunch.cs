@@ -1,0 +1,62 @@
+using Kvm.Vmm.Snapshot;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Machine;
+
+/// <summary>How a VM comes to be: booted from a spec, or restored from a snapshot.</summary>
+public abstract record VmLaunch
+{
+    /// <summary>The machine's spec (for a restore, the saved one with the restore's changes).</summary>
+    public abstract VmSpec Spec { get; }
+
+    /// <summary>Builds the machine, ready to <see cref="VirtualMachine.Start"/>.</summary>
+    public abstract VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger);
+
+    public static implicit operator VmLaunch(VmSpec spec) => new BootLaunch(spec);
+}
+
+/// <summary>A VM booted from its spec's kernel.</summary>
+public sealed record BootLaunch(VmSpec BootSpec) : VmLaunch
+{
+    public override VmSpec Spec => BootSpec;
+
+    public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
+        VirtualMachine.Create(BootSpec, serialOutput, logger: logger);
+}
+
+/// <summary>
+/// A VM restored from the snapshot in <see cref="Directory"/>; made by <see cref="Open"/>, which
+/// reads and checks the state file first, so a bad snapshot is refused before anything else.
+/// </summary>
+public sealed record RestoreLaunch : VmLaunch
+{
+    private RestoreLaunch(string directory, SnapshotState state, VmSpec spec, RestoreOptions options)
+    {
+        Directory = directory;
+        State = state;
+        RestoredSpec = spec;
+        Options = options;
+    }
+
+    public string Directory { get; }
+    public SnapshotState State { get; }
+    public RestoreOptions Options { get; }
+    private VmSpec RestoredSpec { get; }
+
+    public override VmSpec Spec => RestoredSpec;
+
+    /// <summary>Reads the snapshot's state file (<see cref="SnapshotFormatException"/> if it is refused) and the spec in it.</summary>
+    public static RestoreLaunch Open(string directory, RestoreOptions? options = null)
+    {
+        options ??= new RestoreOptions();
+        var state = SnapshotReader.Read(directory);
+        var spec = VmSnapshot.SpecOf(state, directory);
+        if (options.ChangeSpec is { } change)
+            spec = change(spec);
+        spec.Validate();
+        return new RestoreLaunch(directory, state, spec, options);
+    }
+
+    public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
+        VmSnapshot.Restore(Directory, State, RestoredSpec, serialOutput, Options, logger: logger);
+}

@@ -1,0 +1,111 @@
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Snapshot;
+
+/// <summary>How a restore brings guest RAM in.</summary>
+public enum MemoryLoad
+{
+    /// <summary>Every page of the memory file is read into guest RAM before the vCPUs start.</summary>
+    Eager,
+}
+
+/// <summary>What a restore may do besides reading the snapshot.</summary>
+public sealed record RestoreOptions
+{
+    public MemoryLoad Memory { get; init; } = MemoryLoad.Eager;
+
+    /// <summary>
+    /// Changes to the saved spec that the guest cannot see (a disk image moved, or replaced by one
+    /// of the same content and size); null keeps the saved spec. The machine built from the
+    /// changed spec must still match the saved one device by device.
+    /// </summary>
+    public Func<VmSpec, VmSpec>? ChangeSpec { get; init; }
+
+    /// <summary>Hears the bytes of guest RAM loaded so far and the total.</summary>
+    public Action<long, long>? Progress { get; init; }
+}
+
+/// <summary>
+/// A VM saved to, and restored from, a snapshot directory (<see cref="SnapshotFormat"/>): the
+/// spec, every state record by id (<see cref="VirtualMachine.SaveState"/>) and guest RAM.
+/// </summary>
+public static class VmSnapshot
+{
+    /// <summary>
+    /// Writes the state and RAM of <paramref name="vm"/>, which must be paused
+    /// (<see cref="VirtualMachine.Pause"/>), into <paramref name="directory"/>; an older snapshot
+    /// there is replaced only once the new one is whole.
+    /// </summary>
+    public static SnapshotWriteResult Save(VirtualMachine vm, string directory, Action<long, long>? progress = null,
+        CancellationToken cancellationToken = default)
+    {
+        var records = vm.SaveState();
+        var memory = new GuestMemorySnapshotAccess(vm.Memory);
+        var state = SnapshotState.Create(VmSpecJsonContext.Format(vm.Spec), memory.Ram, records);
+        return SnapshotWriter.Write(directory, state, memory, progress, cancellationToken);
+    }
+
+    /// <summary>
+    /// Builds the machine the snapshot in <paramref name="directory"/> describes, loads its RAM
+    /// and restores every record into it; the caller starts it (<see cref="VirtualMachine.Start"/>).
+    /// A snapshot that is damaged, of another version, or whose memory file does not belong to it
+    /// is refused (<see cref="SnapshotFormatException"/>) before anything is built; a machine that
+    /// does not match the saved one is refused (<see cref="DeviceStateException"/>) before it runs.
+    /// </summary>
+    public static VirtualMachine Restore(string directory, Action<ReadOnlySpan<byte>> serialOutput, RestoreOptions? options = null,
+        KvmSystem? kvm = null, ILogger? logger = null)
+    {
+        options ??= new RestoreOptions();
+        var state = SnapshotReader.Read(directory);
+        VmSpec spec = SpecOf(state, directory);
+        if (options.ChangeSpec is { } change)
+            spec = change(spec);
+        return Restore(directory, state, spec, serialOutput, options, kvm, logger);
+    }
+
+    /// <summary>
+    /// Restores the snapshot whose state file was already read (<paramref name="state"/>) into a
+    /// machine built from <paramref name="spec"/> (the saved spec, or one changed as the guest
+    /// cannot see).
+    /// </summary>
+    public static VirtualMachine Restore(string directory, SnapshotState state, VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput,
+        RestoreOptions options, KvmSystem? kvm = null, ILogger? logger = null)
+    {
+        string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
+        using var memoryFile = SnapshotMemoryFile.Open(directory, state);
+        var vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger);
+        try
+        {
+            CheckLayout(vm.Memory, state, statePath);
+            memoryFile.CopyTo(new GuestMemorySnapshotAccess(vm.Memory), targetIsZeroed: true, options.Progress);
+            vm.RestoreState(state.Records);
+            return vm;
+        }
+        catch
+        {
+            vm.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The machine's RAM must be laid out as the saved one's: same regions at the same guest addresses.</summary>
+    private static void CheckLayout(GuestMemory memory, SnapshotState state, string statePath)
+    {
+        var have = memory.Regions.Select(r => (r.GuestAddress, r.Size)).ToArray();
+        var saved = state.Regions.Select(r => (r.GuestAddress, r.Size)).ToArray();
+        if (!have.SequenceEqual(saved))
+            throw new DeviceStateException(
+                $"{statePath}: the saved RAM ({Describe(saved)}) is not laid out as this machine's ({Describe(have)})");
+    }
+
+    private static string Describe(IEnumerable<(ulong GuestAddress, ulong Size)> regions) =>
+        string.Join(", ", regions.Select(r => $"0x{r.GuestAddress:x}+{GuestMemory.FormatSize(r.Size)}"));
+
+    /// <summary>The spec saved in <paramref name="state"/> (read from <paramref name="directory"/>).</summary>
+    public static VmSpec SpecOf(SnapshotState state, string directory) =>
+        VmSpecJsonContext.Parse(state.SpecJson, $"saved in {Path.Combine(directory, SnapshotFormat.StateFileName)}");
+}

@@ -1,0 +1,196 @@
+using System.Text.Json;
+using Kvm.Control;
+using Kvm.Rpc;
+using Kvm.Tests.Shared;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// Save and restore as a user does them: kvm-vmm with its control and console sockets, 'vmctl
+/// control save' into a snapshot directory, 'vmctl restore' of it in a new process. The guest kit
+/// reports on its console what it sees; qemu-img judges the disk.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public sealed class SaveRestoreTests : BlkTestBase
+{
+    private static readonly TimeSpan Wait = TimeSpan.FromSeconds(120);
+
+    private static new void Require()
+    {
+        BlkTestBase.Require();
+        if (!File.Exists(TestEnvironment.KvmVmm) || !File.Exists(TestEnvironment.Vmctl))
+            throw new SkipException($"{TestEnvironment.KvmVmm} or {TestEnvironment.Vmctl} is missing (run 'make' first)");
+    }
+
+    /// <summary>Starts kvm-vmm on the guest kit with both sockets (named after <paramref name="name"/>) and waits until it answers.</summary>
+    private LiveProcess StartVm(string name, string cmdline, string? disk = null, int cpus = 2)
+    {
+        var spec = new Dictionary<string, object>
+        {
+            ["kernel"] = TestEnvironment.GuestKit,
+            ["cmdline"] = cmdline,
+            ["debugExit"] = true,
+            ["cpus"] = cpus,
+            ["memoryBytes"] = 64 << 20,
+        };
+        if (disk is not null)
+            spec["disks"] = new[] { new Dictionary<string, object> { ["path"] = disk, ["serial"] = "d0" } };
+        File.WriteAllText(P($"{name}.json"), JsonSerializer.Serialize(spec));
+        return Started(LiveProcess.Start(TestEnvironment.KvmVmm,
+            ["--spec", P($"{name}.json"), "--control", P($"{name}.control"), "--console", P($"{name}.console")]), name);
+    }
+
+    private LiveProcess Started(LiveProcess vm, string name)
+    {
+        if (!SpinWait.SpinUntil(() => File.Exists(P($"{name}.control")) && File.Exists(P($"{name}.console")) || vm.Process.HasExited, Wait))
+            Assert.Fail($"{name} did not create its sockets");
+        if (vm.Process.HasExited)
+            Assert.Fail($"{name} exited early with status {vm.Process.ExitCode}: {vm.Stderr.Result}");
+        return vm;
+    }
+
+    private static ProcessResult Vmctl(params string[] args) => TestEnvironment.RunProcess(TestEnvironment.Vmctl, args, Wait);
+
+    private static int[] Seqs(string console) => console.Split('\n')
+        .Where(l => l.StartsWith("guestkit: blk-log seq ", StringComparison.Ordinal))
+        .Select(l => int.Parse(l["guestkit: blk-log seq ".Length..].Trim(), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+
+    /// <summary>
+    /// A disk journal written every 10 ms by a 2-vCPU guest: saved with --stop through the control
+    /// socket, then restored by 'vmctl restore' in a new process. The journal goes on in the same
+    /// boot (one tag, records numbered on without a gap or a repeat), the guest ends with status 0,
+    /// which becomes vmctl's, and the qcow2 image is clean.
+    /// </summary>
+    [SkippableFact]
+    public void SavedWithStopThenRestoredByVmctlTheGuestCarriesOnAndItsDiskIsClean()
+    {
+        Require();
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        string snapshot = P("snap");
+        string before;
+        using (var a = StartVm("a", "blk-log period=10 n=120", disk))
+        {
+            using (var console = new ConsoleClient(P("a.console")))
+            {
+                Assert.True(console.WaitFor("guestkit: blk-log seq 15\n"), console.Text);
+                var save = Vmctl("control", "save", P("a.control"), snapshot, "--stop");
+                Assert.True(save.ExitCode == 0, $"vmctl control save: {save.Stdout}{save.Stderr}");
+                Assert.Contains($"saved to {snapshot}", save.Stdout);
+                Assert.Contains("the VM is stopping", save.Stdout);
+                Assert.True(console.Closed(Wait), "the console did not close after the save with --stop");
+                before = console.Text;
+            }
+            if (!a.WaitForExit(Wait))
+                Assert.Fail("kvm-vmm did not exit after the save with --stop");
+            Assert.Equal(0, a.Process.ExitCode);
+        }
+        Assert.DoesNotContain("blk-log done", before);
+        Assert.True(File.Exists(Path.Combine(snapshot, "state")) && File.Exists(Path.Combine(snapshot, "memory")));
+
+        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, "--control", P("b.control"), "--console", P("b.console")]), "b");
+        string after;
+        using (var console = new ConsoleClient(P("b.console")))
+        {
+            if (!b.WaitForExit(Wait))
+                Assert.Fail($"the restored VM did not finish: {console.Text}");
+            Assert.True(console.Closed(Wait));
+            after = console.Text;
+        }
+        Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
+        Assert.DoesNotContain("blk-log tag=", after);
+        Assert.Equal(Enumerable.Range(1, 120), Seqs(before + after).Distinct());
+        Assert.Equal(Seqs(before + after).Length, Seqs(before + after).Distinct().Count());
+
+        AssertCheckClean(disk);
+        string raw = P("journal.raw");
+        var convert = QemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw);
+        Assert.True(convert.ExitCode == 0, convert.Stderr);
+        var runs = BlkLogJournal.Runs(raw);
+        Assert.True(runs.Count == 1 && runs[0].Records == 120, string.Join(", ", runs));
+    }
+
+    /// <summary>
+    /// Saved without --stop, the VM carries on (its ticks go on) and the reply says how long the
+    /// guest was paused; the snapshot restored beside it runs too, from the tick it was saved at.
+    /// </summary>
+    [SkippableFact]
+    public void SavedWithoutStopTheVmCarriesOnAndTheSnapshotRunsBesideIt()
+    {
+        Require();
+        string snapshot = P("snap");
+        using var a = StartVm("a", "tick period=20 pwrbtn=0", cpus: 1);
+        using var console = new ConsoleClient(P("a.console"));
+        Assert.True(console.WaitForTick(5), console.Text);
+        int beforeSave = console.LastTick;
+        SaveResult saved;
+        using (var control = RpcClient.Connect(P("a.control"), "kvm-vmm"))
+            saved = control.CallAsync("save", new SaveRequest(snapshot), VmControlJson.Default.SaveRequest, VmControlJson.Default.SaveResult)
+                .WaitAsync(Wait).GetAwaiter().GetResult();
+        Assert.Equal("running", saved.State);
+        Assert.True(saved.PausedSeconds > 0 && saved.PausedSeconds <= saved.Seconds, JsonSerializer.Serialize(saved));
+        Assert.Equal(64UL << 20, saved.MemoryBytes);
+        Assert.True(saved.MemoryBytesWritten < saved.MemoryBytes, "zero pages were written out");
+        int atSave = console.LastTick;
+        Assert.True(console.WaitForTick(atSave + 5), "the VM did not carry on after the save");
+
+        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, "--control", P("b.control"), "--console", P("b.console")]), "b");
+        using var restored = new ConsoleClient(P("b.console"));
+        Assert.True(restored.WaitForTick(atSave + 3), restored.Text);
+        // The save point lies between the last tick seen before the call and the last seen after it.
+        var ticks = TickNumbers(restored.Text).Take(3).ToArray();
+        Assert.True(ticks[0] > beforeSave && ticks[0] <= atSave + 1, $"the restored VM's first tick is {ticks[0]}, saved between {beforeSave} and {atSave}");
+        Assert.Equal(Enumerable.Range(ticks[0], 3), ticks);
+        Assert.Equal(0, Vmctl("control", "stop", P("b.control"), "--force").ExitCode);
+        Assert.True(b.WaitForExit(Wait));
+        Assert.Equal(0, Vmctl("control", "stop", P("a.control"), "--force").ExitCode);
+        Assert.True(a.WaitForExit(Wait));
+    }
+
+    private static IEnumerable<int> TickNumbers(string text) => text.Split('\n')
+        .Where(l => l.StartsWith("guestkit: tick ", StringComparison.Ordinal) && l.Length > 15 && char.IsAsciiDigit(l[15]))
+        .Select(l => int.Parse(l[15..].Trim(), System.Globalization.CultureInfo.InvariantCulture));
+
+    /// <summary>
+    /// A snapshot whose state file is cut short, whose memory file belongs to another snapshot, or
+    /// that is not there, is refused by 'vmctl restore' with a message naming the file and the
+    /// problem, exit status 1, and no VM is started (no console socket appears).
+    /// </summary>
+    [SkippableFact]
+    public void ABrokenSnapshotIsRefusedNamingTheFileAndNothingStarts()
+    {
+        Require();
+        string one = P("one"), two = P("two");
+        using (var a = StartVm("a", "tick period=50 pwrbtn=0", cpus: 1))
+        {
+            using var console = new ConsoleClient(P("a.console"));
+            Assert.True(console.WaitForTick(2), console.Text);
+            Assert.Equal(0, Vmctl("control", "save", P("a.control"), one).ExitCode);
+            Assert.Equal(0, Vmctl("control", "save", P("a.control"), two, "--stop").ExitCode);
+            Assert.True(a.WaitForExit(Wait));
+        }
+
+        void Refused(string dir, params string[] expected)
+        {
+            var r = Vmctl("restore", dir, "--console", P("x.console"));
+            Assert.True(r.ExitCode == 1, $"vmctl restore {dir} exited {r.ExitCode}: {r.Stdout}{r.Stderr}");
+            foreach (var e in expected)
+                Assert.Contains(e, r.Stderr);
+            Assert.False(File.Exists(P("x.console")), "a console socket appeared: a VM was started");
+        }
+
+        string cut = P("cut");
+        Directory.CreateDirectory(cut);
+        var state = File.ReadAllBytes(Path.Combine(one, "state"));
+        File.WriteAllBytes(Path.Combine(cut, "state"), state[..(state.Length / 2)]);
+        File.Copy(Path.Combine(one, "memory"), Path.Combine(cut, "memory"));
+        Refused(cut, Path.Combine(cut, "state"));
+
+        string mixed = P("mixed");
+        Directory.CreateDirectory(mixed);
+        File.Copy(Path.Combine(one, "state"), Path.Combine(mixed, "state"));
+        File.Copy(Path.Combine(two, "memory"), Path.Combine(mixed, "memory"));
+        Refused(mixed, Path.Combine(mixed, "memory"), "snapshot");
+
+        Refused(P("nowhere"), Path.Combine(P("nowhere"), "state"));
+    }
+}
