@@ -35,8 +35,10 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
     private static byte[] Mutate(Random rng, byte[] payload, out string what)
     {
         var b = payload.ToList();
-        int kind = rng.Next(7);
-        if ((kind is 0 or 1 && b.Count == 0) || (kind == 4 && b.Count < 4) || (kind == 5 && b.Count < 8))
+        int kind = rng.Next(9);
+        var prefixes = LengthPrefixes(b);
+        if ((kind is 0 or 1 && b.Count == 0) || (kind == 4 && b.Count < 4) || (kind == 5 && b.Count < 8) ||
+            (kind is 7 or 8 && prefixes.Count == 0))
             kind = 3;
         switch (kind)
         {
@@ -76,11 +78,50 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
                 what = $"{n} bytes appended";
                 break;
             }
+            case 7:
+            {
+                // An array longer than its owner expects, whole: the length grows and the bytes are there.
+                int pos = prefixes[rng.Next(prefixes.Count)];
+                uint len = BinaryPrimitives.ReadUInt32LittleEndian(b.GetRange(pos, 4).ToArray());
+                int more = rng.Next(1, 9);
+                var span = new byte[4];
+                BinaryPrimitives.WriteUInt32LittleEndian(span, len + (uint)more);
+                b.RemoveRange(pos, 4);
+                b.InsertRange(pos, span);
+                b.InsertRange(pos + 4 + (int)len, Enumerable.Range(0, more).Select(_ => (byte)rng.Next(256)));
+                what = $"length at {pos} grown by {more}, with the bytes";
+                break;
+            }
+            case 8:
+            {
+                // An array shorter than its owner expects, whole.
+                int pos = prefixes[rng.Next(prefixes.Count)];
+                uint len = BinaryPrimitives.ReadUInt32LittleEndian(b.GetRange(pos, 4).ToArray());
+                int less = rng.Next(1, (int)Math.Min(len, 8) + 1);
+                var span = new byte[4];
+                BinaryPrimitives.WriteUInt32LittleEndian(span, len - (uint)less);
+                b.RemoveRange(pos, 4);
+                b.InsertRange(pos, span);
+                b.RemoveRange(pos + 4, less);
+                what = $"length at {pos} shrunk by {less}, with the bytes";
+                break;
+            }
             case 4:
             {
-                // A length or count made huge, negative as an int, or just past what fits.
-                int pos = rng.Next(b.Count - 3);
-                uint v = new uint[] { 0xffff_ffff, 0x7fff_ffff, 0x8000_0000, 0x1_0000 - 1, (uint)b.Count, (uint)b.Count - (uint)pos, (uint)rng.Next() }[rng.Next(7)];
+                // A length or count made huge, negative as an int, or just past what fits; half the
+                // time at a place that holds a plausible length already.
+                int pos = prefixes.Count > 0 && rng.Next(2) == 0 ? prefixes[rng.Next(prefixes.Count)] : rng.Next(b.Count - 3);
+                uint old = BinaryPrimitives.ReadUInt32LittleEndian(b.GetRange(pos, 4).ToArray());
+                uint v = rng.Next(8) switch
+                {
+                    0 => 0xffff_ffff,
+                    1 => 0x7fff_ffff,
+                    2 => 0x8000_0000,
+                    3 => 0xffff,
+                    4 => (uint)(b.Count - pos - 4),                 // a length that takes exactly the rest
+                    5 or 6 => old + (uint)rng.Next(-8, 9),          // a length or count a little off
+                    _ => (uint)rng.Next(),
+                };
                 var span = new byte[4];
                 BinaryPrimitives.WriteUInt32LittleEndian(span, v);
                 for (int i = 0; i < 4; i++)
@@ -109,6 +150,20 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
             }
         }
         return [.. b];
+    }
+
+    /// <summary>Offsets of u32 values that could be the length of the bytes after them (1 to 4096, within the record).</summary>
+    private static List<int> LengthPrefixes(List<byte> b)
+    {
+        var found = new List<int>();
+        var bytes = b.ToArray();
+        for (int pos = 0; pos + 4 <= bytes.Length; pos++)
+        {
+            uint v = BinaryPrimitives.ReadUInt32LittleEndian(bytes.AsSpan(pos));
+            if (v is >= 1 and <= 4096 && pos + 4 + v <= bytes.Length)
+                found.Add(pos);
+        }
+        return found;
     }
 
     /// <summary>A device kind: how to build a fresh one, and what a guest does to one that took a record.</summary>
