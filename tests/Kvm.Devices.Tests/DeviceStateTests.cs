@@ -379,6 +379,40 @@ public sealed class DeviceStateTests
         Assert.Throws<DeviceStateException>(() => fb.RestoreConfig(fa.SaveConfig().AsSpan(0, 255)));
     }
 
+    [Fact]
+    public void PciFunction_ConfigWhoseStatusRegisterDiffers_IsRefused()
+    {
+        // The stored status bits are fixed by the function's layout (Capabilities List); the
+        // dynamic ones (Interrupt Status) are ORed in on reads and never stored. A record that
+        // says "no capability list" describes another layout: accepted, the guest would find no
+        // virtio structures.
+        using var a = BlockRig.Create(1 << 20);
+        byte[] config = a.Transport.SaveConfig();
+        Assert.NotEqual(0, config[PciFunction.StatusRegister] & PciFunction.StatusCapabilityList);
+        config[PciFunction.StatusRegister] &= unchecked((byte)~PciFunction.StatusCapabilityList);
+        using var b = BlockRig.Create(1 << 20);
+        var e = Assert.Throws<DeviceStateException>(() => b.Transport.RestoreConfig(config));
+        Assert.Contains("byte 0x06", e.Message);
+        Assert.NotEqual(0u, b.Transport.ReadConfig(PciFunction.StatusRegister, 2) & PciFunction.StatusCapabilityList);
+
+        config[PciFunction.StatusRegister] |= (byte)PciFunction.StatusCapabilityList;
+        config[PciFunction.StatusRegister + 1] = 0x80;      // Detected Parity Error: not this function's
+        Assert.Throws<DeviceStateException>(() => b.Transport.RestoreConfig(config));
+    }
+
+    [Fact]
+    public void PciFunction_ConfigSavedWithAnInterruptPending_IsAccepted()
+    {
+        using var a = BlockRig.Create(1 << 20);
+        a.Start(msix: false);
+        a.Do(Virtio.Block.VirtioBlock.TypeIn, 0, inLength: 512);
+        Assert.True(a.Intx.WaitForLevel(true, Wait.Timeout));
+        Assert.NotEqual(0u, a.Transport.ReadConfig(PciFunction.StatusRegister, 2) & PciFunction.StatusInterrupt);
+        using var b = BlockRig.Create(1 << 20);
+        b.Transport.RestoreConfig(a.Transport.SaveConfig());
+        Assert.Equal(0u, b.Transport.ReadConfig(PciFunction.StatusRegister, 2) & PciFunction.StatusInterrupt);
+    }
+
     private static void PortWrite32(IBusDevice bus, ulong offset, uint value)
     {
         var b = new byte[4];
