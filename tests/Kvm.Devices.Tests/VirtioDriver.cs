@@ -461,6 +461,24 @@ public sealed class SplitQueue
 
     /// <summary>Waits until the device has used every chain published so far.</summary>
     public bool WaitAllUsed(TimeSpan? timeout = null) => WaitForUsedIdx(_availIdx, timeout);
+
+    /// <summary>
+    /// This driver queue (free descriptors, chains in flight, its indices) over
+    /// <paramref name="memory"/>, which holds a copy of this one's guest RAM: the driver of a guest
+    /// restored into another machine carries on with it.
+    /// </summary>
+    public SplitQueue CopyOnto(GuestMemory memory)
+    {
+        var q = new SplitQueue(memory, Size, Desc) { AutoUsedEvent = AutoUsedEvent, EventIdx = EventIdx };
+        foreach (var id in _free.Reverse())
+            q._free.Push(id);
+        foreach (var (head, ids) in _chains)
+            q._chains[head] = ids;
+        q._availIdx = _availIdx;
+        q._lastUsed = _lastUsed;
+        q._kickedAt = _kickedAt;
+        return q;
+    }
 }
 
 /// <summary>A bump allocator over a range of guest memory, for request buffers.</summary>

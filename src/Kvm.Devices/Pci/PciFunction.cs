@@ -303,8 +303,8 @@ public abstract class PciFunction
         {
             for (int i = 0; i < ConfigSpaceSize; i++)
             {
-                if (i is StatusRegister or StatusRegister + 1)
-                    continue;       // dynamic bits are ORed in on reads; the stored ones are fixed
+                // The status register is no exception: its dynamic bits are ORed in on reads and
+                // never stored, so the stored ones are the fixed ones (Capabilities List) and must match.
                 if (((config[i] ^ _config[i]) & ~_writeMask[i]) != 0)
                     throw new Manager.DeviceStateException(
                         $"{Name}: saved configuration byte 0x{i:x2} is 0x{config[i]:x2} where this function has read-only 0x{_config[i]:x2} (another device or layout)");
