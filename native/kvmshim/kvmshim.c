@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -609,4 +611,125 @@ EXPORT int32_t kvmshim_term_restore(void)
         return -errno;
     saved_termios_fd = -1;
     return 0;
+}
+
+// ---- userfaultfd: guest RAM filled on first touch (lazy restore), touches traced (working set) ----
+//
+// The fault messages (struct uffd_msg) are decoded here into an address and flags, so C# mirrors
+// no userfaultfd struct; each ioctl reports how many bytes it handled, also when it stops early.
+
+static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg");
+
+// A userfaultfd (non-blocking, close-on-exec) that may handle faults taken in the kernel, as KVM's
+// are: the userfaultfd(2) system call (root or CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd=1),
+// else /dev/userfaultfd (Linux 6.1+, for whoever may open it).
+EXPORT int32_t kvmshim_uffd_create(void)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0)
+        return fd;
+    int err = errno;
+#ifdef USERFAULTFD_IOC_NEW
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        int err2 = errno;
+        close(dev);
+        if (fd >= 0)
+            return fd;
+        err = err2;
+    }
+#endif
+    return -err;
+}
+
+// UFFDIO_API: asks for *features; on return *features holds what the kernel offers.
+EXPORT int32_t kvmshim_uffd_api(int32_t fd, uint64_t *features, uint64_t *ioctls)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = *features };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *features = api.features;
+    *ioctls = api.ioctls;
+    return 0;
+}
+
+EXPORT int32_t kvmshim_uffd_register(int32_t fd, uint64_t start, uint64_t length, uint64_t mode, uint64_t *ioctls)
+{
+    struct uffdio_register r = { .range = { .start = start, .len = length }, .mode = mode };
+    if (ioctl(fd, UFFDIO_REGISTER, &r) < 0)
+        return -errno;
+    *ioctls = r.ioctls;
+    return 0;
+}
+
+EXPORT int32_t kvmshim_uffd_unregister(int32_t fd, uint64_t start, uint64_t length)
+{
+    struct uffdio_range r = { .start = start, .len = length };
+    return ioctl(fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
+}
+
+// UFFDIO_COPY: fills [dst, dst+length) from src and wakes the waiters (unless mode says not to).
+// *done: bytes copied, also when it stopped early (-EEXIST: a page there was filled already).
+EXPORT int32_t kvmshim_uffd_copy(int32_t fd, uint64_t dst, uint64_t src, uint64_t length, uint64_t mode, int64_t *done)
+{
+    struct uffdio_copy c = { .dst = dst, .src = src, .len = length, .mode = mode, .copy = 0 };
+    int rc = ioctl(fd, UFFDIO_COPY, &c);
+    int err = errno;
+    *done = c.copy;
+    return rc < 0 ? -err : 0;
+}
+
+EXPORT int32_t kvmshim_uffd_zeropage(int32_t fd, uint64_t start, uint64_t length, uint64_t mode, int64_t *done)
+{
+    struct uffdio_zeropage z = { .range = { .start = start, .len = length }, .mode = mode, .zeropage = 0 };
+    int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+    int err = errno;
+    *done = z.zeropage;
+    return rc < 0 ? -err : 0;
+}
+
+// UFFDIO_CONTINUE (minor faults): maps the page cache pages already there.
+EXPORT int32_t kvmshim_uffd_continue(int32_t fd, uint64_t start, uint64_t length, uint64_t mode, int64_t *done)
+{
+#ifdef UFFDIO_CONTINUE
+    struct uffdio_continue c = { .range = { .start = start, .len = length }, .mode = mode, .mapped = 0 };
+    int rc = ioctl(fd, UFFDIO_CONTINUE, &c);
+    int err = errno;
+    *done = c.mapped;
+    return rc < 0 ? -err : 0;
+#else
+    (void)fd; (void)start; (void)length; (void)mode;
+    *done = 0;
+    return -ENOTTY;
+#endif
+}
+
+EXPORT int32_t kvmshim_uffd_wake(int32_t fd, uint64_t start, uint64_t length)
+{
+    struct uffdio_range r = { .start = start, .len = length };
+    return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
+}
+
+// Reads up to max page-fault messages: their addresses and flags (UFFD_PAGEFAULT_FLAG_WRITE,
+// _WP, _MINOR). Other events are skipped. Returns how many were read; 0 when none is waiting.
+EXPORT int32_t kvmshim_uffd_read_faults(int32_t fd, uint64_t *addresses, uint64_t *flags, int32_t max)
+{
+    struct uffd_msg msgs[64];
+    if (max > 64)
+        max = 64;
+    if (max <= 0)
+        return 0;
+    ssize_t n = read(fd, msgs, sizeof(struct uffd_msg) * (size_t)max);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    int32_t count = 0;
+    for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        addresses[count] = msgs[i].arg.pagefault.address;
+        flags[count] = msgs[i].arg.pagefault.flags;
+        count++;
+    }
+    return count;
 }

@@ -101,11 +101,12 @@ public static class VmctlCommands
         var directory = new Argument<string>("DIR") { Description = "a snapshot directory ('vmctl control save')" };
         var memory = new Option<string>("--memory")
         {
-            Description = "how guest RAM comes back: eager (read all of it before the vCPUs start)",
+            Description = "how guest RAM comes back: eager (read all of it before the vCPUs start) or lazy (start at once;\n" +
+                "a page comes in when first touched, the rest in the background; needs userfaultfd)",
             DefaultValueFactory = _ => "eager",
-            HelpName = "eager",
+            HelpName = "eager|lazy",
         };
-        memory.AcceptOnlyFromAmong("eager");
+        memory.AcceptOnlyFromAmong("eager", "lazy");
         var control = new Option<string>("--control") { Description = "also serve the VM's control socket at this path (see 'vmctl control')", HelpName = "SOCKET" };
         var consoleSocket = new Option<string>("--console") { Description = "put the serial console on a socket at this path instead of this terminal", HelpName = "SOCKET" };
         var cmd = new Command("restore",
@@ -120,7 +121,10 @@ public static class VmctlCommands
             VmLaunch launch;
             try
             {
-                launch = RestoreLaunch.Open(Path.GetFullPath(parse.GetRequiredValue(directory)));
+                launch = RestoreLaunch.Open(Path.GetFullPath(parse.GetRequiredValue(directory)), new Kvm.Vmm.Snapshot.RestoreOptions
+                {
+                    Memory = parse.GetValue(memory) == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,
+                });
             }
             catch (Exception e) when (e is Kvm.Vmm.Snapshot.SnapshotFormatException or ArgumentException or IOException)
             {

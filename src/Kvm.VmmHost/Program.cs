@@ -8,7 +8,7 @@ ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session]
-           kvm-vmm --restore DIR [--memory eager] [the same options]
+           kvm-vmm --restore DIR [--memory eager|lazy] [the same options]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
     from a snapshot directory that 'save' wrote (the VM carries on where it was saved). kvmd
@@ -18,7 +18,10 @@ const string usage = """
       --restore DIR     restore the VM saved in DIR (its state file and memory file); a damaged
                         snapshot, one of another format version, or one saved on a host with CPU
                         features this one lacks is refused before anything starts
-      --memory eager    how guest RAM comes back: eager reads all of it before the vCPUs start
+      --memory MODE     how guest RAM comes back: eager (the default) reads all of it before the
+                        vCPUs start; lazy starts them at once, a page comes in when first touched
+                        while the rest is loaded in the background (needs userfaultfd: root, or
+                        access to /dev/userfaultfd)
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
                         (methods status, pause, resume, stop, save, stats, devices, fence;
                         'vmctl control')
@@ -104,9 +107,9 @@ if (string.IsNullOrEmpty(source) == string.IsNullOrEmpty(restore) || (memory is 
     Console.Error.WriteLine($"{program}: expected '--spec FILE' or '--restore DIR' (--memory only with --restore), and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
     return 2;
 }
-if (memory is not null && memory != "eager")
+if (memory is not null && memory != "eager" && memory != "lazy")
 {
-    Console.Error.WriteLine($"{program}: --memory '{memory}' is not one of: eager");
+    Console.Error.WriteLine($"{program}: --memory '{memory}' is not one of: eager, lazy");
     return 2;
 }
 if (newSession && Kvm.Interop.Native.Libc.SetSid() < 0)
@@ -134,7 +137,10 @@ VmLaunch launch;
 try
 {
     if (restore is not null)
-        launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions { Memory = Kvm.Vmm.Snapshot.MemoryLoad.Eager });
+        launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
+        {
+            Memory = memory == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,
+        });
     else
     {
         string json = source == "-" ? Console.In.ReadToEnd() : File.ReadAllText(source!);

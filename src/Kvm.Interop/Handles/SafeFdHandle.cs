@@ -132,3 +132,9 @@ public sealed class DirectoryHandle : SafeFdHandle
         }
     }
 }
+
+/// <summary>A userfaultfd: page faults on the ranges registered with it are reported to, and resolved by, this process.</summary>
+public sealed class UserfaultfdHandle : SafeFdHandle
+{
+    public UserfaultfdHandle(int fd) : base(fd) { }
+}

@@ -89,6 +89,9 @@ public static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "pidfd_send_signal", SetLastError = true)]
     public static partial int PidfdSendSignal(SafeFdHandle pidfd, int signal, IntPtr info, uint flags);
 
+    /// <summary>poll(2) events.</summary>
+    public const short PollIn = 1;
+
     /// <summary>poll(2) on one descriptor for <paramref name="events"/>; returns the revents, 0 on timeout, or -1.</summary>
     public static int PollOne(SafeFdHandle fd, short events, int timeoutMs)
     {

@@ -86,6 +86,12 @@ public sealed record UnhandledExitStop(uint VcpuId, uint ExitReason, string? Reg
         + (Registers is null ? "" : "\n" + Registers);
 }
 
+/// <summary>Guest RAM restored lazily could not be brought in from the snapshot's memory file.</summary>
+public sealed record MemoryLoadStop(string Problem) : VmStopReason
+{
+    public override string Describe() => $"VM stopped: guest RAM could not be loaded from the snapshot: {Problem}";
+}
+
 /// <summary>The VMM itself failed while running a vCPU.</summary>
 public sealed record VmmFaultStop(uint VcpuId, Exception Error) : VmStopReason
 {

@@ -34,6 +34,7 @@ public sealed class VirtualMachine : IDisposable
     private readonly bool _restoring;
     private uint[]? _msrs;
     private readonly List<KvmCpuidEntry2[]> _cpuids = new();     // what each vCPU was given
+    private readonly List<IDisposable> _owned = new();
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
@@ -59,6 +60,15 @@ public sealed class VirtualMachine : IDisposable
 
     /// <summary>Every device under its stable id (see <see cref="MachineDevices"/>).</summary>
     public DeviceManager Devices { get; } = new();
+
+    /// <summary>
+    /// Makes <paramref name="resource"/> (such as a lazy restore's memory loader) live as long as the
+    /// machine: disposed after the vCPUs and devices have stopped, before guest RAM goes.
+    /// </summary>
+    public void Own(IDisposable resource) => _owned.Add(resource);
+
+    /// <summary>A lazy restore's loader, while this machine's RAM comes in from a snapshot; null otherwise.</summary>
+    public Snapshot.LazyMemoryLoader? MemoryLoader { get; set; }
 
     /// <summary>Where the guest finds the device with <paramref name="id"/> ("port 0x3f8-0x3ff", "pci 00:01.0"), or null.</summary>
     public string? DeviceLocation(string id) => _devices.Locations.GetValueOrDefault(id);
@@ -485,6 +495,8 @@ public sealed class VirtualMachine : IDisposable
         Devices.Dispose();
         foreach (var image in _images)
             image?.Dispose();
+        for (int i = _owned.Count - 1; i >= 0; i--)
+            _owned[i].Dispose();
         foreach (var v in _vcpus)
             v.Dispose();
         Vm?.Dispose();

@@ -11,6 +11,12 @@ public enum MemoryLoad
 {
     /// <summary>Every page of the memory file is read into guest RAM before the vCPUs start.</summary>
     Eager,
+
+    /// <summary>
+    /// The vCPUs start at once; a page comes in when first touched, while a background loader brings
+    /// the rest in (<see cref="LazyMemoryLoader"/>); a recorded working set is loaded first.
+    /// </summary>
+    Lazy,
 }
 
 /// <summary>What a restore may do besides reading the snapshot.</summary>
@@ -24,6 +30,12 @@ public sealed record RestoreOptions
     /// changed spec must still match the saved one device by device.
     /// </summary>
     public Func<VmSpec, VmSpec>? ChangeSpec { get; init; }
+
+    /// <summary>
+    /// For a lazy restore, how fast the background loader may read the memory file, in bytes per
+    /// second: null as fast as it can, 0 not at all (only what the guest touches is loaded).
+    /// </summary>
+    public long? BackgroundBytesPerSecond { get; init; }
 
     /// <summary>Hears the bytes of guest RAM loaded so far and the total.</summary>
     public Action<long, long>? Progress { get; init; }
@@ -76,19 +88,40 @@ public static class VmSnapshot
         RestoreOptions options, KvmSystem? kvm = null, ILogger? logger = null)
     {
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
-        using var memoryFile = SnapshotMemoryFile.Open(directory, state);
-        var vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger);
+        var memoryFile = SnapshotMemoryFile.Open(directory, state);
+        VirtualMachine? vm = null;
         try
         {
+            vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger);
             CheckLayout(vm.Memory, state, statePath);
-            memoryFile.CopyTo(new GuestMemorySnapshotAccess(vm.Memory), targetIsZeroed: true, options.Progress);
-            vm.RestoreState(state.Records);
+            if (options.Memory == MemoryLoad.Lazy)
+            {
+                var loader = LazyMemoryLoader.Register(vm.Memory, memoryFile, logger ?? Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance);
+                memoryFile = null;      // the loader owns it
+                vm.Own(loader);
+                var machine = vm;
+                loader.Failed = e => machine.RequestStop(new Kvm.Vmm.Exits.MemoryLoadStop(e.Message));
+                vm.RestoreState(state.Records);
+                if (state.WorkingSet is { } workingSet)
+                    loader.LoadFirst(workingSet);
+                vm.MemoryLoader = loader;
+                loader.Start(options.BackgroundBytesPerSecond);
+            }
+            else
+            {
+                memoryFile.CopyTo(new GuestMemorySnapshotAccess(vm.Memory), targetIsZeroed: true, options.Progress);
+                vm.RestoreState(state.Records);
+            }
             return vm;
         }
         catch
         {
-            vm.Dispose();
+            vm?.Dispose();
             throw;
+        }
+        finally
+        {
+            memoryFile?.Dispose();
         }
     }
 

@@ -1,0 +1,46 @@
+using System.Runtime.InteropServices;
+
+namespace Kvm.Interop.Native;
+
+/// <summary>userfaultfd(2): guest RAM filled on first touch, touches traced. Each returns -errno on failure.</summary>
+public static unsafe partial class KvmShim
+{
+    /// <summary>UFFDIO_REGISTER modes.</summary>
+    public const ulong UffdRegisterMissing = 1, UffdRegisterWriteProtect = 2, UffdRegisterMinor = 4;
+
+    /// <summary>uffd_msg.arg.pagefault.flags.</summary>
+    public const ulong UffdPagefaultWrite = 1, UffdPagefaultWriteProtect = 2, UffdPagefaultMinor = 4;
+
+    /// <summary>UFFDIO_API features.</summary>
+    public const ulong UffdFeatureMissingHugetlbfs = 1 << 4, UffdFeatureMissingShmem = 1 << 5, UffdFeatureMinorShmem = 1 << 10;
+
+    /// <summary>UFFDIO_COPY/ZEROPAGE/CONTINUE mode: do not wake the faulting threads (a UFFDIO_WAKE follows).</summary>
+    public const ulong UffdDontWake = 1;
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_create")]
+    public static partial int UffdCreate();
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_api")]
+    public static partial int UffdApi(Handles.UserfaultfdHandle fd, ref ulong features, out ulong ioctls);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_register")]
+    public static partial int UffdRegister(Handles.UserfaultfdHandle fd, ulong start, ulong length, ulong mode, out ulong ioctls);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_unregister")]
+    public static partial int UffdUnregister(Handles.UserfaultfdHandle fd, ulong start, ulong length);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_copy")]
+    public static partial int UffdCopy(Handles.UserfaultfdHandle fd, ulong dst, ulong src, ulong length, ulong mode, out long done);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_zeropage")]
+    public static partial int UffdZeropage(Handles.UserfaultfdHandle fd, ulong start, ulong length, ulong mode, out long done);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_continue")]
+    public static partial int UffdContinue(Handles.UserfaultfdHandle fd, ulong start, ulong length, ulong mode, out long done);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_wake")]
+    public static partial int UffdWake(Handles.UserfaultfdHandle fd, ulong start, ulong length);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_read_faults")]
+    public static partial int UffdReadFaults(Handles.UserfaultfdHandle fd, ulong* addresses, ulong* flags, int max);
+}
