@@ -56,12 +56,20 @@ public class GuestMemoryTests
         Assert.Contains("nr_hugepages", e.Message);
     }
 
-    [SkippableFact]
-    public void TransparentHugePagesMapWhenTheHostAllowsThem()
+    [Fact]
+    public void TransparentHugePagesMapWhereShmemThpIsOnAndAreRefusedClearlyElsewhere()
     {
-        string thp = File.ReadAllText("/sys/kernel/mm/transparent_hugepage/enabled");
-        Skip.If(thp.Contains("[never]"), "transparent huge pages are disabled on this host");
+        // Guest RAM is a memfd: its THP are shmem THP, which shmem_enabled governs (not enabled).
+        if (GuestMemory.ShmemThpRefusal() is { } why)
+        {
+            var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent));
+            Assert.Contains("/sys/kernel/mm/transparent_hugepage/", e.Message);
+            Assert.Contains("shmem_enabled is '", e.Message);
+            Assert.Contains(why, e.Message);
+            return;
+        }
         using var m = GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent);
+        Assert.Equal(0UL, (ulong)m.Regions[0].Host % GuestMemory.HugePageSize);
         m.WriteU64((6UL << 20) + 16, 42);
         Assert.Equal(42UL, m.ReadU64((6UL << 20) + 16));
     }
@@ -111,5 +119,12 @@ public class GuestMemoryTests
         var pieces = new List<Memory<byte>>();
         Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, pieces));
         Assert.Empty(pieces);
+    }
+
+    [Fact]
+    public void OverlappingRangesAreRefused()
+    {
+        var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 2UL << 20), (1UL << 20, 2UL << 20)]));
+        Assert.Contains("overlap", e.Message);
     }
 }
