@@ -87,10 +87,18 @@ public sealed class GuestMemoryException(string message) : Exception(message);
 /// Guest RAM: MAP_SHARED mappings of one fd (a memfd by default, a hugetlb memfd, or a file;
 /// <see cref="GuestMemoryBacking"/>) placed at guest-physical addresses. Every access is
 /// bounds-checked, since addresses often come from the guest.
+/// <para>
+/// Reading is through <see cref="Read"/>, the ReadU* methods, <see cref="GetSpan"/> and
+/// <see cref="AppendMemory"/>, which hand out read-only views. Everything that writes or hands
+/// out writable memory (<see cref="Write"/>, the WriteU* methods, <see cref="Clear"/>,
+/// <see cref="GetWritableSpan"/>, <see cref="AppendWritableMemory"/>) marks the pages it covers
+/// in the device-dirty bitmap when <see cref="TrackDeviceWrites"/> is on: KVM's dirty log sees
+/// only the vCPUs' writes, so devices write guest memory only through these.
+/// </para>
 /// </summary>
 public sealed unsafe class GuestMemory : IDisposable
 {
-    /// <summary>The smallest alignment of a region.</summary>
+    /// <summary>The page size of the dirty bitmaps (and the smallest alignment of a region).</summary>
     public const ulong PageSize = 4096;
 
     /// <summary>The size of a huge page (transparent or hugetlb) on x86-64.</summary>
@@ -101,6 +109,8 @@ public sealed unsafe class GuestMemory : IDisposable
 
     private readonly GuestMemoryRegion[] _regions;
     private readonly MemoryFdHandle _fd;
+    private readonly object _trackingLock = new();
+    private ulong[][]? _deviceDirty;
     private bool _disposed;
 
     private GuestMemory(GuestMemoryRegion[] regions, HugePageMode mode, MemoryFdHandle fd, string? file)
@@ -529,11 +539,11 @@ public sealed unsafe class GuestMemory : IDisposable
         return (byte*)r.Host + (gpa - r.GuestAddress);
     }
 
-    /// <summary>A span over guest RAM; throws when the range is not entirely inside one region.</summary>
-    public Span<byte> GetSpan(ulong gpa, int length) => new(Resolve(gpa, length, out _), length);
+    /// <summary>A read-only span over guest RAM; throws when the range is not entirely inside one region.</summary>
+    public ReadOnlySpan<byte> GetSpan(ulong gpa, int length) => new(Resolve(gpa, length, out _), length);
 
     /// <summary>Like <see cref="GetSpan"/>, without throwing.</summary>
-    public bool TryGetSpan(ulong gpa, int length, out Span<byte> span)
+    public bool TryGetSpan(ulong gpa, int length, out ReadOnlySpan<byte> span)
     {
         span = default;
         if (_disposed || length < 0)
@@ -541,8 +551,22 @@ public sealed unsafe class GuestMemory : IDisposable
         var r = FindRegion(gpa, (ulong)length);
         if (r is null)
             return false;
-        span = new Span<byte>((byte*)r.Host + (gpa - r.GuestAddress), length);
+        span = new ReadOnlySpan<byte>((byte*)r.Host + (gpa - r.GuestAddress), length);
         return true;
+    }
+
+    /// <summary>
+    /// A writable span over guest RAM; throws when the range is not entirely inside one region.
+    /// Its pages are marked written when it is handed out; a write that may still run when
+    /// <see cref="TakeDeviceDirty"/> is called (another thread's) is marked again when done
+    /// (<see cref="MarkWritten"/>), or made through <see cref="Write"/> and the WriteU* methods,
+    /// which mark after writing.
+    /// </summary>
+    public Span<byte> GetWritableSpan(ulong gpa, int length)
+    {
+        byte* p = Resolve(gpa, length, out int region);
+        Mark(region, gpa, (ulong)length);
+        return new Span<byte>(p, length);
     }
 
     /// <summary>Guest RAM is handed out as Memory in windows of this size (Memory lengths are ints).</summary>
@@ -551,16 +575,39 @@ public sealed unsafe class GuestMemory : IDisposable
     private readonly Memory<byte>[][] _windows;
 
     /// <summary>
-    /// Appends guest RAM [gpa, gpa+length) to <paramref name="into"/> as one or more Memory pieces
-    /// (split where it crosses a 1 GiB window: Memory lengths are ints), for vectored I/O straight
-    /// into guest RAM. Throws when the range is not inside one region. The pieces are
+    /// Appends guest RAM [gpa, gpa+length) to <paramref name="into"/> as one or more read-only
+    /// Memory pieces (split where it crosses a 1 GiB window: Memory lengths are ints), for vectored
+    /// I/O straight from guest RAM. Throws when the range is not inside one region. The pieces are
     /// only valid while this object is not disposed.
     /// </summary>
-    public void AppendMemory(ulong gpa, ulong length, List<Memory<byte>> into)
+    public void AppendMemory(ulong gpa, ulong length, List<ReadOnlyMemory<byte>> into)
     {
         int region = RegionFor(gpa, length);
         if (length == 0)
             return;
+        ulong offset = gpa - _regions[region].GuestAddress;
+        while (length > 0)
+        {
+            ulong window = offset / MemoryWindow, within = offset % MemoryWindow;
+            ulong take = Math.Min(length, MemoryWindow - within);
+            into.Add(_windows[region][window].Slice((int)within, (int)take));
+            offset += take;
+            length -= take;
+        }
+    }
+
+    /// <summary>
+    /// Like <see cref="AppendMemory"/>, writable, for vectored I/O straight into guest RAM (a disk
+    /// read). The pages are marked written when handed out; the writer marks them again with
+    /// <see cref="MarkWritten"/> once the I/O is done, so that a <see cref="TakeDeviceDirty"/>
+    /// that ran while it was in flight does not lose them.
+    /// </summary>
+    public void AppendWritableMemory(ulong gpa, ulong length, List<Memory<byte>> into)
+    {
+        int region = RegionFor(gpa, length);
+        if (length == 0)
+            return;
+        Mark(region, gpa, length);
         ulong offset = gpa - _regions[region].GuestAddress;
         while (length > 0)
         {
@@ -590,19 +637,21 @@ public sealed unsafe class GuestMemory : IDisposable
         protected override void Dispose(bool disposing) { }
     }
 
-    /// <summary>Copies <paramref name="data"/> into guest RAM at <paramref name="gpa"/>.</summary>
+    /// <summary>Copies <paramref name="data"/> into guest RAM at <paramref name="gpa"/>, then marks its pages.</summary>
     public void Write(ulong gpa, ReadOnlySpan<byte> data)
     {
-        data.CopyTo(new Span<byte>(Resolve(gpa, data.Length, out _), data.Length));
+        data.CopyTo(new Span<byte>(Resolve(gpa, data.Length, out int region), data.Length));
+        Mark(region, gpa, (ulong)data.Length);
     }
 
     /// <summary>Copies guest RAM at <paramref name="gpa"/> into <paramref name="destination"/>.</summary>
     public void Read(ulong gpa, Span<byte> destination) => GetSpan(gpa, destination.Length).CopyTo(destination);
 
-    /// <summary>Zeroes guest RAM [gpa, gpa+length).</summary>
+    /// <summary>Zeroes guest RAM [gpa, gpa+length), then marks its pages.</summary>
     public void Clear(ulong gpa, int length)
     {
-        new Span<byte>(Resolve(gpa, length, out _), length).Clear();
+        new Span<byte>(Resolve(gpa, length, out int region), length).Clear();
+        Mark(region, gpa, (ulong)length);
     }
 
     /// <summary>Reads a byte of guest RAM.</summary>
@@ -617,28 +666,125 @@ public sealed unsafe class GuestMemory : IDisposable
     /// <summary>Reads a little-endian 64-bit value of guest RAM.</summary>
     public ulong ReadU64(ulong gpa) => BinaryPrimitives.ReadUInt64LittleEndian(GetSpan(gpa, 8));
 
-    /// <summary>Writes a byte of guest RAM.</summary>
+    /// <summary>Writes a byte of guest RAM, then marks its page.</summary>
     public void WriteU8(ulong gpa, byte v)
     {
-        *Resolve(gpa, 1, out _) = v;
+        *Resolve(gpa, 1, out int region) = v;
+        Mark(region, gpa, 1);
     }
 
-    /// <summary>Writes a little-endian 16-bit value into guest RAM.</summary>
+    /// <summary>Writes a little-endian 16-bit value into guest RAM, then marks its page(s).</summary>
     public void WriteU16(ulong gpa, ushort v)
     {
-        BinaryPrimitives.WriteUInt16LittleEndian(new Span<byte>(Resolve(gpa, 2, out _), 2), v);
+        BinaryPrimitives.WriteUInt16LittleEndian(new Span<byte>(Resolve(gpa, 2, out int region), 2), v);
+        Mark(region, gpa, 2);
     }
 
-    /// <summary>Writes a little-endian 32-bit value into guest RAM.</summary>
+    /// <summary>Writes a little-endian 32-bit value into guest RAM, then marks its page(s).</summary>
     public void WriteU32(ulong gpa, uint v)
     {
-        BinaryPrimitives.WriteUInt32LittleEndian(new Span<byte>(Resolve(gpa, 4, out _), 4), v);
+        BinaryPrimitives.WriteUInt32LittleEndian(new Span<byte>(Resolve(gpa, 4, out int region), 4), v);
+        Mark(region, gpa, 4);
     }
 
-    /// <summary>Writes a little-endian 64-bit value into guest RAM.</summary>
+    /// <summary>Writes a little-endian 64-bit value into guest RAM, then marks its page(s).</summary>
     public void WriteU64(ulong gpa, ulong v)
     {
-        BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(Resolve(gpa, 8, out _), 8), v);
+        BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(Resolve(gpa, 8, out int region), 8), v);
+        Mark(region, gpa, 8);
+    }
+
+    /// <summary>Reads a 16-bit value of guest RAM with acquire semantics (Volatile.Read), for fields another CPU publishes.</summary>
+    public ushort VolatileReadU16(ulong gpa) => Volatile.Read(ref *(ushort*)Resolve(gpa, 2, out _));
+
+    /// <summary>Writes a 16-bit value into guest RAM with release semantics (Volatile.Write), then marks its page(s).</summary>
+    public void VolatileWriteU16(ulong gpa, ushort v)
+    {
+        Volatile.Write(ref *(ushort*)Resolve(gpa, 2, out int region), v);
+        Mark(region, gpa, 2);
+    }
+
+    /// <summary>
+    /// Whether writes through this object are recorded in the device-dirty bitmap (off by default).
+    /// Turning it on starts from a clean bitmap; turning it off drops the bitmap. KVM's dirty log
+    /// does not see these writes, so whoever copies guest memory (a checkpoint, a migration round)
+    /// takes both.
+    /// </summary>
+    public bool TrackDeviceWrites
+    {
+        get => Volatile.Read(ref _deviceDirty) is not null;
+        set
+        {
+            lock (_trackingLock)
+            {
+                if (value == (_deviceDirty is not null))
+                    return;
+                Volatile.Write(ref _deviceDirty, value
+                    ? _regions.Select(r => new ulong[(r.Size / PageSize + 63) / 64]).ToArray()
+                    : null);
+            }
+        }
+    }
+
+    /// <summary>
+    /// Records that [gpa, gpa+length) was written (when <see cref="TrackDeviceWrites"/> is on), for
+    /// writes through a span or Memory handed out earlier that finished after being handed out.
+    /// Throws when the range is not inside one region.
+    /// </summary>
+    public void MarkWritten(ulong gpa, ulong length)
+    {
+        if (length == 0)
+            return;
+        int region = IndexOf(gpa, length);
+        if (region < 0)
+            throw new GuestMemoryException($"guest range 0x{gpa:x}+0x{length:x} is outside guest RAM");
+        Mark(region, gpa, length);
+    }
+
+    /// <summary>
+    /// The pages written through this object since tracking started or since the last take, one
+    /// bitmap per region (in <see cref="Regions"/> order, shaped like KVM's), cleared as they are
+    /// read: each 64-page word is read and zeroed in one atomic step, so a page marked meanwhile is
+    /// either in this result or in the next one. A page's mark follows its write (for handed-out
+    /// spans: the writer's <see cref="MarkWritten"/>), so copying the pages after the take copies
+    /// every write that was marked.
+    /// </summary>
+    public DirtyBitmap[] TakeDeviceDirty()
+    {
+        var dirty = Volatile.Read(ref _deviceDirty)
+            ?? throw new InvalidOperationException("device writes to guest memory are not tracked (TrackDeviceWrites is off)");
+        var result = new DirtyBitmap[_regions.Length];
+        for (int i = 0; i < _regions.Length; i++)
+        {
+            var bitmap = new DirtyBitmap(_regions[i].GuestAddress, _regions[i].Size / PageSize);
+            var words = dirty[i];
+            for (int w = 0; w < words.Length; w++)
+            {
+                // Words nobody marked are not written: no locked instruction on a clean bitmap.
+                if (Volatile.Read(ref words[w]) != 0)
+                    bitmap.Words[w] = Interlocked.Exchange(ref words[w], 0);
+            }
+            result[i] = bitmap;
+        }
+        return result;
+    }
+
+    /// <summary>Sets the bits of the pages [gpa, gpa+length) of region <paramref name="region"/> covers, when tracking.</summary>
+    private void Mark(int region, ulong gpa, ulong length)
+    {
+        var dirty = Volatile.Read(ref _deviceDirty);
+        if (dirty is null || length == 0)
+            return;
+        var words = dirty[region];
+        ulong offset = gpa - _regions[region].GuestAddress;
+        ulong first = offset / PageSize, last = (offset + length - 1) / PageSize;
+        for (ulong w = first / 64; w <= last / 64; w++)
+        {
+            int lo = w == first / 64 ? (int)(first % 64) : 0;
+            int hi = w == last / 64 ? (int)(last % 64) : 63;
+            ulong mask = (hi == 63 ? ulong.MaxValue : (1UL << (hi + 1)) - 1) & ~((1UL << lo) - 1);
+            Interlocked.Or(ref words[w], mask);
+        }
     }
 
     /// <summary>Unmaps guest RAM and closes this object's fd (the backing lives on while another process maps it).</summary>

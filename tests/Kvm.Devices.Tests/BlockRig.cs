@@ -90,7 +90,7 @@ public static class Blk
             int extra = last && statusWithData && writable ? 1 : 0;
             ulong at = arena.Alloc((ulong)(len + extra + 64));   // a gap after each segment
             if (writable)
-                m.GetSpan(at, len + extra).Fill(0xcc);
+                m.GetWritableSpan(at, len + extra).Fill(0xcc);
             else
                 m.Write(at, outData.Slice(done, len));
             data.Add(new Buf(at, (uint)len, writable));

@@ -319,7 +319,7 @@ public class GuestMemoryShmemThpTests
         Assert.Null(GuestMemory.ShmemThpRefusal());
         using var m = GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent);
         Assert.Equal(0UL, (ulong)m.Regions[0].Host % GuestMemory.HugePageSize);
-        m.GetSpan(0, 8 << 20).Fill(1);
+        m.GetWritableSpan(0, 8 << 20).Fill(1);
         ulong pmdMapped = GuestMemoryBackingTests.SmapsValue(m.Regions[0].Host, "ShmemPmdMapped");
         Assert.True(pmdMapped > 0, $"no huge page maps the memfd (ShmemPmdMapped {pmdMapped} kB)");
 

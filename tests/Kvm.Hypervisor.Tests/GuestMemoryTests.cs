@@ -22,6 +22,11 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 1UL << 20), (4UL << 30, 1UL << 20)]);
         Assert.Throws<GuestMemoryException>(() => m.GetSpan(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.GetWritableSpan(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.Write(gpa, new byte[length]));
+        Assert.Throws<GuestMemoryException>(() => m.Read(gpa, new byte[length]));
+        Assert.Throws<GuestMemoryException>(() => m.Clear(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.MarkWritten(gpa, (ulong)length));
         Assert.False(m.TryGetSpan(gpa, length, out _));
         Assert.False(m.IsValid(gpa, (ulong)length));
     }
@@ -31,6 +36,8 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 1UL << 20)]);
         Assert.Throws<GuestMemoryException>(() => m.GetSpan(0, -1));
+        Assert.Throws<GuestMemoryException>(() => m.GetWritableSpan(0, -1));
+        Assert.Throws<GuestMemoryException>(() => m.Clear(0, -1));
     }
 
     [Fact]
@@ -88,7 +95,7 @@ public class GuestMemoryTests
         using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
         var pieces = new List<Memory<byte>>();
         ulong start = (1UL << 30) - 4096;
-        m.AppendMemory(start, 8192, pieces);
+        m.AppendWritableMemory(start, 8192, pieces);
         Assert.Equal([4096, 4096], pieces.Select(p => p.Length));
 
         pieces[0].Span.Fill(0xaa);
@@ -98,14 +105,19 @@ public class GuestMemoryTests
         Assert.Equal(0xbb, m.ReadU8(start + 4096));
         Assert.Equal(0xbb, m.ReadU8(start + 8191));
 
+        var readOnly = new List<ReadOnlyMemory<byte>>();
+        m.AppendMemory(start + 4000, 200, readOnly);
+        Assert.Equal([96, 104], readOnly.Select(p => p.Length));
+        Assert.True(readOnly[0].Span.IndexOfAnyExcept((byte)0xaa) < 0 && readOnly[1].Span.IndexOfAnyExcept((byte)0xbb) < 0);
+
         pieces.Clear();
-        m.AppendMemory((4UL << 30) + 16, 100, pieces);
+        m.AppendWritableMemory((4UL << 30) + 16, 100, pieces);
         pieces[0].Span[0] = 7;
         Assert.Equal(7, m.ReadU8((4UL << 30) + 16));
         Assert.Single(pieces);
 
         pieces.Clear();
-        m.AppendMemory(0x5000, 0, pieces);
+        m.AppendWritableMemory(0x5000, 0, pieces);
         Assert.Empty(pieces);
     }
 
@@ -117,8 +129,11 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
         var pieces = new List<Memory<byte>>();
-        Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, pieces));
+        var readOnly = new List<ReadOnlyMemory<byte>>();
+        Assert.Throws<GuestMemoryException>(() => m.AppendWritableMemory(gpa, length, pieces));
+        Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, readOnly));
         Assert.Empty(pieces);
+        Assert.Empty(readOnly);
     }
 
     [Fact]
