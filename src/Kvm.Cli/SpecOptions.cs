@@ -58,7 +58,7 @@ public sealed class SpecOptions
         };
         _hugePages = new Option<HugePageMode>("--hugepages")
         {
-            Description = "back guest RAM with huge pages: none, transparent (THP through madvise) or hugetlb (the reserved pool)",
+            Description = "back guest RAM (a memfd) with huge pages: none, transparent (shmem THP through madvise; /sys/kernel/mm/transparent_hugepage/shmem_enabled must allow it) or hugetlb (the reserved pool)",
             HelpName = "none|transparent|hugetlb",
             DefaultValueFactory = _ => HugePageMode.None,
             CustomParser = r =>

@@ -90,7 +90,7 @@ public static class Blk
             int extra = last && statusWithData && writable ? 1 : 0;
             ulong at = arena.Alloc((ulong)(len + extra + 64));   // a gap after each segment
             if (writable)
-                m.GetSpan(at, len + extra).Fill(0xcc);
+                m.GetWritableSpan(at, len + extra).Fill(0xcc);
             else
                 m.Write(at, outData.Slice(done, len));
             data.Add(new Buf(at, (uint)len, writable));
@@ -139,26 +139,36 @@ public sealed class BlockRig : IDisposable
 
     private bool _disposed;
 
-    private BlockRig(TempFolder dir, string imagePath, GuestMemory memory, VirtioBlock block, VirtioPciTransport transport,
-        RecordingMsiController msi, LevelRecorder intx, RecordingLogger log, int queueCount)
+    private BlockRig(TempFolder dir, string imagePath, GuestMemory memory, GuestMemory driverMemory, VirtioBlock block,
+        VirtioPciTransport transport, RecordingMsiController msi, LevelRecorder intx, RecordingLogger log, int queueCount)
     {
         Dir = dir;
         ImagePath = imagePath;
         Memory = memory;
+        DriverMemory = driverMemory;
         Block = block;
         Transport = transport;
         Msi = msi;
         Intx = intx;
         Log = log;
-        Driver = new VirtioDriver(transport, memory);
-        Scratch = new GuestArena(memory, ScratchBase, ScratchSize);
+        Driver = new VirtioDriver(transport, driverMemory);
+        Scratch = new GuestArena(driverMemory, ScratchBase, ScratchSize);
         ulong per = (RamSize - DataBase) / (ulong)queueCount & ~4095UL;
-        Arenas = Enumerable.Range(0, queueCount).Select(i => new GuestArena(memory, DataBase + (ulong)i * per, per)).ToArray();
+        Arenas = Enumerable.Range(0, queueCount).Select(i => new GuestArena(driverMemory, DataBase + (ulong)i * per, per)).ToArray();
     }
 
     public TempFolder Dir { get; }
     public string ImagePath { get; }
+    /// <summary>Guest RAM as the device has it.</summary>
     public GuestMemory Memory { get; }
+
+    /// <summary>
+    /// Guest RAM as the driver (and its arenas) write it: <see cref="Memory"/>, or with
+    /// <c>driverMapping</c> a second mapping of its memfd, whose writes stay out of the device's
+    /// dirty bitmap.
+    /// </summary>
+    public GuestMemory DriverMemory { get; }
+
     public VirtioBlock Block { get; }
     public VirtioPciTransport Transport { get; }
     public RecordingMsiController Msi { get; }
@@ -180,13 +190,16 @@ public sealed class BlockRig : IDisposable
     /// <summary>
     /// Creates an image of <paramref name="diskBytes"/> filled with seeded random bytes, opens it
     /// (read-only if asked) and builds the device. <paramref name="format"/> is "raw" or "qcow2".
+    /// With <paramref name="driverMapping"/> the driver writes through a mapping of its own
+    /// (<see cref="DriverMemory"/>).
     /// </summary>
     public static BlockRig Create(ulong diskBytes = 4UL << 20, int queues = 1, ushort queueSize = 128, bool readOnly = false,
         string serial = "", string format = "raw", int seed = 1, TimeSpan? pollTime = null, int clusterSize = 4096,
-        Action<string>? beforeOpen = null, IReadOnlyList<(ulong GuestAddress, ulong Size)>? extraRam = null)
+        Action<string>? beforeOpen = null, IReadOnlyList<(ulong GuestAddress, ulong Size)>? extraRam = null,
+        bool driverMapping = false)
     {
         var dir = new TempFolder();
-        GuestMemory? memory = null;
+        GuestMemory? memory = null, driverMemory = null;
         try
         {
             string path = dir.File("disk." + format);
@@ -204,16 +217,19 @@ public sealed class BlockRig : IDisposable
             var image = DiskImage.Open(path, new ImageOpenOptions { ReadOnly = readOnly });
             var block = new VirtioBlock("virtio-blk-test", image, new VirtioBlockOptions { Serial = serial, Queues = queues, QueueSize = queueSize });
             memory = GuestMemory.Create([(0, RamSize), .. extraRam ?? []]);
+            driverMemory = driverMapping ? GuestMemory.Attach(memory.BackingFd, memory.Layout) : memory;
             var msi = new RecordingMsiController();
             var intx = new LevelRecorder();
             var log = new RecordingLogger();
             var transport = pollTime is { } poll
                 ? new VirtioPciTransport(block, memory, msi, intx, ioevents: null, log) { PollTime = poll }
                 : new VirtioPciTransport(block, memory, msi, intx, ioevents: null, log);
-            return new BlockRig(dir, path, memory, block, transport, msi, intx, log, queues);
+            return new BlockRig(dir, path, memory, driverMemory, block, transport, msi, intx, log, queues);
         }
         catch
         {
+            if (driverMemory != memory)
+                driverMemory?.Dispose();
             memory?.Dispose();
             dir.Dispose();
             throw;
@@ -366,6 +382,8 @@ public sealed class BlockRig : IDisposable
             return;
         _disposed = true;
         Transport.Dispose();
+        if (DriverMemory != Memory)
+            DriverMemory.Dispose();
         Memory.Dispose();
         Dir.Dispose();
     }

@@ -340,7 +340,7 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
         byte[] seed = StateBytes.Save(rig.Transport);
         rig.CloseDevice();
         using var memory = GuestMemory.Create([(0, BlockRig.RamSize)]);
-        rig.Memory.GetSpan(0, (int)BlockRig.RamSize).CopyTo(memory.GetSpan(0, (int)BlockRig.RamSize));
+        memory.Write(0, rig.Memory.GetSpan(0, (int)BlockRig.RamSize));
 
         // What a resumed device may write: the rings, and the buffers of the request left in them.
         // Put back after each accepted record, so every iteration starts from the saved RAM.
@@ -370,8 +370,8 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
             for (int reg = 0; reg < PciFunction.ConfigSpaceSize; reg += 4)
                 t.ReadConfig(reg, 4);
             t.Pause();
-            rings.CopyTo(memory.GetSpan(0, rings.Length));
-            buffers.CopyTo(memory.GetSpan(BlockRig.DataBase, buffers.Length));
+            memory.Write(0, rings);
+            memory.Write(BlockRig.DataBase, buffers);
         }), iterations: 1500);
         Assert.Empty(log.WorkerFailures);
     }

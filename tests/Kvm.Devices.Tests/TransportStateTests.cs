@@ -51,7 +51,7 @@ public sealed class RestoredBlock : IDisposable
         IBlockImage? image = null, IIoEventRegistrar? ioevents = null, PciBus? bus = null)
     {
         var memory = GuestMemory.Create([(0, BlockRig.RamSize)]);
-        from.Memory.GetSpan(0, (int)BlockRig.RamSize).CopyTo(memory.GetSpan(0, (int)BlockRig.RamSize));
+        memory.Write(0, from.Memory.GetSpan(0, (int)BlockRig.RamSize));
         image ??= DiskImage.Open(from.ImagePath, new ImageOpenOptions { ReadOnly = readOnly });
         var block = new VirtioBlock("virtio-blk-restored", image, new VirtioBlockOptions
         {

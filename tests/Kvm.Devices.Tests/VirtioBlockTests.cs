@@ -107,6 +107,45 @@ public sealed class VirtioBlockTests
     }
 
     [Theory]
+    [InlineData(TypeIn, false)]
+    [InlineData(TypeIn, true)]
+    [InlineData(TypeOut, false)]
+    [InlineData(TypeGetId, true)]
+    public void Requests_MarkThePagesTheDeviceWrites_AndNoOthers(uint type, bool eventIdx)
+    {
+        // The driver writes through a mapping of its own, so the device's bitmap holds the
+        // device's writes only: data read into the buffers (IN, GET_ID), the status byte, and the
+        // used ring (element, index, notification fields). KVM's dirty log would see none of them.
+        using var rig = BlockRig.Create(diskBytes: 1 << 20, seed: 9, serial: "dirty-test", driverMapping: true);
+        rig.Memory.TrackDeviceWrites = true;
+        ulong features = rig.AllFeatures;
+        if (!eventIdx)
+            features &= ~VirtioFeature.Bit(VirtioFeature.RingEventIdx);
+        rig.Start(features);
+        Assert.All(rig.Memory.TakeDeviceDirty(), b => Assert.Equal(0, b.CountDirty()));
+
+        // Data in three segments of 5 KiB, each straddling page boundaries.
+        int length = type == TypeGetId ? GetIdLength : 30 * Sector;
+        var data = type == TypeOut ? RandomBytes(new Random(4), length) : default;
+        var r = Blk.Build(rig.Arena, type, 16, data, inLength: type == TypeOut ? 0 : length, segments: type == TypeGetId ? 1 : 3);
+        rig.Run(r);
+        Assert.Equal(StatusOk, r.Status(rig.Memory));
+        if (type == TypeIn)
+            Assert.Equal(rig.ReadFile(16 * Sector, length), r.ReadData(rig.Memory));
+
+        static IEnumerable<ulong> PagesOf(ulong address, ulong length) =>
+            length == 0 ? [] : Enumerable.Range(0, (int)((address + length - 1) / 4096 - address / 4096 + 1)).Select(i => (address / 4096 + (ulong)i) * 4096);
+        var expected = new SortedSet<ulong>(PagesOf(r.StatusAddress, 1)) { rig.Queues[0].Used & ~4095UL };
+        if (type != TypeOut)
+            foreach (var d in r.Data)
+                expected.UnionWith(PagesOf(d.Address, d.Length));
+        var dirty = rig.Memory.TakeDeviceDirty().SelectMany(b => b.DirtyAddresses()).ToArray();
+        Assert.Equal(expected, dirty);
+        if (type != TypeGetId)
+            Assert.All(r.Data, d => Assert.NotEqual(d.Address / 4096, (d.Address + d.Length - 1) / 4096)); // each segment straddles pages
+    }
+
+    [Theory]
     [InlineData("sn-0123")]
     [InlineData("ABCDEFGHIJKLMNOPQRST")]   // exactly 20 bytes: no terminator
     [InlineData("")]

@@ -382,13 +382,11 @@ public sealed class SplitQueue
     }
 
     /// <summary>avail_event (with EVENT_IDX), written by the device.</summary>
-    public ushort AvailEvent => Volatile.Read(ref Unsafe(Used + 4 + 8UL * Size));
+    public ushort AvailEvent => Memory.VolatileReadU16(Used + 4 + 8UL * Size);
 
-    public ushort UsedIdx => Volatile.Read(ref Unsafe(Used + 2));
+    public ushort UsedIdx => Memory.VolatileReadU16(Used + 2);
 
     public ushort UsedFlags => Memory.ReadU16(Used);
-
-    private ref ushort Unsafe(ulong gpa) => ref System.Runtime.CompilerServices.Unsafe.As<byte, ushort>(ref Memory.GetSpan(gpa, 2)[0]);
 
     /// <summary>Builds a chain of direct descriptors from free ones and publishes it; returns the head.</summary>
     public ushort AddChain(IReadOnlyList<Buf> buffers)

@@ -33,7 +33,7 @@ public sealed class VirtioMalformedTests
         public ulong Data(int length = Sector)
         {
             ulong at = A.Alloc((ulong)length);
-            rig.Memory.GetSpan(at, length).Fill(0x5a);
+            rig.Memory.GetWritableSpan(at, length).Fill(0x5a);
             return at;
         }
 

@@ -22,6 +22,11 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 1UL << 20), (4UL << 30, 1UL << 20)]);
         Assert.Throws<GuestMemoryException>(() => m.GetSpan(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.GetWritableSpan(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.Write(gpa, new byte[length]));
+        Assert.Throws<GuestMemoryException>(() => m.Read(gpa, new byte[length]));
+        Assert.Throws<GuestMemoryException>(() => m.Clear(gpa, length));
+        Assert.Throws<GuestMemoryException>(() => m.MarkWritten(gpa, (ulong)length));
         Assert.False(m.TryGetSpan(gpa, length, out _));
         Assert.False(m.IsValid(gpa, (ulong)length));
     }
@@ -31,6 +36,8 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 1UL << 20)]);
         Assert.Throws<GuestMemoryException>(() => m.GetSpan(0, -1));
+        Assert.Throws<GuestMemoryException>(() => m.GetWritableSpan(0, -1));
+        Assert.Throws<GuestMemoryException>(() => m.Clear(0, -1));
     }
 
     [Fact]
@@ -56,12 +63,20 @@ public class GuestMemoryTests
         Assert.Contains("nr_hugepages", e.Message);
     }
 
-    [SkippableFact]
-    public void TransparentHugePagesMapWhenTheHostAllowsThem()
+    [Fact]
+    public void TransparentHugePagesMapWhereShmemThpIsOnAndAreRefusedClearlyElsewhere()
     {
-        string thp = File.ReadAllText("/sys/kernel/mm/transparent_hugepage/enabled");
-        Skip.If(thp.Contains("[never]"), "transparent huge pages are disabled on this host");
+        // Guest RAM is a memfd: its THP are shmem THP, which shmem_enabled governs (not enabled).
+        if (GuestMemory.ShmemThpRefusal() is { } why)
+        {
+            var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent));
+            Assert.Contains("/sys/kernel/mm/transparent_hugepage/", e.Message);
+            Assert.Contains("shmem_enabled is '", e.Message);
+            Assert.Contains(why, e.Message);
+            return;
+        }
         using var m = GuestMemory.Create([(0UL, 8UL << 20)], HugePageMode.Transparent);
+        Assert.Equal(0UL, (ulong)m.Regions[0].Host % GuestMemory.HugePageSize);
         m.WriteU64((6UL << 20) + 16, 42);
         Assert.Equal(42UL, m.ReadU64((6UL << 20) + 16));
     }
@@ -80,7 +95,7 @@ public class GuestMemoryTests
         using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
         var pieces = new List<Memory<byte>>();
         ulong start = (1UL << 30) - 4096;
-        m.AppendMemory(start, 8192, pieces);
+        m.AppendWritableMemory(start, 8192, pieces);
         Assert.Equal([4096, 4096], pieces.Select(p => p.Length));
 
         pieces[0].Span.Fill(0xaa);
@@ -90,14 +105,19 @@ public class GuestMemoryTests
         Assert.Equal(0xbb, m.ReadU8(start + 4096));
         Assert.Equal(0xbb, m.ReadU8(start + 8191));
 
+        var readOnly = new List<ReadOnlyMemory<byte>>();
+        m.AppendMemory(start + 4000, 200, readOnly);
+        Assert.Equal([96, 104], readOnly.Select(p => p.Length));
+        Assert.True(readOnly[0].Span.IndexOfAnyExcept((byte)0xaa) < 0 && readOnly[1].Span.IndexOfAnyExcept((byte)0xbb) < 0);
+
         pieces.Clear();
-        m.AppendMemory((4UL << 30) + 16, 100, pieces);
+        m.AppendWritableMemory((4UL << 30) + 16, 100, pieces);
         pieces[0].Span[0] = 7;
         Assert.Equal(7, m.ReadU8((4UL << 30) + 16));
         Assert.Single(pieces);
 
         pieces.Clear();
-        m.AppendMemory(0x5000, 0, pieces);
+        m.AppendWritableMemory(0x5000, 0, pieces);
         Assert.Empty(pieces);
     }
 
@@ -109,7 +129,17 @@ public class GuestMemoryTests
     {
         using var m = GuestMemory.Create([(0UL, 3UL << 30), (4UL << 30, 1UL << 20)]);
         var pieces = new List<Memory<byte>>();
-        Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, pieces));
+        var readOnly = new List<ReadOnlyMemory<byte>>();
+        Assert.Throws<GuestMemoryException>(() => m.AppendWritableMemory(gpa, length, pieces));
+        Assert.Throws<GuestMemoryException>(() => m.AppendMemory(gpa, length, readOnly));
         Assert.Empty(pieces);
+        Assert.Empty(readOnly);
+    }
+
+    [Fact]
+    public void OverlappingRangesAreRefused()
+    {
+        var e = Assert.Throws<GuestMemoryException>(() => GuestMemory.Create([(0UL, 2UL << 20), (1UL << 20, 2UL << 20)]));
+        Assert.Contains("overlap", e.Message);
     }
 }

@@ -11,10 +11,12 @@ public sealed class KvmTestVm : IDisposable
 {
     public const ulong CodeAddress = 0x1000;
 
-    public KvmTestVm(byte[] code, ulong ramSize = 4 << 20, bool logDirty = false, bool manualProtect = false, bool irqchip = false)
+    /// <param name="memory">RAM at 0 to run on (owned from here on), instead of a new memfd of <paramref name="ramSize"/>.</param>
+    public KvmTestVm(byte[] code, ulong ramSize = 4 << 20, bool logDirty = false, bool manualProtect = false, bool irqchip = false,
+        GuestMemory? memory = null)
     {
         System = KvmSystem.Open();
-        Memory = GuestMemory.Create([(0UL, ramSize)]);
+        Memory = memory ?? GuestMemory.Create([(0UL, ramSize)]);
         Vm = System.CreateVm();
         if (irqchip)
             Vm.CreateIrqchip();

@@ -110,6 +110,27 @@ public class VcpuTests
     }
 
     [SkippableFact]
+    public void AVmRunsOnASecondMappingOfTheMemfd_AndTheFirstSeesItsWrites()
+    {
+        // As after a VMM upgrade in place or a restore: KVM maps guest RAM through a mapping
+        // attached to a memfd another GuestMemory made; both see the vCPU's writes. KVM's dirty log
+        // has them; the device-dirty bitmap (which only this process's writers fill) does not.
+        TestEnvironment.RequireKvm();
+        using var owner = GuestMemory.Create([(0UL, 4UL << 20)]);
+        owner.TrackDeviceWrites = true;
+        using var t = new KvmTestVm(KvmTestVm.DirtyPages, logDirty: true, memory: GuestMemory.Attach(owner.BackingFd, owner.Layout));
+        Assert.Equal(KvmTestVm.DirtyPages, owner.GetSpan(KvmTestVm.CodeAddress, KvmTestVm.DirtyPages.Length).ToArray());
+        var r = t.Vcpu.GetRegs();
+        r.Rax = 0xfeedface;
+        t.Vcpu.SetRegs(r);
+        t.RunUntilPortIo();
+        for (ulong page = 0x100; page < 0x140; page++)
+            Assert.Equal(0xfeedfaceu, owner.ReadU32(page * GuestMemory.PageSize));
+        Assert.True(t.Vm.GetDirtyLog(t.Slot).IsDirty(0x100));
+        Assert.All(owner.TakeDeviceDirty(), b => Assert.Equal(0, b.CountDirty()));
+    }
+
+    [SkippableFact]
     public void ManualDirtyLogProtectNeedsAnExplicitClear()
     {
         TestEnvironment.RequireKvm();

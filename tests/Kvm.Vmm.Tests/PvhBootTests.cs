@@ -56,7 +56,7 @@ public class PvhBootTests
     {
         using var m = Ram(64 * MiB);
         // Garbage where the boot data goes, to show it is all written.
-        m.GetSpan(0, (int)X86Layout.BootDataEnd).Fill(0xcc);
+        m.GetWritableSpan(0, (int)X86Layout.BootDataEnd).Fill(0xcc);
 
         PvhBoot.WriteBootData(m, "console=ttyS0 hello=wörld");
 
@@ -87,7 +87,7 @@ public class PvhBootTests
     public void EmptyCmdlineIsAnEmptyString()
     {
         using var m = Ram(4 * MiB);
-        m.GetSpan(X86Layout.CmdlineStart, 16).Fill((byte)'x');
+        m.GetWritableSpan(X86Layout.CmdlineStart, 16).Fill((byte)'x');
         PvhBoot.WriteBootData(m, "");
         Assert.Equal(0, m.ReadU8(StartInfo(m).Cmdline));
     }
@@ -225,8 +225,8 @@ public class PvhBootTests
         var a = ElfBuilder.Pattern(0x1234, 1);
         var c = ElfBuilder.Pattern(0x80, 2);
         var (image, file) = Kernel((0x100000, a, 0x3000), (0x400000, c, 0x1000));
-        m.GetSpan(0xff000, 0x5000).Fill(0xcc);
-        m.GetSpan(0x400000, 0x2000).Fill(0xcc);
+        m.GetWritableSpan(0xff000, 0x5000).Fill(0xcc);
+        m.GetWritableSpan(0x400000, 0x2000).Fill(0xcc);
 
         PvhBoot.LoadSegments(image, file, m);
 

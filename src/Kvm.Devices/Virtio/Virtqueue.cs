@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Runtime.CompilerServices;
 using Kvm.Hypervisor;
 using Kvm.Hypervisor.State;
 
@@ -161,12 +160,11 @@ public sealed class Virtqueue
     {
         var mem = Memory;
         ulong elem = UsedRing + 4 + 8UL * (ushort)(_nextUsed % Size);
-        var span = mem.GetSpan(elem, 8);
-        BinaryPrimitives.WriteUInt32LittleEndian(span, head);
-        BinaryPrimitives.WriteUInt32LittleEndian(span[4..], writtenLength);
+        mem.WriteU32(elem, head);
+        mem.WriteU32(elem + 4, writtenLength);
         _nextUsed++;
         // Release: the element is visible before the index that publishes it.
-        Volatile.Write(ref U16(UsedRing + 2), _nextUsed);
+        mem.VolatileWriteU16(UsedRing + 2, _nextUsed);
     }
 
     /// <summary>
@@ -183,13 +181,13 @@ public sealed class Virtqueue
             bool any = !_signalledValid || used != _signalledUsed;
             _signalledUsed = used;
             _signalledValid = true;
-            return any && (Volatile.Read(ref U16(AvailRing)) & AvailNoInterrupt) == 0;
+            return any && (Memory.VolatileReadU16(AvailRing) & AvailNoInterrupt) == 0;
         }
         ushort old = _signalledUsed;
         bool valid = _signalledValid;
         _signalledUsed = used;
         _signalledValid = true;
-        ushort usedEvent = Volatile.Read(ref U16(AvailRing + 4 + 2UL * Size));
+        ushort usedEvent = Memory.VolatileReadU16(AvailRing + 4 + 2UL * Size);
         return !valid || (ushort)(used - usedEvent - 1) < (ushort)(used - old);
     }
 
@@ -201,9 +199,9 @@ public sealed class Virtqueue
     public bool EnableNotifications()
     {
         if (_eventIdx)
-            Volatile.Write(ref U16(UsedRing + 4 + 8UL * Size), _lastAvail);
+            Memory.VolatileWriteU16(UsedRing + 4 + 8UL * Size, _lastAvail);
         else
-            Volatile.Write(ref U16(UsedRing), 0);
+            Memory.VolatileWriteU16(UsedRing, 0);
         Interlocked.MemoryBarrier();
         return Pending == 0;
     }
@@ -215,13 +213,11 @@ public sealed class Virtqueue
     public void DisableNotifications()
     {
         if (!_eventIdx)
-            Volatile.Write(ref U16(UsedRing), UsedNoNotify);
+            Memory.VolatileWriteU16(UsedRing, UsedNoNotify);
     }
 
-    private ref ushort U16(ulong gpa) =>
-        ref Unsafe.As<byte, ushort>(ref Memory.GetSpan(gpa, 2)[0]);
-
-    private ushort ReadAvailIdx() => Volatile.Read(ref U16(AvailRing + 2));
+    // Ring fields are read and written through GuestMemory, whose writes mark their pages.
+    private ushort ReadAvailIdx() => Memory.VolatileReadU16(AvailRing + 2);
 
     private void Walk(ushort head, DescriptorChain chain)
     {

@@ -138,3 +138,13 @@ public sealed class UserfaultfdHandle : SafeFdHandle
 {
     public UserfaultfdHandle(int fd) : base(fd) { }
 }
+
+/// <summary>
+/// An fd whose pages are guest RAM: a memfd (ordinary or hugetlb pages), or a file opened to hold
+/// guest memory. Another process that gets it (over a unix socket, or through /proc/PID/fd) can
+/// map the same pages.
+/// </summary>
+public sealed class MemoryFdHandle : SafeFdHandle
+{
+    public MemoryFdHandle(int fd) : base(fd) { }
+}

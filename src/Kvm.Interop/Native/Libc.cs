@@ -17,6 +17,14 @@ public static unsafe partial class Libc
     public static readonly IntPtr MapFailed = new(-1);
     public const int FallocFlKeepSize = 0x01, FallocFlPunchHole = 0x02, FallocFlZeroRange = 0x10;
     public const int SeekSet = 0, SeekCur = 1, SeekEnd = 2, SeekData = 3, SeekHole = 4;
+    public const int MapFixed = 0x10;
+    public const int ProtNone = 0;
+    /// <summary>memfd_create(2) flags: close on exec, hugetlb pages (with the size in bits 26..31), no exec permission (Linux 6.3).</summary>
+    public const uint MfdCloexec = 0x1, MfdHugeTlb = 0x4, MfdNoExecSeal = 0x8, MfdHuge2Mb = 21u << 26;
+    public const int ORdWr = 0x2, OCreat = 0x40, OCloexec = 0x80000;
+    public const int FDupFdCloexec = 1030;
+    /// <summary>statfs f_type values of the file systems guest memory may live on.</summary>
+    public const long TmpfsMagic = 0x01021994, HugetlbfsMagic = 0x958458f6;
 
     [LibraryImport(Lib, EntryPoint = "close", SetLastError = true)]
     public static partial int Close(int fd);
@@ -60,6 +68,41 @@ public static unsafe partial class Libc
     /// <summary>fsync(2): the file's (or directory's) data and metadata reach the disk.</summary>
     [LibraryImport(Lib, EntryPoint = "fsync", SetLastError = true)]
     public static partial int Fsync(SafeFdHandle fd);
+
+    /// <summary>memfd_create(2): an anonymous file in memory (shmem, or hugetlbfs with <see cref="MfdHugeTlb"/>).</summary>
+    [LibraryImport(Lib, EntryPoint = "memfd_create", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int MemfdCreate(string name, uint flags);
+
+    /// <summary>open(2) with a mode for <see cref="OCreat"/>; returns the new fd or -1.</summary>
+    [LibraryImport(Lib, EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Open(string path, int flags, uint mode);
+
+    [LibraryImport(Lib, EntryPoint = "ftruncate", SetLastError = true)]
+    public static partial int Ftruncate(SafeHandle fd, long length);
+
+    /// <summary>lseek(2) on any fd (<see cref="SeekEnd"/> with offset 0 gives the file's size).</summary>
+    [LibraryImport(Lib, EntryPoint = "lseek", SetLastError = true)]
+    public static partial long Lseek(SafeHandle fd, long offset, int whence);
+
+    /// <summary>fcntl(2) with an int argument (F_DUPFD_CLOEXEC and the like).</summary>
+    [LibraryImport(Lib, EntryPoint = "fcntl", SetLastError = true)]
+    public static partial int Fcntl(SafeHandle fd, int command, int argument);
+
+    [LibraryImport(Lib, EntryPoint = "fstatfs", SetLastError = true)]
+    private static partial int Fstatfs(SafeHandle fd, byte* buf);
+
+    /// <summary>
+    /// The type of the file system holding <paramref name="fd"/> (statfs f_type: <see cref="TmpfsMagic"/>,
+    /// <see cref="HugetlbfsMagic"/>, ...), or -1 with errno set. struct statfs on x86-64 is 120 bytes,
+    /// f_type its first field (a long).
+    /// </summary>
+    public static long FileSystemType(SafeHandle fd)
+    {
+        byte* buf = stackalloc byte[128];
+        if (Fstatfs(fd, buf) != 0)
+            return -1;
+        return *(long*)buf;
+    }
 
     [LibraryImport(Lib, EntryPoint = "geteuid")]
     public static partial uint GetEuid();

@@ -358,7 +358,7 @@ public sealed class BzImage
         if (Footprint > int.MaxValue || !memory.IsValid(LoadAddress, Footprint))
             throw new BootException(
                 $"kernel {Name}: 0x{LoadAddress:x}-0x{KernelEnd:x} (init_size 0x{InitSize:x}) does not fit in guest RAM ({Kvm.Hypervisor.GuestMemory.FormatSize(memory.TotalSize)})");
-        var dest = memory.GetSpan(LoadAddress, (int)Footprint);
+        var dest = memory.GetWritableSpan(LoadAddress, (int)Footprint);
         file.Slice(KernelOffset, KernelLength).CopyTo(dest);
         dest[KernelLength..].Clear();
     }

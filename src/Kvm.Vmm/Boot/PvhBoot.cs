@@ -33,7 +33,7 @@ public static class PvhBoot
             if (s.MemorySize > int.MaxValue || !memory.IsValid(s.PhysicalAddress, s.MemorySize))
                 throw new BootException(
                     $"kernel {image.Name}: segment {s.Index} (0x{s.PhysicalAddress:x}+0x{s.MemorySize:x}) does not fit in guest RAM ({GuestMemory.FormatSize(memory.TotalSize)})");
-            var dest = memory.GetSpan(s.PhysicalAddress, (int)s.MemorySize);
+            var dest = memory.GetWritableSpan(s.PhysicalAddress, (int)s.MemorySize);
             file.Slice((int)s.FileOffset, (int)s.FileSize).CopyTo(dest);
             dest[(int)s.FileSize..].Clear();
         }

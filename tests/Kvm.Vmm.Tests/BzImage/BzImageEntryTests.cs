@@ -35,7 +35,7 @@ public class BzImageEntryTests
     public void PageTablesIdentityMapTheFirst4GiB()
     {
         using var m = GuestMemory.Create([(0, 16 * MiB)]);
-        m.GetSpan(0x9000, BzBoot.IdentityPageTablesSize).Fill(0xcc); // garbage first: every entry must be written
+        m.GetWritableSpan(0x9000, BzBoot.IdentityPageTablesSize).Fill(0xcc); // garbage first: every entry must be written
         ulong cr3 = BzBoot.WriteIdentityPageTables(m, 0x9000);
         Assert.Equal(0x9000UL, cr3);
 
@@ -139,7 +139,7 @@ public class BzImageEntryTests
     public void GdtDescriptorsMatchTheEntrySegments()
     {
         using var m = GuestMemory.Create([(0, 1 * MiB)]);
-        m.GetSpan(0x1000, BzBoot.GdtSize).Fill(0xcc);
+        m.GetWritableSpan(0x1000, BzBoot.GdtSize).Fill(0xcc);
         BzBoot.WriteGdt(m, 0x1000);
         var s = BzBoot.EntrySregs(default, 0x9000, 0x1000);
 

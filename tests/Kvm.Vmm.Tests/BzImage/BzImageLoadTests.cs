@@ -40,7 +40,7 @@ public class BzImageLoadTests
         var image = Boot.BzImage.Parse(file, "test-bzimage");
         var initrd = ElfBuilder.Pattern(0x5005, 5);
         var map = PvhBoot.MemoryMap(m);
-        m.GetSpan(0x1000000, 0x800000).Fill(0xcc); // garbage where the kernel's footprint goes
+        m.GetWritableSpan(0x1000000, 0x800000).Fill(0xcc); // garbage where the kernel's footprint goes
 
         var info = BzBoot.Load(m, image, file, "console=ttyS0 earlyprintk=ttyS0 nokaslr", initrd, map, acpiRsdp: 0xe_0000);
 
@@ -175,7 +175,7 @@ public class BzImageLoadTests
         using var m = Ram(26 * MiB);
         var file = new BzImageBuilder().Build();
         var image = Boot.BzImage.Parse(file, "k");
-        m.GetSpan(0x1000000, 0x100).Fill(0xcc);
+        m.GetWritableSpan(0x1000000, 0x100).Fill(0xcc);
         var e = Assert.Throws<BootException>(() =>
             BzBoot.Load(m, image, file, "", new byte[3 * MiB], PvhBoot.MemoryMap(m), initrdName: "big.cpio"));
         Assert.Contains("initrd big.cpio", e.Message);

@@ -256,7 +256,7 @@ public sealed class VirtioBlock : IVirtioDevice
         if (bytes == 0)
             return StatusOk;
         ulong offset = sector * SectorSize;
-        var buffers = Collect(memory, chain.Writable, 0, bytes);
+        var buffers = CollectWritable(memory, chain.Writable, 0, bytes);
         try
         {
             // One vectored request however many buffers the guest gave (preadv into guest RAM
@@ -271,6 +271,8 @@ public sealed class VirtioBlock : IVirtioDevice
         finally
         {
             buffers.Clear();
+            // Marked again now that the data is in (the pages were marked when handed out).
+            MarkWritten(memory, chain.Writable, 0, bytes);
         }
     }
 
@@ -281,10 +283,7 @@ public sealed class VirtioBlock : IVirtioDevice
         if (bytes == 0)
             return StatusOk;
         ulong offset = sector * SectorSize;
-        var buffers = Collect(memory, chain.Readable, HeaderSize, bytes);
-        var sources = t_sources ??= new List<ReadOnlyMemory<byte>>();
-        foreach (var b in buffers)
-            sources.Add(b);
+        var sources = CollectReadable(memory, chain.Readable, HeaderSize, bytes);
         try
         {
             _image.Write(offset, sources);
@@ -296,7 +295,6 @@ public sealed class VirtioBlock : IVirtioDevice
         }
         finally
         {
-            buffers.Clear();
             sources.Clear();
         }
     }
@@ -309,13 +307,34 @@ public sealed class VirtioBlock : IVirtioDevice
 
     /// <summary>
     /// The guest RAM holding <paramref name="length"/> bytes of a chain's segments from
-    /// <paramref name="skip"/> bytes in, as Memory pieces (the calling worker's list; clear it
-    /// after use). The chain was checked to lie in guest RAM when it was taken from the queue.
+    /// <paramref name="skip"/> bytes in, as writable Memory pieces (the calling worker's list; clear
+    /// it after use, and mark the range written once written: <see cref="MarkWritten"/>). The chain
+    /// was checked to lie in guest RAM when it was taken from the queue.
     /// </summary>
-    private static List<Memory<byte>> Collect(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length)
+    private static List<Memory<byte>> CollectWritable(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length)
     {
         var list = t_buffers ??= new List<Memory<byte>>();
         list.Clear();
+        ForEachRange(segments, skip, length, (memory, list), static (a, n, s) => s.memory.AppendWritableMemory(a, n, s.list));
+        return list;
+    }
+
+    /// <summary>Like <see cref="CollectWritable"/>, read-only pieces (the calling worker's other list).</summary>
+    private static List<ReadOnlyMemory<byte>> CollectReadable(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length)
+    {
+        var list = t_sources ??= new List<ReadOnlyMemory<byte>>();
+        list.Clear();
+        ForEachRange(segments, skip, length, (memory, list), static (a, n, s) => s.memory.AppendMemory(a, n, s.list));
+        return list;
+    }
+
+    /// <summary>Marks the guest pages of <paramref name="length"/> bytes of the segments from <paramref name="skip"/> in as written by the device.</summary>
+    private static void MarkWritten(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length) =>
+        ForEachRange(segments, skip, length, memory, static (a, n, m) => m.MarkWritten(a, n));
+
+    /// <summary>Calls <paramref name="action"/> with each guest range (address, length) holding <paramref name="length"/> bytes of the segments from <paramref name="skip"/> in.</summary>
+    private static void ForEachRange<TState>(ReadOnlySpan<ChainSegment> segments, ulong skip, ulong length, TState state, Action<ulong, ulong, TState> action)
+    {
         foreach (var seg in segments)
         {
             if (length == 0)
@@ -326,11 +345,10 @@ public sealed class VirtioBlock : IVirtioDevice
                 continue;
             }
             ulong take = Math.Min(seg.Length - skip, length);
-            memory.AppendMemory(seg.Address + skip, take, list);
+            action(seg.Address + skip, take, state);
             length -= take;
             skip = 0;
         }
-        return list;
     }
 
     private byte DiscardOrZero(GuestMemory memory, DescriptorChain chain, uint type, ulong bytes)
@@ -409,7 +427,7 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <summary>Copies bytes from the device-readable segments, starting <paramref name="skip"/> bytes in.</summary>
     private static void Gather(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, Span<byte> into)
     {
-        var pieces = Collect(memory, segments, skip, (ulong)into.Length);
+        var pieces = CollectReadable(memory, segments, skip, (ulong)into.Length);
         foreach (var p in pieces)
         {
             p.Span.CopyTo(into);
@@ -421,13 +439,15 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <summary>Copies bytes into the device-writable segments, starting <paramref name="skip"/> bytes in.</summary>
     private static void Scatter(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, ulong skip, ReadOnlySpan<byte> from)
     {
-        var pieces = Collect(memory, segments, skip, (ulong)from.Length);
+        ulong length = (ulong)from.Length;
+        var pieces = CollectWritable(memory, segments, skip, length);
         foreach (var p in pieces)
         {
             from[..p.Length].CopyTo(p.Span);
             from = from[p.Length..];
         }
         pieces.Clear();
+        MarkWritten(memory, segments, skip, length);
     }
 
     public void Dispose() => _image.Dispose();
