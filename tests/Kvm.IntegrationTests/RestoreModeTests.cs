@@ -10,6 +10,7 @@ namespace Kvm.IntegrationTests;
 /// guest-visible result; a lazy restore brings RAM in on touch and in the background until all of
 /// it is there. Through snapshot files (VmSnapshot), in-process. Needs /dev/kvm (the nested host).
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public sealed class RestoreModeTests : BlkTestBase
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(120);

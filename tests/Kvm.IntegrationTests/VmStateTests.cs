@@ -10,6 +10,7 @@ namespace Kvm.IntegrationTests;
 /// restored, with its RAM, into a second machine built from the same spec: the guest carries on
 /// where it was, as if nothing happened. Needs /dev/kvm (the nested KVM host on these machines).
 /// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
 public sealed class VmStateTests : BlkTestBase
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(120);
