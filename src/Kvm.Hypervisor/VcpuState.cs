@@ -69,25 +69,53 @@ public sealed class VcpuState
         };
     }
 
+    /// <summary>IA32_TSC_DEADLINE: the local APIC timer's deadline in TSC-deadline mode.</summary>
+    public const uint MsrTscDeadline = 0x6e0;
+
+    /// <summary>TR's descriptor types: a 64-bit TSS, available and busy.</summary>
+    public const byte TssAvailable64 = 0x9, TssBusy64 = 0xb;
+
     /// <summary>
     /// Writes this state into <paramref name="vcpu"/> (a fresh vCPU with the same id, its CPUID
     /// already set). The order follows the dependencies between the pieces: the TSC rate before
     /// the TSC MSR; special registers (EFER, CR0/CR4, the APIC base) before the MSRs and the XSAVE
-    /// features they enable; the MP state before the local APIC; pending events after the APIC.
+    /// features they enable; the MP state before the local APIC; pending events after the APIC;
+    /// the TSC deadline after the local APIC, whose timer mode decides whether KVM takes it.
     /// </summary>
-    public void Restore(KvmVcpu vcpu)
+    /// <param name="vcpu">The vCPU to restore into.</param>
+    /// <param name="availableTss">
+    /// Load TR as an available 64-bit TSS (type 9) where the state has it busy (type 11). For AMD
+    /// hosts only: KVM on SVM reports TR busy whatever the CPU holds (svm_get_segment sets the
+    /// busy bit, for VMX, whose VM entry demands it), and SVM itself checks neither; but an
+    /// emulated SVM that does check it (QEMU's TCG: its I/O permission check wants type 9) refuses
+    /// a restored guest's user-space port I/O through the TSS I/O bitmap with #GP, so that Linux
+    /// kills a process using ioperm(2) or iopl(2) with SIGSEGV. Never on Intel: VMX refuses to
+    /// enter a 64-bit guest whose TR is not busy.
+    /// </param>
+    public void Restore(KvmVcpu vcpu, bool availableTss = false)
     {
         if (vcpu.Id != Id)
             throw new HypervisorException($"the state of vCPU {Id} cannot be restored into vCPU {vcpu.Id}");
         if (TscKhz != 0 && TryTscKhz(vcpu) != TscKhz)
             vcpu.SetTscKhz(TscKhz);
-        vcpu.SetSregs(Sregs);
+        var sregs = Sregs;
+        if (availableTss && sregs.Tr.Type == TssBusy64)
+            sregs.Tr.Type = TssAvailable64;
+        vcpu.SetSregs(sregs);
         vcpu.SetXcrs(Xcrs);
         vcpu.SetXsave(Xsave);
         vcpu.SetRegs(Regs);
-        vcpu.SetMsrs(Msrs);
+        vcpu.SetMsrs(Msrs.Where(m => m.Index != MsrTscDeadline).ToArray());
         vcpu.SetMpState(MpState);
         vcpu.SetLapic(Lapic);
+        // KVM drops a write of IA32_TSC_DEADLINE unless the LAPIC timer (LVTT) is in TSC-deadline
+        // mode, which it is only once the saved LAPIC is in: written with the other MSRs, into a
+        // fresh vCPU, the armed timer was lost and the guest's next timer interrupt never came
+        // (a Linux guest's idle CPU slept on with its timers due). A deadline already past fires
+        // at once, which stands for an expiry KVM had pending at the save but not yet injected.
+        var deadline = Msrs.Where(m => m.Index == MsrTscDeadline).ToArray();
+        if (deadline.Length > 0)
+            vcpu.SetMsrs(deadline);
         vcpu.SetEvents(Events);
         vcpu.SetDebugregs(Debugregs);
     }

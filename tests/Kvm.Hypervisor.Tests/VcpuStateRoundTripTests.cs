@@ -59,6 +59,47 @@ public class VcpuStateRoundTripTests
         Assert.Equal(11UL, a.Vcpu.GetRegs().Rax & 0xffffffff);
     }
 
+    /// <summary>
+    /// A LAPIC timer armed in TSC-deadline mode comes over armed: KVM takes IA32_TSC_DEADLINE only
+    /// while the LAPIC's timer is in that mode, so the restore writes it after the LAPIC (written
+    /// with the other MSRs into a fresh vCPU it was dropped, and a Linux guest waited for a timer
+    /// interrupt that never came).
+    /// </summary>
+    [SkippableFact]
+    public void AnArmedTscDeadlineTimerIsArmedAfterTheRestore()
+    {
+        TestEnvironment.RequireKvm();
+        using var a = new KvmTestVm(KvmTestVm.HaltLoop, irqchip: true);
+        Assert.True(a.System.CheckExtension(KvmCap.TscDeadlineTimer) > 0, "KVM offers no TSC-deadline timer");
+        // The LAPIC has a TSC-deadline mode only for a CPU whose CPUID says so (leaf 1, ECX bit 24).
+        var cpuid = a.System.GetSupportedCpuid();
+        for (int i = 0; i < cpuid.Length; i++)
+            if (cpuid[i].Function == 1)
+                cpuid[i].Ecx |= 1u << 24;
+        a.Vcpu.SetCpuid(cpuid);
+        var lapic = a.Vcpu.GetLapic();
+        lapic.SetRegister(0xf0, 0x1ff);          // SVR: APIC software-enabled
+        lapic.SetRegister(0x320, 0x4_00ec);      // LVTT: TSC-deadline mode, vector 0xec
+        a.Vcpu.SetLapic(lapic);
+        var tsc = new KvmMsrEntry[] { new() { Index = 0x10 } };
+        a.Vcpu.GetMsrs(tsc);
+        ulong deadline = tsc[0].Data + (1UL << 40);  // far ahead: it does not fire meanwhile
+        a.Vcpu.SetMsrs([new KvmMsrEntry { Index = VcpuState.MsrTscDeadline, Data = deadline }]);
+
+        var msrs = VcpuState.ReadableMsrs(a.Vcpu, a.System.GetMsrIndexList());
+        Assert.Contains(VcpuState.MsrTscDeadline, msrs);
+        var saved = VcpuState.Save(a.Vcpu, msrs);
+        Assert.Equal(deadline, saved.Msrs.Single(m => m.Index == VcpuState.MsrTscDeadline).Data);
+
+        using var b = new KvmTestVm(KvmTestVm.HaltLoop, irqchip: true);
+        b.Vcpu.SetCpuid(cpuid);
+        saved.Restore(b.Vcpu);
+        Assert.Equal(0x4_00ecu, b.Vcpu.GetLapic().GetRegister(0x320));
+        var back = new KvmMsrEntry[] { new() { Index = VcpuState.MsrTscDeadline } };
+        b.Vcpu.GetMsrs(back);
+        Assert.Equal(deadline, back[0].Data);
+    }
+
     [SkippableFact]
     public void AStateIsRefusedByAVcpuWithAnotherId()
     {

@@ -126,7 +126,8 @@ public static class CpuidTable
         yield return new KvmCpuidEntry2 { Function = leaf, Index = 2, Flags = flags, Eax = 0, Ebx = 0, Ecx = 2, Edx = vcpuId };
     }
 
-    private static bool IsAmd(IReadOnlyList<KvmCpuidEntry2> supported)
+    /// <summary>Whether CPUID <paramref name="supported"/> (KVM's, this host's vendor) is AMD's or Hygon's: KVM runs on SVM there.</summary>
+    internal static bool IsAmd(IReadOnlyList<KvmCpuidEntry2> supported)
     {
         var leaf0 = supported.FirstOrDefault(e => e.Function == 0);
         // "AuthenticAMD" (EBX "Auth", EDX "enti", ECX "cAMD") or Hygon's "HygonGenuine".

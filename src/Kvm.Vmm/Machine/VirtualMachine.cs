@@ -402,7 +402,8 @@ public sealed class VirtualMachine : IDisposable
         // The guest saw these CPUs: it may use any feature they had, so this host must have them all.
         // What this host gives a vCPU that hides nothing (KVM's supported CPUID plus what the VMM
         // adds from capabilities, such as the TSC deadline timer).
-        var offered = CpuidTable.For(_kvm.GetSupportedCpuid(), 0,
+        var supported = _kvm.GetSupportedCpuid();
+        var offered = CpuidTable.For(supported, 0,
             new CpuidOptions(Spec.Cpus, TscDeadline: _kvm.CheckExtension(KvmCap.TscDeadlineTimer) > 0));
         var missing = cpuids.SelectMany(t => CpuFeatures.Missing(t, offered)).Distinct().ToArray();
         if (missing.Length > 0)
@@ -424,12 +425,14 @@ public sealed class VirtualMachine : IDisposable
         }
 
         vmState.Restore(Vm);
+        // On AMD hosts TR goes in as an available TSS, as the CPU had it (see VcpuState.Restore).
+        bool availableTss = CpuidTable.IsAmd(supported);
         for (int i = 0; i < _vcpus.Count; i++)
         {
             // The CPU the guest saw, not the one this spec would give on this host.
             _vcpus[i].SetCpuid(cpuids[i]);
             _cpuids[i] = cpuids[i];
-            vcpuStates[i].Restore(_vcpus[i]);
+            vcpuStates[i].Restore(_vcpus[i], availableTss);
         }
         Devices.RestoreAll([.. byId.Values]);
     }

@@ -62,11 +62,7 @@ public sealed class LazyMemoryLoader : IDisposable
     /// <summary>
     /// Registers <paramref name="memory"/> (fresh: nothing of it touched yet) for loading from
     /// <paramref name="file"/>, which this loader owns from here on. Nothing is loaded until
-    /// <see cref="LoadFirst"/> or <see cref="Start"/>, but a page touched is loaded from here on:
-    /// the fault thread starts at once, because restoring the vCPUs' state already touches guest
-    /// RAM (KVM writes the kvmclock, steal-time and PV EOI pages a Linux guest set up, from inside
-    /// the ioctls that restore their MSRs), and those writes would wait forever for a fault thread
-    /// that starts only with the vCPUs.
+    /// <see cref="LoadFirst"/> or <see cref="Start"/>.
     /// </summary>
     public static LazyMemoryLoader Register(GuestMemory memory, SnapshotMemoryFile file, ILogger log)
     {
@@ -77,10 +73,7 @@ public sealed class LazyMemoryLoader : IDisposable
         {
             foreach (var r in memory.Regions)
                 uffd.Register(r.Host, r.Size, KvmShim.UffdRegisterMissing);
-            var loader = new LazyMemoryLoader(memory, file, uffd, log);
-            loader._faultThread = new Thread(loader.FaultLoop) { IsBackground = true, Name = "ram faults" };
-            loader._faultThread.Start();
-            return loader;
+            return new LazyMemoryLoader(memory, file, uffd, log);
         }
         catch
         {
@@ -103,7 +96,7 @@ public sealed class LazyMemoryLoader : IDisposable
     }
 
     /// <summary>
-    /// Starts the background loader, which brings in at most
+    /// Starts the fault thread and the background loader, which brings in at most
     /// <paramref name="backgroundBytesPerSecond"/> (null: as fast as it can; 0: none, so only what
     /// is touched is ever loaded and the loader never finishes).
     /// </summary>
@@ -111,6 +104,8 @@ public sealed class LazyMemoryLoader : IDisposable
     {
         if (backgroundBytesPerSecond < 0)
             throw new ArgumentOutOfRangeException(nameof(backgroundBytesPerSecond), backgroundBytesPerSecond, "a rate is not negative");
+        _faultThread = new Thread(FaultLoop) { IsBackground = true, Name = "ram faults" };
+        _faultThread.Start();
         if (backgroundBytesPerSecond == 0)
             return;
         _backgroundThread = new Thread(() => BackgroundLoop(backgroundBytesPerSecond)) { IsBackground = true, Name = "ram loader", Priority = ThreadPriority.BelowNormal };
