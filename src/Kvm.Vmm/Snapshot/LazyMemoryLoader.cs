@@ -123,8 +123,29 @@ public sealed class LazyMemoryLoader : IDisposable
         }
     }
 
-    /// <summary>Called (once, on a loader thread) when a chunk cannot be loaded: the guest cannot go on.</summary>
-    public Action<Exception>? Failed { get; set; }
+    /// <summary>
+    /// Called (on a loader thread) when a chunk cannot be loaded: the guest cannot go on. Set after
+    /// a failure, it is called at once with it.
+    /// </summary>
+    public Action<Exception>? Failed
+    {
+        get => _failedHandler;
+        set
+        {
+            _failedHandler = value;
+            if (value is not null && Volatile.Read(ref _failure) is { } failure)
+                value(failure);
+        }
+    }
+
+    private Action<Exception>? _failedHandler;
+    private Exception? _failure;
+
+    private void Fail(Exception e)
+    {
+        if (Interlocked.CompareExchange(ref _failure, e, null) is null)
+            _failedHandler?.Invoke(e);
+    }
 
     /// <summary>Waits until every chunk is in; false on timeout.</summary>
     public bool WaitDone(TimeSpan timeout) => _done.Wait(timeout);
@@ -237,10 +258,14 @@ public sealed class LazyMemoryLoader : IDisposable
                 }
             }
         }
-        catch (Exception e) when (e is KvmIoctlException or SnapshotFormatException or IOException)
+        catch (Exception e)
         {
-            SnapshotLog.LazyLoadFailed(_log, "fault", e.Message);
-            Failed?.Invoke(e);
+            // Whatever went wrong, no thread may wait for a page forever: unregistering wakes every
+            // waiter, whose fault then maps a page of zeros. The guest cannot go on (Failed stops
+            // it), but the VMM does, and a restore still in progress ends.
+            SnapshotLog.LazyLoadFailed(_log, "fault", $"{e.GetType().Name}: {e.Message}");
+            Unregister();
+            Fail(e);
         }
     }
 
@@ -264,10 +289,11 @@ public sealed class LazyMemoryLoader : IDisposable
                     }
                 }
         }
-        catch (Exception e) when (e is KvmIoctlException or SnapshotFormatException or IOException)
+        catch (Exception e)
         {
-            SnapshotLog.LazyLoadFailed(_log, "background", e.Message);
-            Failed?.Invoke(e);
+            SnapshotLog.LazyLoadFailed(_log, "background", $"{e.GetType().Name}: {e.Message}");
+            Unregister();
+            Fail(e);
         }
     }
 
