@@ -733,3 +733,80 @@ EXPORT int32_t kvmshim_uffd_read_faults(int32_t fd, uint64_t *addresses, uint64_
     }
     return count;
 }
+
+// ---- descriptors passed over a unix socket (SCM_RIGHTS): a VM handed to another kvm-vmm ----
+
+#include <sys/socket.h>
+
+#define KVMSHIM_MAX_PASSED_FDS 16
+
+// Sends len bytes of buf on the stream socket sock with nfds descriptors attached (SCM_RIGHTS) to
+// its first byte. Returns the bytes sent (the caller sends the rest, if any, without descriptors),
+// or -errno.
+EXPORT int64_t kvmshim_send_fds(int32_t sock, const void *buf, uint64_t len, const int32_t *fds, int32_t nfds)
+{
+    if (nfds < 0 || nfds > KVMSHIM_MAX_PASSED_FDS || len == 0)
+        return -EINVAL;
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    union { char buf[CMSG_SPACE(sizeof(int) * KVMSHIM_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (nfds > 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n;
+    do
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+// Receives up to len bytes from the stream socket sock, and the descriptors attached to them
+// (close-on-exec), up to maxfds of them into fds, their count into *nfds. Returns the bytes
+// received (0 at end of stream) or -errno; -EMSGSIZE when more descriptors came than maxfds (then
+// every one received is closed, none is reported).
+EXPORT int64_t kvmshim_recv_fds(int32_t sock, void *buf, uint64_t len, int32_t *fds, int32_t maxfds, int32_t *nfds)
+{
+    *nfds = 0;
+    if (maxfds < 0 || maxfds > KVMSHIM_MAX_PASSED_FDS || len == 0)
+        return -EINVAL;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    union { char buf[CMSG_SPACE(sizeof(int) * KVMSHIM_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf };
+    ssize_t n;
+    do
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    int32_t count = 0;
+    int too_many = (msg.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *got = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < k; i++) {
+            if (count < maxfds)
+                fds[count++] = got[i];
+            else {
+                close(got[i]);
+                too_many = 1;
+            }
+        }
+    }
+    if (too_many) {
+        for (int32_t i = 0; i < count; i++)
+            close(fds[i]);
+        return -EMSGSIZE;
+    }
+    *nfds = count;
+    return n;
+}

@@ -26,9 +26,15 @@ public static class ControlCommands
         var json = VmControlJson.Default;
         cmd.Subcommands.Add(Verb("status", "Run state, vCPU states, uptime, exits by reason.", json.VmStatus, PrintStatus));
         cmd.Subcommands.Add(Verb("pause", "Pause every vCPU.", json.StateChange, r => Console.WriteLine(r.State)));
-        cmd.Subcommands.Add(Verb("resume", "Resume a paused VM.", json.StateChange, r => Console.WriteLine(r.State)));
+        cmd.Subcommands.Add(Resume());
         cmd.Subcommands.Add(Stop());
         cmd.Subcommands.Add(Save());
+        cmd.Subcommands.Add(Verb("suspend",
+            "Suspend the VM for a hand-over: pause it, keep its RAM where it is, capture its device and vCPU state\n" +
+            "and close its disk images (which may then be moved or replaced by a copy). 'vmctl control resume\n" +
+            "SOCKET [--disk ...] [--vmm PATH]' resumes it in a new kvm-vmm.",
+            json.SuspendResult, r => Console.WriteLine($"{r.State} ({(r.Seconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms; state {r.StateBytes} bytes)")));
+        cmd.Subcommands.Add(Upgrade());
         cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", json.VmStats, PrintStats));
         cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", json.VmDevices, PrintDevices));
         return cmd;
@@ -104,6 +110,100 @@ public static class ControlCommands
                 Console.WriteLine($"saved to {result.Directory}: {result.MemoryBytes} bytes of RAM ({result.MemoryBytesWritten} not zero), " +
                                   $"state {result.StateBytes} bytes; guest paused {(result.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
                                   $"{result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; the VM is {result.State}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static (Option<string> Vmm, Option<string[]> Disks) HandoverOptions() => (
+        new Option<string>("--vmm") { Description = "the kvm-vmm binary to hand the VM to (default: the running one's own)" },
+        new Option<string[]>("--disk", "-d")
+        {
+            Description = "the VM's disks in the new process, all of them, in order, as for 'vmctl run --disk': the same disks,\n" +
+                "each perhaps at another path (the image moved, or a copy of the same content and size) or with\n" +
+                "another serial, then any disks to add. Without --disk the disks stay as they are.",
+            AllowMultipleArgumentsPerToken = false,
+        });
+
+    private static HandoverRequest HandoverRequestOf(ParseResult p, Option<string> vmm, Option<string[]> disks)
+    {
+        string? binary = p.GetValue(vmm);
+        var list = p.GetValue(disks);
+        try
+        {
+            return new HandoverRequest(
+                binary is null ? null : Path.GetFullPath(binary),
+                list is null || list.Length == 0 ? null
+                    : list.Select(Kvm.Vmm.Machine.DiskSpec.Parse).Select(d => Kvm.Vmm.Machine.DiskSpecDocument.From(d with { Path = Path.GetFullPath(d.Path) })).ToList());
+        }
+        catch (ArgumentException e)
+        {
+            throw new RpcException(RpcErrorCode.InvalidParams, $"--disk: {e.Message}");
+        }
+    }
+
+    private static void PrintHandover(HandoverResult r, bool json)
+    {
+        if (json)
+        {
+            Console.WriteLine(JsonSerializer.Serialize(r, VmControlJson.Default.HandoverResult));
+            return;
+        }
+        Console.WriteLine($"running in {r.Vmm} (pid {r.Pid}); guest paused {(r.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
+                          $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all");
+        foreach (var change in r.Changes)
+            Console.WriteLine($"  {change}");
+    }
+
+    private static Command Resume()
+    {
+        var socket = SocketArgument();
+        var (vmm, disks) = HandoverOptions();
+        var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
+        var cmd = new Command("resume",
+            "Resume a paused VM. A suspended one ('vmctl control suspend') resumes in a new kvm-vmm (--vmm), with\n" +
+            "the disks --disk gives: the guest notices nothing; the pause since the suspend is reported.")
+        {
+            socket, vmm, disks, json,
+        };
+        cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
+        {
+            var status = client.CallAsync("status", VmControlJson.Default.VmStatus).GetAwaiter().GetResult();
+            var request = HandoverRequestOf(p, vmm, disks);
+            if (status.State != "suspended")
+            {
+                if (request.Vmm is not null || request.Disks is not null)
+                    throw new RpcException(RpcErrorCode.InvalidState, $"resume: the VM is {status.State}, not suspended: --vmm and --disk apply to a suspended VM ('vmctl control suspend', or 'vmctl control upgrade')");
+                var r = client.CallAsync("resume", VmControlJson.Default.StateChange).GetAwaiter().GetResult();
+                Console.WriteLine(p.GetValue(json) ? JsonSerializer.Serialize(r, VmControlJson.Default.StateChange) : r.State);
+                return 0;
+            }
+            var result = client.CallAsync("handover", request, VmControlJson.Default.HandoverRequest, VmControlJson.Default.HandoverResult).GetAwaiter().GetResult();
+            PrintHandover(result, p.GetValue(json));
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Upgrade()
+    {
+        var socket = SocketArgument();
+        var (vmm, disks) = HandoverOptions();
+        var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
+        var cmd = new Command("upgrade",
+            "Hand the running VM to a new kvm-vmm process (--vmm: a newer binary; by default the same one) in place:\n" +
+            "the new process starts, the guest pauses, its state and its RAM's memfd go over (nothing of RAM is\n" +
+            "copied), the new process takes the control and console sockets and runs it. Prints how long the\n" +
+            "guest was paused. Console clients are disconnected and attach again. If the new process cannot\n" +
+            "take the VM, the VM stays suspended in the old one and 'vmctl control resume SOCKET' tries again.")
+        {
+            socket, vmm, disks, json,
+        };
+        cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
+        {
+            var result = client.CallAsync("handover", HandoverRequestOf(p, vmm, disks), VmControlJson.Default.HandoverRequest,
+                VmControlJson.Default.HandoverResult).GetAwaiter().GetResult();
+            PrintHandover(result, p.GetValue(json));
             return 0;
         }));
         return cmd;

@@ -41,14 +41,18 @@ public sealed partial class ConsoleServer : IAsyncDisposable
     }
 
     /// <param name="input">Takes bytes for the guest's serial input; returns how many it accepted (it may accept fewer when its FIFO is full).</param>
-    public ConsoleServer(string path, RpcAccessPolicy access, UnixFileMode mode, Func<ReadOnlyMemory<byte>, int> input, ILogger logger)
+    /// <param name="takeOver">Replace the live socket of a console server that hands its path over (<see cref="RpcServerOptions.TakeOver"/>).</param>
+    public ConsoleServer(string path, RpcAccessPolicy access, UnixFileMode mode, Func<ReadOnlyMemory<byte>, int> input, ILogger logger, bool takeOver = false)
     {
         _path = path;
         _access = access;
         _input = input;
         _logger = logger;
-        _listener = RpcServer.Listen(path, mode, access, 16);
+        _listener = RpcServer.Listen(path, mode, access, 16, takeOver);
     }
+
+    /// <summary>Leave the socket file in place when disposed: another console server took the path over.</summary>
+    public bool LeaveSocketFile { get; set; }
 
     public string SocketPath => _path;
 
@@ -209,7 +213,8 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         }
         try
         {
-            File.Delete(_path);
+            if (!LeaveSocketFile)
+                File.Delete(_path);
         }
         catch (IOException)
         {

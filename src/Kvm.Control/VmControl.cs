@@ -5,6 +5,7 @@ using Kvm.Hypervisor;
 using Kvm.Rpc;
 using Kvm.Vmm.Exits;
 using Kvm.Vmm.Machine;
+using Kvm.Vmm.Snapshot;
 
 namespace Kvm.Control;
 
@@ -21,7 +22,9 @@ public sealed record FenceStop : VmStopReason
 /// devices. Each is a plain method (tests call them directly); <see cref="Register"/> puts them
 /// on an RPC dispatcher under those names.
 /// </summary>
-public sealed class VmControl(VirtualMachine vm) : IDisposable
+/// <param name="host">The sockets and options this process serves, which a VM handed over keeps (null: no hand-over).</param>
+/// <param name="releasePaths">Lets the socket files go to the process that takes the VM over (they are not removed at exit).</param>
+public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Action? releasePaths = null) : IDisposable
 {
     public const double DefaultStopTimeoutSeconds = 30;
     public const double MaxStopTimeoutSeconds = 3600;
@@ -37,7 +40,7 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         get
         {
             lock (_lock)
-                return Stopped ? "stopped" : _stopping ? "stopping" : _paused ? "paused" : "running";
+                return Stopped ? "stopped" : _stopping ? "stopping" : _suspended is not null ? "suspended" : _paused ? "paused" : "running";
         }
     }
 
@@ -68,6 +71,9 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         lock (_lock)
         {
             RequireRunning("resume");
+            if (_suspended is not null)
+                throw new RpcException(RpcErrorCode.InvalidState,
+                    "resume: the VM is suspended, its disks closed: it resumes in a new kvm-vmm (method handover; 'vmctl control resume SOCKET')");
             if (_paused)
             {
                 vm.Resume();
@@ -92,6 +98,8 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         lock (_lock)
         {
             RequireRunning("save");
+            if (_suspended is not null)
+                throw new RpcException(RpcErrorCode.InvalidState, "save: the VM is suspended, its disks closed; hand it over (handover) and save it there");
             if (_saving)
                 throw new RpcException(RpcErrorCode.InvalidState, "save: a save of this VM is already running");
             _saving = true;
@@ -145,6 +153,150 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
     {
         if (Stopped || _stopping)
             throw new RpcException(RpcErrorCode.InvalidState, $"{operation}: the VM is {(Stopped ? "stopped" : "stopping")}");
+        if (_handingOver)
+            throw new RpcException(RpcErrorCode.InvalidState, $"{operation}: the VM is being handed over to a new kvm-vmm");
+    }
+
+    private SuspendedVm? _suspended;
+    private long _suspendedAt;      // Stopwatch timestamp of the pause that led to the suspend
+    private bool _handingOver;
+
+    /// <summary>
+    /// Suspends the VM for a hand-over: pauses it (unless paused), captures its device and vCPU
+    /// state and closes its disk images, leaving guest RAM where it is. The VM then resumes only in
+    /// a new kvm-vmm (<see cref="Handover"/>), perhaps with a changed configuration.
+    /// </summary>
+    public SuspendResult Suspend()
+    {
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        lock (_lock)
+        {
+            RequireRunning("suspend");
+            if (_suspended is null)
+                SuspendLocked("suspend");
+            return new SuspendResult("suspended", Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4), _suspended!.State.Length);
+        }
+    }
+
+    private void SuspendLocked(string operation)
+    {
+        if (vm.MemoryLoader is { } loader && !loader.WaitDone(TimeSpan.FromSeconds(5)))
+            throw new RpcException(RpcErrorCode.InvalidState,
+                $"{operation}: guest RAM is still being loaded from the snapshot (lazy restore: {loader.Stats.BytesOnTouch + loader.Stats.BytesFirst + loader.Stats.BytesInBackground} of {loader.Stats.BytesTotal} bytes); try again once it is in");
+        long pausedAt = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool wasPaused = _paused;
+        if (!_paused)
+        {
+            vm.Pause();
+            _paused = true;
+        }
+        try
+        {
+            _suspended = VmHandover.Suspend(vm);
+            _suspendedAt = pausedAt;
+        }
+        catch (Exception e) when (!vm.DisksClosed && e is IOException or InvalidOperationException or ArgumentException or Kvm.Hypervisor.State.StateFormatException)
+        {
+            if (!wasPaused)
+            {
+                vm.Resume();
+                _paused = false;
+            }
+            throw new RpcException(RpcErrorCode.OperationFailed, $"{operation}: {e.Message}", inner: e);
+        }
+    }
+
+    /// <summary>
+    /// Hands the VM to a new kvm-vmm process (<see cref="HandoverRequest.Vmm"/>, or this program),
+    /// with the changes the request names: the new process starts first, then the VM is suspended
+    /// (<see cref="Suspend"/>, unless it is already), its state and guest RAM's memfd go over, and
+    /// once the new process has built and restored the machine, it takes the control and console
+    /// socket paths and runs the VM; this process then stops. If the new process cannot take it,
+    /// the VM stays suspended here (nothing is lost) and the error says why.
+    /// </summary>
+    public HandoverResult Handover(HandoverRequest request)
+    {
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        if (host is null)
+            throw new RpcException(RpcErrorCode.InvalidState, "handover: this VM is not served by a kvm-vmm with control and console sockets");
+        string program = request.Vmm ?? DefaultSuccessor();
+        if (!Path.IsPathFullyQualified(program))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"handover: vmm '{program}' is not an absolute path");
+        VmSpec spec = vm.Spec;
+        var changes = new List<string>();
+        try
+        {
+            if (request.Disks is { } disks)
+            {
+                spec = spec with { Disks = disks.Select((d, i) => d.ToSpec("in the handover request", i)).ToArray() };
+                spec.Validate();
+            }
+            VmHandover.CheckChanges(vm.Spec, spec);
+        }
+        catch (Exception e) when (e is ArgumentException or Kvm.Devices.Manager.DeviceStateException)
+        {
+            throw new RpcException(RpcErrorCode.InvalidParams, $"handover: {e.Message}", inner: e);
+        }
+        for (int i = 0; i < spec.Disks.Count; i++)
+        {
+            if (i >= vm.Spec.Disks.Count)
+                changes.Add($"virtio-blk{i} added: {spec.Disks[i].Path}");
+            else
+            {
+                if (spec.Disks[i].Path != vm.Spec.Disks[i].Path)
+                    changes.Add($"virtio-blk{i}: image {vm.Spec.Disks[i].Path} -> {spec.Disks[i].Path}");
+                if (spec.Disks[i].Serial != vm.Spec.Disks[i].Serial)
+                    changes.Add($"virtio-blk{i}: serial '{vm.Spec.Disks[i].Serial}' -> '{spec.Disks[i].Serial}'");
+            }
+        }
+        if (request.Vmm is not null)
+            changes.Add($"vmm {program}");
+
+        lock (_lock)
+        {
+            RequireRunning("handover");
+            _handingOver = true;
+        }
+        Successor? successor = null;
+        try
+        {
+            // The new process starts (and gets past the runtime's start-up) before the guest pauses.
+            successor = Successor.Start(program, host);
+            lock (_lock)
+            {
+                if (_suspended is null)
+                    SuspendLocked("handover");
+            }
+            successor.Offer(spec, _suspended!, vm.Memory.BackingFd);
+            releasePaths?.Invoke();
+            successor.Go();
+            double paused = System.Diagnostics.Stopwatch.GetElapsedTime(_suspendedAt).TotalSeconds;
+            lock (_lock)
+                _stopping = true;
+            vm.RequestStop(new HandedOverStop(successor.Pid, program));
+            return new HandoverResult(successor.Pid, program, Math.Round(paused, 4),
+                Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4), changes);
+        }
+        catch (Exception e) when (e is HandoverException or IOException or System.Net.Sockets.SocketException or UnauthorizedAccessException)
+        {
+            successor?.Reap(TimeSpan.FromSeconds(5));
+            throw new RpcException(RpcErrorCode.OperationFailed, $"handover to {program}: {e.Message} (the VM stays {State} in pid {Environment.ProcessId})", inner: e);
+        }
+        finally
+        {
+            successor?.Dispose();
+            lock (_lock)
+                _handingOver = false;
+        }
+    }
+
+    /// <summary>The kvm-vmm a VM is handed to by default: this program if it is kvm-vmm, else the kvm-vmm beside it.</summary>
+    public static string DefaultSuccessor()
+    {
+        string? self = Environment.ProcessPath;
+        if (self is not null && Path.GetFileName(self) == "kvm-vmm")
+            return self;
+        return Path.Combine(AppContext.BaseDirectory, "kvm-vmm");
     }
 
     /// <summary>
@@ -285,7 +437,7 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
             ? $"{block.Image.Path}{(block.ReadOnly ? " (read-only)" : "")}, {block.QueueCount} queue(s), {block.Capacity} sectors"
             : null)).ToList());
 
-    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence.</summary>
+    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence, save, suspend, handover.</summary>
     public void Register(RpcDispatcher dispatcher)
     {
         var json = VmControlJson.Default;
@@ -297,5 +449,8 @@ public sealed class VmControl(VirtualMachine vm) : IDisposable
         dispatcher.Add("devices", json.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
         dispatcher.Add("fence", json.FenceRequest, json.FenceStatus, (r, _, _) => ValueTask.FromResult(Fence(r)));
         dispatcher.Add("save", json.SaveRequest, json.SaveResult, (r, _, _) => ValueTask.FromResult(Save(r)));
+        dispatcher.Add("suspend", json.SuspendResult, (_, _) => ValueTask.FromResult(Suspend()));
+        // Blocking for as long as the new process takes to start and build the machine: off the dispatcher's thread.
+        dispatcher.Add("handover", json.HandoverRequest, json.HandoverResult, async (r, _, _) => await Task.Run(() => Handover(r)).ConfigureAwait(false));
     }
 }

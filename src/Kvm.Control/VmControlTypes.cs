@@ -30,6 +30,23 @@ public sealed record SaveRequest([property: JsonRequired] string Directory, bool
 public sealed record SaveResult(string Directory, string State, double PausedSeconds, double Seconds,
     long StateBytes, ulong MemoryBytes, ulong MemoryBytesWritten);
 
+/// <summary>The reply to <c>suspend</c>: the VM's state ("suspended") and how long suspending took.</summary>
+public sealed record SuspendResult(string State, double Seconds, long StateBytes);
+
+/// <summary>
+/// Parameters of <c>handover</c>: the kvm-vmm binary to hand the VM to (null: this one), and the
+/// disks it runs with there (null: the same): the same disks in the same order, each perhaps with
+/// another path (the image moved, or another of the same content) or serial, then any added.
+/// </summary>
+public sealed record HandoverRequest(string? Vmm = null, IReadOnlyList<Kvm.Vmm.Machine.DiskSpecDocument>? Disks = null);
+
+/// <summary>
+/// The reply to <c>handover</c>: the process that runs the VM now, how long the guest was paused
+/// (from the pause, or from the suspend that came before, until the new process's vCPUs ran), how
+/// long the whole hand-over took, and what changed.
+/// </summary>
+public sealed record HandoverResult(int Pid, string Vmm, double PausedSeconds, double Seconds, IReadOnlyList<string> Changes);
+
 /// <summary>The reply to <c>stats</c>.</summary>
 public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);
 
@@ -68,6 +85,9 @@ public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pi
 [JsonSerializable(typeof(StateChange))]
 [JsonSerializable(typeof(SaveRequest))]
 [JsonSerializable(typeof(SaveResult))]
+[JsonSerializable(typeof(SuspendResult))]
+[JsonSerializable(typeof(HandoverRequest))]
+[JsonSerializable(typeof(HandoverResult))]
 [JsonSerializable(typeof(VmStats))]
 [JsonSerializable(typeof(VmDevices))]
 [JsonSerializable(typeof(VmExitRecord))]

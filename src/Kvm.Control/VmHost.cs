@@ -40,7 +40,9 @@ public static partial class VmHost
         int status = options.ControlSocket is null && options.ConsoleSocket is null
             ? ForegroundRun.Execute(launch, program, logger)
             : ForegroundRun.Execute(launch, program, (s, cancel) => stopped = Run(s, options, logger, cancel), logger);
-        if (options.ExitFile is { } file)
+        // A VM handed over runs on in the new process, which records how it ends; one this process
+        // failed to take over runs on in the giver, which does.
+        if (options.ExitFile is { } file && stopped is not HandedOverStop && launch is not TakeOverLaunch { TookOver: false })
             WriteExitRecord(file, new VmExitRecord(status, stopped?.Describe() ?? "the VM did not start (see the log)",
                 stopped is null || stopped.IsError, Environment.ProcessId, DateTimeOffset.UtcNow, stopped is FenceStop), logger);
         return status;
@@ -76,6 +78,8 @@ public static partial class VmHost
 
     public static VmStopReason Run(VmLaunch launch, VmHostOptions options, ILogger logger, CancellationToken cancel)
     {
+        if (launch is TakeOverLaunch takeOver)
+            return RunTakenOver(takeOver, options, logger, cancel);
         Kvm.Devices.Legacy.Serial.Serial16550? serial = null;
         ConsoleServer? console = null;
         ForegroundConsole? terminal = null;
@@ -96,7 +100,12 @@ public static partial class VmHost
             if (options.ControlSocket is { } controlPath)
             {
                 var dispatcher = new RpcDispatcher(logger);
-                vmControl = new VmControl(vm);
+                vmControl = new VmControl(vm, options, () =>
+                {
+                    control!.LeaveSocketFile = true;
+                    if (console is not null)
+                        console.LeaveSocketFile = true;
+                });
                 vmControl.Register(dispatcher);
                 control = new RpcServer(new RpcServerOptions
                 {
@@ -118,6 +127,62 @@ public static partial class VmHost
             vmControl?.Dispose();
             console?.DisposeAsync().AsTask().GetAwaiter().GetResult();
             terminal?.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Runs a VM taken over from another kvm-vmm: builds it from the offer, tells the giver it is
+    /// ready, takes the control and console socket paths over once the giver lets them go, starts
+    /// the vCPUs and tells the giver, which then exits.
+    /// </summary>
+    private static VmStopReason RunTakenOver(TakeOverLaunch launch, VmHostOptions options, ILogger logger, CancellationToken cancel)
+    {
+        if (options.ControlSocket is not { } controlPath || options.ConsoleSocket is not { } consolePath)
+            throw new ArgumentException("--take-over needs --control and --console: the sockets the VM is served on");
+        ConsoleServer? console = null;
+        RpcServer? control = null;
+        VmControl? vmControl = null;
+        try
+        {
+            // The guest writes nothing until it runs, and by then the console server is there.
+            using var vm = launch.Create(bytes => console?.Write(bytes), logger);
+            try
+            {
+                launch.Ready();
+                console = new ConsoleServer(consolePath, options.Access, options.SocketMode,
+                    bytes => vm.Serial.EnqueueInput(bytes.Span), logger, takeOver: true);
+                var dispatcher = new RpcDispatcher(logger);
+                vmControl = new VmControl(vm, options, () =>
+                {
+                    control!.LeaveSocketFile = true;
+                    console.LeaveSocketFile = true;
+                });
+                vmControl.Register(dispatcher);
+                control = new RpcServer(new RpcServerOptions
+                {
+                    SocketPath = controlPath,
+                    Access = options.Access,
+                    SocketMode = options.SocketMode,
+                    TakeOver = true,
+                }, dispatcher, logger);
+            }
+            catch (Exception e)
+            {
+                launch.Fail(e);
+                throw;
+            }
+            console.Start();
+            control.Start();
+            var reason = vm.Run(cancel, started: launch.Running);
+            control.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            control = null;
+            return reason;
+        }
+        finally
+        {
+            control?.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            vmControl?.Dispose();
+            console?.DisposeAsync().AsTask().GetAwaiter().GetResult();
         }
     }
 

@@ -21,6 +21,13 @@ public sealed record RpcServerOptions
 
     /// <summary>Connections served at once; one more gets an error and is closed.</summary>
     public int MaxConnections { get; init; } = 64;
+
+    /// <summary>
+    /// Take the path over from a live server that hands it over (a VM passing to a new kvm-vmm):
+    /// the new socket replaces the old one's file in one rename, so that clients always find one
+    /// of the two. Without it, a live server's socket is refused.
+    /// </summary>
+    public bool TakeOver { get; init; }
 }
 
 /// <summary>
@@ -50,21 +57,31 @@ public sealed partial class RpcServer : IAsyncDisposable
         _options = options;
         _dispatcher = dispatcher;
         _logger = logger;
-        _listener = Listen(options.SocketPath, options.SocketMode, options.Access, 128);
+        _listener = Listen(options.SocketPath, options.SocketMode, options.Access, 128, options.TakeOver);
     }
+
+    /// <summary>
+    /// Leave the socket file in place when disposed: another server took the path over
+    /// (<see cref="RpcServerOptions.TakeOver"/>), and the file is its.
+    /// </summary>
+    public bool LeaveSocketFile { get; set; }
 
     /// <summary>
     /// A listening unix socket at <paramref name="path"/> that accepts from the moment its file
     /// exists: it is bound under a temporary name in the same folder, given its mode and group,
     /// set listening, and only then renamed into place (a client that sees the file never gets
-    /// "connection refused"). A stale socket there is replaced; anything else is refused.
+    /// "connection refused"). A stale socket there is replaced; anything else is refused, but a
+    /// live socket when <paramref name="takeOver"/> says its server hands the path over.
     /// </summary>
-    public static Socket Listen(string path, UnixFileMode mode, RpcAccessPolicy access, int backlog)
+    public static Socket Listen(string path, UnixFileMode mode, RpcAccessPolicy access, int backlog, bool takeOver = false)
     {
         string full = Path.GetFullPath(path);
         string dir = Path.GetDirectoryName(full)!;
         Directory.CreateDirectory(dir);
-        RemoveStaleSocket(full);
+        if (takeOver && File.Exists(full) && Libc.IsSocket(full) == false)
+            throw new IOException($"socket path {path} exists and is not a socket; not replacing it");
+        if (!takeOver)
+            RemoveStaleSocket(full);
         // Short, so that it fits in sun_path (108 bytes) wherever the final name does.
         string temporary = Path.Combine(dir, $".s{Guid.NewGuid():N}"[..10]);
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
@@ -75,7 +92,7 @@ public sealed partial class RpcServer : IAsyncDisposable
             if (access.GroupId is { } gid && Libc.Chown(temporary, uint.MaxValue, gid) != 0)
                 throw new IOException($"cannot give socket {path} to group '{access.GroupName}': {Marshal.GetLastPInvokeErrorMessage()}");
             socket.Listen(backlog);
-            File.Move(temporary, full, overwrite: false);
+            File.Move(temporary, full, overwrite: takeOver);
             return socket;
         }
         catch
@@ -254,7 +271,8 @@ public sealed partial class RpcServer : IAsyncDisposable
         await all.ConfigureAwait(false);
         try
         {
-            File.Delete(_options.SocketPath);
+            if (!LeaveSocketFile)
+                File.Delete(_options.SocketPath);
         }
         catch (IOException)
         {

@@ -2,13 +2,14 @@ using Kvm.Rpc;
 using Kvm.Control;
 using Kvm.Vmm.Machine;
 
-// kvm-vmm (--spec FILE|- | --restore DIR) [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
+// kvm-vmm (--spec FILE|- | --restore DIR | --take-over SOCKET) [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
 const string program = "kvm-vmm";
 ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session]
            kvm-vmm --restore DIR [--memory eager|lazy] [the same options]
+           kvm-vmm --take-over SOCKET --control SOCKET --console SOCKET [the same options]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
     from a snapshot directory that 'save' wrote (the VM carries on where it was saved). kvmd
@@ -18,13 +19,18 @@ const string usage = """
       --restore DIR     restore the VM saved in DIR (its state file and memory file); a damaged
                         snapshot, one of another format version, or one saved on a host with CPU
                         features this one lacks is refused before anything starts
+      --take-over SOCKET
+                        take over a running VM from another kvm-vmm, which started this one
+                        for a hand-over (control methods handover and suspend; 'vmctl control
+                        upgrade'): guest RAM stays where it is, the VM's state comes over the
+                        socket, and this process takes the control and console socket paths
       --memory MODE     how guest RAM comes back: eager (the default) reads all of it before the
                         vCPUs start; lazy starts them at once, a page comes in when first touched
                         while the rest is loaded in the background (needs userfaultfd: root, or
                         access to /dev/userfaultfd)
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
-                        (methods status, pause, resume, stop, save, stats, devices, fence;
-                        'vmctl control')
+                        (methods status, pause, resume, stop, save, suspend, handover, stats,
+                        devices, fence; 'vmctl control')
       --console SOCKET  put the serial console on that socket instead of this terminal; clients
                         attach and detach at will ('vmctl console')
       --group NAME      members of this group may use the sockets (mode 0660); without it, only
@@ -51,6 +57,7 @@ if (args is ["--help" or "-h"])
 }
 string? source = null;
 string? restore = null;
+string? takeOver = null;
 string? memory = null;
 string? log = null;
 bool newSession = false;
@@ -65,6 +72,9 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--restore" when restore is null:
             restore = Value() ?? "";
+            break;
+        case "--take-over" when takeOver is null:
+            takeOver = Value() ?? "";
             break;
         case "--memory" when memory is null:
             memory = Value() ?? "";
@@ -101,10 +111,16 @@ for (int i = 0; i < args.Length; i++)
             return 2;
     }
 }
-if (string.IsNullOrEmpty(source) == string.IsNullOrEmpty(restore) || (memory is not null && restore is null)
+int sources = (string.IsNullOrEmpty(source) ? 0 : 1) + (string.IsNullOrEmpty(restore) ? 0 : 1) + (string.IsNullOrEmpty(takeOver) ? 0 : 1);
+if (sources != 1 || (memory is not null && restore is null)
     || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "")
 {
-    Console.Error.WriteLine($"{program}: expected '--spec FILE' or '--restore DIR' (--memory only with --restore), and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
+    Console.Error.WriteLine($"{program}: expected one of '--spec FILE', '--restore DIR' or '--take-over SOCKET' (--memory only with --restore), and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
+    return 2;
+}
+if (takeOver is not null && (host.ControlSocket is null || host.ConsoleSocket is null))
+{
+    Console.Error.WriteLine($"{program}: --take-over needs --control and --console: the sockets the VM is served on");
     return 2;
 }
 if (memory is not null && memory != "eager" && memory != "lazy")
@@ -136,7 +152,9 @@ if (log is not null)
 VmLaunch launch;
 try
 {
-    if (restore is not null)
+    if (takeOver is not null)
+        launch = new TakeOverLaunch(takeOver);
+    else if (restore is not null)
         launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
         {
             Memory = memory == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,

@@ -101,6 +101,49 @@ public sealed class DeviceManagerTests
         Assert.Throws<ObjectDisposedException>(() => m.Add("d", new LoggingDevice("d", log)));
     }
 
+    /// <summary>
+    /// A device the caller names as new (a disk added while the VM was suspended) may lack a record
+    /// and stays as it was built; one not named is still refused, and one named new that has a
+    /// record is refused too (the caller's idea of the machine is wrong).
+    /// </summary>
+    [Fact]
+    public void RestoreAll_ADeviceNamedNew_MayLackARecord_AndOnlyThatOne()
+    {
+        var log = new List<string>();
+        var a = new DeviceManager();
+        a.Add("a", new LoggingDevice("a", log, value: 7));
+        var records = a.SaveAll();
+
+        var b = new DeviceManager();
+        var restored = b.Add("a", new LoggingDevice("a", log));
+        var added = b.Add("added", new LoggingDevice("added", log, value: 3));
+        log.Clear();
+        b.RestoreAll(records, new HashSet<string> { "added" });
+        Assert.Equal(["restore a"], log.Where(l => l.StartsWith("restore", StringComparison.Ordinal)));
+        Assert.Equal(7u, restored.Value);
+        Assert.Equal(3u, added.Value);
+
+        var c = new DeviceManager();
+        c.Add("a", new LoggingDevice("a", log));
+        c.Add("added", new LoggingDevice("added", log));
+        var missing = Assert.Throws<DeviceStateException>(() => c.RestoreAll(records));
+        Assert.Contains("'added'", missing.Message);
+        var wrong = Assert.Throws<DeviceStateException>(() => c.RestoreAll(records, new HashSet<string> { "a", "added" }));
+        Assert.Contains("'a' is said to be new", wrong.Message);
+    }
+
+    [Fact]
+    public void Paused_FollowsPauseAllAndResumeAll()
+    {
+        var m = new DeviceManager();
+        m.Add("a", new LoggingDevice("a", []));
+        Assert.False(m.Paused);
+        m.PauseAll();
+        Assert.True(m.Paused);
+        m.ResumeAll();
+        Assert.False(m.Paused);
+    }
+
     /// <summary>A machine's legacy devices and a logging device, as the VMM adds them.</summary>
     private sealed class Machine
     {

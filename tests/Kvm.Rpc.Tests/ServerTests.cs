@@ -129,6 +129,40 @@ public sealed class ServerTests
         await Response.AssertStillWorksAsync(peer);
     }
 
+    /// <summary>
+    /// A server that takes the path over (a VM handed to a new kvm-vmm) replaces a live server's
+    /// socket file in one rename: new clients reach the new server, the old one keeps the
+    /// connections it has, and once told to leave the file it no longer removes it when disposed.
+    /// </summary>
+    [Fact]
+    public async Task A_server_taking_the_path_over_replaces_a_live_one_which_then_leaves_the_file_alone()
+    {
+        using var dir = new TempDir();
+        var old = new TestServer(dir: dir);
+        using var oldPeer = old.Raw();
+        await Response.AssertStillWorksAsync(oldPeer, id: 1);
+        var taker = new RpcServer(old.Options with { TakeOver = true }, old.Dispatcher, old.Logger);
+        taker.Start();
+        try
+        {
+            using var newPeer = old.Raw();
+            await Response.AssertStillWorksAsync(newPeer, id: 2);
+            Assert.Equal(1, taker.OpenConnections);
+            await Response.AssertStillWorksAsync(oldPeer, id: 3);
+
+            old.Server.LeaveSocketFile = true;
+            await old.DisposeAsync();
+            Assert.True(File.Exists(old.SocketPath));
+            using var later = old.Raw();
+            await Response.AssertStillWorksAsync(later, id: 4);
+        }
+        finally
+        {
+            await taker.DisposeAsync();
+        }
+        Assert.False(File.Exists(old.SocketPath));
+    }
+
     [Fact]
     public void A_regular_file_at_the_socket_path_is_refused_and_left_as_it_was()
     {

@@ -52,11 +52,16 @@ public sealed class DeviceManager : IDisposable
     {
         foreach (var (_, device) in Devices.Reverse())
             device.Pause();
+        Paused = true;
     }
+
+    /// <summary>Whether the devices are paused (<see cref="PauseAll"/> was the last of the two called).</summary>
+    public bool Paused { get; private set; }
 
     /// <summary>Resumes every device, in the order they were added.</summary>
     public void ResumeAll()
     {
+        Paused = false;
         foreach (var (_, device) in Devices)
             device.Resume();
     }
@@ -76,11 +81,12 @@ public sealed class DeviceManager : IDisposable
 
     /// <summary>
     /// Restores <paramref name="records"/> into the devices with the same ids. Every device must
-    /// have exactly one record of its kind, and every record a device: otherwise nothing is
-    /// restored and the error names the id. A record whose bytes do not fit stops the restore
+    /// have exactly one record of its kind (but those in <paramref name="newDevices"/>, which must
+    /// have none and stay as reset), and every record a device: otherwise nothing is restored and
+    /// the error names the id. A record whose bytes do not fit stops the restore
     /// with a <see cref="StateFormatException"/>; the machine is then not usable.
     /// </summary>
-    public void RestoreAll(IReadOnlyList<StateRecord> records)
+    public void RestoreAll(IReadOnlyList<StateRecord> records, IReadOnlySet<string>? newDevices = null)
     {
         var devices = Devices;
         var byId = new Dictionary<string, StateRecord>(StringComparer.Ordinal);
@@ -90,7 +96,13 @@ public sealed class DeviceManager : IDisposable
         foreach (var (id, device) in devices)
         {
             if (!byId.TryGetValue(id, out var r))
+            {
+                if (newDevices?.Contains(id) == true)
+                    continue;
                 throw new DeviceStateException($"device '{id}' ({device.StateKind}) has no saved state: the saved machine did not have it");
+            }
+            if (newDevices?.Contains(id) == true)
+                throw new DeviceStateException($"device '{id}' is said to be new, but the saved machine had it");
             if (r.Kind != device.StateKind)
                 throw new DeviceStateException($"device '{id}' is a {device.StateKind}, but its saved state is of a {r.Kind}");
         }
@@ -99,6 +111,8 @@ public sealed class DeviceManager : IDisposable
                 throw new DeviceStateException($"the saved machine had device '{r.Id}' ({r.Kind}), which this machine does not have");
         foreach (var (id, device) in devices)
         {
+            if (!byId.ContainsKey(id))
+                continue;       // a new device: as reset
             var reader = new StateReader(byId[id].Payload, id);
             device.RestoreState(ref reader);
             reader.End();

@@ -148,3 +148,12 @@ public sealed class MemoryFdHandle : SafeFdHandle
 {
     public MemoryFdHandle(int fd) : base(fd) { }
 }
+
+/// <summary>
+/// A descriptor received from another process over a unix socket (SCM_RIGHTS), until its
+/// receiver hands it to what it is for (guest RAM, a listening socket), which takes its own copy.
+/// </summary>
+public sealed class ReceivedFdHandle : SafeFdHandle
+{
+    public ReceivedFdHandle(int fd) : base(fd) { }
+}

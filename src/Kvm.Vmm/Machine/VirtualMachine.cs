@@ -38,6 +38,8 @@ public sealed class VirtualMachine : IDisposable
     private readonly TaskCompletionSource<VmStopReason> _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _started;
     private bool _disposed;
+    private bool _disksClosed;
+    private GuestMemory? _attachedMemory;      // guest RAM handed over by another process (CreateForRestore)
     // Exits to this process by KVM exit reason (indexes past the array count as "other").
     private readonly long[] _exitCounts = new long[32];
     private long _startedTimestamp;
@@ -132,12 +134,44 @@ public sealed class VirtualMachine : IDisposable
     /// kernel is read or loaded and nothing is written to RAM. Then fill RAM, call
     /// <see cref="RestoreState"/>, and <see cref="Start"/>.
     /// </summary>
-    public static VirtualMachine CreateForRestore(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null, ILogger? logger = null)
+    /// <param name="memory">
+    /// Guest RAM that already holds the guest (attached from another process's memfd, for a VM
+    /// handed over in place); the machine owns it from here on, also when this fails. Null: new,
+    /// zeroed RAM.
+    /// </param>
+    public static VirtualMachine CreateForRestore(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
+        ILogger? logger = null, GuestMemory? memory = null)
     {
-        spec.Validate();
+        try
+        {
+            spec.Validate();
+            if (memory is not null)
+            {
+                var want = X86Layout.RamRanges(spec.MemoryBytes).ToArray();
+                var have = memory.Regions.Select(r => (r.GuestAddress, r.Size)).ToArray();
+                if (!want.SequenceEqual(have))
+                    throw new DeviceStateException(
+                        $"the guest RAM handed over ({string.Join(", ", have.Select(r => $"0x{r.GuestAddress:x}+{GuestMemory.FormatSize(r.Size)}"))}) " +
+                        $"is not laid out as a machine of {GuestMemory.FormatSize(spec.MemoryBytes)} needs");
+            }
+        }
+        catch
+        {
+            memory?.Dispose();
+            throw;
+        }
         bool ownsKvm = kvm is null;
-        kvm ??= KvmSystem.Open();
-        var vm = new VirtualMachine(spec, kvm, ownsKvm, logger ?? NullLogger.Instance, restoring: true);
+        KvmSystem system;
+        try
+        {
+            system = kvm ?? KvmSystem.Open();
+        }
+        catch
+        {
+            memory?.Dispose();
+            throw;
+        }
+        var vm = new VirtualMachine(spec, system, ownsKvm, logger ?? NullLogger.Instance, restoring: true) { _attachedMemory = memory };
         try
         {
             vm.OpenDisks();
@@ -175,7 +209,7 @@ public sealed class VirtualMachine : IDisposable
         if (maxVcpus > 0 && Spec.Cpus > maxVcpus)
             throw new ArgumentException($"cpus {Spec.Cpus} is more than this host's KVM allows ({maxVcpus})");
 
-        Memory = GuestMemory.Create(X86Layout.RamRanges(Spec.MemoryBytes), Spec.HugePages);
+        Memory = _attachedMemory ?? GuestMemory.Create(X86Layout.RamRanges(Spec.MemoryBytes), Spec.HugePages);
         Vm = _kvm.CreateVm();
 
         if (_kvm.CheckExtension(KvmCap.SetTssAddr) > 0)
@@ -267,9 +301,11 @@ public sealed class VirtualMachine : IDisposable
     }
 
     /// <summary>Starts the VM and waits until it stops or <paramref name="cancel"/> fires.</summary>
-    public VmStopReason Run(CancellationToken cancel = default)
+    /// <param name="started">Called once the vCPUs run.</param>
+    public VmStopReason Run(CancellationToken cancel = default, Action? started = null)
     {
         Start();
+        started?.Invoke();
         using (cancel.Register(() => RequestStop(new HostStop("stop requested"))))
             Stopped.Wait(CancellationToken.None);
         StopVcpus();
@@ -323,9 +359,31 @@ public sealed class VirtualMachine : IDisposable
     /// <summary>Resumes the devices, then the vCPUs.</summary>
     public void Resume()
     {
+        if (_disksClosed)
+            throw new InvalidOperationException("the VM's disk images are closed (it was suspended to be handed over): it cannot resume in this process");
         Devices.ResumeAll();
         foreach (var t in _threads)
             t.Resume();
+    }
+
+    /// <summary>Whether <see cref="CloseDisks"/> closed the disk images: the VM can no longer resume here.</summary>
+    public bool DisksClosed => _disksClosed;
+
+    /// <summary>
+    /// Closes every disk image of the paused machine (written back and unlocked), so that another
+    /// process may open them: the machine is being handed over. It cannot resume afterwards.
+    /// </summary>
+    public void CloseDisks()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_threads.Any(t => t.State == VcpuRunState.Running) || !Devices.Paused)
+            throw new InvalidOperationException("the VM must be paused before its disks are closed");
+        _disksClosed = true;
+        // Each virtio-blk device owns its image (a second Dispose when the device goes is a no-op).
+        foreach (var transport in _devices.Disks)
+            ((Kvm.Devices.Virtio.Block.VirtioBlock)transport.Device).Image.Dispose();
+        foreach (var image in _images)
+            image?.Dispose();
     }
 
     /// <summary>Record kinds of the VM, of each vCPU and of the vCPUs' CPUID (the devices' are theirs).</summary>
@@ -370,7 +428,12 @@ public sealed class VirtualMachine : IDisposable
     /// the VM's chips and routes, each vCPU, then each device (which re-drives its interrupt
     /// lines and MSI routes). Guest RAM must hold the saved contents before <see cref="Start"/>.
     /// </summary>
-    public void RestoreState(IReadOnlyList<StateRecord> records)
+    /// <param name="newDevices">
+    /// Devices of this machine that the saved one did not have (a disk added while the VM was
+    /// suspended): they start as if just reset, the guest has not met them yet. Any other device
+    /// without a record is refused.
+    /// </param>
+    public void RestoreState(IReadOnlyList<StateRecord> records, IReadOnlySet<string>? newDevices = null)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (!_restoring || _started)
@@ -434,7 +497,7 @@ public sealed class VirtualMachine : IDisposable
             _cpuids[i] = cpuids[i];
             vcpuStates[i].Restore(_vcpus[i], availableTss);
         }
-        Devices.RestoreAll([.. byId.Values]);
+        Devices.RestoreAll([.. byId.Values], newDevices);
     }
 
     /// <summary>Reads the dirty-page bitmap of every RAM slot (needs <see cref="VmSpec.TrackDirtyPages"/>).</summary>

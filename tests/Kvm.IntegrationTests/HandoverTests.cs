@@ -1,0 +1,299 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Kvm.Control;
+using Kvm.Rpc;
+using Kvm.Tests.Shared;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// A running VM handed to a new kvm-vmm process in place: 'vmctl control upgrade' to a second copy
+/// of the binary, and 'vmctl control suspend' then 'resume' with a changed configuration (a disk
+/// image moved, replaced by a copy of the same content in another format, a disk added). The guest
+/// kit keeps a disk journal throughout (a record every 10 ms, each flushed): it must go on without
+/// a gap or a repeat, in one boot, and end with status 0, which the new process records in the
+/// exit file; qemu-img judges the images.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public sealed class HandoverTests : BlkTestBase, IDisposable
+{
+    private static readonly TimeSpan Wait = TimeSpan.FromSeconds(120);
+    private readonly List<int> _taken = [];
+
+    private static new void Require()
+    {
+        BlkTestBase.Require();
+        if (!File.Exists(TestEnvironment.KvmVmm) || !File.Exists(TestEnvironment.Vmctl))
+            throw new SkipException($"{TestEnvironment.KvmVmm} or {TestEnvironment.Vmctl} is missing (run 'make' first)");
+    }
+
+    /// <summary>Ends the processes that took VMs over (not this test's children: the old kvm-vmm started them).</summary>
+    public new void Dispose()
+    {
+        foreach (int pid in _taken)
+        {
+            try
+            {
+                using var p = Process.GetProcessById(pid);
+                p.Kill();
+                p.WaitForExit(10_000);
+            }
+            catch (ArgumentException)
+            {
+            }
+            catch (InvalidOperationException)
+            {
+            }
+        }
+        base.Dispose();
+    }
+
+    private LiveProcess StartVm(string cmdline, string disk)
+    {
+        var spec = new Dictionary<string, object>
+        {
+            ["kernel"] = TestEnvironment.GuestKit,
+            ["cmdline"] = cmdline,
+            ["debugExit"] = true,
+            ["cpus"] = 2,
+            ["memoryBytes"] = 64 << 20,
+            ["disks"] = new[] { new Dictionary<string, object> { ["path"] = disk, ["serial"] = "d0" } },
+        };
+        File.WriteAllText(P("vm.json"), JsonSerializer.Serialize(spec));
+        var vm = LiveProcess.Start(TestEnvironment.KvmVmm,
+            ["--spec", P("vm.json"), "--control", P("vm.control"), "--console", P("vm.console"), "--exit-file", P("vm.exit")]);
+        if (!SpinWait.SpinUntil(() => File.Exists(P("vm.control")) && File.Exists(P("vm.console")) || vm.Process.HasExited, Wait))
+            Assert.Fail("kvm-vmm did not create its sockets");
+        Assert.False(vm.Process.HasExited, "kvm-vmm exited early");
+        return vm;
+    }
+
+    private static ProcessResult Vmctl(params string[] args) => TestEnvironment.RunProcess(TestEnvironment.Vmctl, args, Wait);
+
+    private static HandoverResult Parse(ProcessResult r, string what)
+    {
+        Assert.True(r.ExitCode == 0, $"{what} exited {r.ExitCode}: {r.Stdout}{r.Stderr}");
+        return JsonSerializer.Deserialize(r.Stdout, VmControlJson.Default.HandoverResult)!;
+    }
+
+    private static int[] Seqs(string console) => console.Split('\n')
+        .Where(l => l.StartsWith("guestkit: blk-log seq ", StringComparison.Ordinal))
+        .Select(l => int.Parse(l["guestkit: blk-log seq ".Length..].Trim(), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+
+    /// <summary>The old process gives the VM up: it exits 0 and leaves the exit file to the new one.</summary>
+    private static void AssertGivenUp(LiveProcess old)
+    {
+        Assert.True(old.Process.WaitForExit(Wait), "the old kvm-vmm did not exit after the hand-over");
+        Assert.Equal(0, old.Process.ExitCode);
+    }
+
+    /// <summary>Waits for the VM's end as the process that ran it last recorded it.</summary>
+    private VmExitRecord WaitForExitRecord()
+    {
+        VmExitRecord? record = null;
+        Assert.True(SpinWait.SpinUntil(() => (record = VmHost.ReadExitRecord(P("vm.exit"))) is not null, Wait), "no exit record: the VM did not end");
+        return record!;
+    }
+
+    /// <summary>
+    /// A guest writing its disk journal is handed to a second copy of kvm-vmm ('vmctl control upgrade
+    /// --vmm'): the reply names the new process and the pause; the old process exits 0 without an
+    /// exit record; the control and console sockets stay where they were and lead to the new process;
+    /// the journal goes on in the same boot to its end (every record once), the guest ends with
+    /// status 0 in the new process, and the image is clean.
+    /// </summary>
+    [SkippableFact]
+    public void AnUpgradeToASecondCopyOfTheBinaryUnderADiskJournalIsUnnoticed()
+    {
+        Require();
+        string copy = P("v2/kvm-vmm");
+        Directory.CreateDirectory(P("v2"));
+        string real = Path.GetFullPath(new FileInfo(TestEnvironment.KvmVmm).ResolveLinkTarget(true)?.FullName ?? TestEnvironment.KvmVmm);
+        File.Copy(real, copy);
+        File.Copy(Path.Combine(Path.GetDirectoryName(real)!, "libkvmshim.so"), P("v2/libkvmshim.so"));
+        File.SetUnixFileMode(copy, File.GetUnixFileMode(real));
+
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        using var old = StartVm("blk-log period=10 n=300", disk);
+        string before;
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            Assert.True(console.WaitFor("guestkit: blk-log seq 20\n"), console.Text);
+            var result = Parse(Vmctl("control", "upgrade", P("vm.control"), "--vmm", copy, "--json"), "vmctl control upgrade");
+            _taken.Add(result.Pid);
+            Assert.NotEqual(old.Process.Id, result.Pid);
+            Assert.Equal(copy, result.Vmm);
+            Assert.True(result.PausedSeconds > 0 && result.PausedSeconds <= result.Seconds, JsonSerializer.Serialize(result));
+            Assert.True(console.Closed(Wait), "the old console did not close");
+            before = console.Text;
+        }
+        AssertGivenUp(old);
+        Assert.False(File.Exists(P("vm.exit")), "the old kvm-vmm wrote an exit record, but the VM runs on");
+
+        var status = Vmctl("control", "status", P("vm.control"), "--json");
+        Assert.True(status.ExitCode == 0, status.Stderr);
+        var s = JsonSerializer.Deserialize(status.Stdout, VmControlJson.Default.VmStatus)!;
+        Assert.NotEqual(old.Process.Id, s.Pid);
+        Assert.True(s.State is "running" or "stopped", s.State);
+        using var proc = Process.GetProcessById(s.Pid);
+        Assert.Equal(copy, proc.MainModule?.FileName);
+
+        string after;
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            var record = WaitForExitRecord();
+            Assert.True(record.Status == 0 && !record.Failed, JsonSerializer.Serialize(record));
+            Assert.Equal(s.Pid, record.Pid);
+            Assert.True(console.Closed(Wait));
+            after = console.Text;
+        }
+        Assert.DoesNotContain("blk-log tag=", after);
+        Assert.Contains("guestkit: blk-log done n=300", after);
+        var seqs = Seqs(before + after);
+        Assert.Equal(Enumerable.Range(1, 300), seqs.Distinct());
+        Assert.Equal(seqs.Length, seqs.Distinct().Count());
+        AssertCheckClean(disk);
+        string raw = P("journal.raw");
+        Assert.Equal(0, QemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw).ExitCode);
+        var runs = BlkLogJournal.Runs(raw);
+        Assert.True(runs.Count == 1 && runs[0].Records == 300, string.Join(", ", runs));
+    }
+
+    /// <summary>
+    /// Suspended, the VM's image is moved and it resumes from the new path with a disk added; then
+    /// suspended again, it resumes on a raw copy of its qcow2 image (same content, another format)
+    /// with a new serial. Each resume reports the changes and the pause; the journal goes on in one
+    /// boot to its end on the raw copy; the added disk is there (devices).
+    /// </summary>
+    [SkippableFact]
+    public void SuspendedTheVmResumesWithItsImageMovedOrCopiedAndADiskAdded()
+    {
+        Require();
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        string extra = CreateImage("extra.qcow2", "qcow2", "8M");
+        using var old = StartVm("blk-log period=10 n=400", disk);
+        var text = new System.Text.StringBuilder();
+        string moved = P("moved/journal.qcow2");
+        Directory.CreateDirectory(P("moved"));
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            Assert.True(console.WaitFor("guestkit: blk-log seq 20\n"), console.Text);
+            var suspend = Vmctl("control", "suspend", P("vm.control"));
+            Assert.True(suspend.ExitCode == 0, suspend.Stdout + suspend.Stderr);
+            Assert.StartsWith("suspended", suspend.Stdout);
+            Assert.Contains("suspended", Vmctl("control", "status", P("vm.control")).Stdout);
+            int atSuspend = Seqs(console.Text).Max();
+            Thread.Sleep(500);
+            Assert.Equal(atSuspend, Seqs(console.Text).Max());     // it stands still
+            // The image is closed: it can move, and another process may open it.
+            File.Move(disk, moved);
+            Assert.Equal(0, QemuImg("check", moved).ExitCode);
+
+            var result = Parse(Vmctl("control", "resume", P("vm.control"), "--disk", $"{moved},serial=d0", "--disk", extra, "--json"),
+                "vmctl control resume (moved, added)");
+            _taken.Add(result.Pid);
+            Assert.Contains($"virtio-blk0: image {disk} -> {moved}", result.Changes);
+            Assert.Contains($"virtio-blk1 added: {extra}", result.Changes);
+            Assert.True(result.PausedSeconds >= 0.5, $"the pause since the suspend is {result.PausedSeconds} s");
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        AssertGivenUp(old);
+
+        var devices = Vmctl("control", "devices", P("vm.control"));
+        Assert.Contains("virtio-blk1", devices.Stdout);
+        Assert.Contains(extra, devices.Stdout);
+
+        string copy = P("copy.raw");
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            Assert.True(SpinWait.SpinUntil(() => Seqs(console.Text).DefaultIfEmpty(0).Max() >= 150, Wait), console.Text);
+            int pid = JsonSerializer.Deserialize(Vmctl("control", "status", P("vm.control"), "--json").Stdout, VmControlJson.Default.VmStatus)!.Pid;
+            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+            Assert.Equal(0, QemuImg("convert", "-f", "qcow2", "-O", "raw", moved, copy).ExitCode);
+            File.Delete(moved);
+            var result = Parse(Vmctl("control", "resume", P("vm.control"), "--disk", $"{copy},serial=d9", "--disk", extra, "--json"),
+                "vmctl control resume (copy)");
+            _taken.Add(result.Pid);
+            Assert.NotEqual(pid, result.Pid);
+            Assert.Contains($"virtio-blk0: image {moved} -> {copy}", result.Changes);
+            Assert.Contains("virtio-blk0: serial 'd0' -> 'd9'", result.Changes);
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            var record = WaitForExitRecord();
+            Assert.True(record.Status == 0 && !record.Failed, JsonSerializer.Serialize(record));
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        string all = text.ToString();
+        Assert.Contains("guestkit: blk-log done n=400", all);
+        var seqs = Seqs(all);
+        Assert.Equal(Enumerable.Range(1, 400), seqs.Distinct());
+        Assert.Equal(seqs.Length, seqs.Distinct().Count());
+        var runs = BlkLogJournal.Runs(copy);
+        Assert.True(runs.Count == 1 && runs[0].Records == 400, string.Join(", ", runs));
+        AssertCheckClean(extra);
+    }
+
+    /// <summary>
+    /// What a suspended VM cannot resume with is refused and it stays suspended, nothing lost: a
+    /// changed queue count (refused before any process starts), an image of another size (the new
+    /// process refuses the disk's state and says so), a missing binary. A plain resume then hands
+    /// it on unchanged and its journal carries on to the end.
+    /// </summary>
+    [SkippableFact]
+    public void AChangeTheGuestWouldSeeIsRefusedAndTheVmStaysSuspended()
+    {
+        Require();
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        string bigger = CreateImage("bigger.qcow2", "qcow2", "32M");
+        using var old = StartVm("blk-log period=10 n=200", disk);
+        var text = new System.Text.StringBuilder();
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
+            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+
+            var queues = Vmctl("control", "resume", P("vm.control"), "--disk", $"{disk},serial=d0,queues=2");
+            Assert.True(queues.ExitCode == 1, queues.Stdout + queues.Stderr);
+            Assert.Contains("queues", queues.Stderr);
+
+            var size = Vmctl("control", "resume", P("vm.control"), "--disk", $"{bigger},serial=d0");
+            Assert.True(size.ExitCode == 1, size.Stdout + size.Stderr);
+            Assert.Contains("virtio-blk0", size.Stderr);
+            Assert.Contains("sectors", size.Stderr);
+            Assert.Contains("stays suspended", size.Stderr);
+
+            var missing = Vmctl("control", "upgrade", P("vm.control"), "--vmm", P("nowhere/kvm-vmm"));
+            Assert.True(missing.ExitCode == 1, missing.Stdout + missing.Stderr);
+            Assert.Contains(P("nowhere/kvm-vmm"), missing.Stderr);
+
+            var status = JsonSerializer.Deserialize(Vmctl("control", "status", P("vm.control"), "--json").Stdout, VmControlJson.Default.VmStatus)!;
+            Assert.Equal("suspended", status.State);
+            // The processes that could not take the VM left the exit file alone: the VM has not ended.
+            Assert.False(File.Exists(P("vm.exit")), File.Exists(P("vm.exit")) ? File.ReadAllText(P("vm.exit")) : "");
+            Assert.Equal(old.Process.Id, status.Pid);
+
+            var result = Parse(Vmctl("control", "resume", P("vm.control"), "--json"), "vmctl control resume");
+            _taken.Add(result.Pid);
+            Assert.Empty(result.Changes);
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        AssertGivenUp(old);
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            var record = WaitForExitRecord();
+            Assert.True(record.Status == 0 && !record.Failed, JsonSerializer.Serialize(record));
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        var seqs = Seqs(text.ToString());
+        Assert.Equal(Enumerable.Range(1, 200), seqs.Distinct());
+        Assert.Equal(seqs.Length, seqs.Distinct().Count());
+        AssertCheckClean(disk);
+    }
+}
