@@ -62,7 +62,11 @@ public sealed class LazyMemoryLoader : IDisposable
     /// <summary>
     /// Registers <paramref name="memory"/> (fresh: nothing of it touched yet) for loading from
     /// <paramref name="file"/>, which this loader owns from here on. Nothing is loaded until
-    /// <see cref="LoadFirst"/> or <see cref="Start"/>.
+    /// <see cref="LoadFirst"/> or <see cref="Start"/>, but a page touched is loaded from here on:
+    /// the fault thread starts at once, because restoring the vCPUs' state already touches guest
+    /// RAM (KVM writes the kvmclock, steal-time and PV EOI pages a Linux guest set up, from inside
+    /// the ioctls that restore their MSRs), and those writes would wait forever for a fault thread
+    /// that starts only with the vCPUs.
     /// </summary>
     public static LazyMemoryLoader Register(GuestMemory memory, SnapshotMemoryFile file, ILogger log)
     {
@@ -73,7 +77,10 @@ public sealed class LazyMemoryLoader : IDisposable
         {
             foreach (var r in memory.Regions)
                 uffd.Register(r.Host, r.Size, KvmShim.UffdRegisterMissing);
-            return new LazyMemoryLoader(memory, file, uffd, log);
+            var loader = new LazyMemoryLoader(memory, file, uffd, log);
+            loader._faultThread = new Thread(loader.FaultLoop) { IsBackground = true, Name = "ram faults" };
+            loader._faultThread.Start();
+            return loader;
         }
         catch
         {
@@ -96,7 +103,7 @@ public sealed class LazyMemoryLoader : IDisposable
     }
 
     /// <summary>
-    /// Starts the fault thread and the background loader, which brings in at most
+    /// Starts the background loader, which brings in at most
     /// <paramref name="backgroundBytesPerSecond"/> (null: as fast as it can; 0: none, so only what
     /// is touched is ever loaded and the loader never finishes).
     /// </summary>
@@ -104,8 +111,6 @@ public sealed class LazyMemoryLoader : IDisposable
     {
         if (backgroundBytesPerSecond < 0)
             throw new ArgumentOutOfRangeException(nameof(backgroundBytesPerSecond), backgroundBytesPerSecond, "a rate is not negative");
-        _faultThread = new Thread(FaultLoop) { IsBackground = true, Name = "ram faults" };
-        _faultThread.Start();
         if (backgroundBytesPerSecond == 0)
             return;
         _backgroundThread = new Thread(() => BackgroundLoop(backgroundBytesPerSecond)) { IsBackground = true, Name = "ram loader", Priority = ThreadPriority.BelowNormal };
@@ -247,6 +252,7 @@ public sealed class LazyMemoryLoader : IDisposable
                         continue;
                     long loaded = Load(region, chunk, buffer);
                     Interlocked.Add(ref _bytesOnTouch, loaded);
+                    SnapshotLog.LazyFault(_log, faults[i].Address, faults[i].Write ? "write" : "read", loaded);
                     if (loaded == 0)
                     {
                         // Another thread loads it: its fill wakes the waiter. Once it is in, wake anyway.
@@ -316,6 +322,9 @@ internal static partial class SnapshotLog
 {
     [LoggerMessage(EventId = 1401, Level = LogLevel.Information, Message = "lazy restore: all {Size} of guest RAM loaded in {Seconds:0.###} s ({Faults} touches waited)")]
     public static partial void LazyLoadDone(ILogger logger, string size, double seconds, long faults);
+
+    [LoggerMessage(EventId = 1403, Level = LogLevel.Trace, Message = "lazy restore: fault at 0x{Address:x} ({Flags}): {Bytes} bytes loaded")]
+    public static partial void LazyFault(ILogger logger, ulong address, string flags, long bytes);
 
     [LoggerMessage(EventId = 1402, Level = LogLevel.Error, Message = "lazy restore: the {Thread} loader failed: {Error}")]
     public static partial void LazyLoadFailed(ILogger logger, string thread, string error);
