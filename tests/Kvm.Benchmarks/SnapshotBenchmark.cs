@@ -26,12 +26,12 @@ using Kvm.Tests.Shared;
 /// </summary>
 internal static partial class SnapshotBenchmark
 {
-    private const string Usage =
-        "Usage: Kvm.Benchmarks snapshot [--runs N] [--sizes 256M,1G] [--touch SIZE] [--modes eager,lazy] [--limit S] [--dir FOLDER] [--keep]\n" +
+    private static string Usage =>
+        "Usage: Kvm.Benchmarks snapshot [--runs N] [--sizes 256M,1G] [--touch SIZE] [--modes M,...] [--limit S] [--dir FOLDER] [--keep]\n" +
         "  --runs N        saves and restores of each kind per size, alternating this VMM and QEMU (default 5)\n" +
         "  --sizes L       guest RAM sizes (default 256M,1G)\n" +
         "  --touch SIZE    the working set the guest reads after the restore (default 64M)\n" +
-        "  --modes L       this VMM's restore modes to measure (default: all of " + "eager,lazy" + ")\n" +
+        "  --modes L       this VMM's restore modes to measure (default: all of " + string.Join(',', Modes.Select(m => m.Name)) + ")\n" +
         "  --limit S       seconds any one step (a boot and fill, a save, a restore) may take (default 600)\n" +
         "  --dir FOLDER    where the snapshots go (default: a new folder under the temp folder)\n" +
         "  --keep          leave the snapshots there afterwards";
