@@ -34,7 +34,9 @@ internal static partial class SnapshotBenchmark
         "  --modes L       this VMM's restore modes to measure (default: all of " + string.Join(',', Modes.Select(m => m.Name)) + ")\n" +
         "  --limit S       seconds any one step (a boot and fill, a save, a restore) may take (default 600)\n" +
         "  --dir FOLDER    where the snapshots go (default: a new folder under the temp folder)\n" +
-        "  --keep          leave the snapshots there afterwards";
+        "  --keep          leave the snapshots there afterwards\n" +
+        "  --qemu-memfd    back QEMU's guest RAM with a memfd, as kvm-vmm's is (default: QEMU's own, anonymous memory,\n" +
+        "                  which it puts on transparent huge pages)";
 
     /// <summary>
     /// One way this VMM restores, with the snapshot it restores from: <paramref name="BusyGuest"/>
@@ -99,6 +101,9 @@ internal static partial class SnapshotBenchmark
                     break;
                 case "--keep":
                     keep = true;
+                    break;
+                case "--qemu-memfd":
+                    _qemuMemfd = true;
                     break;
                 case "--help" or "-h":
                     Console.WriteLine(Usage);
@@ -191,7 +196,8 @@ internal static partial class SnapshotBenchmark
         }
 
         Console.WriteLine($"save and restore, kvm-vmm against QEMU ({started:yyyy-MM-dd HH:mm} UTC, {Place.ForVm}, {qemuVersion})");
-        Console.WriteLine($"guest: the guest kit's 'restore-touch', 1 vCPU; QEMU -M microvm -accel kvm. It fills its RAM from 2 MiB up to " +
+        Console.WriteLine($"guest: the guest kit's 'restore-touch', 1 vCPU; QEMU -M microvm -accel kvm" +
+                          (_qemuMemfd ? " with its RAM in a memfd (memory-backend-memfd, as kvm-vmm's)" : " (its RAM anonymous memory, QEMU's default)") + ". It fills its RAM from 2 MiB up to " +
                           $"{Mib(UnfilledTop)} below the top with a pattern of non-zero words (so neither VMM can skip zero pages), then waits, " +
                           $"polling COM1 for a byte. Snapshots on {work}; median of {runs}, this VMM and QEMU alternating.");
         Console.WriteLine();
@@ -498,8 +504,12 @@ internal static partial class SnapshotBenchmark
 
     private static string QemuPath => TestEnvironment.FindOnPath("qemu-system-x86_64")!;
 
+    /// <summary>--qemu-memfd: QEMU's guest RAM a memfd (memory-backend-memfd), as kvm-vmm's, rather than its anonymous memory.</summary>
+    private static bool _qemuMemfd;
+
     private static string[] QemuArgs(ulong size, ulong touch) =>
     [
+        .. _qemuMemfd ? new[] { "-object", $"memory-backend-memfd,id=ram,size={size >> 20}M", "-machine", "memory-backend=ram" } : [],
         "-accel", "kvm", "-M", "microvm", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-smp", "1", "-m", $"{size >> 20}M",
         "-kernel", TestEnvironment.GuestKit, "-append", Cmdline(size, touch, busy: false),
