@@ -25,6 +25,7 @@ static const struct workload workloads[] = {
     { "count", wl_count },
     { "dirty", wl_dirty },
     { "pattern", wl_pattern },
+    { "restore-touch", wl_restore_touch },
     { "fault", wl_fault },
     { "info", wl_info },
     { "reset", wl_reset },

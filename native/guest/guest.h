@@ -63,6 +63,7 @@ extern volatile uint64_t gk_intx_isr;
 /* Ports */
 #define SERIAL_PORT             0x3f8
 #define SERIAL_LSR              (SERIAL_PORT + 5)
+#define SERIAL_LSR_DR           0x01
 #define SERIAL_LSR_THRE         0x20
 #define DEBUG_EXIT_PORT         0xf4
 
@@ -224,6 +225,7 @@ int wl_exit(int argc, char **argv);
 int wl_count(int argc, char **argv);
 int wl_dirty(int argc, char **argv);
 int wl_pattern(int argc, char **argv);
+int wl_restore_touch(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_reset(int argc, char **argv);

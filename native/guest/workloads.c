@@ -106,6 +106,88 @@ int wl_pattern(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* A byte arrived on COM1 (LSR data ready): read it and return true. */
+static bool serial_byte_arrived(void)
+{
+    if (!(inb(SERIAL_LSR) & SERIAL_LSR_DR))
+        return false;
+    (void)inb(SERIAL_PORT);
+    return true;
+}
+
+/* Reads the first word of every page of [start, end) and checks it against the pattern. */
+static void touch_check(uint64_t start, uint64_t end, uint64_t seed)
+{
+    for (uint64_t addr = start; addr < end; addr += PAGE_SIZE) {
+        uint64_t v = *(volatile uint64_t *)(uintptr_t)addr;
+        if (v != pattern_value(addr, seed))
+            gk_fail("restore-touch: 0x%lx holds 0x%lx, not 0x%lx", addr, v, pattern_value(addr, seed));
+    }
+}
+
+/*
+ * For save/restore benchmarks: fill RAM with the pattern, then wait for a byte on the serial
+ * port (a VMM is saved while it waits, and the restored one is sent the byte); print a line at
+ * once, read the working set (the last `touch` bytes of the filled region) a page at a time,
+ * timing it with the TSC, report, and wait for one more byte before exiting.
+ */
+int wl_restore_touch(int argc, char **argv)
+{
+    uint64_t fill = 0, touch = 64ull << 20, busy = 0, seed = 1;
+    const struct param params[] = {
+        { .key = "fill", .size = true, .required = true, .max = FOUR_GIB, .value = &fill },
+        { .key = "touch", .size = true, .required = false, .max = FOUR_GIB, .value = &touch },
+        { .key = "busy", .required = false, .max = 1, .value = &busy },
+        { .key = "seed", .required = false, .max = UINT64_MAX, .value = &seed },
+    };
+
+    if (!parse_params("restore-touch", argc, argv, params, 4))
+        return EXIT_USAGE;
+    uint64_t base = ram_area_base();
+    fill &= ~(PAGE_SIZE - 1);
+    touch &= ~(PAGE_SIZE - 1);
+    if (!ram_area_fits(base, fill)) {
+        gk_printf("guestkit: error: restore-touch: fill=%lu at 0x%lx does not fit in guest RAM\n", fill, base);
+        return EXIT_USAGE;
+    }
+    if (touch == 0 || touch > fill) {
+        gk_printf("guestkit: error: restore-touch: touch=%lu must be from 4K up to fill=%lu\n", touch, fill);
+        return EXIT_USAGE;
+    }
+    time_init();
+    for (uint64_t addr = base; addr < base + fill; addr += 8)
+        *(volatile uint64_t *)(uintptr_t)addr = pattern_value(addr, seed);
+    uint64_t ws = base + fill - touch, ws_end = base + fill;
+    gk_printf("guestkit: restore-touch ready fill=%lu touch=%lu base=0x%lx ws=0x%lx\n", fill, touch, base, ws);
+
+    /*
+     * Wait. busy=0 looks at the port every ~20 us and does nothing else; busy=1 reads the
+     * working set round and round, looking at the port after every 64 KiB.
+     */
+    uint64_t at = ws, pause = tsc_hz / 50000;
+    for (;;) {
+        if (serial_byte_arrived())
+            break;
+        if (busy) {
+            touch_check(at, at + (64u << 10) < ws_end ? at + (64u << 10) : ws_end, seed);
+            at = at + (64u << 10) < ws_end ? at + (64u << 10) : ws;
+        } else {
+            uint64_t until = rdtsc() + pause;
+            while (rdtsc() < until)
+                cpu_relax();
+        }
+    }
+    gk_printf("guestkit: restore-touch resumed\n");
+    uint64_t t0 = rdtsc();
+    touch_check(ws, ws_end, seed);
+    uint64_t ns = tsc_to_ns(rdtsc() - t0);
+    gk_printf("guestkit: restore-touch touched bytes=%lu pages=%lu ns=%lu\n", touch, touch / 4096, ns);
+    while (!serial_byte_arrived())
+        cpu_relax();
+    gk_printf("guestkit: restore-touch done\n");
+    return EXIT_OK;
+}
+
 static uint64_t dirty_value(uint64_t addr, uint64_t pass)
 {
     return addr ^ ((pass + 1) * 0x9e3779b97f4a7c15ull);

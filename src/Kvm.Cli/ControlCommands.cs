@@ -236,6 +236,10 @@ public static class ControlCommands
     private static void PrintStats(VmStats s)
     {
         Console.WriteLine($"memory: guest {s.Memory.GuestBytes} bytes, kvm-vmm resident {s.Memory.ResidentBytes} bytes");
+        if (s.Memory.Load is { } l)
+            Console.WriteLine($"lazy restore: {l.BytesOnTouch + l.BytesFirst + l.BytesInBackground} of {l.BytesTotal} bytes loaded " +
+                              $"({l.BytesFirst} first, {l.BytesOnTouch} on touch, {l.BytesInBackground} in the background), {l.Faults} touches waited" +
+                              (l.Seconds is { } t ? $", all in {t.ToString("0.###", CultureInfo.InvariantCulture)} s" : ", still loading"));
         foreach (var d in s.Disks)
         {
             Console.WriteLine($"{d.Id}: {d.Image}{(d.ReadOnly ? " (read-only)" : "")}");

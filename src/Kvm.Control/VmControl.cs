@@ -408,7 +408,9 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
     }
 
     public VmStats Stats() => new(
-        new MemoryStats(vm.Spec.MemoryBytes, ResidentBytes()),
+        new MemoryStats(vm.Spec.MemoryBytes, ResidentBytes(), vm.MemoryLoader?.Stats is { } l
+            ? new MemoryLoadStats(l.Faults, l.BytesOnTouch, l.BytesFirst, l.BytesInBackground, l.BytesTotal, l.Seconds)
+            : null),
         vm.Disks.Select((d, i) =>
         {
             var block = (VirtioBlock)d.Device;

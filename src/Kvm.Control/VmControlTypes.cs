@@ -50,8 +50,19 @@ public sealed record HandoverResult(int Pid, string Vmm, double PausedSeconds, d
 /// <summary>The reply to <c>stats</c>.</summary>
 public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);
 
-/// <summary>Guest RAM as configured, and this process's resident memory (VmRSS) now.</summary>
-public sealed record MemoryStats(ulong GuestBytes, long ResidentBytes);
+/// <summary>
+/// Guest RAM as configured, this process's resident memory (VmRSS) now, and, for a VM restored
+/// with lazy memory, how far its loader has come (null otherwise).
+/// </summary>
+public sealed record MemoryStats(ulong GuestBytes, long ResidentBytes, MemoryLoadStats? Load = null);
+
+/// <summary>
+/// A lazy restore's loader (<c>Kvm.Vmm.Snapshot.LazyLoadStats</c>): touches of guest RAM that waited
+/// for their chunk, bytes loaded because they were touched, before the vCPUs started (a working
+/// set), by the background loader, of all; seconds from the start of loading to the last byte,
+/// null while it still loads.
+/// </summary>
+public sealed record MemoryLoadStats(long Faults, long BytesOnTouch, long BytesFirst, long BytesInBackground, long BytesTotal, double? Seconds);
 
 /// <summary>One virtio-blk device: its image and what it has served (service times in microseconds).</summary>
 public sealed record DiskStats(string Id, string Image, bool ReadOnly, long Reads, long Writes, long Flushes, long Discards,

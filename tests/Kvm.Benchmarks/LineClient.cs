@@ -95,18 +95,24 @@ internal sealed class LineClient : IDisposable
         }
     }
 
-    /// <summary>A QMP command; returns the whole reply, whose 'return' it has checked is there (events on the way are skipped).</summary>
-    public JsonDocument Qmp(string command)
+    /// <summary>
+    /// A QMP command, with <paramref name="arguments"/> (a JSON object) if given; returns the whole
+    /// reply, whose 'return' it has checked is there. Events on the way are kept for
+    /// <see cref="WaitMigration"/> (and dropped by <see cref="ClearEvents"/>).
+    /// </summary>
+    public JsonDocument Qmp(string command, string? arguments = null)
     {
         long id = ++_id;
-        Send($"{{\"execute\":\"{command}\",\"id\":{id}}}");
+        Send(arguments is null
+            ? $"{{\"execute\":\"{command}\",\"id\":{id}}}"
+            : $"{{\"execute\":\"{command}\",\"arguments\":{arguments},\"id\":{id}}}");
         while (true)
         {
             var reply = ReadJson();
             var root = reply.RootElement;
             if (root.TryGetProperty("event", out _))
             {
-                reply.Dispose();
+                _events.Enqueue(reply);
                 continue;
             }
             if (root.TryGetProperty("return", out _))
@@ -114,6 +120,68 @@ internal sealed class LineClient : IDisposable
             string text = root.GetRawText();
             reply.Dispose();
             throw new BenchmarkFailure($"QMP {command} at {_path} failed: {text}");
+        }
+    }
+
+    private readonly Queue<JsonDocument> _events = new();
+
+    /// <summary>Drops the QMP events kept so far.</summary>
+    public void ClearEvents()
+    {
+        while (_events.TryDequeue(out var e))
+            e.Dispose();
+    }
+
+    /// <summary>
+    /// Waits for QEMU's MIGRATION event that says completed (the 'events' migration capability must
+    /// be on); a failed or cancelled migration, or a read that waits past the socket's timeout, fails.
+    /// </summary>
+    public void WaitMigration()
+    {
+        while (true)
+        {
+            using var e = _events.TryDequeue(out var kept) ? kept : ReadJson();
+            var root = e.RootElement;
+            if (root.TryGetProperty("event", out var name) && name.GetString() == "MIGRATION"
+                && root.GetProperty("data").GetProperty("status").GetString() is { } status)
+            {
+                if (status == "completed")
+                    return;
+                if (status is "failed" or "cancelled")
+                    throw new BenchmarkFailure($"QEMU's migration at {_path} ended '{status}'");
+            }
+        }
+    }
+
+    /// <summary>
+    /// Accepts QEMU's QMP monitor on <paramref name="listener"/> (QEMU started with
+    /// <c>-chardev socket,path=...</c> as a client, so nobody polls for its socket), reads its
+    /// greeting and leaves capability negotiation. Waits up to <paramref name="timeout"/>, unless
+    /// QEMU ends first (<paramref name="ended"/>); a later read that waits that long fails.
+    /// </summary>
+    public static LineClient AcceptQmp(Socket listener, string path, Func<bool> ended, TimeSpan timeout)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!listener.Poll(TimeSpan.FromMilliseconds(100), SelectMode.SelectRead))
+        {
+            if (clock.Elapsed > timeout || ended())
+                throw new BenchmarkFailure($"QEMU did not connect its QMP monitor to {path}");
+        }
+        var socket = listener.Accept();
+        socket.ReceiveTimeout = (int)timeout.TotalMilliseconds;
+        var c = new LineClient(socket, path);
+        try
+        {
+            using (var greeting = c.ReadJson())
+                if (!greeting.RootElement.TryGetProperty("QMP", out _))
+                    throw new BenchmarkFailure($"QMP at {path}: no greeting but {greeting.RootElement.GetRawText()}");
+            c.Qmp("qmp_capabilities").Dispose();
+            return c;
+        }
+        catch
+        {
+            c.Dispose();
+            throw;
         }
     }
 
@@ -172,7 +240,11 @@ internal sealed class LineClient : IDisposable
         }
     }
 
-    public void Dispose() => _socket.Dispose();
+    public void Dispose()
+    {
+        ClearEvents();
+        _socket.Dispose();
+    }
 }
 
 /// <summary>A run or a step of a benchmark that did not go as expected.</summary>

@@ -12,11 +12,15 @@ using Kvm.Tests.Shared;
 //   kvmd: kvmd's RPC round trip against QEMU's QMP, vmctl list and vm.list with 100 VMs in the
 //         inventory, VM creation to the guest's first line through kvmd against vmctl run and QEMU,
 //         and a lease takeover after the owner freezes against the lease duration (KvmdBenchmark.cs).
-// boot, blk, linux and kvmd (all but its 'list' part) need /dev/kvm; where the machine has none,
+//   snapshot: save, restore to first instruction and the working set after a restore, for 256 MiB and
+//         1 GiB guests, kvm-vmm (eager and lazy) against QEMU's migration to and from a file
+//         (SnapshotBenchmark.cs).
+// boot, blk, linux, kvmd (all but its 'list' part) and snapshot need /dev/kvm; where the machine has none,
 // `make bench` runs them inside one nested KVM host (tests/kvm-host/kvm-host). Each prints where it
 // measured.
 // Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"] [BLK_BENCH_ARGS="--runs 5"]
 //                   [LINUX_BENCH_ARGS="--runs 3 --limit 300"] [KVMD_BENCH_ARGS="--calls 1000"]
+//                   [SNAPSHOT_BENCH_ARGS="--runs 3 --sizes 256M"]
 
 if (args.Length > 0 && args[0] == "disk")
     return DiskBenchmark.Run(args[1..]);
@@ -26,6 +30,8 @@ if (args.Length > 0 && args[0] == "linux")
     return LinuxBootBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "kvmd")
     return KvmdBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "snapshot")
+    return SnapshotBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "boot")
     args = args[1..];
 
@@ -36,7 +42,7 @@ for (int i = 0; i < args.Length; i++)
         runs = n;
     else if (args[i] is "--help" or "-h")
     {
-        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk|blk|linux|kvmd --help");
+        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk|blk|linux|kvmd|snapshot --help");
         return 0;
     }
 }

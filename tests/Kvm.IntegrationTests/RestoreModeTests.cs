@@ -45,6 +45,18 @@ public sealed class RestoreModeTests : BlkTestBase
                 Assert.True(loader.WaitDone(Wait), $"the lazy loader did not finish: {loader.Stats}");
             stats = loader.Stats;
         }
+        // The control socket's stats carry the loader's counters; nothing for an eager restore.
+        using (var control = new Kvm.Control.VmControl(vm))
+        {
+            var load = control.Stats().Memory.Load;
+            Assert.Equal(stats is not null, load is not null);
+            if (stats is not null)
+            {
+                Assert.Equal(stats.BytesTotal, load!.BytesTotal);
+                Assert.Equal(stats.Faults, load.Faults);
+                Assert.Equal(stats.Seconds is null, load.Seconds is null);
+            }
+        }
         return (vm.Stopped.Result, serial.Text, stats);
     }
 
