@@ -78,9 +78,10 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         return JsonSerializer.Deserialize(r.Stdout, VmControlJson.Default.HandoverResult)!;
     }
 
-    private static int[] Seqs(string console) => console.Split('\n')
-        .Where(l => l.StartsWith("guestkit: blk-log seq ", StringComparison.Ordinal))
-        .Select(l => int.Parse(l["guestkit: blk-log seq ".Length..].Trim(), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+    /// <summary>The journal's record numbers in whole lines of <paramref name="console"/> (the last may still be arriving).</summary>
+    private static int[] Seqs(string console) => System.Text.RegularExpressions.Regex.Matches(console, @"^guestkit: blk-log seq (\d+)\r?\n",
+            System.Text.RegularExpressions.RegexOptions.Multiline)
+        .Select(m => int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)).ToArray();
 
     /// <summary>The old process gives the VM up: it exits 0 and leaves the exit file to the new one.</summary>
     private static void AssertGivenUp(LiveProcess old)
