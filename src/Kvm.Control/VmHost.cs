@@ -99,20 +99,7 @@ public static partial class VmHost
             console?.Start();
             if (options.ControlSocket is { } controlPath)
             {
-                var dispatcher = new RpcDispatcher(logger);
-                vmControl = new VmControl(vm, options, () =>
-                {
-                    control!.LeaveSocketFile = true;
-                    if (console is not null)
-                        console.LeaveSocketFile = true;
-                });
-                vmControl.Register(dispatcher);
-                control = new RpcServer(new RpcServerOptions
-                {
-                    SocketPath = controlPath,
-                    Access = options.Access,
-                    SocketMode = options.SocketMode,
-                }, dispatcher, logger);
+                (vmControl, control) = ServeControl(vm, options, controlPath, console, takeOver: false, logger);
                 control.Start();
             }
             var reason = vm.Run(cancel);
@@ -128,6 +115,41 @@ public static partial class VmHost
             console?.DisposeAsync().AsTask().GetAwaiter().GetResult();
             terminal?.Dispose();
         }
+    }
+
+    /// <summary>
+    /// The VM's control operations on a control socket at <paramref name="path"/> (not started
+    /// yet); a hand-over leaves this server's and <paramref name="console"/>'s socket files to the
+    /// new process. <paramref name="takeOver"/>: take the path from a live server handing it over.
+    /// </summary>
+    private static (VmControl Control, RpcServer Server) ServeControl(VirtualMachine vm, VmHostOptions options, string path,
+        ConsoleServer? console, bool takeOver, ILogger logger)
+    {
+        var dispatcher = new RpcDispatcher(logger);
+        RpcServer? server = null;
+        var vmControl = new VmControl(vm, options, () =>
+        {
+            server!.LeaveSocketFile = true;
+            if (console is not null)
+                console.LeaveSocketFile = true;
+        });
+        vmControl.Register(dispatcher);
+        try
+        {
+            server = new RpcServer(new RpcServerOptions
+            {
+                SocketPath = path,
+                Access = options.Access,
+                SocketMode = options.SocketMode,
+                TakeOver = takeOver,
+            }, dispatcher, logger);
+        }
+        catch
+        {
+            vmControl.Dispose();
+            throw;
+        }
+        return (vmControl, server);
     }
 
     /// <summary>
@@ -151,20 +173,7 @@ public static partial class VmHost
                 launch.Ready();
                 console = new ConsoleServer(consolePath, options.Access, options.SocketMode,
                     bytes => vm.Serial.EnqueueInput(bytes.Span), logger, takeOver: true);
-                var dispatcher = new RpcDispatcher(logger);
-                vmControl = new VmControl(vm, options, () =>
-                {
-                    control!.LeaveSocketFile = true;
-                    console.LeaveSocketFile = true;
-                });
-                vmControl.Register(dispatcher);
-                control = new RpcServer(new RpcServerOptions
-                {
-                    SocketPath = controlPath,
-                    Access = options.Access,
-                    SocketMode = options.SocketMode,
-                    TakeOver = true,
-                }, dispatcher, logger);
+                (vmControl, control) = ServeControl(vm, options, controlPath, console, takeOver: true, logger);
             }
             catch (Exception e)
             {

@@ -52,20 +52,7 @@ internal sealed class LineClient : IDisposable
         {
             try
             {
-                var c = Connect(path, timeout);
-                try
-                {
-                    using (var greeting = c.ReadJson())
-                        if (!greeting.RootElement.TryGetProperty("QMP", out _))
-                            throw new BenchmarkFailure($"QMP at {path}: no greeting but {greeting.RootElement.GetRawText()}");
-                    c.Qmp("qmp_capabilities").Dispose();
-                    return c;
-                }
-                catch
-                {
-                    c.Dispose();
-                    throw;
-                }
+                return Greeted(Connect(path, timeout), path);
             }
             catch (BenchmarkFailure) when (clock.Elapsed < timeout)
             {
@@ -169,7 +156,12 @@ internal sealed class LineClient : IDisposable
         }
         var socket = listener.Accept();
         socket.ReceiveTimeout = (int)timeout.TotalMilliseconds;
-        var c = new LineClient(socket, path);
+        return Greeted(new LineClient(socket, path), path);
+    }
+
+    /// <summary>Reads QEMU's QMP greeting on <paramref name="c"/> and enters command mode; disposes of it on failure.</summary>
+    private static LineClient Greeted(LineClient c, string path)
+    {
         try
         {
             using (var greeting = c.ReadJson())
