@@ -12,7 +12,8 @@ public static unsafe partial class KvmShim
     public const ulong UffdPagefaultWrite = 1, UffdPagefaultWriteProtect = 2, UffdPagefaultMinor = 4;
 
     /// <summary>UFFDIO_API features.</summary>
-    public const ulong UffdFeatureMissingHugetlbfs = 1 << 4, UffdFeatureMissingShmem = 1 << 5, UffdFeatureMinorShmem = 1 << 10;
+    public const ulong UffdFeatureMissingHugetlbfs = 1 << 4, UffdFeatureMissingShmem = 1 << 5, UffdFeatureMinorHugetlbfs = 1 << 9,
+        UffdFeatureMinorShmem = 1 << 10;
 
     /// <summary>UFFDIO_COPY/ZEROPAGE/CONTINUE mode: do not wake the faulting threads (a UFFDIO_WAKE follows).</summary>
     public const ulong UffdDontWake = 1;
