@@ -72,6 +72,9 @@ public sealed class VirtualMachine : IDisposable
     /// <summary>A lazy restore's loader, while this machine's RAM comes in from a snapshot; null otherwise.</summary>
     public Snapshot.LazyMemoryLoader? MemoryLoader { get; set; }
 
+    /// <summary>Where this machine logs.</summary>
+    internal ILogger Log => _log;
+
     /// <summary>Where the guest finds the device with <paramref name="id"/> ("port 0x3f8-0x3ff", "pci 00:01.0"), or null.</summary>
     public string? DeviceLocation(string id) => _devices.Locations.GetValueOrDefault(id);
     /// <summary>The kernel when it is an ELF booted through its PVH entry; null for a bzImage.</summary>

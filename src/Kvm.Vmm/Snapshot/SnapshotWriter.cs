@@ -14,7 +14,9 @@ namespace Kvm.Vmm.Snapshot;
 /// <param name="StateBytes">The state file's length.</param>
 /// <param name="MemoryDataSize">The guest RAM bytes in the memory file (after its header page).</param>
 /// <param name="MemoryBytesWritten">The guest RAM bytes actually written: the rest were pages of zeros, left as holes.</param>
-public sealed record SnapshotWriteResult(string StatePath, string MemoryPath, long StateBytes, ulong MemoryDataSize, ulong MemoryBytesWritten);
+/// <param name="SnapshotId">The snapshot's id (both files carry it).</param>
+public sealed record SnapshotWriteResult(string StatePath, string MemoryPath, long StateBytes, ulong MemoryDataSize, ulong MemoryBytesWritten,
+    Guid SnapshotId);
 
 /// <summary>
 /// Writes a snapshot (layout: <see cref="SnapshotFormat"/>): the memory file and the state file,
@@ -66,7 +68,7 @@ public static class SnapshotWriter
             File.Move(stateTemp, statePath, overwrite: true);
             using (var dir = DirectoryHandle.Open(directory))
                 dir.Sync(directory);
-            return new SnapshotWriteResult(statePath, memoryPath, stateBytes.Length, state.MemoryDataSize, written);
+            return new SnapshotWriteResult(statePath, memoryPath, stateBytes.Length, state.MemoryDataSize, written, state.Id);
         }
         finally
         {
@@ -75,6 +77,40 @@ public static class SnapshotWriter
                 TryDelete(memoryTemp);
                 TryDelete(stateTemp);
             }
+        }
+    }
+
+    /// <summary>
+    /// Replaces the state file in <paramref name="directory"/> with <paramref name="state"/>
+    /// (the same snapshot with something added, such as its working set; the memory file stays as
+    /// it is): written under a temporary name, flushed, renamed over the old one, the directory
+    /// flushed. A failure before the rename leaves the old state file as it was. Returns the new
+    /// file's length.
+    /// </summary>
+    public static long RewriteState(string directory, SnapshotState state)
+    {
+        byte[] stateBytes = EncodeState(state);
+        string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
+        string stateTemp = Path.Combine(directory,
+            $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(4))}");
+        bool renamed = false;
+        try
+        {
+            using (var file = File.OpenHandle(stateTemp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            {
+                RandomAccess.Write(file, stateBytes, 0);
+                RandomAccess.FlushToDisk(file);
+            }
+            File.Move(stateTemp, statePath, overwrite: true);
+            renamed = true;
+            using (var dir = DirectoryHandle.Open(directory))
+                dir.Sync(directory);
+            return stateBytes.Length;
+        }
+        finally
+        {
+            if (!renamed)
+                TryDelete(stateTemp);
         }
     }
 

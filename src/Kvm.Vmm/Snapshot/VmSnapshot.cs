@@ -62,6 +62,93 @@ public static class VmSnapshot
     }
 
     /// <summary>
+    /// Saves <paramref name="vm"/>, which must be paused, as <see cref="Save"/> does, then records
+    /// its working set: the VM runs (<paramref name="resume"/> resumes it; null:
+    /// <see cref="VirtualMachine.Resume"/>) for <paramref name="window"/> while every guest page it
+    /// touches is traced (<see cref="WorkingSetTracer"/>), and those pages are added to the
+    /// snapshot's state file (<see cref="RecordWorkingSet"/>), for a lazy restore to load first.
+    /// The VM is left running. A VM whose RAM a lazy restore is still loading is refused before
+    /// anything is written (<see cref="InvalidOperationException"/>). When the trace is not
+    /// possible here (no userfaultfd minor faults, RAM in a plain file) or fails, the snapshot stays
+    /// as written, without a working set, and the result says why; with
+    /// <paramref name="required"/> that is a <see cref="WorkingSetUnavailableException"/> instead
+    /// (the snapshot is written all the same, and the VM is not resumed if the trace never started).
+    /// </summary>
+    public static WorkingSetSaveResult SaveWithWorkingSet(VirtualMachine vm, string directory, TimeSpan window, bool required = false,
+        Action? resume = null, CancellationToken cancellationToken = default)
+    {
+        if (window <= TimeSpan.Zero || window > MaxWorkingSetWindow)
+            throw new ArgumentOutOfRangeException(nameof(window), window, $"a working-set window is more than 0 and at most {MaxWorkingSetWindow.TotalSeconds} s");
+        if (WorkingSetTracer.Refusal(vm) is { } refusal)
+            throw new InvalidOperationException(refusal);
+        var written = Save(vm, directory, cancellationToken: cancellationToken);
+        var log = vm.Log;
+        WorkingSetTracer tracer;
+        try
+        {
+            tracer = WorkingSetTracer.Start(vm);
+        }
+        catch (WorkingSetUnavailableException e)
+        {
+            if (required)
+                throw new WorkingSetUnavailableException($"the snapshot in {directory} was written without a working set: {e.Message}", e);
+            SnapshotLog.WorkingSetSkipped(log, directory, e.Message);
+            return new WorkingSetSaveResult(written, null, e.Message);
+        }
+        WorkingSet workingSet;
+        using (tracer)
+        {
+            (resume ?? vm.Resume)();
+            try
+            {
+                cancellationToken.WaitHandle.WaitOne(window);
+                workingSet = tracer.Stop();
+            }
+            catch (WorkingSetUnavailableException e)
+            {
+                if (required)
+                    throw new WorkingSetUnavailableException($"the snapshot in {directory} was written without a working set: {e.Message}", e);
+                SnapshotLog.WorkingSetSkipped(log, directory, e.Message);
+                return new WorkingSetSaveResult(written, null, e.Message);
+            }
+        }
+        cancellationToken.ThrowIfCancellationRequested();
+        long stateBytes = RecordWorkingSet(directory, written.SnapshotId, workingSet.Ranges);
+        SnapshotLog.WorkingSetRecorded(log, directory, workingSet.Pages, GuestMemory.FormatSize(workingSet.Pages * SnapshotFormat.PageSize),
+            workingSet.Ranges.Count, workingSet.Seconds);
+        return new WorkingSetSaveResult(written with { StateBytes = stateBytes }, workingSet, null);
+    }
+
+    /// <summary>The longest working-set window a save takes.</summary>
+    public static readonly TimeSpan MaxWorkingSetWindow = TimeSpan.FromMinutes(10);
+
+    /// <summary>
+    /// Adds <paramref name="workingSet"/> (guest page ranges, ascending and disjoint, inside guest
+    /// RAM) to the state file of the snapshot in <paramref name="directory"/>, which must be the
+    /// snapshot <paramref name="snapshotId"/> (else <see cref="SnapshotFormatException"/>: it was
+    /// replaced meanwhile). The state file is read (every check, its CRC included) and rewritten
+    /// whole under a temporary name, then renamed over the old one; the memory file does not change.
+    /// Returns the new state file's length.
+    /// </summary>
+    public static long RecordWorkingSet(string directory, Guid snapshotId, IReadOnlyList<GuestPageRange> workingSet)
+    {
+        string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
+        var state = SnapshotReader.ReadState(statePath);
+        if (state.Id != snapshotId)
+            throw new SnapshotFormatException(statePath, 24, $"the snapshot there is {state.Id}, not {snapshotId} whose working set this is: it was replaced meanwhile");
+        var updated = new SnapshotState
+        {
+            Id = state.Id,
+            Created = state.Created,
+            SpecJson = state.SpecJson,
+            Regions = state.Regions,
+            WorkingSet = [.. workingSet],
+            Records = state.Records,
+        };
+        return SnapshotWriter.RewriteState(directory, updated);
+    }
+
+    /// <summary>
     /// Builds the machine the snapshot in <paramref name="directory"/> describes, loads its RAM
     /// and restores every record into it; the caller starts it (<see cref="VirtualMachine.Start"/>).
     /// A snapshot that is damaged, of another version, or whose memory file does not belong to it
