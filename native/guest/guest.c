@@ -26,6 +26,7 @@ static const struct workload workloads[] = {
     { "dirty", wl_dirty },
     { "pattern", wl_pattern },
     { "restore-touch", wl_restore_touch },
+    { "touch", wl_touch },
     { "fault", wl_fault },
     { "info", wl_info },
     { "reset", wl_reset },

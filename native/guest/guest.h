@@ -226,6 +226,7 @@ int wl_count(int argc, char **argv);
 int wl_dirty(int argc, char **argv);
 int wl_pattern(int argc, char **argv);
 int wl_restore_touch(int argc, char **argv);
+int wl_touch(int argc, char **argv);
 int wl_fault(int argc, char **argv);
 int wl_info(int argc, char **argv);
 int wl_reset(int argc, char **argv);

@@ -188,6 +188,86 @@ int wl_restore_touch(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* Checks every word of [base, base+size) against the pattern; prints the first that differs. */
+static bool touch_region_check(const char *what, uint64_t base, uint64_t size, uint64_t seed)
+{
+    for (uint64_t addr = base; addr < base + size; addr += 8) {
+        uint64_t v = *(volatile uint64_t *)(uintptr_t)addr;
+        if (v != pattern_value(addr, seed)) {
+            gk_printf("guestkit: error: touch: %s region: 0x%lx holds 0x%lx, not 0x%lx\n",
+                      what, addr, v, pattern_value(addr, seed));
+            return false;
+        }
+    }
+    return true;
+}
+
+/*
+ * touch: a known working set.  Writes the pattern over an "old" region (touched before the
+ * `ready` line, then not again until the final check) and a "hot" region, then touches every
+ * page of the hot region (reads its first word, checks it, writes it back) once per round, with
+ * a pause between rounds; at the end checks both regions whole.
+ */
+int wl_touch(int argc, char **argv)
+{
+    uint64_t size = 0, before = 0, rounds = 100, period = 10, seed = 1;
+    const struct param params[] = {
+        { .key = "size", .size = true, .required = true, .max = FOUR_GIB, .value = &size },
+        { .key = "before", .size = true, .required = false, .max = FOUR_GIB, .value = &before },
+        { .key = "rounds", .required = false, .max = 100000000, .value = &rounds },
+        { .key = "period", .required = false, .max = 3600000, .value = &period },
+        { .key = "seed", .required = false, .max = UINT64_MAX, .value = &seed },
+    };
+
+    if (!parse_params("touch", argc, argv, params, 5))
+        return EXIT_USAGE;
+    if (size == 0 || size % PAGE_SIZE != 0 || before % PAGE_SIZE != 0) {
+        gk_printf("guestkit: error: touch: size=%lu and before=%lu must be multiples of 4096 (size not 0)\n",
+                  size, before);
+        return EXIT_USAGE;
+    }
+    uint64_t old = ram_area_base();
+    uint64_t hot = old + ((before + HUGE_PAGE_SIZE - 1) & ~(HUGE_PAGE_SIZE - 1));
+    if (!ram_area_fits(old, hot - old + size)) {
+        gk_printf("guestkit: error: touch regions of %lu and %lu bytes at 0x%lx do not fit in guest RAM\n",
+                  before, size, old);
+        return EXIT_USAGE;
+    }
+    time_init();
+    for (uint64_t addr = old; addr < old + before; addr += 8)
+        *(volatile uint64_t *)(uintptr_t)addr = pattern_value(addr, seed);
+    for (uint64_t addr = hot; addr < hot + size; addr += 8)
+        *(volatile uint64_t *)(uintptr_t)addr = pattern_value(addr, seed);
+    gk_printf("guestkit: touch old=0x%lx+%lu hot=0x%lx+%lu ready\n", old, before, hot, size);
+
+    uint64_t period_tsc = period * (tsc_hz / 1000);
+    uint64_t k = 1, next = rounds < 10 ? 1 : milestone(rounds, 1);
+    for (uint64_t round = 1; round <= rounds; round++) {
+        for (uint64_t addr = hot; addr < hot + size; addr += PAGE_SIZE) {
+            volatile uint64_t *p = (volatile uint64_t *)(uintptr_t)addr;
+            uint64_t v = *p;
+            if (v != pattern_value(addr, seed)) {
+                gk_printf("guestkit: error: touch: round %lu: 0x%lx holds 0x%lx, not 0x%lx\n",
+                          round, addr, v, pattern_value(addr, seed));
+                return EXIT_FAILED;
+            }
+            *p = v;
+        }
+        if (round == next) {
+            gk_printf("guestkit: touch round %lu/%lu\n", round, rounds);
+            k++;
+            next = rounds < 10 ? round + 1 : milestone(rounds, k);
+        }
+        uint64_t until = rdtsc() + period_tsc;      /* from now: a pause of the VM is not made up */
+        while (!deadline_passed(until))
+            __asm__ volatile("pause");
+    }
+    if (!touch_region_check("old", old, before, seed) || !touch_region_check("hot", hot, size, seed))
+        return EXIT_FAILED;
+    gk_printf("guestkit: touch done rounds=%lu\n", rounds);
+    return EXIT_OK;
+}
+
 static uint64_t dirty_value(uint64_t addr, uint64_t pass)
 {
     return addr ^ ((pass + 1) * 0x9e3779b97f4a7c15ull);
