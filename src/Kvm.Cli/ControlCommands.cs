@@ -92,24 +92,40 @@ public static class ControlCommands
         var socket = SocketArgument();
         var directory = new Argument<string>("DIR") { Description = "the snapshot directory (created if missing; a snapshot there is replaced once the new one is whole)" };
         var stop = new Option<bool>("--stop") { Description = "stop the VM once it is saved (default: it carries on as it was)" };
+        var workingSet = new Option<double?>("--working-set")
+        {
+            Description = "after the save point, let the VM run SECONDS more (e.g. 1) while every guest page it touches is traced, and " +
+                          "record those pages in the snapshot as its working set, which 'vmctl restore DIR --memory lazy' loads before " +
+                          "the vCPUs start (then --stop stops it). Needs userfaultfd minor faults (root, Linux 5.14+) and RAM in a memfd, " +
+                          "tmpfs or hugetlbfs; without them the snapshot has no working set and the reply says why",
+            HelpName = "SECONDS",
+        };
+        var requireWorkingSet = new Option<bool>("--require-working-set")
+        {
+            Description = "with --working-set: fail if the working set cannot be traced (the snapshot is written all the same)",
+        };
         var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
         var cmd = new Command("save",
             "Save the VM into DIR: pause it (no disk request in flight, images flushed), write its state and RAM,\n" +
-            "then let it carry on, or stop it with --stop. 'vmctl restore DIR' starts it again where it was.")
+            "then let it carry on, or stop it with --stop. 'vmctl restore DIR' starts it again where it was.\n" +
+            "With --working-set SECONDS it runs that long first while the pages it touches are recorded.")
         {
-            socket, directory, stop, json,
+            socket, directory, stop, workingSet, requireWorkingSet, json,
         };
         cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
         {
             string dir = Path.GetFullPath(p.GetRequiredValue(directory));
-            var result = client.CallAsync("save", new SaveRequest(dir, p.GetValue(stop)),
+            var result = client.CallAsync("save", new SaveRequest(dir, p.GetValue(stop), p.GetValue(workingSet), p.GetValue(requireWorkingSet)),
                 VmControlJson.Default.SaveRequest, VmControlJson.Default.SaveResult).GetAwaiter().GetResult();
             if (p.GetValue(json))
                 Console.WriteLine(JsonSerializer.Serialize(result, VmControlJson.Default.SaveResult));
             else
                 Console.WriteLine($"saved to {result.Directory}: {result.MemoryBytes} bytes of RAM ({result.MemoryBytesWritten} not zero), " +
                                   $"state {result.StateBytes} bytes; guest paused {(result.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
-                                  $"{result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; the VM is {result.State}");
+                                  $"{result.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; the VM is {result.State}" +
+                                  (result.WorkingSetPages is { } pages
+                                      ? $"; working set: {pages} pages in {result.WorkingSetRanges} ranges, traced over {result.WorkingSetSeconds?.ToString("0.###", CultureInfo.InvariantCulture)} s"
+                                      : result.WorkingSetSkipped is { } why ? $"; no working set: {why}" : ""));
             return 0;
         }));
         return cmd;

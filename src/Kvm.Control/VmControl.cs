@@ -83,18 +83,37 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
         }
     }
 
+    /// <summary>The longest working-set window a save takes, in seconds.</summary>
+    public static double MaxWorkingSetSeconds => Kvm.Vmm.Snapshot.VmSnapshot.MaxWorkingSetWindow.TotalSeconds;
+
     /// <summary>
     /// Saves the VM into <see cref="SaveRequest.Directory"/>: pauses it (vCPUs, then devices: no
     /// request in flight, images flushed), writes its state and RAM as one snapshot, then resumes
     /// it (unless it was paused before) or, with <see cref="SaveRequest.Stop"/>, stops it. A save
     /// that fails leaves the VM as it was and any older snapshot in the directory intact.
+    /// With <see cref="SaveRequest.WorkingSetSeconds"/> the VM (which must be running) carries on
+    /// for that long after the save point with its touches traced, and the pages touched are
+    /// added to the snapshot as its working set (<see cref="Kvm.Vmm.Snapshot.VmSnapshot.SaveWithWorkingSet"/>);
+    /// then it stops (with Stop) or runs on. A VM whose RAM a lazy restore is still loading is
+    /// refused a working set before anything is paused or written.
     /// </summary>
     public SaveResult Save(SaveRequest request)
     {
         if (string.IsNullOrEmpty(request.Directory) || !Path.IsPathFullyQualified(request.Directory))
             throw new RpcException(RpcErrorCode.InvalidParams, $"save: directory '{request.Directory}' is not an absolute path");
+        TimeSpan? window = null;
+        if (request.WorkingSetSeconds is { } seconds)
+        {
+            if (double.IsNaN(seconds) || seconds <= 0 || seconds > MaxWorkingSetSeconds)
+                throw new RpcException(RpcErrorCode.InvalidParams,
+                    $"save: workingSetSeconds {seconds.ToString(CultureInfo.InvariantCulture)} is out of range (more than 0, at most {MaxWorkingSetSeconds})");
+            window = TimeSpan.FromSeconds(seconds);
+        }
+        else if (request.RequireWorkingSet)
+            throw new RpcException(RpcErrorCode.InvalidParams, "save: requireWorkingSet needs workingSetSeconds (the window to trace)");
         long started = System.Diagnostics.Stopwatch.GetTimestamp();
         bool wasPaused;
+        double? resumedAfter = null;
         lock (_lock)
         {
             RequireRunning("save");
@@ -102,6 +121,10 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
                 throw new RpcException(RpcErrorCode.InvalidState, "save: the VM is suspended, its disks closed; hand it over (handover) and save it there");
             if (_saving)
                 throw new RpcException(RpcErrorCode.InvalidState, "save: a save of this VM is already running");
+            if (window is not null && _paused)
+                throw new RpcException(RpcErrorCode.InvalidState, "save: the VM is paused, so a working set cannot be traced (it touches nothing): resume it first, or save without a working set");
+            if (window is not null && Kvm.Vmm.Snapshot.WorkingSetTracer.Refusal(vm) is { } refusal)
+                throw new RpcException(RpcErrorCode.InvalidState, $"save: {refusal}");
             _saving = true;
             wasPaused = _paused;
             if (!_paused)
@@ -111,15 +134,32 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
             }
         }
         Kvm.Vmm.Snapshot.SnapshotWriteResult? written = null;
+        Kvm.Vmm.Snapshot.WorkingSetSaveResult? traced = null;
         double paused;
         string state;
         try
         {
             try
             {
-                written = Kvm.Vmm.Snapshot.VmSnapshot.Save(vm, request.Directory);
+                if (window is { } w)
+                {
+                    // The VM runs again for the window: the guest's pause ends there.
+                    traced = Kvm.Vmm.Snapshot.VmSnapshot.SaveWithWorkingSet(vm, request.Directory, w, request.RequireWorkingSet, () =>
+                    {
+                        lock (_lock)
+                        {
+                            vm.Resume();
+                            _paused = false;
+                        }
+                        resumedAfter = System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds;
+                    });
+                    written = traced.Snapshot;
+                }
+                else
+                    written = Kvm.Vmm.Snapshot.VmSnapshot.Save(vm, request.Directory);
             }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException)
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
+                                          or Kvm.Vmm.Snapshot.WorkingSetUnavailableException or Kvm.Vmm.Snapshot.SnapshotFormatException)
             {
                 throw new RpcException(RpcErrorCode.OperationFailed, $"save {request.Directory}: {e.Message}", inner: e);
             }
@@ -131,20 +171,22 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
                 _saving = false;
                 if (request.Stop && written is not null)
                     _stopping = true;
-                else if (!wasPaused)
+                else if (!wasPaused && _paused)
                 {
                     vm.Resume();
                     _paused = false;
                 }
                 state = _stopping ? "stopping" : _paused ? "paused" : "running";
             }
-            paused = System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds;
+            paused = resumedAfter ?? System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds;
         }
         if (request.Stop)
             vm.RequestStop(new HostStop($"stopped after saving to {request.Directory}"));
+        var ws = traced?.WorkingSet;
         return new SaveResult(request.Directory, state, wasPaused ? 0 : Math.Round(paused, 4),
             Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4),
-            written!.StateBytes, written.MemoryDataSize, written.MemoryBytesWritten);
+            written!.StateBytes, written.MemoryDataSize, written.MemoryBytesWritten,
+            ws?.Pages, ws?.Ranges.Count, ws is null ? null : Math.Round(ws.Seconds, 3), traced?.WorkingSetSkipped);
     }
 
     private bool _saving;

@@ -19,16 +19,25 @@ public sealed record StopResult(string Outcome, string Reason, double Seconds);
 /// <summary>The reply to <c>pause</c> and <c>resume</c>.</summary>
 public sealed record StateChange(string State);
 
-/// <summary>Parameters of <c>save</c>: the snapshot directory (absolute), and whether the VM stops once saved.</summary>
-public sealed record SaveRequest([property: JsonRequired] string Directory, bool Stop = false);
+/// <summary>
+/// Parameters of <c>save</c>: the snapshot directory (absolute), and whether the VM stops once
+/// saved. With <paramref name="WorkingSetSeconds"/>, the VM runs that long after the save point
+/// while the guest pages it touches are traced, and they are recorded in the snapshot as its
+/// working set (a lazy restore loads them first); where they cannot be traced the snapshot has
+/// none (the reply says why), unless <paramref name="RequireWorkingSet"/> makes that an error.
+/// </summary>
+public sealed record SaveRequest([property: JsonRequired] string Directory, bool Stop = false, double? WorkingSetSeconds = null,
+    bool RequireWorkingSet = false);
 
 /// <summary>
 /// The reply to <c>save</c>: where the snapshot went, the VM's state afterwards (running, paused,
 /// stopping), how long the guest was paused for it and how long the whole save took, and the bytes
-/// written (guest RAM in all, and what was not zero pages).
+/// written (guest RAM in all, and what was not zero pages); with a working-set window, the pages
+/// recorded (and in how many ranges, over how long), or why none was.
 /// </summary>
 public sealed record SaveResult(string Directory, string State, double PausedSeconds, double Seconds,
-    long StateBytes, ulong MemoryBytes, ulong MemoryBytesWritten);
+    long StateBytes, ulong MemoryBytes, ulong MemoryBytesWritten, ulong? WorkingSetPages = null, int? WorkingSetRanges = null,
+    double? WorkingSetSeconds = null, string? WorkingSetSkipped = null);
 
 /// <summary>The reply to <c>suspend</c>: the VM's state ("suspended") and how long suspending took.</summary>
 public sealed record SuspendResult(string State, double Seconds, long StateBytes);

@@ -146,6 +146,57 @@ public sealed class SaveRestoreTests : BlkTestBase
         Assert.True(a.WaitForExit(Wait));
     }
 
+    /// <summary>
+    /// 'vmctl control save --working-set 1 --stop' on a guest touching a known region: the VM runs
+    /// for the window, then stops; the reply names the pages recorded; 'vmctl restore --memory lazy'
+    /// loads them first and the guest finishes its rounds, checking both its regions whole. On a
+    /// paused VM, a working set is refused and nothing is written.
+    /// </summary>
+    [SkippableFact]
+    public void SavedWithAWorkingSetByVmctlThenRestoredLazilyTheGuestFinishes()
+    {
+        Require();
+        TestEnvironment.SkipIf(Kvm.Hypervisor.Userfaultfd.IsAvailable() ? null : "userfaultfd is not allowed here (a working-set trace needs root)");
+        string snapshot = P("snap");
+        string before;
+        using (var a = StartVm("a", "touch size=512K before=512K rounds=600 period=5", cpus: 1))
+        {
+            using (var console = new ConsoleClient(P("a.console")))
+            {
+                Assert.True(console.WaitFor("guestkit: touch round 60/600\n"), console.Text);
+                Assert.Equal(0, Vmctl("control", "pause", P("a.control")).ExitCode);
+                var refused = Vmctl("control", "save", P("a.control"), snapshot, "--working-set", "1");
+                Assert.True(refused.ExitCode == 1, $"{refused.Stdout}{refused.Stderr}");
+                Assert.Contains("the VM is paused, so a working set cannot be traced", refused.Stderr);
+                Assert.False(Directory.Exists(snapshot));
+                Assert.Equal(0, Vmctl("control", "resume", P("a.control")).ExitCode);
+
+                var save = Vmctl("control", "save", P("a.control"), snapshot, "--working-set", "1", "--require-working-set", "--stop");
+                Assert.True(save.ExitCode == 0, $"vmctl control save: {save.Stdout}{save.Stderr}");
+                Assert.Matches(@"; working set: [1-9]\d* pages in \d+ ranges, traced over 1(\.\d+)? s", save.Stdout);
+                Assert.Contains("the VM is stopping", save.Stdout);
+                Assert.True(console.Closed(Wait), "the console did not close after the save with --stop");
+                before = console.Text;
+            }
+            if (!a.WaitForExit(Wait))
+                Assert.Fail("kvm-vmm did not exit after the save with --stop");
+        }
+        Assert.DoesNotContain("touch done", before);
+
+        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, "--memory", "lazy", "--control", P("b.control"), "--console", P("b.console")]), "b");
+        string after;
+        using (var console = new ConsoleClient(P("b.console")))
+        {
+            if (!b.WaitForExit(Wait))
+                Assert.Fail($"the restored VM did not finish: {console.Text}");
+            Assert.True(console.Closed(Wait));
+            after = console.Text;
+        }
+        Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
+        Assert.Contains("guestkit: touch done rounds=600", after);
+        Assert.DoesNotContain("ready", after);
+    }
+
     private static IEnumerable<int> TickNumbers(string text) => text.Split('\n')
         .Where(l => l.StartsWith("guestkit: tick ", StringComparison.Ordinal) && l.Length > 15 && char.IsAsciiDigit(l[15]))
         .Select(l => int.Parse(l[15..].Trim(), System.Globalization.CultureInfo.InvariantCulture));
