@@ -810,3 +810,226 @@ EXPORT int64_t kvmshim_recv_fds(int32_t sock, void *buf, uint64_t len, int32_t *
     *nfds = count;
     return n;
 }
+
+// ---- userfaultfd touch tracing: a native fault thread ----
+//
+// The thread that resolves faults must never wait for the .NET runtime: a managed thread that
+// touches a traced page blocks in the fault without reaching a GC safe point, so a garbage
+// collection started meanwhile would wait for it, and a managed fault thread would wait for the
+// collection: a deadlock. So the thread here is a plain pthread. It records the page of each
+// fault (granule-aligned host addresses, in order, repeats possible only across the end),
+// resolves it (UFFDIO_CONTINUE for a minor fault; zeros for a missing one, or for a minor fault
+// whose page left the page cache) and wakes the waiters. On an error it unregisters the ranges
+// (whoever waits then faults again, untraced) and ends, keeping the errno.
+
+#include <poll.h>
+#include <sys/eventfd.h>
+
+struct uffd_trace {
+    int uffd, stop_fd, hugetlb;
+    uint64_t granule;
+    uint64_t *starts, *lengths;
+    int32_t nranges;
+    uint8_t *zeros;
+    pthread_t thread;
+    uint64_t *pages;
+    size_t count, cap;
+    int64_t minor, missing;
+    int32_t error;
+    int unregistered;
+};
+
+static void trace_unregister(struct uffd_trace *t)
+{
+    if (t->unregistered)
+        return;
+    t->unregistered = 1;
+    for (int32_t i = 0; i < t->nranges; i++) {
+        struct uffdio_range r = { .start = t->starts[i], .len = t->lengths[i] };
+        ioctl(t->uffd, UFFDIO_UNREGISTER, &r);
+    }
+}
+
+static int trace_record(struct uffd_trace *t, uint64_t page)
+{
+    if (t->count == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 4096;
+        uint64_t *p = realloc(t->pages, cap * sizeof *p);
+        if (!p)
+            return -ENOMEM;
+        t->pages = p;
+        t->cap = cap;
+    }
+    t->pages[t->count++] = page;
+    return 0;
+}
+
+static int trace_zero(struct uffd_trace *t, uint64_t page)
+{
+    int rc;
+    if (t->hugetlb) {
+        struct uffdio_copy c = { .dst = page, .src = (uint64_t)(uintptr_t)t->zeros, .len = t->granule, .mode = 0 };
+        rc = ioctl(t->uffd, UFFDIO_COPY, &c);
+    } else {
+        struct uffdio_zeropage z = { .range = { .start = page, .len = t->granule }, .mode = 0 };
+        rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
+    }
+    return rc < 0 && errno != EEXIST && errno != EAGAIN ? -errno : 0;
+}
+
+static int trace_resolve(struct uffd_trace *t, uint64_t page, int minor)
+{
+    int rc = 0;
+#ifdef UFFDIO_CONTINUE
+    if (minor) {
+        struct uffdio_continue c = { .range = { .start = page, .len = t->granule }, .mode = 0 };
+        if (ioctl(t->uffd, UFFDIO_CONTINUE, &c) < 0) {
+            if (errno == EFAULT || errno == ENOENT)
+                rc = trace_zero(t, page);
+            else if (errno != EEXIST && errno != EAGAIN)
+                rc = -errno;
+        }
+    } else
+        rc = trace_zero(t, page);
+#else
+    (void)minor;
+    rc = trace_zero(t, page);
+#endif
+    if (rc < 0)
+        return rc;
+    // A page filled by another path meanwhile (EEXIST) woke nobody.
+    struct uffdio_range r = { .start = page, .len = t->granule };
+    return ioctl(t->uffd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
+}
+
+// Reads every fault waiting; records each and, with resolve, resolves it. 0, or -errno.
+static int trace_drain(struct uffd_trace *t, int resolve)
+{
+    struct uffd_msg msgs[64];
+    for (;;) {
+        ssize_t n = read(t->uffd, msgs, sizeof msgs);
+        if (n < 0)
+            return errno == EAGAIN ? 0 : errno == EINTR ? 0 : -errno;
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t page = msgs[i].arg.pagefault.address & ~(t->granule - 1);
+            int minor = (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
+            __atomic_add_fetch(minor ? &t->minor : &t->missing, 1, __ATOMIC_RELAXED);
+            int rc = trace_record(t, page);
+            if (rc == 0 && resolve)
+                rc = trace_resolve(t, page, minor);
+            if (rc < 0)
+                return rc;
+        }
+    }
+}
+
+static void *trace_thread(void *arg)
+{
+    struct uffd_trace *t = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    for (;;) {
+        struct pollfd p[2] = { { .fd = t->uffd, .events = POLLIN }, { .fd = t->stop_fd, .events = POLLIN } };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            t->error = errno;
+            break;
+        }
+        int rc = trace_drain(t, 1);
+        if (rc < 0) {
+            t->error = -rc;
+            break;
+        }
+        if (p[1].revents & POLLIN)
+            break;
+    }
+    if (t->error)
+        trace_unregister(t);
+    return NULL;
+}
+
+// Starts tracing the faults of uffd (already registered for [starts[i], starts[i]+lengths[i]),
+// minor and missing modes) on a native thread. granule: the page size (4096, or 2 MiB for
+// hugetlb). *out receives the trace, for kvmshim_uffd_trace_stop. The uffd stays the caller's.
+EXPORT int32_t kvmshim_uffd_trace_start(int32_t uffd, uint64_t granule, int32_t hugetlb,
+                                        const uint64_t *starts, const uint64_t *lengths, int32_t nranges, void **out)
+{
+    if (nranges < 0 || granule == 0 || (granule & (granule - 1)))
+        return -EINVAL;
+    struct uffd_trace *t = calloc(1, sizeof *t);
+    if (!t)
+        return -ENOMEM;
+    t->uffd = uffd;
+    t->granule = granule;
+    t->hugetlb = hugetlb;
+    t->nranges = nranges;
+    t->starts = calloc((size_t)nranges + 1, sizeof(uint64_t));
+    t->lengths = calloc((size_t)nranges + 1, sizeof(uint64_t));
+    if (hugetlb)
+        t->zeros = aligned_alloc(4096, granule);
+    if (!t->starts || !t->lengths || (hugetlb && !t->zeros)) {
+        free(t->starts); free(t->lengths); free(t->zeros); free(t);
+        return -ENOMEM;
+    }
+    if (hugetlb)
+        memset(t->zeros, 0, granule);
+    memcpy(t->starts, starts, (size_t)nranges * sizeof(uint64_t));
+    memcpy(t->lengths, lengths, (size_t)nranges * sizeof(uint64_t));
+    t->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (t->stop_fd < 0) {
+        int err = errno;
+        free(t->starts); free(t->lengths); free(t->zeros); free(t);
+        return -err;
+    }
+    int rc = pthread_create(&t->thread, NULL, trace_thread, t);
+    if (rc != 0) {
+        close(t->stop_fd);
+        free(t->starts); free(t->lengths); free(t->zeros); free(t);
+        return -rc;
+    }
+    *out = t;
+    return 0;
+}
+
+// First touches so far.
+EXPORT int64_t kvmshim_uffd_trace_faults(void *trace)
+{
+    struct uffd_trace *t = trace;
+    return __atomic_load_n(&t->minor, __ATOMIC_RELAXED) + __atomic_load_n(&t->missing, __ATOMIC_RELAXED);
+}
+
+// Ends the trace: the thread resolves what waits and ends, the ranges are unregistered (waking
+// anyone still waiting), faults read after that are recorded too. Hands out the pages recorded
+// (host addresses, granule-aligned, in the order seen; free them with kvmshim_uffd_trace_free),
+// the minor and missing fault counts and the errno that ended the trace early (0: none).
+// Frees the trace.
+EXPORT int32_t kvmshim_uffd_trace_stop(void *trace, uint64_t **pages, uint64_t *count, int64_t *minor, int64_t *missing, int32_t *error)
+{
+    struct uffd_trace *t = trace;
+    uint64_t one = 1;
+    if (write(t->stop_fd, &one, sizeof one) < 0) {
+        // An eventfd write fails only on overflow; the thread sees the counter all the same.
+    }
+    pthread_join(t->thread, NULL);
+    trace_unregister(t);
+    int rc = trace_drain(t, 0);
+    if (rc < 0 && !t->error)
+        t->error = -rc;
+    close(t->stop_fd);
+    *pages = t->pages;
+    *count = t->count;
+    *minor = t->minor;
+    *missing = t->missing;
+    *error = t->error;
+    free(t->starts); free(t->lengths); free(t->zeros); free(t);
+    return 0;
+}
+
+EXPORT void kvmshim_uffd_trace_free(uint64_t *pages)
+{
+    free(pages);
+}

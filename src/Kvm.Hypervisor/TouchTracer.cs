@@ -26,7 +26,9 @@ public sealed record TouchTrace(ulong[] GuestPages, long MinorFaults, long Missi
 /// MADV_DONTNEED, which keeps the pages in the page cache and makes KVM drop its own mappings
 /// (MMU notifier). Each first touch of a page then waits while the fault thread records it and
 /// maps the page again (UFFDIO_CONTINUE; a page never written gets zeros, as it would have), so a
-/// page costs one fault and its content never moves. <see cref="Stop"/> unregisters the regions:
+/// page costs one fault and its content never moves. The fault thread is native (the shim's): a
+/// managed one could wait for a garbage collection that waits for a managed thread blocked in a
+/// traced fault. <see cref="Stop"/> unregisters the regions:
 /// from then on RAM is ordinary memory again.
 /// <para>
 /// Needs a userfaultfd that handles the kernel's faults (root or CAP_SYS_PTRACE,
@@ -38,34 +40,31 @@ public sealed record TouchTrace(ulong[] GuestPages, long MinorFaults, long Missi
 /// On hugetlb pages a touch maps, and so records, a whole 2 MiB page.
 /// </para>
 /// </summary>
-public sealed class TouchTracer : IDisposable
+public sealed unsafe class TouchTracer : IDisposable
 {
     private readonly GuestMemory _memory;
     private readonly Userfaultfd _uffd;
     private readonly ulong _granule;
-    private readonly bool _hugetlb;
-    private readonly HashSet<ulong> _hostPages = [];   // the fault thread's alone until it ends
-    private readonly byte[]? _zeros;                    // hugetlb: UFFDIO_ZEROPAGE does not exist there
-    private readonly Thread _thread;
-    private volatile bool _stopping;
-    private long _minor, _missing;
-    private string? _error;
-    private int _unregistered;
+    private IntPtr _trace;                   // the native fault thread's trace (kvmshim_uffd_trace_*)
     private TouchTrace? _result;
+    private readonly Lock _lock = new();
 
     private TouchTracer(GuestMemory memory, Userfaultfd uffd)
     {
         _memory = memory;
         _uffd = uffd;
-        _hugetlb = memory.HugePages == HugePageMode.HugeTlb;
-        _granule = _hugetlb ? GuestMemory.HugePageSize : GuestMemory.PageSize;
-        if (_hugetlb)
-            _zeros = GC.AllocateArray<byte>((int)GuestMemory.HugePageSize, pinned: true);
-        _thread = new Thread(FaultLoop) { IsBackground = true, Name = "ram touch tracer" };
+        _granule = memory.HugePages == HugePageMode.HugeTlb ? GuestMemory.HugePageSize : GuestMemory.PageSize;
     }
 
     /// <summary>Touches so far (each a page's first touch since <see cref="Start"/>).</summary>
-    public long Faults => Interlocked.Read(ref _minor) + Interlocked.Read(ref _missing);
+    public long Faults
+    {
+        get
+        {
+            lock (_lock)
+                return _trace == IntPtr.Zero ? (_result is { } r ? r.MinorFaults + r.MissingFaults : 0) : KvmShim.UffdTraceFaults(_trace);
+        }
+    }
 
     /// <summary>
     /// Starts tracing the touches of <paramref name="memory"/>. Best called while nothing touches
@@ -95,10 +94,11 @@ public sealed class TouchTracer : IDisposable
         }
 
         var tracer = new TouchTracer(memory, uffd);
+        var regions = memory.Regions;
         int registered = 0;
         try
         {
-            foreach (var r in memory.Regions)
+            foreach (var r in regions)
             {
                 try
                 {
@@ -112,47 +112,67 @@ public sealed class TouchTracer : IDisposable
                 }
                 registered++;
             }
+            var starts = new ulong[regions.Count];
+            var lengths = new ulong[regions.Count];
+            for (int i = 0; i < regions.Count; i++)
+                (starts[i], lengths[i]) = ((ulong)regions[i].Host, regions[i].Size);
+            fixed (ulong* s = starts, l = lengths)
+                Errno.Check(KvmShim.UffdTraceStart(uffd.Handle, tracer._granule, hugetlb ? 1 : 0, s, l, regions.Count, out tracer._trace), "start the fault thread");
             // Drop the page table entries; the pages stay in the page cache, and KVM drops its
             // mappings of them (MMU notifier), so the next touch of each page by anyone faults.
-            foreach (var r in memory.Regions)
+            foreach (var r in regions)
                 if (Libc.Madvise(r.Host, (nuint)r.Size, Libc.MadvDontNeed) != 0)
                     throw new TouchTraceUnavailableException(
                         $"madvise(MADV_DONTNEED) of guest RAM at 0x{r.GuestAddress:x} failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
         }
-        catch
+        catch (Exception e) when (e is TouchTraceUnavailableException or KvmIoctlException)
         {
-            for (int i = 0; i < registered; i++)
+            if (tracer._trace != IntPtr.Zero)
+                tracer.Stop();      // unregisters and closes
+            else
             {
-                var r = memory.Regions[i];
-                try { uffd.Unregister(r.Host, r.Size); }
-                catch (KvmIoctlException) { /* it goes with the fd */ }
+                for (int i = 0; i < registered; i++)
+                {
+                    var r = regions[i];
+                    try { uffd.Unregister(r.Host, r.Size); }
+                    catch (KvmIoctlException) { /* it goes with the fd */ }
+                }
+                uffd.Dispose();
             }
-            uffd.Dispose();
+            if (e is KvmIoctlException)
+                throw new TouchTraceUnavailableException($"touches of guest RAM cannot be traced: {e.Message}", e);
             throw;
         }
-        tracer._thread.Start();
         return tracer;
     }
 
     /// <summary>Ends the trace (RAM is ordinary memory again) and returns what it saw; called again, returns the same.</summary>
     public TouchTrace Stop()
     {
-        if (_result is { } done)
-            return done;
-        _stopping = true;
-        _thread.Join();
-        Unregister();
-        // Touches read after the end were woken by the unregister: they count, they need nothing more.
-        Drain(resolve: false);
-        var pages = new List<ulong>(_hostPages.Count * (int)(_granule / GuestMemory.PageSize));
-        foreach (ulong host in _hostPages)
-            if (GuestPageOf(host) is { } first)
-                for (ulong p = 0; p < _granule / GuestMemory.PageSize; p++)
-                    pages.Add(first + p);
-        pages.Sort();
-        _result = new TouchTrace([.. pages], Interlocked.Read(ref _minor), Interlocked.Read(ref _missing), _error);
-        _uffd.Dispose();
-        return _result;
+        lock (_lock)
+        {
+            if (_result is { } done)
+                return done;
+            Errno.Check(KvmShim.UffdTraceStop(_trace, out ulong* hostPages, out ulong count, out long minor, out long missing, out int error), "stop the fault thread");
+            _trace = IntPtr.Zero;
+            var seen = new HashSet<ulong>();
+            try
+            {
+                for (ulong i = 0; i < count; i++)
+                    if (GuestPageOf(hostPages[i]) is { } first)
+                        for (ulong p = 0; p < _granule / GuestMemory.PageSize; p++)
+                            seen.Add(first + p);
+            }
+            finally
+            {
+                KvmShim.UffdTraceFree(hostPages);
+            }
+            ulong[] pages = [.. seen];
+            Array.Sort(pages);
+            _result = new TouchTrace(pages, minor, missing, error == 0 ? null : $"the fault thread failed: {Errno.Describe(error)} (errno {error})");
+            _uffd.Dispose();
+            return _result;
+        }
     }
 
     private ulong? GuestPageOf(ulong host)
@@ -164,76 +184,6 @@ public sealed class TouchTracer : IDisposable
                 return (r.GuestAddress + (host - start)) / GuestMemory.PageSize;
         }
         return null;
-    }
-
-    private void FaultLoop()
-    {
-        try
-        {
-            while (!_stopping)
-                if (_uffd.WaitForFaults(50))
-                    Drain(resolve: true);
-            Drain(resolve: true);
-        }
-        catch (Exception e) when (e is KvmIoctlException or HypervisorException)
-        {
-            // Whoever waits on a fault must not wait for ever: RAM becomes ordinary memory again.
-            _error = e.Message;
-            Unregister();
-        }
-    }
-
-    private void Drain(bool resolve)
-    {
-        Span<UserFault> faults = stackalloc UserFault[64];
-        int n;
-        while ((n = _uffd.ReadFaults(faults)) > 0)
-        {
-            for (int i = 0; i < n; i++)
-            {
-                ulong page = faults[i].Address & ~(_granule - 1);
-                _hostPages.Add(page);
-                Interlocked.Increment(ref faults[i].Minor ? ref _minor : ref _missing);
-                if (resolve)
-                    Resolve((IntPtr)(long)page, faults[i].Minor);
-            }
-        }
-    }
-
-    /// <summary>Maps the page again (minor) or fills it with zeros (missing), then wakes whoever waits there.</summary>
-    private void Resolve(IntPtr page, bool minor)
-    {
-        if (minor)
-        {
-            try
-            {
-                _uffd.Continue(page, _granule);
-            }
-            catch (KvmIoctlException e) when (e.ErrorNumber is Errno.EFAULT or Errno.ENOENT)
-            {
-                minor = false;      // the page left the page cache meanwhile: it reads as zeros
-            }
-        }
-        if (!minor)
-        {
-            if (_zeros is null)
-                _uffd.Zero(page, _granule);
-            else
-                _uffd.Copy(page, _zeros);
-        }
-        // A page filled by another path meanwhile (EEXIST) woke nobody: wake them here.
-        _uffd.Wake(page, _granule);
-    }
-
-    private void Unregister()
-    {
-        if (Interlocked.Exchange(ref _unregistered, 1) != 0)
-            return;
-        foreach (var r in _memory.Regions)
-        {
-            try { _uffd.Unregister(r.Host, r.Size); }
-            catch (KvmIoctlException) { /* the mapping is going away */ }
-        }
     }
 
     public void Dispose() => Stop();

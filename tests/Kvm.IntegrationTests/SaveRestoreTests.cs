@@ -159,11 +159,11 @@ public sealed class SaveRestoreTests : BlkTestBase
         TestEnvironment.SkipIf(Kvm.Hypervisor.Userfaultfd.IsAvailable() ? null : "userfaultfd is not allowed here (a working-set trace needs root)");
         string snapshot = P("snap");
         string before;
-        using (var a = StartVm("a", "touch size=512K before=512K rounds=600 period=5", cpus: 1))
+        using (var a = StartVm("a", "touch size=512K before=512K rounds=2000 period=10", cpus: 1))
         {
             using (var console = new ConsoleClient(P("a.console")))
             {
-                Assert.True(console.WaitFor("guestkit: touch round 60/600\n"), console.Text);
+                Assert.True(console.WaitFor("guestkit: touch round 200/2000\n"), console.Text);
                 Assert.Equal(0, Vmctl("control", "pause", P("a.control")).ExitCode);
                 var refused = Vmctl("control", "save", P("a.control"), snapshot, "--working-set", "1");
                 Assert.True(refused.ExitCode == 1, $"{refused.Stdout}{refused.Stderr}");
@@ -193,7 +193,7 @@ public sealed class SaveRestoreTests : BlkTestBase
             after = console.Text;
         }
         Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
-        Assert.Contains("guestkit: touch done rounds=600", after);
+        Assert.Contains("guestkit: touch done rounds=2000", after);
         Assert.DoesNotContain("ready", after);
     }
 

@@ -44,4 +44,22 @@ public static unsafe partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvmshim_uffd_read_faults")]
     public static partial int UffdReadFaults(Handles.UserfaultfdHandle fd, ulong* addresses, ulong* flags, int max);
+
+    /// <summary>
+    /// Starts a native thread that records and resolves the faults of <paramref name="fd"/> (its
+    /// ranges registered for minor and missing faults); a native thread, because a managed one
+    /// could wait for a garbage collection that waits for a thread blocked in a fault.
+    /// </summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_trace_start")]
+    public static partial int UffdTraceStart(Handles.UserfaultfdHandle fd, ulong granule, int hugetlb, ulong* starts, ulong* lengths, int nranges, out IntPtr trace);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_trace_faults")]
+    public static partial long UffdTraceFaults(IntPtr trace);
+
+    /// <summary>Ends the trace (and frees it): the pages recorded (free them with <see cref="UffdTraceFree"/>), the fault counts and the errno that ended it early.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_trace_stop")]
+    public static partial int UffdTraceStop(IntPtr trace, out ulong* pages, out ulong count, out long minor, out long missing, out int error);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_trace_free")]
+    public static partial void UffdTraceFree(ulong* pages);
 }

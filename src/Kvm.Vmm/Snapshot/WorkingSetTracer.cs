@@ -87,9 +87,9 @@ public sealed record WorkingSetSaveResult(SnapshotWriteResult Snapshot, WorkingS
 
 internal static partial class SnapshotLog
 {
-    [LoggerMessage(EventId = 1403, Level = LogLevel.Information, Message = "save {Directory}: working set of {Pages} pages ({Size}) in {Ranges} ranges recorded over {Seconds:0.###} s")]
+    [LoggerMessage(EventId = 1405, Level = LogLevel.Information, Message = "save {Directory}: working set of {Pages} pages ({Size}) in {Ranges} ranges recorded over {Seconds:0.###} s")]
     public static partial void WorkingSetRecorded(ILogger logger, string directory, ulong pages, string size, int ranges, double seconds);
 
-    [LoggerMessage(EventId = 1404, Level = LogLevel.Warning, Message = "save {Directory}: saved without a working set: {Reason}")]
+    [LoggerMessage(EventId = 1406, Level = LogLevel.Warning, Message = "save {Directory}: saved without a working set: {Reason}")]
     public static partial void WorkingSetSkipped(ILogger logger, string directory, string reason);
 }
