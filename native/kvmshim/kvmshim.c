@@ -1033,3 +1033,456 @@ EXPORT void kvmshim_uffd_trace_free(uint64_t *pages)
 {
     free(pages);
 }
+
+// ---- userfaultfd lazy restore: guest RAM filled from a snapshot's memory file on first touch ----
+//
+// Native threads for the same reason as the touch trace above: a thread of the VMM's own that
+// touches a page not yet loaded blocks in the fault, where the .NET runtime cannot stop it for a
+// garbage collection; if the thread that resolves faults were managed, it could wait for that
+// collection, which waits for the blocked thread. So the fault thread and the background loader
+// are plain pthreads and never call into the runtime; the runtime asks for counters and waits on a
+// condition variable (in a P/Invoke, where a collection does not wait for it).
+//
+// RAM is split into chunks (the chunk size, a multiple of 4 KiB); each chunk is loaded once, by
+// whoever gets to it first (the fault thread for a touch, the background loader in address order,
+// or the caller before the vCPUs start): read from the file at its offset, then UFFDIO_ZEROPAGE
+// when it is all zeros, else UFFDIO_COPY, which wakes whoever waits in it. Once every chunk is in,
+// the ranges are unregistered and RAM is ordinary memory. On an error the first errno is kept, the
+// ranges are unregistered (so no thread waits forever: a page not loaded then reads as zeros) and
+// the loading ends; the caller learns it from kvmshim_lazy_wait.
+
+#include <sys/resource.h>
+#include <time.h>
+
+enum { LAZY_NOT_LOADED = 0, LAZY_LOADING = 1, LAZY_LOADED = 2 };
+
+struct lazy_region {
+    uint64_t host, size, file_offset;
+    uint8_t *state;             // per chunk: LAZY_*
+    uint64_t chunks;
+};
+
+struct lazy_loader {
+    int uffd, file_fd, stop_fd;
+    uint64_t chunk;
+    int32_t nregions;
+    struct lazy_region *regions;
+    uint64_t total_chunks, loaded_chunks;
+    int64_t faults, bytes_touch, bytes_first, bytes_background;
+    int64_t started_ns, finished_ns;
+    int32_t error, stopping, unregistered, done;
+    int64_t rate;               // background bytes per second; < 0: unlimited; 0: no background loader
+    pthread_t fault_thread, background_thread;
+    int background_started;
+    pthread_mutex_t lock;       // guards done and error changes, with changed
+    pthread_cond_t changed;
+};
+
+static int64_t lazy_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void lazy_unregister(struct lazy_loader *l)
+{
+    if (__atomic_exchange_n(&l->unregistered, 1, __ATOMIC_ACQ_REL))
+        return;
+    for (int32_t i = 0; i < l->nregions; i++) {
+        struct uffdio_range r = { .start = l->regions[i].host, .len = l->regions[i].size };
+        ioctl(l->uffd, UFFDIO_UNREGISTER, &r);
+    }
+}
+
+// The first error ends the loading: every range unregistered, waiters told.
+static void lazy_fail(struct lazy_loader *l, int err)
+{
+    pthread_mutex_lock(&l->lock);
+    if (!l->error)
+        l->error = err;
+    pthread_cond_broadcast(&l->changed);
+    pthread_mutex_unlock(&l->lock);
+    lazy_unregister(l);
+}
+
+static void lazy_finish(struct lazy_loader *l)
+{
+    __atomic_store_n(&l->finished_ns, lazy_now_ns(), __ATOMIC_RELEASE);
+    lazy_unregister(l);
+    pthread_mutex_lock(&l->lock);
+    l->done = 1;
+    pthread_cond_broadcast(&l->changed);
+    pthread_mutex_unlock(&l->lock);
+}
+
+static int lazy_all_zero(const uint8_t *p, size_t n)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    for (size_t i = 0; i < n / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+// Fills [dst, dst+len) of a registered range from buf (NULL: zeros). 0, or -errno.
+static int lazy_fill(struct lazy_loader *l, uint64_t dst, const uint8_t *buf, uint64_t len)
+{
+    uint64_t at = 0;
+    while (at < len) {
+        int64_t done;
+        int rc;
+        if (buf) {
+            struct uffdio_copy c = { .dst = dst + at, .src = (uint64_t)(uintptr_t)(buf + at), .len = len - at, .mode = 0 };
+            rc = ioctl(l->uffd, UFFDIO_COPY, &c);
+            done = c.copy;
+        } else {
+            struct uffdio_zeropage z = { .range = { .start = dst + at, .len = len - at }, .mode = 0 };
+            rc = ioctl(l->uffd, UFFDIO_ZEROPAGE, &z);
+            done = z.zeropage;
+        }
+        if (rc == 0) {
+            at = len;
+            break;
+        }
+        int err = errno;
+        if (done > 0)
+            at += (uint64_t)done;
+        if (err == EEXIST)
+            at += 4096;             // the page there is in already (it was filled another way)
+        else if (err != EAGAIN)
+            return -err;
+    }
+    return 0;
+}
+
+// Loads chunk c of region r unless someone else loads or loaded it, adding its bytes to *counter
+// before the fill wakes anyone (so whoever is woken sees them counted). Returns the bytes this call
+// loaded (0: not this call's), or -errno.
+static int64_t lazy_load(struct lazy_loader *l, int32_t r, uint64_t c, uint8_t *buf, int64_t *counter)
+{
+    struct lazy_region *reg = &l->regions[r];
+    uint8_t expected = LAZY_NOT_LOADED;
+    if (!__atomic_compare_exchange_n(&reg->state[c], &expected, LAZY_LOADING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    uint64_t offset = c * l->chunk;
+    uint64_t len = reg->size - offset < l->chunk ? reg->size - offset : l->chunk;
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t n = pread(l->file_fd, buf + got, len - got, (off_t)(reg->file_offset + offset + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -ENODATA;        // the file was cut short after it was checked
+        got += (uint64_t)n;
+    }
+    __atomic_add_fetch(counter, (int64_t)len, __ATOMIC_RELEASE);
+    int rc = lazy_fill(l, reg->host + offset, lazy_all_zero(buf, len) ? NULL : buf, len);
+    if (rc < 0)
+        return rc;
+    __atomic_store_n(&reg->state[c], LAZY_LOADED, __ATOMIC_RELEASE);
+    if (__atomic_add_fetch(&l->loaded_chunks, 1, __ATOMIC_ACQ_REL) == l->total_chunks)
+        lazy_finish(l);
+    return (int64_t)len;
+}
+
+static int lazy_locate(struct lazy_loader *l, uint64_t host, int32_t *r, uint64_t *c)
+{
+    for (int32_t i = 0; i < l->nregions; i++)
+        if (host >= l->regions[i].host && host - l->regions[i].host < l->regions[i].size) {
+            *r = i;
+            *c = (host - l->regions[i].host) / l->chunk;
+            return 1;
+        }
+    return 0;
+}
+
+static void *lazy_fault_thread(void *arg)
+{
+    struct lazy_loader *l = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    uint8_t *buf = malloc(l->chunk);
+    if (!buf) {
+        lazy_fail(l, ENOMEM);
+        return NULL;
+    }
+    struct uffd_msg msgs[64];
+    while (!__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd p[2] = { { .fd = l->uffd, .events = POLLIN }, { .fd = l->stop_fd, .events = POLLIN } };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            lazy_fail(l, errno);
+            break;
+        }
+        if (p[1].revents & POLLIN)
+            break;
+        ssize_t n = read(l->uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            lazy_fail(l, errno);
+            break;
+        }
+        int failed = 0;
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg) && !failed; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            __atomic_add_fetch(&l->faults, 1, __ATOMIC_RELAXED);
+            uint64_t page = msgs[i].arg.pagefault.address & ~(uint64_t)4095;
+            int32_t r;
+            uint64_t c;
+            if (lazy_locate(l, page, &r, &c)) {
+                int64_t loaded = lazy_load(l, r, c, buf, &l->bytes_touch);
+                if (loaded < 0) {
+                    lazy_fail(l, (int)-loaded);
+                    failed = 1;
+                    break;
+                }
+                if (loaded > 0)
+                    continue;       // UFFDIO_COPY/ZEROPAGE woke the waiters
+                // Another thread loads it; its fill wakes the waiter. Once it is in, wake anyway.
+                while (__atomic_load_n(&l->regions[r].state[c], __ATOMIC_ACQUIRE) != LAZY_LOADED
+                       && !__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE) && !__atomic_load_n(&l->unregistered, __ATOMIC_ACQUIRE))
+                    sched_yield();
+            }
+            struct uffdio_range w = { .start = page, .len = 4096 };
+            ioctl(l->uffd, UFFDIO_WAKE, &w);
+        }
+        if (failed)
+            break;
+    }
+    free(buf);
+    return NULL;
+}
+
+static void *lazy_background_thread(void *arg)
+{
+    struct lazy_loader *l = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);   // behind the guest and the fault thread
+    uint8_t *buf = malloc(l->chunk);
+    if (!buf) {
+        lazy_fail(l, ENOMEM);
+        return NULL;
+    }
+    int64_t started = lazy_now_ns(), loaded = 0;
+    for (int32_t r = 0; r < l->nregions; r++)
+        for (uint64_t c = 0; c < l->regions[r].chunks; c++) {
+            if (__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&l->unregistered, __ATOMIC_ACQUIRE))
+                goto out;
+            int64_t n = lazy_load(l, r, c, buf, &l->bytes_background);
+            if (n < 0) {
+                lazy_fail(l, (int)-n);
+                goto out;
+            }
+            loaded += n;
+            if (l->rate > 0 && n > 0) {
+                int64_t due = started + (int64_t)((double)loaded / (double)l->rate * 1e9);
+                int64_t ahead = due - lazy_now_ns();
+                if (ahead > 1000000) {
+                    struct timespec ts = { .tv_sec = ahead / 1000000000, .tv_nsec = ahead % 1000000000 };
+                    nanosleep(&ts, NULL);
+                }
+            }
+        }
+out:
+    free(buf);
+    return NULL;
+}
+
+static void lazy_free(struct lazy_loader *l)
+{
+    if (l->regions)
+        for (int32_t i = 0; i < l->nregions; i++)
+            free(l->regions[i].state);
+    free(l->regions);
+    if (l->stop_fd >= 0)
+        close(l->stop_fd);
+    pthread_mutex_destroy(&l->lock);
+    pthread_cond_destroy(&l->changed);
+    free(l);
+}
+
+// Starts loading guest RAM lazily: uffd has [hosts[i], hosts[i]+sizes[i]) registered in missing
+// mode, file_fd holds region i's bytes at file_offsets[i]; chunk: the bytes a touch brings in (a
+// multiple of 4096). The fault thread starts at once; the background loader with
+// kvmshim_lazy_background. *out receives the loader. uffd and file_fd stay the caller's, open
+// until kvmshim_lazy_stop.
+EXPORT int32_t kvmshim_lazy_start(int32_t uffd, int32_t file_fd, uint64_t chunk, const uint64_t *hosts, const uint64_t *sizes,
+                                  const uint64_t *file_offsets, int32_t nregions, void **out)
+{
+    if (nregions <= 0 || chunk == 0 || chunk % 4096 != 0)
+        return -EINVAL;
+    for (int32_t i = 0; i < nregions; i++)
+        if (sizes[i] == 0 || sizes[i] % 4096 != 0 || hosts[i] % 4096 != 0)
+            return -EINVAL;
+    struct lazy_loader *l = calloc(1, sizeof *l);
+    if (!l)
+        return -ENOMEM;
+    pthread_mutex_init(&l->lock, NULL);
+    pthread_cond_init(&l->changed, NULL);
+    l->uffd = uffd;
+    l->file_fd = file_fd;
+    l->chunk = chunk;
+    l->stop_fd = -1;
+    l->nregions = nregions;
+    l->started_ns = lazy_now_ns();
+    l->regions = calloc((size_t)nregions, sizeof *l->regions);
+    if (!l->regions) {
+        lazy_free(l);
+        return -ENOMEM;
+    }
+    for (int32_t i = 0; i < nregions; i++) {
+        struct lazy_region *reg = &l->regions[i];
+        reg->host = hosts[i];
+        reg->size = sizes[i];
+        reg->file_offset = file_offsets[i];
+        reg->chunks = (sizes[i] + chunk - 1) / chunk;
+        reg->state = calloc(reg->chunks, 1);
+        if (!reg->state) {
+            lazy_free(l);
+            return -ENOMEM;
+        }
+        l->total_chunks += reg->chunks;
+    }
+    l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (l->stop_fd < 0) {
+        int err = errno;
+        lazy_free(l);
+        return -err;
+    }
+    int rc = pthread_create(&l->fault_thread, NULL, lazy_fault_thread, l);
+    if (rc != 0) {
+        lazy_free(l);
+        return -rc;
+    }
+    *out = l;
+    return 0;
+}
+
+// Loads the chunks that hold [offset, offset+length) of region r now, on the calling thread
+// (before the vCPUs start: a working set). Returns the bytes this call loaded, or -errno.
+EXPORT int64_t kvmshim_lazy_load(void *loader, int32_t r, uint64_t offset, uint64_t length)
+{
+    struct lazy_loader *l = loader;
+    if (r < 0 || r >= l->nregions || offset >= l->regions[r].size || length > l->regions[r].size - offset)
+        return -EINVAL;
+    if (length == 0)
+        return 0;
+    uint8_t *buf = malloc(l->chunk);
+    if (!buf)
+        return -ENOMEM;
+    int64_t total = 0;
+    for (uint64_t c = offset / l->chunk; c <= (offset + length - 1) / l->chunk; c++) {
+        int64_t n = lazy_load(l, r, c, buf, &l->bytes_first);
+        if (n < 0) {
+            lazy_fail(l, (int)-n);
+            free(buf);
+            return n;
+        }
+        total += n;
+    }
+    free(buf);
+    return total;
+}
+
+// Starts the background loader: at most rate bytes per second (< 0: as fast as it can).
+EXPORT int32_t kvmshim_lazy_background(void *loader, int64_t rate)
+{
+    struct lazy_loader *l = loader;
+    if (l->background_started || rate == 0)
+        return -EINVAL;
+    l->rate = rate;
+    int rc = pthread_create(&l->background_thread, NULL, lazy_background_thread, l);
+    if (rc != 0)
+        return -rc;
+    l->background_started = 1;
+    return 0;
+}
+
+// Counters: [0] touches that waited, [1] bytes loaded for a touch, [2] bytes loaded first,
+// [3] bytes loaded in the background, [4] chunks loaded, [5] chunks in all, [6] ns from the start
+// to the last chunk (0: not yet), [7] the errno that ended the loading (0: none).
+EXPORT void kvmshim_lazy_stats(void *loader, int64_t *out)
+{
+    struct lazy_loader *l = loader;
+    out[0] = __atomic_load_n(&l->faults, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&l->bytes_touch, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&l->bytes_first, __ATOMIC_RELAXED);
+    out[3] = __atomic_load_n(&l->bytes_background, __ATOMIC_RELAXED);
+    out[4] = (int64_t)__atomic_load_n(&l->loaded_chunks, __ATOMIC_RELAXED);
+    out[5] = (int64_t)l->total_chunks;
+    int64_t finished = __atomic_load_n(&l->finished_ns, __ATOMIC_ACQUIRE);
+    out[6] = finished ? finished - l->started_ns : 0;
+    pthread_mutex_lock(&l->lock);
+    out[7] = l->error;
+    pthread_mutex_unlock(&l->lock);
+}
+
+// Waits until every chunk is in (1), the loading failed (2, see the stats' errno) or was stopped
+// (3), or timeout_ms passed (0; < 0: no limit).
+EXPORT int32_t kvmshim_lazy_wait(void *loader, int64_t timeout_ms)
+{
+    struct lazy_loader *l = loader;
+    struct timespec until;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (timeout_ms % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
+        }
+    }
+    int32_t result = 0;
+    pthread_mutex_lock(&l->lock);
+    for (;;) {
+        if (l->done) { result = 1; break; }
+        if (l->error) { result = 2; break; }
+        if (l->stopping) { result = 3; break; }
+        int rc = timeout_ms < 0 ? pthread_cond_wait(&l->changed, &l->lock) : pthread_cond_timedwait(&l->changed, &l->lock, &until);
+        if (rc == ETIMEDOUT) {
+            result = l->done ? 1 : l->error ? 2 : l->stopping ? 3 : 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&l->lock);
+    return result;
+}
+
+// Tells every thread to stop and waiters to return (3); the loader stays valid for stats and
+// waits until kvmshim_lazy_free. Joins the loader's threads and unregisters the ranges (a page not
+// loaded then reads as zeros).
+EXPORT void kvmshim_lazy_stop(void *loader)
+{
+    struct lazy_loader *l = loader;
+    pthread_mutex_lock(&l->lock);
+    __atomic_store_n(&l->stopping, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&l->changed);
+    pthread_mutex_unlock(&l->lock);
+    uint64_t one = 1;
+    if (write(l->stop_fd, &one, sizeof one) < 0) {
+        // An eventfd write fails only on overflow; the thread sees the counter all the same.
+    }
+    if (l->background_started)
+        pthread_join(l->background_thread, NULL);
+    l->background_started = 0;
+    if (l->fault_thread) {
+        pthread_join(l->fault_thread, NULL);
+        l->fault_thread = 0;
+    }
+    lazy_unregister(l);
+}
+
+// Frees a stopped loader.
+EXPORT void kvmshim_lazy_free(void *loader)
+{
+    lazy_free(loader);
+}

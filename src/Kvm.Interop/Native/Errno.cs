@@ -7,7 +7,7 @@ public static class Errno
 {
     public const int EPERM = 1, ENOENT = 2, ESRCH = 3, EINTR = 4, EIO = 5, ENXIO = 6, E2BIG = 7, EBADF = 9, EAGAIN = 11,
         ENOMEM = 12, EACCES = 13, EFAULT = 14, EBUSY = 16, EEXIST = 17, ENODEV = 19, EINVAL = 22,
-        ENOSPC = 28, ESPIPE = 29, EPIPE = 32, ENOSYS = 38, EMSGSIZE = 90, ENOTSUP = 95, EOPNOTSUPP = 95;
+        ENOSPC = 28, ESPIPE = 29, EPIPE = 32, ENOSYS = 38, ENODATA = 61, EMSGSIZE = 90, ENOTSUP = 95, EOPNOTSUPP = 95;
 
     /// <summary>The C library's text for an errno value.</summary>
     public static string Describe(int errno) => Marshal.GetPInvokeErrorMessage(errno);

@@ -62,4 +62,41 @@ public static unsafe partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvmshim_uffd_trace_free")]
     public static partial void UffdTraceFree(ulong* pages);
+
+    /// <summary>
+    /// Starts loading guest RAM lazily from a snapshot's memory file (<paramref name="file"/>,
+    /// region i's bytes at <paramref name="fileOffsets"/>[i]) into the ranges registered with
+    /// <paramref name="fd"/> in missing mode, <paramref name="chunk"/> bytes at a time: a native
+    /// fault thread starts at once (a managed one could wait for a garbage collection that waits
+    /// for a thread blocked in a fault). Both descriptors must stay open until <see cref="LazyStop"/>.
+    /// </summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_start")]
+    public static partial int LazyStart(Handles.UserfaultfdHandle fd, Microsoft.Win32.SafeHandles.SafeFileHandle file, ulong chunk,
+        ulong[] hosts, ulong[] sizes, ulong[] fileOffsets, int nregions, out IntPtr loader);
+
+    /// <summary>Loads the chunks holding [offset, offset + length) of region <paramref name="region"/> on the calling thread; the bytes this call loaded, or -errno.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_load")]
+    public static partial long LazyLoad(IntPtr loader, int region, ulong offset, ulong length);
+
+    /// <summary>Starts the background loader: at most <paramref name="bytesPerSecond"/> (negative: no limit).</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_background")]
+    public static partial int LazyBackground(IntPtr loader, long bytesPerSecond);
+
+    /// <summary>The loader's counters (<see cref="LazyStatCount"/> of them; see the shim).</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_stats")]
+    public static partial void LazyStats(IntPtr loader, [Out] long[] counters);
+
+    /// <summary>How many counters <see cref="LazyStats"/> fills.</summary>
+    public const int LazyStatCount = 8;
+
+    /// <summary>Waits up to <paramref name="timeoutMs"/> (negative: no limit): 1 all loaded, 2 failed, 3 stopped, 0 timed out.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_wait")]
+    public static partial int LazyWait(IntPtr loader, long timeoutMs);
+
+    /// <summary>Stops the loader's threads and unregisters its ranges; it stays valid for stats until <see cref="LazyFree"/>.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_stop")]
+    public static partial void LazyStop(IntPtr loader);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_lazy_free")]
+    public static partial void LazyFree(IntPtr loader);
 }

@@ -20,43 +20,44 @@ public sealed record LazyLoadStats(long Faults, long BytesOnTouch, long BytesFir
 /// <summary>
 /// Guest RAM brought in from a snapshot's memory file while the guest runs. Every RAM region is
 /// registered with a <see cref="Userfaultfd"/> in missing mode: the first touch of a page (by a
-/// vCPU through KVM, or by a device worker) waits while a fault thread reads its chunk
-/// (<see cref="ChunkSize"/>) from the memory file and fills it in; meanwhile a background
-/// loader fills every chunk not yet there, in batches, and when all are there it unregisters the
-/// regions and RAM is ordinary memory again. Pages of zeros in the file are filled with zeros
-/// without a copy. Chunks named first (a working set recorded at the save) are loaded before the
-/// vCPUs start.
+/// vCPU through KVM, by a device worker or by the VMM) waits while a fault thread reads its chunk
+/// (<see cref="ChunkSize"/>) from the memory file and fills it in; meanwhile a background loader
+/// fills every chunk not yet there, in address order, and when all are there the regions are
+/// unregistered and RAM is ordinary memory again. Pages of zeros are filled without a copy. Chunks
+/// named first (a working set recorded at the save) are loaded before the vCPUs start.
+/// <para>
+/// The fault thread and the background loader are the shim's native threads
+/// (<c>kvmshim_lazy_*</c>), not managed ones: a managed thread of the VMM that touches a page not
+/// yet loaded blocks in the fault where the runtime cannot stop it for a garbage collection, and a
+/// managed fault thread could then wait for that collection, which waits for the blocked thread.
+/// A managed watcher only waits (in the shim) for the end, to log it or report a failure.
+/// </para>
 /// </summary>
 public sealed class LazyMemoryLoader : IDisposable
 {
     /// <summary>What a touch brings in: 64 KiB around it (fewer faults for a guest that reads on).</summary>
     public const int ChunkSize = 64 << 10;
 
-    private const int NotLoaded = 0, Loading = 1, Loaded = 2;
+    private const int WaitDoneResult = 1, WaitFailedResult = 2;
 
     private readonly GuestMemory _memory;
     private readonly SnapshotMemoryFile _file;
     private readonly Userfaultfd _uffd;
     private readonly ILogger _log;
-    private readonly int[][] _chunks;          // per region, per chunk: NotLoaded, Loading, Loaded
-    private readonly long _totalChunks;
-    private long _loadedChunks;
-    private long _faults, _bytesOnTouch, _bytesFirst, _bytesBackground;
-    private readonly long _started = Stopwatch.GetTimestamp();
-    private long _finished;
-    private volatile bool _stopping;
-    private Thread? _faultThread, _backgroundThread;
-    private readonly ManualResetEventSlim _done = new();
-    private int _unregistered;
+    private readonly IntPtr _loader;
+    private readonly ReaderWriterLockSlim _gate = new();    // readers use _loader; Dispose frees it under the write lock
+    private readonly Thread _watcher;
+    private bool _disposed;
+    private int _disposing;
 
-    private LazyMemoryLoader(GuestMemory memory, SnapshotMemoryFile file, Userfaultfd uffd, ILogger log)
+    private LazyMemoryLoader(GuestMemory memory, SnapshotMemoryFile file, Userfaultfd uffd, IntPtr loader, ILogger log)
     {
         _memory = memory;
         _file = file;
         _uffd = uffd;
+        _loader = loader;
         _log = log;
-        _chunks = memory.Regions.Select(r => new int[(r.Size + ChunkSize - 1) / ChunkSize]).ToArray();
-        _totalChunks = _chunks.Sum(c => (long)c.Length);
+        _watcher = new Thread(Watch) { IsBackground = true, Name = "ram load watch" };
     }
 
     /// <summary>
@@ -72,14 +73,30 @@ public sealed class LazyMemoryLoader : IDisposable
     {
         if (memory.HugePages == HugePageMode.HugeTlb)
             throw new ArgumentException("a guest on hugetlb pages cannot be restored lazily (its pages are filled 2 MiB at a time): restore it with --memory eager");
+        var regions = memory.Regions;
+        var hosts = new ulong[regions.Count];
+        var sizes = new ulong[regions.Count];
+        var offsets = new ulong[regions.Count];
+        for (int i = 0; i < regions.Count; i++)
+        {
+            var r = regions[i];
+            SnapshotRegion? found = null;
+            foreach (var candidate in file.State.Regions)
+                if (r.GuestAddress >= candidate.GuestAddress && r.End <= candidate.GuestAddress + candidate.Size)
+                    found = candidate;
+            if (found is not { } s)
+                throw new ArgumentException($"guest RAM at 0x{r.GuestAddress:x} ({GuestMemory.FormatSize(r.Size)}) is not inside one region of the memory file {file.Path}");
+            (hosts[i], sizes[i], offsets[i]) = ((ulong)r.Host, r.Size, s.FileOffset + (r.GuestAddress - s.GuestAddress));
+        }
         var uffd = Userfaultfd.Open();
         try
         {
-            foreach (var r in memory.Regions)
+            foreach (var r in regions)
                 uffd.Register(r.Host, r.Size, KvmShim.UffdRegisterMissing);
-            var loader = new LazyMemoryLoader(memory, file, uffd, log);
-            loader._faultThread = new Thread(loader.FaultLoop) { IsBackground = true, Name = "ram faults" };
-            loader._faultThread.Start();
+            Errno.Check(KvmShim.LazyStart(uffd.Handle, file.Handle, ChunkSize, hosts, sizes, offsets, regions.Count, out IntPtr native),
+                "start the lazy restore's fault thread");
+            var loader = new LazyMemoryLoader(memory, file, uffd, native, log);
+            loader._watcher.Start();
             return loader;
         }
         catch
@@ -92,13 +109,20 @@ public sealed class LazyMemoryLoader : IDisposable
     /// <summary>Loads the chunks holding <paramref name="ranges"/> (guest page ranges) now, before the vCPUs start.</summary>
     public void LoadFirst(IEnumerable<GuestPageRange> ranges)
     {
-        var buffer = AllocateBuffer();
+        var regions = _memory.Regions;
         foreach (var range in ranges)
         {
             ulong start = range.FirstPage * SnapshotFormat.PageSize, end = range.EndPage * SnapshotFormat.PageSize;
-            for (ulong gpa = start - start % ChunkSize; gpa < end; gpa += ChunkSize)
-                if (Locate(gpa, out int region, out int chunk))
-                    Interlocked.Add(ref _bytesFirst, Load(region, chunk, buffer));
+            for (int i = 0; i < regions.Count; i++)
+            {
+                var r = regions[i];
+                ulong from = Math.Max(start, r.GuestAddress), to = Math.Min(end, r.End);
+                if (from >= to)
+                    continue;
+                long n = KvmShim.LazyLoad(_loader, i, from - r.GuestAddress, to - from);
+                if (n < 0)
+                    throw new IOException($"lazy restore from {_file.Path}: loading the working set at guest 0x{from:x} failed: {Errno.Describe((int)-n)}");
+            }
         }
     }
 
@@ -113,24 +137,35 @@ public sealed class LazyMemoryLoader : IDisposable
             throw new ArgumentOutOfRangeException(nameof(backgroundBytesPerSecond), backgroundBytesPerSecond, "a rate is not negative");
         if (backgroundBytesPerSecond == 0)
             return;
-        _backgroundThread = new Thread(() => BackgroundLoop(backgroundBytesPerSecond)) { IsBackground = true, Name = "ram loader", Priority = ThreadPriority.BelowNormal };
-        _backgroundThread.Start();
+        Errno.Check(KvmShim.LazyBackground(_loader, backgroundBytesPerSecond ?? -1), "start the lazy restore's background loader");
     }
 
     public LazyLoadStats Stats
     {
         get
         {
-            long finished = Interlocked.Read(ref _finished);
-            return new LazyLoadStats(Interlocked.Read(ref _faults), Interlocked.Read(ref _bytesOnTouch), Interlocked.Read(ref _bytesFirst),
-                Interlocked.Read(ref _bytesBackground), (long)_memory.TotalSize,
-                finished == 0 ? null : Stopwatch.GetElapsedTime(_started, finished).TotalSeconds);
+            var c = new long[KvmShim.LazyStatCount];
+            _gate.EnterReadLock();
+            try
+            {
+                if (!_disposed)
+                    KvmShim.LazyStats(_loader, c);
+                else if (_final is { } final)
+                    return final;
+            }
+            finally
+            {
+                _gate.ExitReadLock();
+            }
+            return new LazyLoadStats(c[0], c[1], c[2], c[3], (long)_memory.TotalSize, c[6] == 0 ? null : c[6] / 1e9);
         }
     }
 
+    private LazyLoadStats? _final;
+
     /// <summary>
-    /// Called (on a loader thread) when a chunk cannot be loaded: the guest cannot go on. Set after
-    /// a failure, it is called at once with it.
+    /// Called (on the watcher thread) when a chunk cannot be loaded: the guest cannot go on. Set
+    /// after a failure, it is called at once with it.
     /// </summary>
     public Action<Exception>? Failed
     {
@@ -146,175 +181,85 @@ public sealed class LazyMemoryLoader : IDisposable
     private Action<Exception>? _failedHandler;
     private Exception? _failure;
 
-    private void Fail(Exception e)
+    /// <summary>Waits until every chunk is in; false on timeout, or when the loading failed or was stopped.</summary>
+    public bool WaitDone(TimeSpan timeout)
     {
-        if (Interlocked.CompareExchange(ref _failure, e, null) is null)
-            _failedHandler?.Invoke(e);
-    }
-
-    /// <summary>Waits until every chunk is in; false on timeout.</summary>
-    public bool WaitDone(TimeSpan timeout) => _done.Wait(timeout);
-
-    private bool Locate(ulong gpa, out int region, out int chunk)
-    {
-        var regions = _memory.Regions;
-        for (region = 0; region < regions.Count; region++)
-        {
-            var r = regions[region];
-            if (gpa >= r.GuestAddress && gpa < r.End)
-            {
-                chunk = (int)((gpa - r.GuestAddress) / ChunkSize);
-                return true;
-            }
-        }
-        chunk = -1;
-        return false;
-    }
-
-    private bool LocateHost(ulong host, out int region, out int chunk)
-    {
-        var regions = _memory.Regions;
-        for (region = 0; region < regions.Count; region++)
-        {
-            var r = regions[region];
-            ulong start = (ulong)r.Host;
-            if (host >= start && host < start + r.Size)
-            {
-                chunk = (int)((host - start) / ChunkSize);
-                return true;
-            }
-        }
-        chunk = -1;
-        return false;
-    }
-
-    /// <summary>Loads one chunk unless another thread loads or loaded it; returns the bytes this call loaded.</summary>
-    private long Load(int region, int chunk, byte[] buffer)
-    {
-        if (Interlocked.CompareExchange(ref _chunks[region][chunk], Loading, NotLoaded) != NotLoaded)
-            return 0;
-        var r = _memory.Regions[region];
-        ulong offset = (ulong)chunk * ChunkSize;
-        int length = (int)Math.Min(ChunkSize, r.Size - offset);
-        var bytes = buffer.AsSpan(0, length);
-        _file.Read(r.GuestAddress + offset, bytes);
-        IntPtr host = r.Host + (nint)offset;
-        bool zero = !bytes.ContainsAnyExcept((byte)0);
-        ulong at = 0;
-        while (at < (ulong)length)
-        {
-            long done = zero
-                ? _uffd.Zero(host + (nint)at, (ulong)length - at)
-                : _uffd.Copy(host + (nint)at, bytes[(int)at..]);
-            at += (ulong)done;      // 0: the kernel asked to try again
-        }
-        Volatile.Write(ref _chunks[region][chunk], Loaded);
-        if (Interlocked.Increment(ref _loadedChunks) == _totalChunks)
-            Finish();
-        return length;
-    }
-
-    private void Finish()
-    {
-        Interlocked.Exchange(ref _finished, Stopwatch.GetTimestamp());
-        Unregister();
-        _done.Set();
-        SnapshotLog.LazyLoadDone(_log, GuestMemory.FormatSize(_memory.TotalSize), Stats.Seconds ?? 0, Interlocked.Read(ref _faults));
-    }
-
-    private void Unregister()
-    {
-        if (Interlocked.Exchange(ref _unregistered, 1) != 0)
-            return;
-        foreach (var r in _memory.Regions)
-        {
-            try { _uffd.Unregister(r.Host, r.Size); }
-            catch (KvmIoctlException) { /* the mapping is going away */ }
-        }
-    }
-
-    private void FaultLoop()
-    {
-        var buffer = AllocateBuffer();
-        Span<UserFault> faults = stackalloc UserFault[64];
+        _gate.EnterReadLock();
         try
         {
-            while (!_stopping)
-            {
-                if (!_uffd.WaitForFaults(100))
-                    continue;
-                int n = _uffd.ReadFaults(faults);
-                for (int i = 0; i < n; i++)
-                {
-                    Interlocked.Increment(ref _faults);
-                    ulong page = faults[i].Address & ~((ulong)SnapshotFormat.PageSize - 1);
-                    if (!LocateHost(page, out int region, out int chunk))
-                        continue;
-                    long loaded = Load(region, chunk, buffer);
-                    Interlocked.Add(ref _bytesOnTouch, loaded);
-                    SnapshotLog.LazyFault(_log, faults[i].Address, faults[i].Write ? "write" : "read", loaded);
-                    if (loaded == 0)
-                    {
-                        // Another thread loads it: its fill wakes the waiter. Once it is in, wake anyway.
-                        var slot = _chunks[region];
-                        int index = chunk;
-                        SpinWait.SpinUntil(() => Volatile.Read(ref slot[index]) == Loaded || _stopping);
-                        _uffd.Wake((IntPtr)(long)page, SnapshotFormat.PageSize);
-                    }
-                }
-            }
+            if (_disposed)
+                return _final?.Done ?? false;
+            return KvmShim.LazyWait(_loader, timeout == Timeout.InfiniteTimeSpan ? -1 : (long)Math.Ceiling(timeout.TotalMilliseconds)) == WaitDoneResult;
         }
-        catch (Exception e)
+        finally
         {
-            // Whatever went wrong, no thread may wait for a page forever: unregistering wakes every
-            // waiter, whose fault then maps a page of zeros. The guest cannot go on (Failed stops
-            // it), but the VMM does, and a restore still in progress ends.
-            SnapshotLog.LazyLoadFailed(_log, "fault", $"{e.GetType().Name}: {e.Message}");
-            Unregister();
-            Fail(e);
+            _gate.ExitReadLock();
         }
     }
 
-    private void BackgroundLoop(long? bytesPerSecond)
+    private void Watch()
     {
-        var buffer = AllocateBuffer();
-        long started = Stopwatch.GetTimestamp(), loaded = 0;
+        int result;
+        _gate.EnterReadLock();
         try
         {
-            for (int region = 0; region < _chunks.Length && !_stopping; region++)
-                for (int chunk = 0; chunk < _chunks[region].Length && !_stopping; chunk++)
-                {
-                    long n = Load(region, chunk, buffer);
-                    Interlocked.Add(ref _bytesBackground, n);
-                    loaded += n;
-                    if (bytesPerSecond is { } rate && n > 0)
-                    {
-                        var ahead = TimeSpan.FromSeconds((double)loaded / rate) - Stopwatch.GetElapsedTime(started);
-                        if (ahead > TimeSpan.FromMilliseconds(1))
-                            Thread.Sleep(ahead);
-                    }
-                }
+            if (_disposed)
+                return;
+            // Returns when all is in, on a failure, or once Dispose stops the loader.
+            result = KvmShim.LazyWait(_loader, -1);
         }
-        catch (Exception e)
+        finally
         {
-            SnapshotLog.LazyLoadFailed(_log, "background", $"{e.GetType().Name}: {e.Message}");
-            Unregister();
-            Fail(e);
+            _gate.ExitReadLock();
+        }
+        var stats = Stats;
+        if (result == WaitDoneResult)
+            SnapshotLog.LazyLoadDone(_log, GuestMemory.FormatSize(_memory.TotalSize), stats.Seconds ?? 0, stats.Faults);
+        else if (result == WaitFailedResult)
+        {
+            var c = new long[KvmShim.LazyStatCount];
+            _gate.EnterReadLock();
+            try
+            {
+                if (!_disposed)
+                    KvmShim.LazyStats(_loader, c);
+            }
+            finally
+            {
+                _gate.ExitReadLock();
+            }
+            int errno = (int)c[7];
+            // The shim unregistered guest RAM: a page not loaded reads as zeros, so the guest cannot go on.
+            var e = new IOException($"lazy restore from {_file.Path} failed: {(errno == Errno.ENODATA ? "the memory file was cut short after it was checked" : Errno.Describe(errno))} " +
+                                    $"(errno {errno}); guest RAM not loaded by then reads as zeros");
+            SnapshotLog.LazyLoadFailed(_log, "native", e.Message);
+            if (Interlocked.CompareExchange(ref _failure, e, null) is null)
+                _failedHandler?.Invoke(e);
         }
     }
-
-    private static byte[] AllocateBuffer() => GC.AllocateUninitializedArray<byte>(ChunkSize, pinned: true);
 
     /// <summary>Stops loading (the VM is going away) and gives the memory file back; RAM not loaded reads as zeros from then on.</summary>
     public void Dispose()
     {
-        _stopping = true;
-        _backgroundThread?.Join();
-        _faultThread?.Join();
-        Unregister();
+        if (Interlocked.Exchange(ref _disposing, 1) != 0)
+            return;
+        KvmShim.LazyStop(_loader);          // joins the native threads; waiters return
+        if (Thread.CurrentThread != _watcher)
+            _watcher.Join();
+        var final = Stats;
+        _gate.EnterWriteLock();
+        try
+        {
+            _final = final;
+            _disposed = true;
+            KvmShim.LazyFree(_loader);
+        }
+        finally
+        {
+            _gate.ExitWriteLock();
+        }
         _uffd.Dispose();
         _file.Dispose();
-        _done.Dispose();
     }
 }
 
@@ -322,9 +267,6 @@ internal static partial class SnapshotLog
 {
     [LoggerMessage(EventId = 1401, Level = LogLevel.Information, Message = "lazy restore: all {Size} of guest RAM loaded in {Seconds:0.###} s ({Faults} touches waited)")]
     public static partial void LazyLoadDone(ILogger logger, string size, double seconds, long faults);
-
-    [LoggerMessage(EventId = 1403, Level = LogLevel.Trace, Message = "lazy restore: fault at 0x{Address:x} ({Flags}): {Bytes} bytes loaded")]
-    public static partial void LazyFault(ILogger logger, ulong address, string flags, long bytes);
 
     [LoggerMessage(EventId = 1402, Level = LogLevel.Error, Message = "lazy restore: the {Thread} loader failed: {Error}")]
     public static partial void LazyLoadFailed(ILogger logger, string thread, string error);
