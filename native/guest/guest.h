@@ -204,6 +204,9 @@ extern uint64_t gk_timeout_s;
 #define FOUR_GIB        0x100000000ull
 uint64_t ram_area_base(void);           /* first 2 MiB boundary above the image */
 bool ram_area_fits(uint64_t base, uint64_t size);   /* from the PVH memmap */
+
+/* workloads.c: `pattern`'s word for the 8 bytes at addr (restore-touch, touch and tick fill with it) */
+uint64_t pattern_value(uint64_t addr, uint64_t seed);
 void *dma_alloc(uint64_t size);         /* zeroed; exits (EXIT_USAGE) when RAM runs out */
 uint64_t dma_mark(void);
 void dma_release(uint64_t mark);        /* frees everything allocated after dma_mark() */

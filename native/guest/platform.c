@@ -240,12 +240,13 @@ int wl_poweroff(int argc, char **argv)
  * the VM off as `poweroff` does.  n=COUNT ends after COUNT ticks, timeout=S fails after S s. */
 int wl_tick(int argc, char **argv)
 {
-    uint64_t period = 100, n = 0, pwrbtn = 1, timeout = 0;
+    uint64_t period = 100, n = 0, pwrbtn = 1, timeout = 0, fill = 0;
     const struct param params[] = {
         { .key = "period", .max = 3600000, .value = &period },
         { .key = "n", .max = INT64_MAX, .value = &n },
         { .key = "pwrbtn", .max = 1, .value = &pwrbtn },
         { .key = "timeout", .max = 86400, .value = &timeout },
+        { .key = "fill", .size = true, .max = FOUR_GIB, .value = &fill },
     };
 
     if (!parse_params("tick", argc, argv, params, ARRAY_SIZE(params)))
@@ -253,6 +254,18 @@ int wl_tick(int argc, char **argv)
     if (!period) {
         gk_printf("guestkit: error: bad argument 'period=0' for tick\n");
         return EXIT_USAGE;
+    }
+    /* fill: RAM that is not zero pages, for a VMM that moves or hands over guest memory */
+    if (fill) {
+        uint64_t base = ram_area_base();
+        fill &= ~(PAGE_SIZE - 1);
+        if (!ram_area_fits(base, fill)) {
+            gk_printf("guestkit: error: tick: fill=%lu at 0x%lx does not fit in guest RAM\n", fill, base);
+            return EXIT_USAGE;
+        }
+        for (uint64_t addr = base; addr < base + fill; addr += 8)
+            *(volatile uint64_t *)(uintptr_t)addr = pattern_value(addr, 1);
+        gk_printf("guestkit: tick filled %lu bytes at 0x%lx\n", fill, base);
     }
     time_init();
 

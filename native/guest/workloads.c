@@ -60,7 +60,7 @@ int wl_count(int argc, char **argv)
 }
 
 /* one word per 8 bytes, derived from its address and the seed: a moved or lost page shows */
-static uint64_t pattern_value(uint64_t addr, uint64_t seed)
+uint64_t pattern_value(uint64_t addr, uint64_t seed)
 {
     uint64_t x = addr * 0x9e3779b97f4a7c15ull ^ seed;
     x ^= x >> 29;
