@@ -13,8 +13,10 @@ using Kvm.Tests.Shared;
 //         inventory, VM creation to the guest's first line through kvmd against vmctl run and QEMU,
 //         and a lease takeover after the owner freezes against the lease duration (KvmdBenchmark.cs).
 //   snapshot: save, restore to first instruction and the working set after a restore, for 256 MiB and
-//         1 GiB guests, kvm-vmm (eager and lazy) against QEMU's migration to and from a file
-//         (SnapshotBenchmark.cs).
+//         1 GiB guests, kvm-vmm (eager, lazy, and lazy with the working set recorded at the save
+//         loaded first) against QEMU's migration to and from a file; and the guest's pause for an
+//         upgrade in place and a suspend/resume against QEMU's local live migration
+//         (SnapshotBenchmark.cs, SnapshotBenchmark.Pause.cs).
 // boot, blk, linux, kvmd (all but its 'list' part) and snapshot need /dev/kvm; where the machine has none,
 // `make bench` runs them inside one nested KVM host (tests/kvm-host/kvm-host). Each prints where it
 // measured.
