@@ -198,7 +198,8 @@ internal sealed class LineClient : IDisposable
             int newline = Array.IndexOf(_buffer, (byte)'\n', _start, _end - _start);
             if (newline >= 0)
             {
-                var line = new ReadOnlyMemory<byte>(_buffer, _start, newline - _start);
+                // A copy: a JsonDocument keeps using the memory it was parsed from, and the buffer is reused.
+                var line = _buffer.AsSpan(_start, newline - _start).ToArray();
                 _start = newline + 1;
                 try
                 {

@@ -467,11 +467,13 @@ internal static partial class SnapshotBenchmark
                     double seconds = clock.Elapsed.TotalSeconds;
                     if (workingSet)
                     {
-                        control.Call("pause").Dispose();
                         var result = reply.RootElement.GetProperty("result");
-                        r.WorkingSetSaves.Add(new WorkingSetSave(seconds, result.GetProperty("pausedSeconds").GetDouble(),
+                        r.WorkingSetSaves.Add(new WorkingSetSave(seconds,
+                            result.TryGetProperty("pausedSeconds", out var ps) && ps.ValueKind == JsonValueKind.Number ? ps.GetDouble() : 0,
                             result.TryGetProperty("workingSetPages", out var p) && p.ValueKind == JsonValueKind.Number ? p.GetInt64() : 0,
                             result.TryGetProperty("workingSetRanges", out var g) && g.ValueKind == JsonValueKind.Number ? g.GetInt32() : 0));
+                        // Only now: the reply lives in the client's buffer, which the next call reuses.
+                        control.Call("pause").Dispose();
                     }
                     if (k == 0)
                     {
