@@ -23,9 +23,14 @@ public sealed record FenceStop : VmStopReason
 /// on an RPC dispatcher under those names.
 /// </summary>
 /// <param name="host">The sockets and options this process serves, which a VM handed over keeps (null: no hand-over).</param>
-/// <param name="releasePaths">Lets the socket files go to the process that takes the VM over (they are not removed at exit).</param>
-public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Action? releasePaths = null) : IDisposable
+public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : IDisposable
 {
+    /// <summary>
+    /// The socket paths a hand-over lets go to the new process and takes back if it fails after
+    /// that (null: the files are the servers' own to the end).
+    /// </summary>
+    public HandoverPaths? Paths { get; set; }
+
     public const double DefaultStopTimeoutSeconds = 30;
     public const double MaxStopTimeoutSeconds = 3600;
 
@@ -300,6 +305,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
             _handingOver = true;
         }
         Successor? successor = null;
+        bool released = false;
         try
         {
             // The new process starts (and gets past the runtime's start-up) before the guest pauses.
@@ -310,8 +316,10 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
                     SuspendLocked("handover");
             }
             successor.Offer(spec, _suspended!, vm.Memory.BackingFd);
-            releasePaths?.Invoke();
+            Paths?.Release();
+            released = true;
             successor.Go();
+            Paths?.Forget();
             double paused = System.Diagnostics.Stopwatch.GetElapsedTime(_suspendedAt).TotalSeconds;
             lock (_lock)
                 _stopping = true;
@@ -322,6 +330,19 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null, Act
         catch (Exception e) when (e is HandoverException or IOException or System.Net.Sockets.SocketException or UnauthorizedAccessException)
         {
             successor?.Reap(TimeSpan.FromSeconds(5));
+            if (released)
+            {
+                // The new process may have taken the paths before it failed: clients must find this one again.
+                try
+                {
+                    Paths?.Reclaim();
+                }
+                catch (Exception r) when (r is IOException or UnauthorizedAccessException)
+                {
+                    throw new RpcException(RpcErrorCode.OperationFailed, $"handover to {program}: {e.Message}; and the socket paths could not be taken back: {r.Message} " +
+                        $"(the VM stays {State} in pid {Environment.ProcessId}, which no longer answers on them)", inner: e);
+                }
+            }
             throw new RpcException(RpcErrorCode.OperationFailed, $"handover to {program}: {e.Message} (the VM stays {State} in pid {Environment.ProcessId})", inner: e);
         }
         finally

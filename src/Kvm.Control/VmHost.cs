@@ -126,13 +126,8 @@ public static partial class VmHost
         ConsoleServer? console, bool takeOver, ILogger logger)
     {
         var dispatcher = new RpcDispatcher(logger);
-        RpcServer? server = null;
-        var vmControl = new VmControl(vm, options, () =>
-        {
-            server!.LeaveSocketFile = true;
-            if (console is not null)
-                console.LeaveSocketFile = true;
-        });
+        RpcServer server;
+        var vmControl = new VmControl(vm, options);
         vmControl.Register(dispatcher);
         try
         {
@@ -149,6 +144,7 @@ public static partial class VmHost
             vmControl.Dispose();
             throw;
         }
+        vmControl.Paths = new HandoverPaths(server, console);
         return (vmControl, server);
     }
 

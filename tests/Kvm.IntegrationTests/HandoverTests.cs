@@ -90,6 +90,27 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         Assert.Equal(0, old.Process.ExitCode);
     }
 
+    /// <summary>
+    /// After a hand-over from <paramref name="old"/>: it gives the VM up, the journal (its console so
+    /// far in <paramref name="text"/>) goes on in the new process to <paramref name="records"/>, each
+    /// once, the VM ends with status 0, and the image is clean.
+    /// </summary>
+    private void FinishJournal(LiveProcess old, System.Text.StringBuilder text, string disk, int records)
+    {
+        AssertGivenUp(old);
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            var record = WaitForExitRecord();
+            Assert.True(record.Status == 0 && !record.Failed, JsonSerializer.Serialize(record));
+            Assert.True(console.Closed(Wait));
+            text.Append(console.Text);
+        }
+        var seqs = Seqs(text.ToString());
+        Assert.Equal(Enumerable.Range(1, records), seqs.Distinct());
+        Assert.Equal(seqs.Length, seqs.Distinct().Count());
+        AssertCheckClean(disk);
+    }
+
     /// <summary>Waits for the VM's end as the process that ran it last recorded it.</summary>
     private VmExitRecord WaitForExitRecord()
     {
@@ -342,17 +363,88 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             Assert.True(console.Closed(Wait));
             text.Append(console.Text);
         }
-        AssertGivenUp(old);
+        FinishJournal(old, text, disk, 200);
+    }
+
+    /// <summary>
+    /// A stand-in for kvm-vmm that dies at the worst moment of a hand-over: it says hello, takes the
+    /// offer, says ready, and once told "go" binds its own sockets over the control and console paths
+    /// (as a real taker does) and exits without running the VM.
+    /// </summary>
+    private const string DyingTaker = """
+        #!/usr/bin/env python3
+        import json, os, socket, sys
+        args = sys.argv[1:]
+        opt = lambda name: args[args.index(name) + 1]
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(opt("--take-over"))
+        conn.sendall((json.dumps({"kind": "hello", "pid": os.getpid()}) + "\n").encode())
+        buf = b""
+        def receive():
+            global buf
+            while b"\n" not in buf:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 16)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    sys.exit(2)
+                buf += data
+            line, buf = buf.split(b"\n", 1)
+            return json.loads(line)["kind"]
+        assert receive() == "offer"
+        conn.sendall((json.dumps({"kind": "ready", "pid": os.getpid()}) + "\n").encode())
+        assert receive() == "go"
+        for path in (opt("--control"), opt("--console")):
+            temporary = os.path.join(os.path.dirname(path), ".dying-taker")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(temporary)
+            s.listen(1)
+            os.rename(temporary, path)
+        sys.exit(3)
+        """;
+
+    /// <summary>
+    /// The new process takes the socket paths and dies before it runs the VM: the resume fails
+    /// saying so, the old process takes its paths back (its control and console answer there
+    /// again) and keeps the VM suspended, nothing lost; a resume then hands it to a real kvm-vmm
+    /// and the journal goes on to its end.
+    /// </summary>
+    [SkippableFact]
+    public void ATakerThatDiesAfterTakingThePathsLeavesThemToTheOldProcess()
+    {
+        Require();
+        string taker = P("dying-taker");
+        File.WriteAllText(taker, DyingTaker);
+        File.SetUnixFileMode(taker, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        using var old = StartVm("blk-log period=10 n=200", disk);
+        var text = new System.Text.StringBuilder();
         using (var console = new ConsoleClient(P("vm.console")))
         {
-            var record = WaitForExitRecord();
-            Assert.True(record.Status == 0 && !record.Failed, JsonSerializer.Serialize(record));
+            Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
+            // Suspended first, so that the guest cannot end its journal while the stand-in starts.
+            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+            var failed = Vmctl("control", "resume", P("vm.control"), "--vmm", taker);
+            if (old.Process.WaitForExit(1000))
+                Assert.Fail($"the old kvm-vmm exited with status {old.Process.ExitCode} although the hand-over failed; vmctl said: " +
+                            $"{failed.Stdout}{failed.Stderr}; kvm-vmm's error output: {old.Stderr.Result}");
+            Assert.True(failed.ExitCode == 1 && failed.Stderr.Contains("closed the hand-over connection", StringComparison.Ordinal)
+                        && failed.Stderr.Contains("stays suspended", StringComparison.Ordinal), failed.Stdout + failed.Stderr);
+
+            // The paths lead to the old process again.
+            var status = JsonSerializer.Deserialize(Vmctl("control", "status", P("vm.control"), "--json").Stdout, VmControlJson.Default.VmStatus)!;
+            Assert.Equal("suspended", status.State);
+            Assert.Equal(old.Process.Id, status.Pid);
+            Assert.Empty(Directory.GetFiles(Path.GetDirectoryName(P("vm.control"))!, ".vm.*.giver-*"));
+        }
+        // The old console, reached through its path again: it replays what the guest wrote so far.
+        using (var console = new ConsoleClient(P("vm.console")))
+        {
+            var result = Parse(Vmctl("control", "resume", P("vm.control"), "--json"), "vmctl control resume");
+            _taken.Add(result.Pid);
             Assert.True(console.Closed(Wait));
             text.Append(console.Text);
         }
-        var seqs = Seqs(text.ToString());
-        Assert.Equal(Enumerable.Range(1, 200), seqs.Distinct());
-        Assert.Equal(seqs.Length, seqs.Distinct().Count());
-        AssertCheckClean(disk);
+        FinishJournal(old, text, disk, 200);
     }
 }

@@ -65,6 +65,10 @@ public static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int Open(string path, int flags);
 
+    /// <summary>link(2): a second name for a file (a unix socket's too: connecting through either reaches the same listener).</summary>
+    [LibraryImport(Lib, EntryPoint = "link", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Link(string existing, string newName);
+
     /// <summary>fsync(2): the file's (or directory's) data and metadata reach the disk.</summary>
     [LibraryImport(Lib, EntryPoint = "fsync", SetLastError = true)]
     public static partial int Fsync(SafeFdHandle fd);
