@@ -9,7 +9,8 @@ namespace Kvm.Cluster.Supervision;
 /// <param name="Reason">Why: the VM's own account from its exit record, or what kvmd saw.</param>
 /// <param name="Failed">A crash of the guest or the VMM, rather than a stop asked for or done by the guest.</param>
 /// <param name="Fenced">The VM's fence stopped it: this host had stopped renewing its lease.</param>
-public sealed record VmExit(int? Status, string Reason, bool Failed, bool Fenced = false)
+/// <param name="HandedOverTo">The process gave the VM to a new kvm-vmm (this pid), where it runs on: not an end of the VM.</param>
+public sealed record VmExit(int? Status, string Reason, bool Failed, bool Fenced = false, int? HandedOverTo = null)
 {
     public static VmExit Of(VmExitRecord record) => new(record.Status, record.Reason, record.Failed, record.Fenced);
 }
@@ -30,7 +31,7 @@ public sealed class VmProcess : IDisposable
         Pid = pid;
         _pidfd = pidfd;
         _child = child;
-        Exited = child is not null ? WaitChildAsync(child) : WaitAdoptedAsync();
+        Exited = DescribeAsync(child is not null ? WaitChildAsync(child) : WaitAdoptedAsync());
     }
 
     public VmFiles Files { get; }
@@ -68,6 +69,57 @@ public sealed class VmProcess : IDisposable
     }
 
     private int _recorded;
+
+    // While a hand-over (control method handover) is under way: completes with the new process's
+    // pid once it runs the VM, or null when the hand-over failed.
+    private TaskCompletionSource<int?>? _handover;
+
+    /// <summary>
+    /// A hand-over of the VM to a new kvm-vmm begins: if this process ends meanwhile, its end is
+    /// judged only once <see cref="EndHandover"/> says how the hand-over went. A process that exits
+    /// having handed the VM over (status 0, no exit record of its own: the new process records the
+    /// VM's end) then reports <see cref="VmExit.HandedOverTo"/>, not a failure.
+    /// </summary>
+    public void BeginHandover()
+    {
+        if (Interlocked.CompareExchange(ref _handover, new TaskCompletionSource<int?>(TaskCreationOptions.RunContinuationsAsynchronously), null) is not null)
+            throw new InvalidOperationException($"a hand-over of kvm-vmm pid {Pid} is already under way");
+    }
+
+    /// <summary>The hand-over ended: <paramref name="newPid"/> runs the VM now, or null when it failed (the VM stays here).</summary>
+    public void EndHandover(int? newPid)
+    {
+        if (newPid is { } pid)
+            Volatile.Write(ref _handedOverTo, pid);
+        Interlocked.Exchange(ref _handover, null)?.TrySetResult(newPid);
+    }
+
+    private int _handedOverTo; // 0: not handed over
+
+    /// <summary>The pid this process handed its VM to, once a hand-over succeeded.</summary>
+    public int? HandedOverTo => Volatile.Read(ref _handedOverTo) is var pid and not 0 ? pid : null;
+
+    /// <summary>The end as seen, or a hand-over when this process gave the VM away (waiting for the hand-over's outcome if it is under way).</summary>
+    private async Task<VmExit> DescribeAsync(Task<VmExit> ended)
+    {
+        var exit = await ended.ConfigureAwait(false);
+        if (Volatile.Read(ref _handover) is { } pending)
+            await pending.Task.ConfigureAwait(false);
+        return Judge(exit, HandedOverTo, HasOwnExitRecord());
+    }
+
+    private bool HasOwnExitRecord() => VmHost.ReadExitRecord(Files.ExitFile) is { } record && record.Pid == Pid;
+
+    /// <summary>
+    /// How a process's end counts, given the pid it handed its VM to (if it did) and whether it
+    /// recorded an end of its own: a process that handed the VM over and exited 0 (or, adopted,
+    /// with no status known) without a record of its own gave the VM away; anything else is the
+    /// end it reported.
+    /// </summary>
+    public static VmExit Judge(VmExit exit, int? handedOverTo, bool ownExitRecord) =>
+        handedOverTo is { } pid && !ownExitRecord && exit.Status is null or 0
+            ? new VmExit(exit.Status, $"handed the VM over to kvm-vmm pid {pid}, where it runs on", false, HandedOverTo: pid)
+            : exit;
 
     /// <summary>True the first time only: whoever gets true records this process's end in the inventory.</summary>
     public bool TryMarkRecorded() => Interlocked.Exchange(ref _recorded, 1) == 0;

@@ -33,8 +33,12 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
     public string VmmPath => options.Vmm
         ?? Path.Combine(Path.GetDirectoryName(Environment.ProcessPath) ?? ".", "kvm-vmm");
 
-    /// <summary>Starts VM <paramref name="name"/> and returns once its control socket answers.</summary>
-    public async Task<VmProcess> StartAsync(string name, VmSpec spec, CancellationToken cancel)
+    /// <summary>
+    /// Starts VM <paramref name="name"/> and returns once its control socket answers: booted from
+    /// <paramref name="spec"/>, or with <paramref name="restore"/> restored from a snapshot (which
+    /// the caller has checked against <paramref name="spec"/>, still written as the spec started).
+    /// </summary>
+    public async Task<VmProcess> StartAsync(string name, VmSpec spec, CancellationToken cancel, VmRestore? restore = null)
     {
         if (Find(name) is not null)
             throw new RpcException(RpcErrorCode.InvalidState, $"VM '{name}' is already running on this host");
@@ -50,11 +54,12 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
             RedirectStandardInput = true,
             WorkingDirectory = "/",
         };
-        foreach (var a in new[]
-                 {
-                     "--spec", files.Spec, "--control", files.ControlSocket, "--console", files.ConsoleSocket,
+        string[] source = restore is { } r ? ["--restore", r.Directory, "--memory", r.Memory] : ["--spec", files.Spec];
+        foreach (var a in source.Concat(
+                 [
+                     "--control", files.ControlSocket, "--console", files.ConsoleSocket,
                      "--log", files.Log, "--exit-file", files.ExitFile, "--new-session",
-                 })
+                 ]))
             start.ArgumentList.Add(a);
         if (options.Group is { } group && Libc.GroupId(group) is not null)
         {
@@ -129,6 +134,28 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
         return process;
     }
 
+    /// <summary>
+    /// Takes over the kvm-vmm (pid <paramref name="pid"/>) that <paramref name="old"/> handed VM
+    /// <paramref name="name"/> to (control method handover): a pidfd on that pid, confirmed by the
+    /// VM's control socket answering with it (the new process serves the same socket path), then
+    /// tracked in the old one's place. Null when no such process answers there.
+    /// </summary>
+    public async Task<VmProcess?> AdoptSuccessorAsync(VmProcess old, int pid, CancellationToken cancel)
+    {
+        var files = old.Files;
+        var process = VmProcess.Adopt(files, pid);
+        if (process is null)
+            return null;
+        if (await TryStatusAsync(files.ControlSocket, cancel).ConfigureAwait(false) is not { } status || status.Pid != pid || process.Exited.IsCompleted)
+        {
+            process.Dispose();
+            return null;
+        }
+        LogHandedOver(logger, old.Name, old.Pid, pid);
+        Track(process);
+        return process;
+    }
+
     /// <summary>Names of the VM directories under the run directory (VMs that may still run, whatever the inventory says).</summary>
     public IEnumerable<string> NamesOnDisk()
     {
@@ -171,6 +198,13 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
         {
             _running.TryRemove(new KeyValuePair<string, VmProcess>(process.Name, process));
             var exit = t.Result;
+            if (exit.HandedOverTo is { } successor)
+            {
+                // Not an end of the VM: it runs on in the new process, which is tracked instead.
+                LogGaveUp(logger, process.Name, process.Pid, successor);
+                process.Dispose();
+                return;
+            }
             LogExited(logger, process.Name, process.Pid, exit.Status?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "unknown", exit.Reason);
             try
             {
@@ -204,6 +238,15 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
     [LoggerMessage(EventId = 2002, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm (pid {Pid}) ended, status {Status}: {Reason}")]
     private static partial void LogExited(ILogger logger, string name, int pid, string status, string reason);
 
+    [LoggerMessage(EventId = 2005, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {OldPid} handed it over to kvm-vmm pid {Pid}, tracked now")]
+    private static partial void LogHandedOver(ILogger logger, string name, int oldPid, int pid);
+
+    [LoggerMessage(EventId = 2006, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {Pid} exited after handing the VM over to pid {Successor}")]
+    private static partial void LogGaveUp(ILogger logger, string name, int pid, int successor);
+
     [LoggerMessage(EventId = 2003, Level = LogLevel.Error, Message = "VM '{Name}': recording its end failed: {Error}")]
     private static partial void LogExitHandlerFailed(ILogger logger, string name, string error);
 }
+
+/// <summary>A start from a snapshot: the snapshot directory (absolute) and how guest RAM comes back ("eager" or "lazy").</summary>
+public sealed record VmRestore(string Directory, string Memory);
