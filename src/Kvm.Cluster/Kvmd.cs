@@ -298,6 +298,7 @@ public sealed partial class Kvmd : IAsyncDisposable
         CheckName(request.Name);
         if (request.WaitSeconds is < 0 or > 86400 || double.IsNaN(request.WaitSeconds))
             throw new RpcException(RpcErrorCode.InvalidParams, $"vm.start: waitSeconds {request.WaitSeconds} is out of range (0 to 86400)");
+        var restore = RestoreOf(request);
         var deadline = Stopwatch.GetTimestamp() + (long)(request.WaitSeconds * Stopwatch.Frequency);
         bool waited = false;
         while (true)
@@ -318,7 +319,7 @@ public sealed partial class Kvmd : IAsyncDisposable
                         throw new RpcException(RpcErrorCode.InvalidState, $"VM '{request.Name}' is already running on this host");
                     if (row.OwnerHost is { } owner && owner != Host.Id)
                         throw new RpcException(RpcErrorCode.InvalidState, $"VM '{request.Name}' runs on host {await HostNameAsync(owner, cancel).ConfigureAwait(false)}");
-                    return await StartLockedAsync(row, cancel, waitingForDisks: mayWait).ConfigureAwait(false);
+                    return await StartLockedAsync(row, cancel, waitingForDisks: mayWait, restore).ConfigureAwait(false);
                 }, cancel).ConfigureAwait(false);
             }
             catch (RpcException e) when (e.Code == RpcErrorCode.Conflict && mayWait)
@@ -348,7 +349,11 @@ public sealed partial class Kvmd : IAsyncDisposable
         }
     }
 
-    private async Task<VmInfo> StartLockedAsync(VmRow row, CancellationToken cancel, bool waitingForDisks = false)
+    /// <summary>
+    /// Starts VM <paramref name="row"/> here (the caller holds its gate): booted from its spec, or
+    /// with <paramref name="restore"/> from a snapshot whose machine matches that spec.
+    /// </summary>
+    private async Task<VmInfo> StartLockedAsync(VmRow row, CancellationToken cancel, bool waitingForDisks = false, VmRestore? restore = null)
     {
         VmSpec spec;
         try
@@ -360,6 +365,9 @@ public sealed partial class Kvmd : IAsyncDisposable
         {
             throw new RpcException(RpcErrorCode.InvalidState, $"cannot start VM '{row.Name}': its spec is not valid", inner: e);
         }
+        // A snapshot that does not fit is refused before anything about the VM changes.
+        if (restore is not null)
+            CheckSnapshot(row.Name, spec, restore);
         // The VM's lease first (a takeover has acquired it already): refused, naming the holder,
         // while another host holds it; every write about the VM from here on carries it.
         var token = LeaseOf(row.Name) ?? await AcquireVmLeaseAsync(row, cancel).ConfigureAwait(false);
@@ -369,7 +377,9 @@ public sealed partial class Kvmd : IAsyncDisposable
         try
         {
             await ReserveDisksAsync(row, spec, token, cancel).ConfigureAwait(false);
-            await _supervisor.StartAsync(row.Name, spec, cancel).ConfigureAwait(false);
+            if (restore is not null)
+                LogStartingFrom(_logger, row.Name, restore.Directory, restore.Memory);
+            await _supervisor.StartAsync(row.Name, spec, cancel, restore).ConfigureAwait(false);
             if (_leases.TryGetValue(row.Name, out var held))
                 await ArmFenceAsync(row.Name, held.SentAt, cancel).ConfigureAwait(false);
         }
@@ -394,6 +404,9 @@ public sealed partial class Kvmd : IAsyncDisposable
             throw;
         }
         var now = await _db.Vms.SetActualStateAsync(row.Name, VmActualState.Running, token, cancel).ConfigureAwait(false);
+        if (restore is not null)
+            await _db.Events.AppendAsync("vm.restored", $"vm/{row.Name}",
+                JsonSerializer.Serialize(new RestoredEventData(restore.Directory, restore.Memory), KvmdEventJson.Default.RestoredEventData), Host.Id, cancel).ConfigureAwait(false);
         _startedAt[row.Name] = Stopwatch.GetTimestamp();
         _fencing.TryRemove(row.Name, out _); // a mark left from a fence of an earlier run
         return Info(now);
@@ -622,4 +635,7 @@ public sealed record EventData(int? Status, string Reason, bool WhileAway);
 
 [System.Text.Json.Serialization.JsonSourceGenerationOptions(PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.CamelCase)]
 [System.Text.Json.Serialization.JsonSerializable(typeof(EventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(SavedEventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(RestoredEventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(UpgradedEventData))]
 public sealed partial class KvmdEventJson : System.Text.Json.Serialization.JsonSerializerContext;

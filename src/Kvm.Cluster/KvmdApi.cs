@@ -5,8 +5,8 @@ namespace Kvm.Cluster;
 public sealed partial class Kvmd
 {
     /// <summary>
-    /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.delete, vm.list,
-    /// vm.show, vm.console, events.wait, hosts.list, disks.list, leases.list, daemon.status.
+    /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.save, vm.upgrade,
+    /// vm.delete, vm.list, vm.show, vm.console, events.wait, hosts.list, disks.list, leases.list, daemon.status.
     /// </summary>
     public void Register(RpcDispatcher dispatcher)
     {
@@ -16,6 +16,8 @@ public sealed partial class Kvmd
         dispatcher.Add("vm.stop", j.StopVmRequest, j.VmStopped, async (r, _, c) => await StopAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.pause", j.VmNameRequest, j.VmInfo, async (r, _, c) => await PauseAsync(r.Name, c).ConfigureAwait(false));
         dispatcher.Add("vm.resume", j.VmNameRequest, j.VmInfo, async (r, _, c) => await ResumeAsync(r.Name, c).ConfigureAwait(false));
+        dispatcher.Add("vm.save", j.SaveVmRequest, j.VmSaved, async (r, _, c) => await SaveAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("vm.upgrade", j.UpgradeVmRequest, j.VmUpgraded, async (r, _, c) => await UpgradeAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.delete", j.DeleteVmRequest, j.VmInfo, async (r, _, c) => await DeleteAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.list", j.VmList, async (_, c) => await ListAsync(c).ConfigureAwait(false));
         dispatcher.Add("vm.show", j.VmNameRequest, j.VmDetail, async (r, _, c) => await ShowAsync(r.Name, c).ConfigureAwait(false));

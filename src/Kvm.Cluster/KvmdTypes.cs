@@ -22,7 +22,30 @@ public sealed record CreateVmRequest([property: JsonRequired] string Name, [prop
 /// <paramref name="WaitSeconds"/> for it to be released (woken by the release's notification),
 /// then tries again; 0 refuses at once, naming the holder.
 /// </summary>
-public sealed record StartVmRequest([property: JsonRequired] string Name, double WaitSeconds = 0);
+/// <param name="From">A snapshot directory (absolute; <c>vm.save</c> wrote it): the VM carries on where it was saved
+/// instead of booting. Its saved machine must match the VM's spec in memory, vCPUs and disks.</param>
+/// <param name="Memory">With <paramref name="From"/>: how guest RAM comes back, "eager" (the default) or "lazy".</param>
+public sealed record StartVmRequest([property: JsonRequired] string Name, double WaitSeconds = 0, string? From = null, string? Memory = null);
+
+/// <summary>
+/// <c>vm.save</c>: the VM's kvm-vmm saves it into <paramref name="Directory"/> (absolute), as the
+/// control method <c>save</c> does; with <paramref name="Stop"/> the VM then stops, recorded as a
+/// stop asked for. <paramref name="WorkingSetSeconds"/> and <paramref name="RequireWorkingSet"/>: see <see cref="SaveRequest"/>.
+/// </summary>
+public sealed record SaveVmRequest([property: JsonRequired] string Name, [property: JsonRequired] string Directory, bool Stop = false,
+    double? WorkingSetSeconds = null, bool RequireWorkingSet = false);
+
+/// <summary><c>vm.save</c>'s result: what kvm-vmm's save replied, and the VM as it is now.</summary>
+public sealed record VmSaved(string Name, SaveResult Save, VmInfo Vm);
+
+/// <summary>
+/// <c>vm.upgrade</c>: the VM is handed to a new kvm-vmm process in place (control method
+/// <c>handover</c>), <paramref name="Vmm"/> (absolute) or by default the kvm-vmm kvmd starts VMs with.
+/// </summary>
+public sealed record UpgradeVmRequest([property: JsonRequired] string Name, string? Vmm = null);
+
+/// <summary><c>vm.upgrade</c>'s result: the process that ran the VM, the one that runs it now, and what the hand-over replied.</summary>
+public sealed record VmUpgraded(string Name, int OldPid, HandoverResult Handover, VmInfo Vm);
 
 /// <summary><c>vm.stop</c>: the ACPI power button, forced after <paramref name="TimeoutSeconds"/>; or forced at once.</summary>
 public sealed record StopVmRequest([property: JsonRequired] string Name, bool Force = false, double TimeoutSeconds = VmControl.DefaultStopTimeoutSeconds);
@@ -87,6 +110,10 @@ public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Vers
 [JsonSerializable(typeof(VmNameRequest))]
 [JsonSerializable(typeof(CreateVmRequest))]
 [JsonSerializable(typeof(StartVmRequest))]
+[JsonSerializable(typeof(SaveVmRequest))]
+[JsonSerializable(typeof(VmSaved))]
+[JsonSerializable(typeof(UpgradeVmRequest))]
+[JsonSerializable(typeof(VmUpgraded))]
 [JsonSerializable(typeof(StopVmRequest))]
 [JsonSerializable(typeof(DeleteVmRequest))]
 [JsonSerializable(typeof(VmInfo))]

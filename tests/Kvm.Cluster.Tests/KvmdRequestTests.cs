@@ -21,6 +21,9 @@ public sealed class KvmdRequestTests
         dispatcher.Add("vm.create", j.CreateVmRequest, j.CreateVmRequest, (r, _, _) => ValueTask.FromResult(r));
         dispatcher.Add("vm.stop", j.StopVmRequest, j.StopVmRequest, (r, _, _) => ValueTask.FromResult(r));
         dispatcher.Add("vm.delete", j.DeleteVmRequest, j.DeleteVmRequest, (r, _, _) => ValueTask.FromResult(r));
+        dispatcher.Add("vm.save", j.SaveVmRequest, j.SaveVmRequest, (r, _, _) => ValueTask.FromResult(r));
+        dispatcher.Add("vm.upgrade", j.UpgradeVmRequest, j.UpgradeVmRequest, (r, _, _) => ValueTask.FromResult(r));
+        dispatcher.Add("vm.start-from", j.StartVmRequest, j.StartVmRequest, (r, _, _) => ValueTask.FromResult(r));
         var line = Encoding.UTF8.GetBytes($$$"""{"jsonrpc":"2.0","id":1,"method":"{{{method}}}","params":{{{parameters}}}}""");
         var response = await dispatcher.HandleAsync(line, new PeerCredentials(1, 0, 0), CancellationToken.None);
         using var doc = JsonDocument.Parse(response!);
@@ -33,6 +36,9 @@ public sealed class KvmdRequestTests
     [InlineData("vm.create", """{"name":"a"}""", "spec")]
     [InlineData("vm.stop", """{"force":true}""", "name")]
     [InlineData("vm.delete", """{"force":true}""", "name")]
+    [InlineData("vm.save", """{"directory":"/s"}""", "name")]
+    [InlineData("vm.save", """{"name":"a","stop":true}""", "directory")]
+    [InlineData("vm.upgrade", """{"vmm":"/v"}""", "name")]
     public async Task A_missing_required_member_is_invalid_params_naming_it(string method, string parameters, string member)
     {
         var response = await Call(method, parameters);
@@ -51,5 +57,19 @@ public sealed class KvmdRequestTests
         var create = (await Call("vm.create", """{"name":"a","spec":{"kernel":"/k"}}""")).GetProperty("result");
         Assert.False(create.GetProperty("start").GetBoolean());
         Assert.False((await Call("vm.delete", """{"name":"a"}""")).GetProperty("result").GetProperty("force").GetBoolean());
+    }
+
+    [Fact]
+    public async Task Save_upgrade_and_start_from_a_snapshot_keep_their_options_optional()
+    {
+        var save = (await Call("vm.save", """{"name":"a","directory":"/s"}""")).GetProperty("result");
+        Assert.False(save.GetProperty("stop").GetBoolean());
+        Assert.False(save.TryGetProperty("workingSetSeconds", out _));
+        var upgrade = (await Call("vm.upgrade", """{"name":"a"}""")).GetProperty("result");
+        Assert.False(upgrade.TryGetProperty("vmm", out _));
+        var start = (await Call("vm.start-from", """{"name":"a","from":"/s","memory":"lazy"}""")).GetProperty("result");
+        Assert.Equal("/s", start.GetProperty("from").GetString());
+        Assert.Equal("lazy", start.GetProperty("memory").GetString());
+        Assert.Equal(0, start.GetProperty("waitSeconds").GetDouble());
     }
 }

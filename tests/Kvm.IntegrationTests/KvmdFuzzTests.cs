@@ -59,7 +59,7 @@ public sealed class KvmdFuzzTests(ITestOutputHelper output) : IDisposable
     private static readonly string[] Methods =
     [
         "vm.create", "vm.start", "vm.stop", "vm.pause", "vm.resume", "vm.delete", "vm.list", "vm.show", "vm.console",
-        "events.wait", "hosts.list", "disks.list", "leases.list", "daemon.status",
+        "vm.save", "vm.upgrade", "events.wait", "hosts.list", "disks.list", "leases.list", "daemon.status",
     ];
 
     /// <summary>The codes kvmd may answer a line with (-32002 and -32003 close the connection and are judged apart).</summary>
@@ -221,7 +221,7 @@ public sealed class KvmdFuzzTests(ITestOutputHelper output) : IDisposable
         var kvmd = _sandbox.Start();
         using var peer = Peer.Connect(_sandbox.Socket);
         string huge = "fz-" + new string('x', 900_000);
-        foreach (string method in new[] { "vm.create", "vm.start", "vm.stop", "vm.pause", "vm.resume", "vm.delete", "vm.show", "vm.console" })
+        foreach (string method in new[] { "vm.create", "vm.start", "vm.stop", "vm.pause", "vm.resume", "vm.save", "vm.upgrade", "vm.delete", "vm.show", "vm.console" })
         {
             string spec = method == "vm.create" ? ""","spec":{"kernel":"/bin/true"}""" : "";
             foreach (string parameters in new[] { $$"""{"name":"{{huge}}"{{spec}}}""", $$"""{"name":"a/b"{{spec}}}""", "{" + spec.TrimStart(',') + "}" })
@@ -895,6 +895,8 @@ public sealed class KvmdFuzzTests(ITestOutputHelper output) : IDisposable
             "vm.start" or "vm.pause" or "vm.resume" or "vm.show" or "vm.console" => [("name", Name())],
             "vm.stop" => [("name", Name()), ("force", r.Next(2) == 0 ? "true" : "false"), ("timeoutSeconds", r.Next(2) == 0 ? "0.5" : "1")],
             "vm.delete" => [("name", Name()), ("force", r.Next(2) == 0 ? "true" : "false")],
+            "vm.save" => [("name", Name()), ("directory", r.Next(2) == 0 ? "\"/tmp/fz-snapshot\"" : "\"relative\""), ("stop", r.Next(2) == 0 ? "true" : "false")],
+            "vm.upgrade" => r.Next(2) == 0 ? [("name", Name())] : [("name", Name()), ("vmm", "\"/nonexistent/kvm-vmm\"")],
             "events.wait" => [("after", r.Next(3) switch { 0 => "0", 1 => "-5", _ => r.Next(1, 500).ToString(CultureInfo.InvariantCulture) }),
                 ("timeoutSeconds", r.Next(5) switch { 0 => "0", 1 => "0.0005", 2 => "0.002", 3 => "0.05", _ => "0.3" }), ("limit", r.Next(2) == 0 ? "10" : "1000")],
             _ => null,

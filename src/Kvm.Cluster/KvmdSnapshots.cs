@@ -1,0 +1,258 @@
+using System.Globalization;
+using System.Text.Json;
+using Kvm.Cluster.Supervision;
+using Kvm.Control;
+using Kvm.Hypervisor;
+using Kvm.Inventory;
+using Kvm.Rpc;
+using Kvm.Vmm.Machine;
+using Kvm.Vmm.Snapshot;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Cluster;
+
+/// <summary>
+/// Save, start from a snapshot, and upgrade in place, for the VMs kvmd runs: each is the VM's
+/// kvm-vmm doing it (control methods save and handover, kvm-vmm --restore) under kvmd's
+/// supervision, with the inventory saying what happened. A VM saved with stop is recorded as a
+/// stop asked for; a VM upgraded in place goes on running in its new process, which kvmd tracks
+/// instead of the old one (whose exit is not an end of the VM).
+/// </summary>
+public sealed partial class Kvmd
+{
+    /// <summary>How long a VM saved with stop, or an old kvm-vmm that handed its VM over, may take to exit.</summary>
+    private static readonly TimeSpan ExitTimeout = TimeSpan.FromSeconds(60);
+
+    public Task<VmSaved> SaveAsync(SaveVmRequest request, CancellationToken cancel) => WithVmAsync(CheckName(request.Name), async () =>
+    {
+        CheckSnapshotDirectory("vm.save", request.Directory);
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        var process = RunningHere(row);
+        if (request.Stop)
+        {
+            // Wanted stopped from here on: its end is a stop asked for, which no restart policy undoes.
+            await _db.Vms.SetDesiredStateAsync(row.Name, VmDesiredState.Stopped, cancel).ConfigureAwait(false);
+            await SetActualAsync(row.Name, VmActualState.Stopping, cancel).ConfigureAwait(false);
+        }
+        SaveResult result;
+        try
+        {
+            // Not cancelled with the caller: a save under way ends as kvm-vmm ends it, and is recorded so.
+            using var client = _supervisor.Connect(row.Name);
+            result = await client.CallAsync("save", new SaveRequest(request.Directory, request.Stop, request.WorkingSetSeconds, request.RequireWorkingSet),
+                VmControlJson.Default.SaveRequest, VmControlJson.Default.SaveResult, CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (RpcException e)
+        {
+            // A save that fails leaves the VM as it was.
+            if (request.Stop && !process.Exited.IsCompleted)
+            {
+                await SetActualAsync(row.Name, row.ActualState, CancellationToken.None).ConfigureAwait(false);
+                await _db.Vms.SetDesiredStateAsync(row.Name, row.DesiredState, CancellationToken.None).ConfigureAwait(false);
+            }
+            throw RpcException.Wrap($"VM '{row.Name}': save to {request.Directory} failed", e, e.Code);
+        }
+        LogSaved(_logger, row.Name, result.Directory, result.PausedSeconds * 1000, request.Stop);
+        await _db.Events.AppendAsync("vm.saved", $"vm/{row.Name}",
+            JsonSerializer.Serialize(new SavedEventData(result.Directory, request.Stop, Math.Round(result.PausedSeconds * 1000, 1), result.Seconds,
+                result.StateBytes, result.MemoryBytesWritten, result.WorkingSetPages ?? 0), KvmdEventJson.Default.SavedEventData),
+            Host.Id, CancellationToken.None).ConfigureAwait(false);
+        if (request.Stop)
+        {
+            // kvm-vmm exits once stopped; its end (a stop asked for: "stopped after saving to DIR")
+            // is recorded here, before the answer, as vm.stop does.
+            var exit = await process.Exited.WaitAsync(ExitTimeout, CancellationToken.None).ConfigureAwait(false);
+            if (process.TryMarkRecorded())
+                await RecordExitAsync(row.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
+        }
+        var now = await _db.Vms.GetAsync(row.Name, CancellationToken.None).ConfigureAwait(false);
+        return new VmSaved(row.Name, result, Info(now));
+    }, cancel);
+
+    public Task<VmUpgraded> UpgradeAsync(UpgradeVmRequest request, CancellationToken cancel) => WithVmAsync(CheckName(request.Name), async () =>
+    {
+        // By default the kvm-vmm kvmd starts VMs with now (after a package upgrade, the new one).
+        string vmm = request.Vmm ?? Path.GetFullPath(_supervisor.VmmPath);
+        if (!Path.IsPathFullyQualified(vmm))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.upgrade: vmm '{vmm}' is not an absolute path (kvm-vmm does not run in the client's directory)");
+        if (!File.Exists(vmm))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.upgrade: the kvm-vmm to hand VM '{request.Name}' to, {vmm}, does not exist");
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        var old = RunningHere(row);
+        var before = await _supervisor.StatusAsync(row.Name, cancel).ConfigureAwait(false)
+            ?? throw new RpcException(RpcErrorCode.OperationFailed, $"VM '{row.Name}': its kvm-vmm (pid {old.Pid}) does not answer on its control socket");
+        // A VM handed over runs in its new process: one paused would run again behind the inventory's back.
+        // (One left suspended by an upgrade that failed may be upgraded again: that is how it resumes.)
+        if (before.State == "paused")
+            throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' is paused: resume it first ('vmctl resume {row.Name}'); a VM handed to a new kvm-vmm runs there");
+
+        int? successor = null;
+        HandoverResult? result = null;
+        RpcException? failure = null;
+        old.BeginHandover();
+        try
+        {
+            try
+            {
+                // Not cancelled with the caller: once begun, the hand-over ends as kvm-vmm ends it, and kvmd follows.
+                using var client = _supervisor.Connect(row.Name);
+                result = await client.CallAsync("handover", new HandoverRequest(vmm), VmControlJson.Default.HandoverRequest,
+                    VmControlJson.Default.HandoverResult, CancellationToken.None).ConfigureAwait(false);
+                successor = result.Pid;
+            }
+            catch (RpcException e)
+            {
+                failure = e;
+                // The answer may be lost though the hand-over happened: the control socket says who runs the VM now.
+                if (await _supervisor.StatusAsync(row.Name, CancellationToken.None).ConfigureAwait(false) is { } now && now.Pid != old.Pid)
+                    successor = now.Pid;
+            }
+        }
+        finally
+        {
+            old.EndHandover(successor);
+        }
+
+        if (successor is not { } pid)
+        {
+            // The VM stays in the old process: suspended (its disks closed) if the hand-over got that far.
+            var status = await _supervisor.StatusAsync(row.Name, CancellationToken.None).ConfigureAwait(false);
+            if (status?.State == "suspended")
+                await SetActualAsync(row.Name, VmActualState.Paused, CancellationToken.None).ConfigureAwait(false);
+            throw RpcException.Wrap($"VM '{row.Name}': upgrade to {vmm} failed; the VM stays {status?.State ?? "as it was"} in kvm-vmm pid {old.Pid}" +
+                (status?.State == "suspended" ? $" ('vmctl upgrade {row.Name}' tries again)" : ""), failure!, failure!.Code);
+        }
+
+        var adopted = await _supervisor.AdoptSuccessorAsync(old, pid, CancellationToken.None).ConfigureAwait(false);
+        if (adopted is null)
+        {
+            // The new process took the VM and is gone (or does not answer): the VM has ended, and nobody recorded how.
+            var exit = new VmExit(null, $"kvm-vmm pid {pid}, which took the VM over from pid {old.Pid}, does not answer on the control socket", true);
+            await RecordExitAsync(row.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
+            throw new RpcException(RpcErrorCode.OperationFailed, $"VM '{row.Name}': {exit.Reason}; recorded as failed");
+        }
+        // The old process is no longer the VM's: its exit is not recorded (the supervisor does not report it either).
+        old.TryMarkRecorded();
+        if (_leases.TryGetValue(row.Name, out var held))
+            await ArmFenceAsync(row.Name, held.SentAt, CancellationToken.None).ConfigureAwait(false);
+        if (row.ActualState != VmActualState.Running)
+            await SetActualAsync(row.Name, VmActualState.Running, CancellationToken.None).ConfigureAwait(false);
+        double pausedMs = result is null ? 0 : Math.Round(result.PausedSeconds * 1000, 1);
+        LogUpgraded(_logger, row.Name, old.Pid, pid, vmm, pausedMs);
+        await _db.Events.AppendAsync("vm.upgraded", $"vm/{row.Name}",
+            JsonSerializer.Serialize(new UpgradedEventData(old.Pid, pid, vmm, pausedMs, result?.Seconds ?? 0,
+                failure is null ? null : $"the hand-over's answer was lost ({failure.Message}); the control socket answers with pid {pid}"),
+                KvmdEventJson.Default.UpgradedEventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+        // The old process exits now (status 0, no exit record): wait for it, so that it is gone when the caller looks.
+        try
+        {
+            await old.Exited.WaitAsync(ExitTimeout, CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            LogOldStays(_logger, row.Name, old.Pid);
+        }
+        var info = Info(await _db.Vms.GetAsync(row.Name, CancellationToken.None).ConfigureAwait(false));
+        return new VmUpgraded(row.Name, old.Pid, result ?? new HandoverResult(pid, vmm, 0, 0, []), info);
+    }, cancel);
+
+    /// <summary>A snapshot directory from a client: absolute (kvm-vmm does not run in the client's directory), else invalid params.</summary>
+    private static void CheckSnapshotDirectory(string method, string directory)
+    {
+        if (string.IsNullOrEmpty(directory) || !Path.IsPathFullyQualified(directory))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"{method}: directory '{directory}' is not an absolute path (kvm-vmm does not run in the client's directory)");
+    }
+
+    /// <summary>The start from a snapshot that a vm.start asks for, checked as far as it can be without the VM; null for a boot.</summary>
+    private static VmRestore? RestoreOf(StartVmRequest request)
+    {
+        if (request.From is null)
+        {
+            if (request.Memory is not null)
+                throw new RpcException(RpcErrorCode.InvalidParams, "vm.start: memory applies only to a start from a snapshot (from)");
+            return null;
+        }
+        CheckSnapshotDirectory("vm.start", request.From);
+        string memory = request.Memory ?? "eager";
+        if (memory is not ("eager" or "lazy"))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.start: memory '{memory}' is not one of eager, lazy");
+        return new VmRestore(Path.GetFullPath(request.From), memory);
+    }
+
+    /// <summary>
+    /// Reads the snapshot a VM is to start from and checks its machine against the VM's spec
+    /// (<see cref="SnapshotMismatches"/>); refused, saying why, before anything about the VM changes.
+    /// </summary>
+    private static void CheckSnapshot(string name, VmSpec spec, VmRestore restore)
+    {
+        VmSpec saved;
+        try
+        {
+            var state = SnapshotReader.Read(restore.Directory);
+            saved = VmSnapshot.SpecOf(state, restore.Directory);
+        }
+        catch (Exception e) when (e is SnapshotFormatException or IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            throw RpcException.Wrap($"cannot start VM '{name}' from the snapshot in {restore.Directory}", e, RpcErrorCode.InvalidParams);
+        }
+        var problems = SnapshotMismatches(spec, saved);
+        if (problems.Count > 0)
+            throw new RpcException(RpcErrorCode.InvalidParams,
+                $"cannot start VM '{name}' from the snapshot in {restore.Directory}: the saved machine does not match the VM's spec: {string.Join("; ", problems)}");
+    }
+
+    /// <summary>
+    /// Where the machine saved in a snapshot (<paramref name="saved"/>) differs from a VM's spec in
+    /// what a restore cannot change or kvmd's bookkeeping depends on: guest RAM, vCPUs, and the
+    /// disks (the same images in the same order, each with the same read-only flag, queues and
+    /// serial: kvmd reserves the VM's disks, the restored guest uses the saved ones). The kernel and
+    /// command line do not count: the guest booted long ago. Empty when they match.
+    /// </summary>
+    public static IReadOnlyList<string> SnapshotMismatches(VmSpec spec, VmSpec saved)
+    {
+        var problems = new List<string>();
+        if (spec.MemoryBytes != saved.MemoryBytes)
+            problems.Add($"memory: the VM has {GuestMemory.FormatSize(spec.MemoryBytes)}, the snapshot {GuestMemory.FormatSize(saved.MemoryBytes)}");
+        if (spec.Cpus != saved.Cpus)
+            problems.Add($"vCPUs: the VM has {spec.Cpus}, the snapshot {saved.Cpus}");
+        if (spec.Disks.Count != saved.Disks.Count)
+            problems.Add($"disks: the VM has {spec.Disks.Count}, the snapshot {saved.Disks.Count}");
+        for (int i = 0; i < Math.Min(spec.Disks.Count, saved.Disks.Count); i++)
+        {
+            DiskSpec a = spec.Disks[i], b = saved.Disks[i];
+            if (!string.Equals(Path.GetFullPath(a.Path), Path.GetFullPath(b.Path), StringComparison.Ordinal))
+                problems.Add($"disk {i}: the VM's is {a.Path}, the snapshot's {b.Path}");
+            if (a.ReadOnly != b.ReadOnly)
+                problems.Add($"disk {i}: read-only in {(a.ReadOnly ? "the VM's spec" : "the snapshot")} only");
+            if (a.Queues != b.Queues)
+                problems.Add($"disk {i}: the VM's has {a.Queues.ToString(CultureInfo.InvariantCulture)} queue(s), the snapshot's {b.Queues.ToString(CultureInfo.InvariantCulture)}");
+            if (!string.Equals(a.Serial, b.Serial, StringComparison.Ordinal))
+                problems.Add($"disk {i}: serial '{a.Serial}' in the VM's spec, '{b.Serial}' in the snapshot");
+        }
+        return problems;
+    }
+
+    [LoggerMessage(EventId = 2104, Level = LogLevel.Information, Message = "VM '{Name}': saved to {Directory}, guest paused {PausedMs} ms{Stop}")]
+    private static partial void LogSavedCore(ILogger logger, string name, string directory, double pausedMs, string stop);
+
+    private static void LogSaved(ILogger logger, string name, string directory, double pausedMs, bool stop) =>
+        LogSavedCore(logger, name, directory, Math.Round(pausedMs, 1), stop ? ", then stopped" : "");
+
+    [LoggerMessage(EventId = 2105, Level = LogLevel.Information, Message = "VM '{Name}': upgraded in place from kvm-vmm pid {OldPid} to pid {Pid} ({Vmm}), guest paused {PausedMs} ms")]
+    private static partial void LogUpgraded(ILogger logger, string name, int oldPid, int pid, string vmm, double pausedMs);
+
+    [LoggerMessage(EventId = 2106, Level = LogLevel.Warning, Message = "VM '{Name}': the old kvm-vmm (pid {Pid}) has not exited after handing the VM over")]
+    private static partial void LogOldStays(ILogger logger, string name, int pid);
+
+    [LoggerMessage(EventId = 2107, Level = LogLevel.Information, Message = "VM '{Name}': starting from the snapshot in {Directory} (memory {Memory})")]
+    private static partial void LogStartingFrom(ILogger logger, string name, string directory, string memory);
+}
+
+/// <summary>The data of a vm.saved event: where, whether the VM stopped, the guest's pause, the bytes written.</summary>
+public sealed record SavedEventData(string Directory, bool Stop, double PausedMs, double Seconds, long StateBytes, ulong MemoryBytesWritten, ulong WorkingSetPages);
+
+/// <summary>The data of a vm.restored event: the VM started from the snapshot in <paramref name="Directory"/>.</summary>
+public sealed record RestoredEventData(string Directory, string Memory);
+
+/// <summary>The data of a vm.upgraded event: the kvm-vmm that ran the VM, the one that runs it now, and the guest's pause.</summary>
+public sealed record UpgradedEventData(int OldPid, int NewPid, string Vmm, double PausedMs, double Seconds, string? Note);
