@@ -11,7 +11,7 @@ namespace Kvm.Cli;
 
 /// <summary>
 /// The verbs that manage VMs through kvmd (virsh's habits): create, start, stop, pause, resume,
-/// delete, list, show, console, events, hosts. Each talks to kvmd's socket (--connect).
+/// save, upgrade, delete, list, show, console, events, hosts. Each talks to kvmd's socket (--connect).
 /// </summary>
 public static class KvmdCommands
 {
@@ -36,6 +36,8 @@ public static class KvmdCommands
         yield return Stop();
         yield return NameVerb("pause", "Pause a running VM (its vCPUs stop; its memory and devices stay).", "vm.pause", PrintInfo);
         yield return NameVerb("resume", "Resume a paused VM.", "vm.resume", PrintInfo);
+        yield return Save();
+        yield return Upgrade();
         yield return Delete();
         yield return List();
         yield return Show();
@@ -89,12 +91,114 @@ public static class KvmdCommands
             Description = "when a disk the VM needs is reserved by another VM, wait up to this many seconds for it to be released (kvmd is told of the release at once), instead of failing at once",
             HelpName = "SECONDS",
         };
+        var from = new Option<string>("--from")
+        {
+            Description = "start the VM from a snapshot ('vmctl save NAME DIR'): it carries on where it was saved instead of booting. " +
+                "The saved machine must match the VM's spec in memory, vCPUs and disks",
+            HelpName = "DIR",
+        };
+        var memory = new Option<string>("--memory")
+        {
+            Description = "with --from: how guest RAM comes back: eager (the default: read all of it before the vCPUs start) or lazy " +
+                "(start at once; a page comes in when first touched, the rest in the background; needs userfaultfd)",
+            HelpName = "eager|lazy",
+        };
+        memory.AcceptOnlyFromAmong("eager", "lazy");
         var json = JsonOption();
-        var cmd = new Command("start", $"Start a VM defined with 'vmctl create'; returns once it runs.\n{ExitStatuses}") { vm, wait, json };
+        var cmd = new Command("start",
+            "Start a VM defined with 'vmctl create'; returns once it runs. With --from DIR it starts from a snapshot\n" +
+            "that 'vmctl save' wrote (kvmd's counterpart of 'vmctl restore DIR', which runs a snapshot in the foreground).\n" +
+            ExitStatuses) { vm, wait, from, memory, json };
+        cmd.SetAction(p =>
+        {
+            string? dir = p.GetValue(from);
+            if (p.GetValue(memory) is not null && dir is null)
+            {
+                Console.Error.WriteLine($"{VmctlCommands.Program}: start: --memory applies only with --from (a start from a snapshot)");
+                return VmctlCommands.ExitUsage;
+            }
+            return Call(p, client =>
+            {
+                var request = new StartVmRequest(p.GetRequiredValue(vm), p.GetValue(wait), dir is null ? null : Path.GetFullPath(dir), p.GetValue(memory));
+                var info = Invoke(client, "vm.start", request, KvmdJson.Default.StartVmRequest, KvmdJson.Default.VmInfo);
+                Print(p.GetValue(json), info, KvmdJson.Default.VmInfo, PrintInfo);
+                return 0;
+            });
+        });
+        return cmd;
+    }
+
+    private static Command Save()
+    {
+        var vm = NameArgument();
+        var directory = new Argument<string>("DIR") { Description = "the snapshot directory (created if missing; a snapshot there is replaced once the new one is whole)" };
+        var stop = new Option<bool>("--stop") { Description = "stop the VM once it is saved (recorded as a stop asked for; default: it carries on as it was)" };
+        var workingSet = new Option<double?>("--working-set")
+        {
+            Description = "after the save point, let the VM run SECONDS more while every guest page it touches is traced, and record " +
+                          "those pages in the snapshot as its working set, which 'vmctl start NAME --from DIR --memory lazy' loads first " +
+                          "(as 'vmctl control save --working-set')",
+            HelpName = "SECONDS",
+        };
+        var requireWorkingSet = new Option<bool>("--require-working-set")
+        {
+            Description = "with --working-set: fail if the working set cannot be traced (the snapshot is written all the same)",
+        };
+        var json = JsonOption();
+        var cmd = new Command("save",
+            "Save a running VM into DIR through kvmd: its kvm-vmm pauses it (no disk request in flight, images flushed),\n" +
+            "writes its state and RAM, then lets it carry on, or stops it with --stop. 'vmctl start NAME --from DIR'\n" +
+            "starts it again where it was. Prints the guest's pause and the bytes written.\n" + ExitStatuses)
+        {
+            vm, directory, stop, workingSet, requireWorkingSet, json,
+        };
         cmd.SetAction(p => Call(p, client =>
         {
-            var info = Invoke(client, "vm.start", new StartVmRequest(p.GetRequiredValue(vm), p.GetValue(wait)), KvmdJson.Default.StartVmRequest, KvmdJson.Default.VmInfo);
-            Print(p.GetValue(json), info, KvmdJson.Default.VmInfo, PrintInfo);
+            var request = new SaveVmRequest(p.GetRequiredValue(vm), Path.GetFullPath(p.GetRequiredValue(directory)), p.GetValue(stop),
+                p.GetValue(workingSet), p.GetValue(requireWorkingSet));
+            var r = Invoke(client, "vm.save", request, KvmdJson.Default.SaveVmRequest, KvmdJson.Default.VmSaved);
+            Print(p.GetValue(json), r, KvmdJson.Default.VmSaved, x =>
+            {
+                var s = x.Save;
+                Console.WriteLine($"{x.Name}: saved to {s.Directory}: {s.MemoryBytes} bytes of RAM ({s.MemoryBytesWritten} not zero), " +
+                                  $"state {s.StateBytes} bytes; guest paused {(s.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
+                                  $"{s.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; the VM is {x.Vm.ActualState}" +
+                                  (s.WorkingSetPages is { } pages
+                                      ? $"; working set: {pages} pages in {s.WorkingSetRanges} ranges"
+                                      : s.WorkingSetSkipped is { } why ? $"; no working set: {why}" : ""));
+            });
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Upgrade()
+    {
+        var vm = NameArgument();
+        var vmm = new Option<string>("--vmm")
+        {
+            Description = "the kvm-vmm binary to hand the VM to (default: the one kvmd starts VMs with)",
+            HelpName = "PATH",
+        };
+        var json = JsonOption();
+        var cmd = new Command("upgrade",
+            "Hand a running VM to a new kvm-vmm process in place, through kvmd: the new process starts, the guest pauses,\n" +
+            "its state and its RAM's memfd go over (nothing of RAM is copied), the new process takes the VM's sockets and\n" +
+            "runs it, and kvmd supervises it from then on (a new pid; the VM never stopped). Prints the guest's pause.\n" +
+            "A paused VM is refused (resume it first). If the new process cannot take the VM, it stays suspended in the\n" +
+            "old one and 'vmctl upgrade NAME' tries again.\n" + ExitStatuses)
+        {
+            vm, vmm, json,
+        };
+        cmd.SetAction(p => Call(p, client =>
+        {
+            string? binary = p.GetValue(vmm);
+            var request = new UpgradeVmRequest(p.GetRequiredValue(vm), binary is null ? null : Path.GetFullPath(binary));
+            var r = Invoke(client, "vm.upgrade", request, KvmdJson.Default.UpgradeVmRequest, KvmdJson.Default.VmUpgraded);
+            Print(p.GetValue(json), r, KvmdJson.Default.VmUpgraded, x =>
+                Console.WriteLine($"{x.Name}: running in {x.Handover.Vmm} (kvm-vmm pid {x.OldPid} -> {x.Handover.Pid}); guest paused " +
+                                  $"{(x.Handover.PausedSeconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms, " +
+                                  $"{x.Handover.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all"));
             return 0;
         }));
         return cmd;
