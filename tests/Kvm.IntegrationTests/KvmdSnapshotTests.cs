@@ -1,0 +1,330 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using Kvm.Cluster;
+using Kvm.Control;
+using Kvm.Rpc;
+using Kvm.Tests.Shared;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// Save, start from a snapshot and upgrade in place for VMs kvmd runs, as a user drives them with
+/// vmctl (save NAME DIR, start NAME --from DIR, upgrade NAME): kvmd with its private PostgreSQL
+/// cluster, the guest kit's tick workload (a numbered console line every 50 ms; it powers off on
+/// the ACPI power button). The guest's counter must go on without a gap or a repeat across each
+/// operation, and the inventory and its events must tell what happened: a save with stop is a
+/// stop, an upgrade is no end of the VM (never a failure of the old process), and a later stop
+/// stops the process that runs the VM now.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public sealed partial class KvmdSnapshotTests : IDisposable
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(120);
+    private readonly KvmdHarness _kvmd = new();
+
+    public void Dispose() => _kvmd.Dispose();
+
+    private string Socket => _kvmd.Socket;
+
+    private string P(string name) => Path.Combine(_kvmd.Dir, name);
+
+    private static void Require()
+    {
+        TestEnvironment.RequireKvm();
+        TestEnvironment.RequireGuestKit();
+        KvmdHarness.RequireKvmd();
+    }
+
+    private ProcessResult Vmctl(params string[] args) =>
+        TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["--connect", Socket, .. args], Timeout);
+
+    private string VmctlOk(params string[] args)
+    {
+        var r = Vmctl(args);
+        Assert.True(r.ExitCode == 0, $"vmctl {string.Join(' ', args)}: status {r.ExitCode}: {r.Stdout}{r.Stderr}");
+        return r.Stdout;
+    }
+
+    /// <summary>vmctl's refusal of <paramref name="args"/>: status 1 (2 when <paramref name="usage"/>), its stderr containing <paramref name="why"/>.</summary>
+    private void Refused(string why, string[] args, bool usage = false)
+    {
+        var r = Vmctl(args);
+        Assert.True(r.ExitCode == (usage ? 2 : 1), $"vmctl {string.Join(' ', args)}: status {r.ExitCode}: {r.Stdout}{r.Stderr}");
+        Assert.Contains(why, r.Stderr, StringComparison.Ordinal);
+    }
+
+    private VmDetail Show(string name) => JsonSerializer.Deserialize(VmctlOk("show", name, "--json"), KvmdJson.Default.VmDetail)!;
+
+    private ConsoleClient Console(string name) =>
+        new(Show(name).ConsoleSocket ?? throw new Xunit.Sdk.XunitException($"no console socket for {name}"));
+
+    private void Create(string name, string cmdline, string memory = "64M") =>
+        VmctlOk("create", name, "--kernel", TestEnvironment.GuestKit, "--cmdline", cmdline, "--debug-exit", "--cpus", "2", "--memory", memory);
+
+    private List<EventInfo> Events(string name) =>
+        VmctlOk("events", "--after", "0", "--json").Split('\n', StringSplitOptions.RemoveEmptyEntries)
+            .Select(l => JsonSerializer.Deserialize(l, KvmdJson.Default.EventInfo)!).Where(e => e.Subject == $"vm/{name}").ToList();
+
+    /// <summary>The tick numbers in whole lines of <paramref name="console"/>.</summary>
+    private static int[] Ticks(string console) => TickLine().Matches(console)
+        .Select(m => int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+
+    [GeneratedRegex(@"^guestkit: tick (\d+)\r?\n", RegexOptions.Multiline)]
+    private static partial Regex TickLine();
+
+    /// <summary>Whether a kvm-vmm runs as <paramref name="pid"/> (a process that took a VM over is nobody's child here: once it ends it may stay a zombie, with no command line).</summary>
+    private static bool Runs(int pid)
+    {
+        try
+        {
+            return File.ReadAllText($"/proc/{pid}/cmdline").Contains("kvm-vmm", StringComparison.Ordinal);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>The counter across consoles joined in order: every number from the first on, once each, none missing.</summary>
+    private static void AssertCountsOn(string joined, int atLeast)
+    {
+        var ticks = Ticks(joined);
+        Assert.True(ticks.Length >= atLeast, $"only {ticks.Length} ticks:\n{joined}");
+        Assert.True(ticks.SequenceEqual(Enumerable.Range(ticks[0], ticks.Length)), $"the counter did not go on by one:\n{joined}");
+    }
+
+    /// <summary>Saves VM <paramref name="name"/> with --stop through kvmd once its counter passed <paramref name="tick"/>; returns its console up to the end.</summary>
+    private string SaveStopped(string name, string dir, int tick)
+    {
+        using var console = Console(name);
+        Assert.True(console.WaitForTick(tick), console.Text);
+        var saved = JsonSerializer.Deserialize(VmctlOk("save", name, dir, "--stop", "--json"), KvmdJson.Default.VmSaved)!;
+        Assert.Equal(dir, saved.Save.Directory);
+        Assert.Equal("stopping", saved.Save.State);
+        Assert.True(saved.Save.PausedSeconds > 0 && saved.Save.MemoryBytes == 64UL << 20, JsonSerializer.Serialize(saved));
+        Assert.Equal("stopped", saved.Vm.ActualState);
+        Assert.Equal("stopped", saved.Vm.DesiredState);
+        Assert.Null(saved.Vm.Pid);
+        Assert.True(console.Closed(Timeout), "the console stayed open after save --stop");
+        return console.Text;
+    }
+
+    /// <summary>
+    /// 'vmctl save NAME DIR --stop' through kvmd, then 'vmctl start NAME --from DIR': the VM is
+    /// recorded as stopped (a stop asked for, "after saving"), not failed; started from the
+    /// snapshot it carries on in the same boot, its counter going on from where it was saved. Once
+    /// more with a lazy restore, and at last a stop by the power button, as for any VM.
+    /// </summary>
+    [SkippableFact]
+    public void SavedWithStopThroughKvmdThenStartedFromTheSnapshotTheCounterGoesOn()
+    {
+        Require();
+        _kvmd.Start();
+        // Restart policy "always": a save with stop must not be undone by it.
+        VmctlOk("create", "snap", "--kernel", TestEnvironment.GuestKit, "--cmdline", "tick period=50", "--debug-exit", "--cpus", "2",
+            "--memory", "64M", "--restart", "always");
+        VmctlOk("start", "snap");
+        string first = SaveStopped("snap", P("snap1"), 10);
+        Assert.True(File.Exists(Path.Combine(P("snap1"), "state")) && File.Exists(Path.Combine(P("snap1"), "memory")));
+        var shown = Show("snap");
+        Assert.Equal("stopped", shown.Vm.ActualState);
+        Assert.NotNull(shown.LastExit);
+        Assert.False(shown.LastExit.Failed, shown.LastExit.Reason);
+        Assert.Contains($"saving to {P("snap1")}", shown.LastExit.Reason, StringComparison.Ordinal);
+        Thread.Sleep(2500); // a restart policy would have started it again by now (1 s)
+        Assert.Equal("stopped", Show("snap").Vm.ActualState);
+
+        // Eager, and the vCPUs start where they were saved.
+        var started = JsonSerializer.Deserialize(VmctlOk("start", "snap", "--from", P("snap1"), "--json"), KvmdJson.Default.VmInfo)!;
+        Assert.Equal("running", started.ActualState);
+        Assert.NotNull(started.Pid);
+        string second = SaveStopped("snap", P("snap2"), Ticks(first).Max() + 10);
+        Assert.DoesNotContain("guestkit: tick pwrbtn armed", second); // no new boot
+        AssertCountsOn(first + second, 20);
+
+        // Lazily, from the second snapshot; then stopped as any VM is (the guest answers the power button).
+        VmctlOk("start", "snap", "--from", P("snap2"), "--memory", "lazy");
+        Assert.Equal("running", Show("snap").Vm.ActualState);
+        string third;
+        using (var console = Console("snap"))
+        {
+            Assert.True(console.WaitForTick(Ticks(second).Max() + 10), console.Text);
+            var stop = JsonSerializer.Deserialize(VmctlOk("stop", "snap", "--json"), KvmdJson.Default.VmStopped)!;
+            Assert.Equal("guest", stop.Outcome);
+            Assert.True(console.Closed(Timeout));
+            third = console.Text;
+        }
+        Assert.DoesNotContain("guestkit: tick pwrbtn armed", third);
+        AssertCountsOn(first + second + third, 30);
+
+        var events = Events("snap");
+        Assert.DoesNotContain(events, e => e.Kind is "vm.failed" or "vm.restarting" or "vm.start-failed");
+        var saves = events.Where(e => e.Kind == "vm.saved").ToList();
+        Assert.Equal(2, saves.Count);
+        Assert.Equal(P("snap1"), saves[0].Data.GetProperty("directory").GetString());
+        Assert.True(saves[0].Data.GetProperty("stop").GetBoolean());
+        Assert.True(saves[0].Data.GetProperty("pausedMs").GetDouble() > 0);
+        var restores = events.Where(e => e.Kind == "vm.restored").ToList();
+        Assert.Equal([P("snap1"), P("snap2")], restores.Select(e => e.Data.GetProperty("directory").GetString()));
+        Assert.Equal(["eager", "lazy"], restores.Select(e => e.Data.GetProperty("memory").GetString()));
+        Assert.Equal(3, events.Count(e => e.Kind == "vm.exited"));
+    }
+
+    /// <summary>
+    /// 'vmctl upgrade NAME' through kvmd, to the same kvm-vmm and then to a copy (--vmm): each time
+    /// the VM goes on in a new process (a new pid in vm.show and in its control socket's status),
+    /// its counter going on without a gap, the old process gone with nothing recorded for it; the
+    /// VM stays running past a lease's duration (kvmd renews and fences the new process), a
+    /// restarted kvmd finds the new process again, and a stop then stops the new process and is
+    /// recorded as a stop. The events tell of each upgrade (old pid, new pid, pause) and never of a
+    /// failure.
+    /// </summary>
+    [SkippableFact]
+    public void UpgradedThroughKvmdTheVmRunsOnInTheNewProcessWhichKvmdSupervises()
+    {
+        Require();
+        string copy = P("v2/kvm-vmm");
+        Directory.CreateDirectory(P("v2"));
+        string real = Path.GetFullPath(new FileInfo(TestEnvironment.KvmVmm).ResolveLinkTarget(true)?.FullName ?? TestEnvironment.KvmVmm);
+        File.Copy(real, copy);
+        File.Copy(Path.Combine(Path.GetDirectoryName(real)!, "libkvmshim.so"), P("v2/libkvmshim.so"));
+        File.SetUnixFileMode(copy, File.GetUnixFileMode(real));
+
+        // A lease long enough for kvmd's restart below on a slow machine: the VM must not fence meanwhile.
+        string[] lease = ["--lease-duration", "60", "--fence-margin", "10"];
+        var kvmd = _kvmd.Start(lease);
+        Create("up", "tick period=50");
+        VmctlOk("start", "up");
+        var pids = new List<int> { Show("up").Vm.Pid ?? throw new Xunit.Sdk.XunitException("no pid") };
+        var text = new System.Text.StringBuilder();
+        foreach (string[] more in new[] { Array.Empty<string>(), ["--vmm", copy] })
+        {
+            using (var console = Console("up"))
+            {
+                Assert.True(console.WaitForTick(Ticks(text.ToString()).DefaultIfEmpty(0).Max() + 5), console.Text);
+                var up = JsonSerializer.Deserialize(VmctlOk(["upgrade", "up", "--json", .. more]), KvmdJson.Default.VmUpgraded)!;
+                Assert.Equal(pids[^1], up.OldPid);
+                Assert.NotEqual(up.OldPid, up.Handover.Pid);
+                Assert.True(up.Handover.PausedSeconds > 0 && up.Handover.PausedSeconds <= up.Handover.Seconds, JsonSerializer.Serialize(up));
+                Assert.Equal(up.Handover.Pid, up.Vm.Pid);
+                Assert.Equal("running", up.Vm.ActualState);
+                pids.Add(up.Handover.Pid);
+                Assert.True(console.Closed(Timeout), "the old console did not close");
+                // The new console keeps what the guest wrote since the hand-over: the text joins on.
+                text.Append(console.Text);
+            }
+            Assert.False(Runs(pids[^2]), $"the old kvm-vmm (pid {pids[^2]}) still runs");
+            var shown = Show("up");
+            Assert.Equal(pids[^1], shown.Vm.Pid);
+            Assert.Equal(pids[^1], shown.Status?.Pid);
+            Assert.Equal("running", shown.Vm.ActualState);
+            if (more.Length > 0)
+            {
+                using var process = Process.GetProcessById(pids[^1]);
+                Assert.Equal(copy, process.MainModule?.FileName);
+            }
+        }
+
+        // Its lease renewed (and the new process's fence armed again) a few times, it runs on.
+        Thread.Sleep(5000);
+        Assert.Equal("running", Show("up").Vm.ActualState);
+        Assert.Equal(pids[^1], Show("up").Vm.Pid);
+
+        // A kvmd started again finds the new process (no child of anyone it knows) through the control socket.
+        Assert.Equal(0, Kvm.Interop.Native.Libc.Kill(kvmd.Process.Id, 15));
+        Assert.True(kvmd.Process.WaitForExit(Timeout), "kvmd did not stop");
+        _kvmd.Start(lease);
+        var found = Show("up");
+        Assert.Equal(pids[^1], found.Vm.Pid);
+        Assert.Equal("running", found.Vm.ActualState);
+
+        using (var console = Console("up"))
+        {
+            Assert.True(console.WaitForTick(Ticks(text.ToString()).Max() + 5), console.Text);
+            var stop = JsonSerializer.Deserialize(VmctlOk("stop", "up", "--json"), KvmdJson.Default.VmStopped)!;
+            Assert.Equal("guest", stop.Outcome);
+            Assert.True(console.Closed(Timeout));
+            text.Append(console.Text);
+        }
+        AssertCountsOn(text.ToString(), 15);
+        Assert.False(Runs(pids[^1]), $"kvm-vmm pid {pids[^1]} still runs after the stop");
+        var stopped = Show("up");
+        Assert.Equal("stopped", stopped.Vm.ActualState);
+        Assert.NotNull(stopped.LastExit);
+        Assert.False(stopped.LastExit.Failed, stopped.LastExit.Reason);
+        Assert.Equal(pids[^1], stopped.LastExit.Pid);
+
+        var events = Events("up");
+        Assert.DoesNotContain(events, e => e.Kind is "vm.failed" or "vm.fenced" or "vm.start-failed");
+        var upgrades = events.Where(e => e.Kind == "vm.upgraded").ToList();
+        Assert.Equal(2, upgrades.Count);
+        for (int i = 0; i < 2; i++)
+        {
+            Assert.Equal(pids[i], upgrades[i].Data.GetProperty("oldPid").GetInt32());
+            Assert.Equal(pids[i + 1], upgrades[i].Data.GetProperty("newPid").GetInt32());
+            Assert.True(upgrades[i].Data.GetProperty("pausedMs").GetDouble() > 0);
+        }
+        Assert.Equal(copy, upgrades[1].Data.GetProperty("vmm").GetString());
+        Assert.Single(events, e => e.Kind == "vm.exited");
+        // The states the inventory went through: never stopped or failed between the start and the stop.
+        var states = events.Where(e => e.Kind == "vm.actual-state").Select(e => e.Data.GetProperty("state").GetString()).ToList();
+        Assert.Equal(["starting", "running", "stopping", "stopped"], states);
+    }
+
+    /// <summary>
+    /// What kvmd refuses, each with its reason and nothing changed: a save or upgrade of a VM that
+    /// does not run, a relative snapshot directory, --memory without --from, a directory without a
+    /// snapshot, a snapshot of another machine (memory, vCPUs), a kvm-vmm that does not exist, an
+    /// upgrade of a paused VM.
+    /// </summary>
+    [SkippableFact]
+    public void WhatCannotBeDoneIsRefusedWithItsReasonAndChangesNothing()
+    {
+        Require();
+        _kvmd.Start();
+        Create("a", "tick period=50");
+        Refused("VM 'a' is not running", ["save", "a", P("s")]);
+        Refused("VM 'a' is not running", ["upgrade", "a"]);
+        Refused("VM 'nope' does not exist", ["save", "nope", P("s")]);
+        Refused("--memory applies only with --from", ["start", "a", "--memory", "lazy"], usage: true);
+        Refused("the state file is missing", ["start", "a", "--from", P("empty")]);
+        using (var client = RpcClient.Connect(Socket, "kvmd"))
+        {
+            var e = Assert.Throws<RpcException>(() => client.CallAsync("vm.save", new SaveVmRequest("a", "relative/dir"),
+                KvmdJson.Default.SaveVmRequest, KvmdJson.Default.VmSaved).WaitAsync(Timeout).GetAwaiter().GetResult());
+            Assert.Equal(RpcErrorCode.InvalidParams, e.Code);
+            Assert.Contains("is not an absolute path", e.Message, StringComparison.Ordinal);
+            e = Assert.Throws<RpcException>(() => client.CallAsync("vm.start", new StartVmRequest("a", From: "relative/dir"),
+                KvmdJson.Default.StartVmRequest, KvmdJson.Default.VmInfo).WaitAsync(Timeout).GetAwaiter().GetResult());
+            Assert.Contains("is not an absolute path", e.Message, StringComparison.Ordinal);
+            e = Assert.Throws<RpcException>(() => client.CallAsync("vm.start", new StartVmRequest("a", From: P("s"), Memory: "sometimes"),
+                KvmdJson.Default.StartVmRequest, KvmdJson.Default.VmInfo).WaitAsync(Timeout).GetAwaiter().GetResult());
+            Assert.Contains("memory 'sometimes' is not one of eager, lazy", e.Message, StringComparison.Ordinal);
+        }
+        Assert.Equal("stopped", Show("a").Vm.ActualState);
+
+        VmctlOk("start", "a");
+        Refused("does not exist", ["upgrade", "a", "--vmm", P("no/kvm-vmm")]);
+        VmctlOk("pause", "a");
+        Refused("VM 'a' is paused: resume it first", ["upgrade", "a"]);
+        VmctlOk("resume", "a");
+        SaveStopped("a", P("s"), 3);
+
+        // Another VM whose machine differs: refused naming each difference; it stays as it was.
+        Create("b", "tick period=50", memory: "128M");
+        var r = Vmctl("start", "b", "--from", P("s"));
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains("does not match the VM's spec", r.Stderr, StringComparison.Ordinal);
+        Assert.Contains("memory: the VM has 128 MiB, the snapshot 64 MiB", r.Stderr, StringComparison.Ordinal);
+        var b = Show("b");
+        Assert.Equal("stopped", b.Vm.ActualState);
+        Assert.Equal("stopped", b.Vm.DesiredState);
+        Assert.Null(b.Vm.Host);
+        Assert.DoesNotContain(Events("b"), e => e.Kind is "vm.actual-state" or "vm.start-failed");
+        // The VM whose snapshot it is starts from it.
+        VmctlOk("start", "a", "--from", P("s"));
+        Assert.Equal("running", Show("a").Vm.ActualState);
+        VmctlOk("stop", "a", "--force");
+    }
+}
