@@ -191,7 +191,9 @@ public sealed partial class Kvmd : IAsyncDisposable
 
     private Task OnVmExitAsync(VmProcess process, VmExit exit) => WithVmAsync(process.Name, async () =>
     {
-        if (process.TryMarkRecorded())
+        // A VM handed over through its control socket ('vmctl control upgrade SOCKET') rather than
+        // through kvmd runs on in a new process: followed there, it has not ended.
+        if (process.TryMarkRecorded() && !await FollowHandoverAsync(process, exit).ConfigureAwait(false))
             await RecordExitAsync(process.Name, exit, whileAway: false, CancellationToken.None).ConfigureAwait(false);
         return 0;
     }, CancellationToken.None);

@@ -156,6 +156,45 @@ public sealed partial class Kvmd
         return new VmUpgraded(row.Name, old.Pid, result ?? new HandoverResult(pid, vmm, 0, 0, []), info);
     }, cancel);
 
+    /// <summary>
+    /// After kvm-vmm <paramref name="process"/> ended unrecorded (status 0 or unknown, no exit
+    /// record of its own), as a kvm-vmm does once it has handed its VM over without kvmd asking
+    /// ('vmctl control upgrade SOCKET'): if another kvm-vmm now answers on the VM's control socket,
+    /// it runs the VM; kvmd adopts it as after vm.upgrade and records vm.upgraded. False when not.
+    /// </summary>
+    private async Task<bool> FollowHandoverAsync(VmProcess process, VmExit exit)
+    {
+        if (exit.Status is not (null or 0) || exit.Fenced || _supervisor.Find(process.Name) is not null
+            || VmHost.ReadExitRecord(process.Files.ExitFile) is { } record && record.Pid == process.Pid)
+            return false;
+        if (await _supervisor.StatusAsync(process.Name, CancellationToken.None).ConfigureAwait(false) is not { } status || status.Pid == process.Pid)
+            return false;
+        if (await _supervisor.AdoptSuccessorAsync(process, status.Pid, CancellationToken.None).ConfigureAwait(false) is null)
+            return false;
+        if (_leases.TryGetValue(process.Name, out var held))
+            await ArmFenceAsync(process.Name, held.SentAt, CancellationToken.None).ConfigureAwait(false);
+        string vmm = ExecutableOf(status.Pid) ?? "";
+        LogUpgraded(_logger, process.Name, process.Pid, status.Pid, vmm, 0);
+        await _db.Events.AppendAsync("vm.upgraded", $"vm/{process.Name}",
+            JsonSerializer.Serialize(new UpgradedEventData(process.Pid, status.Pid, vmm, 0, 0,
+                $"handed over through its control socket, not through kvmd; found running in pid {status.Pid} when pid {process.Pid} exited"),
+                KvmdEventJson.Default.UpgradedEventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+        return true;
+    }
+
+    /// <summary>The executable process <paramref name="pid"/> runs (/proc/PID/exe), if it can be read.</summary>
+    private static string? ExecutableOf(int pid)
+    {
+        try
+        {
+            return new FileInfo($"/proc/{pid}/exe").LinkTarget;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>A snapshot directory from a client: absolute (kvm-vmm does not run in the client's directory), else invalid params.</summary>
     private static void CheckSnapshotDirectory(string method, string directory)
     {

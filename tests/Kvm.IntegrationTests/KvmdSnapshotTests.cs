@@ -175,10 +175,11 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     /// 'vmctl upgrade NAME' through kvmd, to the same kvm-vmm and then to a copy (--vmm): each time
     /// the VM goes on in a new process (a new pid in vm.show and in its control socket's status),
     /// its counter going on without a gap, the old process gone with nothing recorded for it; the
-    /// VM stays running past a lease's duration (kvmd renews and fences the new process), a
-    /// restarted kvmd finds the new process again, and a stop then stops the new process and is
-    /// recorded as a stop. The events tell of each upgrade (old pid, new pid, pause) and never of a
-    /// failure.
+    /// VM stays running while kvmd renews its lease and arms the new process's fence; a restarted
+    /// kvmd finds the new process again; a hand-over through the control socket behind kvmd's back
+    /// ('vmctl control upgrade') is followed too; and a stop then stops the newest process and is
+    /// recorded as a stop. The events tell of each upgrade (old pid, new pid, pause) and never of
+    /// a failure.
     /// </summary>
     [SkippableFact]
     public void UpgradedThroughKvmdTheVmRunsOnInTheNewProcessWhichKvmdSupervises()
@@ -239,6 +240,20 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         Assert.Equal(pids[^1], found.Vm.Pid);
         Assert.Equal("running", found.Vm.ActualState);
 
+        // Handed over through its control socket, not through kvmd: kvmd follows it all the same.
+        using (var console = Console("up"))
+        {
+            Assert.True(console.WaitForTick(Ticks(text.ToString()).Max() + 5), console.Text);
+            var direct = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "upgrade", found.ControlSocket!, "--json"], Timeout);
+            Assert.True(direct.ExitCode == 0, $"vmctl control upgrade: {direct.Stdout}{direct.Stderr}");
+            pids.Add(JsonSerializer.Deserialize(direct.Stdout, VmControlJson.Default.HandoverResult)!.Pid);
+            Assert.True(console.Closed(Timeout), "the old console did not close");
+            text.Append(console.Text);
+        }
+        Assert.True(SpinWait.SpinUntil(() => Show("up").Vm.Pid == pids[^1], Timeout), $"kvmd did not follow the VM to pid {pids[^1]}");
+        Assert.Equal("running", Show("up").Vm.ActualState);
+        Assert.False(Runs(pids[^2]), $"the old kvm-vmm (pid {pids[^2]}) still runs");
+
         using (var console = Console("up"))
         {
             Assert.True(console.WaitForTick(Ticks(text.ToString()).Max() + 5), console.Text);
@@ -258,14 +273,16 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         var events = Events("up");
         Assert.DoesNotContain(events, e => e.Kind is "vm.failed" or "vm.fenced" or "vm.start-failed");
         var upgrades = events.Where(e => e.Kind == "vm.upgraded").ToList();
-        Assert.Equal(2, upgrades.Count);
-        for (int i = 0; i < 2; i++)
+        Assert.Equal(3, upgrades.Count);
+        for (int i = 0; i < 3; i++)
         {
             Assert.Equal(pids[i], upgrades[i].Data.GetProperty("oldPid").GetInt32());
             Assert.Equal(pids[i + 1], upgrades[i].Data.GetProperty("newPid").GetInt32());
-            Assert.True(upgrades[i].Data.GetProperty("pausedMs").GetDouble() > 0);
         }
+        Assert.True(upgrades[0].Data.GetProperty("pausedMs").GetDouble() > 0 && upgrades[1].Data.GetProperty("pausedMs").GetDouble() > 0);
         Assert.Equal(copy, upgrades[1].Data.GetProperty("vmm").GetString());
+        Assert.Equal(copy, upgrades[2].Data.GetProperty("vmm").GetString());
+        Assert.Contains("through its control socket", upgrades[2].Data.GetProperty("note").GetString(), StringComparison.Ordinal);
         Assert.Single(events, e => e.Kind == "vm.exited");
         // The states the inventory went through: never stopped or failed between the start and the stop.
         var states = events.Where(e => e.Kind == "vm.actual-state").Select(e => e.Data.GetProperty("state").GetString()).ToList();
