@@ -95,11 +95,13 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     }
 
     /// <summary>Saves VM <paramref name="name"/> with --stop through kvmd once its counter passed <paramref name="tick"/>; returns its console up to the end.</summary>
-    private string SaveStopped(string name, string dir, int tick)
+    private string SaveStopped(string name, string dir, int tick, params string[] more) => SaveStopped(name, dir, tick, out _, more);
+
+    private string SaveStopped(string name, string dir, int tick, out VmSaved saved, params string[] more)
     {
         using var console = Console(name);
         Assert.True(console.WaitForTick(tick), console.Text);
-        var saved = JsonSerializer.Deserialize(VmctlOk("save", name, dir, "--stop", "--json"), KvmdJson.Default.VmSaved)!;
+        saved = JsonSerializer.Deserialize(VmctlOk(["save", name, dir, "--stop", "--json", .. more]), KvmdJson.Default.VmSaved)!;
         Assert.Equal(dir, saved.Save.Directory);
         Assert.Equal("stopping", saved.Save.State);
         Assert.True(saved.Save.PausedSeconds > 0 && saved.Save.MemoryBytes == 64UL << 20, JsonSerializer.Serialize(saved));
@@ -113,8 +115,9 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     /// <summary>
     /// 'vmctl save NAME DIR --stop' through kvmd, then 'vmctl start NAME --from DIR': the VM is
     /// recorded as stopped (a stop asked for, "after saving"), not failed; started from the
-    /// snapshot it carries on in the same boot, its counter going on from where it was saved. Once
-    /// more with a lazy restore, and at last a stop by the power button, as for any VM.
+    /// snapshot it carries on in the same boot, its counter going on from where it was saved. Saved
+    /// without stop, it carries on. Once more with a working set and a lazy restore, and at last a
+    /// stop by the power button, as for any VM.
     /// </summary>
     [SkippableFact]
     public void SavedWithStopThroughKvmdThenStartedFromTheSnapshotTheCounterGoesOn()
@@ -139,7 +142,21 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         var started = JsonSerializer.Deserialize(VmctlOk("start", "snap", "--from", P("snap1"), "--json"), KvmdJson.Default.VmInfo)!;
         Assert.Equal("running", started.ActualState);
         Assert.NotNull(started.Pid);
-        string second = SaveStopped("snap", P("snap2"), Ticks(first).Max() + 10);
+        // Saved without stop, the VM carries on as it was.
+        using (var console = Console("snap"))
+        {
+            Assert.True(console.WaitForTick(Ticks(first).Max() + 5), console.Text);
+            var live = JsonSerializer.Deserialize(VmctlOk("save", "snap", P("live"), "--json"), KvmdJson.Default.VmSaved)!;
+            Assert.Equal("running", live.Save.State);
+            Assert.Equal("running", live.Vm.ActualState);
+            Assert.Equal(started.Pid, live.Vm.Pid);
+            int atSave = console.LastTick;
+            Assert.True(console.WaitForTick(atSave + 5), "the VM did not carry on after the save");
+        }
+        // With a working set traced for half a second after the save point, which the lazy start below loads first.
+        int beforeSave = Ticks(first).Max() + 15;
+        string second = SaveStopped("snap", P("snap2"), beforeSave, out var traced, "--working-set", "0.5");
+        Assert.True(traced.Save.WorkingSetPages > 0, $"no working set: {traced.Save.WorkingSetSkipped}");
         Assert.DoesNotContain("guestkit: tick pwrbtn armed", second); // no new boot
         AssertCountsOn(first + second, 20);
 
@@ -156,15 +173,20 @@ public sealed partial class KvmdSnapshotTests : IDisposable
             third = console.Text;
         }
         Assert.DoesNotContain("guestkit: tick pwrbtn armed", third);
-        AssertCountsOn(first + second + third, 30);
+        // The snapshot is the VM at the save point, before the traced window it then ran on for:
+        // the restored counter goes on from there, after the ticks seen before the save began.
+        AssertCountsOn(third, 10);
+        int from = Ticks(third)[0];
+        Assert.True(from > beforeSave && from <= Ticks(second).Max() + 1,
+            $"the restored counter starts at {from}; the save began after tick {beforeSave}, the VM stopped after tick {Ticks(second).Max()}");
 
         var events = Events("snap");
         Assert.DoesNotContain(events, e => e.Kind is "vm.failed" or "vm.restarting" or "vm.start-failed");
         var saves = events.Where(e => e.Kind == "vm.saved").ToList();
-        Assert.Equal(2, saves.Count);
-        Assert.Equal(P("snap1"), saves[0].Data.GetProperty("directory").GetString());
-        Assert.True(saves[0].Data.GetProperty("stop").GetBoolean());
+        Assert.Equal([P("snap1"), P("live"), P("snap2")], saves.Select(e => e.Data.GetProperty("directory").GetString()));
+        Assert.Equal([true, false, true], saves.Select(e => e.Data.GetProperty("stop").GetBoolean()));
         Assert.True(saves[0].Data.GetProperty("pausedMs").GetDouble() > 0);
+        Assert.True(saves[2].Data.GetProperty("workingSetPages").GetUInt64() > 0);
         var restores = events.Where(e => e.Kind == "vm.restored").ToList();
         Assert.Equal([P("snap1"), P("snap2")], restores.Select(e => e.Data.GetProperty("directory").GetString()));
         Assert.Equal(["eager", "lazy"], restores.Select(e => e.Data.GetProperty("memory").GetString()));
