@@ -130,12 +130,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
     public void AnUpgradeToASecondCopyOfTheBinaryUnderADiskJournalIsUnnoticed()
     {
         Require();
-        string copy = P("v2/kvm-vmm");
-        Directory.CreateDirectory(P("v2"));
-        string real = Path.GetFullPath(new FileInfo(TestEnvironment.KvmVmm).ResolveLinkTarget(true)?.FullName ?? TestEnvironment.KvmVmm);
-        File.Copy(real, copy);
-        File.Copy(Path.Combine(Path.GetDirectoryName(real)!, "libkvmshim.so"), P("v2/libkvmshim.so"));
-        File.SetUnixFileMode(copy, File.GetUnixFileMode(real));
+        string copy = TestEnvironment.CopyKvmVmm(P("v2"));
 
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
         using var old = StartVm("blk-log period=10 n=300", disk);

@@ -207,12 +207,7 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     public void UpgradedThroughKvmdTheVmRunsOnInTheNewProcessWhichKvmdSupervises()
     {
         Require();
-        string copy = P("v2/kvm-vmm");
-        Directory.CreateDirectory(P("v2"));
-        string real = Path.GetFullPath(new FileInfo(TestEnvironment.KvmVmm).ResolveLinkTarget(true)?.FullName ?? TestEnvironment.KvmVmm);
-        File.Copy(real, copy);
-        File.Copy(Path.Combine(Path.GetDirectoryName(real)!, "libkvmshim.so"), P("v2/libkvmshim.so"));
-        File.SetUnixFileMode(copy, File.GetUnixFileMode(real));
+        string copy = TestEnvironment.CopyKvmVmm(P("v2"));
 
         // A lease long enough for kvmd's restart below on a slow machine: the VM must not fence meanwhile.
         string[] lease = ["--lease-duration", "60", "--fence-margin", "10"];

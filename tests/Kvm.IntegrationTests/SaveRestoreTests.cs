@@ -51,6 +51,26 @@ public sealed class SaveRestoreTests : BlkTestBase
 
     private static ProcessResult Vmctl(params string[] args) => TestEnvironment.RunProcess(TestEnvironment.Vmctl, args, Wait);
 
+    /// <summary>
+    /// Restores the snapshot in <paramref name="snapshot"/> with 'vmctl restore' (and
+    /// <paramref name="options"/>) on sockets b.control and b.console, and waits until the guest
+    /// ends: it must exit 0. Returns what the restored guest wrote.
+    /// </summary>
+    private string RestoreToTheEnd(string snapshot, params string[] options)
+    {
+        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, .. options, "--control", P("b.control"), "--console", P("b.console")]), "b");
+        string after;
+        using (var console = new ConsoleClient(P("b.console")))
+        {
+            if (!b.WaitForExit(Wait))
+                Assert.Fail($"the restored VM did not finish: {console.Text}");
+            Assert.True(console.Closed(Wait));
+            after = console.Text;
+        }
+        Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
+        return after;
+    }
+
     private static int[] Seqs(string console) => console.Split('\n')
         .Where(l => l.StartsWith("guestkit: blk-log seq ", StringComparison.Ordinal))
         .Select(l => int.Parse(l["guestkit: blk-log seq ".Length..].Trim(), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
@@ -87,16 +107,7 @@ public sealed class SaveRestoreTests : BlkTestBase
         Assert.DoesNotContain("blk-log done", before);
         Assert.True(File.Exists(Path.Combine(snapshot, "state")) && File.Exists(Path.Combine(snapshot, "memory")));
 
-        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, "--control", P("b.control"), "--console", P("b.console")]), "b");
-        string after;
-        using (var console = new ConsoleClient(P("b.console")))
-        {
-            if (!b.WaitForExit(Wait))
-                Assert.Fail($"the restored VM did not finish: {console.Text}");
-            Assert.True(console.Closed(Wait));
-            after = console.Text;
-        }
-        Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
+        string after = RestoreToTheEnd(snapshot);
         Assert.DoesNotContain("blk-log tag=", after);
         Assert.Equal(Enumerable.Range(1, 120), Seqs(before + after).Distinct());
         Assert.Equal(Seqs(before + after).Length, Seqs(before + after).Distinct().Count());
@@ -183,16 +194,7 @@ public sealed class SaveRestoreTests : BlkTestBase
         }
         Assert.DoesNotContain("touch done", before);
 
-        using var b = Started(LiveProcess.Start(TestEnvironment.Vmctl, ["restore", snapshot, "--memory", "lazy", "--control", P("b.control"), "--console", P("b.console")]), "b");
-        string after;
-        using (var console = new ConsoleClient(P("b.console")))
-        {
-            if (!b.WaitForExit(Wait))
-                Assert.Fail($"the restored VM did not finish: {console.Text}");
-            Assert.True(console.Closed(Wait));
-            after = console.Text;
-        }
-        Assert.True(b.Process.ExitCode == 0, $"vmctl restore exited {b.Process.ExitCode}: {b.Stderr.Result}\n{after}");
+        string after = RestoreToTheEnd(snapshot, "--memory", "lazy");
         Assert.Contains("guestkit: touch done rounds=2000", after);
         Assert.DoesNotContain("ready", after);
     }

@@ -29,6 +29,22 @@ public static class TestEnvironment
     public static string KvmVmm => Path.Combine(BuildDir, "bin", "kvm-vmm");
     public static string Kvmd => Path.Combine(BuildDir, "bin", "kvmd");
 
+    /// <summary>
+    /// A second copy of the kvm-vmm binary (with the shim it loads from beside it) in
+    /// <paramref name="directory"/>, created if missing: a "newer" kvm-vmm to upgrade a VM to.
+    /// Returns the copy's path.
+    /// </summary>
+    public static string CopyKvmVmm(string directory)
+    {
+        Directory.CreateDirectory(directory);
+        string real = Path.GetFullPath(new FileInfo(KvmVmm).ResolveLinkTarget(true)?.FullName ?? KvmVmm);
+        string copy = Path.Combine(directory, "kvm-vmm");
+        File.Copy(real, copy);
+        File.Copy(Path.Combine(Path.GetDirectoryName(real)!, "libkvmshim.so"), Path.Combine(directory, "libkvmshim.so"));
+        File.SetUnixFileMode(copy, File.GetUnixFileMode(real));
+        return copy;
+    }
+
     /// <summary>Skips the calling test, naming what is missing, unless /dev/kvm is usable.</summary>
     public static void RequireKvm() => SkipIf(KvmUnavailable());
 
