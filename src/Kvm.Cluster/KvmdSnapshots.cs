@@ -133,16 +133,10 @@ public sealed partial class Kvmd
         }
         // The old process is no longer the VM's: its exit is not recorded (the supervisor does not report it either).
         old.TryMarkRecorded();
-        if (_leases.TryGetValue(row.Name, out var held))
-            await ArmFenceAsync(row.Name, held.SentAt, CancellationToken.None).ConfigureAwait(false);
         if (row.ActualState != VmActualState.Running)
             await SetActualAsync(row.Name, VmActualState.Running, CancellationToken.None).ConfigureAwait(false);
-        double pausedMs = result is null ? 0 : Math.Round(result.PausedSeconds * 1000, 1);
-        LogUpgraded(_logger, row.Name, old.Pid, pid, vmm, pausedMs);
-        await _db.Events.AppendAsync("vm.upgraded", $"vm/{row.Name}",
-            JsonSerializer.Serialize(new UpgradedEventData(old.Pid, pid, vmm, pausedMs, result?.Seconds ?? 0,
-                failure is null ? null : $"the hand-over's answer was lost ({failure.Message}); the control socket answers with pid {pid}"),
-                KvmdEventJson.Default.UpgradedEventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+        await RecordUpgradeAsync(new UpgradedEventData(old.Pid, pid, vmm, result is null ? 0 : Math.Round(result.PausedSeconds * 1000, 1), result?.Seconds ?? 0,
+            failure is null ? null : $"the hand-over's answer was lost ({failure.Message}); the control socket answers with pid {pid}"), row.Name).ConfigureAwait(false);
         // The old process exits now (status 0, no exit record): wait for it, so that it is gone when the caller looks.
         try
         {
@@ -171,15 +165,22 @@ public sealed partial class Kvmd
             return false;
         if (await _supervisor.AdoptSuccessorAsync(process, status.Pid, CancellationToken.None).ConfigureAwait(false) is null)
             return false;
-        if (_leases.TryGetValue(process.Name, out var held))
-            await ArmFenceAsync(process.Name, held.SentAt, CancellationToken.None).ConfigureAwait(false);
-        string vmm = ExecutableOf(status.Pid) ?? "";
-        LogUpgraded(_logger, process.Name, process.Pid, status.Pid, vmm, 0);
-        await _db.Events.AppendAsync("vm.upgraded", $"vm/{process.Name}",
-            JsonSerializer.Serialize(new UpgradedEventData(process.Pid, status.Pid, vmm, 0, 0,
-                $"handed over through its control socket, not through kvmd; found running in pid {status.Pid} when pid {process.Pid} exited"),
-                KvmdEventJson.Default.UpgradedEventData), Host.Id, CancellationToken.None).ConfigureAwait(false);
+        await RecordUpgradeAsync(new UpgradedEventData(process.Pid, status.Pid, ExecutableOf(status.Pid) ?? "", 0, 0,
+            $"handed over through its control socket, not through kvmd; found running in pid {status.Pid} when pid {process.Pid} exited"), process.Name).ConfigureAwait(false);
         return true;
+    }
+
+    /// <summary>
+    /// A VM runs on in the kvm-vmm it was handed to, which kvmd has adopted: the new process's
+    /// fence is armed with the lease kvmd holds, and the upgrade is logged and recorded (vm.upgraded).
+    /// </summary>
+    private async Task RecordUpgradeAsync(UpgradedEventData upgrade, string name)
+    {
+        if (_leases.TryGetValue(name, out var held))
+            await ArmFenceAsync(name, held.SentAt, CancellationToken.None).ConfigureAwait(false);
+        LogUpgraded(_logger, name, upgrade.OldPid, upgrade.NewPid, upgrade.Vmm, upgrade.PausedMs);
+        await _db.Events.AppendAsync("vm.upgraded", $"vm/{name}", JsonSerializer.Serialize(upgrade, KvmdEventJson.Default.UpgradedEventData),
+            Host.Id, CancellationToken.None).ConfigureAwait(false);
     }
 
     /// <summary>The executable process <paramref name="pid"/> runs (/proc/PID/exe), if it can be read.</summary>
