@@ -925,12 +925,18 @@ static int trace_drain(struct uffd_trace *t, int resolve)
     }
 }
 
-static void *trace_thread(void *arg)
+// The shim's own threads take no signals: the runtime's (GC suspension, Ctrl-C) are for its threads.
+static void block_signals(void)
 {
-    struct uffd_trace *t = arg;
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
+
+static void *trace_thread(void *arg)
+{
+    struct uffd_trace *t = arg;
+    block_signals();
     for (;;) {
         struct pollfd p[2] = { { .fd = t->uffd, .events = POLLIN }, { .fd = t->stop_fd, .events = POLLIN } };
         if (poll(p, 2, -1) < 0) {
@@ -1202,9 +1208,7 @@ static int lazy_locate(struct lazy_loader *l, uint64_t host, int32_t *r, uint64_
 static void *lazy_fault_thread(void *arg)
 {
     struct lazy_loader *l = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    block_signals();
     uint8_t *buf = malloc(l->chunk);
     if (!buf) {
         lazy_fail(l, ENOMEM);
@@ -1263,9 +1267,7 @@ static void *lazy_fault_thread(void *arg)
 static void *lazy_background_thread(void *arg)
 {
     struct lazy_loader *l = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    block_signals();
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);   // behind the guest and the fault thread
     uint8_t *buf = malloc(l->chunk);
     if (!buf) {

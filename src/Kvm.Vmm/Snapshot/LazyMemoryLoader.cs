@@ -140,24 +140,25 @@ public sealed class LazyMemoryLoader : IDisposable
         Errno.Check(KvmShim.LazyBackground(_loader, backgroundBytesPerSecond ?? -1), "start the lazy restore's background loader");
     }
 
-    public LazyLoadStats Stats
+    public LazyLoadStats Stats => Counters() is { } c
+        ? new LazyLoadStats(c[0], c[1], c[2], c[3], (long)_memory.TotalSize, c[6] == 0 ? null : c[6] / 1e9)
+        : _final!;
+
+    /// <summary>The shim's counters (kvmshim_lazy_stats: [7] is the errno that ended the loading); null once disposed.</summary>
+    private long[]? Counters()
     {
-        get
+        _gate.EnterReadLock();
+        try
         {
+            if (_disposed)
+                return null;
             var c = new long[KvmShim.LazyStatCount];
-            _gate.EnterReadLock();
-            try
-            {
-                if (!_disposed)
-                    KvmShim.LazyStats(_loader, c);
-                else if (_final is { } final)
-                    return final;
-            }
-            finally
-            {
-                _gate.ExitReadLock();
-            }
-            return new LazyLoadStats(c[0], c[1], c[2], c[3], (long)_memory.TotalSize, c[6] == 0 ? null : c[6] / 1e9);
+            KvmShim.LazyStats(_loader, c);
+            return c;
+        }
+        finally
+        {
+            _gate.ExitReadLock();
         }
     }
 
@@ -212,23 +213,15 @@ public sealed class LazyMemoryLoader : IDisposable
         {
             _gate.ExitReadLock();
         }
-        var stats = Stats;
         if (result == WaitDoneResult)
+        {
+            var stats = Stats;
             SnapshotLog.LazyLoadDone(_log, GuestMemory.FormatSize(_memory.TotalSize), stats.Seconds ?? 0, stats.Faults);
+        }
         else if (result == WaitFailedResult)
         {
-            var c = new long[KvmShim.LazyStatCount];
-            _gate.EnterReadLock();
-            try
-            {
-                if (!_disposed)
-                    KvmShim.LazyStats(_loader, c);
-            }
-            finally
-            {
-                _gate.ExitReadLock();
-            }
-            int errno = (int)c[7];
+            // Dispose frees the loader only after this thread ends (or on it, after this).
+            int errno = (int)Counters()![7];
             // The shim unregistered guest RAM: a page not loaded reads as zeros, so the guest cannot go on.
             var e = new IOException($"lazy restore from {_file.Path} failed: {(errno == Errno.ENODATA ? "the memory file was cut short after it was checked" : Errno.Describe(errno))} " +
                                     $"(errno {errno}); guest RAM not loaded by then reads as zeros");
