@@ -1,7 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.IO.Hashing;
-using System.Security.Cryptography;
 using System.Text;
 using Kvm.Interop.Handles;
 using Microsoft.Win32.SafeHandles;
@@ -50,7 +49,7 @@ public static class SnapshotWriter
         Directory.CreateDirectory(directory);
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
         string memoryPath = Path.Combine(directory, SnapshotFormat.MemoryFileName);
-        string suffix = $".tmp-{Environment.ProcessId}-{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(4))}";
+        string suffix = $".tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}";
         string stateTemp = Path.Combine(directory, "." + SnapshotFormat.StateFileName + suffix);
         string memoryTemp = Path.Combine(directory, "." + SnapshotFormat.MemoryFileName + suffix);
         bool renamed = false;
@@ -92,7 +91,7 @@ public static class SnapshotWriter
         byte[] stateBytes = EncodeState(state);
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
         string stateTemp = Path.Combine(directory,
-            $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(4))}");
+            $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
         bool renamed = false;
         try
         {
