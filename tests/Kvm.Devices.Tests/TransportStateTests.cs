@@ -322,6 +322,60 @@ public sealed class TransportStateTests
         Assert.Empty(t.Log.NeedsResetMessages);
     }
 
+    /// <summary>
+    /// A hand-over builds the new device while the old process still holds the image: the device
+    /// stands on a <see cref="PendingImage"/>, paused, until the old one has closed the image; then
+    /// the image goes under it, the state is restored, and the request the driver published while
+    /// paused is served from and into the real image.
+    /// </summary>
+    [Fact]
+    public void Built_BeforeItsImageCanBeOpened_TakesTheImageWhilePaused_AndCarriesOn()
+    {
+        using var rig = BlockRig.Create(1 << 20);
+        rig.Start();
+        for (int i = 0; i < 4; i++)
+            Assert.Equal(StatusOk, rig.Do(TypeOut, (ulong)i, Pattern(i)).Status(rig.Memory));
+        rig.Transport.Pause();
+        var pending = rig.Submit(Blk.Build(rig.Arena, TypeIn, 2, inLength: Sector));
+        byte[] payload = StateBytes.Save(rig.Transport);
+        // Built while the old device still holds the image.
+        using var t = RestoredBlock.Create(rig, image: new PendingImage(rig.ImagePath, readOnly: false));
+        t.Transport.Pause();
+        Assert.Equal(60, t.Block.ConfigSize);
+        var e = Assert.Throws<InvalidOperationException>(() => t.Block.Capacity);
+        Assert.Contains(rig.ImagePath, e.Message, StringComparison.Ordinal);
+        rig.CloseDevice();
+
+        var old = t.Block.ReplaceImage(DiskImage.Open(rig.ImagePath, new ImageOpenOptions { Exclusive = true }));
+        Assert.IsType<PendingImage>(old);
+        Assert.Equal(rig.Block.Capacity, t.Block.Capacity);
+        StateBytes.Restore(t.Transport, payload, "virtio-blk0");
+        t.Transport.Resume();
+        Assert.True(t.Queues[0].WaitForUsedIdx(5), "the request published while paused was not served after the image came");
+        Assert.Equal(pending.Head, Assert.Single(t.Queues[0].TakeUsed()).Id);
+        Assert.Equal(StatusOk, pending.Status(t.Memory));
+        Assert.Equal(Pattern(2), pending.ReadData(t.Memory));
+        Assert.Equal(StatusOk, t.Do(TypeOut, 9, Pattern(9)).Status(t.Memory));
+        t.Transport.Dispose();
+        Assert.Equal(Pattern(9), rig.ReadFile(9 * Sector, Sector));
+        Assert.Empty(t.Log.WorkerFailures);
+    }
+
+    /// <summary>An image the guest could tell from the one it has is refused, and the device keeps its own.</summary>
+    [Fact]
+    public void ReplaceImage_RefusesAnotherSizeOrReadOnlyFlag()
+    {
+        using var block = new VirtioBlock("blk", new MemoryImage(1 << 20), new VirtioBlockOptions());
+        var bigger = Assert.Throws<DeviceStateException>(() => block.ReplaceImage(new MemoryImage(2 << 20)));
+        Assert.Contains("4096 sectors", bigger.Message, StringComparison.Ordinal);
+        var readOnly = Assert.Throws<DeviceStateException>(() => block.ReplaceImage(new MemoryImage(1 << 20, readOnly: true)));
+        Assert.Contains("read-only", readOnly.Message, StringComparison.Ordinal);
+        Assert.Equal((ulong)(1 << 20) / Sector, block.Capacity);
+        var same = new MemoryImage(1 << 20);
+        Assert.IsType<MemoryImage>(block.ReplaceImage(same));
+        Assert.Same(same, block.Image);
+    }
+
     [Fact]
     public void Restored_EventIdxSuppression_CarriesOn()
     {

@@ -64,10 +64,10 @@ public sealed class VirtioBlock : IVirtioDevice
     public const int GetIdLength = 20;
     private const int HeaderSize = 16, DiscardSegmentSize = 16;
 
-    private readonly IBlockImage _image;
+    private IBlockImage _image;
     private readonly VirtioBlockOptions _options;
     private readonly ILogger _log;
-    private readonly byte[] _config;
+    private byte[]? _config;          // built from the image's size on first use (a pending image has none yet)
     private readonly byte[] _serial;
     private GuestMemory? _memory;
     private long _ioErrors;
@@ -82,7 +82,27 @@ public sealed class VirtioBlock : IVirtioDevice
         _log = logger ?? NullLogger.Instance;
         _serial = new byte[GetIdLength];
         Encoding.ASCII.GetBytes(options.Serial, _serial);
+        if (image is not PendingImage)
+            _config = BuildConfig();
+    }
+
+    /// <summary>
+    /// Puts <paramref name="image"/> under the device in place of its current one, which is
+    /// returned (the caller disposes it). Only while the device is paused (its transport's workers
+    /// stopped): a disk switched to another image of the same content, or a
+    /// <see cref="PendingImage"/> given the image it stood for. The guest must not see a change:
+    /// the read-only flag must match, and so must the size unless the current image is pending.
+    /// </summary>
+    public IBlockImage ReplaceImage(IBlockImage image)
+    {
+        if (image.ReadOnly != ReadOnly)
+            throw new DeviceStateException($"{Name}: {image.Path} is {(image.ReadOnly ? "read-only" : "writable")}, the disk the guest has is {(ReadOnly ? "read-only" : "writable")}");
+        if (_image is not PendingImage && image.Size / SectorSize != Capacity)
+            throw new DeviceStateException($"{Name}: {image.Path} has {image.Size / SectorSize} sectors, the disk the guest has {Capacity}");
+        var old = _image;
+        _image = image;
         _config = BuildConfig();
+        return old;
     }
 
     public string Name { get; }
@@ -114,12 +134,17 @@ public sealed class VirtioBlock : IVirtioDevice
 
     private static ulong Bit(int feature) => 1UL << feature;
 
-    public int ConfigSize => _config.Length;
+    /// <summary>struct virtio_blk_config up to write_zeroes_may_unmap and its padding.</summary>
+    private const int ConfigBytes = 60;
+
+    public int ConfigSize => ConfigBytes;
+
+    private byte[] Config => _config ??= BuildConfig();
 
     /// <summary>struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes).</summary>
     private byte[] BuildConfig()
     {
-        var c = new byte[60];
+        var c = new byte[ConfigBytes];
         BinaryPrimitives.WriteUInt64LittleEndian(c.AsSpan(0), Capacity);
         BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(8), SizeMax);
         BinaryPrimitives.WriteUInt32LittleEndian(c.AsSpan(12), (uint)(_options.QueueSize - 2));   // seg_max: room for header and status
@@ -143,8 +168,9 @@ public sealed class VirtioBlock : IVirtioDevice
     public void ReadConfig(int offset, Span<byte> data)
     {
         data.Clear();
-        if (offset >= 0 && offset < _config.Length)
-            _config.AsSpan(offset, Math.Min(data.Length, _config.Length - offset)).CopyTo(data);
+        var config = Config;
+        if (offset >= 0 && offset < config.Length)
+            config.AsSpan(offset, Math.Min(data.Length, config.Length - offset)).CopyTo(data);
     }
 
     public void WriteConfig(int offset, ReadOnlySpan<byte> data)
