@@ -169,6 +169,12 @@ public static class ControlCommands
                           $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all");
         foreach (var change in r.Changes)
             Console.WriteLine($"  {change}");
+        if (r.Steps is { Count: > 0 } steps)
+        {
+            Console.WriteLine("where the pause went:");
+            foreach (var step in steps)
+                Console.WriteLine($"  {step.Process,-4}{step.Name,-36}{step.Milliseconds.ToString("0.0", CultureInfo.InvariantCulture),9} ms");
+        }
     }
 
     private static Command Resume()
@@ -208,10 +214,11 @@ public static class ControlCommands
         var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
         var cmd = new Command("upgrade",
             "Hand the running VM to a new kvm-vmm process (--vmm: a newer binary; by default the same one) in place:\n" +
-            "the new process starts, the guest pauses, its state and its RAM's memfd go over (nothing of RAM is\n" +
-            "copied), the new process takes the control and console sockets and runs it. Prints how long the\n" +
-            "guest was paused. Console clients are disconnected and attach again. If the new process cannot\n" +
-            "take the VM, the VM stays suspended in the old one and 'vmctl control resume SOCKET' tries again.")
+            "the new process starts and builds the machine on the VM's RAM (its memfd goes over: nothing of RAM is\n" +
+            "copied) while the guest runs; then the guest pauses, its state goes over, and the new process takes the\n" +
+            "control and console sockets and runs it. Prints how long the guest was paused and where the pause went.\n" +
+            "Console clients are disconnected and attach again. If the new process cannot take the VM, the VM stays\n" +
+            "suspended in the old one and 'vmctl control resume SOCKET' tries again.")
         {
             socket, vmm, disks, json,
         };

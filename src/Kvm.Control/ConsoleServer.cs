@@ -48,8 +48,13 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         _access = access;
         _input = input;
         _logger = logger;
-        _listener = RpcServer.Listen(path, mode, access, 16, takeOver);
+        _listener = RpcServer.Listen(path, mode, access, 16, takeOver, out _hidden);
     }
+
+    private string? _hidden;    // the hidden name the socket listens under until TakePath (takeOver)
+
+    /// <summary>Renames the socket of a server made with takeOver over its path (<see cref="RpcServer.TakePath()"/>).</summary>
+    public void TakePath() => RpcServer.TakePath(ref _hidden, _path);
 
     /// <summary>Leave the socket file in place when disposed: another console server took the path over.</summary>
     public bool LeaveSocketFile { get; set; }
@@ -213,7 +218,9 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         }
         try
         {
-            if (!LeaveSocketFile)
+            if (_hidden is not null)
+                File.Delete(_hidden);
+            else if (!LeaveSocketFile)
                 File.Delete(_path);
         }
         catch (IOException)

@@ -18,15 +18,22 @@ namespace Kvm.Control;
 // A VM handed from one kvm-vmm process (the giver) to a new one (the taker), guest RAM staying in
 // its memfd. The giver listens on a private unix socket and starts the taker
 // (kvm-vmm --take-over SOCKET ...); they speak in JSON lines, and the giver's memfd travels with
-// the offer (SCM_RIGHTS):
+// "prepare" (SCM_RIGHTS):
 //
-//   taker: hello {pid}                 the taker is up (started before the guest pauses)
-//   giver: offer {spec, layout, state} the guest is paused, its disks closed; memfd attached
-//   taker: ready | failed {error}      the machine is built and its state restored, or why not
-//   giver: go                          the giver lets its socket paths go
-//   taker: running                     the taker holds the paths and its vCPUs run
+//   taker: hello {pid}                    the taker is up
+//   giver: prepare {spec, layout, huge}   memfd attached; the guest still runs
+//   taker: prepared | failed {error}      the machine is built (VM, vCPUs, RAM slots, devices, and
+//                                         its sockets under hidden names), disks not opened
+//   giver: offer {state}                  the guest is paused, its state saved, its disks closed
+//   taker: ready {steps} | failed {error} disks opened, state restored, or why not
+//   giver: go                             the giver lets its socket paths go
+//   taker: starting                       the taker holds the paths; its vCPUs start now
+//   taker: running {steps}                they run
 //
-// Until "go" the giver can carry on (suspended, its RAM intact); after "running" it exits.
+// Everything up to "prepared" happens before the guest pauses. The taker's steps say how long
+// each of its steps in the pause took. Until "starting" the giver can carry on (suspended, its
+// state intact); after it the guest runs (or ran) in the taker, and the giver's state is stale:
+// the giver exits.
 
 /// <summary>One message of the hand-over protocol.</summary>
 public sealed record HandoverMessage(
@@ -36,7 +43,8 @@ public sealed record HandoverMessage(
     string? SpecJson = null,
     IReadOnlyList<HandoverRange>? Layout = null,
     HugePageMode? HugePages = null,
-    string? State = null);
+    string? State = null,
+    IReadOnlyList<PauseStep>? Steps = null);
 
 /// <summary>A RAM region in the handed-over memfd.</summary>
 public sealed record HandoverRange(ulong GuestAddress, ulong Size, ulong FileOffset);
@@ -159,10 +167,21 @@ public sealed record HandedOverStop(int Pid, string Program) : VmStopReason
 }
 
 /// <summary>
+/// What stopped the giving process's VM when the new process started the guest and then failed:
+/// the guest's newer state died with it, and this process's is stale.
+/// </summary>
+public sealed record HandoverLostStop(int Pid, string Program, string Error) : VmStopReason
+{
+    public override string Describe() => $"VM lost in the hand-over: {Program} (pid {Pid}) started the guest, then failed: {Error}";
+    public override bool IsError => true;
+}
+
+/// <summary>
 /// The taking side: a VM that comes from another kvm-vmm (<c>kvm-vmm --take-over SOCKET</c>).
-/// <see cref="Create"/> connects, says hello, receives the offer and builds the machine from it
-/// (or tells the giver why not); <see cref="Ready"/> then waits for the giver to let its socket
-/// paths go, and <see cref="Running"/> reports the vCPUs started.
+/// <see cref="Create"/> connects, says hello, and builds the machine the giver describes, while
+/// the guest still runs there (or tells the giver why not); <see cref="Take"/> restores the
+/// suspended VM into it and waits for the giver to let its socket paths go; <see cref="Starting"/>
+/// and <see cref="Running"/> report the vCPUs starting and started.
 /// </summary>
 public sealed record TakeOverLaunch(string Socket) : VmLaunch
 {
@@ -171,6 +190,7 @@ public sealed record TakeOverLaunch(string Socket) : VmLaunch
 
     private HandoverChannel? _channel;
     private VmSpec? _spec;
+    private readonly StepClock _clock = new("new");
 
     public override VmSpec Spec => _spec ?? throw new InvalidOperationException("the VM has not been taken over yet");
 
@@ -187,27 +207,19 @@ public sealed record TakeOverLaunch(string Socket) : VmLaunch
             throw new IOException($"--take-over {Socket}: cannot connect to the giving kvm-vmm: {e.Message}", e);
         }
         var giver = PeerCredentials.Of(socket);
+        _giver = $"kvm-vmm pid {giver.Pid}";
         _channel = new HandoverChannel(socket, $"the giving kvm-vmm (pid {giver.Pid})");
         _channel.Send(new HandoverMessage("hello", Pid: Environment.ProcessId));
         var fds = new List<ReceivedFdHandle>();
         try
         {
-            var offer = _channel.Expect("offer", StepTimeout, fds);
-            if (fds.Count != 1 || offer.State is null || offer.Layout is null || offer.SpecJson is null || offer.HugePages is null)
-                throw new IOException($"the giving kvm-vmm (pid {giver.Pid}) sent an offer without {(fds.Count != 1 ? "its guest RAM descriptor" : "its state, layout or spec")}");
-            byte[] state;
-            try
-            {
-                state = Convert.FromBase64String(offer.State);
-            }
-            catch (FormatException e)
-            {
-                throw new IOException($"the giving kvm-vmm (pid {giver.Pid}) sent a state that is not base64", e);
-            }
-            _spec = VmSpecJsonContext.Parse(offer.SpecJson, $"offered by the giving kvm-vmm (pid {giver.Pid})");
-            var layout = offer.Layout.Select(r => new GuestMemoryRange(r.GuestAddress, r.Size, r.FileOffset)).ToArray();
-            return VmHandover.Resume(state, $"the state handed over by kvm-vmm pid {giver.Pid}", fds[0], layout, offer.HugePages.Value,
-                _spec, serialOutput, logger);
+            var prepare = _channel.Expect("prepare", StepTimeout, fds);
+            if (fds.Count != 1 || prepare.Layout is null || prepare.SpecJson is null || prepare.HugePages is null)
+                throw new IOException($"the giving kvm-vmm (pid {giver.Pid}) asked to prepare without {(fds.Count != 1 ? "its guest RAM descriptor" : "its layout or spec")}");
+            _spec = VmSpecJsonContext.Parse(prepare.SpecJson, $"sent by the giving kvm-vmm (pid {giver.Pid})");
+            var layout = prepare.Layout.Select(r => new GuestMemoryRange(r.GuestAddress, r.Size, r.FileOffset)).ToArray();
+            _vm = VmHandover.Prepare(_spec, fds[0], layout, prepare.HugePages.Value, serialOutput, logger);
+            return _vm;
         }
         catch (Exception e)
         {
@@ -221,12 +233,59 @@ public sealed record TakeOverLaunch(string Socket) : VmLaunch
         }
     }
 
-    /// <summary>Tells the giver the machine is ready and waits until it has let its socket paths go.</summary>
-    public void Ready()
+    private VirtualMachine? _vm;
+    private string _giver = "the giving kvm-vmm";
+
+    /// <summary>
+    /// Tells the giver the machine is built, restores the suspended VM it then sends, tells it the
+    /// VM is ready, and waits until it has let its socket paths go. On an error the caller tells
+    /// the giver (<see cref="Fail"/>).
+    /// </summary>
+    public void Take()
     {
         var channel = _channel ?? throw new InvalidOperationException("Create first");
-        channel.Send(new HandoverMessage("ready", Pid: Environment.ProcessId));
+        var vm = _vm ?? throw new InvalidOperationException("Create first");
+        channel.Send(new HandoverMessage("prepared", Pid: Environment.ProcessId));
+        var offer = channel.Expect("offer", StepTimeout);
+        _clock.Restart();
+        if (offer.State is null)
+            throw new IOException($"the giving {_giver} sent an offer without the VM's state");
+        byte[] state;
+        try
+        {
+            state = Convert.FromBase64String(offer.State);
+        }
+        catch (FormatException e)
+        {
+            throw new IOException($"the giving {_giver} sent a state that is not base64", e);
+        }
+        VmHandover.Resume(vm, state, $"the state handed over by {_giver}", _clock);
+        channel.Send(new HandoverMessage("ready", Pid: Environment.ProcessId, Steps: _clock.Steps));
+        _readySteps = _clock.Steps.Count;
         channel.Expect("go", StepTimeout);
+        _clock.Restart();
+    }
+
+    private int _readySteps;
+
+    /// <summary>Marks a step of this process after "go" (reported with "running").</summary>
+    public void Mark(string step) => _clock.Mark(step);
+
+    /// <summary>
+    /// Tells the giver the vCPUs start now: from here on the guest is this process's, and the
+    /// giver's copy of its state no longer counts.
+    /// </summary>
+    public void Starting()
+    {
+        var channel = _channel ?? throw new InvalidOperationException("Create first");
+        try
+        {
+            channel.Send(new HandoverMessage("starting", Pid: Environment.ProcessId));
+        }
+        catch (Exception e) when (e is SocketException or IOException)
+        {
+            // The giver went away after "go": the state it sent is whole, the VM runs here.
+        }
     }
 
     /// <summary>Whether the VM runs in this process now (the giver was told so).</summary>
@@ -240,7 +299,8 @@ public sealed record TakeOverLaunch(string Socket) : VmLaunch
             return;
         try
         {
-            channel.Send(new HandoverMessage("running", Pid: Environment.ProcessId));
+            _clock.Mark("start vCPUs");
+            channel.Send(new HandoverMessage("running", Pid: Environment.ProcessId, Steps: _clock.Steps.Skip(_readySteps).ToArray()));
         }
         catch (Exception e) when (e is SocketException or IOException)
         {
@@ -269,7 +329,9 @@ public sealed record TakeOverLaunch(string Socket) : VmLaunch
 
 /// <summary>
 /// The giving side: starts a new kvm-vmm with <c>--take-over</c> and the sockets and options this
-/// process serves, and talks it through the hand-over (<see cref="VmControl.Handover"/>).
+/// process serves, and talks it through the hand-over (<see cref="VmControl.Handover"/>):
+/// <see cref="Start"/>, <see cref="Prepare"/> (the guest still runs), then, the guest suspended,
+/// <see cref="Offer"/> and <see cref="Go"/>.
 /// </summary>
 public sealed class Successor : IDisposable
 {
@@ -380,23 +442,87 @@ public sealed class Successor : IDisposable
         }
     }
 
-    /// <summary>Sends the suspended VM; returns once the new process has built and restored it (or throws its reason).</summary>
-    public void Offer(VmSpec spec, SuspendedVm suspended, SafeHandle memoryFd)
+    /// <summary>
+    /// Has the new process build the machine of <paramref name="spec"/> on the guest RAM in
+    /// <paramref name="memoryFd"/> (laid out as <paramref name="layout"/>) while the guest still
+    /// runs here; returns once it is built (or throws the new process's reason).
+    /// </summary>
+    public void Prepare(VmSpec spec, IReadOnlyList<GuestMemoryRange> layout, HugePageMode hugePages, SafeHandle memoryFd)
     {
-        _channel.Send(new HandoverMessage("offer",
+        _channel.Send(new HandoverMessage("prepare",
             Pid: Environment.ProcessId,
             SpecJson: VmSpecJsonContext.Format(spec),
-            Layout: suspended.Layout.Select(r => new HandoverRange(r.GuestAddress, r.Size, r.FileOffset)).ToArray(),
-            HugePages: suspended.HugePages,
-            State: Convert.ToBase64String(suspended.State)), memoryFd);
-        _channel.Expect("ready", StepTimeout);
+            Layout: layout.Select(r => new HandoverRange(r.GuestAddress, r.Size, r.FileOffset)).ToArray(),
+            HugePages: hugePages), memoryFd);
+        _channel.Expect("prepared", StepTimeout);
+    }
+
+    /// <summary>
+    /// Sends the suspended VM's state; returns once the new process has restored it (or throws
+    /// its reason). Its steps go on <paramref name="clock"/>, and the rest of the wait as messaging.
+    /// </summary>
+    public void Offer(SuspendedVm suspended, StepClock clock)
+    {
+        clock.Restart();
+        long sent = Stopwatch.GetTimestamp();
+        _channel.Send(new HandoverMessage("offer", Pid: Environment.ProcessId, State: Convert.ToBase64String(suspended.State)));
+        var ready = _channel.Expect("ready", StepTimeout);
+        AddSteps(clock, sent, ready.Steps, "offer and ready (messages)");
+    }
+
+    private static void AddSteps(StepClock clock, long since, IReadOnlyList<PauseStep>? theirs, string messaging)
+    {
+        double total = Stopwatch.GetElapsedTime(since).TotalMilliseconds;
+        var steps = (theirs ?? []).Take(64).ToArray();
+        clock.Add(steps);
+        clock.Add([new PauseStep("old", messaging, Math.Round(Math.Max(0, total - steps.Sum(x => x.Milliseconds)), 2))]);
     }
 
     /// <summary>Lets the new process take the socket paths and start; returns once its vCPUs run.</summary>
-    public void Go()
+    public void Go(StepClock clock)
     {
+        clock.Restart();
+        long sent = Stopwatch.GetTimestamp();
         _channel.Send(new HandoverMessage("go", Pid: Environment.ProcessId));
-        _channel.Expect("running", StepTimeout);
+        _channel.Expect("starting", StepTimeout);
+        GuestStarted = true;
+        var running = _channel.Expect("running", StepTimeout);
+        AddSteps(clock, sent, running.Steps, "go and running (messages)");
+    }
+
+    /// <summary>
+    /// Whether the new process said its vCPUs start: the guest may have run there since, so the
+    /// state this process holds is stale, whatever happens to the new process.
+    /// </summary>
+    public bool GuestStarted { get; private set; }
+
+    /// <summary>Whether the new process still runs after <paramref name="timeout"/> (false: it ended meanwhile).</summary>
+    public bool WaitAlive(TimeSpan timeout)
+    {
+        try
+        {
+            return !_process.WaitForExit(timeout);
+        }
+        catch (InvalidOperationException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>Whether the new process has ended.</summary>
+    public bool HasExited
+    {
+        get
+        {
+            try
+            {
+                return _process.HasExited;
+            }
+            catch (InvalidOperationException)
+            {
+                return true;
+            }
+        }
     }
 
     /// <summary>Ends the hand-over connection; a new process that has not taken over ends itself.</summary>

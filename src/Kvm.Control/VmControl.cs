@@ -225,21 +225,23 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         }
     }
 
-    private void SuspendLocked(string operation)
+    private void SuspendLocked(string operation, StepClock? clock = null)
     {
         if (vm.MemoryLoader is { } loader && !loader.WaitDone(TimeSpan.FromSeconds(5)))
             throw new RpcException(RpcErrorCode.InvalidState,
                 $"{operation}: guest RAM is still being loaded from the snapshot (lazy restore: {loader.Stats.BytesOnTouch + loader.Stats.BytesFirst + loader.Stats.BytesInBackground} of {loader.Stats.BytesTotal} bytes); try again once it is in");
         long pausedAt = System.Diagnostics.Stopwatch.GetTimestamp();
+        clock?.Restart();
         bool wasPaused = _paused;
         if (!_paused)
         {
             vm.Pause();
             _paused = true;
+            clock?.Mark("pause vCPUs and devices");
         }
         try
         {
-            _suspended = VmHandover.Suspend(vm);
+            _suspended = VmHandover.Suspend(vm, clock);
             _suspendedAt = pausedAt;
         }
         catch (Exception e) when (!vm.DisksClosed && e is IOException or InvalidOperationException or ArgumentException or Kvm.Hypervisor.State.StateFormatException)
@@ -308,24 +310,46 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         bool released = false;
         try
         {
-            // The new process starts (and gets past the runtime's start-up) before the guest pauses.
+            // The new process starts and builds the machine (on this guest RAM) before the guest pauses.
             successor = Successor.Start(program, host);
+            successor.Prepare(spec, vm.Memory.Layout, vm.Spec.HugePages, vm.Memory.BackingFd);
+            var clock = new StepClock("old");
             lock (_lock)
             {
                 if (_suspended is null)
-                    SuspendLocked("handover");
+                    SuspendLocked("handover", clock);
             }
-            successor.Offer(spec, _suspended!, vm.Memory.BackingFd);
+            successor.Offer(_suspended!, clock);
+            clock.Restart();
             Paths?.Release();
             released = true;
-            successor.Go();
+            clock.Mark("let the socket paths go");
+            successor.Go(clock);
             Paths?.Forget();
             double paused = System.Diagnostics.Stopwatch.GetElapsedTime(_suspendedAt).TotalSeconds;
             lock (_lock)
                 _stopping = true;
             vm.RequestStop(new HandedOverStop(successor.Pid, program));
             return new HandoverResult(successor.Pid, program, Math.Round(paused, 4),
-                Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4), changes);
+                Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4), changes, clock.Steps);
+        }
+        catch (Exception e) when (successor is { GuestStarted: true } && e is HandoverException or IOException or System.Net.Sockets.SocketException)
+        {
+            // The new process started the guest: the state here is stale, the VM cannot go on in this process.
+            Paths?.Forget();
+            lock (_lock)
+                _stopping = true;
+            if (successor.HasExited || !successor.WaitAlive(TimeSpan.FromSeconds(1)))
+            {
+                vm.RequestStop(new HandoverLostStop(successor.Pid, program, e.Message));
+                throw new RpcException(RpcErrorCode.OperationFailed,
+                    $"handover to {program}: the new kvm-vmm (pid {successor.Pid}) started the guest, then failed: {e.Message}; " +
+                    "the VM is lost (what the guest did there is gone, and this process's state of it is older)", inner: e);
+            }
+            // It runs the guest, it only did not say so in time.
+            vm.RequestStop(new HandedOverStop(successor.Pid, program));
+            return new HandoverResult(successor.Pid, program, Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(_suspendedAt).TotalSeconds, 4),
+                Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalSeconds, 4), [.. changes, $"the new kvm-vmm did not confirm its start: {e.Message}"]);
         }
         catch (Exception e) when (e is HandoverException or IOException or System.Net.Sockets.SocketException or UnauthorizedAccessException)
         {

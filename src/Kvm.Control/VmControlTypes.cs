@@ -52,9 +52,11 @@ public sealed record HandoverRequest(string? Vmm = null, IReadOnlyList<Kvm.Vmm.M
 /// <summary>
 /// The reply to <c>handover</c>: the process that runs the VM now, how long the guest was paused
 /// (from the pause, or from the suspend that came before, until the new process's vCPUs ran), how
-/// long the whole hand-over took, and what changed.
+/// long the whole hand-over took, what changed, and where the pause went: each step of either
+/// process while the guest was paused (a VM suspended before has no steps of its suspend here).
 /// </summary>
-public sealed record HandoverResult(int Pid, string Vmm, double PausedSeconds, double Seconds, IReadOnlyList<string> Changes);
+public sealed record HandoverResult(int Pid, string Vmm, double PausedSeconds, double Seconds, IReadOnlyList<string> Changes,
+    IReadOnlyList<Kvm.Vmm.Snapshot.PauseStep>? Steps = null);
 
 /// <summary>The reply to <c>stats</c>.</summary>
 public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);

@@ -149,9 +149,10 @@ public static partial class VmHost
     }
 
     /// <summary>
-    /// Runs a VM taken over from another kvm-vmm: builds it from the offer, tells the giver it is
-    /// ready, takes the control and console socket paths over once the giver lets them go, starts
-    /// the vCPUs and tells the giver, which then exits.
+    /// Runs a VM taken over from another kvm-vmm: builds its machine and its sockets (under hidden
+    /// names) while the guest still runs in the giver, restores the state the giver sends once it
+    /// has suspended the VM, takes the control and console socket paths over once the giver lets
+    /// them go, starts the vCPUs and tells the giver, which then exits.
     /// </summary>
     private static VmStopReason RunTakenOver(TakeOverLaunch launch, VmHostOptions options, ILogger logger, CancellationToken cancel)
     {
@@ -166,18 +167,24 @@ public static partial class VmHost
             using var vm = launch.Create(bytes => console?.Write(bytes), logger);
             try
             {
-                launch.Ready();
                 console = new ConsoleServer(consolePath, options.Access, options.SocketMode,
                     bytes => vm.Serial.EnqueueInput(bytes.Span), logger, takeOver: true);
                 (vmControl, control) = ServeControl(vm, options, controlPath, console, takeOver: true, logger);
+                // Serving under hidden names, nobody connects yet; started now, their threads are
+                // there before the guest pauses.
+                console.Start();
+                control.Start();
+                launch.Take();
+                control.TakePath();
+                console.TakePath();
+                launch.Mark("take the socket paths");
             }
             catch (Exception e)
             {
                 launch.Fail(e);
                 throw;
             }
-            console.Start();
-            control.Start();
+            launch.Starting();
             var reason = vm.Run(cancel, started: launch.Running);
             control.DisposeAsync().AsTask().GetAwaiter().GetResult();
             control = null;

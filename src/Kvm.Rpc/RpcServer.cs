@@ -24,8 +24,9 @@ public sealed record RpcServerOptions
 
     /// <summary>
     /// Take the path over from a live server that hands it over (a VM passing to a new kvm-vmm):
-    /// the new socket replaces the old one's file in one rename, so that clients always find one
-    /// of the two. Without it, a live server's socket is refused.
+    /// the new socket listens under a hidden name beside the path until
+    /// <see cref="RpcServer.TakePath"/> renames it over the old one's file, so that clients always
+    /// find one of the two. Without it, a live server's socket is refused.
     /// </summary>
     public bool TakeOver { get; init; }
 }
@@ -57,7 +58,24 @@ public sealed partial class RpcServer : IAsyncDisposable
         _options = options;
         _dispatcher = dispatcher;
         _logger = logger;
-        _listener = Listen(options.SocketPath, options.SocketMode, options.Access, 128, options.TakeOver);
+        _listener = Listen(options.SocketPath, options.SocketMode, options.Access, 128, options.TakeOver, out _hidden);
+    }
+
+    private string? _hidden;    // the hidden name the socket listens under until TakePath (TakeOver)
+
+    /// <summary>
+    /// Renames the socket of a server made with <see cref="RpcServerOptions.TakeOver"/> over its
+    /// path: from here on new clients reach this server. Does nothing the second time.
+    /// </summary>
+    public void TakePath() => TakePath(ref _hidden, _options.SocketPath);
+
+    /// <summary>Renames a socket from its hidden name (<see cref="Listen"/> with takeOver) over <paramref name="path"/>.</summary>
+    public static void TakePath(ref string? hidden, string path)
+    {
+        if (hidden is null)
+            return;
+        File.Move(hidden, Path.GetFullPath(path), overwrite: true);
+        hidden = null;
     }
 
     /// <summary>
@@ -70,11 +88,13 @@ public sealed partial class RpcServer : IAsyncDisposable
     /// A listening unix socket at <paramref name="path"/> that accepts from the moment its file
     /// exists: it is bound under a temporary name in the same folder, given its mode and group,
     /// set listening, and only then renamed into place (a client that sees the file never gets
-    /// "connection refused"). A stale socket there is replaced; anything else is refused, but a
-    /// live socket when <paramref name="takeOver"/> says its server hands the path over.
+    /// "connection refused"). A stale socket there is replaced; anything else is refused. With
+    /// <paramref name="takeOver"/> (the path's live server hands it over), the socket stays under
+    /// the temporary name, returned in <paramref name="hidden"/>, for <see cref="TakePath(ref string?, string)"/>.
     /// </summary>
-    public static Socket Listen(string path, UnixFileMode mode, RpcAccessPolicy access, int backlog, bool takeOver = false)
+    public static Socket Listen(string path, UnixFileMode mode, RpcAccessPolicy access, int backlog, bool takeOver, out string? hidden)
     {
+        hidden = null;
         string full = Path.GetFullPath(path);
         string dir = Path.GetDirectoryName(full)!;
         Directory.CreateDirectory(dir);
@@ -92,7 +112,10 @@ public sealed partial class RpcServer : IAsyncDisposable
             if (access.GroupId is { } gid && Libc.Chown(temporary, uint.MaxValue, gid) != 0)
                 throw new IOException($"cannot give socket {path} to group '{access.GroupName}': {Marshal.GetLastPInvokeErrorMessage()}");
             socket.Listen(backlog);
-            File.Move(temporary, full, overwrite: takeOver);
+            if (takeOver)
+                hidden = temporary;
+            else
+                File.Move(temporary, full);
             return socket;
         }
         catch
@@ -271,7 +294,9 @@ public sealed partial class RpcServer : IAsyncDisposable
         await all.ConfigureAwait(false);
         try
         {
-            if (!LeaveSocketFile)
+            if (_hidden is not null)
+                File.Delete(_hidden);
+            else if (!LeaveSocketFile)
                 File.Delete(_options.SocketPath);
         }
         catch (IOException)

@@ -143,6 +143,14 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             Assert.NotEqual(old.Process.Id, result.Pid);
             Assert.Equal(copy, result.Vmm);
             Assert.True(result.PausedSeconds > 0 && result.PausedSeconds <= result.Seconds, JsonSerializer.Serialize(result));
+            // Where the pause went: both processes' steps, the machine built before the pause (so
+            // not among them), and together no longer than the pause.
+            var steps = result.Steps ?? [];
+            foreach (var (process, step) in new[] { ("old", "pause vCPUs and devices"), ("old", "save the vCPUs"), ("old", "close disks"),
+                         ("new", "open disks"), ("new", "restore state"), ("new", "start vCPUs") })
+                Assert.True(steps.Any(x => x.Process == process && x.Name == step), $"no step '{step}' of the {process} process: {JsonSerializer.Serialize(result)}");
+            Assert.DoesNotContain(steps, x => x.Name is "create VM" or "vCPUs" or "devices");
+            Assert.True(steps.Sum(x => x.Milliseconds) <= result.PausedSeconds * 1000 + 1, JsonSerializer.Serialize(result));
             Assert.True(console.Closed(Wait), "the old console did not close");
             before = console.Text;
         }
@@ -362,18 +370,21 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
     }
 
     /// <summary>
-    /// A stand-in for kvm-vmm that dies at the worst moment of a hand-over: it says hello, takes the
-    /// offer, says ready, and once told "go" binds its own sockets over the control and console paths
-    /// (as a real taker does) and exits without running the VM.
+    /// A stand-in for kvm-vmm that dies at a bad moment of a hand-over: it says hello, "prepares"
+    /// (without building anything), takes the offer, says ready, and once told "go" binds its own
+    /// sockets over the control and console paths (as a real taker does); then, with
+    /// <paramref name="saysStarting"/>, says its vCPUs start, as a real taker does just before they
+    /// run; and exits without running the VM.
     /// </summary>
-    private const string DyingTaker = """
+    private static string DyingTaker(bool saysStarting) => $$"""
         #!/usr/bin/env python3
         import json, os, socket, sys
         args = sys.argv[1:]
         opt = lambda name: args[args.index(name) + 1]
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(opt("--take-over"))
-        conn.sendall((json.dumps({"kind": "hello", "pid": os.getpid()}) + "\n").encode())
+        def send(kind):
+            conn.sendall((json.dumps({"kind": kind, "pid": os.getpid()}) + "\n").encode())
         buf = b""
         def receive():
             global buf
@@ -386,8 +397,11 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
                 buf += data
             line, buf = buf.split(b"\n", 1)
             return json.loads(line)["kind"]
+        send("hello")
+        assert receive() == "prepare"
+        send("prepared")
         assert receive() == "offer"
-        conn.sendall((json.dumps({"kind": "ready", "pid": os.getpid()}) + "\n").encode())
+        send("ready")
         assert receive() == "go"
         for path in (opt("--control"), opt("--console")):
             temporary = os.path.join(os.path.dirname(path), ".dying-taker")
@@ -395,8 +409,18 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             s.bind(temporary)
             s.listen(1)
             os.rename(temporary, path)
+        if {{(saysStarting ? "True" : "False")}}:
+            send("starting")
         sys.exit(3)
         """;
+
+    private string WriteDyingTaker(bool saysStarting)
+    {
+        string taker = P(saysStarting ? "starting-taker" : "dying-taker");
+        File.WriteAllText(taker, DyingTaker(saysStarting));
+        File.SetUnixFileMode(taker, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        return taker;
+    }
 
     /// <summary>
     /// The new process takes the socket paths and dies before it runs the VM: the resume fails
@@ -408,9 +432,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
     public void ATakerThatDiesAfterTakingThePathsLeavesThemToTheOldProcess()
     {
         Require();
-        string taker = P("dying-taker");
-        File.WriteAllText(taker, DyingTaker);
-        File.SetUnixFileMode(taker, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        string taker = WriteDyingTaker(saysStarting: false);
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
         using var old = StartVm("blk-log period=10 n=200", disk);
         var text = new System.Text.StringBuilder();
@@ -441,5 +463,34 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             text.Append(console.Text);
         }
         FinishJournal(old, text, disk, 200);
+    }
+
+    /// <summary>
+    /// The new process says its vCPUs start, then dies: the guest may have run there, so the old
+    /// process's state of it is stale and must not run again. The hand-over fails saying the VM
+    /// is lost, the old process ends as a failure (its exit record says so), and a resume is not
+    /// possible: nothing runs the guest from a state older than one it has already run past.
+    /// </summary>
+    [SkippableFact]
+    public void ATakerThatDiesAfterStartingTheGuestLeavesNoStaleVmBehind()
+    {
+        Require();
+        string taker = WriteDyingTaker(saysStarting: true);
+        string disk = CreateImage("journal.qcow2", "qcow2", "16M");
+        // A journal long enough not to end while the stand-in starts (the guest runs meanwhile).
+        using var old = StartVm("blk-log period=10 n=100000", disk);
+        using (var console = new ConsoleClient(P("vm.console")))
+            Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
+        var failed = Vmctl("control", "upgrade", P("vm.control"), "--vmm", taker);
+        Assert.True(old.Process.WaitForExit(Wait), "the old kvm-vmm still runs a VM whose state is stale");
+        Assert.True(failed.ExitCode == 1 && failed.Stderr.Contains("started the guest", StringComparison.Ordinal)
+                    && failed.Stderr.Contains("the VM is lost", StringComparison.Ordinal),
+            $"vmctl said: {failed.Stdout}{failed.Stderr}; the old kvm-vmm exited {old.Process.ExitCode}: {old.Stderr.Result}");
+        Assert.Equal(1, old.Process.ExitCode);
+        var record = WaitForExitRecord();
+        Assert.True(record.Failed && record.Reason.Contains("lost in the hand-over", StringComparison.Ordinal), JsonSerializer.Serialize(record));
+        Assert.Empty(Directory.GetFiles(Path.GetDirectoryName(P("vm.control"))!, ".vm.*.giver-*"));
+        // The image holds what the guest wrote up to the suspend: closed cleanly by the old process.
+        AssertCheckClean(disk);
     }
 }

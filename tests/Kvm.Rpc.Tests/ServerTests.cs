@@ -145,6 +145,13 @@ public sealed class ServerTests
         taker.Start();
         try
         {
+            // Until it takes the path, clients still reach the old server.
+            using (var before = old.Raw())
+            {
+                await Response.AssertStillWorksAsync(before, id: 5);
+                Assert.Equal(0, taker.OpenConnections);
+            }
+            taker.TakePath();
             using var newPeer = old.Raw();
             await Response.AssertStillWorksAsync(newPeer, id: 2);
             Assert.Equal(1, taker.OpenConnections);
@@ -161,6 +168,26 @@ public sealed class ServerTests
             await taker.DisposeAsync();
         }
         Assert.False(File.Exists(old.SocketPath));
+    }
+
+    /// <summary>
+    /// A server made to take the path over that ends before it takes it (the hand-over failed)
+    /// leaves the path to the live server and removes its hidden socket file.
+    /// </summary>
+    [Fact]
+    public async Task A_server_that_never_takes_the_path_leaves_it_and_no_file_of_its_own()
+    {
+        using var dir = new TempDir();
+        var old = new TestServer(dir: dir);
+        var before = Directory.GetFiles(dir.Path).Order().ToArray();
+        var taker = new RpcServer(old.Options with { TakeOver = true }, old.Dispatcher, old.Logger);
+        taker.Start();
+        Assert.Single(Directory.GetFiles(dir.Path).Except(before));
+        await taker.DisposeAsync();
+        Assert.Equal(before, Directory.GetFiles(dir.Path).Order().ToArray());
+        using var peer = old.Raw();
+        await Response.AssertStillWorksAsync(peer, id: 1);
+        await old.DisposeAsync();
     }
 
     [Fact]

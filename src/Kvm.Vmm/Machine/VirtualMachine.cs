@@ -40,6 +40,7 @@ public sealed class VirtualMachine : IDisposable
     private bool _disposed;
     private bool _disksClosed;
     private GuestMemory? _attachedMemory;      // guest RAM handed over by another process (CreateForRestore)
+    private Snapshot.StepClock? _clock;        // times the build's steps (CreateForRestore for a hand-over)
     // Exits to this process by KVM exit reason (indexes past the array count as "other").
     private readonly long[] _exitCounts = new long[32];
     private long _startedTimestamp;
@@ -142,8 +143,13 @@ public sealed class VirtualMachine : IDisposable
     /// handed over in place); the machine owns it from here on, also when this fails. Null: new,
     /// zeroed RAM.
     /// </param>
+    /// <param name="clock">Marks each step of the build (for a hand-over's report of its pause); null: not timed.</param>
+    /// <param name="disksLater">
+    /// Build the disks' devices without opening their images (another process still holds them):
+    /// <see cref="OpenPendingDisks"/> opens them before the state is restored.
+    /// </param>
     public static VirtualMachine CreateForRestore(VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
-        ILogger? logger = null, GuestMemory? memory = null)
+        ILogger? logger = null, GuestMemory? memory = null, Snapshot.StepClock? clock = null, bool disksLater = false)
     {
         try
         {
@@ -174,12 +180,20 @@ public sealed class VirtualMachine : IDisposable
             memory?.Dispose();
             throw;
         }
-        var vm = new VirtualMachine(spec, system, ownsKvm, logger ?? NullLogger.Instance, restoring: true) { _attachedMemory = memory };
+        var vm = new VirtualMachine(spec, system, ownsKvm, logger ?? NullLogger.Instance, restoring: true) { _attachedMemory = memory, _clock = clock };
         try
         {
-            vm.OpenDisks();
+            clock?.Mark("open /dev/kvm");
+            if (disksLater)
+                vm._images.AddRange(spec.Disks.Select(d => new Kvm.Devices.Virtio.Block.PendingImage(d.Path, d.ReadOnly)));
+            else
+            {
+                vm.OpenDisks();
+                clock?.Mark("open disks");
+            }
             vm.Build(null, [], serialOutput);
             vm.Devices.PauseAll();
+            clock?.Mark("pause devices");
             return vm;
         }
         catch
@@ -206,6 +220,43 @@ public sealed class VirtualMachine : IDisposable
         }
     }
 
+    /// <summary>
+    /// Opens the images of a machine built with <c>disksLater</c> (<see cref="CreateForRestore"/>)
+    /// and puts them under their devices, which are paused; before <see cref="RestoreState"/>.
+    /// An image that cannot be opened is an <see cref="ArgumentException"/> naming it.
+    /// </summary>
+    public void OpenPendingDisks()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_started || !Devices.Paused)
+            throw new InvalidOperationException("disk images are put under their devices only while the machine is paused, before it starts");
+        for (int i = 0; i < _devices.Disks.Count; i++)
+        {
+            var block = (Kvm.Devices.Virtio.Block.VirtioBlock)_devices.Disks[i].Device;
+            if (block.Image is not Kvm.Devices.Virtio.Block.PendingImage)
+                continue;
+            var disk = Spec.Disks[i];
+            IBlockImage image;
+            try
+            {
+                image = DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly, Exclusive = true });
+            }
+            catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
+            {
+                throw new ArgumentException($"disk '{disk.Path}': {e.Message}", e);
+            }
+            try
+            {
+                block.ReplaceImage(image).Dispose();
+            }
+            catch
+            {
+                image.Dispose();
+                throw;
+            }
+        }
+    }
+
     private void Build(byte[]? kernelBytes, byte[] initrd, Action<ReadOnlySpan<byte>> serialOutput)
     {
         int maxVcpus = Math.Max(_kvm.CheckExtension(KvmCap.MaxVcpus), _kvm.CheckExtension(KvmCap.NrVcpus));
@@ -214,6 +265,7 @@ public sealed class VirtualMachine : IDisposable
 
         Memory = _attachedMemory ?? GuestMemory.Create(X86Layout.RamRanges(Spec.MemoryBytes), Spec.HugePages);
         Vm = _kvm.CreateVm();
+        _clock?.Mark("create VM");
 
         if (_kvm.CheckExtension(KvmCap.SetTssAddr) > 0)
             Vm.SetTssAddress(X86Layout.TssAddress);
@@ -227,17 +279,20 @@ public sealed class VirtualMachine : IDisposable
         uint slot = 0;
         foreach (var region in Memory.Regions)
             _slots.Add(Vm.MapMemory(slot++, region, logDirty: Spec.TrackDirtyPages));
+        _clock?.Mark("memory slots");
 
         Vm.CreateIrqchip();
         if (_kvm.CheckExtension(KvmCap.Pit2) > 0)
             Vm.CreatePit2();
         else
             VmmLog.CapabilityMissing(_log, "KVM_CAP_PIT2");
+        _clock?.Mark("irqchip and PIT");
 
         // ACPI PM1a registers where the FADT says; the devices are made in one place, MachineDevices.
         var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
         _devices = MachineDevices.Build(new DeviceContext(Spec, Vm, Memory, PortIo, Mmio, acpiConfig, serialOutput, RequestStop, _log),
             Devices, _images);
+        _clock?.Mark("devices");
 
         // ACPI tables in the BIOS area (reserved in the memory map), where the legacy RSDP scan
         // looks too; hvm_start_info or the zero page points at the RSDP.
@@ -283,6 +338,7 @@ public sealed class VirtualMachine : IDisposable
             }
             _threads.Add(new VcpuThread(vcpu, OnExit));
         }
+        _clock?.Mark("vCPUs");
         VmmLog.VmCreated(_log, GuestMemory.FormatSize(Spec.MemoryBytes), Spec.Cpus, Spec.Kernel);
     }
 
@@ -400,12 +456,16 @@ public sealed class VirtualMachine : IDisposable
     /// (registers and everything else KVM holds per vCPU), then every device's. The machine must be
     /// paused (<see cref="Pause"/>) or not started. Guest RAM is not in it.
     /// </summary>
-    public IReadOnlyList<StateRecord> SaveState()
+    public IReadOnlyList<StateRecord> SaveState(Snapshot.StepClock? clock = null)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (_threads.Any(t => t.State == VcpuRunState.Running))
             throw new InvalidOperationException("the VM must be paused before its state is saved");
-        _msrs ??= VcpuState.ReadableMsrs(_vcpus[0], _kvm.GetMsrIndexList());
+        if (_msrs is null)
+        {
+            _msrs = VcpuState.ReadableMsrs(_vcpus[0], _kvm.GetMsrIndexList());
+            clock?.Mark("find the readable MSRs");
+        }
         var records = new List<StateRecord>();
         var w = new StateWriter();
         w.U32((uint)_cpuids.Count);
@@ -415,13 +475,16 @@ public sealed class VirtualMachine : IDisposable
         w = new StateWriter();
         VmState.Save(Vm).Write(w);
         records.Add(new StateRecord("vm", VmRecordKind, w.ToArray()));
+        clock?.Mark("save the VM's chips and clock");
         foreach (var vcpu in _vcpus)
         {
             w = new StateWriter();
             VcpuState.Save(vcpu, _msrs).Write(w);
             records.Add(new StateRecord($"vcpu{vcpu.Id}", VcpuRecordKind, w.ToArray()));
         }
+        clock?.Mark("save the vCPUs");
         records.AddRange(Devices.SaveAll());
+        clock?.Mark("save the devices");
         return records;
     }
 

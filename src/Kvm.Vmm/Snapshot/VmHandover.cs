@@ -31,12 +31,14 @@ public static class VmHandover
     /// on the VM cannot resume in this process; its RAM (<see cref="VirtualMachine.Memory"/>'s
     /// <see cref="GuestMemory.BackingFd"/>) must stay open until the taker has it.
     /// </summary>
-    public static SuspendedVm Suspend(VirtualMachine vm)
+    public static SuspendedVm Suspend(VirtualMachine vm, StepClock? clock = null)
     {
-        var records = vm.SaveState();
+        var records = vm.SaveState(clock);
         var state = SnapshotState.Create(VmSpecJsonContext.Format(vm.Spec), vm.Memory.Regions.Select(r => (r.GuestAddress, r.Size)), records);
         byte[] bytes = SnapshotWriter.EncodeState(state);
+        clock?.Mark("encode the state");
         vm.CloseDisks();
+        clock?.Mark("close disks");
         return new SuspendedVm(bytes, vm.Memory.Layout, vm.Spec.HugePages);
     }
 
@@ -75,32 +77,40 @@ public static class VmHandover
     }
 
     /// <summary>
-    /// Builds the machine of a suspended VM in this process: parses <paramref name="state"/>
-    /// (refused as a damaged state file would be; <paramref name="origin"/> names it in errors),
-    /// checks <paramref name="spec"/> against the saved spec (<see cref="CheckChanges"/>; null
-    /// keeps the saved one), maps the guest RAM in <paramref name="memoryFd"/>, builds the machine
-    /// and restores every record into it. The caller starts it.
+    /// Builds, in this process, the machine of a VM another process still runs and will hand over:
+    /// maps its guest RAM from <paramref name="memoryFd"/> (laid out as <paramref name="layout"/>),
+    /// creates the VM, its vCPUs and every device of <paramref name="spec"/>, paused, but opens no
+    /// disk image (the other process holds them) and restores nothing: that is
+    /// <see cref="Resume"/>, once the other process has suspended the VM. Building the machine
+    /// before the guest pauses keeps it out of the pause.
     /// </summary>
-    public static VirtualMachine Resume(ReadOnlySpan<byte> state, string origin, SafeHandle memoryFd, IReadOnlyList<GuestMemoryRange> layout,
-        HugePageMode hugePages, VmSpec? spec, Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger = null)
+    public static VirtualMachine Prepare(VmSpec spec, SafeHandle memoryFd, IReadOnlyList<GuestMemoryRange> layout, HugePageMode hugePages,
+        Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger = null)
+    {
+        spec.Validate();
+        if (hugePages != spec.HugePages)
+            throw new DeviceStateException($"hugePages cannot change in a hand-over (the guest RAM is {hugePages}, the new configuration says {spec.HugePages})");
+        var memory = GuestMemory.Attach(memoryFd, layout, hugePages);
+        // The machine owns the memory from here, also when it cannot be built.
+        return VirtualMachine.CreateForRestore(spec, serialOutput, logger: logger, memory: memory, disksLater: true);
+    }
+
+    /// <summary>
+    /// Restores a suspended VM into the machine <see cref="Prepare"/> built: parses
+    /// <paramref name="state"/> (refused as a damaged state file would be; <paramref name="origin"/>
+    /// names it in errors), checks the machine's spec against the saved one
+    /// (<see cref="CheckChanges"/>), opens the disk images (the other process has closed them) and
+    /// restores every record. The caller starts the machine.
+    /// </summary>
+    public static void Resume(VirtualMachine vm, ReadOnlySpan<byte> state, string origin, StepClock? clock = null)
     {
         var parsed = SnapshotReader.ParseState(state, origin);
         var saved = VmSpecJsonContext.Parse(parsed.SpecJson, $"handed over in {origin}");
-        spec ??= saved;
-        spec.Validate();
-        var added = CheckChanges(saved, spec);
-        var memory = GuestMemory.Attach(memoryFd, layout, hugePages);
-        // The machine owns the memory from here, also when it cannot be built.
-        var vm = VirtualMachine.CreateForRestore(spec, serialOutput, logger: logger, memory: memory);
-        try
-        {
-            vm.RestoreState(parsed.Records, added);
-            return vm;
-        }
-        catch
-        {
-            vm.Dispose();
-            throw;
-        }
+        var added = CheckChanges(saved, vm.Spec);
+        clock?.Mark("parse state");
+        vm.OpenPendingDisks();
+        clock?.Mark("open disks");
+        vm.RestoreState(parsed.Records, added);
+        clock?.Mark("restore state");
     }
 }
