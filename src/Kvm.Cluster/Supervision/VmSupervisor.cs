@@ -229,22 +229,23 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
         _running.Clear();
     }
 
-    [LoggerMessage(EventId = 2000, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm started (pid {Pid})")]
+    // Event ids 2200-2299: supervision of kvm-vmm processes (2000-2099 are the devices', 2100-2199 kvmd's).
+    [LoggerMessage(EventId = 2200, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm started (pid {Pid})")]
     private static partial void LogStarted(ILogger logger, string name, int pid);
 
-    [LoggerMessage(EventId = 2001, Level = LogLevel.Information, Message = "VM '{Name}': found running again (kvm-vmm pid {Pid}, {State})")]
+    [LoggerMessage(EventId = 2201, Level = LogLevel.Information, Message = "VM '{Name}': found running again (kvm-vmm pid {Pid}, {State})")]
     private static partial void LogAdopted(ILogger logger, string name, int pid, string state);
 
-    [LoggerMessage(EventId = 2002, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm (pid {Pid}) ended, status {Status}: {Reason}")]
+    [LoggerMessage(EventId = 2202, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm (pid {Pid}) ended, status {Status}: {Reason}")]
     private static partial void LogExited(ILogger logger, string name, int pid, string status, string reason);
 
-    [LoggerMessage(EventId = 2005, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {OldPid} handed it over to kvm-vmm pid {Pid}, tracked now")]
+    [LoggerMessage(EventId = 2205, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {OldPid} handed it over to kvm-vmm pid {Pid}, tracked now")]
     private static partial void LogHandedOver(ILogger logger, string name, int oldPid, int pid);
 
-    [LoggerMessage(EventId = 2006, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {Pid} exited after handing the VM over to pid {Successor}")]
+    [LoggerMessage(EventId = 2206, Level = LogLevel.Information, Message = "VM '{Name}': kvm-vmm pid {Pid} exited after handing the VM over to pid {Successor}")]
     private static partial void LogGaveUp(ILogger logger, string name, int pid, int successor);
 
-    [LoggerMessage(EventId = 2003, Level = LogLevel.Error, Message = "VM '{Name}': recording its end failed: {Error}")]
+    [LoggerMessage(EventId = 2203, Level = LogLevel.Error, Message = "VM '{Name}': recording its end failed: {Error}")]
     private static partial void LogExitHandlerFailed(ILogger logger, string name, string error);
 }
 
