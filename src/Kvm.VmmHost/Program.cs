@@ -2,12 +2,12 @@ using Kvm.Rpc;
 using Kvm.Control;
 using Kvm.Vmm.Machine;
 
-// kvm-vmm (--spec FILE|- | --restore DIR | --take-over SOCKET) [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session]
+// kvm-vmm (--spec FILE|- | --restore DIR | --take-over SOCKET) [--control SOCKET] [--console SOCKET] [--group NAME] [--log FILE] [--exit-file FILE] [--new-session] [--verbose]
 const string program = "kvm-vmm";
 ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
-                   [--log FILE] [--exit-file FILE] [--new-session]
+                   [--log FILE] [--exit-file FILE] [--new-session] [--verbose]
            kvm-vmm --restore DIR [--memory eager|lazy] [the same options]
            kvm-vmm --take-over SOCKET --control SOCKET --console SOCKET [the same options]
 
@@ -40,6 +40,9 @@ const string usage = """
                         just before exiting, for a supervisor that is not this process's parent
       --new-session     leave the caller's session (setsid): signals to the terminal or to the
                         caller's process group do not reach the VM (kvmd starts VMs this way)
+      --verbose         log what the VMM does, not only warnings and errors: the machine built,
+                        the vCPUs started and stopped, and for --restore each step of the
+                        restore with its time since the process started
 
     Spec fields: kernel (required), initrd, cmdline, memoryBytes, cpus, debugExit, hugePages
     (None, Transparent, HugeTlb), trackDirtyPages, disks. Example:
@@ -61,6 +64,7 @@ string? takeOver = null;
 string? memory = null;
 string? log = null;
 bool newSession = false;
+bool verbose = false;
 var host = new VmHostOptions();
 for (int i = 0; i < args.Length; i++)
 {
@@ -93,6 +97,9 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--new-session":
             newSession = true;
+            break;
+        case "--verbose":
+            verbose = true;
             break;
         case "--group":
             string? group = Value();
@@ -158,6 +165,7 @@ try
         launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
         {
             Memory = memory == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,
+            Clock = Kvm.Vmm.Snapshot.StepClock.SinceProcessStart("restore"),
         });
     else
     {
@@ -177,4 +185,4 @@ catch (Kvm.Vmm.Snapshot.SnapshotFormatException e)
     Console.Error.WriteLine($"{program}: {e.Message}");
     return 1;
 }
-return VmHost.Execute(launch, program, host, new StderrLogger(program));
+return VmHost.Execute(launch, program, host, new StderrLogger(program, verbose ? Microsoft.Extensions.Logging.LogLevel.Information : Microsoft.Extensions.Logging.LogLevel.Warning));

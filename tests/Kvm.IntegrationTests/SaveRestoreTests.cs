@@ -153,6 +153,19 @@ public sealed class SaveRestoreTests : BlkTestBase
         Assert.Equal(Enumerable.Range(ticks[0], 3), ticks);
         Assert.Equal(0, Vmctl("control", "stop", P("b.control"), "--force").ExitCode);
         Assert.True(b.WaitForExit(Wait));
+
+        // kvm-vmm --verbose says where a restore's time went, from the process's start.
+        using (var c = Started(LiveProcess.Start(TestEnvironment.KvmVmm,
+                   ["--restore", snapshot, "--verbose", "--control", P("c.control"), "--console", P("c.console")]), "c"))
+        {
+            using (var third = new ConsoleClient(P("c.console")))
+                Assert.True(third.WaitForTick(atSave + 3), third.Text);
+            Assert.Equal(0, Vmctl("control", "stop", P("c.control"), "--force").ExitCode);
+            Assert.True(c.WaitForExit(Wait));
+            string log = c.Stderr.Result;
+            Assert.Matches($@"kvm-vmm: info: restored from {System.Text.RegularExpressions.Regex.Escape(snapshot)} \(eager\) [0-9.]+ ms after the process started: " +
+                           @"start-up [0-9.]+ ms, read the state file and its spec [0-9.]+ ms, .*create VM [0-9.]+ ms, .*load guest RAM [0-9.]+ ms, restore state [0-9.]+ ms", log);
+        }
         Assert.Equal(0, Vmctl("control", "stop", P("a.control"), "--force").ExitCode);
         Assert.True(a.WaitForExit(Wait));
     }

@@ -49,14 +49,22 @@ public sealed record RestoreLaunch : VmLaunch
     public static RestoreLaunch Open(string directory, RestoreOptions? options = null)
     {
         options ??= new RestoreOptions();
+        options.Clock?.Mark("start-up");
         var state = SnapshotReader.Read(directory);
         var spec = VmSnapshot.SpecOf(state, directory);
         if (options.ChangeSpec is { } change)
             spec = change(spec);
         spec.Validate();
+        options.Clock?.Mark("read the state file and its spec");
         return new RestoreLaunch(directory, state, spec, options);
     }
 
-    public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
-        VmSnapshot.Restore(Directory, State, RestoredSpec, serialOutput, Options, logger: logger);
+    /// <summary>Restores the VM; with a <see cref="RestoreOptions.Clock"/>, logs where the time went.</summary>
+    public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger)
+    {
+        var vm = VmSnapshot.Restore(Directory, State, RestoredSpec, serialOutput, Options, logger: logger);
+        if (Options.Clock is { } clock && logger is not null)
+            VmmLog.Restored(logger, Directory, Options.Memory.ToString().ToLowerInvariant(), clock.TotalMilliseconds, clock.Describe());
+        return vm;
+    }
 }

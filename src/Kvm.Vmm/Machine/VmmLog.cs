@@ -19,4 +19,7 @@ internal static partial class VmmLog
 
     [LoggerMessage(EventId = 1004, Level = LogLevel.Debug, Message = "host lacks {Capability}; continuing without it")]
     public static partial void CapabilityMissing(ILogger logger, string capability);
+
+    [LoggerMessage(EventId = 1005, Level = LogLevel.Information, Message = "restored from {Directory} ({Memory}) {Milliseconds:0.#} ms after the process started: {Steps}")]
+    public static partial void Restored(ILogger logger, string directory, string memory, double milliseconds, string steps);
 }

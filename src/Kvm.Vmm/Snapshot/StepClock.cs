@@ -17,6 +17,23 @@ public sealed class StepClock(string process)
 
     public IReadOnlyList<PauseStep> Steps => _steps;
 
+    /// <summary>A clock whose first step counts from this process's start (the runtime's start-up, parsing the arguments).</summary>
+    public static StepClock SinceProcessStart(string process)
+    {
+        var clock = new StepClock(process);
+        TimeSpan sinceStart;
+        using (var self = Process.GetCurrentProcess())
+            sinceStart = DateTime.Now - self.StartTime;
+        clock._last -= (long)(sinceStart.TotalSeconds * Stopwatch.Frequency);
+        return clock;
+    }
+
+    /// <summary>The steps as one line: "name 1.2 ms, name 3.4 ms".</summary>
+    public string Describe() => string.Join(", ", _steps.Select(s => $"{s.Name} {s.Milliseconds.ToString("0.#", System.Globalization.CultureInfo.InvariantCulture)} ms"));
+
+    /// <summary>The steps' total in milliseconds.</summary>
+    public double TotalMilliseconds => _steps.Sum(s => s.Milliseconds);
+
     /// <summary>Starts the next step now (the time since the last mark is not counted).</summary>
     public void Restart() => _last = Stopwatch.GetTimestamp();
 

@@ -39,6 +39,9 @@ public sealed record RestoreOptions
 
     /// <summary>Hears the bytes of guest RAM loaded so far and the total.</summary>
     public Action<long, long>? Progress { get; init; }
+
+    /// <summary>Marks each step of the restore (to report where its time went); null: not timed.</summary>
+    public StepClock? Clock { get; init; }
 }
 
 /// <summary>
@@ -175,11 +178,13 @@ public static class VmSnapshot
         RestoreOptions options, KvmSystem? kvm = null, ILogger? logger = null)
     {
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
+        var clock = options.Clock;
         var memoryFile = SnapshotMemoryFile.Open(directory, state);
+        clock?.Mark("open the memory file");
         VirtualMachine? vm = null;
         try
         {
-            vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger);
+            vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger, clock: clock);
             CheckLayout(vm.Memory, state, statePath);
             if (options.Memory == MemoryLoad.Lazy)
             {
@@ -188,16 +193,24 @@ public static class VmSnapshot
                 vm.Own(loader);
                 var machine = vm;
                 loader.Failed = e => machine.RequestStop(new Kvm.Vmm.Exits.MemoryLoadStop(e.Message));
+                clock?.Mark("register the lazy loader");
                 vm.RestoreState(state.Records);
+                clock?.Mark("restore state");
                 if (state.WorkingSet is { } workingSet)
+                {
                     loader.LoadFirst(workingSet);
+                    clock?.Mark("load the working set");
+                }
                 vm.MemoryLoader = loader;
                 loader.Start(options.BackgroundBytesPerSecond);
+                clock?.Mark("start the background loader");
             }
             else
             {
                 memoryFile.CopyTo(new GuestMemorySnapshotAccess(vm.Memory), targetIsZeroed: true, options.Progress);
+                clock?.Mark("load guest RAM");
                 vm.RestoreState(state.Records);
+                clock?.Mark("restore state");
             }
             return vm;
         }
