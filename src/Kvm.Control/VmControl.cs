@@ -529,17 +529,21 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
     /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence, save, suspend, handover.</summary>
     public void Register(RpcDispatcher dispatcher)
     {
-        var json = VmControlJson.Default;
-        dispatcher.Add("status", json.VmStatus, (_, _) => ValueTask.FromResult(Status()));
-        dispatcher.Add("pause", json.StateChange, (_, _) => ValueTask.FromResult(Pause()));
-        dispatcher.Add("resume", json.StateChange, (_, _) => ValueTask.FromResult(Resume()));
-        dispatcher.Add("stop", json.StopRequest, json.StopResult, async (request, _, cancel) => await StopAsync(request, cancel).ConfigureAwait(false));
-        dispatcher.Add("stats", json.VmStats, (_, _) => ValueTask.FromResult(Stats()));
-        dispatcher.Add("devices", json.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
-        dispatcher.Add("fence", json.FenceRequest, json.FenceStatus, (r, _, _) => ValueTask.FromResult(Fence(r)));
-        dispatcher.Add("save", json.SaveRequest, json.SaveResult, (r, _, _) => ValueTask.FromResult(Save(r)));
-        dispatcher.Add("suspend", json.SuspendResult, (_, _) => ValueTask.FromResult(Suspend()));
+        // Each type's JSON metadata is made on the method's first call: the VM starts sooner.
+        dispatcher.Add("status", static () => VmControlJson.Default.VmStatus, (_, _) => ValueTask.FromResult(Status()));
+        dispatcher.Add("pause", static () => VmControlJson.Default.StateChange, (_, _) => ValueTask.FromResult(Pause()));
+        dispatcher.Add("resume", static () => VmControlJson.Default.StateChange, (_, _) => ValueTask.FromResult(Resume()));
+        dispatcher.Add("stop", static () => VmControlJson.Default.StopRequest, static () => VmControlJson.Default.StopResult,
+            async (request, _, cancel) => await StopAsync(request, cancel).ConfigureAwait(false));
+        dispatcher.Add("stats", static () => VmControlJson.Default.VmStats, (_, _) => ValueTask.FromResult(Stats()));
+        dispatcher.Add("devices", static () => VmControlJson.Default.VmDevices, (_, _) => ValueTask.FromResult(Devices()));
+        dispatcher.Add("fence", static () => VmControlJson.Default.FenceRequest, static () => VmControlJson.Default.FenceStatus,
+            (r, _, _) => ValueTask.FromResult(Fence(r)));
+        dispatcher.Add("save", static () => VmControlJson.Default.SaveRequest, static () => VmControlJson.Default.SaveResult,
+            (r, _, _) => ValueTask.FromResult(Save(r)));
+        dispatcher.Add("suspend", static () => VmControlJson.Default.SuspendResult, (_, _) => ValueTask.FromResult(Suspend()));
         // Blocking for as long as the new process takes to start and build the machine: off the dispatcher's thread.
-        dispatcher.Add("handover", json.HandoverRequest, json.HandoverResult, async (r, _, _) => await Task.Run(() => Handover(r)).ConfigureAwait(false));
+        dispatcher.Add("handover", static () => VmControlJson.Default.HandoverRequest, static () => VmControlJson.Default.HandoverResult,
+            async (r, _, _) => await Task.Run(() => Handover(r)).ConfigureAwait(false));
     }
 }

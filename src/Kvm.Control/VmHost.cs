@@ -98,11 +98,11 @@ public static partial class VmHost
             terminal?.PumpInput(vm.Serial);
             console?.Start();
             if (options.ControlSocket is { } controlPath)
-            {
                 (vmControl, control) = ServeControl(vm, options, controlPath, console, takeOver: false, logger);
-                control.Start();
-            }
-            var reason = vm.Run(cancel);
+            // The socket is bound (a client that connects now waits in its backlog); it accepts
+            // once the vCPUs run, so the guest does not wait for the server's threads.
+            var server = control;
+            var reason = vm.Run(cancel, started: () => server?.Start());
             // A stop request answers once the VM has stopped: let it before the socket goes.
             control?.DisposeAsync().AsTask().GetAwaiter().GetResult();
             control = null;

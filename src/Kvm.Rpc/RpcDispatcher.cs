@@ -55,6 +55,27 @@ public sealed partial class RpcDispatcher(ILogger logger)
     public void Add<TResult>(string method, JsonTypeInfo<TResult> result, Func<RpcCallContext, CancellationToken, ValueTask<TResult>> handler) =>
         Add(method, RpcJsonContext.Default.NoParams, result, (_, context, cancel) => handler(context, cancel));
 
+    /// <summary>
+    /// Adds a method whose parameters' and result's JSON metadata is made on its first call, not
+    /// now: a server with many methods starts sooner (System.Text.Json builds each type's metadata
+    /// on first use, some milliseconds each where code runs cold).
+    /// </summary>
+    public void Add<TParams, TResult>(string method, Func<JsonTypeInfo<TParams>> parameters, Func<JsonTypeInfo<TResult>> result,
+        Func<TParams, RpcCallContext, CancellationToken, ValueTask<TResult>> handler)
+    {
+        _methods.Add(method, async (json, context, cancel) =>
+        {
+            TParams p = ParseParams(method, json, parameters());
+            TResult r = await handler(p, context, cancel).ConfigureAwait(false);
+            var info = result();
+            return writer => JsonSerializer.Serialize(writer, r, info);
+        });
+    }
+
+    /// <summary>Adds a method without parameters whose result's JSON metadata is made on its first call.</summary>
+    public void Add<TResult>(string method, Func<JsonTypeInfo<TResult>> result, Func<RpcCallContext, CancellationToken, ValueTask<TResult>> handler) =>
+        Add(method, static () => RpcJsonContext.Default.NoParams, result, (_, context, cancel) => handler(context, cancel));
+
     private static TParams ParseParams<TParams>(string method, JsonElement? json, JsonTypeInfo<TParams> info)
     {
         if (json is not { ValueKind: JsonValueKind.Object } e)

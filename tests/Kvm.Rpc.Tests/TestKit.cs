@@ -124,14 +124,15 @@ public sealed class TestServer : IAsyncDisposable
         Dispatcher = new RpcDispatcher(Logger);
         Dispatcher.Add("add", TestJson.Default.AddParams, TestJson.Default.SumResult,
             (p, _, _) => ValueTask.FromResult(new SumResult((long)p.A + p.B)));
-        Dispatcher.Add("echo", TestJson.Default.EchoParams, TestJson.Default.EchoResult,
+        // echo and notes make their JSON metadata on first call (the lazy overloads): the tests cover both kinds.
+        Dispatcher.Add("echo", static () => TestJson.Default.EchoParams, static () => TestJson.Default.EchoResult,
             (p, _, _) => ValueTask.FromResult(new EchoResult(string.Concat(Enumerable.Repeat(p.Text, Math.Clamp(p.Repeat ?? 1, 0, 1000))))));
         Dispatcher.Add("note", TestJson.Default.NoteParams, RpcJsonContext.Default.Done, (p, _, _) =>
         {
             _notes.Enqueue(p.Text);
             return ValueTask.FromResult(new Done());
         });
-        Dispatcher.Add("notes", TestJson.Default.NotesResult, (_, _) => ValueTask.FromResult(new NotesResult([.. _notes])));
+        Dispatcher.Add("notes", static () => TestJson.Default.NotesResult, (_, _) => ValueTask.FromResult(new NotesResult([.. _notes])));
         Dispatcher.Add("peer", TestJson.Default.PeerResult, (c, _) => ValueTask.FromResult(new PeerResult(c.Peer.Pid, c.Peer.Uid, c.Peer.Gid)));
         Dispatcher.Add<Done>("fail.rpc", RpcJsonContext.Default.Done,
             (_, _) => throw new RpcException(RpcErrorCode.NotFound, RpcFailureMessage, RpcFailureObservations));
