@@ -182,9 +182,10 @@ public static class KvmdCommands
         };
         var json = JsonOption();
         var cmd = new Command("upgrade",
-            "Hand a running VM to a new kvm-vmm process in place, through kvmd: the new process starts, the guest pauses,\n" +
-            "its state and its RAM's memfd go over (nothing of RAM is copied), the new process takes the VM's sockets and\n" +
-            "runs it, and kvmd supervises it from then on (a new pid; the VM never stopped). Prints the guest's pause.\n" +
+            "Hand a running VM to a new kvm-vmm process in place, through kvmd: the new process starts and builds the\n" +
+            "machine on the VM's RAM (its memfd goes over: nothing of RAM is copied) while the guest runs; then the guest\n" +
+            "pauses, its state goes over, the new process takes the VM's sockets and runs it, and kvmd supervises it from\n" +
+            "then on (a new pid; the VM never stopped). Prints the guest's pause.\n" +
             "A paused VM is refused (resume it first). If the new process cannot take the VM, it stays suspended in the\n" +
             "old one and 'vmctl upgrade NAME' tries again.\n" + ExitStatuses)
         {
