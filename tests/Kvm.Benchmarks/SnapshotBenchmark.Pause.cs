@@ -80,8 +80,8 @@ internal static partial class SnapshotBenchmark
         Console.WriteLine($"guest: the guest kit's 'tick period={TickPeriodMs} pwrbtn=0 fill=SIZE', 1 vCPU: it fills its RAM from 2 MiB up to {Mib(UnfilledTop)} below the top with non-zero");
         Console.WriteLine($"words, then prints a line every {TickPeriodMs} ms of its TSC time. Median of {runs}; per run, on one running VM each: ours upgrade, ours suspend");
         Console.WriteLine("and resume, QEMU migration; the other VMM's guest paused meanwhile (both spin between ticks).");
-        Console.WriteLine("- upgrade: control-socket 'handover' (vmctl control upgrade): a new kvm-vmm starts, then the guest pauses and its state and RAM's");
-        Console.WriteLine("  memfd go over; 'own' is the reply's pausedSeconds, 'call' the whole call as the client saw it.");
+        Console.WriteLine("- upgrade: control-socket 'handover' (vmctl control upgrade): a new kvm-vmm starts and builds the machine on the RAM's memfd,");
+        Console.WriteLine("  then the guest pauses and its state goes over; 'own' is the reply's pausedSeconds, 'call' the whole call as the client saw it.");
         Console.WriteLine("- suspend/resume: 'suspend', then 'handover' (vmctl control resume): the pause counts from the suspend and includes the new");
         Console.WriteLine("  process's start; 'own' is the handover reply's pausedSeconds, 'calls' the two calls.");
         Console.WriteLine("- QEMU: a second QEMU on the same host with '-incoming defer' and QMP 'migrate-incoming unix:PATH', then the source's QMP");
