@@ -445,7 +445,10 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
                 _fenceDeadline = 0;
                 return new FenceStatus(false, 0, _fenceAction);
             }
-            RequireRunning("fence");
+            // Armed again during a hand-over too: the lease is still the host's while the VM moves
+            // between processes, and a hand-over that outlasts the fence would otherwise stop the VM.
+            if (Stopped || _stopping)
+                throw new RpcException(RpcErrorCode.InvalidState, $"fence: the VM is {(Stopped ? "stopped" : "stopping")}");
             _fenceAction = request.Action;
             var due = TimeSpan.FromSeconds(request.Seconds);
             _fenceDeadline = System.Diagnostics.Stopwatch.GetTimestamp() + (long)(due.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
