@@ -35,7 +35,8 @@ public static class KvmdCommands
         yield return Start();
         yield return Stop();
         yield return NameVerb("pause", "Pause a running VM (its vCPUs stop; its memory and devices stay).", "vm.pause", PrintInfo);
-        yield return NameVerb("resume", "Resume a paused VM.", "vm.resume", PrintInfo);
+        yield return NameVerb("resume", "Resume a paused VM. One left suspended by an upgrade that failed resumes in a new kvm-vmm (as 'vmctl upgrade NAME').",
+            "vm.resume", PrintInfo);
         yield return Save();
         yield return Upgrade();
         yield return Delete();
@@ -187,7 +188,7 @@ public static class KvmdCommands
             "pauses, its state goes over, the new process takes the VM's sockets and runs it, and kvmd supervises it from\n" +
             "then on (a new pid; the VM never stopped). Prints the guest's pause.\n" +
             "A paused VM is refused (resume it first). If the new process cannot take the VM, it stays suspended in the\n" +
-            "old one and 'vmctl upgrade NAME' tries again.\n" + ExitStatuses)
+            "old one and 'vmctl resume NAME' (or 'vmctl upgrade NAME') tries again.\n" + ExitStatuses)
         {
             vm, vmm, json,
         };

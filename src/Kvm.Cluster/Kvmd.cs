@@ -444,7 +444,17 @@ public sealed partial class Kvmd : IAsyncDisposable
 
     public Task<VmInfo> PauseAsync(string name, CancellationToken cancel) => ChangeAsync(name, "pause", VmDesiredState.Paused, VmActualState.Paused, cancel);
 
-    public Task<VmInfo> ResumeAsync(string name, CancellationToken cancel) => ChangeAsync(name, "resume", VmDesiredState.Running, VmActualState.Running, cancel);
+    /// <summary>
+    /// Resumes a paused VM; one left suspended in its kvm-vmm (its disks closed, by an upgrade
+    /// whose new process failed) resumes only in a new kvm-vmm: it is handed to one, as
+    /// <see cref="UpgradeAsync"/> does (kvm-vmm refuses a plain resume of it).
+    /// </summary>
+    public async Task<VmInfo> ResumeAsync(string name, CancellationToken cancel)
+    {
+        if (_supervisor.Find(CheckName(name)) is not null && await _supervisor.StatusAsync(name, cancel).ConfigureAwait(false) is { State: "suspended" })
+            return (await UpgradeAsync(new UpgradeVmRequest(name), cancel).ConfigureAwait(false)).Vm;
+        return await ChangeAsync(name, "resume", VmDesiredState.Running, VmActualState.Running, cancel).ConfigureAwait(false);
+    }
 
     private Task<VmInfo> ChangeAsync(string name, string method, VmDesiredState desired, VmActualState actual, CancellationToken cancel) => WithVmAsync(CheckName(name), async () =>
     {

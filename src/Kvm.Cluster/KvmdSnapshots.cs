@@ -82,7 +82,7 @@ public sealed partial class Kvmd
         var before = await _supervisor.StatusAsync(row.Name, cancel).ConfigureAwait(false)
             ?? throw new RpcException(RpcErrorCode.OperationFailed, $"VM '{row.Name}': its kvm-vmm (pid {old.Pid}) does not answer on its control socket");
         // A VM handed over runs in its new process: one paused would run again behind the inventory's back.
-        // (One left suspended by an upgrade that failed may be upgraded again: that is how it resumes.)
+        // (One left suspended by an upgrade that failed may be upgraded again: that is how it resumes, also by vm.resume.)
         if (before.State == "paused")
             throw new RpcException(RpcErrorCode.InvalidState, $"VM '{row.Name}' is paused: resume it first ('vmctl resume {row.Name}'); a VM handed to a new kvm-vmm runs there");
 
@@ -120,7 +120,7 @@ public sealed partial class Kvmd
             if (status?.State == "suspended")
                 await SetActualAsync(row.Name, VmActualState.Paused, CancellationToken.None).ConfigureAwait(false);
             throw RpcException.Wrap($"VM '{row.Name}': upgrade to {vmm} failed; the VM stays {status?.State ?? "as it was"} in kvm-vmm pid {old.Pid}" +
-                (status?.State == "suspended" ? $" ('vmctl upgrade {row.Name}' tries again)" : ""), failure!, failure!.Code);
+                (status?.State == "suspended" ? $" ('vmctl resume {row.Name}' or 'vmctl upgrade {row.Name}' tries again)" : ""), failure!, failure!.Code);
         }
 
         var adopted = await _supervisor.AdoptSuccessorAsync(old, pid, CancellationToken.None).ConfigureAwait(false);

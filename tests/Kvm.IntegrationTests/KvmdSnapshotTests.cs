@@ -361,4 +361,88 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         Assert.Equal("running", Show("a").Vm.ActualState);
         VmctlOk("stop", "a", "--force");
     }
+
+    /// <summary>
+    /// A stand-in for kvm-vmm that refuses a VM once the old process has suspended it: it says
+    /// hello, "prepares" (building nothing), and answers the offer with "failed".
+    /// </summary>
+    private const string RefusingTaker = """
+        #!/usr/bin/env python3
+        import json, os, socket, sys
+        args = sys.argv[1:]
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(args[args.index("--take-over") + 1])
+        def send(kind, **more):
+            conn.sendall((json.dumps(dict(kind=kind, pid=os.getpid(), **more)) + "\n").encode())
+        buf = b""
+        def receive():
+            global buf
+            while b"\n" not in buf:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 16)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    sys.exit(2)
+                buf += data
+            line, buf = buf.split(b"\n", 1)
+            return json.loads(line)["kind"]
+        send("hello")
+        assert receive() == "prepare"
+        send("prepared")
+        assert receive() == "offer"
+        send("failed", error="the stand-in refuses the VM")
+        sys.exit(3)
+        """;
+
+    /// <summary>
+    /// An upgrade through kvmd whose new process fails once the VM is suspended leaves the VM
+    /// suspended in its old process, recorded paused, and says so; 'vmctl resume NAME' then hands
+    /// it to a new kvm-vmm (a plain resume cannot: its disks are closed), where its counter goes on,
+    /// kvmd supervises the new process, and the event tells of the hand-over.
+    /// </summary>
+    [SkippableFact]
+    public void AVmLeftSuspendedByAFailedUpgradeResumesInANewProcess()
+    {
+        Require();
+        string refusing = P("refusing-taker");
+        File.WriteAllText(refusing, RefusingTaker);
+        File.SetUnixFileMode(refusing, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        _kvmd.Start();
+        Create("s", "tick period=50");
+        VmctlOk("start", "s");
+        int oldPid = Show("s").Vm.Pid ?? throw new Xunit.Sdk.XunitException("no pid");
+        int before;
+        using (var console = Console("s"))
+        {
+            Assert.True(console.WaitForTick(5), console.Text);
+            var failed = Vmctl("upgrade", "s", "--vmm", refusing);
+            Assert.True(failed.ExitCode == 1 && failed.Stderr.Contains("the stand-in refuses the VM", StringComparison.Ordinal)
+                        && failed.Stderr.Contains("stays suspended", StringComparison.Ordinal), failed.Stdout + failed.Stderr);
+            Thread.Sleep(500);
+            before = Ticks(console.Text).Max();
+        }
+        var suspended = Show("s");
+        Assert.Equal("paused", suspended.Vm.ActualState);
+        Assert.Equal(oldPid, suspended.Vm.Pid);
+        Assert.Equal("suspended", suspended.Status?.State);
+        Assert.Contains("tries again", Vmctl("upgrade", "s", "--vmm", refusing).Stderr, StringComparison.Ordinal);
+
+        var resumed = JsonSerializer.Deserialize(VmctlOk("resume", "s", "--json"), KvmdJson.Default.VmInfo)!;
+        Assert.Equal("running", resumed.ActualState);
+        Assert.NotNull(resumed.Pid);
+        Assert.NotEqual(oldPid, resumed.Pid);
+        using (var console = Console("s"))
+        {
+            Assert.True(console.WaitForTick(before + 5), console.Text);
+            // The counter went on from where it was suspended: nothing ran twice or was lost.
+            var ticks = Ticks(console.Text);
+            Assert.Equal(Enumerable.Range(ticks[0], ticks.Length), ticks);
+            Assert.True(ticks[0] <= before + 1, $"the first tick in the new process is {ticks[0]}, the last before {before}");
+        }
+        Assert.True(SpinWait.SpinUntil(() => !Runs(oldPid), Timeout), $"the old kvm-vmm (pid {oldPid}) still runs");
+        Assert.Equal(resumed.Pid, Show("s").Status?.Pid);
+        Assert.Contains(Events("s"), e => e.Kind == "vm.upgraded" && e.Data.GetProperty("newPid").GetInt32() == resumed.Pid);
+        VmctlOk("stop", "s", "--force");
+        Assert.Equal("stopped", Show("s").Vm.ActualState);
+    }
 }
