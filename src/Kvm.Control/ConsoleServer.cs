@@ -22,6 +22,9 @@ public sealed partial class ConsoleServer : IAsyncDisposable
     /// <summary>Output chunks queued for one client before it counts as stuck and is disconnected.</summary>
     public const int ClientQueueChunks = 4096;
 
+    /// <summary>How long a server that ends waits for its clients to take the output queued for them.</summary>
+    public static readonly TimeSpan DrainTime = TimeSpan.FromSeconds(2);
+
     private readonly string _path;
     private readonly RpcAccessPolicy _access;
     private readonly Func<ReadOnlyMemory<byte>, int> _input;
@@ -37,6 +40,7 @@ public sealed partial class ConsoleServer : IAsyncDisposable
     private sealed class Client(Socket socket)
     {
         public Socket Socket { get; } = socket;
+        public Task? Sending { get; set; }
         public Channel<byte[]> Output { get; } = Channel.CreateBounded<byte[]>(new BoundedChannelOptions(ClientQueueChunks) { SingleReader = true });
     }
 
@@ -155,7 +159,7 @@ public sealed partial class ConsoleServer : IAsyncDisposable
                 client.Output.Writer.TryWrite(history);
             _clients.Add(client);
         }
-        var sending = SendLoopAsync(client);
+        var sending = client.Sending = SendLoopAsync(client);
         var buffer = new byte[4096];
         try
         {
@@ -207,15 +211,19 @@ public sealed partial class ConsoleServer : IAsyncDisposable
         _listener.Dispose();
         if (_acceptLoop is not null)
             await _acceptLoop.ConfigureAwait(false);
+        Client[] clients;
         lock (_lock)
         {
-            foreach (var c in _clients)
-            {
-                c.Output.Writer.TryComplete();
-                c.Socket.Dispose();
-            }
+            clients = [.. _clients];
             _clients.Clear();
         }
+        // What the guest wrote last still reaches the clients (its final lines before it ended);
+        // a client that does not read is cut off after a while.
+        foreach (var c in clients)
+            c.Output.Writer.TryComplete();
+        await Task.WhenAny(Task.WhenAll(clients.Select(c => c.Sending ?? Task.CompletedTask)), Task.Delay(DrainTime)).ConfigureAwait(false);
+        foreach (var c in clients)
+            c.Socket.Dispose();
         try
         {
             if (_hidden is not null)
