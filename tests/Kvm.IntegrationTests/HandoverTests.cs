@@ -370,57 +370,14 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
     }
 
     /// <summary>
-    /// A stand-in for kvm-vmm that dies at a bad moment of a hand-over: it says hello, "prepares"
-    /// (without building anything), takes the offer, says ready, and once told "go" binds its own
-    /// sockets over the control and console paths (as a real taker does); then, with
-    /// <paramref name="saysStarting"/>, says its vCPUs start, as a real taker does just before they
-    /// run; and exits without running the VM.
+    /// A stand-in for kvm-vmm that dies at a bad moment of a hand-over: it takes the offer, says
+    /// ready, and once told "go" binds its own sockets over the control and console paths (as a
+    /// real taker does); then, with <paramref name="saysStarting"/>, says its vCPUs start, as a
+    /// real taker does just before they run; and exits without running the VM.
     /// </summary>
-    private static string DyingTaker(bool saysStarting) => $$"""
-        #!/usr/bin/env python3
-        import json, os, socket, sys
-        args = sys.argv[1:]
-        opt = lambda name: args[args.index(name) + 1]
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(opt("--take-over"))
-        def send(kind):
-            conn.sendall((json.dumps({"kind": kind, "pid": os.getpid()}) + "\n").encode())
-        buf = b""
-        def receive():
-            global buf
-            while b"\n" not in buf:
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 16)
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    sys.exit(2)
-                buf += data
-            line, buf = buf.split(b"\n", 1)
-            return json.loads(line)["kind"]
-        send("hello")
-        assert receive() == "prepare"
-        send("prepared")
-        assert receive() == "offer"
-        send("ready")
-        assert receive() == "go"
-        for path in (opt("--control"), opt("--console")):
-            temporary = os.path.join(os.path.dirname(path), ".dying-taker")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(temporary)
-            s.listen(1)
-            os.rename(temporary, path)
-        if {{(saysStarting ? "True" : "False")}}:
-            send("starting")
-        sys.exit(3)
-        """;
-
-    private string WriteDyingTaker(bool saysStarting)
-    {
-        string taker = P(saysStarting ? "starting-taker" : "dying-taker");
-        File.WriteAllText(taker, DyingTaker(saysStarting));
-        File.SetUnixFileMode(taker, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
-        return taker;
-    }
+    private string WriteDyingTaker(bool saysStarting) =>
+        StandInTaker.Write(P(saysStarting ? "starting-taker" : "dying-taker"),
+            StandInTaker.TakesThePaths + (saysStarting ? "send(\"starting\")\n" : ""));
 
     /// <summary>
     /// The new process takes the socket paths and dies before it runs the VM: the resume fails
@@ -482,7 +439,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         using (var console = new ConsoleClient(P("vm.console")))
             Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
         var failed = Vmctl("control", "upgrade", P("vm.control"), "--vmm", taker);
-        Assert.True(old.Process.WaitForExit(Wait), "the old kvm-vmm still runs a VM whose state is stale");
+        Assert.True(old.Process.WaitForExit(Wait), $"the old kvm-vmm still runs a VM whose state is stale; vmctl said: {failed.Stdout}{failed.Stderr}");
         Assert.True(failed.ExitCode == 1 && failed.Stderr.Contains("started the guest", StringComparison.Ordinal)
                     && failed.Stderr.Contains("the VM is lost", StringComparison.Ordinal),
             $"vmctl said: {failed.Stdout}{failed.Stderr}; the old kvm-vmm exited {old.Process.ExitCode}: {old.Stderr.Result}");

@@ -363,38 +363,6 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     }
 
     /// <summary>
-    /// A stand-in for kvm-vmm that refuses a VM once the old process has suspended it: it says
-    /// hello, "prepares" (building nothing), and answers the offer with "failed".
-    /// </summary>
-    private const string RefusingTaker = """
-        #!/usr/bin/env python3
-        import json, os, socket, sys
-        args = sys.argv[1:]
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(args[args.index("--take-over") + 1])
-        def send(kind, **more):
-            conn.sendall((json.dumps(dict(kind=kind, pid=os.getpid(), **more)) + "\n").encode())
-        buf = b""
-        def receive():
-            global buf
-            while b"\n" not in buf:
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 16)
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    sys.exit(2)
-                buf += data
-            line, buf = buf.split(b"\n", 1)
-            return json.loads(line)["kind"]
-        send("hello")
-        assert receive() == "prepare"
-        send("prepared")
-        assert receive() == "offer"
-        send("failed", error="the stand-in refuses the VM")
-        sys.exit(3)
-        """;
-
-    /// <summary>
     /// An upgrade through kvmd whose new process fails once the VM is suspended leaves the VM
     /// suspended in its old process, recorded paused, and says so; 'vmctl resume NAME' then hands
     /// it to a new kvm-vmm (a plain resume cannot: its disks are closed), where its counter goes on,
@@ -404,9 +372,8 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     public void AVmLeftSuspendedByAFailedUpgradeResumesInANewProcess()
     {
         Require();
-        string refusing = P("refusing-taker");
-        File.WriteAllText(refusing, RefusingTaker);
-        File.SetUnixFileMode(refusing, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        // A stand-in for kvm-vmm that refuses the VM once the old process has suspended it.
+        string refusing = StandInTaker.Write(P("refusing-taker"), "send(\"failed\", error=\"the stand-in refuses the VM\")\n");
         _kvmd.Start();
         Create("s", "tick period=50");
         VmctlOk("start", "s");
