@@ -182,6 +182,11 @@ public sealed partial class RpcServer : IAsyncDisposable
                 await Task.Delay(50).ConfigureAwait(false);
                 continue;
             }
+            catch (SocketException) when (_stop.IsCancellationRequested)
+            {
+                // The listener was closed under the pending accept (Dispose): the loop ends.
+                break;
+            }
             catch (ObjectDisposedException)
             {
                 break;
