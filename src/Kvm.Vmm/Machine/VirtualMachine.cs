@@ -40,7 +40,7 @@ public sealed class VirtualMachine : IDisposable
     private bool _disposed;
     private bool _disksClosed;
     private GuestMemory? _attachedMemory;      // guest RAM handed over by another process (CreateForRestore)
-    private Snapshot.StepClock? _clock;        // times the build's steps (CreateForRestore for a hand-over)
+    private Snapshot.StepClock? _clock;        // times the build's steps (CreateForRestore for a restore)
     // Exits to this process by KVM exit reason (indexes past the array count as "other").
     private readonly long[] _exitCounts = new long[32];
     private long _startedTimestamp;
@@ -143,7 +143,7 @@ public sealed class VirtualMachine : IDisposable
     /// handed over in place); the machine owns it from here on, also when this fails. Null: new,
     /// zeroed RAM.
     /// </param>
-    /// <param name="clock">Marks each step of the build (for a hand-over's report of its pause); null: not timed.</param>
+    /// <param name="clock">Marks each step of the build (a restore's report of where its time went); null: not timed.</param>
     /// <param name="disksLater">
     /// Build the disks' devices without opening their images (another process still holds them):
     /// <see cref="OpenPendingDisks"/> opens them before the state is restored.
@@ -207,16 +207,19 @@ public sealed class VirtualMachine : IDisposable
     private void OpenDisks()
     {
         foreach (var disk in Spec.Disks)
+            _images.Add(OpenImage(disk));
+    }
+
+    /// <summary>A disk's image, locked (a second VM, or a second --disk, on the same writable image is refused); errors name the disk.</summary>
+    private static IBlockImage OpenImage(DiskSpec disk)
+    {
+        try
         {
-            try
-            {
-                // Locked: a second VM (or a second --disk) on the same writable image is refused.
-                _images.Add(DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly, Exclusive = true }));
-            }
-            catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
-            {
-                throw new ArgumentException($"disk '{disk.Path}': {e.Message}", e);
-            }
+            return DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly, Exclusive = true });
+        }
+        catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
+        {
+            throw new ArgumentException($"disk '{disk.Path}': {e.Message}", e);
         }
     }
 
@@ -235,16 +238,7 @@ public sealed class VirtualMachine : IDisposable
             var block = (Kvm.Devices.Virtio.Block.VirtioBlock)_devices.Disks[i].Device;
             if (block.Image is not Kvm.Devices.Virtio.Block.PendingImage)
                 continue;
-            var disk = Spec.Disks[i];
-            IBlockImage image;
-            try
-            {
-                image = DiskImage.Open(disk.Path, new ImageOpenOptions { ReadOnly = disk.ReadOnly, Exclusive = true });
-            }
-            catch (Exception e) when (e is IOException or ImageFormatException or UnauthorizedAccessException or ArgumentException)
-            {
-                throw new ArgumentException($"disk '{disk.Path}': {e.Message}", e);
-            }
+            var image = OpenImage(Spec.Disks[i]);
             try
             {
                 block.ReplaceImage(image).Dispose();
