@@ -13,7 +13,10 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
 #include <linux/kvm.h>
+#include <linux/sockios.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <signal.h>
@@ -21,7 +24,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
@@ -1487,4 +1493,132 @@ EXPORT void kvmshim_lazy_stop(void *loader)
 EXPORT void kvmshim_lazy_free(void *loader)
 {
     lazy_free(loader);
+}
+
+// ---- tap devices and host interfaces (Kvm.Network) ----
+
+// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the tap device `name`
+// (created if it does not exist; an empty name lets the kernel choose), with a 12-byte virtio-net
+// header on every frame read and written (IFF_VNET_HDR, TUNSETVNETHDRSZ) and, with multi_queue,
+// as one queue of a multi-queue tap (IFF_MULTI_QUEUE). The device's name goes to out_name
+// (IFNAMSIZ bytes). Returns the fd.
+EXPORT int32_t kvmshim_tap_open(const char *name, int32_t multi_queue, char *out_name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (strlen(name) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr.ifr_name, name);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multi_queue ? IFF_MULTI_QUEUE : 0);
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -errno;
+    int hdr = 12;
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0 || ioctl(fd, TUNSETVNETHDRSZ, &hdr) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    memcpy(out_name, ifr.ifr_name, IFNAMSIZ);
+    out_name[IFNAMSIZ - 1] = 0;
+    return fd;
+}
+
+// TUNSETOFFLOAD: which offloads (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN) frames read
+// from the tap may carry; the kernel finishes the rest before handing a frame over.
+EXPORT int32_t kvmshim_tap_set_offload(int32_t fd, uint32_t flags)
+{
+    return result(ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags));
+}
+
+// TUNSETQUEUE: attaches (1) or detaches (0) this queue of a multi-queue tap.
+EXPORT int32_t kvmshim_tap_set_queue(int32_t fd, int32_t attach)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = attach ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE;
+    return result(ioctl(fd, TUNSETQUEUE, &ifr));
+}
+
+// Runs one interface ioctl on a throw-away AF_INET datagram socket.
+static int32_t if_ioctl(unsigned long request, struct ifreq *ifr)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -errno;
+    int rc = ioctl(s, request, ifr);
+    int e = errno;
+    close(s);
+    return rc < 0 ? -e : rc;
+}
+
+// The interface's index (SIOCGIFINDEX).
+EXPORT int32_t kvmshim_if_index(const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (strlen(name) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr.ifr_name, name);
+    int32_t rc = if_ioctl(SIOCGIFINDEX, &ifr);
+    return rc < 0 ? rc : ifr.ifr_ifindex;
+}
+
+// The interface's flags (SIOCGIFFLAGS): IFF_UP, IFF_RUNNING (carrier), ...
+EXPORT int32_t kvmshim_if_flags(const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (strlen(name) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr.ifr_name, name);
+    int32_t rc = if_ioctl(SIOCGIFFLAGS, &ifr);
+    return rc < 0 ? rc : (ifr.ifr_flags & 0xffff);
+}
+
+// Sets the interface administratively up or down (SIOCSIFFLAGS).
+EXPORT int32_t kvmshim_if_set_up(const char *name, int32_t up)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (strlen(name) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr.ifr_name, name);
+    int32_t rc = if_ioctl(SIOCGIFFLAGS, &ifr);
+    if (rc < 0)
+        return rc;
+    if (up)
+        ifr.ifr_flags |= IFF_UP;
+    else
+        ifr.ifr_flags &= ~IFF_UP;
+    return if_ioctl(SIOCSIFFLAGS, &ifr);
+}
+
+// Enslaves interface `name` to the bridge `bridge` (SIOCBRADDIF).
+EXPORT int32_t kvmshim_bridge_add(const char *bridge, const char *name)
+{
+    int32_t index = kvmshim_if_index(name);
+    if (index < 0)
+        return index;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (strlen(bridge) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr.ifr_name, bridge);
+    ifr.ifr_ifindex = index;
+    return if_ioctl(SIOCBRADDIF, &ifr);
+}
+
+// poll(2) on up to two fds for reading (fd2 < 0: only fd1). Returns a bit mask: 1 when fd1 is
+// readable (or in error), 2 when fd2 is; 0 on timeout. timeout_ms < 0 waits without end.
+EXPORT int32_t kvmshim_poll2(int32_t fd1, int32_t fd2, int32_t timeout_ms)
+{
+    struct pollfd p[2] = { { .fd = fd1, .events = POLLIN }, { .fd = fd2, .events = POLLIN } };
+    int rc;
+    do
+        rc = poll(p, fd2 < 0 ? 1 : 2, timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0)
+        return -errno;
+    return (p[0].revents ? 1 : 0) | (fd2 >= 0 && p[1].revents ? 2 : 0);
 }

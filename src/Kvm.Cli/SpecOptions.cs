@@ -15,6 +15,7 @@ public sealed class SpecOptions
     private readonly Option<bool> _debugExit;
     private readonly Option<HugePageMode> _hugePages;
     private readonly Option<string[]> _disks;
+    private readonly Option<string[]> _nics;
     private readonly Option<string> _cpuFeatures;
     private readonly Option<string> _cpuModel;
 
@@ -85,6 +86,16 @@ public sealed class SpecOptions
             DefaultValueFactory = _ => [],
         };
 
+        _nics = new Option<string[]>("--net", "-n")
+        {
+            Description = "give the VM a virtio-net NIC (repeatable; PCI slots after the disks). tap=NAME uses the tap\n" +
+                "device NAME, made if missing (needs CAP_NET_ADMIN), @BRIDGE puts it on that bridge; mac=MAC (default:\n" +
+                "random, locally administered), queues=N (queue pairs, 1 to 16), offload=off (no checksum or TSO\n" +
+                "offloads), spoof=allow (let frames with another source MAC out; by default they are dropped), mtu=N",
+            HelpName = NicSpec.Syntax,
+            DefaultValueFactory = _ => [],
+        };
+
         _cpuFeatures = new Option<string>("--cpu-features")
         {
             Description = "CPU features the guest is told its CPU lacks, as Linux names them: -cx16,-xsave (see README)",
@@ -110,6 +121,7 @@ public sealed class SpecOptions
         command.Options.Add(_debugExit);
         command.Options.Add(_hugePages);
         command.Options.Add(_disks);
+        command.Options.Add(_nics);
         command.Options.Add(_cpuFeatures);
         command.Options.Add(_cpuModel);
     }
@@ -128,6 +140,7 @@ public sealed class SpecOptions
         DebugExit = parse.GetValue(_debugExit),
         HugePages = parse.GetValue(_hugePages),
         Disks = (parse.GetValue(_disks) ?? []).Select(DiskSpec.Parse).Select(d => d with { Path = Path.GetFullPath(d.Path) }).ToArray(),
+        Nics = (parse.GetValue(_nics) ?? []).Select(NicSpec.Parse).ToArray(),
         HiddenCpuFeatures = parse.GetValue(_cpuFeatures) is { } f ? Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(f) : [],
         CpuModel = parse.GetValue(_cpuModel) ?? "host",
     };

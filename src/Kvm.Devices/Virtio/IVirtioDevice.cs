@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Kvm.Hypervisor;
 using Kvm.Hypervisor.State;
 
@@ -38,6 +39,31 @@ public interface IVirtioDevice : IDisposable
     /// Throws <see cref="VirtqueueException"/> when the driver broke the protocol.
     /// </summary>
     void ProcessQueue(Virtqueue queue);
+
+    /// <summary>
+    /// An fd that wakes <paramref name="queue"/>'s worker besides the driver's notification (a
+    /// network backend with frames for a receive queue), or null. A queue with one is served by
+    /// <see cref="ProcessBackendQueue"/>, and only while the device is active.
+    /// </summary>
+    SafeHandle? QueueWakeHandle(int queue) => null;
+
+    /// <summary>
+    /// Serves a queue that has a <see cref="QueueWakeHandle"/>: moves what the backend has into the
+    /// chains the driver made available. Returns true when it stopped because the backend had
+    /// nothing more (the worker waits for the wake handle, or a notification), false when it
+    /// stopped because the ring ran out of chains (the worker waits for a notification only).
+    /// </summary>
+    bool ProcessBackendQueue(Virtqueue queue)
+    {
+        ProcessQueue(queue);
+        return false;
+    }
+
+    /// <summary>
+    /// Called once by the transport with what tells the driver the configuration space changed
+    /// (a new configuration generation and a configuration-change interrupt).
+    /// </summary>
+    void BindConfigChange(Action notify) { }
 
     /// <summary>Device reset: every worker has stopped; forget negotiated state.</summary>
     void Reset();

@@ -63,6 +63,7 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
     private int _status;
     private ushort _queueSelect;
     private int _isr;
+    private int _configGeneration;
     private long _notifyExits;
     private bool _intxAsserted;     // under _intxLock
     private ulong? _notifyBase;
@@ -111,6 +112,7 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
         AddVirtioCapability(CfgIsr, IsrOffset, 0x1000);
         AddVirtioCapability(CfgDevice, DeviceConfigOffset, 0x1000);
         _pciCfgCap = AddVirtioCapability(CfgPci, 0, 0, extra: 4, bar: 0);
+        device.BindConfigChange(ConfigChanged);
         SetWriteMask(_pciCfgCap + 4, [0xff]);                       // bar
         SetWriteMask(_pciCfgCap + 8, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]); // offset, length, data
     }
@@ -325,7 +327,7 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
             BinaryPrimitives.WriteUInt16LittleEndian(c[0x10..], _configVector);
             BinaryPrimitives.WriteUInt16LittleEndian(c[0x12..], (ushort)_queues.Length);
             c[0x14] = Status;
-            c[0x15] = 0;        // config_generation: the configuration never changes under the driver
+            c[0x15] = (byte)Volatile.Read(ref _configGeneration);   // config_generation: bumped by each change the device reports
             BinaryPrimitives.WriteUInt16LittleEndian(c[0x16..], _queueSelect);
             if (_queueSelect < _queues.Length)
             {
@@ -513,9 +515,12 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
         var queue = _queues[index];
         var notifier = _notifiers[index];
         long pollTicks = (long)(PollTime.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
+        var wake = _device.QueueWakeHandle(index);
         try
         {
-            while (true)
+            if (wake is not null)
+                BackendLoop(queue, notifier, wake);
+            else while (true)
             {
                 notifier.Read();
                 if (_stopping)
@@ -547,6 +552,41 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
         RaiseNeedsReset();
         while (!_stopping)
             notifier.Read();
+    }
+
+    /// <summary>
+    /// The loop of a queue fed by a backend as well as by the driver (a network receive queue): it
+    /// sleeps on the notification and, while the ring has chains, on the backend's fd too; a ring
+    /// without chains waits for the driver alone (the backend holds its frames meanwhile).
+    /// </summary>
+    private void BackendLoop(Virtqueue queue, EventFd notifier, System.Runtime.InteropServices.SafeHandle wake)
+    {
+        bool waitBackend = true;
+        while (true)
+        {
+            int ready = Kvm.Interop.Native.KvmShim.PollRead(notifier.Handle, waitBackend ? wake : null, -1);
+            if ((ready & 1) != 0)
+                notifier.Read();
+            if (_stopping)
+                return;
+            while (!_stopping)
+            {
+                queue.DisableNotifications();
+                bool backendDry = _device.ProcessBackendQueue(queue);
+                if (queue.ShouldInterrupt())
+                    SignalQueue(queue);
+                if (backendDry)
+                {
+                    waitBackend = true;
+                    break;
+                }
+                if (queue.EnableNotifications())
+                {
+                    waitBackend = false;
+                    break;
+                }
+            }
+        }
     }
 
     /// <summary>Protocol errors logged per device before the rest are counted only (a guest may repeat them forever).</summary>
@@ -595,6 +635,14 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
     }
 
     private void SignalQueue(Virtqueue queue) => Interrupt(queue.MsixVector, isrBit: 1);
+
+    /// <summary>The device changed its configuration space: a new generation, and a configuration-change interrupt once the driver is running.</summary>
+    private void ConfigChanged()
+    {
+        Interlocked.Increment(ref _configGeneration);
+        if ((Status & VirtioStatus.DriverOk) != 0)
+            Interrupt(_configVector, isrBit: 2);
+    }
 
     private void Interrupt(ushort vector, int isrBit)
     {

@@ -155,6 +155,17 @@ public sealed class Virtqueue
         return true;
     }
 
+    /// <summary>
+    /// Gives back the last <paramref name="count"/> chains taken and not pushed: the next
+    /// <see cref="TryPop"/> takes them again (the driver does not reuse an entry before it is used).
+    /// </summary>
+    public void Unpop(int count)
+    {
+        if (count < 0 || count > Size)
+            throw new ArgumentOutOfRangeException(nameof(count), count, $"queue {Index}: cannot give back {count} chains");
+        _lastAvail = (ushort)(_lastAvail - count);
+    }
+
     /// <summary>Puts a finished chain in the used ring with the number of bytes written into it.</summary>
     public void Push(ushort head, uint writtenLength)
     {

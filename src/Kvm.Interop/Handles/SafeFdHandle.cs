@@ -157,3 +157,9 @@ public sealed class ReceivedFdHandle : SafeFdHandle
 {
     public ReceivedFdHandle(int fd) : base(fd) { }
 }
+
+/// <summary>A queue of a tap device: /dev/net/tun attached with TUNSETIFF.</summary>
+public sealed class TapHandle : SafeFdHandle
+{
+    public TapHandle(int fd) : base(fd) { }
+}

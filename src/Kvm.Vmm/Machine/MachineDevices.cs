@@ -8,6 +8,8 @@ using Kvm.Devices.Manager;
 using Kvm.Devices.Pci;
 using Kvm.Devices.Virtio;
 using Kvm.Devices.Virtio.Block;
+using Kvm.Devices.Virtio.Net;
+using Kvm.Network;
 using Kvm.Hypervisor;
 using Kvm.Storage;
 using Kvm.Vmm.Acpi;
@@ -34,7 +36,7 @@ internal sealed record DeviceContext(
 /// its interrupt and given to the <see cref="DeviceManager"/> under its stable id here, and
 /// nowhere else, so a new device is added in one place. The ids are what snapshots carry:
 /// "serial0", "rtc", "i8042", "pm", "debug-exit", "pci-bus", then "virtio-blk0", "virtio-blk1"...
-/// in the order of the spec's disks (PCI slots 1 onwards).
+/// in the order of the spec's disks (PCI slots 1 onwards), then "virtio-net0"... for its NICs.
 /// </summary>
 internal sealed class MachineDevices
 {
@@ -46,6 +48,7 @@ internal sealed class MachineDevices
     public PciBus Pci { get; private set; } = null!;
     public GsiRouting GsiRouting { get; private set; } = null!;
     public List<VirtioPciTransport> Disks { get; } = new();
+    public List<VirtioPciTransport> Nics { get; } = new();
 
     /// <summary>Where the guest finds each device, by id ("port 0x3f8-0x3ff", "pci 00:01.0").</summary>
     public Dictionary<string, string> Locations { get; } = new(StringComparer.Ordinal);
@@ -118,6 +121,40 @@ internal sealed class MachineDevices
             d.Disks.Add(transport);
             int at = d.Pci.Add(transport, gsi);
             d.Locations[$"virtio-blk{i}"] = $"pci 00:{at:x2}.0";
+        }
+        // One virtio-net function per NIC, in the slots after the disks.
+        for (int i = 0; i < ctx.Spec.Nics.Count; i++)
+        {
+            var nic = ctx.Spec.Nics[i];
+            int slot = ctx.Spec.Disks.Count + i + 1;
+            byte gsi = X86Layout.PciIntxGsi(slot);
+            if (!intxLines.TryGetValue(gsi, out var line))
+                intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(vm, gsi));
+            var uplink = nic.Uplinks[0];
+            INetBackend backend;
+            try
+            {
+                backend = TapBackend.Open(uplink.Tap, nic.Queues, uplink.Bridge);
+            }
+            catch (IOException e)
+            {
+                throw new IOException($"virtio-net{i} ({nic.Mac}): {e.Message}", e);
+            }
+            VirtioPciTransport transport;
+            var net = new VirtioNet($"virtio-net{i}", backend, nic.ToOptions(), ctx.Log);
+            try
+            {
+                transport = new VirtioPciTransport(net, ctx.Memory, msi, line.CreateSource(), ioevents, ctx.Log);
+            }
+            catch
+            {
+                net.Dispose();
+                throw;
+            }
+            manager.Add($"virtio-net{i}", transport);
+            d.Nics.Add(transport);
+            int at = d.Pci.Add(transport, gsi);
+            d.Locations[$"virtio-net{i}"] = $"pci 00:{at:x2}.0 ({backend.Name}, {nic.Mac})";
         }
         return d;
     }

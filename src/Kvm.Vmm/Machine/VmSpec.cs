@@ -38,6 +38,9 @@ public sealed record VmSpec
     /// <summary>virtio-blk disks, in PCI slot order (slot 1 onwards).</summary>
     public IReadOnlyList<DiskSpec> Disks { get; init; } = [];
 
+    /// <summary>virtio-net NICs, in PCI slot order after the disks.</summary>
+    public IReadOnlyList<NicSpec> Nics { get; init; } = [];
+
     /// <summary>Throws <see cref="ArgumentException"/> naming the field and value that are wrong.</summary>
     public void Validate()
     {
@@ -51,10 +54,15 @@ public sealed record VmSpec
         if (MemoryBytes % align != 0)
             throw new ArgumentException($"memory {MemoryBytes} bytes is not a multiple of {GuestMemory.FormatSize(align)}");
         Cpu.CpuFeatures.Model(CpuModel); // throws naming the known models
-        if (Disks.Count > MaxDisks)
-            throw new ArgumentException($"{Disks.Count} disks is more than the {MaxDisks} PCI slots left");
+        if (Disks.Count + Nics.Count > MaxDisks)
+            throw new ArgumentException($"{Disks.Count} disks and {Nics.Count} NICs need more than the {MaxDisks} PCI slots left");
         foreach (var d in Disks)
             d.Validate();
+        foreach (var n in Nics)
+            n.Validate();
+        var macs = Nics.GroupBy(n => n.Mac).FirstOrDefault(g => g.Count() > 1);
+        if (macs is not null)
+            throw new ArgumentException($"two NICs have MAC {macs.Key}");
     }
 
     /// <summary>Parses sizes such as 4096, 64K, 256M, 2G (binary units; a trailing 'B' or 'iB' is accepted).</summary>

@@ -19,6 +19,7 @@ public sealed class VmSpecDocument
     public HugePageMode? HugePages { get; set; }
     public bool? TrackDirtyPages { get; set; }
     public List<DiskSpecDocument>? Disks { get; set; }
+    public List<NicSpecDocument>? Nics { get; set; }
     public List<string>? HiddenCpuFeatures { get; set; }
     public string? CpuModel { get; set; }
 
@@ -37,6 +38,7 @@ public sealed class VmSpecDocument
             HugePages = HugePages ?? d.HugePages,
             TrackDirtyPages = TrackDirtyPages ?? d.TrackDirtyPages,
             Disks = Disks?.Select((x, i) => x.ToSpec(source, i)).ToArray() ?? d.Disks,
+            Nics = Nics?.Select((x, i) => x.ToSpec(source, i)).ToArray() ?? d.Nics,
             HiddenCpuFeatures = HiddenCpuFeatures is null ? d.HiddenCpuFeatures
                 : Kvm.Vmm.Cpu.CpuFeatures.ParseHidden(string.Join(',', HiddenCpuFeatures.Select(f => "-" + f))),
             CpuModel = CpuModel ?? d.CpuModel,
@@ -54,6 +56,7 @@ public sealed class VmSpecDocument
         HugePages = spec.HugePages,
         TrackDirtyPages = spec.TrackDirtyPages,
         Disks = spec.Disks.Count == 0 ? null : spec.Disks.Select(DiskSpecDocument.From).ToList(),
+        Nics = spec.Nics.Count == 0 ? null : spec.Nics.Select(NicSpecDocument.From).ToList(),
         HiddenCpuFeatures = spec.HiddenCpuFeatures.Count == 0 ? null : spec.HiddenCpuFeatures.ToList(),
         CpuModel = spec.CpuModel == "host" ? null : spec.CpuModel,
     };
@@ -87,6 +90,58 @@ public sealed class DiskSpecDocument
         Serial = d.Serial,
         Queues = d.Queues,
     };
+}
+
+/// <summary>The JSON form of a <see cref="NicSpec"/>; a NIC without "mac" gets a random one.</summary>
+public sealed class NicSpecDocument
+{
+    public string? Mac { get; set; }
+    public int? Queues { get; set; }
+    public bool? Offloads { get; set; }
+    public bool? AllowSpoofing { get; set; }
+    public int? Mtu { get; set; }
+    public List<UplinkSpecDocument>? Uplinks { get; set; }
+
+    public NicSpec ToSpec(string source, int index)
+    {
+        var d = new NicSpec();
+        Kvm.Network.MacAddress mac;
+        try
+        {
+            mac = Mac is null ? d.Mac : Kvm.Network.MacAddress.Parse(Mac);
+        }
+        catch (FormatException e)
+        {
+            throw new ArgumentException($"VM spec {source}: nics[{index}].mac: {e.Message}");
+        }
+        return d with
+        {
+            Mac = mac,
+            Queues = Queues ?? d.Queues,
+            Offloads = Offloads ?? d.Offloads,
+            AllowSpoofing = AllowSpoofing ?? d.AllowSpoofing,
+            Mtu = Mtu ?? d.Mtu,
+            Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
+                ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
+        };
+    }
+
+    public static NicSpecDocument From(NicSpec n) => new()
+    {
+        Mac = n.Mac.ToString(),
+        Queues = n.Queues,
+        Offloads = n.Offloads,
+        AllowSpoofing = n.AllowSpoofing,
+        Mtu = n.Mtu,
+        Uplinks = n.Uplinks.Select(u => new UplinkSpecDocument { Tap = u.Tap, Bridge = u.Bridge }).ToList(),
+    };
+}
+
+/// <summary>The JSON form of an <see cref="UplinkSpec"/>.</summary>
+public sealed class UplinkSpecDocument
+{
+    public string? Tap { get; set; }
+    public string? Bridge { get; set; }
 }
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, UseStringEnumConverter = true,

@@ -1,0 +1,482 @@
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using Kvm.Devices.Manager;
+using Kvm.Hypervisor;
+using Kvm.Hypervisor.State;
+using Kvm.Network;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using static Kvm.Devices.Virtio.ChainIo;
+
+namespace Kvm.Devices.Virtio.Net;
+
+/// <summary>
+/// A virtio network device (virtio 1.2, 5.1) on an <see cref="INetBackend"/>: receive and transmit
+/// queue pairs (one or more, VIRTIO_NET_F_MQ) and a control queue (receive mode, MAC filter table,
+/// MAC address, announcements, queue pairs). Frames keep their virtio-net header end to end, so
+/// checksum and TCP segmentation offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6, ECN) pass to and
+/// from the backend untouched; MRG_RXBUF spreads a received frame over several buffers.
+/// <para>
+/// The guest is untrusted: a transmitted frame shorter than an Ethernet header, longer than the MTU
+/// (or 64 KiB with segmentation offload), asking for an offload that was not negotiated, or (unless
+/// spoofing is allowed) carrying another source MAC than the VM's is dropped and counted, never
+/// sent. A receive buffer that is not device-writable, or too small for the header, breaks the
+/// protocol (NEEDS_RESET, as a <see cref="VirtqueueException"/>).
+/// </para>
+/// </summary>
+public sealed class VirtioNet : IVirtioDevice
+{
+    public const ushort TypeNet = 1;
+
+    // Feature bits (5.1.3)
+    public const int FeatureCsum = 0, FeatureGuestCsum = 1, FeatureMtu = 3, FeatureMac = 5, FeatureGuestTso4 = 7,
+        FeatureGuestTso6 = 8, FeatureGuestEcn = 9, FeatureHostTso4 = 11, FeatureHostTso6 = 12, FeatureHostEcn = 13,
+        FeatureMrgRxbuf = 15, FeatureStatus = 16, FeatureCtrlVq = 17, FeatureCtrlRx = 18, FeatureGuestAnnounce = 21,
+        FeatureMq = 22, FeatureCtrlMacAddr = 23;
+
+    // Status bits (config `status`)
+    public const ushort StatusLinkUp = 1, StatusAnnounce = 2;
+
+    // Control classes and commands (5.1.6.5)
+    public const byte CtrlRx = 0, CtrlMac = 1, CtrlAnnounce = 3, CtrlMq = 4;
+    public const byte RxPromisc = 0, RxAllMulti = 1, RxAllUni = 2, RxNoMulti = 3, RxNoUni = 4, RxNoBcast = 5;
+    public const byte MacTableSet = 0, MacAddrSet = 1, AnnounceAck = 0, MqVqPairsSet = 0;
+    public const byte AckOk = 0, AckErr = 1;
+
+    /// <summary>MAC filter entries kept per table; a longer table means "accept all" of its kind, as an overflowed hardware filter does.</summary>
+    public const int MaxFilterEntries = 64;
+
+    /// <summary>The longest control command accepted (a MAC table of 2 x 4 + 6 x entries bytes fits many times over).</summary>
+    public const int MaxControlData = 16 * 1024;
+
+    private const int EthHeader = 14;
+
+    private readonly INetBackend _backend;
+    private readonly VirtioNetOptions _options;
+    private readonly ILogger _log;
+    private readonly RxState[] _rx;
+    private readonly byte[][] _tx;
+    private readonly VirtioNetCounters _counters = new();
+    private GuestMemory? _memory;
+    private ulong _features;
+    private Action _configChanged = () => { };
+    private volatile RxFilter _filter = RxFilter.Initial;
+    private MacAddress _mac;
+    private int _activePairs = 1;
+    private int _status = StatusLinkUp;
+
+    public VirtioNet(string name, INetBackend backend, VirtioNetOptions options, ILogger? logger = null)
+    {
+        options.Validate();
+        if (backend.QueuePairs < options.QueuePairs)
+            throw new ArgumentException($"{name}: {backend.Name} has {backend.QueuePairs} queue pairs, the device {options.QueuePairs}");
+        Name = name;
+        _backend = backend;
+        _options = options;
+        _log = logger ?? NullLogger.Instance;
+        _mac = options.Mac;
+        _rx = new RxState[options.QueuePairs];
+        _tx = new byte[options.QueuePairs][];
+        for (int i = 0; i < _rx.Length; i++)
+        {
+            _rx[i] = new RxState(options.QueueSize);
+            _tx[i] = new byte[VirtioNetHeader.MaxPacket];
+        }
+    }
+
+    public string Name { get; }
+    public ushort DeviceType => TypeNet;
+    public int QueueCount => 2 * _options.QueuePairs + 1;
+    public ushort MaxQueueSize => _options.QueueSize;
+    public INetBackend Backend => _backend;
+    public VirtioNetOptions Options => _options;
+
+    /// <summary>The guest's address now (the configured one unless it changed it, which only <see cref="VirtioNetOptions.AllowSpoofing"/> permits).</summary>
+    public MacAddress Mac => _mac;
+
+    /// <summary>Queue pairs the driver uses (1 until it asks for more).</summary>
+    public int ActivePairs => Volatile.Read(ref _activePairs);
+
+    public ulong NegotiatedFeatures => _features;
+
+    /// <summary>Frames, bytes and drops by cause since the device was made.</summary>
+    public VirtioNetStats Stats => _counters.Snapshot();
+
+    private bool Negotiated(int feature) => (_features & (1UL << feature)) != 0;
+
+    private static ulong Bit(int feature) => 1UL << feature;
+
+    public ulong Features
+    {
+        get
+        {
+            ulong f = Bit(FeatureMac) | Bit(FeatureMtu) | Bit(FeatureMrgRxbuf) | Bit(FeatureStatus) | Bit(FeatureCtrlVq) |
+                      Bit(FeatureCtrlRx) | Bit(FeatureGuestAnnounce) | Bit(FeatureCtrlMacAddr);
+            if (_options.QueuePairs > 1)
+                f |= Bit(FeatureMq);
+            if (_options.Offloads)
+                f |= Bit(FeatureCsum) | Bit(FeatureGuestCsum) | Bit(FeatureGuestTso4) | Bit(FeatureGuestTso6) |
+                     Bit(FeatureGuestEcn) | Bit(FeatureHostTso4) | Bit(FeatureHostTso6) | Bit(FeatureHostEcn);
+            return f;
+        }
+    }
+
+    /// <summary>struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu.</summary>
+    public int ConfigSize => 12;
+
+    public void ReadConfig(int offset, Span<byte> data)
+    {
+        Span<byte> c = stackalloc byte[12];
+        _mac.CopyTo(c);
+        ushort status = (ushort)Volatile.Read(ref _status);
+        if (!_backend.LinkUp)
+            status &= unchecked((ushort)~StatusLinkUp);
+        BinaryPrimitives.WriteUInt16LittleEndian(c[6..], status);
+        BinaryPrimitives.WriteUInt16LittleEndian(c[8..], (ushort)_options.QueuePairs);
+        BinaryPrimitives.WriteUInt16LittleEndian(c[10..], (ushort)_options.Mtu);
+        data.Clear();
+        if (offset >= 0 && offset < c.Length)
+            c.Slice(offset, Math.Min(data.Length, c.Length - offset)).CopyTo(data);
+    }
+
+    /// <summary>Nothing in the configuration space is writable once VERSION_1 is negotiated (the MAC changes through the control queue).</summary>
+    public void WriteConfig(int offset, ReadOnlySpan<byte> data)
+    {
+    }
+
+    public void BindConfigChange(Action notify) => _configChanged = notify;
+
+    public void Activate(ulong features, GuestMemory memory)
+    {
+        _features = features;
+        _memory = memory;
+        var offloads = NetOffloads.None;
+        if (Negotiated(FeatureGuestCsum))
+        {
+            offloads |= NetOffloads.Checksum;
+            if (Negotiated(FeatureGuestTso4)) offloads |= NetOffloads.Tso4;
+            if (Negotiated(FeatureGuestTso6)) offloads |= NetOffloads.Tso6;
+            if (Negotiated(FeatureGuestEcn)) offloads |= NetOffloads.TsoEcn;
+        }
+        _backend.SetOffloads(offloads);
+        _backend.SetActivePairs(ActivePairs);
+    }
+
+    public void Reset()
+    {
+        _memory = null;
+        _features = 0;
+        _filter = RxFilter.Initial;
+        _mac = _options.Mac;
+        Volatile.Write(ref _activePairs, 1);
+        Volatile.Write(ref _status, StatusLinkUp);
+        foreach (var rx in _rx)
+            rx.Length = 0;
+    }
+
+    /// <summary>
+    /// Asks the guest to announce itself (gratuitous ARP and the like) after it moved or its uplink
+    /// changed: sets ANNOUNCE in the status and raises a configuration change; false when the
+    /// driver did not negotiate GUEST_ANNOUNCE (the host must announce the MAC itself).
+    /// </summary>
+    public bool Announce()
+    {
+        if (_memory is null || !Negotiated(FeatureGuestAnnounce) || !Negotiated(FeatureCtrlVq))
+            return false;
+        Interlocked.Or(ref _status, StatusAnnounce);
+        _configChanged();
+        return true;
+    }
+
+    // ---------------------------------------------------------------- queues
+
+    private bool IsControl(int queue) => queue == 2 * _options.QueuePairs;
+
+    public SafeHandle? QueueWakeHandle(int queue) =>
+        queue < 2 * _options.QueuePairs && queue % 2 == 0 ? _backend.ReceiveHandle(queue / 2) : null;
+
+    public void ProcessQueue(Virtqueue queue)
+    {
+        if (IsControl(queue.Index))
+            ProcessControl(queue);
+        else if (queue.Index % 2 == 1)
+            ProcessTransmit(queue, queue.Index / 2);
+        else
+            ProcessReceive(queue, queue.Index / 2);
+    }
+
+    public bool ProcessBackendQueue(Virtqueue queue) => ProcessReceive(queue, queue.Index / 2);
+
+    private GuestMemory Memory => _memory ?? throw new InvalidOperationException($"{Name} is not active");
+
+    /// <summary>Moves waiting frames into the receive ring; true when the backend ran dry, false when the ring did (the frame in hand waits).</summary>
+    private bool ProcessReceive(Virtqueue queue, int pair)
+    {
+        var memory = Memory;
+        var rx = _rx[pair];
+        while (true)
+        {
+            if (rx.Length == 0)
+            {
+                if (queue.Pending == 0)
+                    return false;
+                int n = _backend.Receive(pair, rx.Buffer);
+                if (n == 0)
+                    return true;
+                if (n < VirtioNetHeader.Size + EthHeader)
+                {
+                    _counters.RxErrors();
+                    continue;
+                }
+                if (!_filter.Accepts(MacAddress.FromBytes(rx.Buffer.AsSpan(VirtioNetHeader.Size, 6)), _mac))
+                {
+                    _counters.RxFiltered();
+                    continue;
+                }
+                rx.Length = n;
+            }
+            if (!Deliver(queue, memory, rx))
+                return false;
+            _counters.Rx(rx.Length - VirtioNetHeader.Size);
+            rx.Length = 0;
+        }
+    }
+
+    /// <summary>
+    /// Writes the frame in hand into as many chains as it needs (one without MRG_RXBUF) and pushes
+    /// them; false, with every chain given back, when the ring has too few.
+    /// </summary>
+    private bool Deliver(Virtqueue queue, GuestMemory memory, RxState rx)
+    {
+        bool mergeable = Negotiated(FeatureMrgRxbuf);
+        var packet = rx.Buffer.AsSpan(0, rx.Length);
+        BinaryPrimitives.WriteUInt16LittleEndian(packet[10..], 1);    // num_buffers, for now
+        int offset = 0, used = 0;
+        ulong countLow = 0, countHigh = 0;                             // where num_buffers went
+        while (offset < packet.Length)
+        {
+            if (!queue.TryPop(out var chain))
+            {
+                queue.Unpop(used);
+                return false;
+            }
+            if (chain.FirstWritable != 0)
+                throw new VirtqueueException($"{Name}: receive buffer (head {chain.Head}) has device-readable descriptors");
+            ulong room = chain.WritableBytes;
+            if (used == 0 && room < VirtioNetHeader.Size)
+                throw new VirtqueueException($"{Name}: receive buffer (head {chain.Head}) of {room} bytes has no room for the {VirtioNetHeader.Size}-byte header");
+            if (!mergeable && room < (ulong)packet.Length)
+            {
+                // The driver's buffers are smaller than the frame (it did not take the offloads that
+                // make frames this long): the frame is dropped, the buffer comes back empty.
+                queue.Push(chain.Head, 0);
+                _counters.RxTooLong();
+                return true;
+            }
+            int take = (int)Math.Min(room, (ulong)(packet.Length - offset));
+            Scatter(memory, chain.Writable, 0, packet.Slice(offset, take));
+            if (used == 0)
+            {
+                ForEachRange(chain.Writable, 10, 1, 0, (a, _, _) => countLow = a);
+                ForEachRange(chain.Writable, 11, 1, 0, (a, _, _) => countHigh = a);
+            }
+            rx.Used[used++] = (chain.Head, (uint)take);
+            offset += take;
+        }
+        if (used > 1)
+        {
+            memory.WriteU8(countLow, (byte)used);
+            memory.WriteU8(countHigh, (byte)(used >> 8));
+        }
+        for (int i = 0; i < used; i++)
+            queue.Push(rx.Used[i].Head, rx.Used[i].Length);
+        return true;
+    }
+
+    private void ProcessTransmit(Virtqueue queue, int pair)
+    {
+        var memory = Memory;
+        var buffer = _tx[pair];
+        while (queue.TryPop(out var chain))
+        {
+            ulong length = chain.ReadableBytes;
+            if (length < VirtioNetHeader.Size + EthHeader)
+                _counters.TxMalformed();
+            else if (length > VirtioNetHeader.MaxPacket)
+                _counters.TxTooLong();
+            else
+            {
+                var packet = buffer.AsSpan(0, (int)length);
+                Gather(memory, chain.Readable, 0, packet);
+                Transmit(pair, packet);
+            }
+            queue.Push(chain.Head, 0);
+        }
+    }
+
+    /// <summary>Checks one frame from the guest and sends it, or drops and counts it.</summary>
+    private void Transmit(int pair, Span<byte> packet)
+    {
+        byte flags = packet[0];
+        byte gso = packet[1];
+        int frame = packet.Length - VirtioNetHeader.Size;
+        if ((flags & VirtioNetHeader.FlagNeedsCsum) != 0 && !Negotiated(FeatureCsum) ||
+            (flags & ~(VirtioNetHeader.FlagNeedsCsum | VirtioNetHeader.FlagDataValid)) != 0)
+        {
+            _counters.TxMalformed();
+            return;
+        }
+        switch (gso & ~VirtioNetHeader.GsoEcn)
+        {
+            case VirtioNetHeader.GsoNone:
+                if (frame > _options.Mtu + 18)
+                {
+                    _counters.TxTooLong();
+                    return;
+                }
+                break;
+            case VirtioNetHeader.GsoTcpV4 when Negotiated(FeatureHostTso4) && ((gso & VirtioNetHeader.GsoEcn) == 0 || Negotiated(FeatureHostEcn)):
+            case VirtioNetHeader.GsoTcpV6 when Negotiated(FeatureHostTso6) && ((gso & VirtioNetHeader.GsoEcn) == 0 || Negotiated(FeatureHostEcn)):
+                break;
+            default:
+                _counters.TxMalformed();
+                return;
+        }
+        var source = MacAddress.FromBytes(packet.Slice(VirtioNetHeader.Size + 6, 6));
+        if (!_options.AllowSpoofing && source != _options.Mac)
+        {
+            _counters.TxSpoofed();
+            return;
+        }
+        packet[10] = packet[11] = 0;        // num_buffers means nothing on transmit
+        if (_backend.Send(pair, packet))
+            _counters.Tx(frame);
+        else
+            _counters.TxBackendDropped();
+    }
+
+    private void ProcessControl(Virtqueue queue)
+    {
+        var memory = Memory;
+        Span<byte> head = stackalloc byte[2];
+        while (queue.TryPop(out var chain))
+        {
+            if (chain.ReadableBytes < 2 || chain.WritableBytes < 1)
+                throw new VirtqueueException($"{Name}: control command (head {chain.Head}) has {chain.ReadableBytes} device-readable and {chain.WritableBytes} device-writable bytes; it needs 2 and 1 at least");
+            Gather(memory, chain.Readable, 0, head);
+            ulong dataLength = chain.ReadableBytes - 2;
+            byte ack;
+            if (dataLength > MaxControlData)
+                ack = AckErr;
+            else
+            {
+                var data = new byte[(int)dataLength];
+                Gather(memory, chain.Readable, 2, data);
+                ack = Control(head[0], head[1], data);
+            }
+            _counters.Control(ack == AckOk);
+            Scatter(memory, chain.Writable, 0, [ack]);
+            queue.Push(chain.Head, 1);
+        }
+    }
+
+    /// <summary>Carries out one control command; its ack.</summary>
+    private byte Control(byte cls, byte command, ReadOnlySpan<byte> data)
+    {
+        switch (cls)
+        {
+            case CtrlRx when Negotiated(FeatureCtrlRx) && data.Length == 1 && command <= RxNoBcast:
+                _filter = _filter.With(command, data[0] != 0);
+                return AckOk;
+            case CtrlMac when command == MacTableSet && Negotiated(FeatureCtrlRx):
+                return SetMacTable(data);
+            case CtrlMac when command == MacAddrSet && Negotiated(FeatureCtrlMacAddr) && data.Length == 6:
+                var mac = MacAddress.FromBytes(data);
+                if (mac.IsMulticast || (!_options.AllowSpoofing && mac != _options.Mac))
+                    return AckErr;
+                _mac = mac;
+                return AckOk;
+            case CtrlAnnounce when command == AnnounceAck && Negotiated(FeatureGuestAnnounce) && data.Length == 0:
+                Interlocked.And(ref _status, ~StatusAnnounce);
+                return AckOk;
+            case CtrlMq when command == MqVqPairsSet && Negotiated(FeatureMq) && data.Length == 2:
+                ushort pairs = BinaryPrimitives.ReadUInt16LittleEndian(data);
+                if (pairs < 1 || pairs > _options.QueuePairs)
+                    return AckErr;
+                _backend.SetActivePairs(pairs);
+                Volatile.Write(ref _activePairs, pairs);
+                return AckOk;
+            default:
+                return AckErr;
+        }
+    }
+
+    /// <summary>VIRTIO_NET_CTRL_MAC_TABLE_SET: a unicast and a multicast table, each a 32-bit count and that many addresses.</summary>
+    private byte SetMacTable(ReadOnlySpan<byte> data)
+    {
+        var tables = new MacAddress[2][];
+        var overflow = new bool[2];
+        for (int t = 0; t < 2; t++)
+        {
+            if (data.Length < 4)
+                return AckErr;
+            uint entries = BinaryPrimitives.ReadUInt32LittleEndian(data);
+            data = data[4..];
+            if (entries > (uint)data.Length / 6)
+                return AckErr;
+            overflow[t] = entries > MaxFilterEntries;
+            tables[t] = new MacAddress[overflow[t] ? 0 : entries];
+            for (int i = 0; i < tables[t].Length; i++)
+                tables[t][i] = MacAddress.FromBytes(data.Slice(6 * i, 6));
+            data = data[(int)(6 * entries)..];
+        }
+        if (data.Length != 0)
+            return AckErr;
+        _filter = _filter with { Unicast = tables[0], Multicast = tables[1], UnicastOverflow = overflow[0], MulticastOverflow = overflow[1] };
+        return AckOk;
+    }
+
+    // ---------------------------------------------------------------- state
+
+    public string StateKind => "virtio-net";
+
+    /// <summary>A frame read from the backend and not yet delivered is dropped at a pause (the network may lose frames; a snapshot must not hold half of one).</summary>
+    public void Pause()
+    {
+        foreach (var rx in _rx)
+            if (rx.Length != 0)
+            {
+                rx.Length = 0;
+                _counters.RxDroppedAtPause();
+            }
+    }
+
+    public VirtioNetState Save() => new(_options.Mac, _mac, _options.QueuePairs, ActivePairs,
+        (ushort)(Volatile.Read(ref _status) & StatusAnnounce), _filter);
+
+    public void SaveState(StateWriter writer) => Save().Write(writer);
+
+    /// <summary>Takes the saved device if the guest cannot tell this one from it: same configured MAC and queue pairs.</summary>
+    public void RestoreState(ref StateReader reader)
+    {
+        var saved = VirtioNetState.Read(ref reader);
+        if (saved.ConfiguredMac != _options.Mac)
+            throw new DeviceStateException($"{Name}: the saved device had MAC {saved.ConfiguredMac}, this one {_options.Mac}");
+        if (saved.QueuePairs != _options.QueuePairs)
+            throw new DeviceStateException($"{Name}: the saved device had {saved.QueuePairs} queue pairs, this one {_options.QueuePairs}");
+        _mac = saved.Mac;
+        Volatile.Write(ref _activePairs, saved.ActivePairs);
+        Volatile.Write(ref _status, StatusLinkUp | saved.Announce);
+        _filter = saved.Filter;
+    }
+
+    public void Dispose() => _backend.Dispose();
+
+    /// <summary>A receive queue's frame in hand and the chains a frame went into.</summary>
+    private sealed class RxState(int queueSize)
+    {
+        public readonly byte[] Buffer = new byte[VirtioNetHeader.MaxPacket];
+        public readonly (ushort Head, uint Length)[] Used = new (ushort, uint)[queueSize];
+        public int Length;
+    }
+}

@@ -1,0 +1,116 @@
+using System.Runtime.InteropServices;
+using System.Text;
+using Kvm.Interop.Handles;
+
+namespace Kvm.Interop.Native;
+
+/// <summary>Tap devices, host interfaces and waiting on fds. Each returns -errno on failure.</summary>
+public static unsafe partial class KvmShim
+{
+    /// <summary>IFNAMSIZ: interface names are at most 15 bytes.</summary>
+    public const int InterfaceNameSize = 16;
+
+    // TUN_F_* offload flags (linux/if_tun.h) for TUNSETOFFLOAD.
+    public const uint TunOffloadCsum = 0x01, TunOffloadTso4 = 0x02, TunOffloadTso6 = 0x04, TunOffloadTsoEcn = 0x08;
+
+    // Interface flags (linux/if.h).
+    public const int InterfaceUp = 0x1, InterfaceRunning = 0x40, InterfaceLowerUp = 0x10000;
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_tap_open", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int TapOpen(string name, int multiQueue, byte* outName);
+
+    /// <summary>
+    /// Opens a queue of the tap device <paramref name="name"/> (created when missing; empty: the
+    /// kernel names it), non-blocking, with 12-byte virtio-net headers. Returns the handle and the
+    /// device's name, or throws <see cref="IOException"/> naming the device and the cause.
+    /// </summary>
+    public static (TapHandle Handle, string Name) OpenTap(string name, bool multiQueue)
+    {
+        byte* outName = stackalloc byte[InterfaceNameSize];
+        int fd = TapOpen(name, multiQueue ? 1 : 0, outName);
+        if (fd < 0)
+            throw new IOException($"cannot open tap device '{name}': {Errno.Describe(-fd)}" + (fd == -Errno.EPERM
+                ? " (creating or attaching a tap needs CAP_NET_ADMIN, or a tap made beforehand for this user: ip tuntap add NAME mode tap user USER)"
+                : ""));
+        var span = new ReadOnlySpan<byte>(outName, InterfaceNameSize);
+        int end = span.IndexOf((byte)0);
+        return (new TapHandle(fd), Encoding.UTF8.GetString(span[..(end < 0 ? span.Length : end)]));
+    }
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_tap_set_offload")]
+    private static partial int TapSetOffloadFd(SafeHandle fd, uint flags);
+
+    /// <summary>TUNSETOFFLOAD (TUN_F_* flags): what frames read from the tap may leave undone.</summary>
+    public static int TapSetOffload(TapHandle tap, uint flags) => TapSetOffloadFd(tap, flags);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_tap_set_queue")]
+    private static partial int TapSetQueueFd(SafeHandle fd, int attach);
+
+    /// <summary>TUNSETQUEUE: attaches or detaches this queue of a multi-queue tap.</summary>
+    public static int TapSetQueue(TapHandle tap, bool attach) => TapSetQueueFd(tap, attach ? 1 : 0);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_if_index", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int InterfaceIndex(string name);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_if_flags", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int InterfaceFlags(string name);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_if_set_up", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int InterfaceSetUp(string name, int up);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_bridge_add", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int BridgeAdd(string bridge, string name);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_poll2")]
+    private static partial int Poll2(int fd1, int fd2, int timeoutMs);
+
+    /// <summary>
+    /// Waits until <paramref name="first"/> or <paramref name="second"/> (when given) is readable,
+    /// or <paramref name="timeoutMs"/> passes (negative: no end). Returns bit 1 for the first, bit 2
+    /// for the second, 0 on timeout; throws <see cref="IOException"/> when poll fails.
+    /// </summary>
+    public static int PollRead(SafeHandle first, SafeHandle? second, int timeoutMs)
+    {
+        bool r1 = false, r2 = false;
+        try
+        {
+            first.DangerousAddRef(ref r1);
+            second?.DangerousAddRef(ref r2);
+            int rc = Poll2((int)first.DangerousGetHandle(), second is null ? -1 : (int)second.DangerousGetHandle(), timeoutMs);
+            if (rc < 0)
+                throw new IOException($"poll failed: {Errno.Describe(-rc)}");
+            return rc;
+        }
+        finally
+        {
+            if (r2)
+                second!.DangerousRelease();
+            if (r1)
+                first.DangerousRelease();
+        }
+    }
+}
+
+/// <summary>read(2) and write(2) on a non-blocking fd, for code outside this project (no unsafe code there).</summary>
+public static unsafe class FdIo
+{
+    /// <summary>Reads into <paramref name="buffer"/>: the bytes read, or -errno (-EAGAIN when nothing is waiting).</summary>
+    public static int Read(SafeFdHandle fd, Span<byte> buffer)
+    {
+        fixed (byte* p = buffer)
+        {
+            nint n = Libc.Read(fd, p, (nuint)buffer.Length);
+            return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
+        }
+    }
+
+    /// <summary>Writes <paramref name="data"/>: the bytes written, or -errno.</summary>
+    public static int Write(SafeFdHandle fd, ReadOnlySpan<byte> data)
+    {
+        fixed (byte* p = data)
+        {
+            nint n = Libc.Write(fd, p, (nuint)data.Length);
+            return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
+        }
+    }
+}
