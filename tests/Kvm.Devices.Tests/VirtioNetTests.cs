@@ -304,6 +304,26 @@ public sealed class VirtioNetTests
 
         var s = rig.Net.Stats;
         Assert.Equal(1, s.RxTooLong);
+        // The dropped frame was not received.
+        Assert.Equal(1, s.RxPackets);
+        Assert.Equal(100, s.RxBytes);
+    }
+
+    [Fact]
+    public void AFrameLongerThanTheWholeRingIsDroppedNotWaitedFor()
+    {
+        using var rig = NetRig.Create(NetRig.DefaultOptions with { Mtu = 9000 });
+        rig.Start(queueSize: 8);
+        var heads = rig.PostRx(8, size: 64);
+        rig.Backend.Inject(0, Eth.Packet(Eth.Frame(Eth.VmMac, Eth.PeerMac, 1000)));
+        var small = Eth.Frame(Eth.VmMac, Eth.PeerMac, 40);
+        rig.Backend.Inject(0, Eth.Packet(small));
+        var (used, packet) = rig.Receive();
+        Assert.Equal(heads[0], (ushort)Assert.Single(used).Id);
+        Assert.Equal(small, packet.AsSpan(12).ToArray());
+        var s = rig.Net.Stats;
+        Assert.Equal(1, s.RxTooLong);
+        Assert.Equal(1, s.RxPackets);
     }
 
     [Fact]
