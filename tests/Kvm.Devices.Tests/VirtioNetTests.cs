@@ -374,6 +374,29 @@ public sealed class VirtioNetTests
         Assert.Equal(1, rig.Net.Stats.RxPackets);
     }
 
+    /// <summary>
+    /// A receive worker holding a frame the posted buffers cannot take must sleep until the driver
+    /// posts more, not spin: a guest could otherwise keep a host CPU busy by posting too few buffers.
+    /// Measured as the worker thread's CPU time (/proc/self/task/*/stat) while it waits.
+    /// </summary>
+    [Fact]
+    public void AWorkerWaitingForMoreBuffersSleeps()
+    {
+        using var rig = NetRig.Create(NetRig.DefaultOptions with { Mtu = 9000 }, name: "vnspin");
+        rig.Start();
+        rig.PostRx(2);
+        rig.Backend.Inject(0, Eth.Packet(Eth.Frame(Eth.VmMac, Eth.PeerMac, 9000)));
+        Thread.Sleep(100);
+        var task = ThreadCpu.Find("vnspin q0");
+        Assert.NotNull(task);
+        long before = ThreadCpu.Ticks(task);
+        Thread.Sleep(1000);
+        long spent = ThreadCpu.Ticks(task) - before;
+        Assert.True(spent < 20, $"the receive worker used {spent} clock ticks of CPU in one second while waiting for buffers");
+        rig.PostRx(6);
+        Assert.Equal(6, rig.Receive().Used.Count);
+    }
+
     [Fact]
     public void FramesArriveInOrderThroughARingSmallerThanTheStream()
     {
