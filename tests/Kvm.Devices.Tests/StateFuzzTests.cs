@@ -375,4 +375,53 @@ public sealed class StateFuzzTests(ITestOutputHelper output)
         }), iterations: 1500);
         Assert.Empty(log.WorkerFailures);
     }
+    /// <summary>
+    /// The virtio-net transport: a device with its receive filter, MAC table, two active pairs and
+    /// a pending announcement, paused and saved; records restored into fresh transports over a copy
+    /// of its RAM. One that is accepted is resumed, kicked, its registers read, and disposed of.
+    /// </summary>
+    [Fact]
+    public void VirtioNetTransport()
+    {
+        var options = new Kvm.Devices.Virtio.Net.VirtioNetOptions { Mac = Eth.VmMac, QueuePairs = 2, QueueSize = 64 };
+        using var rig = NetRig.Create(options, ramSize: 4UL << 20);
+        rig.Start();
+        rig.Control(Kvm.Devices.Virtio.Net.VirtioNet.CtrlRx, Kvm.Devices.Virtio.Net.VirtioNet.RxPromisc, [0]);
+        rig.Control(Kvm.Devices.Virtio.Net.VirtioNet.CtrlMac, Kvm.Devices.Virtio.Net.VirtioNet.MacTableSet, NetRig.MacTable([Eth.OtherMac], [Eth.Multicast]));
+        rig.Control(Kvm.Devices.Virtio.Net.VirtioNet.CtrlMq, Kvm.Devices.Virtio.Net.VirtioNet.MqVqPairsSet, [2, 0]);
+        rig.Net.Announce();
+        rig.PostRx(4);
+        rig.Transport.Pause();
+        byte[] seed = StateBytes.Save(rig.Transport);
+        using var memory = GuestMemory.Create([(0, rig.RamSize)]);
+        memory.Write(0, rig.Memory.GetSpan(0, (int)rig.RamSize));
+        var saved = memory.GetSpan(0, (int)rig.RamSize).ToArray();
+        var log = new RecordingLogger();
+        Run(new Kind("virtio-net0", seed, () =>
+        {
+            var net = new Kvm.Devices.Virtio.Net.VirtioNet("fuzz", new SocketPairBackend(2), options);
+            var t = new VirtioPciTransport(net, memory, new RecordingMsiController(), new LevelRecorder(), new RecordingIoEvents(), log)
+            {
+                PollTime = TimeSpan.Zero,
+            };
+            t.Pause();
+            return t;
+        }, d =>
+        {
+            var t = (VirtioPciTransport)d;
+            t.Resume();
+            var data = new byte[4];
+            for (ulong off = 0; off < 0x38; off += 4)
+                t.ReadBar(0, off, data);
+            for (int off = 0; off < 12; off += 2)
+                t.ReadBar(0, VirtioPciTransport.DeviceConfigOffset + (ulong)off, data.AsSpan(0, 2));
+            t.ReadBar(0, VirtioPciTransport.IsrOffset, new byte[1]);
+            for (int q = 0; q < 5; q++)
+                t.WriteBar(0, VirtioPciTransport.NotifyOffset + (ulong)q * VirtioPciTransport.NotifyMultiplier, [(byte)q, 0]);
+            ((SocketPairBackend)((Kvm.Devices.Virtio.Net.VirtioNet)t.Device).Backend).Inject(0, Eth.Packet(Eth.Frame(Eth.VmMac, Eth.PeerMac, 60)));
+            t.Pause();
+            memory.Write(0, saved);
+        }), iterations: 1500);
+        Assert.Empty(log.WorkerFailures);
+    }
 }

@@ -434,12 +434,15 @@ public sealed class SplitQueue
     }
 
     /// <summary>The used elements the device added since the last call; their descriptors go back to the free list.</summary>
-    public List<(uint Id, uint Length)> TakeUsed()
+    public List<(uint Id, uint Length)> TakeUsed() => TakeUsed(int.MaxValue);
+
+    /// <summary>Like <see cref="TakeUsed()"/>, at most <paramref name="max"/> elements (the device may be adding more meanwhile).</summary>
+    public List<(uint Id, uint Length)> TakeUsed(int max)
     {
         var list = new List<(uint, uint)>();
         ushort idx = UsedIdx;
         Interlocked.MemoryBarrier();
-        while (_lastUsed != idx)
+        while (_lastUsed != idx && list.Count < max)
         {
             var e = ReadUsedElement(_lastUsed);
             list.Add(e);

@@ -519,8 +519,12 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
         try
         {
             if (wake is not null)
+            {
+                // BackendLoop returns only when the worker is told to stop: not a broken queue.
                 BackendLoop(queue, notifier, wake);
-            else while (true)
+                return;
+            }
+            while (true)
             {
                 notifier.Read();
                 if (_stopping)

@@ -27,6 +27,8 @@ public sealed class Virtqueue
     private ushort _nextUsed;
     private ushort _signalledUsed;
     private bool _signalledValid;
+    private bool _short;            // the device gave chains back (Unpop) for want of more, seen up to _shortAt
+    private ushort _shortAt;
     private readonly DescriptorChain _chain = new();
 
     public Virtqueue(int index, ushort maxSize)
@@ -68,6 +70,7 @@ public sealed class Virtqueue
         _memory = null;
         _lastAvail = _nextUsed = _signalledUsed = 0;
         _signalledValid = false;
+        _short = false;
     }
 
     /// <summary>
@@ -85,6 +88,7 @@ public sealed class Virtqueue
         _indirect = indirect;
         _lastAvail = _nextUsed = _signalledUsed = 0;
         _signalledValid = false;
+        _short = false;
         _memory = memory;
     }
 
@@ -151,18 +155,24 @@ public sealed class Virtqueue
         var mem = Memory;
         ushort head = mem.ReadU16(AvailRing + 4 + 2UL * (ushort)(_lastAvail % Size));
         _lastAvail++;
+        _short = false;
         Walk(head, chain);
         return true;
     }
 
     /// <summary>
-    /// Gives back the last <paramref name="count"/> chains taken and not pushed: the next
-    /// <see cref="TryPop"/> takes them again (the driver does not reuse an entry before it is used).
+    /// Gives back the last <paramref name="count"/> chains taken and not pushed, because the ring
+    /// ran out before the device had enough (<see cref="TryPop"/> returned false): the next
+    /// <see cref="TryPop"/> takes them again (the driver does not reuse an entry before it is
+    /// used). Until then <see cref="EnableNotifications"/> waits for chains beyond those, not for
+    /// an empty ring, so the worker sleeps rather than taking and giving back the same chains.
     /// </summary>
     public void Unpop(int count)
     {
         if (count < 0 || count > Size)
             throw new ArgumentOutOfRangeException(nameof(count), count, $"queue {Index}: cannot give back {count} chains");
+        _shortAt = _lastAvail;
+        _short = true;
         _lastAvail = (ushort)(_lastAvail - count);
     }
 
@@ -205,16 +215,19 @@ public sealed class Virtqueue
     /// <summary>
     /// Asks the driver to notify again for new chains (with RING_EVENT_IDX: sets avail_event to
     /// the next entry; without it: clears NO_NOTIFY) and returns true if the queue is empty, false
-    /// if chains arrived meanwhile (process them first).
+    /// if chains arrived meanwhile (process them first). After an <see cref="Unpop"/>, chains
+    /// given back do not count: true unless chains arrived beyond them.
     /// </summary>
     public bool EnableNotifications()
     {
+        ushort next = _short ? _shortAt : _lastAvail;
         if (_eventIdx)
-            Memory.VolatileWriteU16(UsedRing + 4 + 8UL * Size, _lastAvail);
+            Memory.VolatileWriteU16(UsedRing + 4 + 8UL * Size, next);
         else
             Memory.VolatileWriteU16(UsedRing, 0);
         Interlocked.MemoryBarrier();
-        return Pending == 0;
+        int pending = Pending;
+        return (ushort)(_lastAvail + pending) == next;
     }
 
     /// <summary>

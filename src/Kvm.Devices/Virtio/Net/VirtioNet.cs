@@ -235,18 +235,23 @@ public sealed class VirtioNet : IVirtioDevice
                 }
                 rx.Length = n;
             }
-            if (!Deliver(queue, memory, rx))
+            var delivery = Deliver(queue, memory, rx);
+            if (delivery == Delivery.RingShort)
                 return false;
-            _counters.Rx(rx.Length - VirtioNetHeader.Size);
+            if (delivery == Delivery.Delivered)
+                _counters.Rx(rx.Length - VirtioNetHeader.Size);
             rx.Length = 0;
         }
     }
 
+    private enum Delivery { Delivered, Dropped, RingShort }
+
     /// <summary>
     /// Writes the frame in hand into as many chains as it needs (one without MRG_RXBUF) and pushes
-    /// them; false, with every chain given back, when the ring has too few.
+    /// them; RingShort, with every chain given back, when the ring has too few; Dropped (counted)
+    /// when the frame cannot fit the driver's buffers.
     /// </summary>
-    private bool Deliver(Virtqueue queue, GuestMemory memory, RxState rx)
+    private Delivery Deliver(Virtqueue queue, GuestMemory memory, RxState rx)
     {
         bool mergeable = Negotiated(FeatureMrgRxbuf);
         var packet = rx.Buffer.AsSpan(0, rx.Length);
@@ -258,7 +263,11 @@ public sealed class VirtioNet : IVirtioDevice
             if (!queue.TryPop(out var chain))
             {
                 queue.Unpop(used);
-                return false;
+                if (used < queue.Size)
+                    return Delivery.RingShort;
+                // Every chain the ring can hold is too little for the frame: waiting for more would wait forever.
+                _counters.RxTooLong();
+                return Delivery.Dropped;
             }
             if (chain.FirstWritable != 0)
                 throw new VirtqueueException($"{Name}: receive buffer (head {chain.Head}) has device-readable descriptors");
@@ -271,7 +280,7 @@ public sealed class VirtioNet : IVirtioDevice
                 // make frames this long): the frame is dropped, the buffer comes back empty.
                 queue.Push(chain.Head, 0);
                 _counters.RxTooLong();
-                return true;
+                return Delivery.Dropped;
             }
             int take = (int)Math.Min(room, (ulong)(packet.Length - offset));
             Scatter(memory, chain.Writable, 0, packet.Slice(offset, take));
@@ -290,7 +299,7 @@ public sealed class VirtioNet : IVirtioDevice
         }
         for (int i = 0; i < used; i++)
             queue.Push(rx.Used[i].Head, rx.Used[i].Length);
-        return true;
+        return Delivery.Delivered;
     }
 
     private void ProcessTransmit(Virtqueue queue, int pair)

@@ -1,0 +1,152 @@
+using Kvm.Network;
+using Kvm.Vmm.Machine;
+
+namespace Kvm.Vmm.Tests;
+
+public class NicSpecTests
+{
+    [Fact]
+    public void ATapAloneGetsDefaultsAndARandomLocalMac()
+    {
+        var n = NicSpec.Parse("tap=kvm0");
+        var u = Assert.Single(n.Uplinks);
+        Assert.Equal("kvm0", u.Tap);
+        Assert.Null(u.Bridge);
+        Assert.Equal(1, n.Queues);
+        Assert.True(n.Offloads);
+        Assert.False(n.AllowSpoofing);
+        Assert.Equal(1500, n.Mtu);
+        Assert.False(n.Mac.IsMulticast);
+        Assert.Equal(0x02UL, n.Mac.Value >> 40 & 0x02);
+        Assert.NotEqual(n.Mac, NicSpec.Parse("tap=kvm0").Mac);
+    }
+
+    [Fact]
+    public void EveryOptionIsRead()
+    {
+        var n = NicSpec.Parse("tap=kvm1@br0,mac=52:54:00:12:34:56,queues=4,offload=off,spoof=allow,mtu=9000");
+        Assert.Equal(("kvm1", "br0"), (n.Uplinks[0].Tap, n.Uplinks[0].Bridge));
+        Assert.Equal(MacAddress.Parse("52:54:00:12:34:56"), n.Mac);
+        Assert.Equal(4, n.Queues);
+        Assert.False(n.Offloads);
+        Assert.True(n.AllowSpoofing);
+        Assert.Equal(9000, n.Mtu);
+        var o = n.ToOptions();
+        Assert.Equal((n.Mac, 4, false, true, 9000), (o.Mac, o.QueuePairs, o.Offloads, o.AllowSpoofing, o.Mtu));
+    }
+
+    [Theory]
+    [InlineData("tap=", "")]
+    [InlineData("tap=a,offload", "a")]
+    [InlineData("tap=a,offloads=on", "a")]
+    [InlineData("tap=a,spoof=drop", "a")]
+    public void OtherFormsAreRead(string text, string tap)
+    {
+        var n = NicSpec.Parse(text);
+        Assert.Equal(tap, n.Uplinks[0].Tap);
+        Assert.True(n.Offloads);
+        Assert.False(n.AllowSpoofing);
+    }
+
+    [Theory]
+    [InlineData("mac=52:54:00:12:34:56", "no uplink")]
+    [InlineData("tap=a,tap=b", "2 uplinks")]
+    [InlineData("tap=a,mac=52:54:00:12:34", "not a MAC address")]
+    [InlineData("tap=a,mac=01:00:5e:00:00:01", "multicast")]
+    [InlineData("tap=a,mac=00:00:00:00:00:00", "not a usable address")]
+    [InlineData("tap=a,queues=0", "queues 0 is out of range")]
+    [InlineData("tap=a,queues=17", "queues 17 is out of range")]
+    [InlineData("tap=a,queues=-1", "queues '-1' is not a whole number")]
+    [InlineData("tap=a,mtu=67", "mtu 67 is out of range")]
+    [InlineData("tap=a,mtu=65518", "mtu 65518 is out of range")]
+    [InlineData("tap=a,offload=maybe", "offload 'maybe' is not on or off")]
+    [InlineData("tap=a,spoof=yes", "unknown option 'spoof=yes'")]
+    [InlineData("tap=a,vhost=on", "unknown option 'vhost=on'")]
+    [InlineData("tap=a,queues", "unknown option 'queues'")]
+    [InlineData("tap=abcdefghijklmnop", "not an interface name")]
+    [InlineData("tap=a/b", "not an interface name")]
+    [InlineData("tap=a@", "bridge name ''")]
+    [InlineData("tap=a@b r", "not an interface name")]
+    public void BadTextIsRefusedNamingTheProblem(string text, string message)
+    {
+        var e = Assert.Throws<ArgumentException>(() => NicSpec.Parse(text));
+        Assert.Contains(message, e.Message);
+    }
+
+    [Fact]
+    public void VmSpecRefusesTwoNicsWithOneMac()
+    {
+        var mac = MacAddress.Parse("52:54:00:00:00:01");
+        var nic = new NicSpec { Mac = mac, Uplinks = [new UplinkSpec { Tap = "a" }] };
+        var e = Assert.Throws<ArgumentException>(new VmSpec { Kernel = "k", Nics = [nic, nic with { Uplinks = [new UplinkSpec { Tap = "b" }] }] }.Validate);
+        Assert.Contains("52:54:00:00:00:01", e.Message);
+    }
+
+    [Fact]
+    public void DisksAndNicsShareThePciSlots()
+    {
+        var disks = Enumerable.Range(0, VmSpec.MaxDisks).Select(i => new DiskSpec { Path = $"d{i}" }).ToArray();
+        var nic = new NicSpec { Uplinks = [new UplinkSpec { Tap = "a" }] };
+        var e = Assert.Throws<ArgumentException>(new VmSpec { Kernel = "k", Disks = disks, Nics = [nic] }.Validate);
+        Assert.Contains("1 NICs", e.Message);
+    }
+
+    [Fact]
+    public void JsonRoundTripKeepsEveryNic()
+    {
+        var spec = new VmSpec
+        {
+            Kernel = "k",
+            Nics =
+            [
+                new NicSpec { Mac = MacAddress.Parse("52:54:00:00:00:01"), Uplinks = [new UplinkSpec { Tap = "kvm0" }] },
+                new NicSpec
+                {
+                    Mac = MacAddress.Parse("52:54:00:00:00:02"), Queues = 2, Offloads = false, AllowSpoofing = true, Mtu = 9000,
+                    Uplinks = [new UplinkSpec { Tap = "", Bridge = "br0" }],
+                },
+            ],
+        };
+        string json = VmSpecJsonContext.Format(spec);
+        var back = VmSpecJsonContext.Parse(json, "nics.json");
+        Assert.Equal(spec.Nics.Count, back.Nics.Count);
+        for (int i = 0; i < spec.Nics.Count; i++)
+        {
+            var (a, b) = (spec.Nics[i], back.Nics[i]);
+            Assert.Equal((a.Mac, a.Queues, a.Offloads, a.AllowSpoofing, a.Mtu), (b.Mac, b.Queues, b.Offloads, b.AllowSpoofing, b.Mtu));
+            Assert.Equal(a.Uplinks, b.Uplinks);
+        }
+        Assert.Contains("\"mac\": \"52:54:00:00:00:02\"", json);
+        Assert.Contains("\"allowSpoofing\": true", json);
+        // A spec without NICs writes none.
+        Assert.DoesNotContain("nics", VmSpecJsonContext.Format(new VmSpec { Kernel = "k" }));
+    }
+
+    [Fact]
+    public void AJsonNicOutOfRangeIsRefusedByValidation()
+    {
+        var spec = VmSpecJsonContext.Parse("""{ "kernel": "k", "nics": [ { "queues": 99, "uplinks": [ { "tap": "a" } ] } ] }""", "n.json");
+        var e = Assert.Throws<ArgumentException>(spec.Validate);
+        Assert.Contains("queues 99", e.Message);
+    }
+
+    [Fact]
+    public void JsonNicWithoutAMacGetsARandomOne()
+    {
+        var spec = VmSpecJsonContext.Parse("""{ "kernel": "k", "nics": [ { "uplinks": [ { "tap": "kvm0" } ] } ] }""", "n.json");
+        var n = Assert.Single(spec.Nics);
+        Assert.False(n.Mac.IsMulticast);
+        Assert.Equal(1, n.Queues);
+        Assert.Equal("kvm0", n.Uplinks[0].Tap);
+    }
+
+    [Theory]
+    [InlineData("""{ "kernel": "k", "nics": [ { "mac": "52:54:00:00:00:01" } ] }""", "'uplinks'")]
+    [InlineData("""{ "kernel": "k", "nics": [ { "mac": "xx", "uplinks": [ { "tap": "a" } ] } ] }""", "nics[0].mac")]
+    [InlineData("""{ "kernel": "k", "nics": [ { "uplinks": [ { "tap": "a" } ], "vlan": 3 } ] }""", "vlan")]
+    public void BadJsonNicsAreRefusedNamingTheProblem(string json, string message)
+    {
+        var e = Assert.Throws<ArgumentException>(() => VmSpecJsonContext.Parse(json, "n.json"));
+        Assert.Contains(message, e.Message);
+    }
+}
