@@ -5,8 +5,8 @@ using Kvm.Interop.Native;
 namespace Kvm.Network;
 
 /// <summary>
-/// A tap device as a VM's uplink: one non-blocking fd per queue pair (a multi-queue tap when there
-/// are several), virtio-net headers on every frame, so the guest's checksum and segmentation
+/// A tap device as a VM's uplink: one non-blocking fd per queue pair of a multi-queue tap,
+/// virtio-net headers on every frame, so the guest's checksum and segmentation
 /// offloads go to the host stack as they are. The tap is made when it does not exist (and goes
 /// away with the last fd), brought up, and put on a bridge when one is named.
 /// </summary>
@@ -44,9 +44,23 @@ public sealed class TapBackend : INetBackend
         string device = name;
         try
         {
+            // Always a multi-queue tap when the VMM makes it: a second process (the new one of a
+            // hand-over) can then attach its queues while the first still holds its own. A tap
+            // someone made single-queue beforehand takes one fd at a time.
+            bool multiQueue = true;
             for (int i = 0; i < pairs; i++)
             {
-                var (handle, actual) = KvmShim.OpenTap(device, multiQueue: pairs > 1);
+                TapHandle handle;
+                string actual;
+                try
+                {
+                    (handle, actual) = KvmShim.OpenTap(device, multiQueue);
+                }
+                catch (IOException) when (i == 0 && pairs == 1 && device.Length > 0)
+                {
+                    multiQueue = false;
+                    (handle, actual) = KvmShim.OpenTap(device, multiQueue);
+                }
                 queues.Add(handle);
                 device = actual;
             }
@@ -111,8 +125,6 @@ public sealed class TapBackend : INetBackend
 
     public void SetActivePairs(int count)
     {
-        if (_queues.Length == 1)
-            return;
         for (int i = 0; i < _queues.Length; i++)
         {
             bool attach = i < count;

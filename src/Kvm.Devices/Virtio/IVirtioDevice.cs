@@ -49,14 +49,12 @@ public interface IVirtioDevice : IDisposable
 
     /// <summary>
     /// Serves a queue that has a <see cref="QueueWakeHandle"/>: moves what the backend has into the
-    /// chains the driver made available. Returns true when it stopped because the backend had
-    /// nothing more (the worker waits for the wake handle, or a notification), false when it
-    /// stopped because the ring ran out of chains (the worker waits for a notification only).
+    /// chains the driver made available, and says what the worker waits for next.
     /// </summary>
-    bool ProcessBackendQueue(Virtqueue queue)
+    BackendQueueState ProcessBackendQueue(Virtqueue queue)
     {
         ProcessQueue(queue);
-        return false;
+        return BackendQueueState.RingEmpty;
     }
 
     /// <summary>
@@ -64,6 +62,12 @@ public interface IVirtioDevice : IDisposable
     /// (a new configuration generation and a configuration-change interrupt).
     /// </summary>
     void BindConfigChange(Action notify) { }
+
+    /// <summary>
+    /// Called once by the transport with what wakes a queue's worker as a notification would (a
+    /// receive queue the driver just turned on, whose worker sleeps without watching its backend).
+    /// </summary>
+    void BindQueueKick(Action<int> kick) { }
 
     /// <summary>Device reset: every worker has stopped; forget negotiated state.</summary>
     void Reset();
@@ -86,4 +90,17 @@ public interface IVirtioDevice : IDisposable
     /// guest would find different (<see cref="Manager.DeviceStateException"/>).
     /// </summary>
     void RestoreState(ref StateReader reader) { }
+}
+
+/// <summary>Why <see cref="IVirtioDevice.ProcessBackendQueue"/> stopped: what the queue's worker waits for.</summary>
+public enum BackendQueueState
+{
+    /// <summary>The backend has nothing more: wait for it (or a notification).</summary>
+    BackendEmpty,
+
+    /// <summary>The ring has no chains for what the backend holds: wait for the driver's notification (the backend keeps its data).</summary>
+    RingEmpty,
+
+    /// <summary>The queue is not in use (a receive queue the driver turned off): wait for a notification or a kick, not for the backend.</summary>
+    Idle,
 }

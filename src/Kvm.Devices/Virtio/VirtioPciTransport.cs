@@ -113,6 +113,7 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
         AddVirtioCapability(CfgDevice, DeviceConfigOffset, 0x1000);
         _pciCfgCap = AddVirtioCapability(CfgPci, 0, 0, extra: 4, bar: 0);
         device.BindConfigChange(ConfigChanged);
+        device.BindQueueKick(i => _notifiers[i].Signal());
         SetWriteMask(_pciCfgCap + 4, [0xff]);                       // bar
         SetWriteMask(_pciCfgCap + 8, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]); // offset, length, data
     }
@@ -576,12 +577,12 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
             while (!_stopping)
             {
                 queue.DisableNotifications();
-                bool backendDry = _device.ProcessBackendQueue(queue);
+                var state = _device.ProcessBackendQueue(queue);
                 if (queue.ShouldInterrupt())
                     SignalQueue(queue);
-                if (backendDry)
+                if (state != BackendQueueState.RingEmpty)
                 {
-                    waitBackend = true;
+                    waitBackend = state == BackendQueueState.BackendEmpty;
                     break;
                 }
                 if (queue.EnableNotifications())

@@ -96,6 +96,7 @@ public sealed class VirtualMachine : IDisposable
 
     /// <summary>The virtio-blk devices, in the order of <see cref="VmSpec.Disks"/>.</summary>
     public IReadOnlyList<VirtioPciTransport> Disks => _devices.Disks;
+    public IReadOnlyList<VirtioPciTransport> Nics => _devices.Nics;
 
     /// <summary>Completes with the reason the VM stopped (the first one reported).</summary>
     public Task<VmStopReason> Stopped => _stopped.Task;

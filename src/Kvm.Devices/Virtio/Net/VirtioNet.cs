@@ -60,6 +60,7 @@ public sealed class VirtioNet : IVirtioDevice
     private GuestMemory? _memory;
     private ulong _features;
     private Action _configChanged = () => { };
+    private Action<int> _kick = _ => { };
     private volatile RxFilter _filter = RxFilter.Initial;
     private MacAddress _mac;
     private int _activePairs = 1;
@@ -146,6 +147,8 @@ public sealed class VirtioNet : IVirtioDevice
 
     public void BindConfigChange(Action notify) => _configChanged = notify;
 
+    public void BindQueueKick(Action<int> kick) => _kick = kick;
+
     public void Activate(ulong features, GuestMemory memory)
     {
         _features = features;
@@ -205,24 +208,30 @@ public sealed class VirtioNet : IVirtioDevice
             ProcessReceive(queue, queue.Index / 2);
     }
 
-    public bool ProcessBackendQueue(Virtqueue queue) => ProcessReceive(queue, queue.Index / 2);
+    public BackendQueueState ProcessBackendQueue(Virtqueue queue) => ProcessReceive(queue, queue.Index / 2);
 
     private GuestMemory Memory => _memory ?? throw new InvalidOperationException($"{Name} is not active");
 
-    /// <summary>Moves waiting frames into the receive ring; true when the backend ran dry, false when the ring did (the frame in hand waits).</summary>
-    private bool ProcessReceive(Virtqueue queue, int pair)
+    /// <summary>
+    /// Moves waiting frames into the receive ring, until the backend or the ring runs dry (the
+    /// frame in hand then waits). A pair the driver does not use is not read: its backend queue
+    /// is detached (a multi-queue tap's detached fd reports errors, not frames).
+    /// </summary>
+    private BackendQueueState ProcessReceive(Virtqueue queue, int pair)
     {
         var memory = Memory;
         var rx = _rx[pair];
+        if (pair >= ActivePairs)
+            return BackendQueueState.Idle;
         while (true)
         {
             if (rx.Length == 0)
             {
                 if (queue.Pending == 0)
-                    return false;
+                    return BackendQueueState.RingEmpty;
                 int n = _backend.Receive(pair, rx.Buffer);
                 if (n == 0)
-                    return true;
+                    return BackendQueueState.BackendEmpty;
                 if (n < VirtioNetHeader.Size + EthHeader)
                 {
                     _counters.RxErrors();
@@ -237,7 +246,7 @@ public sealed class VirtioNet : IVirtioDevice
             }
             var delivery = Deliver(queue, memory, rx);
             if (delivery == Delivery.RingShort)
-                return false;
+                return BackendQueueState.RingEmpty;
             if (delivery == Delivery.Delivered)
                 _counters.Rx(rx.Length - VirtioNetHeader.Size);
             rx.Length = 0;
@@ -414,6 +423,9 @@ public sealed class VirtioNet : IVirtioDevice
                     return AckErr;
                 _backend.SetActivePairs(pairs);
                 Volatile.Write(ref _activePairs, pairs);
+                // Receive workers of pairs now in use sleep without watching the backend: wake them.
+                for (int p = 0; p < pairs; p++)
+                    _kick(2 * p);
                 return AckOk;
             default:
                 return AckErr;
@@ -473,6 +485,8 @@ public sealed class VirtioNet : IVirtioDevice
             throw new DeviceStateException($"{Name}: the saved device had MAC {saved.ConfiguredMac}, this one {_options.Mac}");
         if (saved.QueuePairs != _options.QueuePairs)
             throw new DeviceStateException($"{Name}: the saved device had {saved.QueuePairs} queue pairs, this one {_options.QueuePairs}");
+        if (saved.Mac.IsMulticast || (!_options.AllowSpoofing && saved.Mac != _options.Mac))
+            throw new DeviceStateException($"{Name}: the saved device's MAC {saved.Mac} is not one this device may take (configured {_options.Mac}{(_options.AllowSpoofing ? "" : ", spoofing not allowed")})");
         _mac = saved.Mac;
         Volatile.Write(ref _activePairs, saved.ActivePairs);
         Volatile.Write(ref _status, StatusLinkUp | saved.Announce);
