@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -1621,4 +1622,18 @@ EXPORT int32_t kvmshim_poll2(int32_t fd1, int32_t fd2, int32_t timeout_ms)
     if (rc < 0)
         return -errno;
     return (p[0].revents ? 1 : 0) | (fd2 >= 0 && p[1].revents ? 2 : 0);
+}
+
+// An epoll instance (close-on-exec) that is readable while any fd added to it is: one fd that
+// stands for several (a NIC team's uplinks, for a receive queue's worker).
+EXPORT int32_t kvmshim_epoll_create(void)
+{
+    return result(epoll_create1(EPOLL_CLOEXEC));
+}
+
+// Adds fd to the epoll instance for reading (level-triggered).
+EXPORT int32_t kvmshim_epoll_add(int32_t epfd, int32_t fd)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
+    return result(epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev));
 }

@@ -67,8 +67,10 @@ public sealed class TapBackend : INetBackend
             int rc = KvmShim.InterfaceSetUp(device, 1);
             if (rc < 0)
                 throw new IOException($"cannot set tap '{device}' up: {Errno.Describe(-rc)}");
-            if (!string.IsNullOrEmpty(bridge))
+            if (!string.IsNullOrEmpty(bridge) && MasterOf(device) != bridge)
             {
+                // (A tap already on the bridge is left there: another process of this VM, such as
+                // the one handing it over, put it there.)
                 rc = KvmShim.BridgeAdd(bridge, device);
                 if (rc < 0)
                     throw new IOException($"cannot add tap '{device}' to bridge '{bridge}': {Errno.Describe(-rc)}" +
@@ -85,6 +87,13 @@ public sealed class TapBackend : INetBackend
                 q.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The bridge (or other master device) <paramref name="device"/> is enslaved to, or null.</summary>
+    public static string? MasterOf(string device)
+    {
+        var link = new FileInfo($"/sys/class/net/{device}/master");
+        return link.Exists || link.LinkTarget is not null ? Path.GetFileName(link.LinkTarget) : null;
     }
 
     private static void Check(int rc, string device, string what)

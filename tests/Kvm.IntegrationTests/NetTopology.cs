@@ -301,7 +301,7 @@ public sealed class NetTopology : IDisposable
 /// </summary>
 public sealed class NetPeer
 {
-    private static readonly TimeSpan StartTimeout = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan StartTimeout = TimeSpan.FromSeconds(120);   // python3 starting in a loaded nested host
 
     /// <summary>How long a server waits for its client, and for each of its reads and writes.</summary>
     public static readonly TimeSpan ServerTimeout = TimeSpan.FromMinutes(15);

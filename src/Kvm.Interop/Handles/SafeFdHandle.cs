@@ -163,3 +163,9 @@ public sealed class TapHandle : SafeFdHandle
 {
     public TapHandle(int fd) : base(fd) { }
 }
+
+/// <summary>An epoll instance.</summary>
+public sealed class EpollHandle : SafeFdHandle
+{
+    public EpollHandle(int fd) : base(fd) { }
+}

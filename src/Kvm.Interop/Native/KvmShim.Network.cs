@@ -114,3 +114,31 @@ public static unsafe class FdIo
         }
     }
 }
+
+public static partial class KvmShim
+{
+    [LibraryImport(Library, EntryPoint = "kvmshim_epoll_create")]
+    private static partial int EpollCreateRaw();
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_epoll_add")]
+    private static partial int EpollAddRaw(SafeHandle epoll, SafeHandle fd);
+
+    /// <summary>An epoll instance readable while any of <paramref name="fds"/> is; throws <see cref="IOException"/> when it cannot be made.</summary>
+    public static EpollHandle EpollOf(IEnumerable<SafeHandle> fds)
+    {
+        int fd = EpollCreateRaw();
+        if (fd < 0)
+            throw new IOException($"epoll_create1 failed: {Errno.Describe(-fd)}");
+        var epoll = new EpollHandle(fd);
+        foreach (var f in fds)
+        {
+            int rc = EpollAddRaw(epoll, f);
+            if (rc < 0)
+            {
+                epoll.Dispose();
+                throw new IOException($"epoll_ctl ADD failed: {Errno.Describe(-rc)}");
+            }
+        }
+        return epoll;
+    }
+}

@@ -130,18 +130,20 @@ internal sealed class MachineDevices
             byte gsi = X86Layout.PciIntxGsi(slot);
             if (!intxLines.TryGetValue(gsi, out var line))
                 intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(vm, gsi));
-            var uplink = nic.Uplinks[0];
-            INetBackend backend;
-            try
-            {
-                backend = TapBackend.Open(uplink.Tap, nic.Queues, uplink.Bridge);
-            }
-            catch (IOException e)
-            {
-                throw new IOException($"virtio-net{i} ({nic.Mac}): {e.Message}", e);
-            }
+            var backend = OpenBackend($"virtio-net{i}", nic);
             VirtioPciTransport transport;
             var net = new VirtioNet($"virtio-net{i}", backend, nic.ToOptions(), ctx.Log);
+            if (backend is NicTeam team)
+            {
+                string name = net.Name;
+                team.Changed += change =>
+                {
+                    VmmLog.TeamChanged(ctx.Log, name, change.Uplink, change.Up ? "up" : "down", change.Reason,
+                        change.Active.Count == 0 ? "no uplink" : string.Join(", ", change.Active));
+                    // The guest announces its addresses (gratuitous ARP) when its driver can.
+                    net.Announce();
+                };
+            }
             try
             {
                 transport = new VirtioPciTransport(net, ctx.Memory, msi, line.CreateSource(), ioevents, ctx.Log);
@@ -157,5 +159,23 @@ internal sealed class MachineDevices
             d.Locations[$"virtio-net{i}"] = $"pci 00:{at:x2}.0 ({backend.Name}, {nic.Mac})";
         }
         return d;
+    }
+
+    /// <summary>A NIC's backend: its tap, or a team of its taps. Throws <see cref="IOException"/> naming the NIC and the tap.</summary>
+    private static INetBackend OpenBackend(string name, NicSpec nic)
+    {
+        var taps = new List<INetBackend>();
+        try
+        {
+            foreach (var uplink in nic.Uplinks)
+                taps.Add(TapBackend.Open(uplink.Tap, nic.Queues, uplink.Bridge));
+            return taps.Count == 1 ? taps[0] : new NicTeam(taps, nic.ToTeamOptions(), nic.Mac);
+        }
+        catch (Exception e) when (e is IOException or ArgumentException)
+        {
+            foreach (var t in taps)
+                t.Dispose();
+            throw new IOException($"{name} ({nic.Mac}): {e.Message}", e);
+        }
     }
 }

@@ -35,6 +35,27 @@ public sealed record NicSpec
 
     public IReadOnlyList<UplinkSpec> Uplinks { get; init; } = [];
 
+    /// <summary>With several uplinks: how the VMM spreads the VM's frames over them.</summary>
+    public TeamPolicy Policy { get; init; } = TeamPolicy.ActiveBackup;
+
+    /// <summary>Active-backup: traffic goes back to the first uplink when it returns.</summary>
+    public bool Failback { get; init; } = true;
+
+    /// <summary>How long the first uplink must be up again before traffic goes back to it.</summary>
+    public TimeSpan FailbackDelay { get; init; } = TimeSpan.Zero;
+
+    public const int MaxUplinks = 8;
+
+    public TeamOptions ToTeamOptions() => new() { Policy = Policy, Failback = Failback, FailbackDelay = FailbackDelay };
+
+    public static string PolicyName(TeamPolicy p) => p switch
+    {
+        TeamPolicy.ActiveBackup => "active-backup",
+        TeamPolicy.FlowHash => "flow-hash",
+        TeamPolicy.VmPort => "vm-port",
+        _ => p.ToString(),
+    };
+
     public VirtioNetOptions ToOptions() => new()
     {
         Mac = Mac, QueuePairs = Queues, Offloads = Offloads, AllowSpoofing = AllowSpoofing, Mtu = Mtu,
@@ -53,8 +74,13 @@ public sealed record NicSpec
         }
         if (Uplinks.Count == 0)
             throw new ArgumentException($"nic {Mac}: no uplink (tap=NAME)");
-        if (Uplinks.Count > 1)
-            throw new ArgumentException($"nic {Mac}: {Uplinks.Count} uplinks; a NIC has one uplink for now (teams are coming)");
+        if (Uplinks.Count > MaxUplinks)
+            throw new ArgumentException($"nic {Mac}: {Uplinks.Count} uplinks is more than {MaxUplinks}");
+        var twice = Uplinks.Where(u => u.Tap.Length > 0).GroupBy(u => u.Tap).FirstOrDefault(g => g.Count() > 1);
+        if (twice is not null)
+            throw new ArgumentException($"nic {Mac}: tap '{twice.Key}' is named twice");
+        if (FailbackDelay < TimeSpan.Zero || FailbackDelay > TimeSpan.FromHours(1))
+            throw new ArgumentException($"nic {Mac}: failback delay {FailbackDelay.TotalMilliseconds} ms is outside 0 to 1 hour");
         foreach (var u in Uplinks)
         {
             if (System.Text.Encoding.UTF8.GetByteCount(u.Tap) > 15 || u.Tap.Contains('/') || u.Tap.Any(char.IsWhiteSpace))
@@ -65,7 +91,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -103,6 +129,24 @@ public sealed record NicSpec
                     break;
                 case "offload" or "offloads":
                     spec = spec with { Offloads = value switch { null or "on" or "true" or "1" => true, "off" or "false" or "0" => false, _ => throw Fail($"offload '{value}' is not on or off") } };
+                    break;
+                case "policy" when value is not null:
+                    spec = spec with
+                    {
+                        Policy = value switch
+                        {
+                            "active-backup" => TeamPolicy.ActiveBackup,
+                            "flow-hash" => TeamPolicy.FlowHash,
+                            "vm-port" => TeamPolicy.VmPort,
+                            _ => throw Fail($"policy '{value}' is not active-backup, flow-hash or vm-port"),
+                        },
+                    };
+                    break;
+                case "failback":
+                    spec = spec with { Failback = value switch { null or "on" or "true" or "1" => true, "off" or "false" or "0" => false, _ => throw Fail($"failback '{value}' is not on or off") } };
+                    break;
+                case "failback-delay" when value is not null:
+                    spec = spec with { FailbackDelay = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"failback-delay '{value}' is not a whole number of milliseconds")) };
                     break;
                 case "spoof" when value is "allow" or "drop":
                     spec = spec with { AllowSpoofing = value == "allow" };

@@ -102,6 +102,11 @@ public sealed class NicSpecDocument
     public int? Mtu { get; set; }
     public List<UplinkSpecDocument>? Uplinks { get; set; }
 
+    /// <summary>"active-backup", "flow-hash" or "vm-port".</summary>
+    public string? Policy { get; set; }
+    public bool? Failback { get; set; }
+    public int? FailbackDelayMs { get; set; }
+
     public NicSpec ToSpec(string source, int index)
     {
         var d = new NicSpec();
@@ -121,6 +126,16 @@ public sealed class NicSpecDocument
             Offloads = Offloads ?? d.Offloads,
             AllowSpoofing = AllowSpoofing ?? d.AllowSpoofing,
             Mtu = Mtu ?? d.Mtu,
+            Policy = Policy switch
+            {
+                null => d.Policy,
+                "active-backup" => Kvm.Network.TeamPolicy.ActiveBackup,
+                "flow-hash" => Kvm.Network.TeamPolicy.FlowHash,
+                "vm-port" => Kvm.Network.TeamPolicy.VmPort,
+                _ => throw new ArgumentException($"VM spec {source}: nics[{index}].policy: '{Policy}' is not active-backup, flow-hash or vm-port"),
+            },
+            Failback = Failback ?? d.Failback,
+            FailbackDelay = FailbackDelayMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.FailbackDelay,
             Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
                 ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
         };
@@ -134,6 +149,9 @@ public sealed class NicSpecDocument
         AllowSpoofing = n.AllowSpoofing,
         Mtu = n.Mtu,
         Uplinks = n.Uplinks.Select(u => new UplinkSpecDocument { Tap = u.Tap, Bridge = u.Bridge }).ToList(),
+        Policy = NicSpec.PolicyName(n.Policy),
+        Failback = n.Failback,
+        FailbackDelayMs = (int)n.FailbackDelay.TotalMilliseconds,
     };
 }
 

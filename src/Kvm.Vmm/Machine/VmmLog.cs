@@ -22,4 +22,7 @@ internal static partial class VmmLog
 
     [LoggerMessage(EventId = 1005, Level = LogLevel.Information, Message = "restored from {Directory} ({Memory}) {Milliseconds:0.#} ms after the process started: {Steps}")]
     public static partial void Restored(ILogger logger, string directory, string memory, double milliseconds, string steps);
+
+    [LoggerMessage(EventId = 1006, Level = LogLevel.Warning, Message = "{Nic}: uplink {Uplink} {State} ({Reason}); traffic now on {Active}")]
+    public static partial void TeamChanged(ILogger logger, string nic, string uplink, string state, string reason, string active);
 }

@@ -1,0 +1,370 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using Kvm.Interop.Handles;
+using Kvm.Interop.Native;
+
+namespace Kvm.Network;
+
+/// <summary>How a team spreads a VM's frames over its uplinks.</summary>
+public enum TeamPolicy
+{
+    /// <summary>One uplink carries everything; the next live one takes over when it fails, and the first comes back after the failback delay.</summary>
+    ActiveBackup,
+
+    /// <summary>Each flow (IP addresses and TCP/UDP ports) on one live uplink by its hash: many flows use every uplink (the switches must treat the uplinks as one link aggregation).</summary>
+    FlowHash,
+
+    /// <summary>The VM's frames on one live uplink chosen by its MAC: VMs spread over the uplinks, each VM on one, with no switch configuration.</summary>
+    VmPort,
+}
+
+/// <summary>Options of a <see cref="NicTeam"/>.</summary>
+public sealed record TeamOptions
+{
+    public TeamPolicy Policy { get; init; } = TeamPolicy.ActiveBackup;
+
+    /// <summary>Active-backup: go back to the first uplink once it is up again (after <see cref="FailbackDelay"/>).</summary>
+    public bool Failback { get; init; } = true;
+
+    /// <summary>How long the first uplink must stay up before traffic goes back to it (a flapping link does not pull traffic back and forth).</summary>
+    public TimeSpan FailbackDelay { get; init; } = TimeSpan.Zero;
+
+    /// <summary>How often each uplink's link state is read.</summary>
+    public TimeSpan MonitorInterval { get; init; } = TimeSpan.FromMilliseconds(10);
+}
+
+/// <summary>The state of one uplink of a team.</summary>
+public sealed record UplinkStatus(string Name, bool Up, bool Active, long RxPackets, long RxBytes, long TxPackets, long TxBytes,
+    long TxDropped, long RxDroppedOnBackup, int Failures);
+
+/// <summary>A change of a team: which uplink went up or down and which carry the traffic now.</summary>
+public sealed record TeamChange(string Uplink, bool Up, IReadOnlyList<string> Active, string Reason);
+
+/// <summary>
+/// A NIC team: several uplinks (each an <see cref="INetBackend"/> with the same queue pairs) seen by
+/// the VM's device as one backend. The VMM, not the guest, picks the uplink for each outgoing frame
+/// by the <see cref="TeamPolicy"/>, watches every uplink's link and moves traffic off a failed one
+/// at once (failover) and back when it returns (failback); after a move the VM's MAC is announced
+/// on the uplink that now carries it (a RARP broadcast, as a switch needs to learn the port, and
+/// <see cref="Changed"/> for the device to ask the guest for its own gratuitous ARP). Frames come in
+/// from every uplink through one epoll fd per queue pair; with active-backup, frames arriving on a
+/// standby uplink are dropped (a switch floods broadcasts to both: the guest would see them twice),
+/// with the other policies only broadcasts and multicasts from uplinks other than the first live one.
+/// </summary>
+public sealed class NicTeam : INetBackend
+{
+    private readonly INetBackend[] _uplinks;
+    private readonly TeamOptions _options;
+    private readonly MacAddress _mac;
+    private readonly EpollHandle[] _receive;
+    private readonly int[] _nextReceive;
+    private readonly Counters[] _counters;
+    private readonly bool[] _up;
+    private readonly long[] _upSince;
+    private readonly Thread _monitor;
+    private readonly object _lock = new();
+    private volatile int[] _live;            // indices of uplinks up, in order
+    private volatile int _active;            // active-backup: the uplink carrying traffic (-1: none)
+    private volatile bool _stopping;
+
+    public NicTeam(IReadOnlyList<INetBackend> uplinks, TeamOptions options, MacAddress mac)
+    {
+        if (uplinks.Count == 0)
+            throw new ArgumentException("a team needs at least one uplink");
+        int pairs = uplinks[0].QueuePairs;
+        if (uplinks.Any(u => u.QueuePairs != pairs))
+            throw new ArgumentException($"the uplinks of a team have different queue pairs: {string.Join(", ", uplinks.Select(u => $"{u.Name} {u.QueuePairs}"))}");
+        _uplinks = [.. uplinks];
+        _options = options;
+        _mac = mac;
+        _counters = _uplinks.Select(_ => new Counters()).ToArray();
+        _up = _uplinks.Select(u => u.LinkUp).ToArray();
+        _upSince = _up.Select(_ => 0L).ToArray();
+        _receive = new EpollHandle[pairs];
+        _nextReceive = new int[pairs];
+        try
+        {
+            for (int p = 0; p < pairs; p++)
+                _receive[p] = KvmShim.EpollOf(_uplinks.Select(u => u.ReceiveHandle(p)));
+        }
+        catch
+        {
+            foreach (var e in _receive)
+                e?.Dispose();
+            throw;
+        }
+        _live = Live();
+        _active = _live.Length > 0 ? _live[0] : -1;
+        _monitor = new Thread(Monitor) { IsBackground = true, Name = "team monitor" };
+        _monitor.Start();
+    }
+
+    public string Name => "team " + string.Join("+", _uplinks.Select(u => u.Name));
+
+    public int QueuePairs => _receive.Length;
+
+    public IReadOnlyList<INetBackend> Uplinks => _uplinks;
+
+    public TeamOptions Options => _options;
+
+    /// <summary>Raised (on the monitor thread) when an uplink went up or down and the traffic moved.</summary>
+    public event Action<TeamChange>? Changed;
+
+    /// <summary>Times traffic moved to another uplink because one failed.</summary>
+    public int Failovers { get; private set; }
+
+    public bool LinkUp => _live.Length > 0;
+
+    /// <summary>Which uplinks carry traffic now (by name).</summary>
+    public IReadOnlyList<string> ActiveUplinks => ActiveIndices().Select(i => _uplinks[i].Name).ToArray();
+
+    public IReadOnlyList<UplinkStatus> Status()
+    {
+        var active = ActiveIndices();
+        return _uplinks.Select((u, i) => _counters[i].Status(u.Name, Volatile.Read(ref _up[i]), active.Contains(i))).ToArray();
+    }
+
+    private int[] ActiveIndices() => _options.Policy == TeamPolicy.ActiveBackup ? (_active < 0 ? [] : [_active]) : _live;
+
+    private int[] Live() => Enumerable.Range(0, _uplinks.Length).Where(i => Volatile.Read(ref _up[i])).ToArray();
+
+    public SafeHandle ReceiveHandle(int pair) => _receive[pair];
+
+    public int Receive(int pair, Span<byte> buffer)
+    {
+        int n = _uplinks.Length;
+        int start = _nextReceive[pair];
+        for (int k = 0; k < n; k++)
+        {
+            int u = (start + k) % n;
+            int got;
+            while ((got = _uplinks[u].Receive(pair, buffer)) > 0)
+            {
+                if (!Accepts(u, buffer[..got]))
+                {
+                    _counters[u].RxOnBackup();
+                    continue;
+                }
+                _nextReceive[pair] = (u + 1) % n;       // the next call starts with the next uplink: none starves
+                _counters[u].Rx(got - VirtioNetHeader.Size);
+                return got;
+            }
+        }
+        return 0;
+    }
+
+    /// <summary>Whether a frame from uplink <paramref name="u"/> goes to the VM (see the class summary).</summary>
+    private bool Accepts(int u, ReadOnlySpan<byte> packet)
+    {
+        if (_options.Policy == TeamPolicy.ActiveBackup)
+            return u == _active;
+        bool group = packet.Length > VirtioNetHeader.Size && (packet[VirtioNetHeader.Size] & 1) != 0;
+        var live = _live;
+        return !group || (live.Length > 0 ? live[0] == u : u == 0);
+    }
+
+    public bool Send(int pair, ReadOnlySpan<byte> packet)
+    {
+        int u = Choose(packet);
+        if (u < 0)
+        {
+            Interlocked.Increment(ref _noUplinkDrops);
+            return false;
+        }
+        if (_uplinks[u].Send(pair, packet))
+        {
+            _counters[u].Tx(packet.Length - VirtioNetHeader.Size);
+            return true;
+        }
+        _counters[u].TxDropped();
+        return false;
+    }
+
+    private long _noUplinkDrops;
+
+    /// <summary>Frames dropped because no uplink was up.</summary>
+    public long NoUplinkDrops => Interlocked.Read(ref _noUplinkDrops);
+
+    /// <summary>The uplink a frame goes out of, or -1 when none is up.</summary>
+    private int Choose(ReadOnlySpan<byte> packet)
+    {
+        if (_options.Policy == TeamPolicy.ActiveBackup)
+            return _active;
+        var live = _live;
+        if (live.Length == 0)
+            return -1;
+        uint hash = _options.Policy == TeamPolicy.VmPort ? (uint)(_mac.Value ^ (_mac.Value >> 24)) : FlowHash(packet[VirtioNetHeader.Size..]);
+        return live[(int)(hash % (uint)live.Length)];
+    }
+
+    /// <summary>A hash of a frame's flow: IPv4/IPv6 addresses and, for TCP and UDP, ports; the MAC addresses for anything else.</summary>
+    public static uint FlowHash(ReadOnlySpan<byte> frame)
+    {
+        if (frame.Length < 14)
+            return 0;
+        int at = 12;
+        ushort type = BinaryPrimitives.ReadUInt16BigEndian(frame[at..]);
+        if (type == 0x8100 && frame.Length >= 18)
+        {
+            at += 4;
+            type = BinaryPrimitives.ReadUInt16BigEndian(frame[at..]);
+        }
+        at += 2;
+        var hash = new HashCode();
+        int proto = -1, l4 = -1;
+        if (type == 0x0800 && frame.Length >= at + 20)
+        {
+            int ihl = (frame[at] & 0xf) * 4;
+            hash.AddBytes(frame.Slice(at + 12, 8));
+            bool fragment = (BinaryPrimitives.ReadUInt16BigEndian(frame[(at + 6)..]) & 0x3fff) != 0;
+            proto = fragment ? -1 : frame[at + 9];
+            l4 = at + ihl;
+        }
+        else if (type == 0x86dd && frame.Length >= at + 40)
+        {
+            hash.AddBytes(frame.Slice(at + 8, 32));
+            proto = frame[at + 6];
+            l4 = at + 40;
+        }
+        else
+            hash.AddBytes(frame[..12]);
+        if (proto is 6 or 17 && frame.Length >= l4 + 4)
+            hash.AddBytes(frame.Slice(l4, 4));
+        // HashCode is seeded per process: a flow keeps its uplink for the life of the VMM.
+        return (uint)hash.ToHashCode();
+    }
+
+    public void SetOffloads(NetOffloads offloads)
+    {
+        foreach (var u in _uplinks)
+            u.SetOffloads(offloads);
+    }
+
+    public void SetActivePairs(int count)
+    {
+        foreach (var u in _uplinks)
+            u.SetActivePairs(count);
+    }
+
+    /// <summary>Reads every uplink's link state each interval and moves the traffic when it changed.</summary>
+    private void Monitor()
+    {
+        var interval = _options.MonitorInterval;
+        long delayTicks = (long)(_options.FailbackDelay.TotalSeconds * Stopwatch.Frequency);
+        while (!_stopping)
+        {
+            Thread.Sleep(interval);
+            long now = Stopwatch.GetTimestamp();
+            for (int i = 0; i < _uplinks.Length; i++)
+            {
+                bool up = _uplinks[i].LinkUp;
+                if (up == Volatile.Read(ref _up[i]))
+                    continue;
+                Volatile.Write(ref _up[i], up);
+                _upSince[i] = now;
+                if (!up)
+                    _counters[i].Failed();
+                Update(i, up, up ? "link up" : "link down");
+            }
+            // Active-backup failback: the first uplink, up again for the delay, takes the traffic back.
+            if (_options.Policy == TeamPolicy.ActiveBackup && _options.Failback && _active != 0 && Volatile.Read(ref _up[0]) &&
+                now - _upSince[0] >= delayTicks)
+                Update(0, true, Failback);
+        }
+    }
+
+    private void Update(int uplink, bool up, string reason)
+    {
+        bool activeBackup = _options.Policy == TeamPolicy.ActiveBackup;
+        int before, after;
+        lock (_lock)
+        {
+            before = _active;
+            _live = Live();
+            if (activeBackup)
+            {
+                if (reason == Failback)
+                    _active = 0;
+                else if (_active < 0 || !Volatile.Read(ref _up[_active]))
+                {
+                    _active = _live.Length > 0 ? _live[0] : -1;
+                    if (before >= 0 && _active >= 0)
+                        Failovers++;
+                }
+            }
+            after = _active;
+        }
+        // The VM's MAC is announced where it is now reached, so switches move it to that port.
+        if (activeBackup)
+        {
+            if (after != before && after >= 0)
+                AnnounceOn(after);
+        }
+        else if (_live.Length > 0)
+            AnnounceOn(_options.Policy == TeamPolicy.VmPort ? Choose(ReadOnlySpan<byte>.Empty) : _live[0]);
+        Changed?.Invoke(new TeamChange(_uplinks[uplink].Name, up, ActiveUplinks, reason));
+    }
+
+    private const string Failback = "failback";
+
+    /// <summary>A RARP broadcast from the VM's MAC out of uplink <paramref name="u"/>, so switches learn where it is now.</summary>
+    private void AnnounceOn(int u)
+    {
+        if (u < 0)
+            return;
+        Span<byte> packet = stackalloc byte[VirtioNetHeader.Size + 60];
+        packet.Clear();
+        var frame = packet[VirtioNetHeader.Size..];
+        MacAddress.Broadcast.CopyTo(frame);
+        _mac.CopyTo(frame[6..]);
+        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x8035);         // RARP
+        BinaryPrimitives.WriteUInt16BigEndian(frame[14..], 1);              // hardware: Ethernet
+        BinaryPrimitives.WriteUInt16BigEndian(frame[16..], 0x0800);         // protocol: IPv4
+        frame[18] = 6;
+        frame[19] = 4;
+        BinaryPrimitives.WriteUInt16BigEndian(frame[20..], 3);              // reverse request
+        _mac.CopyTo(frame[22..]);
+        _mac.CopyTo(frame[32..]);
+        if (_uplinks[u].Send(0, packet))
+            _counters[u].Announced();
+    }
+
+    public void Dispose()
+    {
+        _stopping = true;
+        if (_monitor.IsAlive && Thread.CurrentThread != _monitor)
+            _monitor.Join();
+        foreach (var e in _receive)
+            e.Dispose();
+        foreach (var u in _uplinks)
+            u.Dispose();
+    }
+
+    private sealed class Counters
+    {
+        private long _rxPackets, _rxBytes, _txPackets, _txBytes, _txDropped, _rxBackup, _announced;
+        private int _failures;
+
+        public void Rx(int bytes)
+        {
+            Interlocked.Increment(ref _rxPackets);
+            Interlocked.Add(ref _rxBytes, bytes);
+        }
+
+        public void Tx(int bytes)
+        {
+            Interlocked.Increment(ref _txPackets);
+            Interlocked.Add(ref _txBytes, bytes);
+        }
+
+        public void TxDropped() => Interlocked.Increment(ref _txDropped);
+        public void RxOnBackup() => Interlocked.Increment(ref _rxBackup);
+        public void Announced() => Interlocked.Increment(ref _announced);
+        public void Failed() => Interlocked.Increment(ref _failures);
+
+        public UplinkStatus Status(string name, bool up, bool active) => new(name, up, active,
+            Interlocked.Read(ref _rxPackets), Interlocked.Read(ref _rxBytes), Interlocked.Read(ref _txPackets),
+            Interlocked.Read(ref _txBytes), Interlocked.Read(ref _txDropped), Interlocked.Read(ref _rxBackup), Volatile.Read(ref _failures));
+    }
+}

@@ -1,0 +1,121 @@
+using System.Globalization;
+using Kvm.Devices.Virtio.Net;
+using Kvm.Network;
+using Kvm.Tests.Shared;
+using Kvm.Vmm.Exits;
+using Kvm.Vmm.Machine;
+using Xunit.Abstractions;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// A NIC teamed over two taps on two bridges (two switches joined by a trunk; the peer hangs off
+/// the first): a TCP stream from the guest to the peer goes on while the VMM moves it between the
+/// uplinks. The peer's receiver measures the longest silence in the stream; both ends compare the
+/// bytes by SHA-256.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public class LinuxNetTeamTests(ITestOutputHelper output)
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(600);
+    private const string Peer = "10.77.3.1", Guest = "10.77.3.2";
+    private const int Port = 5001;
+
+    // Receives one client until it closes; prints "got N" every MiB and "done N SHA256 GAP_MS"
+    // (the longest time between two reads, the outage a failover caused).
+    private const string Receiver = """
+        import hashlib, socket, sys, time
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", int(sys.argv[1]))); s.listen(1); print("listening", flush=True)
+        c, _ = s.accept(); h = hashlib.sha256(); n = 0; mark = 1 << 20; last = time.monotonic(); gap = 0.0
+        while True:
+            d = c.recv(65536)
+            now = time.monotonic()
+            if not d: break
+            if n > 0: gap = max(gap, now - last)
+            last = now; h.update(d); n += len(d)
+            if n >= mark:
+                print("got", n, flush=True); mark += 1 << 20
+        print("done", n, h.hexdigest(), int(gap * 1000), flush=True)
+        """;
+
+    [SkippableFact]
+    public void AStreamGoesOnWhileTheActiveUplinkIsCutAndFailsBackWhenItReturns()
+    {
+        TestEnvironment.RequireKvm();
+        string kernel = Path.Combine(TestEnvironment.BuildDir, "linux", "bzImage");
+        string initrd = Path.Combine(TestEnvironment.BuildDir, "linux", "initramfs.cpio.gz");
+        if (!File.Exists(kernel) || !File.Exists(initrd))
+            TestEnvironment.SkipIf($"{kernel} or {initrd} is missing (run 'make linux')");
+        using var net = NetTopology.Create();
+        string a = net.AddBridge(), b = net.AddBridge();
+        // The trunk between the two switches.
+        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
+        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
+        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
+        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        var peer = net.AddPeer(a, Peer + "/24");
+
+        var receiver = TestEnvironment.StartRedirected("ip", ["netns", "exec", peer.Namespace, net.Python, "-c", Receiver, Port.ToString(CultureInfo.InvariantCulture)]);
+        receiver.StandardInput.Close();
+        net.Track(receiver);
+        Assert.Equal("listening", receiver.StandardOutput.ReadLine());
+
+        const long bytes = 48 << 20;
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var nic = new NicSpec
+        {
+            Mac = MacAddress.Random(), Policy = TeamPolicy.ActiveBackup, FailbackDelay = TimeSpan.FromSeconds(1),
+            Uplinks = [new UplinkSpec { Tap = tapA, Bridge = a }, new UplinkSpec { Tap = tapB, Bridge = b }],
+        };
+        string checks = $"ping:{Peer},tcpput:{Peer}:{Port}:{bytes}";
+        var spec = new VmSpec
+        {
+            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
+            Cmdline = $"console=ttyS0 quiet panic=-1 ip={Guest}::{Peer}:255.255.255.0::eth0:off kvmtest={checks}",
+            Nics = [nic],
+        };
+        var serial = new SerialCapture();
+        using var vm = VirtualMachine.Create(spec, serial.Write);
+        var team = (NicTeam)((VirtioNet)vm.Nics.Single().Device).Backend;
+        var changes = new List<TeamChange>();
+        team.Changed += c => { lock (changes) changes.Add(c); };
+        using var cancel = new CancellationTokenSource(Timeout);
+        var run = Task.Run(() => vm.Run(cancel.Token));
+
+        // Cut the active uplink a few MiB in, bring it back a few MiB later.
+        long Got() => long.Parse(receiver.StandardOutput.ReadLine()?.Split(' ')[1] ?? "-1", CultureInfo.InvariantCulture);
+        Assert.Equal([tapA], team.ActiveUplinks.Select(n => n.Replace("tap ", "")).ToArray());
+        while (Got() is >= 0 and < (4 << 20)) { }
+        var before = team.Status();
+        net.SetLinkDown(tapA);
+        while (Got() is >= 0 and < (16 << 20)) { }
+        var during = team.Status();
+        Assert.Equal([tapB], team.ActiveUplinks.Select(n => n.Replace("tap ", "")).ToArray());
+        net.SetLinkUp(tapA);
+        // The uplink's bridge port comes back in forwarding state; the team fails back a second after.
+        while (Got() is >= 0 and < (32 << 20)) { }
+        var after = team.Status();
+        string? line;
+        while ((line = receiver.StandardOutput.ReadLine()) is not null && !line.StartsWith("done", StringComparison.Ordinal)) { }
+        Assert.NotNull(line);
+        var reason = run.WaitAsync(Timeout).GetAwaiter().GetResult();
+        string console = serial.Text.Replace("\r", "");
+        Assert.True(reason == new DebugExitStop(0), $"the guest's verdict: {reason.Describe()}; console:\n{console}");
+
+        var done = line!.Split(' ');
+        Assert.Equal(bytes.ToString(CultureInfo.InvariantCulture), done[1]);
+        Assert.Contains($"kvm-guest: tcpput {bytes} {done[2]}\n", console);
+        output.WriteLine($"longest silence in the stream: {done[3]} ms; team changes: {string.Join("; ", changes.Select(c => $"{c.Uplink} {(c.Up ? "up" : "down")} ({c.Reason}) -> {string.Join(",", c.Active)}"))}");
+
+        // A carried the stream before the cut, B while A was down, A again after the failback.
+        Assert.True(during[1].TxPackets > before[1].TxPackets, "uplink B carried nothing while A was down");
+        Assert.True(after[0].TxPackets > during[0].TxPackets, "uplink A carried nothing after it came back");
+        Assert.Equal(1, team.Failovers);
+        lock (changes)
+        {
+            Assert.Contains(changes, c => !c.Up && c.Reason == "link down" && c.Active.SequenceEqual(["tap " + tapB]));
+            Assert.Contains(changes, c => c.Reason == "failback" && c.Active.SequenceEqual(["tap " + tapA]));
+        }
+    }
+}

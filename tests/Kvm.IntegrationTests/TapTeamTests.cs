@@ -1,0 +1,99 @@
+using System.Buffers.Binary;
+using System.Globalization;
+using Kvm.Network;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// Tap backends and the NIC team on real taps and bridges (as root; no VM): what the team sends
+/// is counted by the kernel on the tap it chose (/sys/class/net/TAP/statistics/rx_packets: the
+/// host receives what the VMM writes), and the team follows the taps' link state.
+/// </summary>
+public class TapTeamTests
+{
+    private static readonly TimeSpan Wait = TimeSpan.FromSeconds(20);
+
+    private static long HostReceived(string tap) =>
+        long.Parse(File.ReadAllText($"/sys/class/net/{tap}/statistics/rx_packets").Trim(), CultureInfo.InvariantCulture);
+
+    /// <summary>A frame from <paramref name="mac"/> to everyone, with an all-zero virtio-net header (ethertype 0x88b5, for local experiments).</summary>
+    private static byte[] Frame(MacAddress mac)
+    {
+        var packet = new byte[VirtioNetHeader.Size + 64];
+        var frame = packet.AsSpan(VirtioNetHeader.Size);
+        MacAddress.Broadcast.CopyTo(frame);
+        mac.CopyTo(frame[6..]);
+        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x88b5);
+        return packet;
+    }
+
+    [SkippableFact]
+    public void ATapOnItsBridgeIsTakenAgainByASecondOwnerAndGoesWithTheLast()
+    {
+        using var net = NetTopology.Create();
+        string bridge = net.AddBridge();
+        string tap = net.Prefix + "t0";
+        using (var first = TapBackend.Open(tap, 2, bridge))
+        {
+            Assert.Equal(bridge, TapBackend.MasterOf(tap));
+            Assert.True(first.LinkUp);
+            // A hand-over's new process opens the same tap while the old one still holds it.
+            using var second = TapBackend.Open(tap, 2, bridge);
+            Assert.Equal(bridge, TapBackend.MasterOf(tap));
+            second.SetActivePairs(1);
+            Assert.True(second.Send(0, Frame(MacAddress.Random())));
+        }
+        Assert.False(Directory.Exists($"/sys/class/net/{tap}"), "the tap the VMM made outlived its last owner");
+    }
+
+    [SkippableFact]
+    public void TheTeamMovesTrafficOffAFailedUplinkAndBackAfterTheFailbackDelay()
+    {
+        using var net = NetTopology.Create();
+        string a = net.AddBridge(), b = net.AddBridge();
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var mac = MacAddress.Random();
+        var delay = TimeSpan.FromMilliseconds(800);
+        using var team = new NicTeam([TapBackend.Open(tapA, 1, a), TapBackend.Open(tapB, 1, b)],
+            new TeamOptions { Policy = TeamPolicy.ActiveBackup, FailbackDelay = delay }, mac);
+        var changes = new List<TeamChange>();
+        team.Changed += c => { lock (changes) changes.Add(c); };
+        var frame = Frame(mac);
+
+        long a0 = HostReceived(tapA), b0 = HostReceived(tapB);
+        for (int i = 0; i < 10; i++)
+            Assert.True(team.Send(0, frame));
+        Assert.Equal(a0 + 10, HostReceived(tapA));
+        Assert.Equal(b0, HostReceived(tapB));
+
+        net.SetLinkDown(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapB]), Wait), "no failover to B");
+        // The VM's MAC was announced on B (one RARP), then the traffic follows.
+        Assert.True(SpinWait.SpinUntil(() => HostReceived(tapB) == b0 + 1, Wait), $"B received {HostReceived(tapB) - b0} frames, not the announcement");
+        for (int i = 0; i < 10; i++)
+            Assert.True(team.Send(0, frame));
+        Assert.Equal(b0 + 11, HostReceived(tapB));
+        Assert.Equal(1, team.Failovers);
+
+        var upAt = System.Diagnostics.Stopwatch.StartNew();
+        net.SetLinkUp(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), Wait), "no failback to A");
+        Assert.True(upAt.Elapsed >= delay, $"the team went back to A {upAt.Elapsed.TotalMilliseconds} ms after it came up, before the {delay.TotalMilliseconds} ms delay");
+        long aBack = HostReceived(tapA);
+        for (int i = 0; i < 10; i++)
+            Assert.True(team.Send(0, frame));
+        Assert.Equal(aBack + 10, HostReceived(tapA));
+        var status = team.Status();
+        Assert.True(status[0].Active && !status[1].Active && status[0].Up && status[1].Up);
+        Assert.Equal(1, status[0].Failures);
+        lock (changes)
+            Assert.Equal(["link down", "link up", "failback"], changes.Select(c => c.Reason));
+
+        // Both down: nothing goes out, and the team says why.
+        net.SetLinkDown(tapA);
+        net.SetLinkDown(tapB);
+        Assert.True(SpinWait.SpinUntil(() => !team.LinkUp, Wait));
+        Assert.False(team.Send(0, frame));
+        Assert.Equal(1, team.NoUplinkDrops);
+    }
+}
