@@ -35,7 +35,7 @@ public static class ControlCommands
             "SOCKET [--disk ...] [--vmm PATH]' resumes it in a new kvm-vmm.",
             json.SuspendResult, r => Console.WriteLine($"{r.State} ({(r.Seconds * 1000).ToString("0.#", CultureInfo.InvariantCulture)} ms; state {r.StateBytes} bytes)")));
         cmd.Subcommands.Add(Upgrade());
-        cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; memory.", json.VmStats, PrintStats));
+        cmd.Subcommands.Add(Verb("stats", "Per-disk requests, bytes and service times; per-NIC frames, drops and uplinks; memory.", json.VmStats, PrintStats));
         cmd.Subcommands.Add(Verb("devices", "The VM's devices: id, kind, where the guest finds them.", json.VmDevices, PrintDevices));
         return cmd;
     }
@@ -269,6 +269,18 @@ public static class ControlCommands
             Console.WriteLine($"  reads {d.Reads} ({d.BytesRead} bytes), writes {d.Writes} ({d.BytesWritten} bytes), flushes {d.Flushes}, " +
                               $"discards {d.Discards}, write-zeroes {d.WriteZeroes}, other {d.Other}, failed {d.Failed}, I/O errors {d.IoErrors}");
             Console.WriteLine($"  service time: mean {d.MeanMicroseconds.ToString("0.#", CultureInfo.InvariantCulture)} us, longest {d.MaxMicroseconds} us");
+        }
+        foreach (var n in s.Nics ?? [])
+        {
+            Console.WriteLine($"{n.Id}: {n.Mac}, {n.ActivePairs} of {n.QueuePairs} queue pairs in use" +
+                              (n.Policy is null ? "" : $", team {n.Policy}, {n.Failovers} failovers"));
+            Console.WriteLine($"  received {n.RxPackets} frames ({n.RxBytes} bytes), filtered {n.RxFiltered}, dropped {n.RxDropped}");
+            Console.WriteLine($"  sent {n.TxPackets} frames ({n.TxBytes} bytes); dropped: spoofed source {n.TxSpoofed}, too long {n.TxTooLong}, " +
+                              $"malformed {n.TxMalformed}, refused by the uplink {n.TxBackendDropped}");
+            foreach (var u in n.Uplinks)
+                Console.WriteLine($"  {u.Name}: {(u.Up ? "up" : "DOWN")}{(u.Active ? ", active" : n.Policy is null ? "" : ", standby")}" +
+                                  (u.TxPackets is null ? "" : $", sent {u.TxPackets} ({u.TxBytes} bytes), received {u.RxPackets} ({u.RxBytes} bytes), " +
+                                   $"dropped {u.TxDropped} out and {u.RxDroppedOnStandby} in on standby, {u.Failures} failures"));
         }
     }
 

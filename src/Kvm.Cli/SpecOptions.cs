@@ -91,7 +91,9 @@ public sealed class SpecOptions
             Description = "give the VM a virtio-net NIC (repeatable; PCI slots after the disks). tap=NAME uses the tap\n" +
                 "device NAME, made if missing (needs CAP_NET_ADMIN), @BRIDGE puts it on that bridge; mac=MAC (default:\n" +
                 "random, locally administered), queues=N (queue pairs, 1 to 16), offload=off (no checksum or TSO\n" +
-                "offloads), spoof=allow (let frames with another source MAC out; by default they are dropped), mtu=N",
+                "offloads), spoof=allow (let frames with another source MAC out; by default they are dropped), mtu=N.\n" +
+                "Several tap= make a team the VMM runs: policy=active-backup (default; failback=off, failback-delay=MS),\n" +
+                "flow-hash (flows spread over the uplinks) or vm-port (the VM's frames on one uplink chosen by its MAC)",
             HelpName = NicSpec.Syntax,
             DefaultValueFactory = _ => [],
         };

@@ -507,7 +507,21 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
             var s = block.Stats;
             return new DiskStats($"virtio-blk{i}", block.Image.Path, block.ReadOnly, s.Reads, s.Writes, s.Flushes, s.Discards,
                 s.WriteZeroes, s.Other, s.Failed, s.BytesRead, s.BytesWritten, s.IoErrors, Math.Round(s.MeanMicroseconds, 1), s.MaxMicroseconds);
-        }).ToList());
+        }).ToList(),
+        vm.Nics.Count == 0 ? null : vm.Nics.Select((n, i) => NicStatsOf($"virtio-net{i}", (Kvm.Devices.Virtio.Net.VirtioNet)n.Device)).ToList());
+
+    private static NicStats NicStatsOf(string id, Kvm.Devices.Virtio.Net.VirtioNet net)
+    {
+        var s = net.Stats;
+        var team = net.Backend as Kvm.Network.NicTeam;
+        var uplinks = team is null
+            ? [new UplinkStats(net.Backend.Name, net.Backend.LinkUp, true)]
+            : team.Status().Select(u => new UplinkStats(u.Name, u.Up, u.Active, u.RxPackets, u.RxBytes, u.TxPackets, u.TxBytes,
+                u.TxDropped, u.RxDroppedOnBackup, u.Failures)).ToList();
+        return new NicStats(id, net.Mac.ToString(), net.Options.QueuePairs, net.ActivePairs, s.RxPackets, s.RxBytes, s.TxPackets,
+            s.TxBytes, s.RxFiltered, s.RxDropped, s.TxSpoofed, s.TxTooLong, s.TxMalformed, s.TxBackendDropped,
+            team is null ? null : Kvm.Vmm.Machine.NicSpec.PolicyName(team.Options.Policy), team?.Failovers ?? 0, uplinks);
+    }
 
     /// <summary>This process's resident set (VmRSS from /proc/self/status), in bytes.</summary>
     private static long ResidentBytes()

@@ -59,7 +59,7 @@ public sealed record HandoverResult(int Pid, string Vmm, double PausedSeconds, d
     IReadOnlyList<Kvm.Vmm.Snapshot.PauseStep>? Steps = null);
 
 /// <summary>The reply to <c>stats</c>.</summary>
-public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks);
+public sealed record VmStats(MemoryStats Memory, IReadOnlyList<DiskStats> Disks, IReadOnlyList<NicStats>? Nics = null);
 
 /// <summary>
 /// Guest RAM as configured, this process's resident memory (VmRSS) now, and, for a VM restored
@@ -74,6 +74,18 @@ public sealed record MemoryStats(ulong GuestBytes, long ResidentBytes, MemoryLoa
 /// null while it still loads.
 /// </summary>
 public sealed record MemoryLoadStats(long Faults, long BytesOnTouch, long BytesFirst, long BytesInBackground, long BytesTotal, double? Seconds);
+
+/// <summary>
+/// One virtio-net device: its MAC, the queue pairs the guest uses, frames and bytes each way,
+/// drops by cause (Kvm.Devices.Virtio.Net.VirtioNetStats), and its uplinks (one, or a team's).
+/// </summary>
+public sealed record NicStats(string Id, string Mac, int QueuePairs, int ActivePairs, long RxPackets, long RxBytes, long TxPackets,
+    long TxBytes, long RxFiltered, long RxDropped, long TxSpoofed, long TxTooLong, long TxMalformed, long TxBackendDropped,
+    string? Policy, int Failovers, IReadOnlyList<UplinkStats> Uplinks);
+
+/// <summary>One uplink of a NIC: its link, whether it carries traffic, what went through it (a team's counters; null for a lone tap).</summary>
+public sealed record UplinkStats(string Name, bool Up, bool Active, long? RxPackets = null, long? RxBytes = null, long? TxPackets = null,
+    long? TxBytes = null, long? TxDropped = null, long? RxDroppedOnStandby = null, int? Failures = null);
 
 /// <summary>One virtio-blk device: its image and what it has served (service times in microseconds).</summary>
 public sealed record DiskStats(string Id, string Image, bool ReadOnly, long Reads, long Writes, long Flushes, long Discards,
