@@ -93,7 +93,8 @@ public sealed class SpecOptions
                 "random, locally administered), queues=N (queue pairs, 1 to 16), offload=off (no checksum or TSO\n" +
                 "offloads), spoof=allow (let frames with another source MAC out; by default they are dropped), mtu=N.\n" +
                 "Several tap= make a team the VMM runs: policy=active-backup (default; failback=off, failback-delay=MS),\n" +
-                "flow-hash (flows spread over the uplinks) or vm-port (the VM's frames on one uplink chosen by its MAC)",
+                "flow-hash (flows spread over the uplinks) or vm-port (the VM's frames on one uplink chosen by its MAC).\n" +
+                "limit=RATE (tx-limit=, rx-limit=): the most the VM sends and receives, in bit/s (10M, 1.5G)",
             HelpName = NicSpec.Syntax,
             DefaultValueFactory = _ => [],
         };

@@ -21,22 +21,25 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
     private const string Peer = "10.77.3.1", Guest = "10.77.3.2";
     private const int Port = 5001;
 
-    // Receives one client until it closes; prints "got N" every MiB and "done N SHA256 GAP_MS"
-    // (the longest time between two reads, the outage a failover caused).
-    private const string Receiver = """
+    // Receives one client until it closes; prints "got N" every MiB and "done N SHA256 GAP_MS RATE"
+    // (the longest time between two reads, the outage a failover caused; the rate in bit/s from
+    // the first MiB to the end, past TCP's slow start).
+    internal const string Receiver = """
         import hashlib, socket, sys, time
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("", int(sys.argv[1]))); s.listen(1); print("listening", flush=True)
-        c, _ = s.accept(); h = hashlib.sha256(); n = 0; mark = 1 << 20; last = time.monotonic(); gap = 0.0
+        c, _ = s.accept(); h = hashlib.sha256(); n = 0; mark = 1 << 20; last = time.monotonic(); gap = 0.0; t1 = None; n1 = 0
         while True:
             d = c.recv(65536)
             now = time.monotonic()
             if not d: break
             if n > 0: gap = max(gap, now - last)
             last = now; h.update(d); n += len(d)
+            if t1 is None and n >= 1 << 20: t1 = now; n1 = n
             if n >= mark:
                 print("got", n, flush=True); mark += 1 << 20
-        print("done", n, h.hexdigest(), int(gap * 1000), flush=True)
+        rate = int((n - n1) * 8 / (last - t1)) if t1 is not None and last > t1 else 0
+        print("done", n, h.hexdigest(), int(gap * 1000), rate, flush=True)
         """;
 
     [SkippableFact]

@@ -35,6 +35,24 @@ public class NicSpecTests
         Assert.Equal((n.Mac, 4, false, true, 9000), (o.Mac, o.QueuePairs, o.Offloads, o.AllowSpoofing, o.Mtu));
     }
 
+    [Fact]
+    public void SeveralTapsMakeATeamWithItsPolicyAndLimits()
+    {
+        var n = NicSpec.Parse("tap=a@br0,tap=b@br1,policy=flow-hash,failback=off,failback-delay=2500,tx-limit=10M,rx-limit=1.5G");
+        Assert.Equal([("a", "br0"), ("b", "br1")], n.Uplinks.Select(u => (u.Tap, u.Bridge!)));
+        Assert.Equal(TeamPolicy.FlowHash, n.Policy);
+        Assert.False(n.Failback);
+        Assert.Equal(TimeSpan.FromMilliseconds(2500), n.FailbackDelay);
+        Assert.Equal((10_000_000L, 1_500_000_000L), (n.TxLimit!.Value, n.RxLimit!.Value));
+        var both = NicSpec.Parse("tap=a,limit=800K");
+        Assert.Equal((800_000L, 800_000L), (both.TxLimit!.Value, both.RxLimit!.Value));
+        Assert.Equal(TeamPolicy.ActiveBackup, both.Policy);
+        Assert.Equal(TeamPolicy.VmPort, NicSpec.Parse("tap=a,tap=b,policy=vm-port").Policy);
+        var back = VmSpecJsonContext.Parse(VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }), "team.json").Nics[0];
+        Assert.Equal((n.Policy, n.Failback, n.FailbackDelay, n.TxLimit, n.RxLimit), (back.Policy, back.Failback, back.FailbackDelay, back.TxLimit, back.RxLimit));
+        Assert.Equal(n.Uplinks, back.Uplinks);
+    }
+
     [Theory]
     [InlineData("tap=", "")]
     [InlineData("tap=a,offload", "a")]
@@ -50,7 +68,13 @@ public class NicSpecTests
 
     [Theory]
     [InlineData("mac=52:54:00:12:34:56", "no uplink")]
-    [InlineData("tap=a,tap=b", "2 uplinks")]
+    [InlineData("tap=a,tap=a", "tap 'a' is named twice")]
+    [InlineData("tap=a,tap=b,tap=c,tap=d,tap=e,tap=f,tap=g,tap=h,tap=i", "9 uplinks is more than 8")]
+    [InlineData("tap=a,tap=b,policy=round-robin", "policy 'round-robin' is not active-backup, flow-hash or vm-port")]
+    [InlineData("tap=a,tap=b,failback=maybe", "failback 'maybe' is not on or off")]
+    [InlineData("tap=a,tap=b,failback-delay=soon", "failback-delay 'soon' is not a whole number")]
+    [InlineData("tap=a,limit=fast", "limit: 'fast' is not a rate")]
+    [InlineData("tap=a,tx-limit=0", "tx-limit: '0' is not a rate")]
     [InlineData("tap=a,mac=52:54:00:12:34", "not a MAC address")]
     [InlineData("tap=a,mac=01:00:5e:00:00:01", "multicast")]
     [InlineData("tap=a,mac=00:00:00:00:00:00", "not a usable address")]

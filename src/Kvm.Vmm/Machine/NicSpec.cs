@@ -33,6 +33,12 @@ public sealed record NicSpec
 
     public int Mtu { get; init; } = 1500;
 
+    /// <summary>The most the guest may send, in bits per second (null: no limit).</summary>
+    public long? TxLimit { get; init; }
+
+    /// <summary>The most the guest may receive, in bits per second (null: no limit).</summary>
+    public long? RxLimit { get; init; }
+
     public IReadOnlyList<UplinkSpec> Uplinks { get; init; } = [];
 
     /// <summary>With several uplinks: how the VMM spreads the VM's frames over them.</summary>
@@ -59,6 +65,7 @@ public sealed record NicSpec
     public VirtioNetOptions ToOptions() => new()
     {
         Mac = Mac, QueuePairs = Queues, Offloads = Offloads, AllowSpoofing = AllowSpoofing, Mtu = Mtu,
+        TxLimit = TxLimit, RxLimit = RxLimit,
     };
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the NIC and what is wrong with it.</summary>
@@ -91,7 +98,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -147,6 +154,18 @@ public sealed record NicSpec
                     break;
                 case "failback-delay" when value is not null:
                     spec = spec with { FailbackDelay = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"failback-delay '{value}' is not a whole number of milliseconds")) };
+                    break;
+                case "limit" or "tx-limit" or "rx-limit" when value is not null:
+                    long rate;
+                    try
+                    {
+                        rate = TokenBucket.ParseRate(value);
+                    }
+                    catch (FormatException e)
+                    {
+                        throw Fail($"{key}: {e.Message}");
+                    }
+                    spec = spec with { TxLimit = key == "rx-limit" ? spec.TxLimit : rate, RxLimit = key == "tx-limit" ? spec.RxLimit : rate };
                     break;
                 case "spoof" when value is "allow" or "drop":
                     spec = spec with { AllowSpoofing = value == "allow" };

@@ -107,6 +107,10 @@ public sealed class NicSpecDocument
     public bool? Failback { get; set; }
     public int? FailbackDelayMs { get; set; }
 
+    /// <summary>Bits per second the guest may send and receive (absent: no limit).</summary>
+    public long? TxLimit { get; set; }
+    public long? RxLimit { get; set; }
+
     public NicSpec ToSpec(string source, int index)
     {
         var d = new NicSpec();
@@ -135,6 +139,8 @@ public sealed class NicSpecDocument
                 _ => throw new ArgumentException($"VM spec {source}: nics[{index}].policy: '{Policy}' is not active-backup, flow-hash or vm-port"),
             },
             Failback = Failback ?? d.Failback,
+            TxLimit = TxLimit ?? d.TxLimit,
+            RxLimit = RxLimit ?? d.RxLimit,
             FailbackDelay = FailbackDelayMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.FailbackDelay,
             Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
                 ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
@@ -151,6 +157,8 @@ public sealed class NicSpecDocument
         Uplinks = n.Uplinks.Select(u => new UplinkSpecDocument { Tap = u.Tap, Bridge = u.Bridge }).ToList(),
         Policy = NicSpec.PolicyName(n.Policy),
         Failback = n.Failback,
+        TxLimit = n.TxLimit,
+        RxLimit = n.RxLimit,
         FailbackDelayMs = (int)n.FailbackDelay.TotalMilliseconds,
     };
 }

@@ -65,6 +65,7 @@ public sealed class VirtioNet : IVirtioDevice
     private MacAddress _mac;
     private int _activePairs = 1;
     private int _status = StatusLinkUp;
+    private readonly TokenBucket? _txLimit, _rxLimit;
 
     public VirtioNet(string name, INetBackend backend, VirtioNetOptions options, ILogger? logger = null)
     {
@@ -76,6 +77,8 @@ public sealed class VirtioNet : IVirtioDevice
         _options = options;
         _log = logger ?? NullLogger.Instance;
         _mac = options.Mac;
+        _txLimit = options.TxLimit is { } tx ? new TokenBucket(tx) : null;
+        _rxLimit = options.RxLimit is { } rx ? new TokenBucket(rx) : null;
         _rx = new RxState[options.QueuePairs];
         _tx = new byte[options.QueuePairs][];
         for (int i = 0; i < _rx.Length; i++)
@@ -229,6 +232,10 @@ public sealed class VirtioNet : IVirtioDevice
             {
                 if (queue.Pending == 0)
                     return BackendQueueState.RingEmpty;
+                // Over its receive limit the VM reads no more for a while: frames wait in the
+                // backend (the tap's queue), and drop there if the sender does not slow down.
+                if (_rxLimit is not null && _rxLimit.TryTake(0) is var wait && wait > TimeSpan.Zero)
+                    Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
                 int n = _backend.Receive(pair, rx.Buffer);
                 if (n == 0)
                     return BackendQueueState.BackendEmpty;
@@ -248,7 +255,10 @@ public sealed class VirtioNet : IVirtioDevice
             if (delivery == Delivery.RingShort)
                 return BackendQueueState.RingEmpty;
             if (delivery == Delivery.Delivered)
+            {
                 _counters.Rx(rx.Length - VirtioNetHeader.Size);
+                _rxLimit?.Charge(rx.Length - VirtioNetHeader.Size);
+            }
             rx.Length = 0;
         }
     }
@@ -367,6 +377,9 @@ public sealed class VirtioNet : IVirtioDevice
             return;
         }
         packet[10] = packet[11] = 0;        // num_buffers means nothing on transmit
+        // Over its limit the guest waits: its transmit ring fills and its stack slows down, as
+        // behind a slower link (frames are not dropped).
+        _txLimit?.Take(frame);
         if (_backend.Send(pair, packet))
             _counters.Tx(frame);
         else

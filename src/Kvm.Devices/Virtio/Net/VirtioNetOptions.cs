@@ -22,6 +22,12 @@ public sealed record VirtioNetOptions
     /// <summary>The MTU offered to the guest (VIRTIO_NET_F_MTU); frames without segmentation offload longer than this plus 18 bytes of Ethernet and VLAN headers are dropped.</summary>
     public int Mtu { get; init; } = 1500;
 
+    /// <summary>The most the guest may send, in bits per second (frame bytes; null: no limit).</summary>
+    public long? TxLimit { get; init; }
+
+    /// <summary>The most the guest may receive, in bits per second (null: no limit).</summary>
+    public long? RxLimit { get; init; }
+
     public const int MaxQueuePairs = 16;
     public const int MinMtu = 68, MaxMtu = 65535 - 18;
 
@@ -36,6 +42,8 @@ public sealed record VirtioNetOptions
             throw new ArgumentException($"mac {Mac} is a multicast address (the first byte must be even)");
         if (Mac.Value == 0)
             throw new ArgumentException("mac 00:00:00:00:00:00 is not a usable address");
+        if (TxLimit is <= 0 || RxLimit is <= 0)
+            throw new ArgumentException($"a rate limit must be positive (tx {TxLimit}, rx {RxLimit} bit/s)");
         if (Mtu < MinMtu || Mtu > MaxMtu)
             throw new ArgumentException($"mtu {Mtu} is out of range ({MinMtu} to {MaxMtu})");
     }

@@ -1,0 +1,50 @@
+using Kvm.Network;
+
+namespace Kvm.Network.Tests;
+
+public class TokenBucketTests
+{
+    [Fact]
+    public void AFrameGoesWhileTheBucketIsNotInDebtAndTheNextWaitsTheDebtOut()
+    {
+        var bucket = new TokenBucket(8_000_000);                // 1 MB/s
+        Assert.Equal(1_000_000, bucket.BytesPerSecond);
+        Assert.Equal(VirtioNetHeader.MaxPacket, bucket.Burst);  // 5 ms is less than one largest frame
+        Assert.Equal(TimeSpan.Zero, bucket.TryTake(200_000));   // full: it goes, leaving a debt of ~134 kB
+        var wait = bucket.TryTake(1);
+        Assert.InRange(wait.TotalSeconds, 0.10, (200_000 - VirtioNetHeader.MaxPacket) / 1e6);
+        // Waiting takes nothing.
+        Assert.InRange(bucket.TryTake(1).TotalSeconds, 0.10, wait.TotalSeconds);
+    }
+
+    [Fact]
+    public void ChargingPutsTheBucketInDebtWhateverItHeld()
+    {
+        var bucket = new TokenBucket(8_000_000);
+        bucket.Charge(VirtioNetHeader.MaxPacket + 500_000);
+        Assert.InRange(bucket.TryTake(0).TotalSeconds, 0.4, 0.5);
+    }
+
+    [Theory]
+    [InlineData("10M", 10_000_000)]
+    [InlineData("1.5G", 1_500_000_000)]
+    [InlineData("800K", 800_000)]
+    [InlineData("64000", 64_000)]
+    [InlineData("100Mbit", 100_000_000)]
+    public void RatesParseInDecimalUnits(string text, long bits) => Assert.Equal(bits, TokenBucket.ParseRate(text));
+
+    [Theory]
+    [InlineData("")]
+    [InlineData("fast")]
+    [InlineData("0")]
+    [InlineData("-5M")]
+    [InlineData("10X")]
+    public void BadRatesAreRefusedNamingTheText(string text)
+    {
+        var e = Assert.Throws<FormatException>(() => TokenBucket.ParseRate(text));
+        Assert.Contains($"'{text}'", e.Message);
+    }
+
+    [Fact]
+    public void ARateMustBePositive() => Assert.Throws<ArgumentOutOfRangeException>(() => new TokenBucket(0));
+}
