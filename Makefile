@@ -60,7 +60,7 @@ $(BUILD)/bin/%: | $(PUBLISHED)
 
 # Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
 linux: $(BUILD)/linux/vmlinux
-$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm-exit.c native/linux/kvm-hold.c native/linux/kvm-host-init
+$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm-exit.c native/linux/kvm-rr.c native/linux/kvm-hold.c native/linux/kvm-host-init
 	CC='$(CC)' bash native/linux/build.sh $(BUILD)/linux
 
 # Where /dev/kvm is missing or unusable, the VM runs inside the nested KVM host (tests/kvm-host),
