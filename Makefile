@@ -81,11 +81,11 @@ run: all
 test: all linux
 	@bash tests/run-tests.sh
 
-# The VM benchmarks (boot, blk, linux, kvmd, snapshot) run where /dev/kvm works, or else all inside one nested KVM
+# The VM benchmarks (boot, blk, linux, kvmd, snapshot, net) run where /dev/kvm works, or else all inside one nested KVM
 # host; each says where it measured. The disk benchmark needs no KVM and runs here. The *_ARGS
 # reach the benchmarks through the environment (tests/Kvm.Benchmarks/vm-benchmarks.sh).
 BENCH_DLL = tests/Kvm.Benchmarks/bin/Release/net10.0/Kvm.Benchmarks.dll
-export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS DOTNET
+export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS NET_BENCH_ARGS DOTNET
 
 bench: all linux
 	$(DOTNET) build -c Release tests/Kvm.Benchmarks/Kvm.Benchmarks.csproj --nologo -v quiet
