@@ -60,7 +60,7 @@ $(BUILD)/bin/%: | $(PUBLISHED)
 
 # Debian's cloud kernel (bzImage and vmlinux) and a busybox initramfs, in build/linux (needs apt).
 linux: $(BUILD)/linux/vmlinux
-$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm-exit.c native/linux/kvm-hold.c native/linux/kvm-host-init
+$(BUILD)/linux/vmlinux: native/linux/build.sh native/linux/init native/linux/kvm-exit.c native/linux/kvm-rr.c native/linux/kvm-hold.c native/linux/kvm-host-init
 	CC='$(CC)' bash native/linux/build.sh $(BUILD)/linux
 
 # Where /dev/kvm is missing or unusable, the VM runs inside the nested KVM host (tests/kvm-host),
@@ -81,11 +81,11 @@ run: all
 test: all linux
 	@bash tests/run-tests.sh
 
-# The VM benchmarks (boot, blk, linux, kvmd, snapshot) run where /dev/kvm works, or else all inside one nested KVM
+# The VM benchmarks (boot, blk, linux, kvmd, snapshot, net) run where /dev/kvm works, or else all inside one nested KVM
 # host; each says where it measured. The disk benchmark needs no KVM and runs here. The *_ARGS
 # reach the benchmarks through the environment (tests/Kvm.Benchmarks/vm-benchmarks.sh).
 BENCH_DLL = tests/Kvm.Benchmarks/bin/Release/net10.0/Kvm.Benchmarks.dll
-export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS DOTNET
+export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS NET_BENCH_ARGS DOTNET
 
 bench: all linux
 	$(DOTNET) build -c Release tests/Kvm.Benchmarks/Kvm.Benchmarks.csproj --nologo -v quiet

@@ -3,13 +3,16 @@
 #   OUT/bzImage            Debian's cloud kernel as shipped (linux-image-cloud-amd64)
 #   OUT/vmlinux            the same kernel uncompressed: an ELF with a PVH entry note
 #   OUT/config, OUT/System.map
-#   OUT/initramfs.cpio.gz  busybox (busybox-static), the virtio modules and /bin/kvm-exit (native/linux/
-#                          kvm-exit.c, built static), with native/linux/init
+#   OUT/initramfs.cpio.gz  busybox (busybox-static), the virtio modules, /bin/kvm-exit (native/linux/
+#                          kvm-exit.c, built static), /bin/kvm-rr (native/linux/kvm-rr.c) and
+#                          Debian's iperf3 with the shared libraries it loads (glibc's among them; a
+#                          stub for libcrypto), with native/linux/init
+#   OUT/kvm-rr             the same kvm-rr, for the network benchmark's peer on the host
 #   OUT/kvm-host.cpio.gz   the nested KVM host's initramfs (tests/kvm-host), with native/linux/kvm-host-init
 #                          and /bin/kvm-hold (native/linux/kvm-hold.c, static)
 # Usage: native/linux/build.sh [OUT]   (default build/linux; `make linux` runs it)
-# Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils, and a C
-# compiler with a static libc ($CC, default gcc; Debian's libc6-dev).
+# Needs: apt-get (with package lists: run apt-get update first), dpkg, lz4, gzip, binutils (readelf,
+# nm, strings), and a C compiler with a static libc ($CC, default gcc; Debian's libc6-dev).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,7 +23,7 @@ mkdir -p "$work/debs" "$work/root"
 
 die() { echo "linux guest: $*" >&2; exit 1; }
 cc=${CC:-gcc}
-for tool in apt-get apt-cache dpkg lz4 gzip readelf strings od "$cc"; do
+for tool in apt-get apt-cache dpkg lz4 gzip readelf nm strings od "$cc"; do
     command -v "$tool" >/dev/null || die "'$tool' is missing (Debian packages: apt, dpkg, lz4, gzip, binutils, gcc)"
 done
 
@@ -92,12 +95,81 @@ new_root() {  # ROOT INIT
     chmod 755 "$1/init" "$1/bin/busybox"
 }
 
-# The test guest's initramfs: busybox, the virtio modules, the init script, and kvm-exit, which
-# init uses to end a test run with its verdict (static: the initramfs has no libc).
+# iperf3 for the network benchmark (init's iperf check): Debian's binary with the libraries its
+# ELF headers ask for, found by NEEDED in the unpacked packages (libc6's too, so the guest's
+# glibc is Debian's, not the build machine's), and the dynamic loader at the path the binary names.
+# libcrypto.so.3 serves only iperf3's authentication (RSA keys, --username), which the benchmark
+# does not use; at 4.5 MiB it would have been most of the initramfs, so the guest gets a stub of
+# that name instead: every OpenSSL function iperf3's libraries import (nm), each ending the
+# program with a message (they are bound at load, BIND_NOW, so each must exist).
+# Usage: add_iperf3 ROOT
+iperf_debs=(iperf3 libiperf0 libsctp1 libc6)
+add_iperf3() {
+    local root=$1 src="$work/iperf3" libdir=lib/x86_64-linux-gnu interp queue lib found name stub=""
+    mkdir -p "$src" "$work/iperf3-debs" "$root/$libdir" "$root/lib64"
+    (cd "$work/iperf3-debs" && apt-get download -q "${iperf_debs[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) \
+        || die "apt-get download ${iperf_debs[*]} failed"
+    for deb in "$work"/iperf3-debs/*.deb; do
+        dpkg -x "$deb" "$src"
+    done
+    cp "$src/usr/bin/iperf3" "$root/bin/iperf3"
+    interp=$(readelf -l "$src/usr/bin/iperf3" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+    [ "$interp" = /lib64/ld-linux-x86-64.so.2 ] || die "iperf3 asks for the loader '$interp'"
+    cp -L "$src/$libdir/ld-linux-x86-64.so.2" "$root/$libdir/"
+    ln -sf "/$libdir/ld-linux-x86-64.so.2" "$root/lib64/ld-linux-x86-64.so.2"
+    declare -A copied=()
+    queue=("$src/usr/bin/iperf3")
+    while [ ${#queue[@]} -gt 0 ]; do
+        for lib in $(readelf -d "${queue[0]}" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+            [ -z "${copied[$lib]:-}" ] || continue
+            copied[$lib]=1
+            if [ "$lib" = libcrypto.so.3 ]; then
+                stub=$lib
+                continue
+            fi
+            found=$(find "$src/$libdir" "$src/usr/$libdir" -name "$lib" 2>/dev/null | head -n 1)
+            [ -n "$found" ] || die "iperf3 needs $lib, which none of ${iperf_debs[*]} holds"
+            cp -L "$found" "$root/$libdir/$lib"
+            queue+=("$found")
+        done
+        queue=("${queue[@]:1}")
+    done
+    if [ -n "$stub" ]; then
+        local symbols
+        symbols=$(nm -D --undefined-only "$src/usr/bin/iperf3" "$root/$libdir"/*.so* 2>/dev/null \
+            | sed -n 's/^ *U \([A-Za-z0-9_]*\)@OPENSSL_3\.0\.0$/\1/p' | sort -u)
+        [ -n "$symbols" ] || die "iperf3 needs libcrypto.so.3 but imports nothing from it"
+        {
+            echo '#include <stdio.h>'
+            echo '#include <stdlib.h>'
+            echo 'static void stub(const char *f) { fprintf(stderr, "iperf3: %s: no OpenSSL in this guest (a stub libcrypto)\n", f); exit(1); }'
+            for f in $symbols; do echo "void $f(void) { stub(\"$f\"); }"; done
+        } > "$work/crypto-stub.c"
+        { echo 'OPENSSL_3.0.0 { global:'; printf '    %s;\n' $symbols; echo '  local: *; };'; } > "$work/crypto-stub.map"
+        "$cc" -shared -fPIC -Os -s -Wall -o "$root/$libdir/$stub" -Wl,-soname,"$stub" \
+            -Wl,--version-script="$work/crypto-stub.map" "$work/crypto-stub.c" || die "cannot build the stub $stub"
+    fi
+    name=$(chroot "$root" /bin/iperf3 --version 2>/dev/null | head -n 1) || name=""
+    [ -n "$name" ] || [ "$(id -u)" -ne 0 ] || die "iperf3 does not run in the initramfs's root"
+    echo "linux guest: ${name:-iperf3} with ${!copied[*]}${stub:+ ($stub a stub)}"
+}
+
+# The test guest's initramfs: busybox, the virtio modules, the init script, kvm-exit, which init
+# uses to end a test run with its verdict (static), iperf3 with its libraries, and kvm-rr, linked
+# against the glibc that iperf3 brings (a static kvm-rr would add 300 KiB compressed).
 root="$work/initramfs"
 new_root "$root" "$here/init"
 "$cc" -static -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-exit" "$here/kvm-exit.c" \
     || die "cannot build kvm-exit (a static build needs libc6-dev)"
+add_iperf3 "$root"
+"$cc" -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-rr" "$here/kvm-rr.c" || die "cannot build kvm-rr"
+if [ "$(id -u)" -eq 0 ]; then
+    case "$(chroot "$root" /bin/kvm-rr 2>&1)" in
+        usage:*) ;;
+        *) die "kvm-rr does not run in the initramfs's root" ;;
+    esac
+fi
+cp "$root/bin/kvm-rr" "$out/kvm-rr"
 add_modules "$root" virtio_pci virtio_blk virtio_net
 guest_modules=("${order[@]}")
 make_initramfs "$root" "$out/initramfs.cpio.gz"

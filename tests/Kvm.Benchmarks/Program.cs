@@ -17,12 +17,15 @@ using Kvm.Tests.Shared;
 //         loaded first) against QEMU's migration to and from a file; and the guest's pause for an
 //         upgrade in place and a suspend/resume against QEMU's local live migration
 //         (SnapshotBenchmark.cs, SnapshotBenchmark.Pause.cs).
-// boot, blk, linux, kvmd (all but its 'list' part) and snapshot need /dev/kvm; where the machine has none,
+//   net: virtio-net, TCP throughput each way (iperf3) and request/response latency between a Linux
+//         guest and a peer namespace over a bridge, vmctl run --net against QEMU q35 virtio-net-pci
+//         on a tap, without and with vhost-net (NetBenchmark.cs; needs root and 'make linux').
+// boot, blk, linux, kvmd (all but its 'list' part), snapshot and net need /dev/kvm; where the machine has none,
 // `make bench` runs them inside one nested KVM host (tests/kvm-host/kvm-host). Each prints where it
 // measured.
 // Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"] [BLK_BENCH_ARGS="--runs 5"]
 //                   [LINUX_BENCH_ARGS="--runs 3 --limit 300"] [KVMD_BENCH_ARGS="--calls 1000"]
-//                   [SNAPSHOT_BENCH_ARGS="--runs 3 --sizes 256M"]
+//                   [SNAPSHOT_BENCH_ARGS="--runs 3 --sizes 256M"] [NET_BENCH_ARGS="--runs 3 --time 10"]
 
 if (args.Length > 0 && args[0] == "disk")
     return DiskBenchmark.Run(args[1..]);
@@ -34,6 +37,8 @@ if (args.Length > 0 && args[0] == "kvmd")
     return KvmdBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "snapshot")
     return SnapshotBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "net")
+    return NetBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "boot")
     args = args[1..];
 
@@ -44,7 +49,7 @@ for (int i = 0; i < args.Length; i++)
         runs = n;
     else if (args[i] is "--help" or "-h")
     {
-        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk|blk|linux|kvmd|snapshot --help");
+        Console.WriteLine("Usage: Kvm.Benchmarks [boot] [--runs N]   (default 20)\n       Kvm.Benchmarks disk|blk|linux|kvmd|snapshot|net --help");
         return 0;
     }
 }

@@ -1,12 +1,13 @@
 #!/bin/bash
-# Runs the benchmarks that need KVM (boot, blk, linux, kvmd, snapshot) one after another, each to its end even when
+# Runs the benchmarks that need KVM (boot, blk, linux, kvmd, snapshot, net) one after another, each to its end even when
 # an earlier one failed, and exits 1 if any failed. `make bench` runs this directly where /dev/kvm
 # works, and inside one nested KVM host (tests/kvm-host/kvm-host) where it does not.
 #
 #   tests/Kvm.Benchmarks/vm-benchmarks.sh BENCHMARKS_DLL
 #
 # Each benchmark's arguments come from the environment, as make passes them: BENCH_ARGS (boot),
-# BLK_BENCH_ARGS (blk), LINUX_BENCH_ARGS (linux), KVMD_BENCH_ARGS (kvmd), SNAPSHOT_BENCH_ARGS (snapshot); shell quoting in them is honoured
+# BLK_BENCH_ARGS (blk), LINUX_BENCH_ARGS (linux), KVMD_BENCH_ARGS (kvmd), SNAPSHOT_BENCH_ARGS (snapshot),
+# NET_BENCH_ARGS (net); shell quoting in them is honoured
 # (LINUX_BENCH_ARGS="--marker 'Run /init'").
 set -u
 dll=${1:?usage: vm-benchmarks.sh BENCHMARKS_DLL}
@@ -22,4 +23,5 @@ bench blk "${BLK_BENCH_ARGS:-}"
 bench linux "${LINUX_BENCH_ARGS:-}"
 bench kvmd "${KVMD_BENCH_ARGS:-}"
 bench snapshot "${SNAPSHOT_BENCH_ARGS:-}"
+bench net "${NET_BENCH_ARGS:-}"
 exit $status
