@@ -254,6 +254,8 @@ public static class ControlCommands
         Console.WriteLine($"exits: {(s.Exits.Count == 0 ? "none" : string.Join(", ", s.Exits.Select(e => $"{e.Key} {e.Value}")))}");
         if (s.StopReason is not null)
             Console.WriteLine($"stopped: {s.StopReason}");
+        if (s.PausedBy is not null)
+            Console.WriteLine($"paused by {s.PausedBy} (vmctl control resume to go on)");
     }
 
     private static void PrintStats(VmStats s)

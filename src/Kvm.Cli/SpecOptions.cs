@@ -94,7 +94,9 @@ public sealed class SpecOptions
                 "offloads), spoof=allow (let frames with another source MAC out; by default they are dropped), mtu=N.\n" +
                 "Several tap= make a team the VMM runs: policy=active-backup (default; failback=off, failback-delay=MS),\n" +
                 "flow-hash (flows spread over the uplinks) or vm-port (the VM's frames on one uplink chosen by its MAC).\n" +
-                "limit=RATE (tx-limit=, rx-limit=): the most the VM sends and receives, in bit/s (10M, 1.5G)",
+                "limit=RATE (tx-limit=, rx-limit=): the most the VM sends and receives, in bit/s (10M, 1.5G).\n" +
+                "dos=suspend|limit: denial-of-service detection (dos-pps=, dos-syn=, dos-udp=, dos-icmp=, dos-dst=\n" +
+                "thresholds per second or off, dos-window=MS, dos-limit=RATE); see README",
             HelpName = NicSpec.Syntax,
             DefaultValueFactory = _ => [],
         };

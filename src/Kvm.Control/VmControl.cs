@@ -36,6 +36,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
 
     private readonly Lock _lock = new();
     private bool _paused;
+    private string? _pausedBy;      // why the VM paused itself (a denial-of-service rule), until resumed
     private bool _stopping;
 
     private bool Stopped => vm.Stopped.IsCompleted;
@@ -55,7 +56,21 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         Math.Round(vm.Uptime.TotalSeconds, 3),
         vm.Vcpus.Select(t => new VcpuStatus((int)t.Vcpu.Id, t.State.ToString().ToLowerInvariant())).ToList(),
         vm.ExitCounts,
-        vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : null);
+        vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : null,
+        Volatile.Read(ref _pausedBy));
+
+    /// <summary>A NIC's denial-of-service rule fired with the action suspend: the VM pauses until an operator resumes it.</summary>
+    private void PauseForTraffic(string nic, Kvm.Network.DosAlarm alarm)
+    {
+        lock (_lock)
+        {
+            if (Stopped || _stopping || _suspended is not null || _paused)
+                return;
+            vm.Pause();
+            _paused = true;
+            _pausedBy = $"{nic}: denial-of-service rule {alarm.Describe()}";
+        }
+    }
 
     public StateChange Pause()
     {
@@ -83,6 +98,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
             {
                 vm.Resume();
                 _paused = false;
+                _pausedBy = null;
             }
             return new StateChange("running");
         }
@@ -546,6 +562,11 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
     /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence, save, suspend, handover.</summary>
     public void Register(RpcDispatcher dispatcher)
     {
+        vm.TrafficAlarm += (nic, alarm) =>
+        {
+            if (!alarm.Cleared && vm.NicDosAction(nic) == Kvm.Network.DosAction.Suspend)
+                PauseForTraffic(nic, alarm);
+        };
         // Each type's JSON metadata is made on the method's first call: the VM starts sooner.
         dispatcher.Add("status", static () => VmControlJson.Default.VmStatus, (_, _) => ValueTask.FromResult(Status()));
         dispatcher.Add("pause", static () => VmControlJson.Default.StateChange, (_, _) => ValueTask.FromResult(Pause()));

@@ -5,8 +5,9 @@ namespace Kvm.Control;
 /// <summary>The reply to <c>status</c>: the VM's run state, each vCPU's, how long it has run, exits by reason.</summary>
 /// <param name="State">running, paused, stopping or stopped.</param>
 /// <param name="StopReason">Why it stopped (when stopped or stopping).</param>
+/// <summary>The reply to <c>status</c>; <paramref name="PausedBy"/> says why a VM paused itself (a NIC's denial-of-service rule), until it is resumed.</summary>
 public sealed record VmStatus(string State, int Pid, double UptimeSeconds, IReadOnlyList<VcpuStatus> Vcpus,
-    IReadOnlyDictionary<string, long> Exits, string? StopReason);
+    IReadOnlyDictionary<string, long> Exits, string? StopReason, string? PausedBy = null);
 
 public sealed record VcpuStatus(int Id, string State);
 

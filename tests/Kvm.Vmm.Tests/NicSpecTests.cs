@@ -53,6 +53,22 @@ public class NicSpecTests
         Assert.Equal(n.Uplinks, back.Uplinks);
     }
 
+    [Fact]
+    public void DosDetectionIsReadWithItsThresholdsAndKeptInJson()
+    {
+        var n = NicSpec.Parse("tap=a,dos=limit,dos-syn=300,dos-udp=off,dos-window=2000,dos-limit=5M");
+        var d = n.Dos!;
+        Assert.Equal((DosAction.Limit, 300L, (long?)null, TimeSpan.FromSeconds(2), 5_000_000L), (d.Action, d.HalfOpenPerSecond!.Value, d.UdpPerSecond, d.Window, d.LimitTo));
+        Assert.Equal(new DosRules().PacketsPerSecond, d.PacketsPerSecond);
+        Assert.Equal(DosAction.Suspend, NicSpec.Parse("tap=a,dos=suspend").Dos!.Action);
+        Assert.Null(NicSpec.Parse("tap=a,dos=suspend,dos=off").Dos);
+        Assert.Null(NicSpec.Parse("tap=a").Dos);
+        var back = VmSpecJsonContext.Parse(VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }), "dos.json").Nics[0].Dos!;
+        Assert.Equal(d, back);
+        Assert.Contains("dos window 50 ms is outside", Assert.Throws<ArgumentException>(() => NicSpec.Parse("tap=a,dos=suspend,dos-window=50")).Message);
+        Assert.Contains("'many'", Assert.Throws<ArgumentException>(() => NicSpec.Parse("tap=a,dos-pps=many")).Message);
+    }
+
     [Theory]
     [InlineData("tap=", "")]
     [InlineData("tap=a,offload", "a")]

@@ -46,6 +46,18 @@ public static class ForegroundRun
             {
                 using var console = ForegroundConsole.Attach();
                 using var vm = launch.Create(console.Write, logger);
+                vm.TrafficAlarm += (nic, alarm) =>
+                {
+                    // No control socket here: a VM a rule pauses stays paused until Ctrl-C.
+                    if (alarm.Cleared || vm.Spec.Nics.Count == 0)
+                        return;
+                    Console.Error.WriteLine($"{program}: {nic}: denial-of-service rule fired: {alarm.Describe()}");
+                    if (vm.NicDosAction(nic) == Kvm.Network.DosAction.Suspend)
+                    {
+                        vm.Pause();
+                        Console.Error.WriteLine($"{program}: the VM is paused (run it with a control socket to resume it: vmctl control resume)");
+                    }
+                };
                 console.PumpInput(vm.Serial);
                 reason = vm.Run(cancel.Token);
             }

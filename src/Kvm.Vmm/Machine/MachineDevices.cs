@@ -29,7 +29,8 @@ internal sealed record DeviceContext(
     AcpiConfig Acpi,
     Action<ReadOnlySpan<byte>> SerialOutput,
     Action<VmStopReason> RequestStop,
-    ILogger Log);
+    ILogger Log,
+    Action<string, DosAlarm>? TrafficAlarm = null);
 
 /// <summary>
 /// The devices of a machine, made from its spec: each one is created, placed on its bus, wired to
@@ -133,6 +134,12 @@ internal sealed class MachineDevices
             var backend = OpenBackend($"virtio-net{i}", nic);
             VirtioPciTransport transport;
             var net = new VirtioNet($"virtio-net{i}", backend, nic.ToOptions(), ctx.Log);
+            string nicId = $"virtio-net{i}";
+            net.DosAlarm += (_, alarm) =>
+            {
+                VmmLog.TrafficAlarm(ctx.Log, nicId, alarm.Cleared ? "cleared" : "fired", alarm.Describe());
+                ctx.TrafficAlarm?.Invoke(nicId, alarm);
+            };
             if (backend is NicTeam team)
             {
                 string name = net.Name;

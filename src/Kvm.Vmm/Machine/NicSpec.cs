@@ -39,6 +39,9 @@ public sealed record NicSpec
     /// <summary>The most the guest may receive, in bits per second (null: no limit).</summary>
     public long? RxLimit { get; init; }
 
+    /// <summary>Denial-of-service detection on this NIC's traffic, and what it does (null: none).</summary>
+    public DosRules? Dos { get; init; }
+
     public IReadOnlyList<UplinkSpec> Uplinks { get; init; } = [];
 
     /// <summary>With several uplinks: how the VMM spreads the VM's frames over them.</summary>
@@ -65,7 +68,7 @@ public sealed record NicSpec
     public VirtioNetOptions ToOptions() => new()
     {
         Mac = Mac, QueuePairs = Queues, Offloads = Offloads, AllowSpoofing = AllowSpoofing, Mtu = Mtu,
-        TxLimit = TxLimit, RxLimit = RxLimit,
+        TxLimit = TxLimit, RxLimit = RxLimit, Dos = Dos,
     };
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the NIC and what is wrong with it.</summary>
@@ -98,7 +101,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -167,6 +170,39 @@ public sealed record NicSpec
                     }
                     spec = spec with { TxLimit = key == "rx-limit" ? spec.TxLimit : rate, RxLimit = key == "tx-limit" ? spec.RxLimit : rate };
                     break;
+                case "dos" when value is "suspend" or "limit" or "off":
+                    spec = spec with { Dos = value == "off" ? null : (spec.Dos ?? new DosRules()) with { Action = value == "limit" ? DosAction.Limit : DosAction.Suspend } };
+                    break;
+                case "dos-pps" or "dos-syn" or "dos-udp" or "dos-icmp" or "dos-dst" when value is not null:
+                    long? threshold = value == "off" ? null : Number64(value) ?? throw Fail($"{key} '{value}' is not a whole number or off");
+                    var rules = spec.Dos ?? new DosRules();
+                    spec = spec with
+                    {
+                        Dos = key switch
+                        {
+                            "dos-pps" => rules with { PacketsPerSecond = threshold },
+                            "dos-syn" => rules with { HalfOpenPerSecond = threshold },
+                            "dos-udp" => rules with { UdpPerSecond = threshold },
+                            "dos-icmp" => rules with { IcmpPerSecond = threshold },
+                            _ => rules with { DestinationsPerSecond = threshold },
+                        },
+                    };
+                    break;
+                case "dos-window" when value is not null:
+                    spec = spec with { Dos = (spec.Dos ?? new DosRules()) with { Window = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"dos-window '{value}' is not a whole number of milliseconds")) } };
+                    break;
+                case "dos-limit" when value is not null:
+                    long to;
+                    try
+                    {
+                        to = TokenBucket.ParseRate(value);
+                    }
+                    catch (FormatException e)
+                    {
+                        throw Fail($"dos-limit: {e.Message}");
+                    }
+                    spec = spec with { Dos = (spec.Dos ?? new DosRules()) with { LimitTo = to } };
+                    break;
                 case "spoof" when value is "allow" or "drop":
                     spec = spec with { AllowSpoofing = value == "allow" };
                     break;
@@ -178,6 +214,8 @@ public sealed record NicSpec
         spec.Validate();
         return spec;
     }
+
+    private static long? Number64(string s) => long.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out long n) ? n : null;
 
     private static int? Number(string s) => int.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out int n) ? n : null;
 }

@@ -98,6 +98,20 @@ public sealed class VirtualMachine : IDisposable
     public IReadOnlyList<VirtioPciTransport> Disks => _devices.Disks;
     public IReadOnlyList<VirtioPciTransport> Nics => _devices.Nics;
 
+    /// <summary>
+    /// Raised (on a NIC monitor's thread) when a denial-of-service rule of a NIC fires or clears:
+    /// the NIC's id and the alarm. Whoever runs the VM pauses it when the rule's action says so
+    /// (the device itself carries out <see cref="Kvm.Network.DosAction.Limit"/>).
+    /// </summary>
+    public event Action<string, Kvm.Network.DosAlarm>? TrafficAlarm;
+
+    /// <summary>What the denial-of-service rules of NIC <paramref name="nic"/> ("virtio-net0") do, or null when it has none.</summary>
+    public Kvm.Network.DosAction? NicDosAction(string nic)
+    {
+        int i = _devices.Nics.FindIndex(t => t.Name == nic);
+        return i < 0 ? null : Spec.Nics[i].Dos?.Action;
+    }
+
     /// <summary>Completes with the reason the VM stopped (the first one reported).</summary>
     public Task<VmStopReason> Stopped => _stopped.Task;
 
@@ -285,7 +299,8 @@ public sealed class VirtualMachine : IDisposable
 
         // ACPI PM1a registers where the FADT says; the devices are made in one place, MachineDevices.
         var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
-        _devices = MachineDevices.Build(new DeviceContext(Spec, Vm, Memory, PortIo, Mmio, acpiConfig, serialOutput, RequestStop, _log),
+        _devices = MachineDevices.Build(new DeviceContext(Spec, Vm, Memory, PortIo, Mmio, acpiConfig, serialOutput, RequestStop, _log,
+            (nic, alarm) => TrafficAlarm?.Invoke(nic, alarm)),
             Devices, _images);
         _clock?.Mark("devices");
 

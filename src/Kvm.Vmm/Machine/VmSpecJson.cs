@@ -111,6 +111,9 @@ public sealed class NicSpecDocument
     public long? TxLimit { get; set; }
     public long? RxLimit { get; set; }
 
+    /// <summary>Denial-of-service detection (absent: none).</summary>
+    public DosDocument? Dos { get; set; }
+
     public NicSpec ToSpec(string source, int index)
     {
         var d = new NicSpec();
@@ -141,6 +144,7 @@ public sealed class NicSpecDocument
             Failback = Failback ?? d.Failback,
             TxLimit = TxLimit ?? d.TxLimit,
             RxLimit = RxLimit ?? d.RxLimit,
+            Dos = Dos?.ToRules(source, index),
             FailbackDelay = FailbackDelayMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.FailbackDelay,
             Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
                 ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
@@ -159,7 +163,58 @@ public sealed class NicSpecDocument
         Failback = n.Failback,
         TxLimit = n.TxLimit,
         RxLimit = n.RxLimit,
+        Dos = n.Dos is null ? null : DosDocument.From(n.Dos),
         FailbackDelayMs = (int)n.FailbackDelay.TotalMilliseconds,
+    };
+}
+
+/// <summary>
+/// The JSON form of <see cref="Kvm.Network.DosRules"/>: "action" is "suspend" or "limit"; a
+/// threshold absent takes its default, a threshold of 0 turns its rule off.
+/// </summary>
+public sealed class DosDocument
+{
+    public string? Action { get; set; }
+    public long? PacketsPerSecond { get; set; }
+    public long? HalfOpenPerSecond { get; set; }
+    public long? UdpPerSecond { get; set; }
+    public long? IcmpPerSecond { get; set; }
+    public long? DestinationsPerSecond { get; set; }
+    public int? WindowMs { get; set; }
+    public long? LimitTo { get; set; }
+
+    public Kvm.Network.DosRules ToRules(string source, int index)
+    {
+        var d = new Kvm.Network.DosRules();
+        static long? Rule(long? value, long? fallback) => value is null ? fallback : value == 0 ? null : value;
+        return d with
+        {
+            Action = Action switch
+            {
+                null or "suspend" => Kvm.Network.DosAction.Suspend,
+                "limit" => Kvm.Network.DosAction.Limit,
+                _ => throw new ArgumentException($"VM spec {source}: nics[{index}].dos.action: '{Action}' is not suspend or limit"),
+            },
+            PacketsPerSecond = Rule(PacketsPerSecond, d.PacketsPerSecond),
+            HalfOpenPerSecond = Rule(HalfOpenPerSecond, d.HalfOpenPerSecond),
+            UdpPerSecond = Rule(UdpPerSecond, d.UdpPerSecond),
+            IcmpPerSecond = Rule(IcmpPerSecond, d.IcmpPerSecond),
+            DestinationsPerSecond = Rule(DestinationsPerSecond, d.DestinationsPerSecond),
+            Window = WindowMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.Window,
+            LimitTo = LimitTo ?? d.LimitTo,
+        };
+    }
+
+    public static DosDocument From(Kvm.Network.DosRules r) => new()
+    {
+        Action = r.Action == Kvm.Network.DosAction.Limit ? "limit" : "suspend",
+        PacketsPerSecond = r.PacketsPerSecond ?? 0,
+        HalfOpenPerSecond = r.HalfOpenPerSecond ?? 0,
+        UdpPerSecond = r.UdpPerSecond ?? 0,
+        IcmpPerSecond = r.IcmpPerSecond ?? 0,
+        DestinationsPerSecond = r.DestinationsPerSecond ?? 0,
+        WindowMs = (int)r.Window.TotalMilliseconds,
+        LimitTo = r.LimitTo,
     };
 }
 

@@ -25,4 +25,7 @@ internal static partial class VmmLog
 
     [LoggerMessage(EventId = 1006, Level = LogLevel.Warning, Message = "{Nic}: uplink {Uplink} {State} ({Reason}); traffic now on {Active}")]
     public static partial void TeamChanged(ILogger logger, string nic, string uplink, string state, string reason, string active);
+
+    [LoggerMessage(EventId = 1007, Level = LogLevel.Warning, Message = "{Nic}: denial-of-service rule {State}: {Alarm}")]
+    public static partial void TrafficAlarm(ILogger logger, string nic, string state, string alarm);
 }

@@ -66,6 +66,8 @@ public sealed class VirtioNet : IVirtioDevice
     private int _activePairs = 1;
     private int _status = StatusLinkUp;
     private readonly TokenBucket? _txLimit, _rxLimit;
+    private readonly TrafficMonitor? _monitor;
+    private volatile TokenBucket? _dosTx, _dosRx;     // a DoS rule's limit while it fires (DosAction.Limit)
 
     public VirtioNet(string name, INetBackend backend, VirtioNetOptions options, ILogger? logger = null)
     {
@@ -79,6 +81,11 @@ public sealed class VirtioNet : IVirtioDevice
         _mac = options.Mac;
         _txLimit = options.TxLimit is { } tx ? new TokenBucket(tx) : null;
         _rxLimit = options.RxLimit is { } rx ? new TokenBucket(rx) : null;
+        if (options.Dos is { } rules)
+        {
+            _monitor = new TrafficMonitor(rules);
+            _monitor.Alarm += OnAlarm;
+        }
         _rx = new RxState[options.QueuePairs];
         _tx = new byte[options.QueuePairs][];
         for (int i = 0; i < _rx.Length; i++)
@@ -102,6 +109,30 @@ public sealed class VirtioNet : IVirtioDevice
     public int ActivePairs => Volatile.Read(ref _activePairs);
 
     public ulong NegotiatedFeatures => _features;
+
+    /// <summary>The denial-of-service detection watching this NIC, if any.</summary>
+    public TrafficMonitor? Monitor => _monitor;
+
+    /// <summary>
+    /// Raised (on the monitor's timer thread) when a denial-of-service rule fires or clears. With
+    /// <see cref="DosAction.Limit"/> the device has already limited that direction; with
+    /// <see cref="DosAction.Suspend"/> the machine's owner pauses the VM.
+    /// </summary>
+    public event Action<VirtioNet, DosAlarm>? DosAlarm;
+
+    private void OnAlarm(DosAlarm alarm)
+    {
+        if (_options.Dos!.Action == DosAction.Limit)
+        {
+            bool firing = _monitor!.Firing.Any(a => a.Direction == alarm.Direction);
+            var bucket = firing ? new TokenBucket(_options.Dos.LimitTo) : null;
+            if (alarm.Direction == TrafficDirection.Out)
+                _dosTx = firing ? _dosTx ?? bucket : null;
+            else
+                _dosRx = firing ? _dosRx ?? bucket : null;
+        }
+        DosAlarm?.Invoke(this, alarm);
+    }
 
     /// <summary>Frames, bytes and drops by cause since the device was made.</summary>
     public VirtioNetStats Stats => _counters.Snapshot();
@@ -234,8 +265,8 @@ public sealed class VirtioNet : IVirtioDevice
                     return BackendQueueState.RingEmpty;
                 // Over its receive limit the VM reads no more for a while: frames wait in the
                 // backend (the tap's queue), and drop there if the sender does not slow down.
-                if (_rxLimit is not null && _rxLimit.TryTake(0) is var wait && wait > TimeSpan.Zero)
-                    Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+                WaitForRxTokens(_rxLimit);
+                WaitForRxTokens(_dosRx);
                 int n = _backend.Receive(pair, rx.Buffer);
                 if (n == 0)
                     return BackendQueueState.BackendEmpty;
@@ -258,12 +289,20 @@ public sealed class VirtioNet : IVirtioDevice
             {
                 _counters.Rx(rx.Length - VirtioNetHeader.Size);
                 _rxLimit?.Charge(rx.Length - VirtioNetHeader.Size);
+                _dosRx?.Charge(rx.Length - VirtioNetHeader.Size);
+                _monitor?.Observe(TrafficDirection.In, rx.Buffer.AsSpan(VirtioNetHeader.Size, rx.Length - VirtioNetHeader.Size));
             }
             rx.Length = 0;
         }
     }
 
     private enum Delivery { Delivered, Dropped, RingShort }
+
+    private static void WaitForRxTokens(TokenBucket? bucket)
+    {
+        if (bucket is not null && bucket.TryTake(0) is var wait && wait > TimeSpan.Zero)
+            Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+    }
 
     /// <summary>
     /// Writes the frame in hand into as many chains as it needs (one without MRG_RXBUF) and pushes
@@ -380,6 +419,8 @@ public sealed class VirtioNet : IVirtioDevice
         // Over its limit the guest waits: its transmit ring fills and its stack slows down, as
         // behind a slower link (frames are not dropped).
         _txLimit?.Take(frame);
+        _dosTx?.Take(frame);
+        _monitor?.Observe(TrafficDirection.Out, packet[VirtioNetHeader.Size..]);
         if (_backend.Send(pair, packet))
             _counters.Tx(frame);
         else
@@ -506,7 +547,11 @@ public sealed class VirtioNet : IVirtioDevice
         _filter = saved.Filter;
     }
 
-    public void Dispose() => _backend.Dispose();
+    public void Dispose()
+    {
+        _monitor?.Dispose();
+        _backend.Dispose();
+    }
 
     /// <summary>A receive queue's frame in hand and the chains a frame went into.</summary>
     private sealed class RxState(int queueSize)

@@ -28,6 +28,9 @@ public sealed record VirtioNetOptions
     /// <summary>The most the guest may receive, in bits per second (null: no limit).</summary>
     public long? RxLimit { get; init; }
 
+    /// <summary>Denial-of-service detection on this NIC's traffic (null: none).</summary>
+    public DosRules? Dos { get; init; }
+
     public const int MaxQueuePairs = 16;
     public const int MinMtu = 68, MaxMtu = 65535 - 18;
 
@@ -44,6 +47,7 @@ public sealed record VirtioNetOptions
             throw new ArgumentException("mac 00:00:00:00:00:00 is not a usable address");
         if (TxLimit is <= 0 || RxLimit is <= 0)
             throw new ArgumentException($"a rate limit must be positive (tx {TxLimit}, rx {RxLimit} bit/s)");
+        Dos?.Validate();
         if (Mtu < MinMtu || Mtu > MaxMtu)
             throw new ArgumentException($"mtu {Mtu} is out of range ({MinMtu} to {MaxMtu})");
     }

@@ -1,0 +1,119 @@
+using System.Globalization;
+using Kvm.Control;
+using Kvm.Network;
+using Kvm.Rpc;
+using Kvm.Tests.Shared;
+using Kvm.Vmm.Exits;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging.Abstractions;
+using Xunit.Abstractions;
+
+namespace Kvm.IntegrationTests;
+
+/// <summary>
+/// Denial-of-service detection on two Linux guests behind one bridge: a SYN flood from the peer at
+/// the first (whose NIC has dos=suspend) pauses it through its control (VmControl, as kvm-vmm runs
+/// it), naming the rule and the figures, while the second guest's transfer from the same peer
+/// goes on to the end; an operator's resume lets the first go on.
+/// </summary>
+[Trait(Requires.Trait, Requires.Kvm)]
+public class LinuxNetDosTests(ITestOutputHelper output)
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(600);
+    private const string Peer = "10.77.5.1", Victim = "10.77.5.2", Bystander = "10.77.5.3";
+
+    // SYNs to ADDR:PORT from random source ports at about RATE per second for SECONDS, through a
+    // raw socket (the kernel adds the IP header); prints "sent N".
+    private const string SynFlood = """
+        import random, socket, struct, sys, time
+        dst, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+        src = sys.argv[5]
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        def csum(b):
+            if len(b) % 2: b += b"\0"
+            t = sum(struct.unpack("!%dH" % (len(b) // 2), b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
+            return ~t & 0xffff
+        n = 0; start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            sport = random.randint(1024, 65535)
+            hdr = struct.pack("!HHIIBBHHH", sport, port, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+            pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(hdr))
+            hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr)) + hdr[18:]
+            s.sendto(hdr, (dst, 0)); n += 1
+            ahead = n / rate - (time.monotonic() - start)
+            if ahead > 0: time.sleep(ahead)
+        print("sent", n, flush=True)
+        """;
+
+    private static string LinuxFile(string file)
+    {
+        TestEnvironment.RequireKvm();
+        string path = Path.Combine(TestEnvironment.BuildDir, "linux", file);
+        if (!File.Exists(path))
+            TestEnvironment.SkipIf($"{path} is missing (run 'make linux')");
+        return path;
+    }
+
+    [SkippableFact]
+    public void ASynFloodAtOneVmSuspendsItWhileAnotherVmsTransferGoesOn()
+    {
+        string kernel = LinuxFile("bzImage"), initrd = LinuxFile("initramfs.cpio.gz");
+        using var net = NetTopology.Create();
+        string bridge = net.AddBridge();
+        var peer = net.AddPeer(bridge, Peer + "/24");
+        const long bytes = 24 << 20;
+        var served = peer.ServeBytes(5000, bytes);
+
+        VmSpec Spec(string address, string checks, NicSpec nic) => new()
+        {
+            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
+            Cmdline = $"console=ttyS0 quiet panic=-1 ip={address}::{Peer}:255.255.255.0::eth0:off kvmtest={checks}",
+            Nics = [nic],
+        };
+        // The victim waits for a connection that never comes (tcpserve); its NIC suspends the VM
+        // at 200 half-open handshakes per second sustained for a second.
+        var victimNic = new NicSpec
+        {
+            Uplinks = [new UplinkSpec { Tap = net.Prefix + "tv", Bridge = bridge }],
+            Dos = new DosRules { HalfOpenPerSecond = 200, Window = TimeSpan.FromSeconds(1), Action = DosAction.Suspend },
+        };
+        var bystanderNic = new NicSpec { Uplinks = [new UplinkSpec { Tap = net.Prefix + "tb", Bridge = bridge }] };
+        var victimSerial = new SerialCapture();
+        var bystanderSerial = new SerialCapture();
+        using var victim = VirtualMachine.Create(Spec(Victim, "ping:" + Peer + ",tcpserve:7000:1", victimNic), victimSerial.Write);
+        using var bystander = VirtualMachine.Create(Spec(Bystander, $"ping:{Peer},tcpget:{Peer}:5000:{bytes}", bystanderNic), bystanderSerial.Write);
+        using var control = new VmControl(victim);
+        control.Register(new RpcDispatcher(NullLogger.Instance));
+        var alarms = new List<(string Nic, DosAlarm Alarm)>();
+        victim.TrafficAlarm += (n, a) => { lock (alarms) alarms.Add((n, a)); };
+        using var cancel = new CancellationTokenSource(Timeout);
+        var victimRun = Task.Run(() => victim.Run(cancel.Token));
+        var bystanderRun = Task.Run(() => bystander.Run(cancel.Token));
+
+        Assert.True(SpinWait.SpinUntil(() => victimSerial.Text.Contains("tcpserve listening 7000", StringComparison.Ordinal), Timeout),
+            "the victim did not listen; console:\n" + victimSerial.Text);
+        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "8", Peer);
+        Assert.True(flood.ExitCode == 0, flood.Stdout + flood.Stderr);
+        Assert.True(SpinWait.SpinUntil(() => control.State == "paused", TimeSpan.FromSeconds(60)),
+            $"the victim is {control.State} after the flood ({flood.Stdout.Trim()}); alarms: {string.Join("; ", alarms.Select(a => a.Alarm.Describe()))}");
+        var status = control.Status();
+        output.WriteLine($"{flood.Stdout.Trim()}; {status.PausedBy}");
+        Assert.StartsWith("virtio-net0: denial-of-service rule half-open in at ", status.PausedBy);
+        lock (alarms)
+            Assert.Contains(alarms, a => a.Nic == "virtio-net0" && a.Alarm.Rule == "half-open" && a.Alarm.Direction == TrafficDirection.In && !a.Alarm.Cleared);
+        Assert.All(victim.Vcpus, t => Assert.Equal("Paused", t.State.ToString()));
+
+        // The bystander's transfer ends whole while the victim stays paused.
+        var reason = bystanderRun.WaitAsync(Timeout).GetAwaiter().GetResult();
+        string console = bystanderSerial.Text.Replace("\r", "");
+        Assert.True(reason == new DebugExitStop(0), $"the bystander's verdict: {reason.Describe()}; console:\n{console}");
+        Assert.Contains($"kvm-guest: tcpget {bytes} {served.Sha256}\n", console);
+        Assert.Equal("paused", control.State);
+
+        // The operator resumes it: it runs again.
+        Assert.Equal("running", control.Resume().State);
+        Assert.Null(control.Status().PausedBy);
+        victim.RequestStop(new HostStop("test over"));
+        victimRun.WaitAsync(Timeout).GetAwaiter().GetResult();
+    }
+}
