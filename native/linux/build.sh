@@ -4,7 +4,8 @@
 #   OUT/vmlinux            the same kernel uncompressed: an ELF with a PVH entry note
 #   OUT/config, OUT/System.map
 #   OUT/initramfs.cpio.gz  busybox (busybox-static), the virtio modules, /bin/kvm-exit (native/linux/
-#                          kvm-exit.c, built static), /bin/kvm-rr (native/linux/kvm-rr.c) and
+#                          kvm-exit.c, built static), /bin/kvm-flood (native/linux/kvm-flood.c),
+#                          /bin/kvm-rr (native/linux/kvm-rr.c) and
 #                          Debian's iperf3 with the shared libraries it loads (glibc's among them; a
 #                          stub for libcrypto), with native/linux/init
 #   OUT/kvm-rr             the same kvm-rr, for the network benchmark's peer on the host
@@ -170,6 +171,7 @@ if [ "$(id -u)" -eq 0 ]; then
     esac
 fi
 cp "$root/bin/kvm-rr" "$out/kvm-rr"
+"$cc" -Os -s -Wall -Wextra -Werror -std=gnu11 -o "$root/bin/kvm-flood" "$here/kvm-flood.c" || die "cannot build kvm-flood"
 add_modules "$root" virtio_pci virtio_blk virtio_net
 guest_modules=("${order[@]}")
 make_initramfs "$root" "$out/initramfs.cpio.gz"
