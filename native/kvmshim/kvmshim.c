@@ -1498,6 +1498,16 @@ EXPORT void kvmshim_lazy_free(void *loader)
 
 // ---- tap devices and host interfaces (Kvm.Network) ----
 
+// Clears *ifr and names the interface in it; -ENAMETOOLONG when the name does not fit.
+static int32_t ifreq_named(struct ifreq *ifr, const char *name)
+{
+    memset(ifr, 0, sizeof *ifr);
+    if (strlen(name) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    strcpy(ifr->ifr_name, name);
+    return 0;
+}
+
 // Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the tap device `name`
 // (created if it does not exist; an empty name lets the kernel choose), with a 12-byte virtio-net
 // header on every frame read and written (IFF_VNET_HDR, TUNSETVNETHDRSZ) and, with multi_queue,
@@ -1506,10 +1516,8 @@ EXPORT void kvmshim_lazy_free(void *loader)
 EXPORT int32_t kvmshim_tap_open(const char *name, int32_t multi_queue, char *out_name)
 {
     struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    if (strlen(name) >= IFNAMSIZ)
+    if (ifreq_named(&ifr, name) < 0)
         return -ENAMETOOLONG;
-    strcpy(ifr.ifr_name, name);
     ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multi_queue ? IFF_MULTI_QUEUE : 0);
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
@@ -1557,10 +1565,8 @@ static int32_t if_ioctl(unsigned long request, struct ifreq *ifr)
 EXPORT int32_t kvmshim_if_index(const char *name)
 {
     struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    if (strlen(name) >= IFNAMSIZ)
+    if (ifreq_named(&ifr, name) < 0)
         return -ENAMETOOLONG;
-    strcpy(ifr.ifr_name, name);
     int32_t rc = if_ioctl(SIOCGIFINDEX, &ifr);
     return rc < 0 ? rc : ifr.ifr_ifindex;
 }
@@ -1569,10 +1575,8 @@ EXPORT int32_t kvmshim_if_index(const char *name)
 EXPORT int32_t kvmshim_if_flags(const char *name)
 {
     struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    if (strlen(name) >= IFNAMSIZ)
+    if (ifreq_named(&ifr, name) < 0)
         return -ENAMETOOLONG;
-    strcpy(ifr.ifr_name, name);
     int32_t rc = if_ioctl(SIOCGIFFLAGS, &ifr);
     return rc < 0 ? rc : (ifr.ifr_flags & 0xffff);
 }
@@ -1581,10 +1585,8 @@ EXPORT int32_t kvmshim_if_flags(const char *name)
 EXPORT int32_t kvmshim_if_set_up(const char *name, int32_t up)
 {
     struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    if (strlen(name) >= IFNAMSIZ)
+    if (ifreq_named(&ifr, name) < 0)
         return -ENAMETOOLONG;
-    strcpy(ifr.ifr_name, name);
     int32_t rc = if_ioctl(SIOCGIFFLAGS, &ifr);
     if (rc < 0)
         return rc;
@@ -1602,10 +1604,8 @@ EXPORT int32_t kvmshim_bridge_add(const char *bridge, const char *name)
     if (index < 0)
         return index;
     struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    if (strlen(bridge) >= IFNAMSIZ)
+    if (ifreq_named(&ifr, bridge) < 0)
         return -ENAMETOOLONG;
-    strcpy(ifr.ifr_name, bridge);
     ifr.ifr_ifindex = index;
     return if_ioctl(SIOCBRADDIF, &ifr);
 }

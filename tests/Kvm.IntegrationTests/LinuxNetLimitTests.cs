@@ -23,28 +23,15 @@ public class LinuxNetLimitTests(ITestOutputHelper output)
     [SkippableFact]
     public void ATransmitLimitHoldsAStreamToItsRate()
     {
-        TestEnvironment.RequireKvm();
-        string kernel = Path.Combine(TestEnvironment.BuildDir, "linux", "bzImage");
-        string initrd = Path.Combine(TestEnvironment.BuildDir, "linux", "initramfs.cpio.gz");
-        if (!File.Exists(kernel) || !File.Exists(initrd))
-            TestEnvironment.SkipIf($"{kernel} or {initrd} is missing (run 'make linux')");
         using var net = NetTopology.Create();
         string bridge = net.AddBridge();
         var peer = net.AddPeer(bridge, Peer + "/24");
-        var receiver = TestEnvironment.StartRedirected("ip", ["netns", "exec", peer.Namespace, net.Python, "-c", LinuxNetTeamTests.Receiver, Port.ToString(CultureInfo.InvariantCulture)]);
-        receiver.StandardInput.Close();
-        net.Track(receiver);
-        Assert.Equal("listening", receiver.StandardOutput.ReadLine());
+        var receiver = LinuxNetGuest.StartReceiver(net, peer, Port);
 
         const long limit = 4_000_000;
         const long bytes = 6 << 20;
         var nic = new NicSpec { TxLimit = limit, Uplinks = [new UplinkSpec { Tap = net.Prefix + "t0", Bridge = bridge }] };
-        var spec = new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={Guest}::{Peer}:255.255.255.0::eth0:off kvmtest=tcpput:{Peer}:{Port}:{bytes}",
-            Nics = [nic],
-        };
+        var spec = LinuxNetGuest.Spec(Guest, Peer, $"tcpput:{Peer}:{Port}:{bytes}", nic);
         var serial = new SerialCapture();
         VmStopReason reason;
         using (var vm = VirtualMachine.Create(spec, serial.Write))
@@ -54,10 +41,7 @@ public class LinuxNetLimitTests(ITestOutputHelper output)
         }
         string console = serial.Text.Replace("\r", "");
         Assert.True(reason == new DebugExitStop(0), $"the guest's verdict: {reason.Describe()}; console:\n{console}");
-        string? line;
-        while ((line = receiver.StandardOutput.ReadLine()) is not null && !line.StartsWith("done", StringComparison.Ordinal)) { }
-        Assert.NotNull(line);
-        var done = line!.Split(' ');
+        var done = LinuxNetGuest.Done(receiver);
         Assert.Contains($"kvm-guest: tcpput {bytes} {done[2]}\n", console);
         double rate = double.Parse(done[4], CultureInfo.InvariantCulture);
         output.WriteLine($"payload rate {rate / 1e6:0.000} Mbit/s under a {limit / 1e6} Mbit/s limit");

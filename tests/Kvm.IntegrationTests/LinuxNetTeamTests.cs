@@ -21,35 +21,9 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
     private const string Peer = "10.77.3.1", Guest = "10.77.3.2";
     private const int Port = 5001;
 
-    // Receives one client until it closes; prints "got N" every MiB and "done N SHA256 GAP_MS RATE"
-    // (the longest time between two reads, the outage a failover caused; the rate in bit/s from
-    // the first MiB to the end, past TCP's slow start).
-    internal const string Receiver = """
-        import hashlib, socket, sys, time
-        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("", int(sys.argv[1]))); s.listen(1); print("listening", flush=True)
-        c, _ = s.accept(); h = hashlib.sha256(); n = 0; mark = 1 << 20; last = time.monotonic(); gap = 0.0; t1 = None; n1 = 0
-        while True:
-            d = c.recv(65536)
-            now = time.monotonic()
-            if not d: break
-            if n > 0: gap = max(gap, now - last)
-            last = now; h.update(d); n += len(d)
-            if t1 is None and n >= 1 << 20: t1 = now; n1 = n
-            if n >= mark:
-                print("got", n, flush=True); mark += 1 << 20
-        rate = int((n - n1) * 8 / (last - t1)) if t1 is not None and last > t1 else 0
-        print("done", n, h.hexdigest(), int(gap * 1000), rate, flush=True)
-        """;
-
     [SkippableFact]
     public void AStreamGoesOnWhileTheActiveUplinkIsCutAndFailsBackWhenItReturns()
     {
-        TestEnvironment.RequireKvm();
-        string kernel = Path.Combine(TestEnvironment.BuildDir, "linux", "bzImage");
-        string initrd = Path.Combine(TestEnvironment.BuildDir, "linux", "initramfs.cpio.gz");
-        if (!File.Exists(kernel) || !File.Exists(initrd))
-            TestEnvironment.SkipIf($"{kernel} or {initrd} is missing (run 'make linux')");
         using var net = NetTopology.Create();
         string a = net.AddBridge(), b = net.AddBridge();
         // The trunk between the two switches.
@@ -59,10 +33,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
         NetTopology.Ip("link", "set", trunkB, "master", b, "up");
         var peer = net.AddPeer(a, Peer + "/24");
 
-        var receiver = TestEnvironment.StartRedirected("ip", ["netns", "exec", peer.Namespace, net.Python, "-c", Receiver, Port.ToString(CultureInfo.InvariantCulture)]);
-        receiver.StandardInput.Close();
-        net.Track(receiver);
-        Assert.Equal("listening", receiver.StandardOutput.ReadLine());
+        var receiver = LinuxNetGuest.StartReceiver(net, peer, Port);
 
         const long bytes = 48 << 20;
         string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
@@ -71,13 +42,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
             Mac = MacAddress.Random(), Policy = TeamPolicy.ActiveBackup, FailbackDelay = TimeSpan.FromSeconds(1),
             Uplinks = [new UplinkSpec { Tap = tapA, Bridge = a }, new UplinkSpec { Tap = tapB, Bridge = b }],
         };
-        string checks = $"ping:{Peer},tcpput:{Peer}:{Port}:{bytes}";
-        var spec = new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cpus = 1, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={Guest}::{Peer}:255.255.255.0::eth0:off kvmtest={checks}",
-            Nics = [nic],
-        };
+        var spec = LinuxNetGuest.Spec(Guest, Peer, $"ping:{Peer},tcpput:{Peer}:{Port}:{bytes}", nic);
         var serial = new SerialCapture();
         using var vm = VirtualMachine.Create(spec, serial.Write);
         var team = (NicTeam)((VirtioNet)vm.Nics.Single().Device).Backend;
@@ -99,14 +64,11 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
         // The uplink's bridge port comes back in forwarding state; the team fails back a second after.
         while (Got() is >= 0 and < (32 << 20)) { }
         var after = team.Status();
-        string? line;
-        while ((line = receiver.StandardOutput.ReadLine()) is not null && !line.StartsWith("done", StringComparison.Ordinal)) { }
-        Assert.NotNull(line);
+        var done = LinuxNetGuest.Done(receiver);
         var reason = run.WaitAsync(Timeout).GetAwaiter().GetResult();
         string console = serial.Text.Replace("\r", "");
         Assert.True(reason == new DebugExitStop(0), $"the guest's verdict: {reason.Describe()}; console:\n{console}");
 
-        var done = line!.Split(' ');
         Assert.Equal(bytes.ToString(CultureInfo.InvariantCulture), done[1]);
         Assert.Contains($"kvm-guest: tcpput {bytes} {done[2]}\n", console);
         output.WriteLine($"longest silence in the stream: {done[3]} ms; team changes: {string.Join("; ", changes.Select(c => $"{c.Uplink} {(c.Up ? "up" : "down")} ({c.Reason}) -> {string.Join(",", c.Active)}"))}");

@@ -16,17 +16,7 @@ namespace Kvm.IntegrationTests;
 public class LinuxNetTests
 {
     private static readonly TimeSpan BootTimeout = TimeSpan.FromSeconds(400);
-    private const string GuestPrefix = "kvm-guest: ";
     private const string Peer = "10.77.1.1", Guest = "10.77.1.2";
-
-    private static string LinuxFile(string file)
-    {
-        TestEnvironment.RequireKvm();
-        string path = Path.Combine(TestEnvironment.BuildDir, "linux", file);
-        if (!File.Exists(path))
-            TestEnvironment.SkipIf($"{path} is missing (run 'make linux', which fetches Debian's kernel)");
-        return path;
-    }
 
     /// <summary>One queue pair and offloads; two pairs on two vCPUs; no offloads (the guest checksums and segments itself).</summary>
     public static TheoryData<int, int, bool> Configurations => new()
@@ -40,8 +30,7 @@ public class LinuxNetTests
     [MemberData(nameof(Configurations))]
     public void AGuestReachesAPeerNamespaceAndMovesBytesBothWays(int cpus, int queues, bool offloads)
     {
-        string kernel = LinuxFile("bzImage");
-        string initrd = LinuxFile("initramfs.cpio.gz");
+        LinuxNetGuest.Files();
         using var net = NetTopology.Create();
         string bridge = net.AddBridge();
         var peer = net.AddPeer(bridge, Peer + "/24");
@@ -55,13 +44,7 @@ public class LinuxNetTests
             Uplinks = [new UplinkSpec { Tap = net.Prefix + "t0", Bridge = bridge }],
         };
         string checks = $"macaddr:{nic.Mac},netqueues:{queues},ping:{Peer},tcpget:{Peer}:5000:{bytes},tcpput:{Peer}:5001:{bytes}";
-        var spec = new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cpus = cpus, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={Guest}::{Peer}:255.255.255.0::eth0:off kvmtest={checks}",
-            Nics = [nic],
-        };
-
+        var spec = LinuxNetGuest.Spec(Guest, Peer, checks, nic, cpus);
         var serial = new SerialCapture();
         VirtioNetStats stats;
         ulong negotiated;
@@ -76,7 +59,7 @@ public class LinuxNetTests
             negotiated = device.NegotiatedFeatures;
         }
 
-        string[] guest = GuestLines(serial.Text);
+        string[] guest = LinuxNetGuest.GuestLines(serial.Text);
         Assert.Equal(checks.Split(','), guest.Where(l => l.StartsWith("PASS ", StringComparison.Ordinal)).Select(l => l[5..]));
         Assert.Contains($"net eth0 {Guest}/24 mac {nic.Mac}", guest);
         Assert.Contains($"tcpget {bytes} {served.Sha256}", guest);
@@ -93,8 +76,4 @@ public class LinuxNetTests
         Assert.Equal(0, stats.TxDropped);
         Assert.True(stats.TxBytes >= bytes && stats.RxBytes >= bytes, $"the device moved {stats.TxBytes} bytes out and {stats.RxBytes} in, fewer than the {bytes} each way the guest moved");
     }
-
-    /// <summary>What the guest's init printed, without the "kvm-guest: " prefix.</summary>
-    private static string[] GuestLines(string console) =>
-        console.Replace("\r", "").Split('\n').Where(l => l.StartsWith(GuestPrefix, StringComparison.Ordinal)).Select(l => l[GuestPrefix.Length..]).ToArray();
 }
