@@ -25,9 +25,9 @@ public enum DosAction
 
 /// <summary>
 /// Thresholds of denial-of-service detection for one NIC, each per second and per direction
-/// (null: that rule is off), over a detection window: a rule fires when its rate stays above the
-/// threshold for the whole window, and clears (hysteresis) when it stays below
-/// <see cref="ClearFraction"/> of it for a window.
+/// (null: that rule is off), over a detection window: a rule fires when its rate over the window
+/// is above the threshold and at least half of the window's tenths were (sustained, not a burst),
+/// and clears (hysteresis) when every tenth of a window stays below <see cref="ClearFraction"/> of it.
 /// </summary>
 public sealed record DosRules
 {
@@ -333,8 +333,9 @@ public sealed class TrafficMonitor : IDisposable
         }
 
         /// <summary>
-        /// The rate over the window, whether every slot of it was above the threshold's share
-        /// (sustained, not one burst), and whether every slot was below the clearing level.
+        /// The rate over the window; whether it is above the threshold and sustained (at least half
+        /// the slots above the threshold's share: not one burst, while frames that reach the VMM in
+        /// bursts on a loaded host still count); and whether every slot was below the clearing level.
         /// </summary>
         public (double Rate, bool Above, bool Below) Judge(string rule, long threshold, double clear, TimeSpan window)
         {
@@ -342,7 +343,8 @@ public sealed class TrafficMonitor : IDisposable
             double perSlot = threshold * window.TotalSeconds / Slots;
             double rate = h.Sum() / window.TotalSeconds;
             bool full = _filled == Slots;
-            return (rate, full && h.All(c => c > perSlot), h.All(c => c < perSlot * clear));
+            bool sustained = h.Count(c => c > perSlot) >= Slots / 2;
+            return (rate, full && rate > threshold && sustained, h.All(c => c < perSlot * clear));
         }
     }
 }

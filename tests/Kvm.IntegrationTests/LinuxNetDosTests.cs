@@ -80,7 +80,7 @@ public class LinuxNetDosTests(ITestOutputHelper output)
 
         Assert.True(SpinWait.SpinUntil(() => victimSerial.Text.Contains("tcpserve listening 7000", StringComparison.Ordinal), Timeout),
             "the victim did not listen; console:\n" + victimSerial.Text);
-        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "8");
+        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "12");
         Assert.True(flood.ExitCode == 0, flood.Stdout + flood.Stderr);
         Assert.True(SpinWait.SpinUntil(() => control.State == "paused", TimeSpan.FromSeconds(60)),
             $"the victim is {control.State} after the flood ({flood.Stdout.Trim()}); alarms: {string.Join("; ", alarms.Select(a => a.Alarm.Describe()))}");
