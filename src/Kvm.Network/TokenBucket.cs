@@ -64,8 +64,18 @@ public sealed class TokenBucket
     {
         TimeSpan wait;
         while ((wait = TryTake(bytes)) > TimeSpan.Zero)
-            Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+            Sleep(wait);
     }
+
+    /// <summary>Waits (sleeping) once until the bucket is out of debt, taking nothing (the caller charges what then goes).</summary>
+    public void WaitOutOfDebt()
+    {
+        var wait = TryTake(0);
+        if (wait > TimeSpan.Zero)
+            Sleep(wait);
+    }
+
+    private static void Sleep(TimeSpan wait) => Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
 
     /// <summary>Parses a rate in bits per second: 10M, 1.5G, 800K, 64000 (decimal units, as network rates are given).</summary>
     public static long ParseRate(string text)

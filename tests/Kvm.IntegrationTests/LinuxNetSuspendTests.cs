@@ -35,11 +35,7 @@ public sealed class LinuxNetSuspendTests : BlkTestBase
     [SkippableFact]
     public void ATcpConnectionIntoTheGuestSurvivesSuspendAndResume()
     {
-        TestEnvironment.RequireKvm();
-        string kernel = Path.Combine(TestEnvironment.BuildDir, "linux", "bzImage");
-        string initrd = Path.Combine(TestEnvironment.BuildDir, "linux", "initramfs.cpio.gz");
-        if (!File.Exists(kernel) || !File.Exists(initrd))
-            TestEnvironment.SkipIf($"{kernel} or {initrd} is missing (run 'make linux')");
+        var (kernel, initrd) = LinuxNetGuest.Files();
         if (!File.Exists(TestEnvironment.KvmVmm) || !File.Exists(TestEnvironment.Vmctl))
             TestEnvironment.SkipIf($"{TestEnvironment.KvmVmm} or {TestEnvironment.Vmctl} is missing (run 'make' first)");
         using var net = NetTopology.Create();

@@ -49,7 +49,7 @@ public static class ForegroundRun
                 vm.TrafficAlarm += (nic, alarm) =>
                 {
                     // No control socket here: a VM a rule pauses stays paused until Ctrl-C.
-                    if (alarm.Cleared || vm.Spec.Nics.Count == 0)
+                    if (alarm.Cleared)
                         return;
                     Console.Error.WriteLine($"{program}: {nic}: denial-of-service rule fired: {alarm.Describe()}");
                     if (vm.NicDosAction(nic) == Kvm.Network.DosAction.Suspend)

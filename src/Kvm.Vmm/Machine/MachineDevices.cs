@@ -99,12 +99,17 @@ internal sealed class MachineDevices
         var msi = new KvmMsiController(vm, d.GsiRouting);
         var ioevents = new KvmIoEventRegistrar(vm);
         var intxLines = new Dictionary<byte, SharedInterruptLine>();
-        for (int i = 0; i < ctx.Spec.Disks.Count; i++)
+        // The INTx line of a PCI slot, shared by the slots wired to the same GSI.
+        (byte Gsi, SharedInterruptLine Line) IntxLine(int slot)
         {
-            int slot = i + 1;
             byte gsi = X86Layout.PciIntxGsi(slot);
             if (!intxLines.TryGetValue(gsi, out var line))
                 intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(vm, gsi));
+            return (gsi, line);
+        }
+        for (int i = 0; i < ctx.Spec.Disks.Count; i++)
+        {
+            var (gsi, line) = IntxLine(i + 1);
             var image = images[i]!;
             images[i] = null;       // the device owns it from here on
             var block = new VirtioBlock($"virtio-blk{i}", image, ctx.Spec.Disks[i].ToOptions(), ctx.Log);
@@ -127,10 +132,7 @@ internal sealed class MachineDevices
         for (int i = 0; i < ctx.Spec.Nics.Count; i++)
         {
             var nic = ctx.Spec.Nics[i];
-            int slot = ctx.Spec.Disks.Count + i + 1;
-            byte gsi = X86Layout.PciIntxGsi(slot);
-            if (!intxLines.TryGetValue(gsi, out var line))
-                intxLines[gsi] = line = new SharedInterruptLine(new KvmIrqLine(vm, gsi));
+            var (gsi, line) = IntxLine(ctx.Spec.Disks.Count + i + 1);
             var backend = OpenBackend($"virtio-net{i}", nic);
             VirtioPciTransport transport;
             var net = new VirtioNet($"virtio-net{i}", backend, nic.ToOptions(), ctx.Log);

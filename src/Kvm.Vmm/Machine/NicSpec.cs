@@ -57,13 +57,17 @@ public sealed record NicSpec
 
     public TeamOptions ToTeamOptions() => new() { Policy = Policy, Failback = Failback, FailbackDelay = FailbackDelay };
 
-    public static string PolicyName(TeamPolicy p) => p switch
-    {
-        TeamPolicy.ActiveBackup => "active-backup",
-        TeamPolicy.FlowHash => "flow-hash",
-        TeamPolicy.VmPort => "vm-port",
-        _ => p.ToString(),
-    };
+    private static readonly (TeamPolicy Policy, string Name)[] Policies =
+        [(TeamPolicy.ActiveBackup, "active-backup"), (TeamPolicy.FlowHash, "flow-hash"), (TeamPolicy.VmPort, "vm-port")];
+
+    /// <summary>"active-backup, flow-hash or vm-port", for messages.</summary>
+    public const string PolicyNames = "active-backup, flow-hash or vm-port";
+
+    public static string PolicyName(TeamPolicy p) => Policies.First(x => x.Policy == p).Name;
+
+    /// <summary>The policy a name (as <see cref="PolicyName"/> gives it) stands for, or null.</summary>
+    public static TeamPolicy? ParsePolicy(string name) =>
+        Policies.FirstOrDefault(x => x.Name == name) is { Name: not null } found ? found.Policy : null;
 
     public VirtioNetOptions ToOptions() => new()
     {
@@ -141,16 +145,7 @@ public sealed record NicSpec
                     spec = spec with { Offloads = value switch { null or "on" or "true" or "1" => true, "off" or "false" or "0" => false, _ => throw Fail($"offload '{value}' is not on or off") } };
                     break;
                 case "policy" when value is not null:
-                    spec = spec with
-                    {
-                        Policy = value switch
-                        {
-                            "active-backup" => TeamPolicy.ActiveBackup,
-                            "flow-hash" => TeamPolicy.FlowHash,
-                            "vm-port" => TeamPolicy.VmPort,
-                            _ => throw Fail($"policy '{value}' is not active-backup, flow-hash or vm-port"),
-                        },
-                    };
+                    spec = spec with { Policy = ParsePolicy(value) ?? throw Fail($"policy '{value}' is not {PolicyNames}") };
                     break;
                 case "failback":
                     spec = spec with { Failback = value switch { null or "on" or "true" or "1" => true, "off" or "false" or "0" => false, _ => throw Fail($"failback '{value}' is not on or off") } };

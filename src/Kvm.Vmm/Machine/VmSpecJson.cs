@@ -133,14 +133,8 @@ public sealed class NicSpecDocument
             Offloads = Offloads ?? d.Offloads,
             AllowSpoofing = AllowSpoofing ?? d.AllowSpoofing,
             Mtu = Mtu ?? d.Mtu,
-            Policy = Policy switch
-            {
-                null => d.Policy,
-                "active-backup" => Kvm.Network.TeamPolicy.ActiveBackup,
-                "flow-hash" => Kvm.Network.TeamPolicy.FlowHash,
-                "vm-port" => Kvm.Network.TeamPolicy.VmPort,
-                _ => throw new ArgumentException($"VM spec {source}: nics[{index}].policy: '{Policy}' is not active-backup, flow-hash or vm-port"),
-            },
+            Policy = Policy is null ? d.Policy : NicSpec.ParsePolicy(Policy)
+                ?? throw new ArgumentException($"VM spec {source}: nics[{index}].policy: '{Policy}' is not {NicSpec.PolicyNames}"),
             Failback = Failback ?? d.Failback,
             TxLimit = TxLimit ?? d.TxLimit,
             RxLimit = RxLimit ?? d.RxLimit,

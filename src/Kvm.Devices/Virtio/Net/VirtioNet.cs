@@ -265,8 +265,8 @@ public sealed class VirtioNet : IVirtioDevice
                     return BackendQueueState.RingEmpty;
                 // Over its receive limit the VM reads no more for a while: frames wait in the
                 // backend (the tap's queue), and drop there if the sender does not slow down.
-                WaitForRxTokens(_rxLimit);
-                WaitForRxTokens(_dosRx);
+                _rxLimit?.WaitOutOfDebt();
+                _dosRx?.WaitOutOfDebt();
                 int n = _backend.Receive(pair, rx.Buffer);
                 if (n == 0)
                     return BackendQueueState.BackendEmpty;
@@ -296,13 +296,19 @@ public sealed class VirtioNet : IVirtioDevice
         }
     }
 
-    private enum Delivery { Delivered, Dropped, RingShort }
-
-    private static void WaitForRxTokens(TokenBucket? bucket)
+    /// <summary>The guest address of the byte <paramref name="offset"/> bytes into <paramref name="segments"/> (which hold it).</summary>
+    private static ulong AddressOf(ReadOnlySpan<ChainSegment> segments, ulong offset)
     {
-        if (bucket is not null && bucket.TryTake(0) is var wait && wait > TimeSpan.Zero)
-            Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+        foreach (var seg in segments)
+        {
+            if (offset < seg.Length)
+                return seg.Address + offset;
+            offset -= seg.Length;
+        }
+        throw new ArgumentOutOfRangeException(nameof(offset), offset, "beyond the chain's segments");
     }
+
+    private enum Delivery { Delivered, Dropped, RingShort }
 
     /// <summary>
     /// Writes the frame in hand into as many chains as it needs (one without MRG_RXBUF) and pushes
@@ -344,8 +350,8 @@ public sealed class VirtioNet : IVirtioDevice
             Scatter(memory, chain.Writable, 0, packet.Slice(offset, take));
             if (used == 0)
             {
-                ForEachRange(chain.Writable, 10, 1, 0, (a, _, _) => countLow = a);
-                ForEachRange(chain.Writable, 11, 1, 0, (a, _, _) => countHigh = a);
+                countLow = AddressOf(chain.Writable, 10);
+                countHigh = AddressOf(chain.Writable, 11);
             }
             rx.Used[used++] = (chain.Head, (uint)take);
             offset += take;
