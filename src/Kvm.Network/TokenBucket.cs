@@ -48,6 +48,9 @@ public sealed class TokenBucket
         }
     }
 
+    /// <summary>Whether a frame would wait now (the bucket is in debt).</summary>
+    public bool InDebt => TryTake(0) > TimeSpan.Zero;
+
     /// <summary>Takes <paramref name="bytes"/> that already went (a received frame), in debt if need be.</summary>
     public void Charge(int bytes)
     {

@@ -232,6 +232,53 @@ public sealed class VirtioNetTests
         Assert.False(rig.NeedsReset);
     }
 
+    /// <summary>Puts <paramref name="count"/> frames of <paramref name="length"/> bytes on pair 0's transmit ring with one notification at the end.</summary>
+    private static void QueueFrames(NetRig rig, int count, int length)
+    {
+        int queue = NetRig.TxQueue(0);
+        for (int i = 0; i < count; i++)
+        {
+            var packet = Eth.Packet(Eth.Frame(Eth.PeerMac, Eth.VmMac, length, seed: i));
+            ulong a = rig.Arenas[queue].Alloc((ulong)packet.Length);
+            rig.Memory.Write(a, packet);
+            rig.Submit(queue, [new Buf(a, (uint)packet.Length)], kick: i == count - 1);
+        }
+    }
+
+    /// <summary>A long transmit ring is returned to the driver a batch at a time, not once it is empty.</summary>
+    [Fact]
+    public void AFullTransmitRingIsReturnedInBatches()
+    {
+        using var rig = NetRig.Create();
+        rig.Start(rig.AllBut(VirtioFeature.RingEventIdx), queueSize: 128);
+        int before = rig.Msi[2].Triggers;
+        const int Frames = 100;
+        QueueFrames(rig, Frames, 200);
+        Assert.True(rig.Queues[1].WaitAllUsed());
+        Assert.Equal(Frames, rig.Backend.Drain(0).Count);
+        int triggers = rig.Msi[2].Triggers - before;
+        int expected = (Frames + VirtioNet.TransmitBatch - 1) / VirtioNet.TransmitBatch;
+        Assert.True(triggers >= expected, $"{triggers} interrupt(s) for {Frames} frames sent together; a batch is {VirtioNet.TransmitBatch} frames");
+    }
+
+    /// <summary>
+    /// Under a transmit limit the driver hears of the frames that went before the device waits for
+    /// the next ones: its stack frees them and goes on, as behind a slower link.
+    /// </summary>
+    [Fact]
+    public void UnderATransmitLimitTheFramesThatWentAreReturnedBeforeTheWait()
+    {
+        // 100 kbit/s: the burst (one largest frame, 64 KiB and a header) lets 8 frames of 9018
+        // bytes through at once; the 4 after them take seconds.
+        using var rig = NetRig.Create(NetRig.DefaultOptions with { Mtu = 9000, TxLimit = 100_000 });
+        rig.Start(rig.AllBut(VirtioFeature.RingEventIdx));
+        int before = rig.Msi[2].Triggers;
+        QueueFrames(rig, 12, 9018);
+        Assert.True(Wait.Until(() => rig.Msi[2].Triggers > before), "no interrupt for the frames that went within the burst");
+        long sent = rig.Backend.Sent;
+        Assert.True(rig.Queues[1].UsedIdx >= 1 && sent < 12, $"used {rig.Queues[1].UsedIdx}, sent {sent} of 12 when the driver heard");
+    }
+
     // ------------------------------------------------------------------ receive
 
     [Theory]
@@ -418,6 +465,30 @@ public sealed class VirtioNetTests
         }
         sender.Join();
         Assert.Equal(Frames, rig.Net.Stats.RxPackets);
+    }
+
+    /// <summary>
+    /// Frames waiting in the backend when buffers arrive are announced to the driver a batch at a
+    /// time, not once the ring is full or the backend dry: under a steady stream the guest must get
+    /// to work on the first frames (and give buffers back) while the rest still come in.
+    /// </summary>
+    [Fact]
+    public void AStreamIsAnnouncedToTheDriverInBatches()
+    {
+        using var rig = NetRig.Create();
+        rig.Start(rig.AllBut(VirtioFeature.RingEventIdx), queueSize: 128);
+        const int Frames = 100;
+        for (int i = 0; i < Frames; i++)
+            rig.Backend.Inject(0, Eth.Packet(Eth.Frame(Eth.VmMac, Eth.PeerMac, 100, seed: i)));
+        Thread.Sleep(100);
+        int before = rig.Msi[1].Triggers;
+        rig.PostRx(128);
+        for (int i = 0; i < Frames; i++)
+            Assert.Equal(Eth.Frame(Eth.VmMac, Eth.PeerMac, 100, seed: i), rig.Receive().Packet.AsSpan(12).ToArray());
+        int expected = (Frames + VirtioNet.ReceiveBatch - 1) / VirtioNet.ReceiveBatch;
+        int triggers = rig.Msi[1].Triggers - before;
+        Assert.True(triggers >= expected,
+            $"{triggers} interrupt(s) for {Frames} frames that waited together; a batch is {VirtioNet.ReceiveBatch} frames");
     }
 
     [Fact]

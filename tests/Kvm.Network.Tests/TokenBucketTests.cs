@@ -13,7 +13,9 @@ public class TokenBucketTests
         var bucket = new TokenBucket(8_000);
         Assert.Equal(1_000, bucket.BytesPerSecond);
         Assert.Equal(VirtioNetHeader.MaxPacket, bucket.Burst);  // 5 ms is less than one largest frame
+        Assert.False(bucket.InDebt);
         Assert.Equal(TimeSpan.Zero, bucket.TryTake(200_000));   // full: it goes, leaving a debt of ~134 kB
+        Assert.True(bucket.InDebt);
         var wait = bucket.TryTake(1);
         double debt = (200_000 - VirtioNetHeader.MaxPacket) / 1e3;
         Assert.InRange(wait.TotalSeconds, debt - 10, debt);

@@ -103,4 +103,10 @@ public enum BackendQueueState
 
     /// <summary>The queue is not in use (a receive queue the driver turned off): wait for a notification or a kick, not for the backend.</summary>
     Idle,
+
+    /// <summary>
+    /// A batch went into the ring and more may follow: tell the driver now (so it takes the
+    /// buffers and gives fresh ones while the backend keeps sending), then call again.
+    /// </summary>
+    Batch,
 }

@@ -580,6 +580,8 @@ public sealed class VirtioPciTransport : PciFunction, IStatefulDevice, IDisposab
                 var state = _device.ProcessBackendQueue(queue);
                 if (queue.ShouldInterrupt())
                     SignalQueue(queue);
+                if (state == BackendQueueState.Batch)
+                    continue;
                 if (state != BackendQueueState.RingEmpty)
                 {
                     waitBackend = state == BackendQueueState.BackendEmpty;

@@ -239,17 +239,23 @@ public sealed class VirtioNet : IVirtioDevice
         else if (queue.Index % 2 == 1)
             ProcessTransmit(queue, queue.Index / 2);
         else
-            ProcessReceive(queue, queue.Index / 2);
+            while (ProcessReceive(queue, queue.Index / 2) == BackendQueueState.Batch) { }
     }
 
     public BackendQueueState ProcessBackendQueue(Virtqueue queue) => ProcessReceive(queue, queue.Index / 2);
 
     private GuestMemory Memory => _memory ?? throw new InvalidOperationException($"{Name} is not active");
 
+    /// <summary>Frames sent from a transmit ring before the driver hears of them.</summary>
+    public const int TransmitBatch = 32;
+
+    /// <summary>Frames put in a receive ring before the driver hears of them (a steady stream would otherwise fill the ring before the first interrupt).</summary>
+    public const int ReceiveBatch = 32;
+
     /// <summary>
     /// Moves waiting frames into the receive ring, until the backend or the ring runs dry (the
-    /// frame in hand then waits). A pair the driver does not use is not read: its backend queue
-    /// is detached (a multi-queue tap's detached fd reports errors, not frames).
+    /// frame in hand then waits) or a batch went in. A pair the driver does not use is not read:
+    /// its backend queue is detached (a multi-queue tap's detached fd reports errors, not frames).
     /// </summary>
     private BackendQueueState ProcessReceive(Virtqueue queue, int pair)
     {
@@ -257,8 +263,10 @@ public sealed class VirtioNet : IVirtioDevice
         var rx = _rx[pair];
         if (pair >= ActivePairs)
             return BackendQueueState.Idle;
-        while (true)
+        for (int delivered = 0; ; )
         {
+            if (delivered == ReceiveBatch)
+                return BackendQueueState.Batch;
             if (rx.Length == 0)
             {
                 if (queue.Pending == 0)
@@ -291,6 +299,7 @@ public sealed class VirtioNet : IVirtioDevice
                 _rxLimit?.Charge(rx.Length - VirtioNetHeader.Size);
                 _dosRx?.Charge(rx.Length - VirtioNetHeader.Size);
                 _monitor?.Observe(TrafficDirection.In, rx.Buffer.AsSpan(VirtioNetHeader.Size, rx.Length - VirtioNetHeader.Size));
+                delivered++;
             }
             rx.Length = 0;
         }
@@ -370,8 +379,15 @@ public sealed class VirtioNet : IVirtioDevice
     {
         var memory = Memory;
         var buffer = _tx[pair];
-        while (queue.TryPop(out var chain))
+        // Returning early lets the transport tell the driver what went (it frees those frames and
+        // may queue more) and call again while chains remain: after a batch, and before a wait
+        // for the rate limit, so the guest does not wait for the whole ring to drain.
+        for (int sent = 0; sent < TransmitBatch; sent++)
         {
+            if (sent > 0 && (_txLimit?.InDebt == true || _dosTx?.InDebt == true))
+                return;
+            if (!queue.TryPop(out var chain))
+                return;
             ulong length = chain.ReadableBytes;
             if (length < VirtioNetHeader.Size + EthHeader)
                 _counters.TxMalformed();
