@@ -144,6 +144,7 @@ public sealed class TransportStateTests
         var used = new List<(uint Id, uint Length)>();
         int submitted = 0;
         int maxInFlight = 8;            // raised while paused, so the driver has room to publish more
+        int cap = 100;                  // raised while paused too: a slow Pause must not find the driver done
         bool stop = false;
         Exception? failure = null;
         var submitter = new Thread(() =>
@@ -153,7 +154,7 @@ public sealed class TransportStateTests
                 while (!Volatile.Read(ref stop))
                 {
                     used.AddRange(q.TakeUsed());
-                    if ((ushort)(q.AvailIdx - q.LastUsed) < Volatile.Read(ref maxInFlight) && submitted < 600)
+                    if ((ushort)(q.AvailIdx - q.LastUsed) < Volatile.Read(ref maxInFlight) && submitted < Volatile.Read(ref cap))
                     {
                         ulong sector = (ulong)(submitted % 2048);
                         var data = Pattern(submitted);
@@ -182,6 +183,7 @@ public sealed class TransportStateTests
             // The driver goes on publishing (and kicking): nothing more is taken or completed.
             int submittedAtPause = Volatile.Read(ref submitted);
             Volatile.Write(ref maxInFlight, 20);
+            Volatile.Write(ref cap, 600);
             Assert.True(Wait.Until(() => Volatile.Read(ref submitted) >= submittedAtPause + 5),
                 "the driver could not publish more requests while the device was paused");
             Thread.Sleep(Quiet);
