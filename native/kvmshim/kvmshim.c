@@ -10,10 +10,14 @@
 // assembled here from a count and an array of fixed-size entries, so C# only mirrors the entries.
 
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <linux/if.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/if_tun.h>
 #include <linux/kvm.h>
 #include <linux/sockios.h>
@@ -1608,6 +1612,39 @@ EXPORT int32_t kvmshim_bridge_add(const char *bridge, const char *name)
         return -ENAMETOOLONG;
     ifr.ifr_ifindex = index;
     return if_ioctl(SIOCBRADDIF, &ifr);
+}
+
+// A packet socket (AF_PACKET, raw, non-blocking, close-on-exec) on interface `ifindex` that gets a
+// copy of every ARP frame addressed to `mac` crossing it, in either direction: on a tap, the frames
+// the kernel hands to the tap's reader (the VMM) count as outgoing, and only ETH_P_ALL sees those.
+// A classic BPF filter keeps everything else out before it is queued; it is attached before the
+// bind, so nothing unfiltered arrives first. Needs CAP_NET_RAW. Returns the fd.
+EXPORT int32_t kvmshim_arp_socket(int32_t ifindex, const uint8_t *mac)
+{
+    uint32_t mac_high = (uint32_t)mac[0] << 24 | (uint32_t)mac[1] << 16 | (uint32_t)mac[2] << 8 | mac[3];
+    uint32_t mac_low = (uint32_t)mac[4] << 8 | mac[5];
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 12),                 // EtherType
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_ARP, 0, 5),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, 0),                  // destination, first 4 bytes
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, mac_high, 0, 3),
+        BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 4),                  // destination, last 2 bytes
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, mac_low, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, 0xffff),
+        BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+    struct sock_fprog prog = { .len = sizeof code / sizeof code[0], .filter = code };
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL), .sll_ifindex = ifindex };
+    if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog) < 0 ||
+        bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
 }
 
 // poll(2) on up to two fds for reading (fd2 < 0: only fd1). Returns a bit mask: 1 when fd1 is

@@ -282,7 +282,8 @@ public static class ControlCommands
             foreach (var u in n.Uplinks)
                 Console.WriteLine($"  {u.Name}: {(u.Up ? "up" : "DOWN")}{(u.Active ? ", active" : n.Policy is null ? "" : ", standby")}" +
                                   (u.TxPackets is null ? "" : $", sent {u.TxPackets} ({u.TxBytes} bytes), received {u.RxPackets} ({u.RxBytes} bytes), " +
-                                   $"dropped {u.TxDropped} out and {u.RxDroppedOnStandby} in on standby, {u.Failures} failures"));
+                                   $"dropped {u.TxDropped} out and {u.RxDroppedOnStandby} in on standby, {u.Failures} failures") +
+                                  (u.ProbesSent is null ? "" : $", ARP probes {u.ProbesAnswered} answered of {u.ProbesSent}"));
         }
     }
 

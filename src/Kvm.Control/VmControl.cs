@@ -533,7 +533,8 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         var uplinks = team is null
             ? [new UplinkStats(net.Backend.Name, net.Backend.LinkUp, true)]
             : team.Status().Select(u => new UplinkStats(u.Name, u.Up, u.Active, u.RxPackets, u.RxBytes, u.TxPackets, u.TxBytes,
-                u.TxDropped, u.RxDroppedOnBackup, u.Failures)).ToList();
+                u.TxDropped, u.RxDroppedOnBackup, u.Failures, team.Options.ArpTarget is null ? null : u.ProbesSent,
+                team.Options.ArpTarget is null ? null : u.ProbesAnswered)).ToList();
         return new NicStats(id, net.Mac.ToString(), net.Options.QueuePairs, net.ActivePairs, s.RxPackets, s.RxBytes, s.TxPackets,
             s.TxBytes, s.RxFiltered, s.RxDropped, s.TxSpoofed, s.TxTooLong, s.TxMalformed, s.TxBackendDropped,
             team is null ? null : Kvm.Vmm.Machine.NicSpec.PolicyName(team.Options.Policy), team?.Failovers ?? 0, uplinks);

@@ -86,7 +86,8 @@ public sealed record NicStats(string Id, string Mac, int QueuePairs, int ActiveP
 
 /// <summary>One uplink of a NIC: its link, whether it carries traffic, what went through it (a team's counters; null for a lone tap).</summary>
 public sealed record UplinkStats(string Name, bool Up, bool Active, long? RxPackets = null, long? RxBytes = null, long? TxPackets = null,
-    long? TxBytes = null, long? TxDropped = null, long? RxDroppedOnStandby = null, int? Failures = null);
+    long? TxBytes = null, long? TxDropped = null, long? RxDroppedOnStandby = null, int? Failures = null, long? ProbesSent = null,
+    long? ProbesAnswered = null);
 
 /// <summary>One virtio-blk device: its image and what it has served (service times in microseconds).</summary>
 public sealed record DiskStats(string Id, string Image, bool ReadOnly, long Reads, long Writes, long Flushes, long Discards,

@@ -45,6 +45,9 @@ public interface INetBackend : IDisposable
 
     /// <summary>Whether the backend can carry frames now (a team: any uplink up).</summary>
     bool LinkUp => true;
+
+    /// <summary>The host interface its frames cross (a tap's name), where a team listens for its probes' answers; null: none.</summary>
+    string? Interface => null;
 }
 
 /// <summary>The virtio-net header (virtio 1.2, 5.1.6): what offload a frame carries.</summary>

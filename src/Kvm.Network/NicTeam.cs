@@ -32,11 +32,35 @@ public sealed record TeamOptions
 
     /// <summary>How often each uplink's link state is read.</summary>
     public TimeSpan MonitorInterval { get; init; } = TimeSpan.FromMilliseconds(10);
+
+    /// <summary>
+    /// An IPv4 address (a gateway, or another host that is always up) each uplink sends ARP probes
+    /// to: an uplink whose probes go unanswered is taken down even while its carrier is up (a
+    /// failure past the first link, a port that stopped forwarding). Null: the carrier alone.
+    /// </summary>
+    public System.Net.IPAddress? ArpTarget { get; init; }
+
+    /// <summary>How often each uplink sends a probe.</summary>
+    public TimeSpan ArpInterval { get; init; } = TimeSpan.FromMilliseconds(100);
+
+    /// <summary>How many probe intervals without an answer take an uplink down.</summary>
+    public int ArpMisses { get; init; } = 3;
+
+    /// <summary>Throws <see cref="ArgumentException"/> naming what is out of range.</summary>
+    public void Validate()
+    {
+        if (ArpTarget is { } t && (t.AddressFamily != System.Net.Sockets.AddressFamily.InterNetwork || t.Equals(System.Net.IPAddress.Any) || t.Equals(System.Net.IPAddress.Broadcast)))
+            throw new ArgumentException($"ARP target {t} is not a host's IPv4 address");
+        if (ArpInterval < TimeSpan.FromMilliseconds(10) || ArpInterval > TimeSpan.FromSeconds(60))
+            throw new ArgumentException($"ARP interval {ArpInterval.TotalMilliseconds} ms is outside 10 ms to 60 s");
+        if (ArpMisses is < 1 or > 100)
+            throw new ArgumentException($"ARP misses {ArpMisses} is outside 1 to 100");
+    }
 }
 
 /// <summary>The state of one uplink of a team.</summary>
 public sealed record UplinkStatus(string Name, bool Up, bool Active, long RxPackets, long RxBytes, long TxPackets, long TxBytes,
-    long TxDropped, long RxDroppedOnBackup, int Failures);
+    long TxDropped, long RxDroppedOnBackup, int Failures, long ProbesSent = 0, long ProbesAnswered = 0);
 
 /// <summary>A change of a team: which uplink went up or down and which carry the traffic now.</summary>
 public sealed record TeamChange(string Uplink, bool Up, IReadOnlyList<string> Active, string Reason);
@@ -51,6 +75,14 @@ public sealed record TeamChange(string Uplink, bool Up, IReadOnlyList<string> Ac
 /// from every uplink through one epoll fd per queue pair; with active-backup, frames arriving on a
 /// standby uplink are dropped (a switch floods broadcasts to both: the guest would see them twice),
 /// with the other policies only broadcasts and multicasts from uplinks other than the first live one.
+/// With an ARP target, each uplink also probes it (<see cref="TeamOptions.ArpTarget"/>): an ARP
+/// request from an address of the uplink's own (the VM's MAC with a bit flipped and the uplink's
+/// index, so switches do not move the VM's MAC to a standby port), sender IP 0.0.0.0 as in address
+/// conflict detection (the target's cache is left alone; it answers to the MAC). A packet socket
+/// on each uplink's host interface hears the answers whether or not the guest reads its frames (a
+/// paused VM's team keeps watching); the answers themselves never reach the guest. An uplink is
+/// down when its probes go unanswered while another's are answered; when no uplink gets answers,
+/// the target is what failed, and the carrier alone decides.
 /// </summary>
 public sealed class NicTeam : INetBackend
 {
@@ -67,6 +99,10 @@ public sealed class NicTeam : INetBackend
     private volatile int[] _live;            // indices of uplinks up, in order
     private volatile int _active;            // active-backup: the uplink carrying traffic (-1: none)
     private volatile bool _stopping;
+    private readonly MacAddress[] _probeMacs = [];            // empty without an ARP target
+    private readonly PacketSocketHandle[] _probeSockets = [];
+    private readonly long[] _lastAnswer = [];
+    private readonly uint _arpTarget;                           // network order bytes as read from a frame
 
     public NicTeam(IReadOnlyList<INetBackend> uplinks, TeamOptions options, MacAddress mac)
     {
@@ -75,6 +111,7 @@ public sealed class NicTeam : INetBackend
         int pairs = uplinks[0].QueuePairs;
         if (uplinks.Any(u => u.QueuePairs != pairs))
             throw new ArgumentException($"the uplinks of a team have different queue pairs: {string.Join(", ", uplinks.Select(u => $"{u.Name} {u.QueuePairs}"))}");
+        options.Validate();
         _uplinks = [.. uplinks];
         _options = options;
         _mac = mac;
@@ -87,11 +124,29 @@ public sealed class NicTeam : INetBackend
         {
             for (int p = 0; p < pairs; p++)
                 _receive[p] = KvmShim.EpollOf(_uplinks.Select(u => u.ReceiveHandle(p)));
+            if (options.ArpTarget is { } target)
+            {
+                _arpTarget = BinaryPrimitives.ReadUInt32BigEndian(target.GetAddressBytes());
+                _probeMacs = _uplinks.Select((_, i) => ProbeMac(mac, i)).ToArray();
+                _probeSockets = new PacketSocketHandle[_uplinks.Length];
+                long now = Stopwatch.GetTimestamp();
+                _lastAnswer = _uplinks.Select(_ => now).ToArray();          // a first window's grace
+                Span<byte> bytes = stackalloc byte[6];
+                for (int i = 0; i < _uplinks.Length; i++)
+                {
+                    string device = _uplinks[i].Interface
+                        ?? throw new ArgumentException($"uplink {_uplinks[i].Name} has no host interface to hear ARP probe answers on");
+                    _probeMacs[i].CopyTo(bytes);
+                    _probeSockets[i] = KvmShim.OpenArpSocket(device, bytes);
+                }
+            }
         }
         catch
         {
             foreach (var e in _receive)
                 e?.Dispose();
+            foreach (var p in _probeSockets)
+                p?.Dispose();
             throw;
         }
         _live = Live();
@@ -125,6 +180,19 @@ public sealed class NicTeam : INetBackend
         return _uplinks.Select((u, i) => _counters[i].Status(u.Name, Volatile.Read(ref _up[i]), active.Contains(i))).ToArray();
     }
 
+    /// <summary>
+    /// The source MAC of uplink <paramref name="uplink"/>'s probes: the VM's, locally administered,
+    /// with bit 3 of the first byte flipped and the uplink's index in the last byte's low bits.
+    /// </summary>
+    public static MacAddress ProbeMac(MacAddress vm, int uplink)
+    {
+        Span<byte> b = stackalloc byte[6];
+        vm.CopyTo(b);
+        b[0] = (byte)(((b[0] ^ 0x08) | 0x02) & 0xfe);
+        b[5] = (byte)(b[5] ^ uplink);
+        return MacAddress.FromBytes(b);
+    }
+
     private int[] ActiveIndices() => _options.Policy == TeamPolicy.ActiveBackup ? (_active < 0 ? [] : [_active]) : _live;
 
     private int[] Live() => Enumerable.Range(0, _uplinks.Length).Where(i => Volatile.Read(ref _up[i])).ToArray();
@@ -141,6 +209,8 @@ public sealed class NicTeam : INetBackend
             int got;
             while ((got = _uplinks[u].Receive(pair, buffer)) > 0)
             {
+                if (IsProbeFrame(buffer[..got]))
+                    continue;                           // a probe's answer, or another uplink's probe
                 if (!Accepts(u, buffer[..got]))
                 {
                     _counters[u].RxOnBackup();
@@ -152,6 +222,19 @@ public sealed class NicTeam : INetBackend
             }
         }
         return 0;
+    }
+
+    /// <summary>Whether a frame (header first) comes from or goes to one of the team's probe addresses.</summary>
+    private bool IsProbeFrame(ReadOnlySpan<byte> packet)
+    {
+        if (_probeMacs.Length == 0 || packet.Length < VirtioNetHeader.Size + 12)
+            return false;
+        var destination = MacAddress.FromBytes(packet.Slice(VirtioNetHeader.Size, 6));
+        var source = MacAddress.FromBytes(packet.Slice(VirtioNetHeader.Size + 6, 6));
+        foreach (var m in _probeMacs)
+            if (m == destination || m == source)
+                return true;
+        return false;
     }
 
     /// <summary>Whether a frame from uplink <paramref name="u"/> goes to the VM (see the class summary).</summary>
@@ -247,31 +330,117 @@ public sealed class NicTeam : INetBackend
             u.SetActivePairs(count);
     }
 
-    /// <summary>Reads every uplink's link state each interval and moves the traffic when it changed.</summary>
+    /// <summary>
+    /// Reads every uplink's link state each interval, sends and hears the ARP probes, and moves the
+    /// traffic when an uplink's state changed.
+    /// </summary>
     private void Monitor()
     {
         var interval = _options.MonitorInterval;
         long delayTicks = (long)(_options.FailbackDelay.TotalSeconds * Stopwatch.Frequency);
+        long probeTicks = (long)(_options.ArpInterval.TotalSeconds * Stopwatch.Frequency);
+        long windowTicks = probeTicks * _options.ArpMisses;
+        long nextProbe = 0;
+        bool probing = _probeSockets.Length > 0;
+        var carrier = new bool[_uplinks.Length];
+        var answered = new bool[_uplinks.Length];
+        var last = new long[_uplinks.Length];
+        byte[] frame = new byte[2048];
         while (!_stopping)
         {
             Thread.Sleep(interval);
             long now = Stopwatch.GetTimestamp();
             for (int i = 0; i < _uplinks.Length; i++)
+                carrier[i] = _uplinks[i].LinkUp;
+            if (probing)
             {
-                bool up = _uplinks[i].LinkUp;
+                for (int i = 0; i < _uplinks.Length; i++)
+                {
+                    HearAnswers(i, frame, now);
+                    last[i] = Volatile.Read(ref _lastAnswer[i]);
+                    answered[i] = now - last[i] <= windowTicks;
+                }
+                if (now >= nextProbe)
+                {
+                    for (int i = 0; i < _uplinks.Length; i++)
+                        if (carrier[i])
+                            SendProbe(i);
+                    nextProbe = now + probeTicks;
+                }
+            }
+            for (int i = 0; i < _uplinks.Length; i++)
+            {
+                bool up = carrier[i] && !(probing && ProbesFailed(i, carrier, answered, last, windowTicks));
                 if (up == Volatile.Read(ref _up[i]))
                     continue;
                 Volatile.Write(ref _up[i], up);
                 _upSince[i] = now;
                 if (!up)
                     _counters[i].Failed();
-                Update(i, up, up ? "link up" : "link down");
+                string reason = !carrier[i] ? "link down" : !probing ? "link up" : !up ? "probes unanswered"
+                    : answered[i] ? "probe answered" : "link up";
+                Update(i, up, reason);
             }
             // Active-backup failback: the first uplink, up again for the delay, takes the traffic back.
             if (_options.Policy == TeamPolicy.ActiveBackup && _options.Failback && _active != 0 && Volatile.Read(ref _up[0]) &&
                 now - _upSince[0] >= delayTicks)
                 Update(0, true, Failback);
         }
+    }
+
+    /// <summary>
+    /// Whether uplink <paramref name="i"/>'s probes failed: none answered for the window while
+    /// another uplink with carrier still gets answers, and got some a whole window after this one's
+    /// last. When the target itself goes silent, every uplink's answers stop within about one
+    /// interval of each other: none is blamed, and the carrier alone decides.
+    /// </summary>
+    private static bool ProbesFailed(int i, bool[] carrier, bool[] answered, long[] last, long window)
+    {
+        if (answered[i])
+            return false;
+        for (int j = 0; j < carrier.Length; j++)
+            if (j != i && carrier[j] && answered[j] && last[j] - last[i] > window)
+                return true;
+        return false;
+    }
+
+    /// <summary>Reads what uplink <paramref name="u"/>'s probe socket holds; an answer from the target to its probe address counts.</summary>
+    private void HearAnswers(int u, byte[] frame, long now)
+    {
+        int n;
+        while ((n = FdIo.Read(_probeSockets[u], frame)) > 0)
+        {
+            // Ethernet (14), then ARP: operation at 6, sender IP at 14, target MAC at 18.
+            var arp = frame.AsSpan(14, Math.Max(0, n - 14));
+            if (arp.Length >= 28 && BinaryPrimitives.ReadUInt16BigEndian(arp[6..]) == 2 &&
+                BinaryPrimitives.ReadUInt32BigEndian(arp[14..]) == _arpTarget &&
+                MacAddress.FromBytes(arp.Slice(18, 6)) == _probeMacs[u])
+            {
+                Volatile.Write(ref _lastAnswer[u], now);
+                _counters[u].ProbeAnswered();
+            }
+        }
+    }
+
+    /// <summary>An ARP request for the target from uplink <paramref name="u"/>'s probe address, sender IP 0.0.0.0.</summary>
+    private void SendProbe(int u)
+    {
+        Span<byte> packet = stackalloc byte[VirtioNetHeader.Size + 60];
+        packet.Clear();
+        var frame = packet[VirtioNetHeader.Size..];
+        var mac = _probeMacs[u];
+        MacAddress.Broadcast.CopyTo(frame);
+        mac.CopyTo(frame[6..]);
+        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x0806);         // ARP
+        BinaryPrimitives.WriteUInt16BigEndian(frame[14..], 1);              // hardware: Ethernet
+        BinaryPrimitives.WriteUInt16BigEndian(frame[16..], 0x0800);         // protocol: IPv4
+        frame[18] = 6;
+        frame[19] = 4;
+        BinaryPrimitives.WriteUInt16BigEndian(frame[20..], 1);              // request
+        mac.CopyTo(frame[22..]);                                            // sender MAC; sender IP 0
+        BinaryPrimitives.WriteUInt32BigEndian(frame[38..], _arpTarget);     // target IP
+        if (_uplinks[u].Send(0, packet))
+            _counters[u].ProbeSent();
     }
 
     private void Update(int uplink, bool up, string reason)
@@ -337,13 +506,15 @@ public sealed class NicTeam : INetBackend
             _monitor.Join();
         foreach (var e in _receive)
             e.Dispose();
+        foreach (var p in _probeSockets)
+            p.Dispose();
         foreach (var u in _uplinks)
             u.Dispose();
     }
 
     private sealed class Counters
     {
-        private long _rxPackets, _rxBytes, _txPackets, _txBytes, _txDropped, _rxBackup, _announced;
+        private long _rxPackets, _rxBytes, _txPackets, _txBytes, _txDropped, _rxBackup, _announced, _probes, _answers;
         private int _failures;
 
         public void Rx(int bytes)
@@ -362,9 +533,12 @@ public sealed class NicTeam : INetBackend
         public void RxOnBackup() => Interlocked.Increment(ref _rxBackup);
         public void Announced() => Interlocked.Increment(ref _announced);
         public void Failed() => Interlocked.Increment(ref _failures);
+        public void ProbeSent() => Interlocked.Increment(ref _probes);
+        public void ProbeAnswered() => Interlocked.Increment(ref _answers);
 
         public UplinkStatus Status(string name, bool up, bool active) => new(name, up, active,
             Interlocked.Read(ref _rxPackets), Interlocked.Read(ref _rxBytes), Interlocked.Read(ref _txPackets),
-            Interlocked.Read(ref _txBytes), Interlocked.Read(ref _txDropped), Interlocked.Read(ref _rxBackup), Volatile.Read(ref _failures));
+            Interlocked.Read(ref _txBytes), Interlocked.Read(ref _txDropped), Interlocked.Read(ref _rxBackup), Volatile.Read(ref _failures),
+            Interlocked.Read(ref _probes), Interlocked.Read(ref _answers));
     }
 }

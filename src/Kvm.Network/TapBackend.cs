@@ -144,6 +144,8 @@ public sealed class TapBackend : INetBackend
         }
     }
 
+    public string? Interface => Device;
+
     public bool LinkUp
     {
         get

@@ -12,7 +12,8 @@ namespace Kvm.IntegrationTests;
 /// A NIC teamed over two taps on two bridges (two switches joined by a trunk; the peer hangs off
 /// the first): a TCP stream from the guest to the peer goes on while the VMM moves it between the
 /// uplinks. The peer's receiver measures the longest silence in the stream; both ends compare the
-/// bytes by SHA-256.
+/// bytes by SHA-256. The cut is the link going down (the carrier shows it), or the uplink's bridge
+/// port silently dropping everything (only the team's ARP probes to the peer show it).
 /// </summary>
 [Trait(Requires.Trait, Requires.Kvm)]
 public class LinuxNetTeamTests(ITestOutputHelper output)
@@ -21,8 +22,10 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
     private const string Peer = "10.77.3.1", Guest = "10.77.3.2";
     private const int Port = 5001;
 
-    [SkippableFact]
-    public void AStreamGoesOnWhileTheActiveUplinkIsCutAndFailsBackWhenItReturns()
+    [SkippableTheory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void AStreamGoesOnWhileTheActiveUplinkIsCutAndFailsBackWhenItReturns(bool silent)
     {
         using var net = NetTopology.Create();
         string a = net.AddBridge(), b = net.AddBridge();
@@ -41,6 +44,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
         {
             Mac = MacAddress.Random(), Policy = TeamPolicy.ActiveBackup, FailbackDelay = TimeSpan.FromSeconds(1),
             Uplinks = [new UplinkSpec { Tap = tapA, Bridge = a }, new UplinkSpec { Tap = tapB, Bridge = b }],
+            ArpTarget = silent ? System.Net.IPAddress.Parse(Peer) : null, ArpInterval = TimeSpan.FromMilliseconds(50), ArpMisses = 4,
         };
         var spec = LinuxNetGuest.Spec(Guest, Peer, $"ping:{Peer},tcpput:{Peer}:{Port}:{bytes}", nic);
         var serial = new SerialCapture();
@@ -56,11 +60,17 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
         Assert.Equal([tapA], team.ActiveUplinks.Select(n => n.Replace("tap ", "")).ToArray());
         while (Got() is >= 0 and < (4 << 20)) { }
         var before = team.Status();
-        net.SetLinkDown(tapA);
+        if (silent)
+            net.DropTraffic(tapA);
+        else
+            net.SetLinkDown(tapA);
         while (Got() is >= 0 and < (16 << 20)) { }
         var during = team.Status();
         Assert.Equal([tapB], team.ActiveUplinks.Select(n => n.Replace("tap ", "")).ToArray());
-        net.SetLinkUp(tapA);
+        if (silent)
+            net.StopDropping(tapA);
+        else
+            net.SetLinkUp(tapA);
         // The uplink's bridge port comes back in forwarding state; the team fails back a second after.
         while (Got() is >= 0 and < (32 << 20)) { }
         var after = team.Status();
@@ -71,7 +81,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
 
         Assert.Equal(bytes.ToString(CultureInfo.InvariantCulture), done[1]);
         Assert.Contains($"kvm-guest: tcpput {bytes} {done[2]}\n", console);
-        output.WriteLine($"longest silence in the stream: {done[3]} ms; team changes: {string.Join("; ", changes.Select(c => $"{c.Uplink} {(c.Up ? "up" : "down")} ({c.Reason}) -> {string.Join(",", c.Active)}"))}");
+        output.WriteLine($"{(silent ? "silent drop" : "link down")}: longest silence in the stream: {done[3]} ms; team changes: {string.Join("; ", changes.Select(c => $"{c.Uplink} {(c.Up ? "up" : "down")} ({c.Reason}) -> {string.Join(",", c.Active)}"))}");
 
         // A carried the stream before the cut, B while A was down, A again after the failback.
         Assert.True(during[1].TxPackets > before[1].TxPackets, "uplink B carried nothing while A was down");
@@ -79,7 +89,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
         Assert.Equal(1, team.Failovers);
         lock (changes)
         {
-            Assert.Contains(changes, c => !c.Up && c.Reason == "link down" && c.Active.SequenceEqual(["tap " + tapB]));
+            Assert.Contains(changes, c => !c.Up && c.Reason == (silent ? "probes unanswered" : "link down") && c.Active.SequenceEqual(["tap " + tapB]));
             Assert.Contains(changes, c => c.Reason == "failback" && c.Active.SequenceEqual(["tap " + tapA]));
         }
     }

@@ -96,4 +96,71 @@ public class TapTeamTests
         Assert.False(team.Send(0, frame));
         Assert.Equal(1, team.NoUplinkDrops);
     }
+    /// <summary>
+    /// ARP probes find what the carrier does not: uplink A's bridge port stops forwarding (its tap
+    /// stays up), A's probes to the peer go unanswered, the traffic moves to B (two switches joined
+    /// by a trunk, the peer on the first) and back once A's probes are answered again. The answers
+    /// never reach the VM's side. When the peer itself stops answering, no uplink is blamed.
+    /// </summary>
+    [SkippableFact]
+    public void ArpProbesFindASilentFailureThatTheCarrierDoesNot()
+    {
+        using var net = NetTopology.Create();
+        string a = net.AddBridge(), b = net.AddBridge();
+        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
+        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
+        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
+        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        var peer = net.AddPeer(a, "10.77.6.1/24");
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var mac = MacAddress.Random();
+        var options = new TeamOptions
+        {
+            Policy = TeamPolicy.ActiveBackup, FailbackDelay = TimeSpan.FromMilliseconds(300),
+            ArpTarget = System.Net.IPAddress.Parse(peer.Address), ArpInterval = TimeSpan.FromMilliseconds(50), ArpMisses = 4,
+        };
+        using var team = new NicTeam([TapBackend.Open(tapA, 1, a), TapBackend.Open(tapB, 1, b)], options, mac);
+        var changes = new List<TeamChange>();
+        team.Changed += c => { lock (changes) changes.Add(c); };
+        var probeMacs = new[] { NicTeam.ProbeMac(mac, 0), NicTeam.ProbeMac(mac, 1) };
+        Assert.DoesNotContain(mac, probeMacs);
+        Assert.NotEqual(probeMacs[0], probeMacs[1]);
+
+        Assert.True(SpinWait.SpinUntil(() => team.Status().All(u => u.ProbesAnswered >= 3), Wait),
+            $"the peer did not answer both uplinks' probes: {string.Join("; ", team.Status())}");
+        Assert.Equal(["tap " + tapA], team.ActiveUplinks);
+
+        net.DropTraffic(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapB]), Wait), "no failover to B");
+        Assert.True(File.ReadAllText($"/sys/class/net/{tapA}/operstate").Trim() is "up" or "unknown", "the tap's link went down: not a silent failure");
+        var status = team.Status();
+        Assert.False(status[0].Up);
+        Assert.True(status[1].Up && status[1].Active);
+        lock (changes)
+            Assert.Contains(changes, c => c.Uplink == "tap " + tapA && !c.Up && c.Reason == "probes unanswered");
+
+        net.StopDropping(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), Wait), "no failback to A");
+        lock (changes)
+            Assert.Equal(["probes unanswered", "probe answered", "failback"], changes.Select(c => c.Reason));
+
+        // The answers went to the probe addresses, and the team kept them from the VM.
+        var buffer = new byte[VirtioNetHeader.MaxPacket];
+        int n;
+        while ((n = team.Receive(0, buffer)) > 0)
+        {
+            var destination = MacAddress.FromBytes(buffer.AsSpan(VirtioNetHeader.Size, 6));
+            Assert.DoesNotContain(destination, probeMacs);
+        }
+
+        // The peer stops answering everyone: the target is down, not an uplink.
+        net.DropTraffic(peer.HostInterface);
+        Thread.Sleep(300);                                      // answers already on their way
+        long answered = team.Status().Sum(u => u.ProbesAnswered);
+        Thread.Sleep(options.ArpInterval * options.ArpMisses * 4);
+        Assert.Equal(answered, team.Status().Sum(u => u.ProbesAnswered));
+        Assert.Equal(["tap " + tapA], team.ActiveUplinks);
+        Assert.True(team.Status().All(u => u.Up), $"an uplink was blamed for the target's silence: {string.Join("; ", team.Status())}");
+        Assert.Equal(1, team.Failovers);
+    }
 }

@@ -54,6 +54,24 @@ public class NicSpecTests
     }
 
     [Fact]
+    public void ArpProbesAreReadAndKeptInJson()
+    {
+        var n = NicSpec.Parse("tap=a,tap=b,arp-target=10.0.0.1,arp-interval=50,arp-misses=4");
+        Assert.Equal((System.Net.IPAddress.Parse("10.0.0.1"), TimeSpan.FromMilliseconds(50), 4), (n.ArpTarget, n.ArpInterval, n.ArpMisses));
+        var options = n.ToTeamOptions();
+        Assert.Equal((n.ArpTarget, n.ArpInterval, n.ArpMisses), (options.ArpTarget, options.ArpInterval, options.ArpMisses));
+        var back = VmSpecJsonContext.Parse(VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }), "arp.json").Nics[0];
+        Assert.Equal((n.ArpTarget, n.ArpInterval, n.ArpMisses), (back.ArpTarget, back.ArpInterval, back.ArpMisses));
+        // Without a target: no probes, the defaults.
+        var plain = NicSpec.Parse("tap=a,tap=b");
+        Assert.Null(plain.ArpTarget);
+        Assert.Equal((TimeSpan.FromMilliseconds(100), 3), (plain.ArpInterval, plain.ArpMisses));
+        Assert.DoesNotContain("arp", VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [plain] }), StringComparison.OrdinalIgnoreCase);
+        var e = Assert.Throws<ArgumentException>(() => VmSpecJsonContext.Parse("""{ "kernel": "k", "nics": [ { "uplinks": [ { "tap": "a" } ], "arpTarget": "10.1" } ] }""", "n.json"));
+        Assert.Contains("nics[0].arpTarget: '10.1'", e.Message);
+    }
+
+    [Fact]
     public void DosDetectionIsReadWithItsThresholdsAndKeptInJson()
     {
         var n = NicSpec.Parse("tap=a,dos=limit,dos-syn=300,dos-udp=off,dos-window=2000,dos-limit=5M");
@@ -89,6 +107,13 @@ public class NicSpecTests
     [InlineData("tap=a,tap=b,policy=round-robin", "policy 'round-robin' is not active-backup, flow-hash or vm-port")]
     [InlineData("tap=a,tap=b,failback=maybe", "failback 'maybe' is not on or off")]
     [InlineData("tap=a,tap=b,failback-delay=soon", "failback-delay 'soon' is not a whole number")]
+    [InlineData("tap=a,tap=b,arp-target=10.1", "arp-target '10.1' is not an IPv4 address")]
+    [InlineData("tap=a,tap=b,arp-target=fe80::1", "arp-target 'fe80::1' is not an IPv4 address")]
+    [InlineData("tap=a,tap=b,arp-target=255.255.255.255", "ARP target 255.255.255.255 is not a host's IPv4 address")]
+    [InlineData("tap=a,arp-target=10.0.0.1", "an ARP target needs two uplinks or more")]
+    [InlineData("tap=a,tap=b,arp-target=10.0.0.1,arp-interval=5", "ARP interval 5 ms is outside 10 ms to 60 s")]
+    [InlineData("tap=a,tap=b,arp-target=10.0.0.1,arp-misses=0", "ARP misses 0 is outside 1 to 100")]
+    [InlineData("tap=a,tap=b,arp-misses=x", "arp-misses 'x' is not a whole number")]
     [InlineData("tap=a,limit=fast", "limit: 'fast' is not a rate")]
     [InlineData("tap=a,tx-limit=0", "tx-limit: '0' is not a rate")]
     [InlineData("tap=a,mac=52:54:00:12:34", "not a MAC address")]

@@ -164,6 +164,12 @@ public sealed class TapHandle : SafeFdHandle
     public TapHandle(int fd) : base(fd) { }
 }
 
+/// <summary>A packet socket (AF_PACKET) on one interface.</summary>
+public sealed class PacketSocketHandle : SafeFdHandle
+{
+    public PacketSocketHandle(int fd) : base(fd) { }
+}
+
 /// <summary>An epoll instance.</summary>
 public sealed class EpollHandle : SafeFdHandle
 {

@@ -61,6 +61,30 @@ public static unsafe partial class KvmShim
     [LibraryImport(Library, EntryPoint = "kvmshim_bridge_add", StringMarshalling = StringMarshalling.Utf8)]
     public static partial int BridgeAdd(string bridge, string name);
 
+    [LibraryImport(Library, EntryPoint = "kvmshim_arp_socket")]
+    private static partial int ArpSocket(int ifindex, byte* mac);
+
+    /// <summary>
+    /// A non-blocking packet socket on interface <paramref name="device"/> that gets a copy of each
+    /// ARP frame addressed to <paramref name="mac"/> crossing it either way (a tap's frames to its
+    /// reader included). Throws <see cref="IOException"/> naming the device and the cause.
+    /// </summary>
+    public static PacketSocketHandle OpenArpSocket(string device, ReadOnlySpan<byte> mac)
+    {
+        if (mac.Length != 6)
+            throw new ArgumentException("a MAC address is 6 bytes", nameof(mac));
+        int index = InterfaceIndex(device);
+        if (index < 0)
+            throw new IOException($"cannot find interface '{device}': {Errno.Describe(-index)}");
+        int fd;
+        fixed (byte* m = mac)
+            fd = ArpSocket(index, m);
+        if (fd < 0)
+            throw new IOException($"cannot open a packet socket on '{device}': {Errno.Describe(-fd)}" +
+                (fd == -Errno.EPERM ? " (ARP probes need CAP_NET_RAW)" : ""));
+        return new PacketSocketHandle(fd);
+    }
+
     [LibraryImport(Library, EntryPoint = "kvmshim_poll2")]
     private static partial int Poll2(int fd1, int fd2, int timeoutMs);
 

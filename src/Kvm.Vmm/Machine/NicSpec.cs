@@ -53,9 +53,21 @@ public sealed record NicSpec
     /// <summary>How long the first uplink must be up again before traffic goes back to it.</summary>
     public TimeSpan FailbackDelay { get; init; } = TimeSpan.Zero;
 
+    /// <summary>An IPv4 address every uplink probes by ARP; an uplink whose probes go unanswered while another's are answered is down (null: the carrier alone).</summary>
+    public System.Net.IPAddress? ArpTarget { get; init; }
+
+    /// <summary>How often each uplink probes the ARP target.</summary>
+    public TimeSpan ArpInterval { get; init; } = new TeamOptions().ArpInterval;
+
+    /// <summary>Probe intervals without an answer before an uplink is down.</summary>
+    public int ArpMisses { get; init; } = new TeamOptions().ArpMisses;
+
     public const int MaxUplinks = 8;
 
-    public TeamOptions ToTeamOptions() => new() { Policy = Policy, Failback = Failback, FailbackDelay = FailbackDelay };
+    public TeamOptions ToTeamOptions() => new()
+    {
+        Policy = Policy, Failback = Failback, FailbackDelay = FailbackDelay, ArpTarget = ArpTarget, ArpInterval = ArpInterval, ArpMisses = ArpMisses,
+    };
 
     private static readonly (TeamPolicy Policy, string Name)[] Policies =
         [(TeamPolicy.ActiveBackup, "active-backup"), (TeamPolicy.FlowHash, "flow-hash"), (TeamPolicy.VmPort, "vm-port")];
@@ -95,6 +107,16 @@ public sealed record NicSpec
             throw new ArgumentException($"nic {Mac}: tap '{twice.Key}' is named twice");
         if (FailbackDelay < TimeSpan.Zero || FailbackDelay > TimeSpan.FromHours(1))
             throw new ArgumentException($"nic {Mac}: failback delay {FailbackDelay.TotalMilliseconds} ms is outside 0 to 1 hour");
+        if (ArpTarget is not null && Uplinks.Count < 2)
+            throw new ArgumentException($"nic {Mac}: an ARP target needs two uplinks or more (probes choose between uplinks)");
+        try
+        {
+            ToTeamOptions().Validate();
+        }
+        catch (ArgumentException e)
+        {
+            throw new ArgumentException($"nic {Mac}: {e.Message}");
+        }
         foreach (var u in Uplinks)
         {
             if (System.Text.Encoding.UTF8.GetByteCount(u.Tap) > 15 || u.Tap.Contains('/') || u.Tap.Any(char.IsWhiteSpace))
@@ -105,7 +127,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,arp-target=IPV4[,arp-interval=MS][,arp-misses=N]][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -152,6 +174,17 @@ public sealed record NicSpec
                     break;
                 case "failback-delay" when value is not null:
                     spec = spec with { FailbackDelay = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"failback-delay '{value}' is not a whole number of milliseconds")) };
+                    break;
+                case "arp-target" when value is not null:
+                    if (!System.Net.IPAddress.TryParse(value, out var target) || target.AddressFamily != System.Net.Sockets.AddressFamily.InterNetwork || value.Count(c => c == '.') != 3)
+                        throw Fail($"arp-target '{value}' is not an IPv4 address");
+                    spec = spec with { ArpTarget = target };
+                    break;
+                case "arp-interval" when value is not null:
+                    spec = spec with { ArpInterval = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"arp-interval '{value}' is not a whole number of milliseconds")) };
+                    break;
+                case "arp-misses" when value is not null:
+                    spec = spec with { ArpMisses = Number(value) ?? throw Fail($"arp-misses '{value}' is not a whole number") };
                     break;
                 case "limit" or "tx-limit" or "rx-limit" when value is not null:
                     long rate;

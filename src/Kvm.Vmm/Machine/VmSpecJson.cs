@@ -107,6 +107,11 @@ public sealed class NicSpecDocument
     public bool? Failback { get; set; }
     public int? FailbackDelayMs { get; set; }
 
+    /// <summary>An IPv4 address every uplink probes by ARP (absent: the carrier alone), how often (ms) and how many misses take an uplink down.</summary>
+    public string? ArpTarget { get; set; }
+    public int? ArpIntervalMs { get; set; }
+    public int? ArpMisses { get; set; }
+
     /// <summary>Bits per second the guest may send and receive (absent: no limit).</summary>
     public long? TxLimit { get; set; }
     public long? RxLimit { get; set; }
@@ -126,8 +131,15 @@ public sealed class NicSpecDocument
         {
             throw new ArgumentException($"VM spec {source}: nics[{index}].mac: {e.Message}");
         }
+        System.Net.IPAddress? target = null;
+        if (ArpTarget is not null && (!System.Net.IPAddress.TryParse(ArpTarget, out target) ||
+            target.AddressFamily != System.Net.Sockets.AddressFamily.InterNetwork || ArpTarget.Count(c => c == '.') != 3))
+            throw new ArgumentException($"VM spec {source}: nics[{index}].arpTarget: '{ArpTarget}' is not an IPv4 address");
         return d with
         {
+            ArpTarget = target,
+            ArpInterval = ArpIntervalMs is { } interval ? TimeSpan.FromMilliseconds(interval) : d.ArpInterval,
+            ArpMisses = ArpMisses ?? d.ArpMisses,
             Mac = mac,
             Queues = Queues ?? d.Queues,
             Offloads = Offloads ?? d.Offloads,
@@ -159,6 +171,9 @@ public sealed class NicSpecDocument
         RxLimit = n.RxLimit,
         Dos = n.Dos is null ? null : DosDocument.From(n.Dos),
         FailbackDelayMs = (int)n.FailbackDelay.TotalMilliseconds,
+        ArpTarget = n.ArpTarget?.ToString(),
+        ArpIntervalMs = n.ArpTarget is null ? null : (int)n.ArpInterval.TotalMilliseconds,
+        ArpMisses = n.ArpTarget is null ? null : n.ArpMisses,
     };
 }
 
