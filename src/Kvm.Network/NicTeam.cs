@@ -209,8 +209,8 @@ public sealed class NicTeam : INetBackend
             int got;
             while ((got = _uplinks[u].Receive(pair, buffer)) > 0)
             {
-                if (IsProbeFrame(buffer[..got]))
-                    continue;                           // a probe's answer, or another uplink's probe
+                if (IsProbeFrame(buffer[..got]) || IsEcho(buffer[..got]))
+                    continue;                           // a probe's answer or another uplink's probe; the VM's own frame
                 if (!Accepts(u, buffer[..got]))
                 {
                     _counters[u].RxOnBackup();
@@ -223,6 +223,14 @@ public sealed class NicTeam : INetBackend
         }
         return 0;
     }
+
+    /// <summary>
+    /// Whether a frame (header first) is one of the VM's own coming back: sent out of one uplink
+    /// and flooded back into another by switches that do not treat the uplinks as one link
+    /// aggregation (a broadcast with flow-hash or vm-port). The guest must not see itself.
+    /// </summary>
+    private bool IsEcho(ReadOnlySpan<byte> packet) =>
+        packet.Length >= VirtioNetHeader.Size + 12 && MacAddress.FromBytes(packet.Slice(VirtioNetHeader.Size + 6, 6)) == _mac;
 
     /// <summary>Whether a frame (header first) comes from or goes to one of the team's probe addresses.</summary>
     private bool IsProbeFrame(ReadOnlySpan<byte> packet)

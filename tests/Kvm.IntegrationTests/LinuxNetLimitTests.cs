@@ -62,12 +62,7 @@ public class LinuxNetLimitTests(ITestOutputHelper output)
         using var net = NetTopology.Create();
         string bridge = net.AddBridge();
         var peer = net.AddPeer(bridge, Peer + "/24");
-        var server = TestEnvironment.StartRedirected("ip", ["netns", "exec", peer.Namespace, "iperf3", "-s", "-p", "5201", "--forceflush"]);
-        server.StandardInput.Close();
-        net.Track(server);
-        string? line;
-        while ((line = server.StandardOutput.ReadLine()) is not null && !line.Contains("Server listening", StringComparison.Ordinal)) { }
-        Assert.NotNull(line);
+        peer.StartIperfServer();
 
         const long limit = 10_000_000;
         var nic = new NicSpec { RxLimit = limit, Uplinks = [new UplinkSpec { Tap = net.Prefix + "t0", Bridge = bridge }] };

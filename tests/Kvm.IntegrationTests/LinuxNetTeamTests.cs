@@ -45,6 +45,9 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
             Mac = MacAddress.Random(), Policy = TeamPolicy.ActiveBackup, FailbackDelay = TimeSpan.FromSeconds(1),
             Uplinks = [new UplinkSpec { Tap = tapA, Bridge = a }, new UplinkSpec { Tap = tapB, Bridge = b }],
             ArpTarget = silent ? System.Net.IPAddress.Parse(Peer) : null, ArpInterval = TimeSpan.FromMilliseconds(50), ArpMisses = 4,
+            // At most 40 Mbit/s, so the stream lasts 10 s or more however fast the host: the
+            // failback, a second after A returns, comes while it still runs.
+            TxLimit = 40_000_000,
         };
         var spec = LinuxNetGuest.Spec(Guest, Peer, $"ping:{Peer},tcpput:{Peer}:{Port}:{bytes}", nic);
         var serial = new SerialCapture();
@@ -71,8 +74,11 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
             net.StopDropping(tapA);
         else
             net.SetLinkUp(tapA);
-        // The uplink's bridge port comes back in forwarding state; the team fails back a second after.
-        while (Got() is >= 0 and < (32 << 20)) { }
+        // The uplink's bridge port comes back in forwarding state; the team fails back a second
+        // after, and the stream goes on over A.
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), TimeSpan.FromSeconds(60)), "no failback to A");
+        long at = Got();
+        while (Got() is var n && n >= 0 && n < Math.Min(at + (4 << 20), 44 << 20)) { }
         var after = team.Status();
         var done = LinuxNetGuest.Done(receiver);
         var reason = run.WaitAsync(Timeout).GetAwaiter().GetResult();
@@ -92,5 +98,47 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
             Assert.Contains(changes, c => !c.Up && c.Reason == (silent ? "probes unanswered" : "link down") && c.Active.SequenceEqual(["tap " + tapB]));
             Assert.Contains(changes, c => c.Reason == "failback" && c.Active.SequenceEqual(["tap " + tapA]));
         }
+    }
+
+    /// <summary>
+    /// Load distribution: with flow-hash, 16 TCP streams from the guest (iperf3 -P 16) go out of
+    /// both uplinks, each stream on one, so both carry a share (all 16 on one uplink by chance:
+    /// 1 in 32768). The switches see the VM's MAC on both ports, as without a link aggregation.
+    /// </summary>
+    [SkippableFact]
+    public void ManyFlowsUseBothUplinksWithFlowHash()
+    {
+        using var net = NetTopology.Create();
+        string a = net.AddBridge(), b = net.AddBridge();
+        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
+        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
+        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
+        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        var peer = net.AddPeer(a, Peer + "/24");
+        peer.StartIperfServer();
+
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var nic = new NicSpec
+        {
+            Policy = TeamPolicy.FlowHash,
+            Uplinks = [new UplinkSpec { Tap = tapA, Bridge = a }, new UplinkSpec { Tap = tapB, Bridge = b }],
+        };
+        var spec = LinuxNetGuest.Spec(Guest, Peer, $"iperf:{Peer}:5:send:16", nic);
+        var serial = new SerialCapture();
+        IReadOnlyList<UplinkStatus> status;
+        VmStopReason reason;
+        using (var vm = VirtualMachine.Create(spec, serial.Write))
+        {
+            using var cancel = new CancellationTokenSource(Timeout);
+            reason = vm.Run(cancel.Token);
+            status = ((NicTeam)((VirtioNet)vm.Nics.Single().Device).Backend).Status();
+        }
+        string console = serial.Text.Replace("\r", "");
+        Assert.True(reason == new DebugExitStop(0), $"the guest's verdict: {reason.Describe()}; console:\n{console}");
+        string result = Assert.Single(LinuxNetGuest.GuestLines(console), l => l.StartsWith("iperf send ", StringComparison.Ordinal));
+        long total = status.Sum(u => u.TxBytes);
+        output.WriteLine($"{result}; " + string.Join("; ", status.Select(u => $"{u.Name}: sent {u.TxPackets} frames, {u.TxBytes} bytes ({100.0 * u.TxBytes / total:0.0}%)")));
+        Assert.All(status, u => Assert.True(u.Active && u.Up, $"{u.Name} is not up and active"));
+        Assert.All(status, u => Assert.True(u.TxBytes > total / 50, $"{u.Name} carried {u.TxBytes} of {total} bytes: the flows did not spread"));
     }
 }

@@ -339,6 +339,27 @@ public sealed class NetPeer
         TestEnvironment.RunProcess("ip", ["netns", "exec", Namespace, .. command], timeout);
 
     /// <summary>
+    /// Starts `iperf3 -s` on <paramref name="port"/> in the namespace (for a guest's `iperf` check);
+    /// returns it once it listens, its standard output open for the lines it prints after
+    /// "Server listening". --forceflush: into a pipe iperf3 would hold its lines back.
+    /// </summary>
+    public Process StartIperfServer(int port = 5201)
+    {
+        var server = TestEnvironment.StartRedirected("ip", ["netns", "exec", Namespace, "iperf3", "-s", "-p", port.ToString(CultureInfo.InvariantCulture), "--forceflush"]);
+        server.StandardInput.Close();
+        _topology.Track(server);
+        var listening = Task.Run(() =>
+        {
+            string? line;
+            while ((line = server.StandardOutput.ReadLine()) is not null && !line.Contains("Server listening", StringComparison.Ordinal)) { }
+            return line is not null;
+        });
+        if (!listening.Wait(StartTimeout) || !listening.Result)
+            throw new InvalidOperationException($"iperf3 -s -p {port} in {Namespace} did not start listening: {server.StandardError.ReadToEnd()}");
+        return server;
+    }
+
+    /// <summary>
     /// Starts a TCP server on <paramref name="port"/> in the namespace that sends
     /// <paramref name="bytes"/> random bytes to its first client, then closes its sending side,
     /// waits for the client to close and ends. Returns once it listens.

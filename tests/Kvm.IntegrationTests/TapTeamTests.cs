@@ -97,6 +97,41 @@ public class TapTeamTests
         Assert.Equal(1, team.NoUplinkDrops);
     }
     /// <summary>
+    /// With flow-hash, the VM's broadcasts leave by several uplinks and a bridge floods each one
+    /// back into the others: none of them reaches the VM again.
+    /// </summary>
+    [SkippableFact]
+    public void TheVmsOwnFramesFloodedBackIntoTheTeamAreNotDelivered()
+    {
+        using var net = NetTopology.Create();
+        string bridge = net.AddBridge();
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var mac = MacAddress.Random();
+        using var team = new NicTeam([TapBackend.Open(tapA, 1, bridge), TapBackend.Open(tapB, 1, bridge)],
+            new TeamOptions { Policy = TeamPolicy.FlowHash }, mac);
+        long a0 = HostReceived(tapA), b0 = HostReceived(tapB);
+        for (int i = 0; i < 32; i++)
+        {
+            // A UDP broadcast from 10.0.0.i: flows differ by source address.
+            var packet = Frame(mac);
+            var frame = packet.AsSpan(VirtioNetHeader.Size);
+            BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x0800);
+            frame[14] = 0x45;
+            frame[23] = 17;
+            frame[26..30].Fill(10);
+            frame[29] = (byte)(i + 1);
+            frame[30..34].Fill(255);
+            Assert.True(team.Send(0, packet));
+        }
+        Assert.True(HostReceived(tapA) > a0 && HostReceived(tapB) > b0, "the flows did not use both uplinks");
+        Thread.Sleep(200);
+        var buffer = new byte[VirtioNetHeader.MaxPacket];
+        int n;
+        while ((n = team.Receive(0, buffer)) > 0)
+            Assert.NotEqual(mac, MacAddress.FromBytes(buffer.AsSpan(VirtioNetHeader.Size + 6, 6)));
+    }
+
+    /// <summary>
     /// ARP probes find what the carrier does not: uplink A's bridge port stops forwarding (its tap
     /// stays up), A's probes to the peer go unanswered, the traffic moves to B (two switches joined
     /// by a trunk, the peer on the first) and back once A's probes are answered again. The answers
