@@ -276,6 +276,10 @@ public static class ControlCommands
         {
             Console.WriteLine($"{n.Id}: {n.Mac}, {n.ActivePairs} of {n.QueuePairs} queue pairs in use" +
                               (n.Policy is null ? "" : $", team {n.Policy}, {n.Failovers} failovers"));
+            if (n.TxRate is not null || n.RxRate is not null)
+                Console.WriteLine($"  rate now: sending {(n.TxRate is { } t ? $"{t / 1e6:0.###} Mbit/s" : "unlimited")}, receiving " +
+                                  $"{(n.RxRate is { } r ? $"{r / 1e6:0.###} Mbit/s" : "unlimited")}" +
+                                  (n.BandwidthGroup is null ? "" : $" (bandwidth group {n.BandwidthGroup}, {n.BandwidthMembers} members)"));
             Console.WriteLine($"  received {n.RxPackets} frames ({n.RxBytes} bytes), filtered {n.RxFiltered}, dropped {n.RxDropped}");
             Console.WriteLine($"  sent {n.TxPackets} frames ({n.TxBytes} bytes); dropped: spoofed source {n.TxSpoofed}, too long {n.TxTooLong}, " +
                               $"malformed {n.TxMalformed}, refused by the uplink {n.TxBackendDropped}");

@@ -19,4 +19,7 @@ internal static partial class DeviceLog
 
     [LoggerMessage(EventId = 2004, Level = LogLevel.Error, Message = "{Device}: queue {Queue} worker failed")]
     public static partial void WorkerFailed(ILogger logger, string device, int queue, Exception exception);
+
+    [LoggerMessage(EventId = 2005, Level = LogLevel.Warning, Message = "{Device}: cannot update its bandwidth group, keeping its rates: {Problem}")]
+    public static partial void BandwidthGroupFailed(ILogger logger, string device, string problem);
 }

@@ -11,24 +11,55 @@ namespace Kvm.Network;
 public sealed class TokenBucket
 {
     private readonly object _lock = new();
+    private readonly TimeSpan _burstTime;
     private double _tokens;
     private long _last;
+    private long _passed, _held;
 
     public TokenBucket(long bitsPerSecond, TimeSpan? burst = null)
+    {
+        _burstTime = burst ?? TimeSpan.FromMilliseconds(5);
+        SetRateLocked(bitsPerSecond);
+        _tokens = Burst;
+        _last = Stopwatch.GetTimestamp();
+    }
+
+    public double BytesPerSecond { get; private set; }
+
+    public double Burst { get; private set; }
+
+    /// <summary>Bytes that went through the bucket (taken or charged) since it was made.</summary>
+    public long Passed => Interlocked.Read(ref _passed);
+
+    /// <summary>How many times a frame found the bucket in debt (its sender was held back).</summary>
+    public long Held => Interlocked.Read(ref _held);
+
+    /// <summary>Changes the rate from now on (a bandwidth group's new share); tokens already in the bucket stay, up to the new burst.</summary>
+    public void SetRate(long bitsPerSecond)
+    {
+        lock (_lock)
+        {
+            Refill(Stopwatch.GetTimestamp());
+            SetRateLocked(bitsPerSecond);
+            _tokens = Math.Min(_tokens, Burst);
+        }
+    }
+
+    private void SetRateLocked(long bitsPerSecond)
     {
         if (bitsPerSecond <= 0)
             throw new ArgumentOutOfRangeException(nameof(bitsPerSecond), bitsPerSecond, "a rate limit must be positive");
         BytesPerSecond = bitsPerSecond / 8.0;
         // A few milliseconds' worth, at least one largest frame: enough to keep a link busy, too
         // little to let a sender through far above its rate.
-        Burst = Math.Max(BytesPerSecond * (burst ?? TimeSpan.FromMilliseconds(5)).TotalSeconds, VirtioNetHeader.MaxPacket);
-        _tokens = Burst;
-        _last = Stopwatch.GetTimestamp();
+        Burst = Math.Max(BytesPerSecond * _burstTime.TotalSeconds, VirtioNetHeader.MaxPacket);
     }
 
-    public double BytesPerSecond { get; }
-
-    public double Burst { get; }
+    private void Refill(long now)
+    {
+        _tokens = Math.Min(Burst, _tokens + (now - _last) * BytesPerSecond / Stopwatch.Frequency);
+        _last = now;
+    }
 
     /// <summary>
     /// Takes <paramref name="bytes"/> if the bucket is not in debt and returns zero; otherwise
@@ -38,12 +69,11 @@ public sealed class TokenBucket
     {
         lock (_lock)
         {
-            long now = Stopwatch.GetTimestamp();
-            _tokens = Math.Min(Burst, _tokens + (now - _last) * BytesPerSecond / Stopwatch.Frequency);
-            _last = now;
+            Refill(Stopwatch.GetTimestamp());
             if (_tokens < 0)
                 return TimeSpan.FromSeconds(-_tokens / BytesPerSecond);
             _tokens -= bytes;
+            Interlocked.Add(ref _passed, bytes);
             return TimeSpan.Zero;
         }
     }
@@ -56,9 +86,9 @@ public sealed class TokenBucket
     {
         lock (_lock)
         {
-            long now = Stopwatch.GetTimestamp();
-            _tokens = Math.Min(Burst, _tokens + (now - _last) * BytesPerSecond / Stopwatch.Frequency) - bytes;
-            _last = now;
+            Refill(Stopwatch.GetTimestamp());
+            _tokens -= bytes;
+            Interlocked.Add(ref _passed, bytes);
         }
     }
 
@@ -66,8 +96,14 @@ public sealed class TokenBucket
     public void Take(int bytes)
     {
         TimeSpan wait;
+        bool held = false;
         while ((wait = TryTake(bytes)) > TimeSpan.Zero)
+        {
+            if (!held)
+                Interlocked.Increment(ref _held);
+            held = true;
             Sleep(wait);
+        }
     }
 
     /// <summary>Waits (sleeping) once until the bucket is out of debt, taking nothing (the caller charges what then goes).</summary>
@@ -75,7 +111,10 @@ public sealed class TokenBucket
     {
         var wait = TryTake(0);
         if (wait > TimeSpan.Zero)
+        {
+            Interlocked.Increment(ref _held);
             Sleep(wait);
+        }
     }
 
     private static void Sleep(TimeSpan wait) => Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);

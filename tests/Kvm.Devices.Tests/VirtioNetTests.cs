@@ -279,6 +279,39 @@ public sealed class VirtioNetTests
         Assert.True(rig.Queues[1].UsedIdx >= 1 && sent < 12, $"used {rig.Queues[1].UsedIdx}, sent {sent} of 12 when the driver heard");
     }
 
+    /// <summary>
+    /// Two NICs in one bandwidth group (one file, as two VMMs would share it) take their rates from
+    /// it by their shares (sending, b is held to its limit and a has the rest), and the one left
+    /// takes the whole uplink when the other goes.
+    /// </summary>
+    [Fact]
+    public void NicsInABandwidthGroupTakeTheirSharesAsRates()
+    {
+        string dir = Directory.CreateTempSubdirectory("kvm-bwg-").FullName;
+        try
+        {
+            var group = new BandwidthGroupOptions { Group = Path.Combine(dir, "g"), Capacity = 20_000_000 };
+            using var a = NetRig.Create(NetRig.DefaultOptions with { Bandwidth = group with { Shares = 1 } }, name: "bwa");
+            var b = NetRig.Create(NetRig.DefaultOptions with { Mac = Eth.OtherMac, Bandwidth = group with { Shares = 3 }, TxLimit = 12_000_000 }, name: "bwb");
+            bool Near(long? rate, long expected) => rate is { } r && Math.Abs(r - expected) <= 8;
+            try
+            {
+                Assert.True(Wait.Until(() => Near(a.Net.TxRate, 8_000_000) && Near(b.Net.TxRate, 12_000_000) && Near(a.Net.RxRate, 5_000_000) &&
+                    Near(b.Net.RxRate, 15_000_000)), $"rates a {a.Net.TxRate}/{a.Net.RxRate}, b {b.Net.TxRate}/{b.Net.RxRate}");
+                Assert.Equal(2, a.Net.Bandwidth!.Members.Count);
+            }
+            finally
+            {
+                b.Dispose();
+            }
+            Assert.True(Wait.Until(() => Near(a.Net.TxRate, 20_000_000)), $"a's rate {a.Net.TxRate} after b left");
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
     // ------------------------------------------------------------------ receive
 
     [Theory]

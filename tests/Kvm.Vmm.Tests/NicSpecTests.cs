@@ -54,6 +54,21 @@ public class NicSpecTests
     }
 
     [Fact]
+    public void ABandwidthGroupIsReadWithSharesAndReservationsAndKeptInJson()
+    {
+        var n = NicSpec.Parse("tap=a,group=uplink0,group-rate=1G,shares=300,reserve=10M,rx-reserve=20M");
+        var b = n.Bandwidth!;
+        Assert.Equal(("uplink0", 1_000_000_000L, 300, 10_000_000L, 20_000_000L), (b.Group, b.Capacity, b.Shares, b.TxReservation, b.RxReservation));
+        Assert.Equal(b, n.ToOptions().Bandwidth);
+        var back = VmSpecJsonContext.Parse(VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }), "bw.json").Nics[0];
+        Assert.Equal(b, back.Bandwidth);
+        Assert.Equal(BandwidthClaim.DefaultShares, NicSpec.Parse("tap=a,group=/run/x/g,group-rate=10M").Bandwidth!.Shares);
+        Assert.Null(NicSpec.Parse("tap=a").Bandwidth);
+        var e = Assert.Throws<ArgumentException>(() => VmSpecJsonContext.Parse("""{ "kernel": "k", "nics": [ { "uplinks": [ { "tap": "a" } ], "bandwidth": { "group": "g" } } ] }""", "n.json"));
+        Assert.Contains("nics[0].bandwidth: the field 'rate' is required", e.Message);
+    }
+
+    [Fact]
     public void ArpProbesAreReadAndKeptInJson()
     {
         var n = NicSpec.Parse("tap=a,tap=b,arp-target=10.0.0.1,arp-interval=50,arp-misses=4");
@@ -114,6 +129,12 @@ public class NicSpecTests
     [InlineData("tap=a,tap=b,arp-target=10.0.0.1,arp-interval=5", "ARP interval 5 ms is outside 10 ms to 60 s")]
     [InlineData("tap=a,tap=b,arp-target=10.0.0.1,arp-misses=0", "ARP misses 0 is outside 1 to 100")]
     [InlineData("tap=a,tap=b,arp-misses=x", "arp-misses 'x' is not a whole number")]
+    [InlineData("tap=a,shares=3", "shares and reservations need a bandwidth group and its rate (group=NAME,group-rate=RATE)")]
+    [InlineData("tap=a,group=g", "need a bandwidth group and its rate")]
+    [InlineData("tap=a,group=g,group-rate=10M,shares=0", "shares 0 is outside 1 to 100000")]
+    [InlineData("tap=a,group=g,group-rate=10M,reserve=20M", "is outside 0 to the group's capacity")]
+    [InlineData("tap=a,group=a b,group-rate=10M", "is neither a name")]
+    [InlineData("tap=a,group=g,group-rate=fast", "group-rate: 'fast' is not a rate")]
     [InlineData("tap=a,limit=fast", "limit: 'fast' is not a rate")]
     [InlineData("tap=a,tx-limit=0", "tx-limit: '0' is not a rate")]
     [InlineData("tap=a,mac=52:54:00:12:34", "not a MAC address")]

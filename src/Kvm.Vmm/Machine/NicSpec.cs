@@ -42,6 +42,9 @@ public sealed record NicSpec
     /// <summary>Denial-of-service detection on this NIC's traffic, and what it does (null: none).</summary>
     public DosRules? Dos { get; init; }
 
+    /// <summary>The bandwidth group whose uplink this NIC shares with other VMs' NICs, by shares and reservations (null: none).</summary>
+    public BandwidthGroupOptions? Bandwidth { get; init; }
+
     public IReadOnlyList<UplinkSpec> Uplinks { get; init; } = [];
 
     /// <summary>With several uplinks: how the VMM spreads the VM's frames over them.</summary>
@@ -84,12 +87,14 @@ public sealed record NicSpec
     public VirtioNetOptions ToOptions() => new()
     {
         Mac = Mac, QueuePairs = Queues, Offloads = Offloads, AllowSpoofing = AllowSpoofing, Mtu = Mtu,
-        TxLimit = TxLimit, RxLimit = RxLimit, Dos = Dos,
+        TxLimit = TxLimit, RxLimit = RxLimit, Dos = Dos, Bandwidth = Bandwidth,
     };
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the NIC and what is wrong with it.</summary>
     public void Validate()
     {
+        if (Bandwidth is { } b && (b.Group.Length == 0 || b.Capacity == 0))
+            throw new ArgumentException($"nic {Mac}: shares and reservations need a bandwidth group and its rate (group=NAME,group-rate=RATE)");
         try
         {
             ToOptions().Validate();
@@ -127,7 +132,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,arp-target=IPV4[,arp-interval=MS][,arp-misses=N]][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,arp-target=IPV4[,arp-interval=MS][,arp-misses=N]][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,group=NAME,group-rate=RATE[,shares=N][,reserve=RATE][,tx-reserve=RATE][,rx-reserve=RATE]][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -185,6 +190,40 @@ public sealed record NicSpec
                     break;
                 case "arp-misses" when value is not null:
                     spec = spec with { ArpMisses = Number(value) ?? throw Fail($"arp-misses '{value}' is not a whole number") };
+                    break;
+                case "group" when value is not null:
+                    spec = spec with { Bandwidth = (spec.Bandwidth ?? new BandwidthGroupOptions { Group = value, Capacity = 0 }) with { Group = value } };
+                    break;
+                case "group-rate" or "reserve" or "tx-reserve" or "rx-reserve" when value is not null:
+                    long groupRate;
+                    try
+                    {
+                        groupRate = TokenBucket.ParseRate(value);
+                    }
+                    catch (FormatException e)
+                    {
+                        throw Fail($"{key}: {e.Message}");
+                    }
+                    var group = spec.Bandwidth ?? new BandwidthGroupOptions { Group = "", Capacity = 0 };
+                    spec = spec with
+                    {
+                        Bandwidth = key switch
+                        {
+                            "group-rate" => group with { Capacity = groupRate },
+                            "reserve" => group with { TxReservation = groupRate, RxReservation = groupRate },
+                            "tx-reserve" => group with { TxReservation = groupRate },
+                            _ => group with { RxReservation = groupRate },
+                        },
+                    };
+                    break;
+                case "shares" when value is not null:
+                    spec = spec with
+                    {
+                        Bandwidth = (spec.Bandwidth ?? new BandwidthGroupOptions { Group = "", Capacity = 0 }) with
+                        {
+                            Shares = Number(value) ?? throw Fail($"shares '{value}' is not a whole number"),
+                        },
+                    };
                     break;
                 case "limit" or "tx-limit" or "rx-limit" when value is not null:
                     long rate;

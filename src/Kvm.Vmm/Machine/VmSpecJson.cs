@@ -119,6 +119,9 @@ public sealed class NicSpecDocument
     /// <summary>Denial-of-service detection (absent: none).</summary>
     public DosDocument? Dos { get; set; }
 
+    /// <summary>The bandwidth group this NIC shares an uplink in (absent: none).</summary>
+    public BandwidthDocument? Bandwidth { get; set; }
+
     public NicSpec ToSpec(string source, int index)
     {
         var d = new NicSpec();
@@ -151,6 +154,7 @@ public sealed class NicSpecDocument
             TxLimit = TxLimit ?? d.TxLimit,
             RxLimit = RxLimit ?? d.RxLimit,
             Dos = Dos?.ToRules(source, index),
+            Bandwidth = Bandwidth?.ToOptions(source, index),
             FailbackDelay = FailbackDelayMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.FailbackDelay,
             Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
                 ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
@@ -170,10 +174,35 @@ public sealed class NicSpecDocument
         TxLimit = n.TxLimit,
         RxLimit = n.RxLimit,
         Dos = n.Dos is null ? null : DosDocument.From(n.Dos),
+        Bandwidth = n.Bandwidth is null ? null : BandwidthDocument.From(n.Bandwidth),
         FailbackDelayMs = (int)n.FailbackDelay.TotalMilliseconds,
         ArpTarget = n.ArpTarget?.ToString(),
         ArpIntervalMs = n.ArpTarget is null ? null : (int)n.ArpInterval.TotalMilliseconds,
         ArpMisses = n.ArpTarget is null ? null : n.ArpMisses,
+    };
+}
+
+/// <summary>The JSON form of <see cref="Kvm.Network.BandwidthGroupOptions"/>: the group (a name or a path), its rate, this NIC's shares and reservations (bit/s).</summary>
+public sealed class BandwidthDocument
+{
+    public string? Group { get; set; }
+    public long? Rate { get; set; }
+    public int? Shares { get; set; }
+    public long? TxReservation { get; set; }
+    public long? RxReservation { get; set; }
+
+    public Kvm.Network.BandwidthGroupOptions ToOptions(string source, int index) => new()
+    {
+        Group = Group ?? throw new ArgumentException($"VM spec {source}: nics[{index}].bandwidth: the field 'group' is required"),
+        Capacity = Rate ?? throw new ArgumentException($"VM spec {source}: nics[{index}].bandwidth: the field 'rate' is required"),
+        Shares = Shares ?? Kvm.Network.BandwidthClaim.DefaultShares,
+        TxReservation = TxReservation ?? 0,
+        RxReservation = RxReservation ?? 0,
+    };
+
+    public static BandwidthDocument From(Kvm.Network.BandwidthGroupOptions o) => new()
+    {
+        Group = o.Group, Rate = o.Capacity, Shares = o.Shares, TxReservation = o.TxReservation, RxReservation = o.RxReservation,
     };
 }
 

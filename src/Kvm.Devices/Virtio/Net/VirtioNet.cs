@@ -68,6 +68,54 @@ public sealed class VirtioNet : IVirtioDevice
     private readonly TokenBucket? _txLimit, _rxLimit;
     private readonly TrafficMonitor? _monitor;
     private volatile TokenBucket? _dosTx, _dosRx;     // a DoS rule's limit while it fires (DosAction.Limit)
+    private readonly BandwidthGroup? _group;
+    private readonly Thread? _groupThread;
+    private readonly ManualResetEventSlim _stopGroup = new();
+
+    /// <summary>How often a NIC in a bandwidth group publishes its use and takes its new rates.</summary>
+    public static readonly TimeSpan BandwidthPeriod = TimeSpan.FromMilliseconds(100);
+
+    /// <summary>The bandwidth group this NIC is in, if any (its members and this NIC's rates).</summary>
+    public BandwidthGroup? Bandwidth => _group;
+
+    /// <summary>The rate the guest may send at now, in bits per second (its limit, or its bandwidth group's share); null: no limit.</summary>
+    public long? TxRate => _txLimit is { } b ? (long)(b.BytesPerSecond * 8) : null;
+
+    /// <summary>The rate the guest may receive at now; null: no limit.</summary>
+    public long? RxRate => _rxLimit is { } b ? (long)(b.BytesPerSecond * 8) : null;
+
+    /// <summary>
+    /// Every period: what went through each bucket (bits per second) and whether it held the
+    /// guest back go to the group; the group's answer becomes the buckets' rates. A failing
+    /// update (the group's file unreadable) keeps the last rates and is logged once.
+    /// </summary>
+    private void UpdateBandwidth()
+    {
+        long txPassed = _txLimit!.Passed, rxPassed = _rxLimit!.Passed, txHeld = _txLimit.Held, rxHeld = _rxLimit.Held;
+        long last = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool failed = false;
+        while (!_stopGroup.Wait(BandwidthPeriod))
+        {
+            long now = System.Diagnostics.Stopwatch.GetTimestamp();
+            double seconds = Math.Max(1e-3, (now - last) / (double)System.Diagnostics.Stopwatch.Frequency);
+            last = now;
+            long tp = _txLimit.Passed, rp = _rxLimit.Passed, th = _txLimit.Held, rh = _rxLimit.Held;
+            try
+            {
+                var (tx, rx) = _group!.Update((long)((tp - txPassed) * 8 / seconds), th != txHeld, (long)((rp - rxPassed) * 8 / seconds), rh != rxHeld);
+                _txLimit.SetRate(tx);
+                _rxLimit.SetRate(rx);
+                failed = false;
+            }
+            catch (Exception e) when (e is IOException or InvalidDataException or UnauthorizedAccessException)
+            {
+                if (!failed)
+                    DeviceLog.BandwidthGroupFailed(_log, Name, e.Message);
+                failed = true;
+            }
+            (txPassed, rxPassed, txHeld, rxHeld) = (tp, rp, th, rh);
+        }
+    }
 
     public VirtioNet(string name, INetBackend backend, VirtioNetOptions options, ILogger? logger = null)
     {
@@ -79,8 +127,20 @@ public sealed class VirtioNet : IVirtioDevice
         _options = options;
         _log = logger ?? NullLogger.Instance;
         _mac = options.Mac;
-        _txLimit = options.TxLimit is { } tx ? new TokenBucket(tx) : null;
-        _rxLimit = options.RxLimit is { } rx ? new TokenBucket(rx) : null;
+        if (options.Bandwidth is { } bandwidth)
+        {
+            // In a group the buckets always run, at the rates the group gives (within the limits).
+            _group = new BandwidthGroup(bandwidth, options.Mac.ToString(), options.TxLimit, options.RxLimit);
+            _txLimit = new TokenBucket(_group.Rates.Tx);
+            _rxLimit = new TokenBucket(_group.Rates.Rx);
+            _groupThread = new Thread(UpdateBandwidth) { IsBackground = true, Name = name + " bandwidth" };
+            _groupThread.Start();
+        }
+        else
+        {
+            _txLimit = options.TxLimit is { } tx ? new TokenBucket(tx) : null;
+            _rxLimit = options.RxLimit is { } rx ? new TokenBucket(rx) : null;
+        }
         if (options.Dos is { } rules)
         {
             _monitor = new TrafficMonitor(rules);
@@ -572,6 +632,9 @@ public sealed class VirtioNet : IVirtioDevice
     public void Dispose()
     {
         _monitor?.Dispose();
+        _stopGroup.Set();
+        _groupThread?.Join();
+        _group?.Dispose();
         _backend.Dispose();
     }
 

@@ -31,6 +31,9 @@ public sealed record VirtioNetOptions
     /// <summary>Denial-of-service detection on this NIC's traffic (null: none).</summary>
     public DosRules? Dos { get; init; }
 
+    /// <summary>The bandwidth group this NIC shares an uplink with, and its shares and reservations there (null: none).</summary>
+    public BandwidthGroupOptions? Bandwidth { get; init; }
+
     public const int MaxQueuePairs = 16;
     public const int MinMtu = 68, MaxMtu = 65535 - 18;
 
@@ -48,6 +51,7 @@ public sealed record VirtioNetOptions
         if (TxLimit is <= 0 || RxLimit is <= 0)
             throw new ArgumentException($"a rate limit must be positive (tx {TxLimit}, rx {RxLimit} bit/s)");
         Dos?.Validate();
+        Bandwidth?.Validate();
         if (Mtu < MinMtu || Mtu > MaxMtu)
             throw new ArgumentException($"mtu {Mtu} is out of range ({MinMtu} to {MaxMtu})");
     }
