@@ -434,19 +434,8 @@ public sealed class NicTeam : INetBackend
     private void SendProbe(int u)
     {
         Span<byte> packet = stackalloc byte[VirtioNetHeader.Size + 60];
-        packet.Clear();
-        var frame = packet[VirtioNetHeader.Size..];
-        var mac = _probeMacs[u];
-        MacAddress.Broadcast.CopyTo(frame);
-        mac.CopyTo(frame[6..]);
-        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x0806);         // ARP
-        BinaryPrimitives.WriteUInt16BigEndian(frame[14..], 1);              // hardware: Ethernet
-        BinaryPrimitives.WriteUInt16BigEndian(frame[16..], 0x0800);         // protocol: IPv4
-        frame[18] = 6;
-        frame[19] = 4;
-        BinaryPrimitives.WriteUInt16BigEndian(frame[20..], 1);              // request
-        mac.CopyTo(frame[22..]);                                            // sender MAC; sender IP 0
-        BinaryPrimitives.WriteUInt32BigEndian(frame[38..], _arpTarget);     // target IP
+        var frame = ArpBroadcast(packet, 0x0806, operation: 1, _probeMacs[u]);    // ARP request; sender IP 0
+        BinaryPrimitives.WriteUInt32BigEndian(frame[38..], _arpTarget);         // target IP
         if (_uplinks[u].Send(0, packet))
             _counters[u].ProbeSent();
     }
@@ -491,20 +480,31 @@ public sealed class NicTeam : INetBackend
         if (u < 0)
             return;
         Span<byte> packet = stackalloc byte[VirtioNetHeader.Size + 60];
+        var frame = ArpBroadcast(packet, 0x8035, operation: 3, _mac);          // RARP reverse request
+        _mac.CopyTo(frame[32..]);                                               // target MAC
+        if (_uplinks[u].Send(0, packet))
+            _counters[u].Announced();
+    }
+
+    /// <summary>
+    /// Clears <paramref name="packet"/> (a zero virtio-net header and a 60-byte frame) and writes a
+    /// broadcast of <paramref name="etherType"/> (ARP or RARP, for IPv4 over Ethernet) from
+    /// <paramref name="sender"/>, its operation and sender MAC; returns the frame, addresses zero.
+    /// </summary>
+    private static Span<byte> ArpBroadcast(Span<byte> packet, ushort etherType, ushort operation, MacAddress sender)
+    {
         packet.Clear();
         var frame = packet[VirtioNetHeader.Size..];
         MacAddress.Broadcast.CopyTo(frame);
-        _mac.CopyTo(frame[6..]);
-        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], 0x8035);         // RARP
+        sender.CopyTo(frame[6..]);
+        BinaryPrimitives.WriteUInt16BigEndian(frame[12..], etherType);
         BinaryPrimitives.WriteUInt16BigEndian(frame[14..], 1);              // hardware: Ethernet
         BinaryPrimitives.WriteUInt16BigEndian(frame[16..], 0x0800);         // protocol: IPv4
         frame[18] = 6;
         frame[19] = 4;
-        BinaryPrimitives.WriteUInt16BigEndian(frame[20..], 3);              // reverse request
-        _mac.CopyTo(frame[22..]);
-        _mac.CopyTo(frame[32..]);
-        if (_uplinks[u].Send(0, packet))
-            _counters[u].Announced();
+        BinaryPrimitives.WriteUInt16BigEndian(frame[20..], operation);
+        sender.CopyTo(frame[22..]);                                         // sender MAC
+        return frame;
     }
 
     public void Dispose()

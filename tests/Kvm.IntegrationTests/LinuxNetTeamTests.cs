@@ -29,11 +29,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
     {
         using var net = NetTopology.Create();
         string a = net.AddBridge(), b = net.AddBridge();
-        // The trunk between the two switches.
-        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
-        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
-        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
-        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        net.AddTrunk(a, b);
         var peer = net.AddPeer(a, Peer + "/24");
 
         var receiver = LinuxNetGuest.StartReceiver(net, peer, Port);
@@ -111,10 +107,7 @@ public class LinuxNetTeamTests(ITestOutputHelper output)
     {
         using var net = NetTopology.Create();
         string a = net.AddBridge(), b = net.AddBridge();
-        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
-        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
-        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
-        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        net.AddTrunk(a, b);
         var peer = net.AddPeer(a, Peer + "/24");
         peer.StartIperfServer();
 

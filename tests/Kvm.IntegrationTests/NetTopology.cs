@@ -66,6 +66,18 @@ public sealed class NetTopology : IDisposable
         return new NetTopology($"kvt{Base36(Environment.ProcessId)}-{Base36(n % (36 * 36)).PadLeft(2, '0')}", TestEnvironment.FindOnPath("python3")!);
     }
 
+    /// <summary>
+    /// Joins bridges <paramref name="a"/> and <paramref name="b"/> by a veth pair, up (two switches
+    /// and the trunk between them); its ends go with the bridges on <see cref="Dispose"/>.
+    /// </summary>
+    public void AddTrunk(string a, string b)
+    {
+        string trunkA = Prefix + "ka", trunkB = Prefix + "kb";
+        Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
+        Ip("link", "set", trunkA, "master", a, "up");
+        Ip("link", "set", trunkB, "master", b, "up");
+    }
+
     /// <summary>A new bridge (STP off, so ports forward at once), up. Returns its name.</summary>
     public string AddBridge()
     {

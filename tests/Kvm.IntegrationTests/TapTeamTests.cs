@@ -142,10 +142,7 @@ public class TapTeamTests
     {
         using var net = NetTopology.Create();
         string a = net.AddBridge(), b = net.AddBridge();
-        string trunkA = net.Prefix + "ka", trunkB = net.Prefix + "kb";
-        NetTopology.Ip("link", "add", trunkA, "type", "veth", "peer", "name", trunkB);
-        NetTopology.Ip("link", "set", trunkA, "master", a, "up");
-        NetTopology.Ip("link", "set", trunkB, "master", b, "up");
+        net.AddTrunk(a, b);
         var peer = net.AddPeer(a, "10.77.6.1/24");
         string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
         var mac = MacAddress.Random();

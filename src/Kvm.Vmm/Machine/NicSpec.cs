@@ -181,9 +181,7 @@ public sealed record NicSpec
                     spec = spec with { FailbackDelay = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"failback-delay '{value}' is not a whole number of milliseconds")) };
                     break;
                 case "arp-target" when value is not null:
-                    if (!System.Net.IPAddress.TryParse(value, out var target) || target.AddressFamily != System.Net.Sockets.AddressFamily.InterNetwork || value.Count(c => c == '.') != 3)
-                        throw Fail($"arp-target '{value}' is not an IPv4 address");
-                    spec = spec with { ArpTarget = target };
+                    spec = spec with { ArpTarget = ParseIPv4(value) ?? throw Fail($"arp-target '{value}' is not an IPv4 address") };
                     break;
                 case "arp-interval" when value is not null:
                     spec = spec with { ArpInterval = TimeSpan.FromMilliseconds(Number(value) ?? throw Fail($"arp-interval '{value}' is not a whole number of milliseconds")) };
@@ -281,6 +279,10 @@ public sealed record NicSpec
         spec.Validate();
         return spec;
     }
+
+    /// <summary>A dotted-quad IPv4 address, or null (IPAddress.TryParse alone takes "10.1" and IPv6).</summary>
+    public static System.Net.IPAddress? ParseIPv4(string s) =>
+        System.Net.IPAddress.TryParse(s, out var a) && a.AddressFamily == System.Net.Sockets.AddressFamily.InterNetwork && s.Count(c => c == '.') == 3 ? a : null;
 
     private static long? Number64(string s) => long.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out long n) ? n : null;
 

@@ -134,10 +134,8 @@ public sealed class NicSpecDocument
         {
             throw new ArgumentException($"VM spec {source}: nics[{index}].mac: {e.Message}");
         }
-        System.Net.IPAddress? target = null;
-        if (ArpTarget is not null && (!System.Net.IPAddress.TryParse(ArpTarget, out target) ||
-            target.AddressFamily != System.Net.Sockets.AddressFamily.InterNetwork || ArpTarget.Count(c => c == '.') != 3))
-            throw new ArgumentException($"VM spec {source}: nics[{index}].arpTarget: '{ArpTarget}' is not an IPv4 address");
+        var target = ArpTarget is null ? null : NicSpec.ParseIPv4(ArpTarget)
+            ?? throw new ArgumentException($"VM spec {source}: nics[{index}].arpTarget: '{ArpTarget}' is not an IPv4 address");
         return d with
         {
             ArpTarget = target,
