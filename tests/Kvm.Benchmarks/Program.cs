@@ -19,7 +19,9 @@ using Kvm.Tests.Shared;
 //         (SnapshotBenchmark.cs, SnapshotBenchmark.Pause.cs).
 //   net: virtio-net, TCP throughput each way (iperf3) and request/response latency between a Linux
 //         guest and a peer namespace over a bridge, vmctl run --net against QEMU q35 virtio-net-pci
-//         on a tap, without and with vhost-net (NetBenchmark.cs; needs root and 'make linux').
+//         on a tap, without and with vhost-net; and the failover gap of a TCP stream when the active
+//         uplink's link goes down, vmctl run's NIC team against QEMU on a Linux bond (active-backup,
+//         miimon 100) over the same two paths (NetBenchmark.cs, NetBenchmark.Failover.cs; needs root and 'make linux').
 // boot, blk, linux, kvmd (all but its 'list' part), snapshot and net need /dev/kvm; where the machine has none,
 // `make bench` runs them inside one nested KVM host (tests/kvm-host/kvm-host). Each prints where it
 // measured.

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Globalization;
 using Kvm.Tests.Shared;
 using Kvm.Vmm.Machine;
 
@@ -35,39 +34,22 @@ internal static class LinuxNetGuest
         };
     }
 
-    // Receives one client until it closes; prints "got N" every MiB and "done N SHA256 GAP_MS RATE"
-    // (the longest time between two reads, the outage a failover caused; the rate in bit/s from
-    // the first MiB to the end, past TCP's slow start).
-    private const string Receiver = """
-        import hashlib, socket, sys, time
-        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("", int(sys.argv[1]))); s.listen(1); print("listening", flush=True)
-        c, _ = s.accept(); h = hashlib.sha256(); n = 0; mark = 1 << 20; last = time.monotonic(); gap = 0.0; t1 = None; n1 = 0
-        while True:
-            d = c.recv(65536)
-            now = time.monotonic()
-            if not d: break
-            if n > 0: gap = max(gap, now - last)
-            last = now; h.update(d); n += len(d)
-            if t1 is None and n >= 1 << 20: t1 = now; n1 = n
-            if n >= mark:
-                print("got", n, flush=True); mark += 1 << 20
-        rate = int((n - n1) * 8 / (last - t1)) if t1 is not None and last > t1 else 0
-        print("done", n, h.hexdigest(), int(gap * 1000), rate, flush=True)
-        """;
-
-    /// <summary>Starts the receiver on <paramref name="port"/> in <paramref name="peer"/>'s namespace; returns once it listens.</summary>
+    /// <summary>
+    /// Starts the <see cref="StreamReceiver"/> on <paramref name="port"/> in <paramref name="peer"/>'s
+    /// namespace; returns once it listens. It prints "got N" every MiB and at the end
+    /// "done N SHA256 GAP_MS RATE GAP_END" (the longest silence between two reads is the outage a
+    /// failover caused).
+    /// </summary>
     public static Process StartReceiver(NetTopology net, NetPeer peer, int port)
     {
-        var receiver = TestEnvironment.StartRedirected("ip",
-            ["netns", "exec", peer.Namespace, net.Python, "-c", Receiver, port.ToString(CultureInfo.InvariantCulture)]);
+        var receiver = TestEnvironment.StartRedirected("ip", StreamReceiver.IpArguments(peer.Namespace, net.Python, port));
         receiver.StandardInput.Close();
         net.Track(receiver);
         Assert.Equal("listening", receiver.StandardOutput.ReadLine());
         return receiver;
     }
 
-    /// <summary>Reads the receiver's lines up to its "done" line, split: done, N, SHA256, GAP_MS, RATE.</summary>
+    /// <summary>Reads the receiver's lines up to its "done" line, split: done, N, SHA256, GAP_MS, RATE, GAP_END.</summary>
     public static string[] Done(Process receiver)
     {
         string? line;
