@@ -1638,13 +1638,96 @@ EXPORT int32_t kvmshim_arp_socket(int32_t ifindex, const uint8_t *mac)
     if (fd < 0)
         return -errno;
     struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL), .sll_ifindex = ifindex };
+    // The interface is told to accept the probe's MAC too: a NIC (a host interface uplink)
+    // filters unicast frames to addresses it was not given.
+    struct packet_mreq unicast = { .mr_ifindex = ifindex, .mr_type = PACKET_MR_UNICAST, .mr_alen = 6 };
+    memcpy(unicast.mr_address, mac, 6);
     if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog) < 0 ||
-        bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 ||
+        setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &unicast, sizeof unicast) < 0) {
         int e = errno;
         close(fd);
         return -e;
     }
     return fd;
+}
+
+// A packet socket that makes host interface ifindex a VM's uplink: non-blocking, close-on-exec,
+// with a 10-byte virtio-net header before every frame both ways (PACKET_VNET_HDR: the guest's
+// checksum and segmentation offloads go out as they are, and received frames say theirs). A
+// classic BPF filter keeps only what the VM may get: frames the kernel did not send itself
+// (PACKET_OUTGOING: the VM's own frames and the host's) addressed to mac, or to a group address.
+// The interface is told to accept mac (PACKET_MR_UNICAST: its unicast filter, no promiscuous
+// mode) and all multicast. With *fanout >= 0 the socket joins a fanout group that spreads flows
+// over the VM's queue pairs by hash: *fanout 0 asks the kernel for a new group and returns its id
+// there (+1, so that 0 stays "new"); a later socket passes that value to join. *fanout < 0: none.
+// Needs CAP_NET_RAW. Returns the fd, or -errno.
+EXPORT int32_t kvmshim_packet_socket(int32_t ifindex, const uint8_t *mac, int32_t *fanout)
+{
+    uint32_t mac_high = (uint32_t)mac[0] << 24 | (uint32_t)mac[1] << 16 | (uint32_t)mac[2] << 8 | mac[3];
+    uint32_t mac_low = (uint32_t)mac[4] << 8 | mac[5];
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE),   // how the frame came
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PACKET_OUTGOING, 6, 0),
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),                  // destination, first byte
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 1, 5, 0),          // a group address
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, 0),                  // destination, first 4 bytes
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, mac_high, 0, 2),
+        BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 4),                  // destination, last 2 bytes
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, mac_low, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, 0),                           // outgoing, or not for the VM
+        BPF_STMT(BPF_RET | BPF_K, 0x40000),                     // all of it (a GSO frame too)
+    };
+    struct sock_fprog prog = { .len = sizeof code / sizeof code[0], .filter = code };
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1, rcvbuf = 4 << 20;
+    struct sockaddr_ll addr = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL), .sll_ifindex = ifindex };
+    struct packet_mreq unicast = { .mr_ifindex = ifindex, .mr_type = PACKET_MR_UNICAST, .mr_alen = 6 };
+    struct packet_mreq allmulti = { .mr_ifindex = ifindex, .mr_type = PACKET_MR_ALLMULTI };
+    memcpy(unicast.mr_address, mac, 6);
+    if (setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog) < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0 ||
+        bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 ||
+        setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &unicast, sizeof unicast) < 0 ||
+        setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &allmulti, sizeof allmulti) < 0)
+        goto fail;
+    if (*fanout >= 0) {
+        int arg = *fanout == 0 ? (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_UNIQUEID) << 16
+                               : (*fanout - 1) | PACKET_FANOUT_HASH << 16;
+        if (setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof arg) < 0)
+            goto fail;
+        if (*fanout == 0) {
+            socklen_t len = sizeof arg;
+            if (getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, &len) < 0)
+                goto fail;
+            *fanout = (arg & 0xffff) + 1;
+        }
+    }
+    return fd;
+fail:;
+    int e = errno;
+    close(fd);
+    return -e;
+}
+
+// Receives one datagram into buf; returns its whole length even when that is more than len
+// (MSG_TRUNC: the caller sees the datagram was cut), or -errno.
+EXPORT int64_t kvmshim_recv_whole(int32_t fd, void *buf, uint64_t len)
+{
+    ssize_t n = recv(fd, buf, len, MSG_TRUNC);
+    return n < 0 ? -errno : n;
+}
+
+// Writes a and then b as one datagram or record (writev): a frame whose header and body lie apart.
+// Returns the bytes written, or -errno.
+EXPORT int64_t kvmshim_write2(int32_t fd, const void *a, uint64_t alen, const void *b, uint64_t blen)
+{
+    struct iovec v[2] = { { (void *)a, alen }, { (void *)b, blen } };
+    ssize_t n = writev(fd, v, 2);
+    return n < 0 ? -errno : n;
 }
 
 // poll(2) on up to two fds for reading (fd2 < 0: only fd1). Returns a bit mask: 1 when fd1 is
@@ -1673,4 +1756,10 @@ EXPORT int32_t kvmshim_epoll_add(int32_t epfd, int32_t fd)
 {
     struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
     return result(epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev));
+}
+
+// Removes fd from the epoll instance.
+EXPORT int32_t kvmshim_epoll_remove(int32_t epfd, int32_t fd)
+{
+    return result(epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL));
 }

@@ -92,9 +92,10 @@ public sealed class NetTopology : IDisposable
     /// <summary>
     /// A new peer on <paramref name="bridge"/>: a network namespace whose interface (one end of a
     /// veth pair; the other end is a port of the bridge, up) has <paramref name="cidr"/>
-    /// ("10.77.1.1/24"), with lo up.
+    /// ("10.77.1.1/24"), with lo up. Without a bridge the other end stays alone in the root
+    /// namespace, up (<see cref="NetPeer.HostInterface"/>: a host interface a VM's uplink may be).
     /// </summary>
-    public NetPeer AddPeer(string bridge, string cidr)
+    public NetPeer AddPeer(string? bridge, string cidr)
     {
         string id = NewName('p');
         var peer = new NetPeer(this, ns: id + "n", hostInterface: id + "h", @interface: id + "g", cidr);
@@ -102,7 +103,8 @@ public sealed class NetTopology : IDisposable
             _peers.Add(peer);
         Ip("netns", "add", peer.Namespace);
         Ip("link", "add", peer.HostInterface, "type", "veth", "peer", "name", peer.Interface, "netns", peer.Namespace);
-        Ip("link", "set", peer.HostInterface, "master", bridge);
+        if (bridge is not null)
+            Ip("link", "set", peer.HostInterface, "master", bridge);
         Ip("link", "set", peer.HostInterface, "up");
         Ip("-n", peer.Namespace, "addr", "add", cidr, "dev", peer.Interface);
         Ip("-n", peer.Namespace, "link", "set", peer.Interface, "up");
@@ -331,7 +333,7 @@ public sealed class NetPeer
 
     public string Namespace { get; }
 
-    /// <summary>The veth end in the root namespace, a port of the bridge.</summary>
+    /// <summary>The veth end in the root namespace, a port of the bridge (or alone, with no bridge).</summary>
     public string HostInterface { get; }
 
     /// <summary>The veth end in the namespace, holding <see cref="Cidr"/>.</summary>

@@ -54,6 +54,19 @@ public class NicSpecTests
     }
 
     [Fact]
+    public void AHostInterfaceIsAnUplinkAloneOrInATeamAndKeptInJson()
+    {
+        var n = NicSpec.Parse("dev=eth1,tap=a@br0,queues=2");
+        Assert.Equal([("", null, "eth1"), ("a", "br0", null)], n.Uplinks.Select(u => (u.Tap, u.Bridge, u.Interface)));
+        Assert.Equal("interface eth1", n.Uplinks[0].ToString());
+        var back = VmSpecJsonContext.Parse(VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }), "dev.json").Nics[0];
+        Assert.Equal(n.Uplinks, back.Uplinks);
+        Assert.Contains("\"interface\": \"eth1\"", VmSpecJsonContext.Format(new VmSpec { Kernel = "k", Nics = [n] }));
+        var e = Assert.Throws<ArgumentException>(() => VmSpecJsonContext.Parse("""{ "kernel": "k", "nics": [ { "uplinks": [ { "tap": "a", "interface": "eth1" } ] } ] }""", "n.json").Validate());
+        Assert.Contains("uplink interface 'eth1' cannot have a tap or a bridge as well", e.Message);
+    }
+
+    [Fact]
     public void ABandwidthGroupIsReadWithSharesAndReservationsAndKeptInJson()
     {
         var n = NicSpec.Parse("tap=a,group=uplink0,group-rate=1G,shares=300,reserve=10M,rx-reserve=20M");
@@ -153,6 +166,10 @@ public class NicSpecTests
     [InlineData("tap=a/b", "not an interface name")]
     [InlineData("tap=a@", "bridge name ''")]
     [InlineData("tap=a@b r", "not an interface name")]
+    [InlineData("dev=eth1,dev=eth1", "interface 'eth1' is named twice")]
+    [InlineData("dev=abcdefghijklmnop", "'abcdefghijklmnop' is not an interface name")]
+    [InlineData("dev=", "'' is not an interface name")]
+    [InlineData("dev=a/b", "not an interface name")]
     public void BadTextIsRefusedNamingTheProblem(string text, string message)
     {
         var e = Assert.Throws<ArgumentException>(() => NicSpec.Parse(text));

@@ -85,6 +85,36 @@ public static unsafe partial class KvmShim
         return new PacketSocketHandle(fd);
     }
 
+    [LibraryImport(Library, EntryPoint = "kvmshim_packet_socket")]
+    private static partial int PacketSocket(int ifindex, byte* mac, int* fanout);
+
+    /// <summary>
+    /// A non-blocking packet socket that makes host interface <paramref name="device"/> a VM's
+    /// uplink: 10-byte virtio-net headers before every frame both ways, only frames addressed to
+    /// <paramref name="mac"/> or a group address received (not the host's own or the VM's sent
+    /// ones), the interface told to accept <paramref name="mac"/> and all multicast. With
+    /// <paramref name="fanout"/> 0 the socket starts a new fanout group (flows spread by hash)
+    /// and <paramref name="fanout"/> becomes its token for the next sockets of the VM, which pass
+    /// it to join; null: no fanout. Throws <see cref="IOException"/> naming the device and the cause.
+    /// </summary>
+    public static PacketSocketHandle OpenPacketSocket(string device, ReadOnlySpan<byte> mac, ref int? fanout)
+    {
+        if (mac.Length != 6)
+            throw new ArgumentException("a MAC address is 6 bytes", nameof(mac));
+        int index = InterfaceIndex(device);
+        if (index < 0)
+            throw new IOException($"cannot find interface '{device}': {Errno.Describe(-index)}");
+        int group = fanout ?? -1, fd;
+        fixed (byte* m = mac)
+            fd = PacketSocket(index, m, &group);
+        if (fd < 0)
+            throw new IOException($"cannot open a packet socket on '{device}': {Errno.Describe(-fd)}" +
+                (fd == -Errno.EPERM ? " (a host interface uplink needs CAP_NET_RAW)" : ""));
+        if (fanout is not null)
+            fanout = group;
+        return new PacketSocketHandle(fd);
+    }
+
     [LibraryImport(Library, EntryPoint = "kvmshim_poll2")]
     private static partial int Poll2(int fd1, int fd2, int timeoutMs);
 
@@ -116,7 +146,7 @@ public static unsafe partial class KvmShim
 }
 
 /// <summary>read(2) and write(2) on a non-blocking fd, for code outside this project (no unsafe code there).</summary>
-public static unsafe class FdIo
+public static unsafe partial class FdIo
 {
     /// <summary>Reads into <paramref name="buffer"/>: the bytes read, or -errno (-EAGAIN when nothing is waiting).</summary>
     public static int Read(SafeFdHandle fd, Span<byte> buffer)
@@ -126,6 +156,27 @@ public static unsafe class FdIo
             nint n = Libc.Read(fd, p, (nuint)buffer.Length);
             return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
         }
+    }
+
+    [LibraryImport(KvmShim.Library, EntryPoint = "kvmshim_recv_whole")]
+    private static partial long RecvWholeRaw(SafeHandle fd, byte* buffer, ulong length);
+
+    /// <summary>Receives one datagram into <paramref name="buffer"/>: its whole length (more than the buffer when it was cut), or -errno.</summary>
+    public static int ReceiveDatagram(SafeFdHandle fd, Span<byte> buffer)
+    {
+        fixed (byte* p = buffer)
+            return (int)RecvWholeRaw(fd, p, (ulong)buffer.Length);
+    }
+
+    [LibraryImport(KvmShim.Library, EntryPoint = "kvmshim_write2")]
+    private static partial long Write2Raw(SafeHandle fd, byte* a, ulong alen, byte* b, ulong blen);
+
+    /// <summary>Writes <paramref name="first"/> and then <paramref name="second"/> as one record (writev): the bytes written, or -errno.</summary>
+    public static int Write(SafeFdHandle fd, ReadOnlySpan<byte> first, ReadOnlySpan<byte> second)
+    {
+        fixed (byte* a = first)
+        fixed (byte* b = second)
+            return (int)Write2Raw(fd, a, (ulong)first.Length, b, (ulong)second.Length);
     }
 
     /// <summary>Writes <paramref name="data"/>: the bytes written, or -errno.</summary>
@@ -146,6 +197,25 @@ public static partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvmshim_epoll_add")]
     private static partial int EpollAddRaw(SafeHandle epoll, SafeHandle fd);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_epoll_remove")]
+    private static partial int EpollRemoveRaw(SafeHandle epoll, SafeHandle fd);
+
+    /// <summary>Adds <paramref name="fd"/> to <paramref name="epoll"/> (readable while it is); throws <see cref="IOException"/>.</summary>
+    public static void EpollAdd(EpollHandle epoll, SafeHandle fd)
+    {
+        int rc = EpollAddRaw(epoll, fd);
+        if (rc < 0)
+            throw new IOException($"epoll_ctl ADD failed: {Errno.Describe(-rc)}");
+    }
+
+    /// <summary>Removes <paramref name="fd"/> from <paramref name="epoll"/>; throws <see cref="IOException"/>.</summary>
+    public static void EpollRemove(EpollHandle epoll, SafeHandle fd)
+    {
+        int rc = EpollRemoveRaw(epoll, fd);
+        if (rc < 0)
+            throw new IOException($"epoll_ctl DEL failed: {Errno.Describe(-rc)}");
+    }
 
     /// <summary>An epoll instance readable while any of <paramref name="fds"/> is; throws <see cref="IOException"/> when it cannot be made.</summary>
     public static EpollHandle EpollOf(IEnumerable<SafeHandle> fds)

@@ -170,14 +170,16 @@ internal sealed class MachineDevices
         return d;
     }
 
-    /// <summary>A NIC's backend: its tap, or a team of its taps. Throws <see cref="IOException"/> naming the NIC and the tap.</summary>
+    /// <summary>A NIC's backend: its tap or host interface, or a team of its uplinks. Throws <see cref="IOException"/> naming the NIC and the uplink.</summary>
     private static INetBackend OpenBackend(string name, NicSpec nic)
     {
         var taps = new List<INetBackend>();
         try
         {
             foreach (var uplink in nic.Uplinks)
-                taps.Add(TapBackend.Open(uplink.Tap, nic.Queues, uplink.Bridge));
+                taps.Add(uplink.Interface is { } device
+                    ? PacketBackend.Open(device, nic.Queues, nic.Mac)
+                    : TapBackend.Open(uplink.Tap, nic.Queues, uplink.Bridge));
             return taps.Count == 1 ? taps[0] : new NicTeam(taps, nic.ToTeamOptions(), nic.Mac);
         }
         catch (Exception e) when (e is IOException or ArgumentException)

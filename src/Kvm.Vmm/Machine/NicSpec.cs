@@ -4,7 +4,7 @@ using Kvm.Network;
 
 namespace Kvm.Vmm.Machine;
 
-/// <summary>Where a VM's NIC reaches the host's network: a tap device, optionally put on a bridge.</summary>
+/// <summary>Where a VM's NIC reaches the host's network: a tap device, optionally put on a bridge, or a host interface reached through packet sockets.</summary>
 public sealed record UplinkSpec
 {
     /// <summary>The tap device: used if it exists, made (and gone with the VM) if not; empty: the kernel names one.</summary>
@@ -13,7 +13,11 @@ public sealed record UplinkSpec
     /// <summary>A bridge the tap is added to when the VM starts.</summary>
     public string? Bridge { get; init; }
 
-    public override string ToString() => "tap " + (Tap.Length == 0 ? "(any)" : Tap) + (Bridge is null ? "" : " on bridge " + Bridge);
+    /// <summary>A host interface (a NIC, a bond, a veth) the VMM sends and receives on itself through packet sockets, instead of a tap.</summary>
+    public string? Interface { get; init; }
+
+    public override string ToString() => Interface is not null ? "interface " + Interface
+        : "tap " + (Tap.Length == 0 ? "(any)" : Tap) + (Bridge is null ? "" : " on bridge " + Bridge);
 }
 
 /// <summary>A virtio-net NIC of a VM: its address, queues, offloads and uplinks.</summary>
@@ -104,12 +108,15 @@ public sealed record NicSpec
             throw new ArgumentException($"nic {Mac}: {e.Message}");
         }
         if (Uplinks.Count == 0)
-            throw new ArgumentException($"nic {Mac}: no uplink (tap=NAME)");
+            throw new ArgumentException($"nic {Mac}: no uplink (tap=NAME or dev=INTERFACE)");
         if (Uplinks.Count > MaxUplinks)
             throw new ArgumentException($"nic {Mac}: {Uplinks.Count} uplinks is more than {MaxUplinks}");
         var twice = Uplinks.Where(u => u.Tap.Length > 0).GroupBy(u => u.Tap).FirstOrDefault(g => g.Count() > 1);
         if (twice is not null)
             throw new ArgumentException($"nic {Mac}: tap '{twice.Key}' is named twice");
+        var twiceDev = Uplinks.Where(u => u.Interface is not null).GroupBy(u => u.Interface).FirstOrDefault(g => g.Count() > 1);
+        if (twiceDev is not null)
+            throw new ArgumentException($"nic {Mac}: interface '{twiceDev.Key}' is named twice");
         if (FailbackDelay < TimeSpan.Zero || FailbackDelay > TimeSpan.FromHours(1))
             throw new ArgumentException($"nic {Mac}: failback delay {FailbackDelay.TotalMilliseconds} ms is outside 0 to 1 hour");
         if (ArpTarget is not null && Uplinks.Count < 2)
@@ -124,6 +131,14 @@ public sealed record NicSpec
         }
         foreach (var u in Uplinks)
         {
+            if (u.Interface is not null)
+            {
+                if (u.Tap.Length > 0 || u.Bridge is not null)
+                    throw new ArgumentException($"nic {Mac}: uplink interface '{u.Interface}' cannot have a tap or a bridge as well");
+                if (u.Interface.Length is 0 || System.Text.Encoding.UTF8.GetByteCount(u.Interface) > 15 || u.Interface.Contains('/') || u.Interface.Any(char.IsWhiteSpace))
+                    throw new ArgumentException($"nic {Mac}: '{u.Interface}' is not an interface name (1 to 15 bytes, no '/' or spaces)");
+                continue;
+            }
             if (System.Text.Encoding.UTF8.GetByteCount(u.Tap) > 15 || u.Tap.Contains('/') || u.Tap.Any(char.IsWhiteSpace))
                 throw new ArgumentException($"nic {Mac}: tap name '{u.Tap}' is not an interface name (at most 15 bytes, no '/' or spaces)");
             if (u.Bridge is not null && (u.Bridge.Length is 0 or > 15 || u.Bridge.Contains('/') || u.Bridge.Any(char.IsWhiteSpace)))
@@ -132,7 +147,7 @@ public sealed record NicSpec
     }
 
     /// <summary>The command-line form's help text.</summary>
-    public const string Syntax = "tap=NAME[@BRIDGE][,tap=NAME2[@BRIDGE2]...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,arp-target=IPV4[,arp-interval=MS][,arp-misses=N]][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,group=NAME,group-rate=RATE[,shares=N][,reserve=RATE][,tx-reserve=RATE][,rx-reserve=RATE]][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
+    public const string Syntax = "tap=NAME[@BRIDGE]|dev=INTERFACE[,tap=NAME2[@BRIDGE2]|dev=INTERFACE2...][,policy=active-backup|flow-hash|vm-port][,failback=on|off][,failback-delay=MS][,arp-target=IPV4[,arp-interval=MS][,arp-misses=N]][,limit=RATE][,tx-limit=RATE][,rx-limit=RATE][,group=NAME,group-rate=RATE[,shares=N][,reserve=RATE][,tx-reserve=RATE][,rx-reserve=RATE]][,dos=suspend|limit[,dos-pps=N][,dos-syn=N][,dos-udp=N][,dos-icmp=N][,dos-dst=N][,dos-window=MS][,dos-limit=RATE]][,mac=MAC][,queues=N][,offload=on|off][,spoof=drop|allow][,mtu=N]";
 
     /// <summary>Parses the command-line form (<see cref="Syntax"/>).</summary>
     public static NicSpec Parse(string text)
@@ -151,6 +166,9 @@ public sealed record NicSpec
                     string name = value ?? "";
                     int at = name.IndexOf('@');
                     uplinks.Add(at < 0 ? new UplinkSpec { Tap = name } : new UplinkSpec { Tap = name[..at], Bridge = name[(at + 1)..] });
+                    break;
+                case "dev" when value is not null:
+                    uplinks.Add(new UplinkSpec { Interface = value });
                     break;
                 case "mac" when value is not null:
                     try

@@ -154,7 +154,7 @@ public sealed class NicSpecDocument
             Dos = Dos?.ToRules(source, index),
             Bandwidth = Bandwidth?.ToOptions(source, index),
             FailbackDelay = FailbackDelayMs is { } ms ? TimeSpan.FromMilliseconds(ms) : d.FailbackDelay,
-            Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge }).ToArray()
+            Uplinks = Uplinks?.Select(u => new UplinkSpec { Tap = u.Tap ?? "", Bridge = u.Bridge, Interface = u.Interface }).ToArray()
                 ?? throw new ArgumentException($"VM spec {source}: nics[{index}]: the field 'uplinks' is required"),
         };
     }
@@ -166,7 +166,7 @@ public sealed class NicSpecDocument
         Offloads = n.Offloads,
         AllowSpoofing = n.AllowSpoofing,
         Mtu = n.Mtu,
-        Uplinks = n.Uplinks.Select(u => new UplinkSpecDocument { Tap = u.Tap, Bridge = u.Bridge }).ToList(),
+        Uplinks = n.Uplinks.Select(u => new UplinkSpecDocument { Tap = u.Interface is null ? u.Tap : null, Bridge = u.Bridge, Interface = u.Interface }).ToList(),
         Policy = NicSpec.PolicyName(n.Policy),
         Failback = n.Failback,
         TxLimit = n.TxLimit,
@@ -259,6 +259,7 @@ public sealed class UplinkSpecDocument
 {
     public string? Tap { get; set; }
     public string? Bridge { get; set; }
+    public string? Interface { get; set; }
 }
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, UseStringEnumConverter = true,
