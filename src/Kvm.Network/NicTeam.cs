@@ -353,6 +353,10 @@ public sealed class NicTeam : INetBackend
         var carrier = new bool[_uplinks.Length];
         var answered = new bool[_uplinks.Length];
         var last = new long[_uplinks.Length];
+        // Uplinks down because their probes went unanswered: they come back when their own probes
+        // are answered (or their link went down meanwhile), not because the others' answers
+        // paused too (a loaded host that read B's answers late made A flap once).
+        var probeDown = new bool[_uplinks.Length];
         byte[] frame = new byte[2048];
         while (!_stopping)
         {
@@ -378,9 +382,12 @@ public sealed class NicTeam : INetBackend
             }
             for (int i = 0; i < _uplinks.Length; i++)
             {
-                bool up = carrier[i] && !(probing && ProbesFailed(i, carrier, answered, last, windowTicks));
+                if (!carrier[i] || answered[i])
+                    probeDown[i] = false;
+                bool up = carrier[i] && !(probing && (probeDown[i] || ProbesFailed(i, carrier, answered, last, windowTicks)));
                 if (up == Volatile.Read(ref _up[i]))
                     continue;
+                probeDown[i] = carrier[i] && !up;
                 Volatile.Write(ref _up[i], up);
                 _upSince[i] = now;
                 if (!up)
