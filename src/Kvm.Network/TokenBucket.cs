@@ -42,6 +42,7 @@ public sealed class TokenBucket
             Refill(Stopwatch.GetTimestamp());
             SetRateLocked(bitsPerSecond);
             _tokens = Math.Min(_tokens, Burst);
+            Monitor.PulseAll(_lock);            // a waiter's debt is paid sooner (or later) at the new rate
         }
     }
 
@@ -92,32 +93,59 @@ public sealed class TokenBucket
         }
     }
 
-    /// <summary>Waits (sleeping) until the bucket lets <paramref name="bytes"/> through, and takes them.</summary>
+    /// <summary>
+    /// Waits (sleeping) until the bucket lets <paramref name="bytes"/> through, and takes them. A
+    /// new rate (<see cref="SetRate"/>) wakes the wait: a bucket whose group cut it to the least
+    /// rate and then raised it again must not sleep out a debt reckoned at the old rate (one
+    /// 64 KiB frame at 64 kbit/s is 8 s, and a TCP stream stalled that long in a nested-host test).
+    /// </summary>
     public void Take(int bytes)
     {
-        TimeSpan wait;
         bool held = false;
-        while ((wait = TryTake(bytes)) > TimeSpan.Zero)
+        lock (_lock)
         {
-            if (!held)
-                Interlocked.Increment(ref _held);
-            held = true;
-            Sleep(wait);
+            while (true)
+            {
+                Refill(Stopwatch.GetTimestamp());
+                if (_tokens >= 0)
+                {
+                    _tokens -= bytes;
+                    Interlocked.Add(ref _passed, bytes);
+                    return;
+                }
+                if (!held)
+                    Interlocked.Increment(ref _held);
+                held = true;
+                WaitLocked();
+            }
         }
     }
 
-    /// <summary>Waits (sleeping) once until the bucket is out of debt, taking nothing (the caller charges what then goes).</summary>
+    /// <summary>Waits (sleeping) until the bucket is out of debt, taking nothing (the caller charges what then goes); a new rate wakes the wait.</summary>
     public void WaitOutOfDebt()
     {
-        var wait = TryTake(0);
-        if (wait > TimeSpan.Zero)
+        bool held = false;
+        lock (_lock)
         {
-            Interlocked.Increment(ref _held);
-            Sleep(wait);
+            while (true)
+            {
+                Refill(Stopwatch.GetTimestamp());
+                if (_tokens >= 0)
+                    return;
+                if (!held)
+                    Interlocked.Increment(ref _held);
+                held = true;
+                WaitLocked();
+            }
         }
     }
 
-    private static void Sleep(TimeSpan wait) => Thread.Sleep(wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+    /// <summary>Sleeps, the lock released, until the debt is paid at the present rate (1 ms at least) or the rate changes.</summary>
+    private void WaitLocked()
+    {
+        var wait = TimeSpan.FromSeconds(-_tokens / BytesPerSecond);
+        Monitor.Wait(_lock, wait < TimeSpan.FromMilliseconds(1) ? TimeSpan.FromMilliseconds(1) : wait);
+    }
 
     /// <summary>Parses a rate in bits per second: 10M, 1.5G, 800K, 64000 (decimal units, as network rates are given).</summary>
     public static long ParseRate(string text)

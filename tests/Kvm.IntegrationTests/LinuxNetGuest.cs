@@ -22,14 +22,19 @@ internal static class LinuxNetGuest
         return (kernel, initrd);
     }
 
-    /// <summary>A guest at <paramref name="address"/>/24 (gateway <paramref name="peer"/>) running init's <paramref name="checks"/> with <paramref name="nic"/>.</summary>
-    public static VmSpec Spec(string address, string peer, string checks, NicSpec nic, int cpus = 1)
+    /// <summary>
+    /// A guest at <paramref name="address"/>/24 (gateway <paramref name="peer"/>) running init's
+    /// <paramref name="checks"/> with <paramref name="nic"/>; its network checks wait
+    /// <paramref name="netWaitSeconds"/> for the peer to answer or accept (init's default: 30).
+    /// </summary>
+    public static VmSpec Spec(string address, string peer, string checks, NicSpec nic, int cpus = 1, int? netWaitSeconds = null)
     {
         var (kernel, initrd) = Files();
         return new VmSpec
         {
             Kernel = kernel, Initrd = initrd, Cpus = cpus, MemoryBytes = 256UL << 20, DebugExit = true,
-            Cmdline = $"console=ttyS0 quiet panic=-1 ip={address}::{peer}:255.255.255.0::eth0:off kvmtest={checks}",
+            Cmdline = $"console=ttyS0 quiet panic=-1 ip={address}::{peer}:255.255.255.0::eth0:off kvmtest={checks}" +
+                      (netWaitSeconds is { } wait ? $" kvmnetwait={wait}" : ""),
             Nics = [nic],
         };
     }

@@ -31,6 +31,32 @@ public class TokenBucketTests
         Assert.InRange(bucket.TryTake(0).TotalSeconds, 490, 500);
     }
 
+    /// <summary>
+    /// A sender waiting out a debt reckoned at a low rate goes as soon as the rate is raised (a
+    /// bandwidth group gives a member its share back), not after the old wait: here the debt is
+    /// 500 s at 8 kbit/s and 4 ms at 1 Gbit/s.
+    /// </summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void ARaisedRateEndsAWaitReckonedAtTheOldRate(bool receiving)
+    {
+        var bucket = new TokenBucket(8_000);
+        bucket.Charge(VirtioNetHeader.MaxPacket + 500_000);
+        var waiter = new Thread(() =>
+        {
+            if (receiving)
+                bucket.WaitOutOfDebt();
+            else
+                bucket.Take(1500);
+        }) { IsBackground = true };
+        waiter.Start();
+        Assert.False(waiter.Join(TimeSpan.FromMilliseconds(200)), "the sender went while the bucket was 500 s in debt");
+        bucket.SetRate(1_000_000_000);
+        Assert.True(waiter.Join(TimeSpan.FromSeconds(30)), "the sender still waits after the rate went up");
+        Assert.Equal(1, bucket.Held);
+    }
+
     [Theory]
     [InlineData("10M", 10_000_000)]
     [InlineData("1.5G", 1_500_000_000)]
