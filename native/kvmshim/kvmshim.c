@@ -20,6 +20,8 @@
 #include <linux/if_packet.h>
 #include <linux/if_tun.h>
 #include <linux/kvm.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/sockios.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
@@ -1762,4 +1764,56 @@ EXPORT int32_t kvmshim_epoll_add(int32_t epfd, int32_t fd)
 EXPORT int32_t kvmshim_epoll_remove(int32_t epfd, int32_t fd)
 {
     return result(epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL));
+}
+
+// A netlink route socket (non-blocking, close-on-exec) in the link group (RTMGRP_LINK): it turns
+// readable whenever an interface of the host goes up or down, gains or loses its carrier, appears
+// or goes away. The messages only wake the reader (a NIC team's monitor), which then reads the
+// state of the links it watches itself.
+EXPORT int32_t kvmshim_link_events_open(void)
+{
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_ROUTE);
+    if (fd < 0)
+        return -errno;
+    struct sockaddr_nl sa = { .nl_family = AF_NETLINK, .nl_groups = RTMGRP_LINK };
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+    {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+// Reads what waits on a link-event socket (at most 64 datagrams a call, so a flood of changes
+// cannot hold the caller). Returns how many link messages (RTM_NEWLINK, RTM_DELLINK) it read, plus
+// one when the socket overflowed (ENOBUFS: some changes were lost, the caller must read its links
+// again anyway), or -errno.
+EXPORT int32_t kvmshim_link_events_drain(int32_t fd)
+{
+    static_assert(NLMSG_ALIGNTO == 4, "netlink messages are 4-byte aligned");
+    uint32_t words[2048];
+    int32_t count = 0;
+    for (int i = 0; i < 64; i++)
+    {
+        ssize_t n = recv(fd, words, sizeof words, MSG_DONTWAIT);
+        if (n < 0)
+        {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return count;
+            if (errno == ENOBUFS)
+            {
+                count++;
+                continue;
+            }
+            return -errno;
+        }
+        int len = (int)n;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)words; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len))
+            if (h->nlmsg_type == RTM_NEWLINK || h->nlmsg_type == RTM_DELLINK)
+                count++;
+    }
+    return count;
 }

@@ -30,8 +30,14 @@ public sealed record TeamOptions
     /// <summary>How long the first uplink must stay up before traffic goes back to it (a flapping link does not pull traffic back and forth).</summary>
     public TimeSpan FailbackDelay { get; init; } = TimeSpan.Zero;
 
-    /// <summary>How often each uplink's link state is read.</summary>
+    /// <summary>How often each uplink's link state is read when the kernel's link changes cannot be heard (no netlink socket).</summary>
     public TimeSpan MonitorInterval { get; init; } = TimeSpan.FromMilliseconds(10);
+
+    /// <summary>
+    /// How long the monitor, hearing link changes from the kernel, waits for one before it reads
+    /// every uplink's link state anyway (a netlink message can be lost when many come at once).
+    /// </summary>
+    public TimeSpan LinkRecheck { get; init; } = TimeSpan.FromSeconds(1);
 
     /// <summary>
     /// An IPv4 address (a gateway, or another host that is always up) each uplink sends ARP probes
@@ -53,6 +59,8 @@ public sealed record TeamOptions
             throw new ArgumentException($"ARP target {t} is not a host's IPv4 address");
         if (ArpInterval < TimeSpan.FromMilliseconds(10) || ArpInterval > TimeSpan.FromSeconds(60))
             throw new ArgumentException($"ARP interval {ArpInterval.TotalMilliseconds} ms is outside 10 ms to 60 s");
+        if (MonitorInterval < TimeSpan.FromMilliseconds(1) || LinkRecheck < TimeSpan.FromMilliseconds(1))
+            throw new ArgumentException($"monitor interval {MonitorInterval.TotalMilliseconds} ms and link recheck {LinkRecheck.TotalMilliseconds} ms must be 1 ms at least");
         if (ArpMisses is < 1 or > 100)
             throw new ArgumentException($"ARP misses {ArpMisses} is outside 1 to 100");
     }
@@ -95,6 +103,7 @@ public sealed class NicTeam : INetBackend
     private readonly bool[] _up;
     private readonly long[] _upSince;
     private readonly Thread _monitor;
+    private readonly EventFdHandle _stop;                    // written by Dispose: wakes the monitor
     private readonly object _lock = new();
     private volatile int[] _live;            // indices of uplinks up, in order
     private volatile int _active;            // active-backup: the uplink carrying traffic (-1: none)
@@ -120,6 +129,10 @@ public sealed class NicTeam : INetBackend
         _upSince = _up.Select(_ => 0L).ToArray();
         _receive = new EpollHandle[pairs];
         _nextReceive = new int[pairs];
+        int stop = Libc.EventFd(0, Libc.EfdCloexec | Libc.EfdNonblock);
+        if (stop < 0)
+            throw new IOException($"eventfd failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
+        _stop = new EventFdHandle(stop);
         try
         {
             for (int p = 0; p < pairs; p++)
@@ -143,6 +156,7 @@ public sealed class NicTeam : INetBackend
         }
         catch
         {
+            _stop.Dispose();
             foreach (var e in _receive)
                 e?.Dispose();
             foreach (var p in _probeSockets)
@@ -339,12 +353,23 @@ public sealed class NicTeam : INetBackend
     }
 
     /// <summary>
-    /// Reads every uplink's link state each interval, sends and hears the ARP probes, and moves the
-    /// traffic when an uplink's state changed.
+    /// Whether the monitor hears link changes from the kernel (a netlink socket in the link group)
+    /// and acts on them at once; false: it reads every uplink's link state each
+    /// <see cref="TeamOptions.MonitorInterval"/> (the socket could not be opened).
+    /// </summary>
+    public bool HearsLinkChanges { get; private set; }
+
+    /// <summary>
+    /// Watches the uplinks: wakes when the kernel reports a link change (netlink), when a probe's
+    /// answer arrives, and when something falls due (the next probe, a probe window running out,
+    /// the failback delay, the periodic re-read), then reads every uplink's link state, hears and
+    /// sends the probes, and moves the traffic when an uplink's state changed. Without netlink
+    /// it reads the links every interval, as it did before.
     /// </summary>
     private void Monitor()
     {
-        var interval = _options.MonitorInterval;
+        long intervalTicks = (long)(_options.MonitorInterval.TotalSeconds * Stopwatch.Frequency);
+        long recheckTicks = (long)(_options.LinkRecheck.TotalSeconds * Stopwatch.Frequency);
         long delayTicks = (long)(_options.FailbackDelay.TotalSeconds * Stopwatch.Frequency);
         long probeTicks = (long)(_options.ArpInterval.TotalSeconds * Stopwatch.Frequency);
         long windowTicks = probeTicks * _options.ArpMisses;
@@ -358,49 +383,107 @@ public sealed class NicTeam : INetBackend
         // paused too (a loaded host that read B's answers late made A flap once).
         var probeDown = new bool[_uplinks.Length];
         byte[] frame = new byte[2048];
-        while (!_stopping)
+        LinkEventsHandle? links = null;
+        EpollHandle? wake = null;
+        try
         {
-            Thread.Sleep(interval);
-            long now = Stopwatch.GetTimestamp();
-            for (int i = 0; i < _uplinks.Length; i++)
-                carrier[i] = _uplinks[i].LinkUp;
-            if (probing)
+            try
             {
-                for (int i = 0; i < _uplinks.Length; i++)
+                links = KvmShim.OpenLinkEvents();
+            }
+            catch (IOException)
+            {
+                // Polling at the interval instead.
+            }
+            HearsLinkChanges = links is not null;
+            wake = KvmShim.EpollOf(new SafeHandle?[] { _stop, links }.Concat(_probeSockets).OfType<SafeHandle>());
+            while (!_stopping)
+            {
+                long now = Stopwatch.GetTimestamp();
+                long due = now + (links is null ? intervalTicks : recheckTicks);
+                if (probing)
                 {
-                    HearAnswers(i, frame, now);
-                    last[i] = Volatile.Read(ref _lastAnswer[i]);
-                    answered[i] = now - last[i] <= windowTicks;
+                    due = Math.Min(due, nextProbe);
+                    for (int i = 0; i < _uplinks.Length; i++)
+                        if (answered[i])
+                            due = Math.Min(due, last[i] + windowTicks + 1);      // its window runs out
                 }
-                if (now >= nextProbe)
+                if (FailbackPending)
+                    due = Math.Min(due, _upSince[0] + delayTicks);
+                Wait(wake, due - now);
+                if (_stopping)
+                    break;
+                if (links is not null)
+                {
+                    try
+                    {
+                        KvmShim.DrainLinkEvents(links);      // a wake-up only: the links' states are read below
+                    }
+                    catch (IOException)
+                    {
+                        KvmShim.EpollRemove(wake, links);
+                        links.Dispose();
+                        links = null;
+                        HearsLinkChanges = false;
+                    }
+                }
+                now = Stopwatch.GetTimestamp();
+                for (int i = 0; i < _uplinks.Length; i++)
+                    carrier[i] = _uplinks[i].LinkUp;
+                if (probing)
                 {
                     for (int i = 0; i < _uplinks.Length; i++)
-                        if (carrier[i])
-                            SendProbe(i);
-                    nextProbe = now + probeTicks;
+                    {
+                        HearAnswers(i, frame, now);
+                        last[i] = Volatile.Read(ref _lastAnswer[i]);
+                        answered[i] = now - last[i] <= windowTicks;
+                    }
+                    if (now >= nextProbe)
+                    {
+                        for (int i = 0; i < _uplinks.Length; i++)
+                            if (carrier[i])
+                                SendProbe(i);
+                        nextProbe = now + probeTicks;
+                    }
                 }
+                for (int i = 0; i < _uplinks.Length; i++)
+                {
+                    if (!carrier[i] || answered[i])
+                        probeDown[i] = false;
+                    bool up = carrier[i] && !(probing && (probeDown[i] || ProbesFailed(i, carrier, answered, last, windowTicks)));
+                    if (up == Volatile.Read(ref _up[i]))
+                        continue;
+                    probeDown[i] = carrier[i] && !up;
+                    Volatile.Write(ref _up[i], up);
+                    _upSince[i] = now;
+                    if (!up)
+                        _counters[i].Failed();
+                    string reason = !carrier[i] ? "link down" : !probing ? "link up" : !up ? "probes unanswered"
+                        : answered[i] ? "probe answered" : "link up";
+                    Update(i, up, reason);
+                }
+                // Active-backup failback: the first uplink, up again for the delay, takes the traffic back.
+                if (FailbackPending && now - _upSince[0] >= delayTicks)
+                    Update(0, true, Failback);
             }
-            for (int i = 0; i < _uplinks.Length; i++)
-            {
-                if (!carrier[i] || answered[i])
-                    probeDown[i] = false;
-                bool up = carrier[i] && !(probing && (probeDown[i] || ProbesFailed(i, carrier, answered, last, windowTicks)));
-                if (up == Volatile.Read(ref _up[i]))
-                    continue;
-                probeDown[i] = carrier[i] && !up;
-                Volatile.Write(ref _up[i], up);
-                _upSince[i] = now;
-                if (!up)
-                    _counters[i].Failed();
-                string reason = !carrier[i] ? "link down" : !probing ? "link up" : !up ? "probes unanswered"
-                    : answered[i] ? "probe answered" : "link up";
-                Update(i, up, reason);
-            }
-            // Active-backup failback: the first uplink, up again for the delay, takes the traffic back.
-            if (_options.Policy == TeamPolicy.ActiveBackup && _options.Failback && _active != 0 && Volatile.Read(ref _up[0]) &&
-                now - _upSince[0] >= delayTicks)
-                Update(0, true, Failback);
         }
+        finally
+        {
+            wake?.Dispose();
+            links?.Dispose();
+        }
+    }
+
+    /// <summary>Active-backup with failback: the first uplink is up but another carries the traffic.</summary>
+    private bool FailbackPending => _options.Policy == TeamPolicy.ActiveBackup && _options.Failback && _active != 0 && Volatile.Read(ref _up[0]);
+
+    /// <summary>Waits up to <paramref name="ticks"/> (stopwatch ticks) for <paramref name="wake"/> to turn readable.</summary>
+    private static void Wait(EpollHandle wake, long ticks)
+    {
+        if (ticks <= 0)
+            return;
+        int ms = (int)Math.Min(int.MaxValue, Math.Ceiling(ticks * 1000.0 / Stopwatch.Frequency));
+        KvmShim.PollRead(wake, null, ms);
     }
 
     /// <summary>
@@ -517,8 +600,10 @@ public sealed class NicTeam : INetBackend
     public void Dispose()
     {
         _stopping = true;
+        FdIo.Write(_stop, BitConverter.GetBytes(1UL));
         if (_monitor.IsAlive && Thread.CurrentThread != _monitor)
             _monitor.Join();
+        _stop.Dispose();
         foreach (var e in _receive)
             e.Dispose();
         foreach (var p in _probeSockets)

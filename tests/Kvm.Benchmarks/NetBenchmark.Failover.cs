@@ -9,7 +9,7 @@ using Kvm.Tests.Shared;
 /// LinuxNetTeamTests):
 /// <list type="bullet">
 /// <item>ours: <c>vmctl run --net tap=A@first,tap=B@second,policy=active-backup</c>; the VMM
-/// teams the two taps and reads their link state every 10 ms. The cut is
+/// teams the two taps and hears their link changes from the kernel (netlink). The cut is
 /// what <c>ip link set A down</c> does, as in LinuxNetTeamTests' link-down case.</item>
 /// <item>bonding: QEMU q35 with virtio-net-pci (vhost=off, as the traffic part's plain QEMU) on
 /// one tap, a port of a third bridge whose other port is a Linux bond (mode active-backup,
@@ -112,7 +112,7 @@ internal static partial class NetBenchmark
                           $"Linux bonding under QEMU q35 virtio-net-pci ({started:yyyy-MM-dd HH:mm} UTC, {Place.ForVm}, " +
                           $"{FirstLine(TestEnvironment.RunProcess(guest.Qemu, ["--version"], TimeSpan.FromSeconds(60)).Stdout)})");
         Console.WriteLine("topology: two bridges (switches, STP off) joined by a veth trunk, the peer namespace on the first; " +
-                          "ours: --net tap=A@first,tap=B@second,policy=active-backup (the VMM reads each tap's link state every 10 ms); " +
+                          "ours: --net tap=A@first,tap=B@second,policy=active-backup (the VMM hears link changes through netlink); " +
                           $"bonding: QEMU's tap (vhost=off) on a third bridge whose other port is a bond (mode active-backup, miimon {MiiMonMs}) " +
                           "of two veth pairs, one to each switch.");
         Console.WriteLine($"guest: Debian's cloud kernel (bzImage) with the test initramfs, {Cpus} vCPUs, {Memory}iB, the same MAC; it sends " +

@@ -97,6 +97,32 @@ public class TapTeamTests
         Assert.Equal(1, team.NoUplinkDrops);
     }
     /// <summary>
+    /// The team hears link changes from the kernel (netlink) and acts on them at once: with the
+    /// periodic reads an hour apart, a tap set down still moves the traffic within seconds, and
+    /// setting it up again brings it back.
+    /// </summary>
+    [SkippableFact]
+    public void TheTeamActsOnALinkChangeTheKernelReportsWithoutPolling()
+    {
+        using var net = NetTopology.Create();
+        string a = net.AddBridge(), b = net.AddBridge();
+        string tapA = net.Prefix + "ta", tapB = net.Prefix + "tb";
+        var hour = TimeSpan.FromHours(1);
+        using var team = new NicTeam([TapBackend.Open(tapA, 1, a), TapBackend.Open(tapB, 1, b)],
+            new TeamOptions { Policy = TeamPolicy.ActiveBackup, MonitorInterval = hour, LinkRecheck = hour }, MacAddress.Random());
+        var changes = new List<string>();
+        team.Changed += c => { lock (changes) changes.Add(c.Reason); };
+        Assert.True(SpinWait.SpinUntil(() => team.HearsLinkChanges, Wait), "the team's monitor opened no netlink socket");
+        Assert.Equal(["tap " + tapA], team.ActiveUplinks);
+        net.SetLinkDown(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapB]), Wait), "the team did not hear that A went down");
+        net.SetLinkUp(tapA);
+        Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), Wait), "the team did not hear that A came back");
+        lock (changes)
+            Assert.Equal(["link down", "link up", "failback"], changes);
+    }
+
+    /// <summary>
     /// With flow-hash, the VM's broadcasts leave by several uplinks and a bridge floods each one
     /// back into the others: none of them reaches the VM again.
     /// </summary>

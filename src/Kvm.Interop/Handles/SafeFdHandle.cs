@@ -170,6 +170,12 @@ public sealed class PacketSocketHandle : SafeFdHandle
     public PacketSocketHandle(int fd) : base(fd) { }
 }
 
+/// <summary>A netlink route socket in the link group: readable when a host interface changes.</summary>
+public sealed class LinkEventsHandle : SafeFdHandle
+{
+    public LinkEventsHandle(int fd) : base(fd) { }
+}
+
 /// <summary>An epoll instance.</summary>
 public sealed class EpollHandle : SafeFdHandle
 {

@@ -217,6 +217,33 @@ public static partial class KvmShim
             throw new IOException($"epoll_ctl DEL failed: {Errno.Describe(-rc)}");
     }
 
+    [LibraryImport(Library, EntryPoint = "kvmshim_link_events_open")]
+    private static partial int LinkEventsOpen();
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_link_events_drain")]
+    private static partial int LinkEventsDrain(SafeHandle fd);
+
+    /// <summary>
+    /// A netlink socket that turns readable whenever a host interface changes (up, down, carrier,
+    /// added, removed); throws <see cref="IOException"/> when it cannot be opened.
+    /// </summary>
+    public static LinkEventsHandle OpenLinkEvents()
+    {
+        int fd = LinkEventsOpen();
+        if (fd < 0)
+            throw new IOException($"cannot open a netlink socket for link changes: {Errno.Describe(-fd)}");
+        return new LinkEventsHandle(fd);
+    }
+
+    /// <summary>Reads the changes waiting on <paramref name="events"/>: whether any link changed (or changes were lost and every link must be read again); throws <see cref="IOException"/>.</summary>
+    public static bool DrainLinkEvents(LinkEventsHandle events)
+    {
+        int rc = LinkEventsDrain(events);
+        if (rc < 0)
+            throw new IOException($"reading link changes from netlink failed: {Errno.Describe(-rc)}");
+        return rc > 0;
+    }
+
     /// <summary>An epoll instance readable while any of <paramref name="fds"/> is; throws <see cref="IOException"/> when it cannot be made.</summary>
     public static EpollHandle EpollOf(IEnumerable<SafeHandle> fds)
     {
