@@ -22,4 +22,7 @@ internal static partial class DeviceLog
 
     [LoggerMessage(EventId = 2005, Level = LogLevel.Warning, Message = "{Device}: cannot update its bandwidth group, keeping its rates: {Problem}")]
     public static partial void BandwidthGroupFailed(ILogger logger, string device, string problem);
+
+    [LoggerMessage(EventId = 2006, Level = LogLevel.Warning, Message = "{Device}: bandwidth group {Group} holds slots that are no member's claim, left out of the sharing: {Problem}")]
+    public static partial void BandwidthGroupMalformed(ILogger logger, string device, string group, string problem);
 }

@@ -98,6 +98,26 @@ public sealed class BandwidthGroup : IDisposable
     /// <summary>The members the last <see cref="Update"/> counted.</summary>
     public IReadOnlyList<BandwidthMember> Members { get; private set; } = [];
 
+    /// <summary>Slots the last <see cref="Update"/> left out because they hold no member's claim (negative or impossible values), each with what is wrong.</summary>
+    public IReadOnlyList<string> Malformed { get; private set; } = [];
+
+    /// <summary>What makes slot <paramref name="s"/> (in use) not a member's claim, or null.</summary>
+    private static string? ProblemOf(ReadOnlySpan<byte> s, long now)
+    {
+        int shares = BinaryPrimitives.ReadInt32LittleEndian(s[12..]);
+        long stamp = BinaryPrimitives.ReadInt64LittleEndian(s[16..]);
+        long txReserve = BinaryPrimitives.ReadInt64LittleEndian(s[24..]), rxReserve = BinaryPrimitives.ReadInt64LittleEndian(s[32..]);
+        long txLimit = BinaryPrimitives.ReadInt64LittleEndian(s[40..]), rxLimit = BinaryPrimitives.ReadInt64LittleEndian(s[48..]);
+        long txUsed = BinaryPrimitives.ReadInt64LittleEndian(s[56..]), rxUsed = BinaryPrimitives.ReadInt64LittleEndian(s[64..]);
+        if (shares is < 1 or > BandwidthGroupOptions.MaxShares)
+            return $"shares {shares}";
+        if (txReserve < 0 || rxReserve < 0 || txLimit < 0 || rxLimit < 0 || txUsed < 0 || rxUsed < 0)
+            return $"reservations {txReserve}/{rxReserve}, limits {txLimit}/{rxLimit}, use {txUsed}/{rxUsed}";
+        if (stamp > now + 60_000)
+            return $"updated at {stamp} ms, after now ({now} ms)";
+        return null;
+    }
+
     private static long Now() => DateTimeOffset.UtcNow.ToUnixTimeMilliseconds();
 
     /// <summary>
@@ -132,7 +152,7 @@ public sealed class BandwidthGroup : IDisposable
         for (int i = 0; i < Slots && free < 0; i++)
         {
             var s = file.AsSpan(SlotAt(i));
-            if (BinaryPrimitives.ReadInt64LittleEndian(s) == 0 || now - BinaryPrimitives.ReadInt64LittleEndian(s[16..]) > stale)
+            if (BinaryPrimitives.ReadInt64LittleEndian(s) == 0 || now - BinaryPrimitives.ReadInt64LittleEndian(s[16..]) > stale || ProblemOf(s, now) is not null)
                 free = i;
         }
         if (free < 0)
@@ -184,6 +204,7 @@ public sealed class BandwidthGroup : IDisposable
     {
         long stale = (long)_options.StaleAfter.TotalMilliseconds;
         var members = new List<BandwidthMember>();
+        var malformed = new List<string>();
         int mine = -1;
         for (int i = 0; i < Slots; i++)
         {
@@ -191,14 +212,22 @@ public sealed class BandwidthGroup : IDisposable
             long id = BinaryPrimitives.ReadInt64LittleEndian(s);
             if (id == 0 || now - BinaryPrimitives.ReadInt64LittleEndian(s[16..]) > stale)
                 continue;
+            if (ProblemOf(s, now) is { } problem)
+            {
+                // Not a member's claim (the file was written by something else): it is left out,
+                // and its place is taken by the next member to join; the others share as before.
+                malformed.Add($"slot {i}: {problem}");
+                continue;
+            }
             var m = ReadMember(s);
-            if (m.Shares < 1 || m.TxReservation < 0 || m.RxReservation < 0 || m.TxUsed < 0 || m.RxUsed < 0)
-                throw new InvalidDataException($"bandwidth group {FilePath}: member slot {i} holds shares {m.Shares}, reservations {m.TxReservation}/{m.RxReservation}, use {m.TxUsed}/{m.RxUsed}: not a member's claim");
             if (i == _slot)
                 mine = members.Count;
             members.Add(m);
         }
         Members = members;
+        Malformed = malformed;
+        if (mine < 0)
+            throw new InvalidDataException($"bandwidth group {FilePath}: this member's slot {_slot} is not a member's claim ({string.Join("; ", malformed)})");
         long capacity = _options.Capacity;
         var tx = BandwidthAllocator.Allocate(capacity, members.Select(m => new BandwidthClaim(m.Shares, m.TxReservation, m.TxLimit, m.TxUsed, m.TxBacklogged)).ToArray());
         var rx = BandwidthAllocator.Allocate(capacity, members.Select(m => new BandwidthClaim(m.Shares, m.RxReservation, m.RxLimit, m.RxUsed, m.RxBacklogged)).ToArray());

@@ -92,6 +92,39 @@ public sealed class BandwidthGroupTests : IDisposable
         Assert.Equal("not a group", File.ReadAllText(broken));   // left as it was
     }
 
+    /// <summary>
+    /// A slot that holds no member's claim (here: negative shares and use, as a stray write would
+    /// leave) is left out and named, the members go on sharing, and the next member to join takes
+    /// the slot.
+    /// </summary>
+    [Fact]
+    public void ASlotThatIsNoClaimIsLeftOutAndTakenByTheNextMember()
+    {
+        using var a = new BandwidthGroup(Options(), "a", null, null);
+        using var b = new BandwidthGroup(Options() with { Shares = 300 }, "b", null, null);
+        string path = a.FilePath;
+        // Slot 2 (after a's and b's): in use (an id, a fresh time stamp) but shares -5, use -1.
+        byte[] file = File.ReadAllBytes(path);
+        int slot = BandwidthGroup.HeaderSize + 2 * BandwidthGroup.SlotSize;
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64LittleEndian(file.AsSpan(slot), 12345);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32LittleEndian(file.AsSpan(slot + 12), -5);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64LittleEndian(file.AsSpan(slot + 16), DateTimeOffset.UtcNow.ToUnixTimeMilliseconds());
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64LittleEndian(file.AsSpan(slot + 56), -1);
+        File.WriteAllBytes(path, file);
+
+        var (tx, _) = a.Update(0, true, 0, false);
+        b.Update(0, true, 0, false);
+        Assert.Equal(["a", "b"], b.Members.Select(m => m.Name));
+        Near(5 * M, tx);                                           // 1:3 of the uplink, the bad slot counted for nothing
+        Assert.Equal(["slot 2: shares -5"], b.Malformed);
+
+        using var c = new BandwidthGroup(Options(), "c", null, null);
+        c.Update(0, true, 0, false);
+        Assert.Empty(c.Malformed);
+        Assert.Equal(["a", "b", "c"], c.Members.Select(m => m.Name));
+        Assert.NotEqual(12345, System.Buffers.Binary.BinaryPrimitives.ReadInt64LittleEndian(File.ReadAllBytes(path).AsSpan(slot)));   // c's now
+    }
+
     [Theory]
     [InlineData("", 20_000_000, 100, 0, "neither a name")]
     [InlineData("a b", 20_000_000, 100, 0, "neither a name")]

@@ -94,6 +94,7 @@ public sealed class VirtioNet : IVirtioDevice
         long txPassed = _txLimit!.Passed, rxPassed = _rxLimit!.Passed, txHeld = _txLimit.Held, rxHeld = _rxLimit.Held;
         long last = System.Diagnostics.Stopwatch.GetTimestamp();
         bool failed = false;
+        string reported = "";
         while (!_stopGroup.Wait(BandwidthPeriod))
         {
             long now = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -106,6 +107,10 @@ public sealed class VirtioNet : IVirtioDevice
                 _txLimit.SetRate(tx);
                 _rxLimit.SetRate(rx);
                 failed = false;
+                string malformed = string.Join("; ", _group.Malformed);
+                if (malformed.Length > 0 && malformed != reported)
+                    DeviceLog.BandwidthGroupMalformed(_log, Name, _group.FilePath, malformed);
+                reported = malformed;
             }
             catch (Exception e) when (e is IOException or InvalidDataException or UnauthorizedAccessException)
             {
