@@ -280,9 +280,11 @@ public static class ControlCommands
                 Console.WriteLine($"  rate now: sending {(n.TxRate is { } t ? $"{t / 1e6:0.###} Mbit/s" : "unlimited")}, receiving " +
                                   $"{(n.RxRate is { } r ? $"{r / 1e6:0.###} Mbit/s" : "unlimited")}" +
                                   (n.BandwidthGroup is null ? "" : $" (bandwidth group {n.BandwidthGroup}, {n.BandwidthMembers} members)"));
-            Console.WriteLine($"  received {n.RxPackets} frames ({n.RxBytes} bytes), filtered {n.RxFiltered}, dropped {n.RxDropped}");
+            Console.WriteLine($"  received {n.RxPackets} frames ({n.RxBytes} bytes), filtered {n.RxFiltered}, dropped {n.RxDropped}" +
+                              (n.RxDosLimited is > 0 ? $" ({n.RxDosLimited} over a DoS rule's limit)" : ""));
             Console.WriteLine($"  sent {n.TxPackets} frames ({n.TxBytes} bytes); dropped: spoofed source {n.TxSpoofed}, too long {n.TxTooLong}, " +
-                              $"malformed {n.TxMalformed}, refused by the uplink {n.TxBackendDropped}");
+                              $"malformed {n.TxMalformed}, refused by the uplink {n.TxBackendDropped}" +
+                              (n.TxDosLimited is > 0 ? $", over a DoS rule's limit {n.TxDosLimited}" : ""));
             foreach (var u in n.Uplinks)
                 Console.WriteLine($"  {u.Name}: {(u.Up ? "up" : "DOWN")}{(u.Active ? ", active" : n.Policy is null ? "" : ", standby")}" +
                                   (u.TxPackets is null ? "" : $", sent {u.TxPackets} ({u.TxBytes} bytes), received {u.RxPackets} ({u.RxBytes} bytes), " +

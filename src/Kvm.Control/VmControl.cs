@@ -538,7 +538,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         return new NicStats(id, net.Mac.ToString(), net.Options.QueuePairs, net.ActivePairs, s.RxPackets, s.RxBytes, s.TxPackets,
             s.TxBytes, s.RxFiltered, s.RxDropped, s.TxSpoofed, s.TxTooLong, s.TxMalformed, s.TxBackendDropped,
             team is null ? null : Kvm.Vmm.Machine.NicSpec.PolicyName(team.Options.Policy), team?.Failovers ?? 0, uplinks,
-            net.TxRate, net.RxRate, net.Bandwidth?.FilePath, net.Bandwidth?.Members.Count);
+            net.TxRate, net.RxRate, net.Bandwidth?.FilePath, net.Bandwidth?.Members.Count, s.RxDosLimited, s.TxDosLimited);
     }
 
     /// <summary>This process's resident set (VmRSS from /proc/self/status), in bytes.</summary>

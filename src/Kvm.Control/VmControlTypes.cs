@@ -83,7 +83,7 @@ public sealed record MemoryLoadStats(long Faults, long BytesOnTouch, long BytesF
 public sealed record NicStats(string Id, string Mac, int QueuePairs, int ActivePairs, long RxPackets, long RxBytes, long TxPackets,
     long TxBytes, long RxFiltered, long RxDropped, long TxSpoofed, long TxTooLong, long TxMalformed, long TxBackendDropped,
     string? Policy, int Failovers, IReadOnlyList<UplinkStats> Uplinks, long? TxRate = null, long? RxRate = null, string? BandwidthGroup = null,
-    int? BandwidthMembers = null);
+    int? BandwidthMembers = null, long? RxDosLimited = null, long? TxDosLimited = null);
 
 /// <summary>One uplink of a NIC: its link, whether it carries traffic, what went through it (a team's counters; null for a lone tap).</summary>
 public sealed record UplinkStats(string Name, bool Up, bool Active, long? RxPackets = null, long? RxBytes = null, long? TxPackets = null,

@@ -19,7 +19,7 @@ public enum DosAction
     /// <summary>Pause the VM until an operator resumes it.</summary>
     Suspend,
 
-    /// <summary>Hold the direction the rule fired on to <see cref="DosRules.LimitTo"/> until the traffic is back below the thresholds.</summary>
+    /// <summary>Hold the direction the rule fired on to <see cref="DosRules.LimitTo"/>, dropping what is over it, until the traffic offered is back below the thresholds.</summary>
     Limit,
 }
 

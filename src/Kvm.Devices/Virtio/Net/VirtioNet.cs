@@ -339,7 +339,6 @@ public sealed class VirtioNet : IVirtioDevice
                 // Over its receive limit the VM reads no more for a while: frames wait in the
                 // backend (the tap's queue), and drop there if the sender does not slow down.
                 _rxLimit?.WaitOutOfDebt();
-                _dosRx?.WaitOutOfDebt();
                 int n = _backend.Receive(pair, rx.Buffer);
                 if (n == 0)
                     return BackendQueueState.BackendEmpty;
@@ -353,6 +352,22 @@ public sealed class VirtioNet : IVirtioDevice
                     _counters.RxFiltered();
                     continue;
                 }
+                // The monitor sees every frame offered to the VM, those a firing rule's limit then
+                // drops included: it judges the traffic, not what the limit let through (else the
+                // rule would clear while the flood goes on, and the flood come back in full).
+                var frame = rx.Buffer.AsSpan(VirtioNetHeader.Size, n - VirtioNetHeader.Size);
+                _monitor?.Observe(TrafficDirection.In, frame);
+                if (_dosRx is { } dos)
+                {
+                    // Over a DoS rule's limit a frame is dropped, not held: holding would queue the
+                    // flood in the backend and the VM's wanted traffic behind it.
+                    if (dos.InDebt)
+                    {
+                        _counters.RxDosLimited();
+                        continue;
+                    }
+                    dos.Charge(frame.Length);
+                }
                 rx.Length = n;
             }
             var delivery = Deliver(queue, memory, rx);
@@ -362,8 +377,6 @@ public sealed class VirtioNet : IVirtioDevice
             {
                 _counters.Rx(rx.Length - VirtioNetHeader.Size);
                 _rxLimit?.Charge(rx.Length - VirtioNetHeader.Size);
-                _dosRx?.Charge(rx.Length - VirtioNetHeader.Size);
-                _monitor?.Observe(TrafficDirection.In, rx.Buffer.AsSpan(VirtioNetHeader.Size, rx.Length - VirtioNetHeader.Size));
                 delivered++;
             }
             rx.Length = 0;
@@ -448,7 +461,7 @@ public sealed class VirtioNet : IVirtioDevice
         // for the rate limit, so the guest does not wait for the whole ring to drain.
         for (int sent = 0; sent < TransmitBatch; sent++)
         {
-            if (sent > 0 && (_txLimit?.InDebt == true || _dosTx?.InDebt == true))
+            if (sent > 0 && _txLimit?.InDebt == true)
                 return;
             if (!queue.TryPop(out var chain))
                 return;
@@ -502,11 +515,22 @@ public sealed class VirtioNet : IVirtioDevice
             return;
         }
         packet[10] = packet[11] = 0;        // num_buffers means nothing on transmit
+        // The monitor sees every frame the guest offers (see ProcessReceive).
+        _monitor?.Observe(TrafficDirection.Out, packet[VirtioNetHeader.Size..]);
+        if (_dosTx is { } dos)
+        {
+            // Over a firing DoS rule's limit the frame is dropped: a flooding guest is not paced
+            // like a well-behaved one, its excess simply does not leave.
+            if (dos.InDebt)
+            {
+                _counters.TxDosLimited();
+                return;
+            }
+            dos.Charge(frame);
+        }
         // Over its limit the guest waits: its transmit ring fills and its stack slows down, as
         // behind a slower link (frames are not dropped).
         _txLimit?.Take(frame);
-        _dosTx?.Take(frame);
-        _monitor?.Observe(TrafficDirection.Out, packet[VirtioNetHeader.Size..]);
         if (_backend.Send(pair, packet))
             _counters.Tx(frame);
         else

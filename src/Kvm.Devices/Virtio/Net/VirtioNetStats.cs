@@ -5,15 +5,16 @@ namespace Kvm.Devices.Virtio.Net;
 /// not counted), and frames dropped by cause. Received: filtered out by the guest's receive mode,
 /// too long for a buffer of a driver without MRG_RXBUF, shorter than an Ethernet header, dropped
 /// at a pause. Transmitted: a source MAC not the VM's, too long, malformed (too short, or an
-/// offload not negotiated), refused by the backend.
+/// offload not negotiated), refused by the backend. Each way: over the limit a firing
+/// denial-of-service rule set (DosAction.Limit), counted among the drops.
 /// </summary>
 public sealed record VirtioNetStats(
     long RxPackets, long RxBytes, long RxFiltered, long RxTooLong, long RxErrors, long RxDroppedAtPause,
     long TxPackets, long TxBytes, long TxSpoofed, long TxTooLong, long TxMalformed, long TxBackendDropped,
-    long ControlCommands, long ControlRefused)
+    long ControlCommands, long ControlRefused, long RxDosLimited = 0, long TxDosLimited = 0)
 {
-    public long TxDropped => TxSpoofed + TxTooLong + TxMalformed + TxBackendDropped;
-    public long RxDropped => RxFiltered + RxTooLong + RxErrors + RxDroppedAtPause;
+    public long TxDropped => TxSpoofed + TxTooLong + TxMalformed + TxBackendDropped + TxDosLimited;
+    public long RxDropped => RxFiltered + RxTooLong + RxErrors + RxDroppedAtPause + RxDosLimited;
 }
 
 /// <summary>The counters behind <see cref="VirtioNetStats"/>, bumped by every queue worker at once.</summary>
@@ -21,6 +22,7 @@ internal sealed class VirtioNetCounters
 {
     private long _rxPackets, _rxBytes, _rxFiltered, _rxTooLong, _rxErrors, _rxPause;
     private long _txPackets, _txBytes, _txSpoofed, _txTooLong, _txMalformed, _txBackend, _control, _controlRefused;
+    private long _rxDos, _txDos;
 
     public void Rx(int bytes)
     {
@@ -42,6 +44,8 @@ internal sealed class VirtioNetCounters
     public void TxTooLong() => Interlocked.Increment(ref _txTooLong);
     public void TxMalformed() => Interlocked.Increment(ref _txMalformed);
     public void TxBackendDropped() => Interlocked.Increment(ref _txBackend);
+    public void RxDosLimited() => Interlocked.Increment(ref _rxDos);
+    public void TxDosLimited() => Interlocked.Increment(ref _txDos);
 
     public void Control(bool ok)
     {
@@ -55,5 +59,6 @@ internal sealed class VirtioNetCounters
         Interlocked.Read(ref _rxTooLong), Interlocked.Read(ref _rxErrors), Interlocked.Read(ref _rxPause),
         Interlocked.Read(ref _txPackets), Interlocked.Read(ref _txBytes), Interlocked.Read(ref _txSpoofed),
         Interlocked.Read(ref _txTooLong), Interlocked.Read(ref _txMalformed), Interlocked.Read(ref _txBackend),
-        Interlocked.Read(ref _control), Interlocked.Read(ref _controlRefused));
+        Interlocked.Read(ref _control), Interlocked.Read(ref _controlRefused),
+        Interlocked.Read(ref _rxDos), Interlocked.Read(ref _txDos));
 }
