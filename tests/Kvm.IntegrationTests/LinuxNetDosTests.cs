@@ -11,8 +11,8 @@ using Xunit.Abstractions;
 namespace Kvm.IntegrationTests;
 
 /// <summary>
-/// Denial-of-service detection on two Linux guests behind one bridge: a SYN flood from the peer at
-/// the first (whose NIC has dos=suspend) pauses it through its control (VmControl, as kvm-vmm runs
+/// Denial-of-service detection on two Linux guests behind one bridge: a SYN flood, and separately
+/// a UDP flood, from the peer at the first (whose NIC has dos=suspend) pauses it through its control (VmControl, as kvm-vmm runs
 /// it), naming the rule and the figures, while the second guest's transfer from the same peer
 /// goes on to the end; an operator's resume lets the first go on.
 /// </summary>
@@ -48,8 +48,27 @@ public class LinuxNetDosTests(ITestOutputHelper output)
         print("sent", n, flush=True)
         """;
 
-    [SkippableFact]
-    public void ASynFloodAtOneVmSuspendsItWhileAnotherVmsTransferGoesOn()
+    // UDP datagrams of 64 bytes to ADDR:PORT (closed on the victim) at about RATE per second for
+    // SECONDS. Prints "sent N".
+    private const string UdpFlood = """
+        import socket, sys, time
+        dst, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        payload = b"x" * 64
+        n = 0; start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            try: s.sendto(payload, (dst, port))
+            except OSError: pass
+            n += 1
+            ahead = n / rate - (time.monotonic() - start)
+            if ahead > 0: time.sleep(ahead)
+        print("sent", n, flush=True)
+        """;
+
+    [SkippableTheory]
+    [InlineData("half-open")]
+    [InlineData("udp")]
+    public void AFloodAtOneVmSuspendsItWhileAnotherVmsTransferGoesOn(string rule)
     {
         LinuxNetGuest.Files();
         using var net = NetTopology.Create();
@@ -59,11 +78,13 @@ public class LinuxNetDosTests(ITestOutputHelper output)
         var served = peer.ServeBytes(5000, bytes);
 
         // The victim waits for a connection that never comes (tcpserve); its NIC suspends the VM
-        // at 200 half-open handshakes per second sustained for a second.
+        // at 200 half-open handshakes, or 500 UDP datagrams, per second sustained for a second.
         var victimNic = new NicSpec
         {
             Uplinks = [new UplinkSpec { Tap = net.Prefix + "tv", Bridge = bridge }],
-            Dos = new DosRules { HalfOpenPerSecond = 200, Window = TimeSpan.FromSeconds(1), Action = DosAction.Suspend },
+            Dos = rule == "udp"
+                ? new DosRules { UdpPerSecond = 500, Window = TimeSpan.FromSeconds(1), Action = DosAction.Suspend }
+                : new DosRules { HalfOpenPerSecond = 200, Window = TimeSpan.FromSeconds(1), Action = DosAction.Suspend },
         };
         var bystanderNic = new NicSpec { Uplinks = [new UplinkSpec { Tap = net.Prefix + "tb", Bridge = bridge }] };
         var victimSerial = new SerialCapture();
@@ -80,15 +101,17 @@ public class LinuxNetDosTests(ITestOutputHelper output)
 
         Assert.True(SpinWait.SpinUntil(() => victimSerial.Text.Contains("tcpserve listening 7000", StringComparison.Ordinal), Timeout),
             "the victim did not listen; console:\n" + victimSerial.Text);
-        var flood = peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "12");
+        var flood = rule == "udp"
+            ? peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", UdpFlood, Victim, "9999", "1500", "12")
+            : peer.Run(TimeSpan.FromMinutes(3), net.Python, "-c", SynFlood, Victim, "7000", "1000", "12");
         Assert.True(flood.ExitCode == 0, flood.Stdout + flood.Stderr);
         Assert.True(SpinWait.SpinUntil(() => control.State == "paused", TimeSpan.FromSeconds(60)),
             $"the victim is {control.State} after the flood ({flood.Stdout.Trim()}); alarms: {string.Join("; ", alarms.Select(a => a.Alarm.Describe()))}");
         var status = control.Status();
         output.WriteLine($"{flood.Stdout.Trim()}; {status.PausedBy}");
-        Assert.StartsWith("virtio-net0: denial-of-service rule half-open in at ", status.PausedBy);
+        Assert.StartsWith($"virtio-net0: denial-of-service rule {rule} in at ", status.PausedBy);
         lock (alarms)
-            Assert.Contains(alarms, a => a.Nic == "virtio-net0" && a.Alarm.Rule == "half-open" && a.Alarm.Direction == TrafficDirection.In && !a.Alarm.Cleared);
+            Assert.Contains(alarms, a => a.Nic == "virtio-net0" && a.Alarm.Rule == rule && a.Alarm.Direction == TrafficDirection.In && !a.Alarm.Cleared);
         Assert.All(victim.Vcpus, t => Assert.Equal("Paused", t.State.ToString()));
 
         // The bystander's transfer ends whole while the victim stays paused.
@@ -144,5 +167,71 @@ public class LinuxNetDosTests(ITestOutputHelper output)
         var reason = run.WaitAsync(TimeSpan.FromSeconds(10)).GetAwaiter().GetResult();
         Assert.True(reason == new DebugExitStop(0), $"verdict {reason.Describe()}; console:\n{serial.Text}");
         Assert.Contains("kvm-guest: udpflood kvm-flood: sent ", serial.Text);
+    }
+
+    /// <summary>
+    /// With dos=limit a VM flooding outward keeps running: once the UDP rule fires, what reaches
+    /// the peer is held to the limit (the excess dropped, counted in the NIC's stats), the rule
+    /// stays firing for as long as the flood goes on (the monitor judges what the guest offers,
+    /// not what the limit lets out), and the guest's flood runs to its end.
+    /// </summary>
+    [SkippableFact]
+    public void AVmFloodingOutwardUnderDosLimitIsHeldToTheLimitAndKeepsRunning()
+    {
+        LinuxNetGuest.Files();
+        using var net = NetTopology.Create();
+        string bridge = net.AddBridge();
+        var peer = net.AddPeer(bridge, Peer + "/24");
+        const long limit = 2_000_000;
+        // A window of 3 s: the guest's flood (kvm-flood keeps its average rate, so it bursts after
+        // a stall) may stand still for a second in the nested host, and a rule clears after a
+        // whole window below half its threshold; the rule fires within half a window or so.
+        const int size = 1200, rate = 3000, seconds = 16;
+        var settle = TimeSpan.FromSeconds(6);
+        var sink = peer.CountDatagrams(9999, settle);
+        var nic = new NicSpec
+        {
+            Uplinks = [new UplinkSpec { Tap = net.Prefix + "tl", Bridge = bridge }],
+            Dos = new DosRules { UdpPerSecond = 500, Window = TimeSpan.FromSeconds(3), Action = DosAction.Limit, LimitTo = limit },
+        };
+        var serial = new SerialCapture();
+        using var vm = VirtualMachine.Create(LinuxNetGuest.Spec(Victim, Peer, $"udpflood:{Peer}:9999:{seconds}:{rate}:{size}", nic), serial.Write);
+        using var control = new VmControl(vm);
+        control.Register(new RpcDispatcher(NullLogger.Instance));
+        var alarms = new List<DosAlarm>();
+        vm.TrafficAlarm += (_, a) => { lock (alarms) alarms.Add(a); };
+        using var cancel = new CancellationTokenSource(Timeout);
+        var run = Task.Run(() => vm.Run(cancel.Token));
+        bool everPaused = false;
+        while (!run.IsCompleted)
+        {
+            everPaused |= control.State == "paused";
+            Thread.Sleep(50);
+        }
+        var reason = run.WaitAsync(TimeSpan.FromSeconds(10)).GetAwaiter().GetResult();
+        var nicStats = Assert.Single(control.Stats().Nics!);
+        var (total, late, span) = sink.WaitAsync(TimeSpan.FromMinutes(2)).GetAwaiter().GetResult();
+        double lateRate = span > 0 ? late * 8 / span : 0;
+        string figures = $"peer got {total} bytes, {late} in the last {span:0.00} s ({lateRate / 1e6:0.00} Mbit/s of payload); " +
+                         $"VM sent {nicStats.TxPackets} frames, {nicStats.TxDosLimited} dropped over the limit; alarms: " +
+                         string.Join("; ", alarms.Select(a => a.Describe())) + "; " +
+                         serial.Text.Split('\n').FirstOrDefault(l => l.Contains("udpflood kvm-flood", StringComparison.Ordinal))?.Trim();
+        output.WriteLine(figures);
+        Assert.True(reason == new DebugExitStop(0), $"verdict {reason.Describe()}; {figures}; console:\n{serial.Text}");
+        Assert.Contains("kvm-guest: udpflood kvm-flood: sent ", serial.Text);
+        Assert.False(everPaused, "dos=limit paused the VM");
+        lock (alarms)
+        {
+            // One firing of the rule for the whole flood (it may clear once the flood is over).
+            Assert.Single(alarms, a => a.Rule == "udp" && a.Direction == TrafficDirection.Out && !a.Cleared);
+            Assert.DoesNotContain(alarms, a => a.Direction == TrafficDirection.In);
+        }
+        Assert.True(nicStats.TxDosLimited > 0, figures);
+        // Held to the limit: payload is 1200 of each frame's 1242 bytes; the bucket's burst (64 KiB)
+        // spread over the span is the only allowance above it. The flood goes on through the limit.
+        Assert.True(span >= 5, $"the flood reached the peer for too short a time to judge: {figures}");
+        double ceiling = limit * 1.05 + VirtioNetHeader.MaxPacket * 8 / span;
+        Assert.True(lateRate <= ceiling, $"above the {limit / 1e6} Mbit/s limit: {figures}");
+        Assert.True(lateRate >= limit * 0.5, $"the limit let almost nothing through: {figures}");
     }
 }

@@ -412,6 +412,67 @@ public sealed class NetPeer
         });
     }
 
+    /// <summary>
+    /// Starts a UDP sink on <paramref name="port"/> in the namespace and returns once it listens.
+    /// It counts the payload bytes of the datagrams it gets until 3 s pass without one; the task
+    /// ends with all of them, those that came <paramref name="settle"/> or later after the first
+    /// (Late), and the time from that point to the last datagram (LateSpan, seconds).
+    /// </summary>
+    public Task<(long Total, long Late, double LateSpan)> CountDatagrams(int port, TimeSpan settle)
+    {
+        var process = TestEnvironment.StartRedirected("ip",
+        [
+            "netns", "exec", Namespace, _topology.Python, "-c", DatagramScript, port.ToString(CultureInfo.InvariantCulture),
+            settle.TotalSeconds.ToString(CultureInfo.InvariantCulture), ServerTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture),
+        ]);
+        process.StandardInput.Close();
+        _topology.Track(process);
+        var first = process.StandardOutput.ReadLineAsync();
+        if (!first.Wait(StartTimeout) || first.Result != "listening")
+        {
+            if (!process.HasExited)
+                process.Kill(entireProcessTree: true);
+            throw new InvalidOperationException(
+                $"the UDP sink on {Namespace} port {port} did not start listening: {(first.IsCompleted ? first.Result : "(no line)")} {process.StandardError.ReadToEnd()}");
+        }
+        return Task.Run(() =>
+        {
+            string rest = process.StandardOutput.ReadToEnd();
+            process.WaitForExit();
+            // "got TOTAL LATE SPAN"
+            string[] got = rest.Trim().Split(' ');
+            if (process.ExitCode != 0 || got.Length != 4 || got[0] != "got")
+                throw new InvalidOperationException($"the UDP sink on {Address}:{port} failed (exit {process.ExitCode}): {rest}{process.StandardError.ReadToEnd()}");
+            return (long.Parse(got[1], CultureInfo.InvariantCulture), long.Parse(got[2], CultureInfo.InvariantCulture),
+                double.Parse(got[3], CultureInfo.InvariantCulture));
+        });
+    }
+
+    private const string DatagramScript = """
+        import socket, sys, time
+        port, settle, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind(("", port))
+        s.settimeout(timeout)
+        print("listening", flush=True)
+        first = last = None; total = late = 0
+        while True:
+            try:
+                b = s.recv(65536)
+            except socket.timeout:
+                break
+            now = time.monotonic()
+            if first is None:
+                first = now
+                s.settimeout(3)
+            total += len(b); last = now
+            if now - first >= settle:
+                late += len(b)
+        span = 0.0 if first is None else max(0.0, last - first - settle)
+        print("got", total, late, "%.3f" % span, flush=True)
+        """;
+
     private (Process Process, string FirstLine) StartServer(string mode, int port, long bytes)
     {
         var process = TestEnvironment.StartRedirected("ip",
