@@ -1502,6 +1502,450 @@ EXPORT void kvmshim_lazy_free(void *loader)
     lazy_free(loader);
 }
 
+// ---- userfaultfd write-protect: guest RAM saved as it was at an instant while the guest runs ----
+//
+// A checkpoint stops the VM only to write-protect its RAM (UFFDIO_WRITEPROTECT over every region,
+// registered in write-protect mode beforehand); then the guest runs on while the pages, as they
+// were at the stop, go to the checkpoint's memory file. Every write to a page not yet saved, by a
+// vCPU (KVM's fault goes through the same mapping), by KVM itself, by a device model or by the
+// kernel on the VMM's behalf (a preadv into RAM), faults on the protection and waits; the fault
+// thread saves the chunk holding the page, then lifts the protection from that chunk, which wakes
+// the writer. A background thread saves the other chunks in address order at a set rate and lifts
+// their protection as it goes. So the file gets each page's content at the stop, whoever wrote it
+// afterwards. Pages are read with pread from the RAM's own file (memfd, tmpfs or hugetlbfs): a
+// page never touched reads as zeros without being allocated, where a read through the mapping
+// would allocate it. Chunks all zeros are not written (holes).
+//
+// Native threads, as for the lazy loader: a thread of the VMM's own may block in a write fault,
+// where the .NET runtime cannot stop it for a garbage collection. On an error the first errno is
+// kept and the protection is lifted everywhere and the ranges unregistered, so no writer waits
+// forever; the checkpoint is then incomplete and the caller discards it.
+
+enum { COW_NOT_SAVED = 0, COW_SAVING = 1, COW_SAVED = 2 };
+
+struct cow_region {
+    uint64_t host, size, ram_offset, file_offset;
+    uint8_t *state;             // per chunk: COW_*
+    uint64_t chunks;
+};
+
+struct cow_writer {
+    int uffd, ram_fd, file_fd, stop_fd;
+    uint64_t chunk;
+    int32_t nregions;
+    struct cow_region *regions;
+    uint64_t total_chunks, saved_chunks;
+    int64_t faults, bytes_fault, bytes_background, bytes_written;
+    int64_t protected_ns, finished_ns;
+    int32_t error, stopping, released, done, protect_done;
+    int64_t rate;
+    pthread_t fault_thread, background_thread;
+    int background_started;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+};
+
+// UFFDIO_WRITEPROTECT: mode UFFDIO_WRITEPROTECT_MODE_WP protects [start, start+length); mode 0
+// lifts the protection and wakes the threads waiting there (unless _MODE_DONTWAKE).
+EXPORT int32_t kvmshim_uffd_writeprotect(int32_t fd, uint64_t start, uint64_t length, uint64_t mode)
+{
+#ifdef UFFDIO_WRITEPROTECT
+    struct uffdio_writeprotect wp = { .range = { .start = start, .len = length }, .mode = mode };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+#else
+    (void)fd; (void)start; (void)length; (void)mode;
+    return -ENOTTY;
+#endif
+}
+
+static void cow_release(struct cow_writer *w)
+{
+    if (__atomic_exchange_n(&w->released, 1, __ATOMIC_ACQ_REL))
+        return;
+    for (int32_t i = 0; i < w->nregions; i++) {
+        kvmshim_uffd_writeprotect(w->uffd, w->regions[i].host, w->regions[i].size, 0);
+        struct uffdio_range r = { .start = w->regions[i].host, .len = w->regions[i].size };
+        ioctl(w->uffd, UFFDIO_UNREGISTER, &r);
+    }
+}
+
+static void cow_fail(struct cow_writer *w, int err)
+{
+    pthread_mutex_lock(&w->lock);
+    if (!w->error)
+        w->error = err;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    cow_release(w);
+}
+
+static void cow_finish(struct cow_writer *w)
+{
+    __atomic_store_n(&w->finished_ns, lazy_now_ns(), __ATOMIC_RELEASE);
+    cow_release(w);
+    pthread_mutex_lock(&w->lock);
+    w->done = 1;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+}
+
+static int cow_pread_all(int fd, uint8_t *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t n = pread(fd, buf + got, len - got, (off_t)(offset + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -ENODATA;
+        got += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int cow_pwrite_all(int fd, const uint8_t *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t put = 0;
+    while (put < len) {
+        ssize_t n = pwrite(fd, buf + put, len - put, (off_t)(offset + put));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        put += (uint64_t)n;
+    }
+    return 0;
+}
+
+// Saves chunk c of region r unless someone else saves or saved it: reads it from the RAM's file,
+// writes its pages that are not all zeros to the checkpoint's file, lifts the protection (waking
+// whoever waits to write there). Returns the bytes this call saved (0: not this call's), or -errno.
+static int64_t cow_save(struct cow_writer *w, int32_t r, uint64_t c, uint8_t *buf, int64_t *counter)
+{
+    struct cow_region *reg = &w->regions[r];
+    uint8_t expected = COW_NOT_SAVED;
+    if (!__atomic_compare_exchange_n(&reg->state[c], &expected, COW_SAVING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    uint64_t offset = c * w->chunk;
+    uint64_t len = reg->size - offset < w->chunk ? reg->size - offset : w->chunk;
+    int rc = cow_pread_all(w->ram_fd, buf, len, reg->ram_offset + offset);
+    if (rc < 0)
+        return rc;
+    for (uint64_t page = 0; page < len; ) {
+        uint64_t run = page;
+        while (run < len && !lazy_all_zero(buf + run, 4096))
+            run += 4096;
+        if (run > page) {
+            rc = cow_pwrite_all(w->file_fd, buf + page, run - page, reg->file_offset + offset + page);
+            if (rc < 0)
+                return rc;
+            __atomic_add_fetch(&w->bytes_written, (int64_t)(run - page), __ATOMIC_RELAXED);
+            page = run;
+        } else
+            page += 4096;
+    }
+    __atomic_add_fetch(counter, (int64_t)len, __ATOMIC_RELAXED);
+    rc = kvmshim_uffd_writeprotect(w->uffd, reg->host + offset, len, 0);
+    if (rc < 0 && !__atomic_load_n(&w->released, __ATOMIC_ACQUIRE))
+        return rc;          // (once released, the ranges are unregistered and nothing is protected)
+    __atomic_store_n(&reg->state[c], COW_SAVED, __ATOMIC_RELEASE);
+    if (__atomic_add_fetch(&w->saved_chunks, 1, __ATOMIC_ACQ_REL) == w->total_chunks)
+        cow_finish(w);
+    return (int64_t)len;
+}
+
+static int cow_locate(struct cow_writer *w, uint64_t host, int32_t *r, uint64_t *c)
+{
+    for (int32_t i = 0; i < w->nregions; i++)
+        if (host >= w->regions[i].host && host - w->regions[i].host < w->regions[i].size) {
+            *r = i;
+            *c = (host - w->regions[i].host) / w->chunk;
+            return 1;
+        }
+    return 0;
+}
+
+static void *cow_fault_thread(void *arg)
+{
+    struct cow_writer *w = arg;
+    block_signals();
+    uint8_t *buf = malloc(w->chunk);
+    if (!buf) {
+        cow_fail(w, ENOMEM);
+        return NULL;
+    }
+    struct uffd_msg msgs[64];
+    while (!__atomic_load_n(&w->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd p[2] = { { .fd = w->uffd, .events = POLLIN }, { .fd = w->stop_fd, .events = POLLIN } };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            cow_fail(w, errno);
+            break;
+        }
+        if (p[1].revents & POLLIN)
+            break;
+        ssize_t n = read(w->uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            cow_fail(w, errno);
+            break;
+        }
+        int failed = 0;
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof(struct uffd_msg); i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            __atomic_add_fetch(&w->faults, 1, __ATOMIC_RELAXED);
+            uint64_t page = msgs[i].arg.pagefault.address & ~(uint64_t)4095;
+            int32_t r;
+            uint64_t c;
+            if (!failed && cow_locate(w, page, &r, &c)) {
+                int64_t saved = cow_save(w, r, c, buf, &w->bytes_fault);
+                if (saved < 0) {
+                    cow_fail(w, (int)-saved);
+                    failed = 1;
+                } else if (saved > 0)
+                    continue;       // lifting the protection woke the writer
+                else
+                    // Another thread saves it; lifting its protection wakes the writer. Once saved, wake anyway.
+                    while (__atomic_load_n(&w->regions[r].state[c], __ATOMIC_ACQUIRE) != COW_SAVED
+                           && !__atomic_load_n(&w->stopping, __ATOMIC_ACQUIRE) && !__atomic_load_n(&w->released, __ATOMIC_ACQUIRE))
+                        sched_yield();
+            }
+            struct uffdio_range wake = { .start = page, .len = 4096 };
+            ioctl(w->uffd, UFFDIO_WAKE, &wake);
+        }
+        if (failed)
+            break;
+    }
+    free(buf);
+    return NULL;
+}
+
+static void *cow_background_thread(void *arg)
+{
+    struct cow_writer *w = arg;
+    block_signals();
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);   // behind the guest and the fault thread
+    uint8_t *buf = malloc(w->chunk);
+    if (!buf) {
+        cow_fail(w, ENOMEM);
+        return NULL;
+    }
+    int64_t started = lazy_now_ns(), saved = 0;
+    for (int32_t r = 0; r < w->nregions; r++)
+        for (uint64_t c = 0; c < w->regions[r].chunks; c++) {
+            if (__atomic_load_n(&w->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&w->released, __ATOMIC_ACQUIRE))
+                goto out;
+            int64_t n = cow_save(w, r, c, buf, &w->bytes_background);
+            if (n < 0) {
+                cow_fail(w, (int)-n);
+                goto out;
+            }
+            saved += n;
+            if (w->rate > 0 && n > 0) {
+                int64_t due = started + (int64_t)((double)saved / (double)w->rate * 1e9);
+                int64_t ahead = due - lazy_now_ns();
+                if (ahead > 1000000) {
+                    struct timespec ts = { .tv_sec = ahead / 1000000000, .tv_nsec = ahead % 1000000000 };
+                    nanosleep(&ts, NULL);
+                }
+            }
+        }
+out:
+    free(buf);
+    return NULL;
+}
+
+static void cow_free(struct cow_writer *w)
+{
+    if (w->regions)
+        for (int32_t i = 0; i < w->nregions; i++)
+            free(w->regions[i].state);
+    free(w->regions);
+    if (w->stop_fd >= 0)
+        close(w->stop_fd);
+    pthread_mutex_destroy(&w->lock);
+    pthread_cond_destroy(&w->changed);
+    free(w);
+}
+
+// Prepares a checkpoint writer: uffd has [hosts[i], hosts[i]+sizes[i]) registered in write-protect
+// mode; region i's RAM is at ram_offsets[i] in ram_fd and goes to file_offsets[i] in file_fd;
+// chunk: the bytes saved at a time (a multiple of 4096, of the huge page size on hugetlbfs). The
+// fault thread starts at once; nothing is protected until kvmshim_cow_protect. The descriptors
+// stay the caller's, open until kvmshim_cow_stop.
+EXPORT int32_t kvmshim_cow_start(int32_t uffd, int32_t ram_fd, int32_t file_fd, uint64_t chunk, const uint64_t *hosts,
+                                 const uint64_t *sizes, const uint64_t *ram_offsets, const uint64_t *file_offsets,
+                                 int32_t nregions, void **out)
+{
+    if (nregions <= 0 || chunk == 0 || chunk % 4096 != 0)
+        return -EINVAL;
+    for (int32_t i = 0; i < nregions; i++)
+        if (sizes[i] == 0 || sizes[i] % 4096 != 0 || hosts[i] % 4096 != 0)
+            return -EINVAL;
+    struct cow_writer *w = calloc(1, sizeof *w);
+    if (!w)
+        return -ENOMEM;
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+    w->uffd = uffd;
+    w->ram_fd = ram_fd;
+    w->file_fd = file_fd;
+    w->chunk = chunk;
+    w->stop_fd = -1;
+    w->nregions = nregions;
+    w->regions = calloc((size_t)nregions, sizeof *w->regions);
+    if (!w->regions) {
+        cow_free(w);
+        return -ENOMEM;
+    }
+    for (int32_t i = 0; i < nregions; i++) {
+        struct cow_region *reg = &w->regions[i];
+        reg->host = hosts[i];
+        reg->size = sizes[i];
+        reg->ram_offset = ram_offsets[i];
+        reg->file_offset = file_offsets[i];
+        reg->chunks = (sizes[i] + chunk - 1) / chunk;
+        reg->state = calloc(reg->chunks, 1);
+        if (!reg->state) {
+            cow_free(w);
+            return -ENOMEM;
+        }
+        w->total_chunks += reg->chunks;
+    }
+    w->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (w->stop_fd < 0) {
+        int err = errno;
+        cow_free(w);
+        return -err;
+    }
+    int rc = pthread_create(&w->fault_thread, NULL, cow_fault_thread, w);
+    if (rc != 0) {
+        cow_free(w);
+        return -rc;
+    }
+    *out = w;
+    return 0;
+}
+
+// Write-protects every region: from here on the file gets RAM as it is now. Called with the
+// guest stopped. On a failure the protection is lifted again everywhere; returns -errno.
+EXPORT int32_t kvmshim_cow_protect(void *writer)
+{
+    struct cow_writer *w = writer;
+    if (w->protect_done)
+        return -EALREADY;
+    for (int32_t i = 0; i < w->nregions; i++) {
+        int rc = kvmshim_uffd_writeprotect(w->uffd, w->regions[i].host, w->regions[i].size, UFFDIO_WRITEPROTECT_MODE_WP);
+        if (rc < 0) {
+            cow_fail(w, -rc);
+            return rc;
+        }
+    }
+    w->protect_done = 1;
+    w->protected_ns = lazy_now_ns();
+    return 0;
+}
+
+// Starts the background writer: at most rate bytes per second (< 0: as fast as it can).
+EXPORT int32_t kvmshim_cow_background(void *writer, int64_t rate)
+{
+    struct cow_writer *w = writer;
+    if (w->background_started || rate == 0 || !w->protect_done)
+        return -EINVAL;
+    w->rate = rate;
+    int rc = pthread_create(&w->background_thread, NULL, cow_background_thread, w);
+    if (rc != 0)
+        return -rc;
+    w->background_started = 1;
+    return 0;
+}
+
+// Counters: [0] writes that waited for their page, [1] bytes saved for a write, [2] bytes saved in
+// the background, [3] bytes written to the file (not all zeros), [4] chunks saved, [5] chunks in
+// all, [6] ns from the protection to the last chunk (0: not yet), [7] the errno that ended it (0: none).
+EXPORT void kvmshim_cow_stats(void *writer, int64_t *out)
+{
+    struct cow_writer *w = writer;
+    out[0] = __atomic_load_n(&w->faults, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&w->bytes_fault, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&w->bytes_background, __ATOMIC_RELAXED);
+    out[3] = __atomic_load_n(&w->bytes_written, __ATOMIC_RELAXED);
+    out[4] = (int64_t)__atomic_load_n(&w->saved_chunks, __ATOMIC_RELAXED);
+    out[5] = (int64_t)w->total_chunks;
+    int64_t finished = __atomic_load_n(&w->finished_ns, __ATOMIC_ACQUIRE);
+    out[6] = finished && w->protected_ns ? finished - w->protected_ns : 0;
+    pthread_mutex_lock(&w->lock);
+    out[7] = w->error;
+    pthread_mutex_unlock(&w->lock);
+}
+
+// Waits until every chunk is saved (1), the writing failed (2) or was stopped (3), or timeout_ms
+// passed (0; < 0: no limit).
+EXPORT int32_t kvmshim_cow_wait(void *writer, int64_t timeout_ms)
+{
+    struct cow_writer *w = writer;
+    struct timespec until;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (timeout_ms % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
+        }
+    }
+    int32_t result = 0;
+    pthread_mutex_lock(&w->lock);
+    for (;;) {
+        if (w->done) { result = 1; break; }
+        if (w->error) { result = 2; break; }
+        if (w->stopping) { result = 3; break; }
+        int rc = timeout_ms < 0 ? pthread_cond_wait(&w->changed, &w->lock) : pthread_cond_timedwait(&w->changed, &w->lock, &until);
+        if (rc == ETIMEDOUT) {
+            result = w->done ? 1 : w->error ? 2 : w->stopping ? 3 : 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&w->lock);
+    return result;
+}
+
+// Stops the threads, lifts the protection everywhere and unregisters the ranges (a checkpoint not
+// finished is then incomplete); the writer stays valid for stats until kvmshim_cow_free.
+EXPORT void kvmshim_cow_stop(void *writer)
+{
+    struct cow_writer *w = writer;
+    pthread_mutex_lock(&w->lock);
+    __atomic_store_n(&w->stopping, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    // Lift the protection first: a writer blocked in a fault must not wait for the joins.
+    cow_release(w);
+    uint64_t one = 1;
+    if (write(w->stop_fd, &one, sizeof one) < 0) {
+        // An eventfd write fails only on overflow; the thread sees the counter all the same.
+    }
+    if (w->background_started)
+        pthread_join(w->background_thread, NULL);
+    w->background_started = 0;
+    if (w->fault_thread) {
+        pthread_join(w->fault_thread, NULL);
+        w->fault_thread = 0;
+    }
+}
+
+EXPORT void kvmshim_cow_free(void *writer)
+{
+    cow_free(writer);
+}
+
 // ---- tap devices and host interfaces (Kvm.Network) ----
 
 // Clears *ifr and names the interface in it; -ENAMETOOLONG when the name does not fit.

@@ -4,14 +4,15 @@ using Kvm.Interop.Native;
 namespace Kvm.Hypervisor;
 
 /// <summary>A page fault on a range registered with a <see cref="Userfaultfd"/>: the page's host address and how it was touched.</summary>
-public readonly record struct UserFault(ulong Address, bool Write, bool Minor);
+public readonly record struct UserFault(ulong Address, bool Write, bool Minor, bool WriteProtect = false);
 
 /// <summary>
 /// A userfaultfd (userfaultfd(2)): page faults on the ranges registered with it, taken by any
 /// thread, the kernel's own accesses included (KVM's, for a vCPU), wait until this process
 /// resolves them: in missing mode by filling the page (<see cref="Copy"/>, <see cref="Zero"/>),
 /// in minor mode (shared memory whose page is there but not mapped) by mapping it
-/// (<see cref="Continue"/>). Needs root or CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1, or
+/// (<see cref="Continue"/>), in write-protect mode by lifting the protection once the page is
+/// dealt with (<see cref="WriteProtect"/>). Needs root or CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1, or
 /// access to /dev/userfaultfd.
 /// </summary>
 public sealed unsafe class Userfaultfd : IDisposable
@@ -102,6 +103,14 @@ public sealed unsafe class Userfaultfd : IDisposable
         throw new KvmIoctlException(operation, -rc);
     }
 
+    /// <summary>
+    /// Write-protects [start, start+length) (registered in write-protect mode): a write there
+    /// waits, reported as a fault, until the protection is lifted. With
+    /// <paramref name="protect"/> false, lifts it and wakes the threads waiting there.
+    /// </summary>
+    public void WriteProtect(IntPtr start, ulong length, bool protect) =>
+        Errno.Check(KvmShim.UffdWriteProtect(Handle, (ulong)start, length, protect ? KvmShim.UffdWriteProtectModeWp : 0), "UFFDIO_WRITEPROTECT");
+
     /// <summary>Wakes the threads waiting on faults in [start, start+length).</summary>
     public void Wake(IntPtr start, ulong length) => Errno.Check(KvmShim.UffdWake(Handle, (ulong)start, length), "UFFDIO_WAKE");
 
@@ -120,7 +129,8 @@ public sealed unsafe class Userfaultfd : IDisposable
         ulong* flags = stackalloc ulong[64];
         int n = Errno.Check(KvmShim.UffdReadFaults(Handle, addresses, flags, max), "read(userfaultfd)");
         for (int i = 0; i < n; i++)
-            into[i] = new UserFault(addresses[i], (flags[i] & KvmShim.UffdPagefaultWrite) != 0, (flags[i] & KvmShim.UffdPagefaultMinor) != 0);
+            into[i] = new UserFault(addresses[i], (flags[i] & KvmShim.UffdPagefaultWrite) != 0, (flags[i] & KvmShim.UffdPagefaultMinor) != 0,
+                (flags[i] & KvmShim.UffdPagefaultWriteProtect) != 0);
         return n;
     }
 

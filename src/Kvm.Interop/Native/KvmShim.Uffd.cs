@@ -13,7 +13,10 @@ public static unsafe partial class KvmShim
 
     /// <summary>UFFDIO_API features.</summary>
     public const ulong UffdFeatureMissingHugetlbfs = 1 << 4, UffdFeatureMissingShmem = 1 << 5, UffdFeatureMinorHugetlbfs = 1 << 9,
-        UffdFeatureMinorShmem = 1 << 10;
+        UffdFeatureMinorShmem = 1 << 10, UffdFeaturePagefaultFlagWp = 1 << 0, UffdFeatureWpHugetlbfsShmem = 1 << 12;
+
+    /// <summary>UFFDIO_WRITEPROTECT modes: protect (else lift the protection and wake the waiters), do not wake.</summary>
+    public const ulong UffdWriteProtectModeWp = 1, UffdWriteProtectModeDontWake = 2;
 
     /// <summary>UFFDIO_COPY/ZEROPAGE/CONTINUE mode: do not wake the faulting threads (a UFFDIO_WAKE follows).</summary>
     public const ulong UffdDontWake = 1;
@@ -41,6 +44,9 @@ public static unsafe partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvmshim_uffd_wake")]
     public static partial int UffdWake(Handles.UserfaultfdHandle fd, ulong start, ulong length);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_uffd_writeprotect")]
+    public static partial int UffdWriteProtect(Handles.UserfaultfdHandle fd, ulong start, ulong length, ulong mode);
 
     [LibraryImport(Library, EntryPoint = "kvmshim_uffd_read_faults")]
     public static partial int UffdReadFaults(Handles.UserfaultfdHandle fd, ulong* addresses, ulong* flags, int max);
@@ -99,4 +105,41 @@ public static unsafe partial class KvmShim
 
     [LibraryImport(Library, EntryPoint = "kvmshim_lazy_free")]
     public static partial void LazyFree(IntPtr loader);
+
+    /// <summary>
+    /// Prepares a checkpoint of guest RAM: the ranges registered with <paramref name="fd"/> in
+    /// write-protect mode, region i's RAM at <paramref name="ramOffsets"/>[i] in
+    /// <paramref name="ram"/>, saved to <paramref name="file"/> at <paramref name="fileOffsets"/>[i],
+    /// <paramref name="chunk"/> bytes at a time. Its native fault thread starts at once (see the
+    /// shim); nothing is protected until <see cref="CowProtect"/>. The descriptors must stay open
+    /// until <see cref="CowStop"/>.
+    /// </summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_start")]
+    public static partial int CowStart(Handles.UserfaultfdHandle fd, Handles.MemoryFdHandle ram, Microsoft.Win32.SafeHandles.SafeFileHandle file,
+        ulong chunk, ulong[] hosts, ulong[] sizes, ulong[] ramOffsets, ulong[] fileOffsets, int nregions, out IntPtr writer);
+
+    /// <summary>Write-protects every range: RAM as it is now is what the file gets.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_protect")]
+    public static partial int CowProtect(IntPtr writer);
+
+    /// <summary>Starts the background writer: at most <paramref name="bytesPerSecond"/> (negative: no limit).</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_background")]
+    public static partial int CowBackground(IntPtr writer, long bytesPerSecond);
+
+    /// <summary>The writer's counters (<see cref="CowStatCount"/> of them; see the shim).</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_stats")]
+    public static partial void CowStats(IntPtr writer, [Out] long[] counters);
+
+    public const int CowStatCount = 8;
+
+    /// <summary>Waits up to <paramref name="timeoutMs"/> (negative: no limit): 1 all saved, 2 failed, 3 stopped, 0 timed out.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_wait")]
+    public static partial int CowWait(IntPtr writer, long timeoutMs);
+
+    /// <summary>Stops the writer's threads, lifts the protection and unregisters the ranges; it stays valid for stats until <see cref="CowFree"/>.</summary>
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_stop")]
+    public static partial void CowStop(IntPtr writer);
+
+    [LibraryImport(Library, EntryPoint = "kvmshim_cow_free")]
+    public static partial void CowFree(IntPtr writer);
 }
