@@ -448,7 +448,8 @@ public sealed class VirtioNet : IVirtioDevice
             memory.WriteU8(countLow, (byte)used);
             memory.WriteU8(countHigh, (byte)(used >> 8));
         }
-        queue.Push(rx.Used.AsSpan(0, used));
+        for (int i = 0; i < used; i++)
+            queue.Push(rx.Used[i].Head, rx.Used[i].Length);
         return Delivery.Delivered;
     }
 
