@@ -16,6 +16,18 @@ public class TapTeamTests
     private static long HostReceived(string tap) =>
         long.Parse(File.ReadAllText($"/sys/class/net/{tap}/statistics/rx_packets").Trim(), CultureInfo.InvariantCulture);
 
+    /// <summary>
+    /// Waits until <paramref name="changes"/> holds <paramref name="count"/> entries: the team
+    /// reports a change (TeamChange) after it has switched and announced the VM's MAC, so a test
+    /// that saw the switch may look before the report is in.
+    /// </summary>
+    private static void WaitForCount<T>(List<T> changes, int count, string what) =>
+        Assert.True(SpinWait.SpinUntil(() =>
+        {
+            lock (changes)
+                return changes.Count >= count;
+        }, Wait), what);
+
     /// <summary>A frame from <paramref name="mac"/> to everyone, with an all-zero virtio-net header (ethertype 0x88b5, for local experiments).</summary>
     private static byte[] Frame(MacAddress mac)
     {
@@ -86,6 +98,7 @@ public class TapTeamTests
         var status = team.Status();
         Assert.True(status[0].Active && !status[1].Active && status[0].Up && status[1].Up);
         Assert.Equal(1, status[0].Failures);
+        WaitForCount(changes, 3, "the failback was not reported");
         lock (changes)
             Assert.Equal(["link down", "link up", "failback"], changes.Select(c => c.Reason));
 
@@ -118,6 +131,7 @@ public class TapTeamTests
         Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapB]), Wait), "the team did not hear that A went down");
         net.SetLinkUp(tapA);
         Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), Wait), "the team did not hear that A came back");
+        WaitForCount(changes, 3, "the failback was not reported");
         lock (changes)
             Assert.Equal(["link down", "link up", "failback"], changes);
     }
@@ -194,11 +208,16 @@ public class TapTeamTests
         var status = team.Status();
         Assert.False(status[0].Up);
         Assert.True(status[1].Up && status[1].Active);
-        lock (changes)
-            Assert.Contains(changes, c => c.Uplink == "tap " + tapA && !c.Up && c.Reason == "probes unanswered");
+        // The change is reported once the team has announced the VM's MAC on B, after it switched.
+        Assert.True(SpinWait.SpinUntil(() =>
+        {
+            lock (changes)
+                return changes.Any(c => c.Uplink == "tap " + tapA && !c.Up && c.Reason == "probes unanswered");
+        }, Wait), "no change reported for A's unanswered probes");
 
         net.StopDropping(tapA);
         Assert.True(SpinWait.SpinUntil(() => team.ActiveUplinks.SequenceEqual(["tap " + tapA]), Wait), "no failback to A");
+        WaitForCount(changes, 3, "the failback was not reported");
         lock (changes)
             Assert.Equal(["probes unanswered", "probe answered", "failback"], changes.Select(c => c.Reason));
 
