@@ -1144,6 +1144,68 @@ static int lazy_all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
+// Reads len bytes at offset of fd into buf: 0, or -errno (-ENODATA: the file ends before).
+static int pread_all(int fd, uint8_t *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t n = pread(fd, buf + got, len - got, (off_t)(offset + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -ENODATA;
+        got += (uint64_t)n;
+    }
+    return 0;
+}
+
+// Keeps a background thread at its rate: sleeps until `done` bytes are due, `started` being when
+// it began (rate <= 0: no limit).
+static void pace(int64_t started, int64_t done, int64_t rate)
+{
+    if (rate <= 0)
+        return;
+    int64_t due = started + (int64_t)((double)done / (double)rate * 1e9);
+    int64_t ahead = due - lazy_now_ns();
+    if (ahead > 1000000) {
+        struct timespec ts = { .tv_sec = ahead / 1000000000, .tv_nsec = ahead % 1000000000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
+// Waits on changed (lock held by neither) until *done (1), *error (2) or *stopping (3) is set, or
+// timeout_ms passed (0; < 0: no limit): the outcome of a lazy loader's or a checkpoint writer's work.
+static int32_t wait_outcome(pthread_mutex_t *lock, pthread_cond_t *changed, const int32_t *done, const int32_t *error,
+                            const int32_t *stopping, int64_t timeout_ms)
+{
+    struct timespec until;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (timeout_ms % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
+        }
+    }
+    int32_t result = 0;
+    pthread_mutex_lock(lock);
+    for (;;) {
+        if (*done) { result = 1; break; }
+        if (*error) { result = 2; break; }
+        if (*stopping) { result = 3; break; }
+        int rc = timeout_ms < 0 ? pthread_cond_wait(changed, lock) : pthread_cond_timedwait(changed, lock, &until);
+        if (rc == ETIMEDOUT) {
+            result = *done ? 1 : *error ? 2 : *stopping ? 3 : 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(lock);
+    return result;
+}
+
 // Fills [dst, dst+len) of a registered range from buf (NULL: zeros). 0, or -errno.
 static int lazy_fill(struct lazy_loader *l, uint64_t dst, const uint8_t *buf, uint64_t len)
 {
@@ -1186,17 +1248,9 @@ static int64_t lazy_load(struct lazy_loader *l, int32_t r, uint64_t c, uint8_t *
         return 0;
     uint64_t offset = c * l->chunk;
     uint64_t len = reg->size - offset < l->chunk ? reg->size - offset : l->chunk;
-    uint64_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(l->file_fd, buf + got, len - got, (off_t)(reg->file_offset + offset + got));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0)
-            return -ENODATA;        // the file was cut short after it was checked
-        got += (uint64_t)n;
-    }
+    int got = pread_all(l->file_fd, buf, len, reg->file_offset + offset);
+    if (got < 0)
+        return got;                 // -ENODATA: the file was cut short after it was checked
     __atomic_add_fetch(counter, (int64_t)len, __ATOMIC_RELEASE);
     int rc = lazy_fill(l, reg->host + offset, lazy_all_zero(buf, len) ? NULL : buf, len);
     if (rc < 0)
@@ -1298,14 +1352,8 @@ static void *lazy_background_thread(void *arg)
                 goto out;
             }
             loaded += n;
-            if (l->rate > 0 && n > 0) {
-                int64_t due = started + (int64_t)((double)loaded / (double)l->rate * 1e9);
-                int64_t ahead = due - lazy_now_ns();
-                if (ahead > 1000000) {
-                    struct timespec ts = { .tv_sec = ahead / 1000000000, .tv_nsec = ahead % 1000000000 };
-                    nanosleep(&ts, NULL);
-                }
-            }
+            if (n > 0)
+                pace(started, loaded, l->rate);
         }
 out:
     free(buf);
@@ -1446,30 +1494,7 @@ EXPORT void kvmshim_lazy_stats(void *loader, int64_t *out)
 EXPORT int32_t kvmshim_lazy_wait(void *loader, int64_t timeout_ms)
 {
     struct lazy_loader *l = loader;
-    struct timespec until;
-    if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (timeout_ms % 1000) * 1000000;
-        if (until.tv_nsec >= 1000000000) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000;
-        }
-    }
-    int32_t result = 0;
-    pthread_mutex_lock(&l->lock);
-    for (;;) {
-        if (l->done) { result = 1; break; }
-        if (l->error) { result = 2; break; }
-        if (l->stopping) { result = 3; break; }
-        int rc = timeout_ms < 0 ? pthread_cond_wait(&l->changed, &l->lock) : pthread_cond_timedwait(&l->changed, &l->lock, &until);
-        if (rc == ETIMEDOUT) {
-            result = l->done ? 1 : l->error ? 2 : l->stopping ? 3 : 0;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&l->lock);
-    return result;
+    return wait_outcome(&l->lock, &l->changed, &l->done, &l->error, &l->stopping, timeout_ms);
 }
 
 // Tells every thread to stop and waiters to return (3); the loader stays valid for stats and
@@ -1589,22 +1614,6 @@ static void cow_finish(struct cow_writer *w)
     pthread_mutex_unlock(&w->lock);
 }
 
-static int cow_pread_all(int fd, uint8_t *buf, uint64_t len, uint64_t offset)
-{
-    uint64_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(fd, buf + got, len - got, (off_t)(offset + got));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0)
-            return -ENODATA;
-        got += (uint64_t)n;
-    }
-    return 0;
-}
-
 static int cow_pwrite_all(int fd, const uint8_t *buf, uint64_t len, uint64_t offset)
 {
     uint64_t put = 0;
@@ -1632,7 +1641,7 @@ static int64_t cow_save(struct cow_writer *w, int32_t r, uint64_t c, uint8_t *bu
         return 0;
     uint64_t offset = c * w->chunk;
     uint64_t len = reg->size - offset < w->chunk ? reg->size - offset : w->chunk;
-    int rc = cow_pread_all(w->ram_fd, buf, len, reg->ram_offset + offset);
+    int rc = pread_all(w->ram_fd, buf, len, reg->ram_offset + offset);
     if (rc < 0)
         return rc;
     for (uint64_t page = 0; page < len; ) {
@@ -1748,14 +1757,8 @@ static void *cow_background_thread(void *arg)
                 goto out;
             }
             saved += n;
-            if (w->rate > 0 && n > 0) {
-                int64_t due = started + (int64_t)((double)saved / (double)w->rate * 1e9);
-                int64_t ahead = due - lazy_now_ns();
-                if (ahead > 1000000) {
-                    struct timespec ts = { .tv_sec = ahead / 1000000000, .tv_nsec = ahead % 1000000000 };
-                    nanosleep(&ts, NULL);
-                }
-            }
+            if (n > 0)
+                pace(started, saved, w->rate);
         }
 out:
     free(buf);
@@ -1891,30 +1894,7 @@ EXPORT void kvmshim_cow_stats(void *writer, int64_t *out)
 EXPORT int32_t kvmshim_cow_wait(void *writer, int64_t timeout_ms)
 {
     struct cow_writer *w = writer;
-    struct timespec until;
-    if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (timeout_ms % 1000) * 1000000;
-        if (until.tv_nsec >= 1000000000) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000;
-        }
-    }
-    int32_t result = 0;
-    pthread_mutex_lock(&w->lock);
-    for (;;) {
-        if (w->done) { result = 1; break; }
-        if (w->error) { result = 2; break; }
-        if (w->stopping) { result = 3; break; }
-        int rc = timeout_ms < 0 ? pthread_cond_wait(&w->changed, &w->lock) : pthread_cond_timedwait(&w->changed, &w->lock, &until);
-        if (rc == ETIMEDOUT) {
-            result = w->done ? 1 : w->error ? 2 : w->stopping ? 3 : 0;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&w->lock);
-    return result;
+    return wait_outcome(&w->lock, &w->changed, &w->done, &w->error, &w->stopping, timeout_ms);
 }
 
 // Stops the threads, lifts the protection everywhere and unregisters the ranges (a checkpoint not
