@@ -420,21 +420,9 @@ public sealed class NetPeer
     /// </summary>
     public Task<(long Total, long Late, double LateSpan)> CountDatagrams(int port, TimeSpan settle)
     {
-        var process = TestEnvironment.StartRedirected("ip",
-        [
-            "netns", "exec", Namespace, _topology.Python, "-c", DatagramScript, port.ToString(CultureInfo.InvariantCulture),
-            settle.TotalSeconds.ToString(CultureInfo.InvariantCulture), ServerTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture),
-        ]);
-        process.StandardInput.Close();
-        _topology.Track(process);
-        var first = process.StandardOutput.ReadLineAsync();
-        if (!first.Wait(StartTimeout) || first.Result != "listening")
-        {
-            if (!process.HasExited)
-                process.Kill(entireProcessTree: true);
-            throw new InvalidOperationException(
-                $"the UDP sink on {Namespace} port {port} did not start listening: {(first.IsCompleted ? first.Result : "(no line)")} {process.StandardError.ReadToEnd()}");
-        }
+        var (process, _) = StartScript($"the UDP sink on {Namespace} port {port}", DatagramScript, line => line == "listening",
+            port.ToString(CultureInfo.InvariantCulture), settle.TotalSeconds.ToString(CultureInfo.InvariantCulture),
+            ServerTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture));
         return Task.Run(() =>
         {
             string rest = process.StandardOutput.ReadToEnd();
@@ -473,23 +461,24 @@ public sealed class NetPeer
         print("got", total, late, "%.3f" % span, flush=True)
         """;
 
-    private (Process Process, string FirstLine) StartServer(string mode, int port, long bytes)
+    private (Process Process, string FirstLine) StartServer(string mode, int port, long bytes) =>
+        StartScript($"the {mode} server on {Namespace} port {port}", ServerScript, line => line.StartsWith("listening", StringComparison.Ordinal),
+            mode, port.ToString(CultureInfo.InvariantCulture), bytes.ToString(CultureInfo.InvariantCulture),
+            ServerTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture));
+
+    /// <summary>Starts a Python <paramref name="script"/> in the namespace and returns once its first line says it listens.</summary>
+    private (Process Process, string FirstLine) StartScript(string what, string script, Func<string, bool> listening, params string[] args)
     {
-        var process = TestEnvironment.StartRedirected("ip",
-        [
-            "netns", "exec", Namespace, _topology.Python, "-c", ServerScript, mode,
-            port.ToString(CultureInfo.InvariantCulture), bytes.ToString(CultureInfo.InvariantCulture),
-            ServerTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture),
-        ]);
+        var process = TestEnvironment.StartRedirected("ip", ["netns", "exec", Namespace, _topology.Python, "-c", script, .. args]);
         process.StandardInput.Close();
         _topology.Track(process);
         var first = process.StandardOutput.ReadLineAsync();
-        if (!first.Wait(StartTimeout) || first.Result is null || !first.Result.StartsWith("listening", StringComparison.Ordinal))
+        if (!first.Wait(StartTimeout) || first.Result is null || !listening(first.Result))
         {
             if (!process.HasExited)
                 process.Kill(entireProcessTree: true);
             throw new InvalidOperationException(
-                $"the {mode} server on {Namespace} port {port} did not start listening: {(first.IsCompleted ? first.Result : "(no line)")} {process.StandardError.ReadToEnd()}");
+                $"{what} did not start listening: {(first.IsCompleted ? first.Result : "(no line)")} {process.StandardError.ReadToEnd()}");
         }
         return (process, first.Result);
     }
