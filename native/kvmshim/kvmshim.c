@@ -246,7 +246,14 @@ EXPORT int32_t kvm_get_msr_index_list(int32_t sysfd, uint32_t max_indices, uint3
 
 EXPORT int32_t kvm_create_vm(int32_t sysfd, uint32_t type)
 {
-    return result(ioctl(sysfd, KVM_CREATE_VM, (unsigned long)type));
+    int fd;
+
+    /* The kernel may give up with EINTR when a signal arrives while it builds the VM (it starts
+     * worker threads and waits for them): try again, as other VMMs do. */
+    do
+        fd = ioctl(sysfd, KVM_CREATE_VM, (unsigned long)type);
+    while (fd < 0 && errno == EINTR);
+    return result(fd);
 }
 
 EXPORT int32_t kvm_set_user_memory_region(int32_t vmfd, uint32_t slot, uint32_t flags,

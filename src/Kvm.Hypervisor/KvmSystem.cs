@@ -99,7 +99,10 @@ public sealed class KvmSystem : IDisposable
     {
         int fd = KvmShim.CreateVm(_handle, 0);
         if (fd < 0)
-            throw new HypervisorException("cannot create a VM", new KvmIoctlException("KVM_CREATE_VM", -fd));
+        {
+            var why = new KvmIoctlException("KVM_CREATE_VM", -fd);
+            throw new HypervisorException($"cannot create a VM: {why.Message}", why);
+        }
         return new KvmVm(this, new KvmVmHandle(fd));
     }
 

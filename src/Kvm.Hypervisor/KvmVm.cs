@@ -173,7 +173,10 @@ public sealed class KvmVm : IDisposable
     {
         int fd = KvmShim.CreateVcpu(_handle, id);
         if (fd < 0)
-            throw new HypervisorException($"cannot create vCPU {id}", new KvmIoctlException("KVM_CREATE_VCPU", -fd));
+        {
+            var why = new KvmIoctlException("KVM_CREATE_VCPU", -fd);
+            throw new HypervisorException($"cannot create vCPU {id}: {why.Message}", why);
+        }
         return new KvmVcpu(id, new KvmVcpuHandle(fd), System.VcpuMmapSize);
     }
 
