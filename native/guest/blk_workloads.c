@@ -408,3 +408,70 @@ int wl_blk_log(int argc, char **argv)
     gk_printf("guestkit: blk-log done n=%lu\n", n);
     return EXIT_OK;
 }
+
+/* ---- blk-seq ---- */
+
+#define SEQ_MAGIC       0x5145534b47ull         /* "GKSEQ" little-endian */
+
+/* What a checkpoint test reads from guest RAM at the address blk-seq prints. */
+struct seq_state {
+    uint64_t magic;             /* SEQ_MAGIC once the loop runs */
+    volatile uint64_t n;        /* the number being written to the disk (0 before the first) */
+    volatile uint64_t done;     /* the last number whose write completed */
+};
+
+/* blk-seq: writes 1, 2, 3... without pause, each into sector 0 of the disk (magic, number,
+ * its complement), waiting for each write before the next, and keeps in RAM (struct seq_state,
+ * at the address printed as `guestkit: blk-seq state=0xADDR`) the number it is writing (n) and
+ * the last one written (done).  At any instant the disk holds n or n-1, and n once done == n:
+ * RAM and disk saved at one instant must agree so (a restored guest goes on from where it was).
+ * It starts from a disk that holds no number (else exit 3).  Prints `guestkit: blk-seq N` at
+ * 1000, 2000...; n=COUNT ends after COUNT. */
+int wl_blk_seq(int argc, char **argv)
+{
+    uint64_t disk = 0, n = 0, timeout = DEFAULT_TIMEOUT_S;
+    const struct param params[] = {
+        { .key = "disk", .max = 255, .value = &disk },
+        { .key = "n", .max = INT64_MAX, .value = &n },
+        { .key = "timeout", .max = 3600, .value = &timeout },
+    };
+
+    if (!parse_params("blk-seq", argc, argv, params, ARRAY_SIZE(params)))
+        return EXIT_USAGE;
+    if (!at_least_1("blk-seq", "timeout", timeout))
+        return EXIT_USAGE;
+    gk_timeout_s = timeout;
+
+    static struct blk_dev dev;
+    static struct seq_state state;
+    struct blk_dev *b = &dev;
+    const struct blk_options opt = { .queues = 1, .qd = 1, .max_io = 4096 };
+    blk_open(b, "blk-seq", (unsigned int)disk, &opt);
+
+    struct blk_slot *s;
+    if (blk_sync(b, 0, VIRTIO_BLK_T_IN, 0, SECTOR_SIZE, &s) != VIRTIO_BLK_S_OK)
+        request_failed("blk-seq", b, s);
+    uint64_t found[3];
+    memcpy(found, s->data, sizeof found);
+    if (found[0] == SEQ_MAGIC) {
+        gk_printf("guestkit: error: blk-seq: the disk already holds number %lu from an earlier run\n", found[1]);
+        return EXIT_FAILED;
+    }
+    state.magic = SEQ_MAGIC;
+    gk_printf("guestkit: blk-seq state=0x%lx\n", (uint64_t)(uintptr_t)&state);
+
+    for (uint64_t seq = 1; !n || seq <= n; seq++) {
+        state.n = seq;
+        s = blk_free_slot(b, 0);
+        memset(s->data, 0, SECTOR_SIZE);
+        const uint64_t rec[3] = { SEQ_MAGIC, seq, ~seq };
+        memcpy(s->data, rec, sizeof rec);
+        if (blk_sync(b, 0, VIRTIO_BLK_T_OUT, 0, SECTOR_SIZE, &s) != VIRTIO_BLK_S_OK)
+            request_failed("blk-seq", b, s);
+        state.done = seq;
+        if (seq % 1000 == 0)
+            gk_printf("guestkit: blk-seq %lu\n", seq);
+    }
+    gk_printf("guestkit: blk-seq done n=%lu\n", n);
+    return EXIT_OK;
+}

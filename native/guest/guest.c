@@ -39,6 +39,7 @@ static const struct workload workloads[] = {
     { "pci", wl_pci },
     { "blk-verify", wl_blk_verify },
     { "blk-log", wl_blk_log },
+    { "blk-seq", wl_blk_seq },
     { "blk-bench", wl_blk_bench },
     { "blk-evil", wl_blk_evil },
 };

@@ -244,6 +244,7 @@ int wl_pci(int argc, char **argv);
 /* blk_workloads.c */
 int wl_blk_verify(int argc, char **argv);
 int wl_blk_log(int argc, char **argv);
+int wl_blk_seq(int argc, char **argv);
 int wl_blk_bench(int argc, char **argv);
 int wl_blk_evil(int argc, char **argv);
 
