@@ -64,4 +64,45 @@ public sealed class ImageLockTests : IDisposable
         Qcow2Image.Create(sibling, new Qcow2CreateOptions { Size = MiB, BackingFile = "parent.qcow2", BackingFormat = "qcow2" }).Dispose();
         using var s = DiskImage.Open(sibling, Writer);
     }
+    /// <summary>
+    /// A live checkpoint makes the child of a disk the VM holds locked: CreateFile writes it without
+    /// opening the parent, the child opens once the writer lets the parent go, reads what the parent
+    /// held, takes the writes, and qemu-img finds it clean with the parent as its backing.
+    /// </summary>
+    [Theory]
+    [InlineData("raw")]
+    [InlineData("qcow2")]
+    public void AChildOfAnImageHeldForWritingIsMadeWithoutOpeningIt(string format)
+    {
+        QemuImg.Require();
+        string parent = _dir.File($"parent.{format}"), child = _dir.File("child.qcow2");
+        if (format == "raw")
+            RawImage.Create(parent, MiB).Dispose();
+        else
+            Qcow2Image.Create(parent, new Qcow2CreateOptions { Size = MiB }).Dispose();
+        var data = Enumerable.Range(0, 4096).Select(i => (byte)(i * 7)).ToArray();
+        using (var writer = DiskImage.Open(parent, Writer))
+        {
+            writer.Write(64 << 10, data);
+            writer.Flush();
+            // Creating through Create would open the parent as its backing: refused while held.
+            Assert.Throws<ImageFormatException>(() => Qcow2Image.Create(_dir.File("refused.qcow2"),
+                new Qcow2CreateOptions { Size = MiB, BackingFile = Path.GetFileName(parent), BackingFormat = format }).Dispose());
+            Qcow2Image.CreateFile(child, new Qcow2CreateOptions { Size = MiB, BackingFile = Path.GetFileName(parent), BackingFormat = format });
+            Assert.Throws<ImageFormatException>(() => DiskImage.Open(child, Writer).Dispose());
+        }
+        using (var c = DiskImage.Open(child, Writer))
+        {
+            var read = new byte[4096];
+            c.Read(64 << 10, read);
+            Assert.Equal(data, read);
+            c.Write(0, data);
+            c.Flush();
+        }
+        var check = QemuImg.Check(child);
+        Assert.True(check.Clean, check.ToString());
+        var info = QemuImg.Info(child);
+        Assert.Equal(2, info.Count);
+        Assert.Equal(parent, info[1].Filename);
+    }
 }

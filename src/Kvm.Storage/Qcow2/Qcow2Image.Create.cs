@@ -11,6 +11,17 @@ public sealed partial class Qcow2Image
     /// </summary>
     public static Qcow2Image Create(string path, Qcow2CreateOptions options)
     {
+        CreateFile(path, options);
+        return Open(path);
+    }
+
+    /// <summary>
+    /// Writes a new image as <see cref="Create"/> does (flushed to disk) without opening it or its
+    /// backing file: a child of an image someone holds open for writing (a running VM's disk,
+    /// locked) can be made this way and opened once the holder lets the parent go.
+    /// </summary>
+    public static void CreateFile(string path, Qcow2CreateOptions options)
+    {
         int cs = options.ClusterSize;
         if (cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) != 0)
             throw new ArgumentException($"cluster size {cs} is not a power of two from 512 bytes to 2 MiB");
@@ -68,7 +79,6 @@ public sealed partial class Qcow2Image
             stream.Write(image);
             stream.Flush(flushToDisk: true);
         }
-        return Open(path);
     }
 
     private static void SetPackedRefcount(Span<byte> block, int index, int bits, ulong value)
