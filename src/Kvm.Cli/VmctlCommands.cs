@@ -20,6 +20,7 @@ public static class VmctlCommands
         root.Options.Add(KvmdCommands.Connect);
         root.Subcommands.Add(RunCommand());
         root.Subcommands.Add(RestoreCommand());
+        root.Subcommands.Add(DeleteCheckpointCommand());
         root.Subcommands.Add(DiskCommands.Build());
         root.Subcommands.Add(ControlCommands.Control());
         root.Subcommands.Add(ControlCommands.ConsoleCommand());
@@ -137,6 +138,39 @@ public static class VmctlCommands
                 ConsoleSocket = parse.GetValue(consoleSocket),
             };
             return Kvm.Control.VmHost.Execute(launch, Program, host, new StderrLogger(Program));
+        });
+        return cmd;
+    }
+    private static Command DeleteCheckpointCommand()
+    {
+        var directory = new Argument<string>("DIR") { Description = "the checkpoint directory ('vmctl control checkpoint')" };
+        var cmd = new Command("delete-checkpoint",
+            "Delete a live checkpoint and fold the disk layer it kept frozen into the layer the VM went on with\n" +
+            "(what the guest sees does not change; the VM may keep running if it has been checkpointed again since).\n" +
+            "Refused while a VM restored from the checkpoint runs, or while a VM still writes to that layer.\n" +
+            "Exit status: 0 deleted; 1 refused or failed (the reason follows).")
+        {
+            directory,
+        };
+        cmd.SetAction(parse =>
+        {
+            string dir = Path.GetFullPath(parse.GetRequiredValue(directory));
+            try
+            {
+                IReadOnlyList<string> folded;
+                using (var bar = ProgressBar.ForTerminal("fold"))
+                    folded = Kvm.Vmm.Snapshot.VmCheckpoint.Delete(dir, bar);
+                Console.WriteLine(folded.Count == 0
+                    ? $"deleted checkpoint {dir}"
+                    : $"deleted checkpoint {dir}; folded away {string.Join(", ", folded)}");
+                return 0;
+            }
+            catch (Exception e) when (e is Kvm.Vmm.Snapshot.SnapshotFormatException or Kvm.Storage.ImageFormatException or ArgumentException or IOException
+                                          or UnauthorizedAccessException)
+            {
+                Console.Error.WriteLine($"{Program}: {e.Message}");
+                return 1;
+            }
         });
         return cmd;
     }

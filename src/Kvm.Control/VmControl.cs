@@ -212,6 +212,78 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
 
     private bool _saving;
 
+    /// <summary>
+    /// Takes a live checkpoint into <see cref="CheckpointRequest.Directory"/>
+    /// (<see cref="Kvm.Vmm.Snapshot.VmCheckpoint.Take"/>): the guest stops only while its state is
+    /// saved, its RAM write-protected and its disks moved onto new top images, then runs on (a VM
+    /// paused before stays paused) while RAM as it was at the stop is written out. Refused while a
+    /// save or checkpoint runs, when suspended, and where the kernel cannot write-protect RAM.
+    /// </summary>
+    public CheckpointResult Checkpoint(CheckpointRequest request)
+    {
+        if (string.IsNullOrEmpty(request.Directory) || !Path.IsPathFullyQualified(request.Directory))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"checkpoint: directory '{request.Directory}' is not an absolute path");
+        if (request.BytesPerSecond is <= 0)
+            throw new RpcException(RpcErrorCode.InvalidParams, $"checkpoint: bytesPerSecond {request.BytesPerSecond} must be positive");
+        bool wasPaused;
+        lock (_lock)
+        {
+            RequireRunning("checkpoint");
+            if (_suspended is not null)
+                throw new RpcException(RpcErrorCode.InvalidState, "checkpoint: the VM is suspended, its disks closed; hand it over (handover) and checkpoint it there");
+            if (_saving)
+                throw new RpcException(RpcErrorCode.InvalidState, "checkpoint: a save or checkpoint of this VM is already running");
+            _saving = true;
+            wasPaused = _paused;
+        }
+        try
+        {
+            var taken = Kvm.Vmm.Snapshot.VmCheckpoint.Take(vm, request.Directory,
+                new Kvm.Vmm.Snapshot.CheckpointOptions { BytesPerSecond = request.BytesPerSecond, CopyDisks = request.CopyDisks },
+                pause: () =>
+                {
+                    lock (_lock)
+                    {
+                        if (!_paused)
+                        {
+                            vm.Pause();
+                            _paused = true;
+                        }
+                    }
+                },
+                resume: () =>
+                {
+                    lock (_lock)
+                    {
+                        if (!wasPaused && _paused)
+                        {
+                            vm.Resume();
+                            _paused = false;
+                        }
+                    }
+                });
+            string state;
+            lock (_lock)
+                state = _stopping ? "stopping" : _paused ? "paused" : "running";
+            var m = taken.Memory;
+            return new CheckpointResult(taken.Directory, state, wasPaused ? 0 : Math.Round(taken.StopSeconds, 4), taken.StopSteps,
+                Math.Round(taken.Seconds, 4), taken.Layers, taken.Disks, taken.Snapshot.MemoryDataSize, taken.Snapshot.MemoryBytesWritten,
+                m.Faults, m.BytesOnWrite);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
+                                      or Kvm.Vmm.Snapshot.SnapshotFormatException or Kvm.Hypervisor.HypervisorException)
+        {
+            throw new RpcException(e is InvalidOperationException ? RpcErrorCode.InvalidState : RpcErrorCode.OperationFailed,
+                $"checkpoint {request.Directory}: {e.Message}", inner: e);
+        }
+        finally
+        {
+            lock (_lock)
+                _saving = false;
+        }
+    }
+
+
     private void RequireRunning(string operation)
     {
         if (Stopped || _stopping)
@@ -561,7 +633,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
             ? $"{block.Image.Path}{(block.ReadOnly ? " (read-only)" : "")}, {block.QueueCount} queue(s), {block.Capacity} sectors"
             : null)).ToList());
 
-    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence, save, suspend, handover.</summary>
+    /// <summary>Puts the operations on <paramref name="dispatcher"/>: status, pause, resume, stop, stats, devices, fence, save, checkpoint, suspend, handover.</summary>
     public void Register(RpcDispatcher dispatcher)
     {
         vm.TrafficAlarm += (nic, alarm) =>
@@ -581,6 +653,9 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
             (r, _, _) => ValueTask.FromResult(Fence(r)));
         dispatcher.Add("save", static () => VmControlJson.Default.SaveRequest, static () => VmControlJson.Default.SaveResult,
             (r, _, _) => ValueTask.FromResult(Save(r)));
+        // Blocking while guest RAM is written out (the VM runs meanwhile): off the dispatcher's thread.
+        dispatcher.Add("checkpoint", static () => VmControlJson.Default.CheckpointRequest, static () => VmControlJson.Default.CheckpointResult,
+            async (r, _, _) => await Task.Run(() => Checkpoint(r)).ConfigureAwait(false));
         dispatcher.Add("suspend", static () => VmControlJson.Default.SuspendResult, (_, _) => ValueTask.FromResult(Suspend()));
         // Blocking for as long as the new process takes to start and build the machine: off the dispatcher's thread.
         dispatcher.Add("handover", static () => VmControlJson.Default.HandoverRequest, static () => VmControlJson.Default.HandoverResult,

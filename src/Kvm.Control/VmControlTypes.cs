@@ -40,6 +40,25 @@ public sealed record SaveResult(string Directory, string State, double PausedSec
     long StateBytes, ulong MemoryBytes, ulong MemoryBytesWritten, ulong? WorkingSetPages = null, int? WorkingSetRanges = null,
     double? WorkingSetSeconds = null, string? WorkingSetSkipped = null);
 
+/// <summary>
+/// Parameters of <c>checkpoint</c>: the checkpoint directory (absolute, new or empty), how fast
+/// guest RAM is written out while the VM runs (bytes per second; null: as fast as it can), and
+/// whether each disk's content is copied into the checkpoint rather than kept as a child of the
+/// image the VM leaves frozen at the checkpoint.
+/// </summary>
+public sealed record CheckpointRequest([property: JsonRequired] string Directory, long? BytesPerSecond = null, bool CopyDisks = false);
+
+/// <summary>
+/// The reply to <c>checkpoint</c>: where it went, the VM's state afterwards, how long the guest was
+/// stopped (and where that went, step by step) and how long the whole checkpoint took, per disk the
+/// VM's new top image (null for a read-only disk) and the checkpoint's image, and guest RAM: its
+/// size, the bytes written (the rest were zero pages), the guest writes that waited for their
+/// page and the bytes saved because of them.
+/// </summary>
+public sealed record CheckpointResult(string Directory, string State, double StopSeconds, IReadOnlyList<Kvm.Vmm.Snapshot.PauseStep> StopSteps,
+    double Seconds, IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks, ulong MemoryBytes, ulong MemoryBytesWritten,
+    long WritesWaited, long BytesSavedOnWrite);
+
 /// <summary>The reply to <c>suspend</c>: the VM's state ("suspended") and how long suspending took.</summary>
 public sealed record SuspendResult(string State, double Seconds, long StateBytes);
 
@@ -123,6 +142,8 @@ public sealed record VmExitRecord(int Status, string Reason, bool Failed, int Pi
 [JsonSerializable(typeof(SaveRequest))]
 [JsonSerializable(typeof(SaveResult))]
 [JsonSerializable(typeof(SuspendResult))]
+[JsonSerializable(typeof(CheckpointRequest))]
+[JsonSerializable(typeof(CheckpointResult))]
 [JsonSerializable(typeof(HandoverRequest))]
 [JsonSerializable(typeof(HandoverResult))]
 [JsonSerializable(typeof(VmStats))]

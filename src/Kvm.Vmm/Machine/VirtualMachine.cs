@@ -54,7 +54,8 @@ public sealed class VirtualMachine : IDisposable
         _restoring = restoring;
     }
 
-    public VmSpec Spec { get; }
+    /// <summary>The machine's spec; its disks' paths change when <see cref="SwitchDisks"/> moves them onto new top images.</summary>
+    public VmSpec Spec { get; private set; }
     public GuestMemory Memory { get; private set; } = null!;
     public KvmVm Vm { get; private set; } = null!;
     public IoBus PortIo { get; } = new("port I/O");
@@ -453,6 +454,65 @@ public sealed class VirtualMachine : IDisposable
             ((Kvm.Devices.Virtio.Block.VirtioBlock)transport.Device).Image.Dispose();
         foreach (var image in _images)
             image?.Dispose();
+    }
+
+    /// <summary>
+    /// Moves disks of the paused machine onto new top images: disk i onto
+    /// <paramref name="tops"/>[i] (null: it stays), a qcow2 image made beforehand whose backing
+    /// file is the disk's image now, with nothing in it (a checkpoint's copy-on-write child, made
+    /// with Qcow2Image.CreateFile while the VM held the parent locked). Each old image, flushed when
+    /// the devices paused, is closed and the child opened in its place (the parent comes back as
+    /// its backing, read-only and shared, so others may read it); the spec then names the child.
+    /// The guest sees the same disk. A child that cannot be opened (or does not fit the disk) puts
+    /// that disk back on its old image and fails with <see cref="ArgumentException"/> naming it;
+    /// disks already moved stay moved: every disk runs on a whole chain either way.
+    /// </summary>
+    public void SwitchDisks(IReadOnlyList<string?> tops)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (tops.Count != _devices.Disks.Count)
+            throw new ArgumentException($"{tops.Count} new images for {_devices.Disks.Count} disks", nameof(tops));
+        if (_disksClosed || _threads.Any(t => t.State == VcpuRunState.Running) || !Devices.Paused)
+            throw new InvalidOperationException("the VM must be paused, with its disks open, before its disks move to new images");
+        var disks = Spec.Disks.ToArray();
+        try
+        {
+            for (int i = 0; i < tops.Count; i++)
+            {
+                if (tops[i] is not { } top)
+                    continue;
+                var block = (Kvm.Devices.Virtio.Block.VirtioBlock)_devices.Disks[i].Device;
+                var old = block.Image;
+                string oldPath = old.Path;
+                old.Flush();
+                old.Dispose();                      // lets the parent's lock go: the child opens it shared
+                IBlockImage image;
+                try
+                {
+                    image = OpenImage(disks[i] with { Path = top });
+                }
+                catch (ArgumentException)
+                {
+                    block.ReplaceImage(OpenImage(disks[i] with { Path = oldPath })).Dispose();
+                    throw;
+                }
+                try
+                {
+                    block.ReplaceImage(image).Dispose();
+                }
+                catch (DeviceStateException e)
+                {
+                    image.Dispose();
+                    block.ReplaceImage(OpenImage(disks[i] with { Path = oldPath })).Dispose();
+                    throw new ArgumentException($"disk '{top}': {e.Message}", e);
+                }
+                disks[i] = disks[i] with { Path = top };
+            }
+        }
+        finally
+        {
+            Spec = Spec with { Disks = disks };
+        }
     }
 
     /// <summary>Record kinds of the VM, of each vCPU and of the vCPUs' CPUID (the devices' are theirs).</summary>

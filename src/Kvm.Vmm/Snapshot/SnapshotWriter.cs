@@ -47,15 +47,56 @@ public static class SnapshotWriter
     {
         byte[] stateBytes = EncodeState(state);
         Directory.CreateDirectory(directory);
-        string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
-        string memoryPath = Path.Combine(directory, SnapshotFormat.MemoryFileName);
-        string suffix = $".tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}";
-        string stateTemp = Path.Combine(directory, "." + SnapshotFormat.StateFileName + suffix);
-        string memoryTemp = Path.Combine(directory, "." + SnapshotFormat.MemoryFileName + suffix);
-        bool renamed = false;
+        string memoryTemp = TempMemoryPath(directory);
+        bool published = false;
         try
         {
             ulong written = WriteMemory(memoryTemp, state, memory, progress, cancellationToken);
+            var result = Publish(directory, state, stateBytes, memoryTemp, written, cancellationToken);
+            published = true;
+            return result;
+        }
+        finally
+        {
+            if (!published)
+                TryDelete(memoryTemp);
+        }
+    }
+
+    /// <summary>A name for a memory file being written in <paramref name="directory"/>, hidden and unique.</summary>
+    public static string TempMemoryPath(string directory) =>
+        Path.Combine(directory, $".{SnapshotFormat.MemoryFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+
+    /// <summary>The memory file's first page (magic, version, snapshot id, RAM size), the rest zeros.</summary>
+    public static byte[] MemoryHeader(SnapshotState state) => SnapshotMemoryFile.Header(state.Id, state.MemoryDataSize);
+
+    /// <summary>
+    /// Finishes a snapshot whose memory file someone else wrote through <paramref name="memoryFile"/>
+    /// (open, named <paramref name="memoryTemp"/> in <paramref name="directory"/>:
+    /// <see cref="MemoryHeader"/> at 0, each region's RAM at its FileOffset, pages of zeros as
+    /// holes; <paramref name="memoryBytesWritten"/> of RAM written): sets its length, flushes it,
+    /// writes the state file, renames both into place and flushes the directory, as
+    /// <see cref="Write"/> does. On failure the temporary memory file stays for the caller to delete.
+    /// </summary>
+    public static SnapshotWriteResult Finish(string directory, SnapshotState state, SafeFileHandle memoryFile, string memoryTemp,
+        ulong memoryBytesWritten, CancellationToken cancellationToken = default)
+    {
+        byte[] stateBytes = EncodeState(state);
+        RandomAccess.SetLength(memoryFile, SnapshotFormat.MemoryHeaderSize + (long)state.MemoryDataSize);
+        RandomAccess.FlushToDisk(memoryFile);
+        return Publish(directory, state, stateBytes, memoryTemp, memoryBytesWritten, cancellationToken);
+    }
+
+    /// <summary>Writes the state file under a temporary name, then renames the memory file and it into place and flushes the directory.</summary>
+    private static SnapshotWriteResult Publish(string directory, SnapshotState state, byte[] stateBytes, string memoryTemp, ulong written,
+        CancellationToken cancellationToken)
+    {
+        string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
+        string memoryPath = Path.Combine(directory, SnapshotFormat.MemoryFileName);
+        string stateTemp = Path.Combine(directory, $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+        bool renamed = false;
+        try
+        {
             using (var file = File.OpenHandle(stateTemp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
             {
                 RandomAccess.Write(file, stateBytes, 0);
@@ -72,10 +113,7 @@ public static class SnapshotWriter
         finally
         {
             if (!renamed)
-            {
-                TryDelete(memoryTemp);
                 TryDelete(stateTemp);
-            }
         }
     }
 
