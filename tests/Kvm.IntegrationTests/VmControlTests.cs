@@ -189,6 +189,59 @@ public sealed partial class VmControlTests : IDisposable
         Assert.DoesNotContain("pwrbtn pressed", console.Text, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// Live checkpoints through vmctl and the control socket: each stops the guest briefly (the
+    /// reply says how long and where it went), moves the VM's disk onto a new layer beside it (the
+    /// devices list shows it) and leaves the VM running; a directory already used is refused.
+    /// Deleting the second checkpoint is refused while the VM writes to the layer it would fold
+    /// into; the first (on the base disk: nothing to fold) goes.
+    /// </summary>
+    [SkippableFact]
+    public void CheckpointsThroughTheCliLeaveTheVmRunningOnNewLayers()
+    {
+        Require();
+        TestEnvironment.SkipIf(Kvm.Hypervisor.RamCheckpointWriter.Refusal());
+        using var vm = StartVm("tick period=50");
+        using var console = new ConsoleClient(ConsolePath);
+        Assert.True(console.WaitForTick(2), console.Text);
+        string disk = Path.Combine(_dir, "disk.raw");
+        var dirs = new[] { Path.Combine(_dir, "ckpt1"), Path.Combine(_dir, "ckpt2") };
+        var layers = new List<string>();
+        foreach (var dir in dirs)
+        {
+            var r = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "checkpoint", ControlPath, dir, "--rate", "64M", "--json"], Timeout);
+            Assert.True(r.ExitCode == 0, r.Stderr);
+            var c = JsonSerializer.Deserialize(r.Stdout, VmControlJson.Default.CheckpointResult)!;
+            Assert.Equal("running", c.State);
+            Assert.True(c.StopSeconds > 0 && c.StopSteps.Select(x => x.Name).SequenceEqual(["pause", "save state", "protect RAM", "switch disks", "resume"]),
+                r.Stdout);
+            Assert.Equal(Path.Combine(dir, "disk0.qcow2"), c.Disks[0]);
+            string layer = Assert.IsType<string>(c.Layers[0]);
+            Assert.Matches(@"/disk\.ckpt-[0-9a-f]{8}\.qcow2$", layer);
+            Assert.True(File.Exists(layer) && File.Exists(Path.Combine(dir, "state")) && File.Exists(Path.Combine(dir, "memory")), r.Stdout);
+            layers.Add(layer);
+            var devices = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "devices", ControlPath], Timeout);
+            Assert.Contains(layer, devices.Stdout, StringComparison.Ordinal);
+            int before = console.LastTick;
+            Assert.True(console.WaitForTick(before + 3), "the VM did not run on after the checkpoint: " + console.Text);
+        }
+
+        var again = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "checkpoint", ControlPath, dirs[0]], Timeout);
+        Assert.Equal(1, again.ExitCode);
+        Assert.Contains("is not empty", again.Stderr, StringComparison.Ordinal);
+
+        var refused = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["delete-checkpoint", dirs[1]], Timeout);
+        Assert.Equal(1, refused.ExitCode);
+        Assert.Contains(layers[1], refused.Stderr, StringComparison.Ordinal);
+        Assert.True(Directory.Exists(dirs[1]));
+        var deleted = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["delete-checkpoint", dirs[0]], Timeout);
+        Assert.True(deleted.ExitCode == 0, deleted.Stderr);
+        Assert.False(Directory.Exists(dirs[0]));
+        Assert.True(File.Exists(disk) && File.Exists(layers[0]), "the base disk and the first layer stay");
+        int last = console.LastTick;
+        Assert.True(console.WaitForTick(last + 2), "the VM stopped running: " + console.Text);
+    }
+
     [SkippableFact]
     public void ForcedStopThroughTheCliAndBadRequestsGetErrorsWhileTheVmRuns()
     {
