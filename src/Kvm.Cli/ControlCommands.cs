@@ -178,7 +178,9 @@ public static class ControlCommands
             }
             Console.WriteLine($"checkpoint in {r.Directory}: guest stopped {(r.StopSeconds * 1000).ToString("0.##", CultureInfo.InvariantCulture)} ms " +
                               $"({string.Join(", ", r.StopSteps.Select(s => $"{s.Name} {s.Milliseconds.ToString("0.##", CultureInfo.InvariantCulture)} ms"))}), " +
-                              $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all; {r.MemoryBytes} bytes of RAM ({r.MemoryBytesWritten} not zero), " +
+                              $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all " +
+                              $"({string.Join(", ", r.Phases.Select(s => $"{s.Name} {(s.Milliseconds / 1000).ToString("0.###", CultureInfo.InvariantCulture)} s"))}); " +
+                              $"{r.MemoryBytes} bytes of RAM ({r.MemoryBytesWritten} not zero), " +
                               $"{r.WritesWaited} guest writes waited for their page; the VM is {r.State}");
             for (int i = 0; i < r.Disks.Count; i++)
                 Console.WriteLine(r.Layers[i] is { } layer

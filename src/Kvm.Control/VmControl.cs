@@ -268,7 +268,7 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
             var m = taken.Memory;
             return new CheckpointResult(taken.Directory, state, wasPaused ? 0 : Math.Round(taken.StopSeconds, 4), taken.StopSteps,
                 Math.Round(taken.Seconds, 4), taken.Layers, taken.Disks, taken.Snapshot.MemoryDataSize, taken.Snapshot.MemoryBytesWritten,
-                m.Faults, m.BytesOnWrite);
+                m.Faults, m.BytesOnWrite, taken.Phases);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
                                       or Kvm.Vmm.Snapshot.SnapshotFormatException or Kvm.Hypervisor.HypervisorException)

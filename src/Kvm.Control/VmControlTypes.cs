@@ -50,14 +50,15 @@ public sealed record CheckpointRequest([property: JsonRequired] string Directory
 
 /// <summary>
 /// The reply to <c>checkpoint</c>: where it went, the VM's state afterwards, how long the guest was
-/// stopped (and where that went, step by step) and how long the whole checkpoint took, per disk the
+/// stopped (and where that went, step by step) and how long the whole checkpoint took (and where
+/// that went: prepare, stop, write RAM, write state), per disk the
 /// VM's new top image (null for a read-only disk) and the checkpoint's image, and guest RAM: its
 /// size, the bytes written (the rest were zero pages), the guest writes that waited for their
 /// page and the bytes saved because of them.
 /// </summary>
 public sealed record CheckpointResult(string Directory, string State, double StopSeconds, IReadOnlyList<Kvm.Vmm.Snapshot.PauseStep> StopSteps,
     double Seconds, IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks, ulong MemoryBytes, ulong MemoryBytesWritten,
-    long WritesWaited, long BytesSavedOnWrite);
+    long WritesWaited, long BytesSavedOnWrite, IReadOnlyList<Kvm.Vmm.Snapshot.PauseStep> Phases);
 
 /// <summary>The reply to <c>suspend</c>: the VM's state ("suspended") and how long suspending took.</summary>
 public sealed record SuspendResult(string State, double Seconds, long StateBytes);

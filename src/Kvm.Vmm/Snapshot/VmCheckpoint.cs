@@ -34,8 +34,10 @@ public sealed record CheckpointOptions
 /// <param name="Layers">Per disk, the new top image the VM writes to from the checkpoint on; null for a read-only disk (it stays).</param>
 /// <param name="Disks">Per disk, the image the checkpoint's spec names.</param>
 /// <param name="Memory">How guest RAM was saved: writes that waited, bytes saved on a write and in the background.</param>
+/// <param name="Phases">Where the whole checkpoint went: preparing (the disks' children, the memory file, the write protection registered), the stop, writing RAM out (and copying disks), writing the state file.</param>
 public sealed record CheckpointResult(string Directory, double StopSeconds, IReadOnlyList<PauseStep> StopSteps, double Seconds,
-    IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks, RamCheckpointStats Memory, SnapshotWriteResult Snapshot);
+    IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks, RamCheckpointStats Memory, SnapshotWriteResult Snapshot,
+    IReadOnlyList<PauseStep> Phases);
 
 /// <summary>
 /// A live checkpoint: a snapshot of a running VM whose guest is stopped only for an instant. Before
@@ -92,6 +94,7 @@ public static partial class VmCheckpoint
         if (Directory.Exists(directory) && Directory.EnumerateFileSystemEntries(directory).Any())
             throw new IOException($"checkpoint directory {directory} is not empty: a checkpoint goes into a new or empty directory");
         long started = Stopwatch.GetTimestamp();
+        var phases = new StepClock("vmm");
         bool madeDirectory = !Directory.Exists(directory);
         Directory.CreateDirectory(directory);
 
@@ -148,6 +151,8 @@ public static partial class VmCheckpoint
             using var writer = RamCheckpointWriter.Register(vm.Memory, memoryFile, memoryTemp, regions.Select(r => r.FileOffset).ToArray());
             cancellationToken.ThrowIfCancellationRequested();
 
+            phases.Mark("prepare");
+
             // The stop.
             stopClock.Restart();
             long stopped = Stopwatch.GetTimestamp();
@@ -169,6 +174,7 @@ public static partial class VmCheckpoint
                 stopClock.Mark("resume");
             }
             double stopSeconds = Stopwatch.GetElapsedTime(stopped).TotalSeconds;
+            phases.Mark("stop");
             // The parents hold the disks at the checkpoint: nobody writes them any more.
             foreach (var layer in layers.OfType<string>())
                 made.Remove(layer);
@@ -196,11 +202,13 @@ public static partial class VmCheckpoint
                 throw late;
             var stats = writer.Stats;
             options.Progress?.Invoke(total, total);
+            phases.Mark(options.CopyDisks ? "write RAM and copy disks" : "write RAM");
             var written = SnapshotWriter.Finish(directory, state, memoryFile, memoryTemp, (ulong)stats.BytesWritten, cancellationToken);
             done = true;
+            phases.Mark("write state");
             double seconds = Stopwatch.GetElapsedTime(started).TotalSeconds;
-            CheckpointLog.Taken(log, directory, seconds, GuestMemory.FormatSize((ulong)stats.BytesWritten), stats.Faults);
-            return new CheckpointResult(directory, stopSeconds, stopClock.Steps, seconds, layers, disks, stats, written);
+            CheckpointLog.Taken(log, directory, seconds, GuestMemory.FormatSize((ulong)stats.BytesWritten), stats.Faults, phases.Describe());
+            return new CheckpointResult(directory, stopSeconds, stopClock.Steps, seconds, layers, disks, stats, written, phases.Steps);
         }
         catch (Exception e) when (!done)
         {
@@ -343,8 +351,8 @@ internal static partial class CheckpointLog
     [LoggerMessage(EventId = 1410, Level = LogLevel.Information, Message = "checkpoint {Directory}: the guest was stopped {Milliseconds:0.##} ms ({Steps})")]
     public static partial void Stopped(ILogger logger, string directory, double milliseconds, string steps);
 
-    [LoggerMessage(EventId = 1411, Level = LogLevel.Information, Message = "checkpoint {Directory}: taken in {Seconds:0.###} s, {Written} of guest RAM written, {Faults} guest writes waited for their page")]
-    public static partial void Taken(ILogger logger, string directory, double seconds, string written, long faults);
+    [LoggerMessage(EventId = 1411, Level = LogLevel.Information, Message = "checkpoint {Directory}: taken in {Seconds:0.###} s ({Phases}), {Written} of guest RAM written, {Faults} guest writes waited for their page")]
+    public static partial void Taken(ILogger logger, string directory, double seconds, string written, long faults, string phases);
 
     [LoggerMessage(EventId = 1412, Level = LogLevel.Warning, Message = "checkpoint {Directory} failed: {Error}; the VM runs on {Where}")]
     public static partial void Failed(ILogger logger, string directory, string error, string where);
