@@ -192,7 +192,8 @@ public sealed partial class VmControlTests : IDisposable
     /// <summary>
     /// Live checkpoints through vmctl and the control socket: each stops the guest briefly (the
     /// reply says how long and where it went), moves the VM's disk onto a new layer beside it (the
-    /// devices list shows it) and leaves the VM running; a directory already used is refused.
+    /// devices list shows it) and leaves the VM running; the checkpoint's disk is a whole copy with
+    /// --copy-disks, else a child of the layer left frozen; a directory already used is refused.
     /// Deleting the second checkpoint is refused while the VM writes to the layer it would fold
     /// into; the first (on the base disk: nothing to fold) goes.
     /// </summary>
@@ -209,17 +210,27 @@ public sealed partial class VmControlTests : IDisposable
         var layers = new List<string>();
         foreach (var dir in dirs)
         {
-            var r = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "checkpoint", ControlPath, dir, "--rate", "64M", "--json"], Timeout);
+            // The first copies the disk into the checkpoint; the second makes a child of the frozen layer.
+            bool copy = dir == dirs[0];
+            var r = TestEnvironment.RunProcess(TestEnvironment.Vmctl,
+                ["control", "checkpoint", ControlPath, dir, "--rate", "64M", "--json", .. copy ? new[] { "--copy-disks" } : []], Timeout);
             Assert.True(r.ExitCode == 0, r.Stderr);
             var c = JsonSerializer.Deserialize(r.Stdout, VmControlJson.Default.CheckpointResult)!;
             Assert.Equal("running", c.State);
             Assert.True(c.StopSeconds > 0 && c.StopSteps.Select(x => x.Name).SequenceEqual(["pause", "save state", "protect RAM", "switch disks", "resume"]),
                 r.Stdout);
             Assert.Equal(Path.Combine(dir, "disk0.qcow2"), c.Disks[0]);
+            Assert.Equal(["prepare", "stop", copy ? "write RAM and copy disks" : "write RAM", "write state"], c.Phases.Select(x => x.Name));
             string layer = Assert.IsType<string>(c.Layers[0]);
             Assert.Matches(@"/disk\.ckpt-[0-9a-f]{8}\.qcow2$", layer);
             Assert.True(File.Exists(layer) && File.Exists(Path.Combine(dir, "state")) && File.Exists(Path.Combine(dir, "memory")), r.Stdout);
             layers.Add(layer);
+            using (var saved = Kvm.Storage.DiskImage.Open(c.Disks[0], new Kvm.Storage.ImageOpenOptions { ReadOnly = true }))
+            {
+                var backing = (saved as Kvm.Storage.Qcow2.Qcow2Image)?.Backing?.Path;
+                Assert.Equal(copy ? null : (layers.Count == 1 ? disk : layers[^2]), backing);
+                Assert.Equal(8UL << 20, saved.Size);
+            }
             var devices = TestEnvironment.RunProcess(TestEnvironment.Vmctl, ["control", "devices", ControlPath], Timeout);
             Assert.Contains(layer, devices.Stdout, StringComparison.Ordinal);
             int before = console.LastTick;
