@@ -60,21 +60,7 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
         TestEnvironment.RequireKvm();
         if (memory == MemoryLoad.Lazy)
             TestEnvironment.SkipIf(Kvm.Hypervisor.Userfaultfd.IsAvailable() ? null : "userfaultfd is not allowed here (a lazy restore needs root, or access to /dev/userfaultfd)");
-        string kernel = RequireLinux("bzImage");
-        string initrd = RequireLinux("initramfs.cpio.gz");
-        TestEnvironment.RequireProgram("qemu-img", "qemu-utils");
-        TestEnvironment.RequireProgram("e2fsck", "e2fsprogs");
-        TestEnvironment.RequireProgram("debugfs", "e2fsprogs");
-
-        string disk = P("disk.qcow2");
-        Run("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M");
-        string checks = $"cpus:2,diskloop:{Loops}";
-        var spec = new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cmdline = $"console=ttyS0 quiet panic=-1 kvmtest={checks}",
-            Cpus = 2, MemoryBytes = Memory, DebugExit = true,
-            Disks = [new DiskSpec { Path = disk }],
-        };
+        var (spec, disk, checks) = DiskLoopSpec();
 
         // A: boots, runs the loop; paused and saved part way, then gone.
         string snapshot = P("snapshot");
@@ -83,10 +69,7 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
         Stopwatch paused;
         using (var a = VirtualMachine.Create(spec, first.Write))
         {
-            a.Start();
-            bool reached = Poll(() => LoopLines(first.Text).Any(l => l.N >= SaveAfter) || a.Stopped.IsCompleted, BootTimeout);
-            Assert.True(reached && !a.Stopped.IsCompleted,
-                $"the guest did not reach loop {SaveAfter} ({(a.Stopped.IsCompleted ? a.Stopped.Result.Describe() : "timed out")}); console:\n{first.Text}");
+            StartToLoop(a, first);
             a.Pause();
             paused = Stopwatch.StartNew();
             before = first.Text.Replace("\r", "");
@@ -205,35 +188,22 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
     {
         TestEnvironment.RequireKvm();
         TestEnvironment.SkipIf(Kvm.Hypervisor.RamCheckpointWriter.Refusal());
-        string kernel = RequireLinux("bzImage");
-        string initrd = RequireLinux("initramfs.cpio.gz");
-        TestEnvironment.RequireProgram("qemu-img", "qemu-utils");
-        TestEnvironment.RequireProgram("e2fsck", "e2fsprogs");
-        TestEnvironment.RequireProgram("debugfs", "e2fsprogs");
-
-        string disk = P("disk.qcow2");
-        Run("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M");
-        string checks = $"cpus:2,diskloop:{Loops}";
-        var spec = new VmSpec
-        {
-            Kernel = kernel, Initrd = initrd, Cmdline = $"console=ttyS0 quiet panic=-1 kvmtest={checks}",
-            Cpus = 2, MemoryBytes = Memory, DebugExit = true,
-            Disks = [new DiskSpec { Path = disk }],
-        };
+        var (spec, disk, checks) = DiskLoopSpec();
 
         string checkpoint = P("checkpoint");
         var first = new SerialCapture();
-        string atCheckpoint;
+        string atCheckpoint = "";
         CheckpointResult taken;
         VmStopReason parentReason;
         using (var a = VirtualMachine.Create(spec, first.Write))
         {
-            a.Start();
-            bool reached = Poll(() => LoopLines(first.Text).Any(l => l.N >= SaveAfter) || a.Stopped.IsCompleted, BootTimeout);
-            Assert.True(reached && !a.Stopped.IsCompleted,
-                $"the guest did not reach loop {SaveAfter} ({(a.Stopped.IsCompleted ? a.Stopped.Result.Describe() : "timed out")}); console:\n{first.Text}");
-            taken = VmCheckpoint.Take(a, checkpoint);
-            atCheckpoint = first.Text.Replace("\r", "");
+            StartToLoop(a, first);
+            // The console as it was at the stop: the guest runs on while RAM is written out.
+            taken = VmCheckpoint.Take(a, checkpoint, pause: () =>
+            {
+                a.Pause();
+                atCheckpoint = first.Text.Replace("\r", "");
+            });
             output.WriteLine($"checkpoint: guest stopped {taken.StopSeconds * 1000:0.##} ms ({string.Join(", ", taken.StopSteps.Select(x => $"{x.Name} {x.Milliseconds} ms"))}), " +
                              $"{taken.Seconds:0.###} s in all ({string.Join(", ", taken.Phases.Select(x => $"{x.Name} {x.Milliseconds} ms"))}); RAM: {taken.Memory}");
             if (!a.Stopped.Wait(RunTimeout))
@@ -267,6 +237,38 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
 
         AssertImageHoldsTheLoop(Assert.IsType<string>(taken.Layers[0]), "parent");
         AssertImageHoldsTheLoop(taken.Disks[0], "checkpoint");
+    }
+
+    /// <summary>
+    /// Two vCPUs, 256 MiB and a new 64 MiB qcow2 disk, for the init's disk loop; skips where the
+    /// Linux guest or the tools the host's checks use are missing.
+    /// </summary>
+    private (VmSpec Spec, string Disk, string Checks) DiskLoopSpec()
+    {
+        string kernel = RequireLinux("bzImage");
+        string initrd = RequireLinux("initramfs.cpio.gz");
+        TestEnvironment.RequireProgram("qemu-img", "qemu-utils");
+        TestEnvironment.RequireProgram("e2fsck", "e2fsprogs");
+        TestEnvironment.RequireProgram("debugfs", "e2fsprogs");
+        string disk = P("disk.qcow2");
+        Run("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M");
+        string checks = $"cpus:2,diskloop:{Loops}";
+        var spec = new VmSpec
+        {
+            Kernel = kernel, Initrd = initrd, Cmdline = $"console=ttyS0 quiet panic=-1 kvmtest={checks}",
+            Cpus = 2, MemoryBytes = Memory, DebugExit = true,
+            Disks = [new DiskSpec { Path = disk }],
+        };
+        return (spec, disk, checks);
+    }
+
+    /// <summary>Starts <paramref name="vm"/> and waits until its loop has reached <see cref="SaveAfter"/>.</summary>
+    private static void StartToLoop(VirtualMachine vm, SerialCapture console)
+    {
+        vm.Start();
+        bool reached = Poll(() => LoopLines(console.Text).Any(l => l.N >= SaveAfter) || vm.Stopped.IsCompleted, BootTimeout);
+        Assert.True(reached && !vm.Stopped.IsCompleted,
+            $"the guest did not reach loop {SaveAfter} ({(vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : "timed out")}); console:\n{console.Text}");
     }
 
     /// <summary>
