@@ -283,7 +283,6 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         }
     }
 
-
     private void RequireRunning(string operation)
     {
         if (Stopped || _stopping)

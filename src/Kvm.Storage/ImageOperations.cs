@@ -28,8 +28,14 @@ public static class ImageOperations
         using (Qcow2Image.Create(childPath, new Qcow2CreateOptions { Size = size, ClusterSize = clusterSize, BackingFile = name, BackingFormat = format }))
         {
         }
-        var mode = File.GetUnixFileMode(parentPath);
-        File.SetUnixFileMode(parentPath, mode & ~(UnixFileMode.UserWrite | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite));
+        MakeReadOnly(parentPath);
+    }
+
+    /// <summary>Takes every write permission off an image that became a backing file: from now on only its children take writes.</summary>
+    public static void MakeReadOnly(string path)
+    {
+        var mode = File.GetUnixFileMode(path);
+        File.SetUnixFileMode(path, mode & ~(UnixFileMode.UserWrite | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite));
     }
 
     /// <summary>

@@ -482,29 +482,27 @@ public sealed class VirtualMachine : IDisposable
                 if (tops[i] is not { } top)
                     continue;
                 var block = (Kvm.Devices.Virtio.Block.VirtioBlock)_devices.Disks[i].Device;
-                var old = block.Image;
-                string oldPath = old.Path;
-                old.Flush();
-                old.Dispose();                      // lets the parent's lock go: the child opens it shared
-                IBlockImage image;
+                string oldPath = block.Image.Path;
+                // Flushed when the device paused; closing it lets the parent's lock go, so the
+                // child can open it (shared) as its backing file.
+                block.Image.Dispose();
                 try
                 {
-                    image = OpenImage(disks[i] with { Path = top });
+                    var image = OpenImage(disks[i] with { Path = top });
+                    try
+                    {
+                        block.ReplaceImage(image).Dispose();
+                    }
+                    catch (DeviceStateException e)
+                    {
+                        image.Dispose();
+                        throw new ArgumentException($"disk '{top}': {e.Message}", e);
+                    }
                 }
                 catch (ArgumentException)
                 {
                     block.ReplaceImage(OpenImage(disks[i] with { Path = oldPath })).Dispose();
                     throw;
-                }
-                try
-                {
-                    block.ReplaceImage(image).Dispose();
-                }
-                catch (DeviceStateException e)
-                {
-                    image.Dispose();
-                    block.ReplaceImage(OpenImage(disks[i] with { Path = oldPath })).Dispose();
-                    throw new ArgumentException($"disk '{top}': {e.Message}", e);
                 }
                 disks[i] = disks[i] with { Path = top };
             }

@@ -64,8 +64,19 @@ public static class SnapshotWriter
     }
 
     /// <summary>A name for a memory file being written in <paramref name="directory"/>, hidden and unique.</summary>
-    public static string TempMemoryPath(string directory) =>
-        Path.Combine(directory, $".{SnapshotFormat.MemoryFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+    public static string TempMemoryPath(string directory) => TempPath(directory, SnapshotFormat.MemoryFileName);
+
+    /// <summary>A hidden, unique name beside <paramref name="fileName"/> for it to be written under before it is renamed into place.</summary>
+    private static string TempPath(string directory, string fileName) =>
+        Path.Combine(directory, $".{fileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+
+    /// <summary>Writes <paramref name="bytes"/> as a new file at <paramref name="path"/> and flushes it to disk.</summary>
+    private static void WriteFlushed(string path, byte[] bytes)
+    {
+        using var file = File.OpenHandle(path, FileMode.CreateNew, FileAccess.Write, FileShare.None);
+        RandomAccess.Write(file, bytes, 0);
+        RandomAccess.FlushToDisk(file);
+    }
 
     /// <summary>The memory file's first page (magic, version, snapshot id, RAM size), the rest zeros.</summary>
     public static byte[] MemoryHeader(SnapshotState state) => SnapshotMemoryFile.Header(state.Id, state.MemoryDataSize);
@@ -93,15 +104,11 @@ public static class SnapshotWriter
     {
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
         string memoryPath = Path.Combine(directory, SnapshotFormat.MemoryFileName);
-        string stateTemp = Path.Combine(directory, $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+        string stateTemp = TempPath(directory, SnapshotFormat.StateFileName);
         bool renamed = false;
         try
         {
-            using (var file = File.OpenHandle(stateTemp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
-            {
-                RandomAccess.Write(file, stateBytes, 0);
-                RandomAccess.FlushToDisk(file);
-            }
+            WriteFlushed(stateTemp, stateBytes);
             cancellationToken.ThrowIfCancellationRequested();
             renamed = true;
             File.Move(memoryTemp, memoryPath, overwrite: true);
@@ -128,16 +135,11 @@ public static class SnapshotWriter
     {
         byte[] stateBytes = EncodeState(state);
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
-        string stateTemp = Path.Combine(directory,
-            $".{SnapshotFormat.StateFileName}.tmp-{Environment.ProcessId}-{Random.Shared.Next():x8}");
+        string stateTemp = TempPath(directory, SnapshotFormat.StateFileName);
         bool renamed = false;
         try
         {
-            using (var file = File.OpenHandle(stateTemp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
-            {
-                RandomAccess.Write(file, stateBytes, 0);
-                RandomAccess.FlushToDisk(file);
-            }
+            WriteFlushed(stateTemp, stateBytes);
             File.Move(stateTemp, statePath, overwrite: true);
             renamed = true;
             using (var dir = DirectoryHandle.Open(directory))
@@ -151,7 +153,8 @@ public static class SnapshotWriter
         }
     }
 
-    private static void TryDelete(string path)
+    /// <summary>Deletes <paramref name="path"/> if it can: what is left of a write that failed.</summary>
+    internal static void TryDelete(string path)
     {
         try
         {

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Text.RegularExpressions;
 using Kvm.Devices.Virtio.Block;
 using Kvm.Hypervisor;
@@ -93,8 +92,7 @@ public static partial class VmCheckpoint
         directory = Path.GetFullPath(directory);
         if (Directory.Exists(directory) && Directory.EnumerateFileSystemEntries(directory).Any())
             throw new IOException($"checkpoint directory {directory} is not empty: a checkpoint goes into a new or empty directory");
-        long started = Stopwatch.GetTimestamp();
-        var phases = new StepClock("vmm");
+        var phases = new StepClock("vmm");         // from here: the whole checkpoint's time is its phases
         bool madeDirectory = !Directory.Exists(directory);
         Directory.CreateDirectory(directory);
 
@@ -155,7 +153,6 @@ public static partial class VmCheckpoint
 
             // The stop.
             stopClock.Restart();
-            long stopped = Stopwatch.GetTimestamp();
             (pause ?? vm.Pause)();
             stopClock.Mark("pause");
             try
@@ -173,7 +170,7 @@ public static partial class VmCheckpoint
                 (resume ?? vm.Resume)();
                 stopClock.Mark("resume");
             }
-            double stopSeconds = Stopwatch.GetElapsedTime(stopped).TotalSeconds;
+            double stopSeconds = stopClock.TotalMilliseconds / 1000;
             phases.Mark("stop");
             // The parents hold the disks at the checkpoint: nobody writes them any more.
             foreach (var layer in layers.OfType<string>())
@@ -206,7 +203,7 @@ public static partial class VmCheckpoint
             var written = SnapshotWriter.Finish(directory, state, memoryFile, memoryTemp, (ulong)stats.BytesWritten, cancellationToken);
             done = true;
             phases.Mark("write state");
-            double seconds = Stopwatch.GetElapsedTime(started).TotalSeconds;
+            double seconds = phases.TotalMilliseconds / 1000;
             CheckpointLog.Taken(log, directory, seconds, GuestMemory.FormatSize((ulong)stats.BytesWritten), stats.Faults, phases.Describe());
             return new CheckpointResult(directory, stopSeconds, stopClock.Steps, seconds, layers, disks, stats, written, phases.Steps);
         }
@@ -215,7 +212,7 @@ public static partial class VmCheckpoint
             // A disk that moved (the switch may fail part way) runs on its new top image: it stays.
             var inUse = vm.Spec.Disks.Select(d => Path.GetFullPath(d.Path)).ToHashSet();
             foreach (var path in made.Where(p => !inUse.Contains(p)))
-                TryDelete(path);
+                SnapshotWriter.TryDelete(path);
             if (madeDirectory)
                 TryDeleteDirectory(directory);
             CheckpointLog.Failed(log, directory, e.Message, switched ? "on its new top images" : "on the disks it had");
@@ -313,23 +310,11 @@ public static partial class VmCheckpoint
     {
         try
         {
-            var mode = File.GetUnixFileMode(path);
-            File.SetUnixFileMode(path, mode & ~(UnixFileMode.UserWrite | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite));
+            ImageOperations.MakeReadOnly(path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // Not ours to change (another owner): the lock and the layer above keep it unwritten.
-        }
-    }
-
-    private static void TryDelete(string path)
-    {
-        try
-        {
-            File.Delete(path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
         }
     }
 
