@@ -91,7 +91,7 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
             pausedFor = paused.Elapsed;
             b.Start();
             if (!b.Stopped.Wait(RunTimeout))
-                Assert.Fail($"the restored guest did not finish within {RunTimeout.TotalSeconds} s; before the save:\n{before}\n--- restored ---\n{second.Text}");
+                Assert.Fail($"the restored guest did not finish within {RunTimeout.TotalSeconds} s ({memory}); before the save:\n{before}\n--- restored ---\n{second.Text}\n--- the restored VM now ---\n{b.DescribeState()}");
             reason = b.Stopped.Result;
         }
         string after = second.Text.Replace("\r", "");
@@ -207,7 +207,7 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
             output.WriteLine($"checkpoint: guest stopped {taken.StopSeconds * 1000:0.##} ms ({string.Join(", ", taken.StopSteps.Select(x => $"{x.Name} {x.Milliseconds} ms"))}), " +
                              $"{taken.Seconds:0.###} s in all ({string.Join(", ", taken.Phases.Select(x => $"{x.Name} {x.Milliseconds} ms"))}); RAM: {taken.Memory}");
             if (!a.Stopped.Wait(RunTimeout))
-                Assert.Fail($"the checkpointed guest did not finish within {RunTimeout.TotalSeconds} s; console:\n{first.Text}");
+                Assert.Fail($"the checkpointed guest did not finish within {RunTimeout.TotalSeconds} s; console:\n{first.Text}\n--- the VM now ---\n{a.DescribeState()}");
             parentReason = a.Stopped.Result;
         }
         string parent = first.Text.Replace("\r", "");
@@ -222,7 +222,7 @@ public sealed partial class LinuxSnapshotTests(ITestOutputHelper output) : IDisp
         {
             b.Start();
             if (!b.Stopped.Wait(RunTimeout))
-                Assert.Fail($"the restored checkpoint did not finish within {RunTimeout.TotalSeconds} s; console:\n{second.Text}");
+                Assert.Fail($"the restored checkpoint did not finish within {RunTimeout.TotalSeconds} s; console:\n{second.Text}\n--- the restored VM now ---\n{b.DescribeState()}");
             reason = b.Stopped.Result;
         }
         string after = second.Text.Replace("\r", "");

@@ -54,7 +54,7 @@ public sealed class VmStateTests : BlkTestBase
     private static VmStopReason WaitStopped(VirtualMachine vm, SerialCapture serial)
     {
         if (!vm.Stopped.Wait(Wait))
-            Assert.Fail($"the restored guest did not finish; its console:\n{serial.Text}");
+            Assert.Fail($"the restored guest did not finish; its console:\n{serial.Text}\n--- the VM now ---\n{vm.DescribeState()}");
         return vm.Stopped.Result;
     }
 

@@ -144,7 +144,7 @@ public sealed partial class WorkingSetTests : BlkTestBase
             LazyLoadStats? first = vm.MemoryLoader?.Stats;
             vm.Start();
             if (!vm.Stopped.Wait(Wait))
-                Assert.Fail($"the restored guest did not finish ({mode}); console:\n{restored.Text}");
+                Assert.Fail($"the restored guest did not finish ({mode}); console:\n{restored.Text}\n--- the VM now ---\n{vm.DescribeState()}");
             Assert.True(vm.Stopped.Result is DebugExitStop { Status: 0 }, $"{mode}: {vm.Stopped.Result.Describe()}; console:\n{restored.Text}");
             Assert.Equal(whole.Serial.Text, before + restored.Text);
             if (mode == MemoryLoad.Lazy)

@@ -240,6 +240,23 @@ public sealed class Virtqueue
             Memory.VolatileWriteU16(UsedRing, UsedNoNotify);
     }
 
+    /// <summary>
+    /// The queue's positions in one line, for a report on a guest that stopped making progress:
+    /// the device's (next available entry, next used entry, last used index signalled) and the
+    /// driver's (its available index, the used index it sees, its flags and event indexes). Read
+    /// without a lock, so a snapshot of a moving queue; reads no descriptor.
+    /// </summary>
+    public string Describe()
+    {
+        if (_memory is not { } mem)
+            return $"queue {Index}: inactive (size {Size}, {(Enabled ? "enabled" : "disabled")})";
+        string Field(ulong gpa) => mem.IsValid(gpa, 2) ? mem.VolatileReadU16(gpa).ToString() : "?";
+        return $"queue {Index}: size {Size} vector {MsixVector}; device next-avail {_lastAvail} next-used {_nextUsed} " +
+               $"signalled {(_signalledValid ? _signalledUsed.ToString() : "none")}{(_short ? $" short-at {_shortAt}" : "")}; " +
+               $"driver avail-idx {Field(AvailRing + 2)} avail-flags {Field(AvailRing)} used-idx {Field(UsedRing + 2)} used-flags {Field(UsedRing)}" +
+               (_eventIdx ? $" used-event {Field(AvailRing + 4 + 2UL * Size)} avail-event {Field(UsedRing + 4 + 8UL * Size)}" : "");
+    }
+
     // Ring fields are read and written through GuestMemory, whose writes mark their pages.
     private ushort ReadAvailIdx() => Memory.VolatileReadU16(AvailRing + 2);
 

@@ -416,6 +416,78 @@ public sealed class VirtualMachine : IDisposable
     }
 
     /// <summary>
+    /// Where the VM stands, for a report on a guest that stopped making progress: each vCPU's run
+    /// state, registers, MP state, pending events and local APIC in-service and requested vectors
+    /// (read with that vCPU paused for the moment, if it ran), each virtio queue's positions, the
+    /// exits so far. Devices are not paused: their queues are read as they move.
+    /// </summary>
+    public string DescribeState()
+    {
+        var b = new System.Text.StringBuilder();
+        b.Append($"up {Uptime.TotalSeconds:F1} s; exits: {string.Join(", ", ExitCounts.Select(e => $"{e.Key} {e.Value}"))}\n");
+        foreach (var t in _threads)
+        {
+            var state = t.State;
+            b.Append($"vcpu {t.Vcpu.Id}: {state}{(t.Fault is { } f ? $" (fault: {f.Message})" : "")}\n");
+            if (state is not (VcpuRunState.Running or VcpuRunState.Paused))
+                continue;
+            bool paused = false;
+            try
+            {
+                if (state == VcpuRunState.Running)
+                {
+                    t.Pause(TimeSpan.FromSeconds(5));
+                    paused = true;
+                }
+                var r = t.Vcpu.GetRegs();
+                var sr = t.Vcpu.GetSregs();
+                var mp = t.Vcpu.GetMpState();
+                var ev = t.Vcpu.GetEvents();
+                var lapic = t.Vcpu.GetLapic();
+                b.Append($"  RIP {r.Rip:x} RSP {r.Rsp:x} RFLAGS {r.Rflags:x} CPL {sr.Cs.Dpl} CR2 {sr.Cr2:x} CR3 {sr.Cr3:x}; mp-state {mp.MpState}; " +
+                         $"exception {(ev.ExceptionInjected != 0 || ev.ExceptionPending != 0 ? ev.ExceptionNr.ToString() : "-")} " +
+                         $"interrupt {(ev.InterruptInjected != 0 ? ev.InterruptNr.ToString("x2") : "-")} shadow {ev.InterruptShadow} nmi {ev.NmiPending}/{ev.NmiMasked}\n");
+                b.Append($"  lapic TPR {lapic.GetRegister(0x80):x} ISR {ApicVectors(lapic, 0x100)} IRR {ApicVectors(lapic, 0x200)} " +
+                         $"timer LVT {lapic.GetRegister(0x320):x} initial {lapic.GetRegister(0x380)} current {lapic.GetRegister(0x390)}\n");
+            }
+            catch (Exception e)
+            {
+                b.Append($"  not read: {e.Message}\n");
+            }
+            finally
+            {
+                if (paused)
+                    t.Resume();
+            }
+        }
+        foreach (var (id, device) in Devices.Devices)
+        {
+            if (device is not VirtioPciTransport transport)
+                continue;
+            b.Append($"{id} ({transport.Name}): status 0x{transport.Status:x2}, notifications by exit {transport.NotificationsByExit}, protocol errors {transport.ProtocolErrors}\n");
+            foreach (var q in transport.Queues)
+                if (q.IsActive)
+                    b.Append("  ").Append(q.Describe()).Append('\n');
+        }
+        if (MemoryLoader is { } loader)
+            b.Append($"lazy memory loader: {loader.Stats}\n");
+        return b.ToString();
+    }
+
+    private static string ApicVectors(in Kvm.Interop.Structs.KvmLapicState lapic, int offset)
+    {
+        var vectors = new List<int>();
+        for (int word = 0; word < 8; word++)
+        {
+            uint bits = lapic.GetRegister(offset + word * 0x10);
+            for (int bit = 0; bit < 32; bit++)
+                if ((bits & (1u << bit)) != 0)
+                    vectors.Add(word * 32 + bit);
+        }
+        return vectors.Count == 0 ? "-" : string.Join(',', vectors.Select(v => v.ToString("x2")));
+    }
+
+    /// <summary>
     /// Pauses every vCPU and waits until all are paused (each with its last exit completed), then
     /// pauses every device (no request in flight, no worker running, disk images flushed).
     /// </summary>
