@@ -132,60 +132,77 @@ public static class ControlCommands
         return cmd;
     }
 
+    /// <summary>The options 'vmctl control checkpoint' and 'vmctl checkpoint' share.</summary>
+    internal static (Option<string?> Rate, Option<bool> CopyDisks) CheckpointOptions() => (
+        new Option<string?>("--rate")
+        {
+            Description = "write guest RAM out at most this fast per second while the VM runs (e.g. 200M; default: as fast as the disk takes it)",
+            HelpName = "BYTES",
+        },
+        new Option<bool>("--copy-disks")
+        {
+            Description = "copy each disk's content at the checkpoint into DIR (a whole image); default: DIR holds a copy-on-write\n" +
+                          "child of the image the VM leaves at the checkpoint, which stays frozen (read-only) for it",
+        });
+
+    /// <summary>What a checkpoint does, for both commands' help.</summary>
+    internal const string CheckpointHelp =
+        "The guest stops only while its state is saved, its RAM is write-protected and its disks move onto new\n" +
+        "copy-on-write top images (made beside them beforehand); then it runs on while its RAM as it was at the\n" +
+        "stop is written out (a guest write to a page not yet saved waits for it). The checkpoint is a snapshot:\n" +
+        "'vmctl restore DIR' starts it, eagerly or lazily. Each checkpoint adds a layer to the VM's disks\n" +
+        "(DISK.ckpt-ID.qcow2); the layer below stays read-only; 'vmctl delete-checkpoint DIR' folds it away.\n" +
+        "Needs userfaultfd write-protection of shared memory (Linux 5.19+).";
+
+    /// <summary>--rate as bytes per second (null when not given); a usage error names the option.</summary>
+    internal static long? ParseRate(string? text)
+    {
+        try
+        {
+            return text is null ? null : checked((long)Kvm.Vmm.Machine.VmSpec.ParseSize(text));
+        }
+        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
+        {
+            throw new RpcException(RpcErrorCode.InvalidParams, $"--rate: {e.Message}");
+        }
+    }
+
+    /// <summary>A checkpoint's reply as lines: the stop and its steps, the phases, RAM, and per disk what the VM writes now.</summary>
+    internal static void PrintCheckpoint(CheckpointResult r, string who)
+    {
+        Console.WriteLine($"{who}checkpoint in {r.Directory}: guest stopped {(r.StopSeconds * 1000).ToString("0.##", CultureInfo.InvariantCulture)} ms " +
+                          $"({string.Join(", ", r.StopSteps.Select(s => $"{s.Name} {s.Milliseconds.ToString("0.##", CultureInfo.InvariantCulture)} ms"))}), " +
+                          $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all " +
+                          $"({string.Join(", ", r.Phases.Select(s => $"{s.Name} {(s.Milliseconds / 1000).ToString("0.###", CultureInfo.InvariantCulture)} s"))}); " +
+                          $"{r.MemoryBytes} bytes of RAM ({r.MemoryBytesWritten} not zero), " +
+                          $"{r.WritesWaited} guest writes waited for their page; the VM is {r.State}");
+        for (int i = 0; i < r.Disks.Count; i++)
+            Console.WriteLine(r.Layers[i] is { } layer
+                ? $"  disk {i}: checkpoint {r.Disks[i]}; the VM now writes {layer}"
+                : $"  disk {i}: read-only, {r.Disks[i]}");
+    }
+
     private static Command Checkpoint()
     {
         var socket = SocketArgument();
         var directory = new Argument<string>("DIR") { Description = "the checkpoint directory (new or empty; created if missing)" };
-        var rate = new Option<string?>("--rate")
-        {
-            Description = "write guest RAM out at most this fast per second while the VM runs (e.g. 200M; default: as fast as the disk takes it)",
-            HelpName = "BYTES",
-        };
-        var copyDisks = new Option<bool>("--copy-disks")
-        {
-            Description = "copy each disk's content at the checkpoint into DIR (a whole image); default: DIR holds a copy-on-write\n" +
-                          "child of the image the VM leaves at the checkpoint, which stays frozen (read-only) for it",
-        };
+        var (rate, copyDisks) = CheckpointOptions();
         var json = new Option<bool>("--json") { Description = "print the reply as JSON" };
-        var cmd = new Command("checkpoint",
-            "Take a live checkpoint of the VM into DIR. The guest stops only while its state is saved, its RAM is\n" +
-            "write-protected and its disks move onto new copy-on-write top images (made beside them beforehand);\n" +
-            "then it runs on while its RAM as it was at the stop is written out (a guest write to a page not yet\n" +
-            "saved waits for it). The checkpoint is a snapshot: 'vmctl restore DIR' starts it, eagerly or lazily.\n" +
-            "Each checkpoint adds a layer to the VM's disks (DISK.ckpt-ID.qcow2); the layer below stays read-only.\n" +
-            "Needs userfaultfd write-protection of shared memory (Linux 5.19+).")
+        var cmd = new Command("checkpoint", "Take a live checkpoint of the VM into DIR. " + CheckpointHelp + "\n" +
+            "For a VM kvmd runs, use 'vmctl checkpoint NAME DIR': kvmd records the VM's new disk layers.")
         {
             socket, directory, rate, copyDisks, json,
         };
         cmd.SetAction(p => Guard(p.GetRequiredValue(socket), client =>
         {
             string dir = Path.GetFullPath(p.GetRequiredValue(directory));
-            long? bytesPerSecond;
-            try
-            {
-                bytesPerSecond = p.GetValue(rate) is { } text ? checked((long)Kvm.Vmm.Machine.VmSpec.ParseSize(text)) : null;
-            }
-            catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-            {
-                throw new RpcException(RpcErrorCode.InvalidParams, $"--rate: {e.Message}");
-            }
+            long? bytesPerSecond = ParseRate(p.GetValue(rate));
             var r = client.CallAsync("checkpoint", new CheckpointRequest(dir, bytesPerSecond, p.GetValue(copyDisks)),
                 VmControlJson.Default.CheckpointRequest, VmControlJson.Default.CheckpointResult).GetAwaiter().GetResult();
             if (p.GetValue(json))
-            {
                 Console.WriteLine(JsonSerializer.Serialize(r, VmControlJson.Default.CheckpointResult));
-                return 0;
-            }
-            Console.WriteLine($"checkpoint in {r.Directory}: guest stopped {(r.StopSeconds * 1000).ToString("0.##", CultureInfo.InvariantCulture)} ms " +
-                              $"({string.Join(", ", r.StopSteps.Select(s => $"{s.Name} {s.Milliseconds.ToString("0.##", CultureInfo.InvariantCulture)} ms"))}), " +
-                              $"{r.Seconds.ToString("0.###", CultureInfo.InvariantCulture)} s in all " +
-                              $"({string.Join(", ", r.Phases.Select(s => $"{s.Name} {(s.Milliseconds / 1000).ToString("0.###", CultureInfo.InvariantCulture)} s"))}); " +
-                              $"{r.MemoryBytes} bytes of RAM ({r.MemoryBytesWritten} not zero), " +
-                              $"{r.WritesWaited} guest writes waited for their page; the VM is {r.State}");
-            for (int i = 0; i < r.Disks.Count; i++)
-                Console.WriteLine(r.Layers[i] is { } layer
-                    ? $"  disk {i}: checkpoint {r.Disks[i]}; the VM now writes {layer}"
-                    : $"  disk {i}: read-only, {r.Disks[i]}");
+            else
+                PrintCheckpoint(r, "");
             return 0;
         }));
         return cmd;

@@ -11,7 +11,7 @@ namespace Kvm.Cli;
 
 /// <summary>
 /// The verbs that manage VMs through kvmd (virsh's habits): create, start, stop, pause, resume,
-/// save, upgrade, delete, list, show, console, events, hosts. Each talks to kvmd's socket (--connect).
+/// save, checkpoint, upgrade, delete, list, show, console, events, hosts. Each talks to kvmd's socket (--connect).
 /// </summary>
 public static class KvmdCommands
 {
@@ -38,6 +38,7 @@ public static class KvmdCommands
         yield return NameVerb("resume", "Resume a paused VM. One left suspended by an upgrade that failed resumes in a new kvm-vmm (as 'vmctl upgrade NAME').",
             "vm.resume", PrintInfo);
         yield return Save();
+        yield return Checkpoint();
         yield return Upgrade();
         yield return Delete();
         yield return List();
@@ -100,11 +101,12 @@ public static class KvmdCommands
         };
         var memory = new Option<string>("--memory")
         {
-            Description = "with --from: how guest RAM comes back: eager (the default: read all of it before the vCPUs start) or lazy " +
-                "(start at once; a page comes in when first touched, the rest in the background; needs userfaultfd)",
-            HelpName = "eager|lazy",
+            Description = "with --from: how guest RAM comes back: eager (the default: read all of it before the vCPUs start), lazy " +
+                "(start at once; a page comes in when first touched, the rest in the background; needs userfaultfd) or mapped " +
+                "(start at once on a private copy-on-write mapping of the snapshot's memory file; see 'vmctl restore --help')",
+            HelpName = "eager|lazy|mapped",
         };
-        memory.AcceptOnlyFromAmong("eager", "lazy");
+        memory.AcceptOnlyFromAmong("eager", "lazy", "mapped");
         var json = JsonOption();
         var cmd = new Command("start",
             "Start a VM defined with 'vmctl create'; returns once it runs. With --from DIR it starts from a snapshot\n" +
@@ -168,6 +170,30 @@ public static class KvmdCommands
                                       ? $"; working set: {pages} pages in {s.WorkingSetRanges} ranges"
                                       : s.WorkingSetSkipped is { } why ? $"; no working set: {why}" : ""));
             });
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Checkpoint()
+    {
+        var vm = NameArgument();
+        var directory = new Argument<string>("DIR") { Description = "the checkpoint directory (new or empty; created if missing)" };
+        var (rate, copyDisks) = ControlCommands.CheckpointOptions();
+        var json = JsonOption();
+        var cmd = new Command("checkpoint",
+            "Take a live checkpoint of a running VM into DIR through kvmd. " + ControlCommands.CheckpointHelp + "\n" +
+            "kvmd records the VM's new disk layers in the inventory (the VM's spec, the disks and their reservations):\n" +
+            "the VM restarts on them, never on a frozen layer.\n" + ExitStatuses)
+        {
+            vm, directory, rate, copyDisks, json,
+        };
+        cmd.SetAction(p => Call(p, client =>
+        {
+            var request = new CheckpointVmRequest(p.GetRequiredValue(vm), Path.GetFullPath(p.GetRequiredValue(directory)),
+                ControlCommands.ParseRate(p.GetValue(rate)), p.GetValue(copyDisks));
+            var r = Invoke(client, "vm.checkpoint", request, KvmdJson.Default.CheckpointVmRequest, KvmdJson.Default.VmCheckpointed);
+            Print(p.GetValue(json), r, KvmdJson.Default.VmCheckpointed, x => ControlCommands.PrintCheckpoint(x.Checkpoint, $"{x.Name}: "));
             return 0;
         }));
         return cmd;

@@ -102,12 +102,14 @@ public static class VmctlCommands
         var directory = new Argument<string>("DIR") { Description = "a snapshot directory ('vmctl control save')" };
         var memory = new Option<string>("--memory")
         {
-            Description = "how guest RAM comes back: eager (read all of it before the vCPUs start) or lazy (start at once;\n" +
-                "a page comes in when first touched, the rest in the background; needs userfaultfd)",
+            Description = "how guest RAM comes back: eager (read all of it before the vCPUs start), lazy (start at once;\n" +
+                "a page comes in when first touched, the rest in the background; needs userfaultfd) or mapped (start at\n" +
+                "once on a private copy-on-write mapping of the memory file: pages shared in the page cache by every VM\n" +
+                "mapped from the snapshot, a page copied when the guest writes it; the file must not change meanwhile)",
             DefaultValueFactory = _ => "eager",
-            HelpName = "eager|lazy",
+            HelpName = "eager|lazy|mapped",
         };
-        memory.AcceptOnlyFromAmong("eager", "lazy");
+        memory.AcceptOnlyFromAmong("eager", "lazy", "mapped");
         var control = new Option<string>("--control") { Description = "also serve the VM's control socket at this path (see 'vmctl control')", HelpName = "SOCKET" };
         var consoleSocket = new Option<string>("--console") { Description = "put the serial console on a socket at this path instead of this terminal", HelpName = "SOCKET" };
         var cmd = new Command("restore",
@@ -124,7 +126,7 @@ public static class VmctlCommands
             {
                 launch = RestoreLaunch.Open(Path.GetFullPath(parse.GetRequiredValue(directory)), new Kvm.Vmm.Snapshot.RestoreOptions
                 {
-                    Memory = parse.GetValue(memory) == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,
+                    Memory = Kvm.Vmm.Snapshot.VmSnapshot.ParseMemoryLoad(parse.GetValue(memory)!),
                 });
             }
             catch (Exception e) when (e is Kvm.Vmm.Snapshot.SnapshotFormatException or ArgumentException or IOException)

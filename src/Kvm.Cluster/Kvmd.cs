@@ -648,6 +648,7 @@ public sealed record EventData(int? Status, string Reason, bool WhileAway);
 [System.Text.Json.Serialization.JsonSourceGenerationOptions(PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.CamelCase)]
 [System.Text.Json.Serialization.JsonSerializable(typeof(EventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(SavedEventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(CheckpointedEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(RestoredEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(UpgradedEventData))]
 public sealed partial class KvmdEventJson : System.Text.Json.Serialization.JsonSerializerContext;

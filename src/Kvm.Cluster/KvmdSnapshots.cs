@@ -69,6 +69,91 @@ public sealed partial class Kvmd
         return new VmSaved(row.Name, result, Info(now));
     }, cancel);
 
+    /// <summary>
+    /// vm.checkpoint: the VM's kvm-vmm takes a live checkpoint (control method checkpoint), then
+    /// kvmd records what changed: each writable disk runs on a new top image (a child of the one it
+    /// ran on, which the checkpoint keeps frozen), so the inventory registers that image (backed by
+    /// the old top), reserves the chain again (the new top exclusive, the old one shared now) and
+    /// stores the VM's spec naming it, so that a restart runs the VM on it and never writes the
+    /// frozen layer. The disks are taken from what kvm-vmm reports after the call, so a checkpoint
+    /// that failed after the stop (the VM moved on, the checkpoint did not complete) is recorded too.
+    /// Records vm.checkpointed.
+    /// </summary>
+    public Task<VmCheckpointed> CheckpointAsync(CheckpointVmRequest request, CancellationToken cancel) => WithVmAsync(CheckName(request.Name), async () =>
+    {
+        CheckSnapshotDirectory("vm.checkpoint", request.Directory);
+        if (request.BytesPerSecond is <= 0)
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.checkpoint: bytesPerSecond {request.BytesPerSecond} must be positive");
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        RunningHere(row);
+        var spec = VmSpecJsonContext.Parse(row.Spec, $"of VM '{row.Name}' in the inventory");
+        Kvm.Control.CheckpointResult? result = null;
+        RpcException? failure = null;
+        try
+        {
+            // Not cancelled with the caller: a checkpoint under way ends as kvm-vmm ends it, and is recorded so.
+            using var client = _supervisor.Connect(row.Name);
+            result = await client.CallAsync("checkpoint", new CheckpointRequest(request.Directory, request.BytesPerSecond, request.CopyDisks),
+                VmControlJson.Default.CheckpointRequest, VmControlJson.Default.CheckpointResult, CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (RpcException e)
+        {
+            failure = e;
+        }
+        // Where the disks are now: the reply's layers, or (after a failure, or a lost reply) what kvm-vmm says.
+        IReadOnlyList<string>? now = result is not null
+            ? spec.Disks.Select((d, i) => result.Layers[i] ?? d.Path).ToList()
+            : (await _supervisor.StatusAsync(row.Name, CancellationToken.None).ConfigureAwait(false))?.Disks;
+        var moved = await RecordNewLayersAsync(row, spec, now).ConfigureAwait(false);
+        if (failure is not null)
+            throw RpcException.Wrap($"VM '{row.Name}': checkpoint to {request.Directory} failed" +
+                (moved.Count > 0 ? $" (after the stop: the VM runs on {string.Join(", ", moved)}, recorded in the inventory)" : ""), failure, failure.Code);
+        LogCheckpointed(_logger, row.Name, result!.Directory, Math.Round(result.StopSeconds * 1000, 1), Math.Round(result.Seconds, 3));
+        await _db.Events.AppendAsync("vm.checkpointed", $"vm/{row.Name}",
+            JsonSerializer.Serialize(new CheckpointedEventData(result.Directory, Math.Round(result.StopSeconds * 1000, 1), result.Seconds,
+                result.MemoryBytesWritten, result.Layers, result.Disks), KvmdEventJson.Default.CheckpointedEventData),
+            Host.Id, CancellationToken.None).ConfigureAwait(false);
+        return new VmCheckpointed(row.Name, result, Info(await _db.Vms.GetAsync(row.Name, CancellationToken.None).ConfigureAwait(false)));
+    }, cancel);
+
+    /// <summary>
+    /// The VM's disks run on <paramref name="now"/> (per disk, the image it writes): each that
+    /// differs from the spec's is registered (backed by the spec's image), the chains reserved
+    /// again for the VM under its lease, and the spec stored naming them; returns the new images.
+    /// Nothing when <paramref name="now"/> is unknown (null) or unchanged.
+    /// </summary>
+    private async Task<IReadOnlyList<string>> RecordNewLayersAsync(VmRow row, VmSpec spec, IReadOnlyList<string>? now)
+    {
+        if (now is null || now.Count != spec.Disks.Count)
+            return [];
+        var disks = spec.Disks.ToList();
+        var moved = new List<string>();
+        var token = LeaseOf(row.Name)
+            ?? throw new RpcException(RpcErrorCode.StaleLease, $"VM '{row.Name}': this host no longer holds its lease; its new disk layers ({string.Join(", ", now)}) are not recorded");
+        for (int i = 0; i < disks.Count; i++)
+        {
+            string was = Path.GetFullPath(disks[i].Path), top = Path.GetFullPath(now[i]);
+            if (string.Equals(was, top, StringComparison.Ordinal))
+                continue;
+            var below = await _db.Disks.FindByPathAsync(was, CancellationToken.None).ConfigureAwait(false)
+                ?? throw new RpcException(RpcErrorCode.OperationFailed, $"VM '{row.Name}': disk {i}'s image {was} is not in the inventory; its new top image {top} is not recorded");
+            // The new top is held by the running VM (locked): it is registered from what is known, not opened.
+            var layer = await _db.Disks.FindByPathAsync(top, CancellationToken.None).ConfigureAwait(false)
+                ?? await _db.Disks.RegisterAsync(top, DiskFormat.Qcow2, below.SizeBytes, below.Id, null, CancellationToken.None).ConfigureAwait(false);
+            await _db.Reservations.ReserveChainAsync(layer.Id, Host.Id, row.Id, disks[i].ReadOnly, token, CancellationToken.None).ConfigureAwait(false);
+            disks[i] = disks[i] with { Path = top };
+            moved.Add(top);
+        }
+        if (moved.Count == 0)
+            return [];
+        var updated = spec with { Disks = disks };
+        string json = VmSpecJsonContext.Format(updated);
+        await _db.Vms.SetSpecAsync(row.Name, json, $"checkpoint: disks moved onto {string.Join(", ", moved)}", token, CancellationToken.None).ConfigureAwait(false);
+        if (_supervisor.Find(row.Name) is { } process)
+            File.WriteAllText(process.Files.Spec, json);
+        return moved;
+    }
+
     public Task<VmUpgraded> UpgradeAsync(UpgradeVmRequest request, CancellationToken cancel) => WithVmAsync(CheckName(request.Name), async () =>
     {
         // By default the kvm-vmm kvmd starts VMs with now (after a package upgrade, the new one).
@@ -214,8 +299,8 @@ public sealed partial class Kvmd
         }
         CheckSnapshotDirectory("vm.start", request.From);
         string memory = request.Memory ?? "eager";
-        if (memory is not ("eager" or "lazy"))
-            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.start: memory '{memory}' is not one of eager, lazy");
+        if (memory is not ("eager" or "lazy" or "mapped"))
+            throw new RpcException(RpcErrorCode.InvalidParams, $"vm.start: memory '{memory}' is not one of eager, lazy, mapped");
         return new VmRestore(Path.GetFullPath(request.From), memory);
     }
 
@@ -278,6 +363,9 @@ public sealed partial class Kvmd
     private static void LogSaved(ILogger logger, string name, string directory, double pausedMs, bool stop) =>
         LogSavedCore(logger, name, directory, Math.Round(pausedMs, 1), stop ? ", then stopped" : "");
 
+    [LoggerMessage(EventId = 2108, Level = LogLevel.Information, Message = "VM '{Name}': checkpoint in {Directory}, guest stopped {StopMs} ms, {Seconds} s in all")]
+    private static partial void LogCheckpointed(ILogger logger, string name, string directory, double stopMs, double seconds);
+
     [LoggerMessage(EventId = 2105, Level = LogLevel.Information, Message = "VM '{Name}': upgraded in place from kvm-vmm pid {OldPid} to pid {Pid} ({Vmm}), guest paused {PausedMs} ms")]
     private static partial void LogUpgraded(ILogger logger, string name, int oldPid, int pid, string vmm, double pausedMs);
 
@@ -296,3 +384,6 @@ public sealed record RestoredEventData(string Directory, string Memory);
 
 /// <summary>The data of a vm.upgraded event: the kvm-vmm that ran the VM, the one that runs it now, and the guest's pause.</summary>
 public sealed record UpgradedEventData(int OldPid, int NewPid, string Vmm, double PausedMs, double Seconds, string? Note);
+
+/// <summary>The data of a vm.checkpointed event: where, the guest's stop, the whole time, RAM bytes written, per disk the VM's new top image and the checkpoint's image.</summary>
+public sealed record CheckpointedEventData(string Directory, double StopMs, double Seconds, ulong MemoryBytesWritten, IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks);

@@ -39,6 +39,18 @@ public sealed record SaveVmRequest([property: JsonRequired] string Name, [proper
 public sealed record VmSaved(string Name, SaveResult Save, VmInfo Vm);
 
 /// <summary>
+/// <c>vm.checkpoint</c>: the VM's kvm-vmm takes a live checkpoint into <paramref name="Directory"/>
+/// (absolute; new or empty), as the control method <c>checkpoint</c> does; <paramref name="BytesPerSecond"/>
+/// and <paramref name="CopyDisks"/>: see <see cref="CheckpointRequest"/>. kvmd then records the VM's
+/// new top images in the inventory (its spec, the disks, their reservations).
+/// </summary>
+public sealed record CheckpointVmRequest([property: JsonRequired] string Name, [property: JsonRequired] string Directory,
+    long? BytesPerSecond = null, bool CopyDisks = false);
+
+/// <summary><c>vm.checkpoint</c>'s result: what kvm-vmm's checkpoint replied, and the VM as it is now.</summary>
+public sealed record VmCheckpointed(string Name, CheckpointResult Checkpoint, VmInfo Vm);
+
+/// <summary>
 /// <c>vm.upgrade</c>: the VM is handed to a new kvm-vmm process in place (control method
 /// <c>handover</c>), <paramref name="Vmm"/> (absolute) or by default the kvm-vmm kvmd starts VMs with.
 /// </summary>
@@ -112,6 +124,8 @@ public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Vers
 [JsonSerializable(typeof(StartVmRequest))]
 [JsonSerializable(typeof(SaveVmRequest))]
 [JsonSerializable(typeof(VmSaved))]
+[JsonSerializable(typeof(CheckpointVmRequest))]
+[JsonSerializable(typeof(VmCheckpointed))]
 [JsonSerializable(typeof(UpgradeVmRequest))]
 [JsonSerializable(typeof(VmUpgraded))]
 [JsonSerializable(typeof(StopVmRequest))]

@@ -57,7 +57,8 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         vm.Vcpus.Select(t => new VcpuStatus((int)t.Vcpu.Id, t.State.ToString().ToLowerInvariant())).ToList(),
         vm.ExitCounts,
         vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : null,
-        Volatile.Read(ref _pausedBy));
+        Volatile.Read(ref _pausedBy),
+        vm.Spec.Disks.Select(d => d.Path).ToList());
 
     /// <summary>A NIC's denial-of-service rule fired with the action suspend: the VM pauses until an operator resumes it.</summary>
     private void PauseForTraffic(string nic, Kvm.Network.DosAlarm alarm)
@@ -388,6 +389,9 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         if (request.Vmm is not null)
             changes.Add($"vmm {program}");
 
+        if (vm.Memory.PrivateCopyOf is { } copyOf)
+            throw new RpcException(RpcErrorCode.InvalidState,
+                $"handover: guest RAM is a private copy-on-write mapping of {copyOf} (a mapped restore), which another process cannot take over: save the VM and restore it there instead");
         lock (_lock)
         {
             RequireRunning("handover");

@@ -6,8 +6,9 @@ namespace Kvm.Control;
 /// <param name="State">running, paused, stopping or stopped.</param>
 /// <param name="StopReason">Why it stopped (when stopped or stopping).</param>
 /// <summary>The reply to <c>status</c>; <paramref name="PausedBy"/> says why a VM paused itself (a NIC's denial-of-service rule), until it is resumed.</summary>
+/// <param name="Disks">The image each disk runs on now, in the spec's order (a checkpoint moves a disk onto a new top image).</param>
 public sealed record VmStatus(string State, int Pid, double UptimeSeconds, IReadOnlyList<VcpuStatus> Vcpus,
-    IReadOnlyDictionary<string, long> Exits, string? StopReason, string? PausedBy = null);
+    IReadOnlyDictionary<string, long> Exits, string? StopReason, string? PausedBy = null, IReadOnlyList<string>? Disks = null);
 
 public sealed record VcpuStatus(int Id, string State);
 

@@ -85,7 +85,8 @@ public sealed class GuestMemoryException(string message) : Exception(message);
 
 /// <summary>
 /// Guest RAM: MAP_SHARED mappings of one fd (a memfd by default, a hugetlb memfd, or a file;
-/// <see cref="GuestMemoryBacking"/>) placed at guest-physical addresses. Every access is
+/// <see cref="GuestMemoryBacking"/>), or private copy-on-write mappings of a file
+/// (<see cref="MapPrivate"/>), placed at guest-physical addresses. Every access is
 /// bounds-checked, since addresses often come from the guest.
 /// <para>
 /// Reading is through <see cref="Read"/>, the ReadU* methods, <see cref="GetSpan"/> and
@@ -113,12 +114,13 @@ public sealed unsafe class GuestMemory : IDisposable
     private ulong[][]? _deviceDirty;
     private bool _disposed;
 
-    private GuestMemory(GuestMemoryRegion[] regions, HugePageMode mode, MemoryFdHandle fd, string? file)
+    private GuestMemory(GuestMemoryRegion[] regions, HugePageMode mode, MemoryFdHandle fd, string? file, string? privateCopyOf = null)
     {
         _regions = regions;
         HugePages = mode;
         _fd = fd;
         BackingFile = file;
+        PrivateCopyOf = privateCopyOf;
         // Every window is made up front: workers on several threads read them without a lock.
         _windows = new Memory<byte>[regions.Length][];
         for (int i = 0; i < regions.Length; i++)
@@ -149,6 +151,13 @@ public sealed unsafe class GuestMemory : IDisposable
 
     /// <summary>The file holding guest RAM when it was made on one (<see cref="GuestMemoryBacking.FilePath"/>), else null.</summary>
     public string? BackingFile { get; }
+
+    /// <summary>
+    /// What guest RAM is a private copy-on-write mapping of (<see cref="MapPrivate"/>: a snapshot's
+    /// memory file), else null. Then <see cref="BackingFd"/> holds the content RAM started from,
+    /// not the guest's writes: another process attaching it would not see this guest's RAM.
+    /// </summary>
+    public string? PrivateCopyOf { get; }
 
     /// <summary>Each region's guest address, size and offset in <see cref="BackingFd"/>, in guest-address order.</summary>
     public IReadOnlyList<GuestMemoryRange> Layout =>
@@ -211,42 +220,69 @@ public sealed unsafe class GuestMemory : IDisposable
     /// </summary>
     public static GuestMemory Attach(SafeHandle fd, IReadOnlyList<GuestMemoryRange> layout, HugePageMode mode = HugePageMode.None)
     {
-        ulong align = Alignment(mode);
-        var ranges = layout.OrderBy(r => r.GuestAddress).ToArray();
-        ulong needed = 0;
-        foreach (var r in ranges)
-        {
-            if (r.Size == 0 || r.Size % align != 0 || r.GuestAddress % align != 0 || r.FileOffset % align != 0)
-                throw new GuestMemoryException(
-                    $"guest RAM range 0x{r.GuestAddress:x}+0x{r.Size:x} at offset 0x{r.FileOffset:x} is not aligned to {align} bytes");
-            needed = Math.Max(needed, r.FileOffset + r.Size);
-        }
-        CheckLayout(ranges);
-
-        int dup = Libc.Fcntl(fd, Libc.FDupFdCloexec, 0);
-        if (dup < 0)
-            throw new GuestMemoryException($"cannot duplicate the guest memory fd: fcntl(F_DUPFD_CLOEXEC) failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
-        var own = new MemoryFdHandle(dup);
-        try
+        var (own, ranges) = Duplicate(fd, layout, Alignment(mode), "the guest memory fd", check: own =>
         {
             bool hugetlbfs = Libc.FileSystemType(own) == Libc.HugetlbfsMagic;
             if (hugetlbfs != (mode == HugePageMode.HugeTlb))
                 throw new GuestMemoryException(hugetlbfs
                     ? "the guest memory fd is on hugetlbfs: attach it with hugetlb pages"
                     : $"the guest memory fd is not on hugetlbfs, so it cannot be attached with hugetlb pages");
+        });
+        return MapAll(own, ranges, mode, file: null);
+    }
+
+    /// <summary>
+    /// Maps guest RAM as a private copy-on-write mapping of <paramref name="fd"/> (a file opened
+    /// read-only will do: a snapshot's memory file) laid out as <paramref name="layout"/>: nothing
+    /// is read up front, a page comes from the page cache when first touched (shared by every
+    /// mapping of the file), and the first write to a page copies it into this process's memory;
+    /// the file never changes. <paramref name="what"/> names the file in errors and in
+    /// <see cref="PrivateCopyOf"/>. Small pages only.
+    /// </summary>
+    public static GuestMemory MapPrivate(SafeHandle fd, IReadOnlyList<GuestMemoryRange> layout, string what)
+    {
+        var (own, ranges) = Duplicate(fd, layout, PageSize, what);
+        return MapAll(own, ranges, HugePageMode.None, file: null, privateCopyOf: what);
+    }
+
+    /// <summary>
+    /// Checks <paramref name="layout"/> (aligned to <paramref name="align"/>, no overlaps) and
+    /// duplicates <paramref name="fd"/> (<paramref name="what"/> in errors), which must hold every
+    /// range (a page past its end would be SIGBUS when the guest touched it) and pass
+    /// <paramref name="check"/>; returns the duplicate and the ranges by guest address.
+    /// </summary>
+    private static (MemoryFdHandle Fd, GuestMemoryRange[] Ranges) Duplicate(SafeHandle fd, IReadOnlyList<GuestMemoryRange> layout, ulong align,
+        string what, Action<MemoryFdHandle>? check = null)
+    {
+        var ranges = layout.OrderBy(r => r.GuestAddress).ToArray();
+        ulong needed = 0;
+        foreach (var r in ranges)
+        {
+            if (r.Size == 0 || r.Size % align != 0 || r.GuestAddress % align != 0 || r.FileOffset % align != 0)
+                throw new GuestMemoryException(
+                    $"guest RAM range 0x{r.GuestAddress:x}+0x{r.Size:x} at offset 0x{r.FileOffset:x} of {what} is not aligned to {align} bytes");
+            needed = Math.Max(needed, r.FileOffset + r.Size);
+        }
+        CheckLayout(ranges);
+        int dup = Libc.Fcntl(fd, Libc.FDupFdCloexec, 0);
+        if (dup < 0)
+            throw new GuestMemoryException($"cannot duplicate {what}: fcntl(F_DUPFD_CLOEXEC) failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
+        var own = new MemoryFdHandle(dup);
+        try
+        {
+            check?.Invoke(own);
             long size = Libc.Lseek(own, 0, Libc.SeekEnd);
             if (size < 0)
-                throw new GuestMemoryException($"cannot find the size of the guest memory fd: lseek failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
+                throw new GuestMemoryException($"cannot find the size of {what}: lseek failed: {Errno.Describe(Marshal.GetLastPInvokeError())}");
             if ((ulong)size < needed)
-                throw new GuestMemoryException(
-                    $"the guest memory fd holds {FormatSize((ulong)size)}, less than the {FormatSize(needed)} its layout needs");
+                throw new GuestMemoryException($"{what} holds {FormatSize((ulong)size)}, less than the {FormatSize(needed)} its layout needs");
         }
         catch
         {
             own.Dispose();
             throw;
         }
-        return MapAll(own, ranges, mode, file: null);
+        return (own, ranges);
     }
 
     private static ulong Alignment(HugePageMode mode) => mode == HugePageMode.None ? PageSize : HugePageSize;
@@ -266,19 +302,19 @@ public sealed unsafe class GuestMemory : IDisposable
     }
 
     /// <summary>Maps every range of <paramref name="fd"/>; on failure unmaps what was mapped and closes the fd.</summary>
-    private static GuestMemory MapAll(MemoryFdHandle fd, GuestMemoryRange[] ranges, HugePageMode mode, string? file)
+    private static GuestMemory MapAll(MemoryFdHandle fd, GuestMemoryRange[] ranges, HugePageMode mode, string? file, string? privateCopyOf = null)
     {
         var regions = new GuestMemoryRegion[ranges.Length];
         int mapped = 0;
         try
         {
-            string what = file is null ? "memfd" : $"file '{file}'";
+            string what = privateCopyOf ?? (file is null ? "memfd" : $"file '{file}'");
             for (; mapped < ranges.Length; mapped++)
             {
                 var r = ranges[mapped];
-                regions[mapped] = new GuestMemoryRegion(r.GuestAddress, r.Size, MapShared(fd, r.Size, r.FileOffset, mode, what), r.FileOffset);
+                regions[mapped] = new GuestMemoryRegion(r.GuestAddress, r.Size, MapRegion(fd, r.Size, r.FileOffset, mode, what, privateCopyOf is not null), r.FileOffset);
             }
-            return new GuestMemory(regions, mode, fd, file);
+            return new GuestMemory(regions, mode, fd, file, privateCopyOf);
         }
         catch
         {
@@ -354,12 +390,13 @@ public sealed unsafe class GuestMemory : IDisposable
     }
 
     /// <summary>
-    /// Maps [offset, offset+size) of <paramref name="fd"/> MAP_SHARED. Outside hugetlb (where the
+    /// Maps [offset, offset+size) of <paramref name="fd"/> MAP_SHARED (MAP_PRIVATE with
+    /// <paramref name="copyOnWrite"/>). Outside hugetlb (where the
     /// kernel aligns the mapping itself) the mapping is placed at a 2 MiB-aligned address, so that
     /// shmem THP can map huge pages and KVM can use them in its page tables (guest and host
     /// addresses agree modulo 2 MiB).
     /// </summary>
-    private static IntPtr MapShared(MemoryFdHandle fd, ulong size, ulong offset, HugePageMode mode, string what)
+    private static IntPtr MapRegion(MemoryFdHandle fd, ulong size, ulong offset, HugePageMode mode, string what, bool copyOnWrite = false)
     {
         int prot = Libc.ProtRead | Libc.ProtWrite;
         IntPtr p;
@@ -377,7 +414,7 @@ public sealed unsafe class GuestMemory : IDisposable
             return p;
         }
 
-        p = MapAligned(fd, size, offset, prot, size >= HugePageSize ? HugePageSize : PageSize, out int mapErrno);
+        p = MapAligned(fd, size, offset, prot, size >= HugePageSize ? HugePageSize : PageSize, out int mapErrno, copyOnWrite);
         if (p == Libc.MapFailed)
             throw new GuestMemoryException($"cannot map {FormatSize(size)} of guest RAM ({what}, offset 0x{offset:x}): mmap failed: {Errno.Describe(mapErrno)}");
         if (mode == HugePageMode.Transparent && Libc.Madvise(p, (nuint)size, Libc.MadvHugePage) != 0)
@@ -390,10 +427,11 @@ public sealed unsafe class GuestMemory : IDisposable
     }
 
     /// <summary>mmap at an address aligned to <paramref name="align"/>: reserve more, map over it with MAP_FIXED, give back the rest.</summary>
-    private static IntPtr MapAligned(MemoryFdHandle fd, ulong size, ulong offset, int prot, ulong align, out int errno)
+    private static IntPtr MapAligned(MemoryFdHandle fd, ulong size, ulong offset, int prot, ulong align, out int errno, bool copyOnWrite = false)
     {
         errno = 0;
-        int flags = Libc.MapShared | Libc.MapNoReserve;
+        // Private: the guest's writes copy pages into this process (MAP_NORESERVE: not charged up front).
+        int flags = (copyOnWrite ? Libc.MapPrivate : Libc.MapShared) | Libc.MapNoReserve;
         if (align <= PageSize)
         {
             IntPtr plain = Libc.Mmap(IntPtr.Zero, (nuint)size, prot, flags, fd, (long)offset);

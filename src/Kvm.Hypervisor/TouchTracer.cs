@@ -74,6 +74,8 @@ public sealed unsafe class TouchTracer : IDisposable
     {
         ArgumentNullException.ThrowIfNull(memory);
         bool hugetlb = memory.HugePages == HugePageMode.HugeTlb;
+        if (memory.PrivateCopyOf is { } copyOf)
+            throw new TouchTraceUnavailableException($"guest RAM is a private copy-on-write mapping of {copyOf}: userfaultfd minor faults (how touches are traced) need shared memory");
         long fsType = Libc.FileSystemType(memory.BackingFd);
         if (fsType != Libc.TmpfsMagic && fsType != Libc.HugetlbfsMagic)
             throw new TouchTraceUnavailableException(memory.BackingFile is { } file

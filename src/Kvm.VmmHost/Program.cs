@@ -8,7 +8,7 @@ ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session] [--verbose]
-           kvm-vmm --restore DIR [--memory eager|lazy] [the same options]
+           kvm-vmm --restore DIR [--memory eager|lazy|mapped] [the same options]
            kvm-vmm --take-over SOCKET --control SOCKET --console SOCKET [the same options]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
@@ -27,7 +27,9 @@ const string usage = """
       --memory MODE     how guest RAM comes back: eager (the default) reads all of it before the
                         vCPUs start; lazy starts them at once, a page comes in when first touched
                         while the rest is loaded in the background (needs userfaultfd: root, or
-                        access to /dev/userfaultfd)
+                        access to /dev/userfaultfd); mapped starts them at once on a private
+                        copy-on-write mapping of the memory file (pages shared by every VM
+                        mapped from it, copied when written; no handover or checkpoint)
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
                         (methods status, pause, resume, stop, save, suspend, handover, stats,
                         devices, fence; 'vmctl control')
@@ -130,9 +132,9 @@ if (takeOver is not null && (host.ControlSocket is null || host.ConsoleSocket is
     Console.Error.WriteLine($"{program}: --take-over needs --control and --console: the sockets the VM is served on");
     return 2;
 }
-if (memory is not null && memory != "eager" && memory != "lazy")
+if (memory is not null && memory is not ("eager" or "lazy" or "mapped"))
 {
-    Console.Error.WriteLine($"{program}: --memory '{memory}' is not one of: eager, lazy");
+    Console.Error.WriteLine($"{program}: --memory '{memory}' is not one of: eager, lazy, mapped");
     return 2;
 }
 if (newSession && Kvm.Interop.Native.Libc.SetSid() < 0)
@@ -164,7 +166,7 @@ try
     else if (restore is not null)
         launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
         {
-            Memory = memory == "lazy" ? Kvm.Vmm.Snapshot.MemoryLoad.Lazy : Kvm.Vmm.Snapshot.MemoryLoad.Eager,
+            Memory = Kvm.Vmm.Snapshot.VmSnapshot.ParseMemoryLoad(memory ?? "eager"),
             Clock = Kvm.Vmm.Snapshot.StepClock.SinceProcessStart("restore"),
         });
     else

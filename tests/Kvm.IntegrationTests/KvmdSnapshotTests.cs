@@ -420,4 +420,96 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         VmctlOk("stop", "s", "--force");
         Assert.Equal("stopped", Show("s").Vm.ActualState);
     }
+
+    /// <summary>blk-seq's progress lines on a console: the last number done.</summary>
+    private static long SeqProgress(string console) =>
+        SeqLine().Matches(console).Select(m => long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)).DefaultIfEmpty(0).Max();
+
+    [GeneratedRegex(@"guestkit: blk-seq (\d+)\r?$", RegexOptions.Multiline)]
+    private static partial Regex SeqLine();
+
+    private DiskInfo DiskAt(string path) =>
+        JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks.SingleOrDefault(d => d.Path == path)
+        ?? throw new Xunit.Sdk.XunitException($"disk {path} is not in the inventory: {VmctlOk("disks")}");
+
+    private static string Sha(string path) => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(path)));
+
+    /// <summary>
+    /// 'vmctl checkpoint NAME DIR' for a VM kvmd runs (the guest kit writing 1, 2, 3... to its
+    /// qcow2 disk without pause): kvmd has kvm-vmm take the checkpoint, then the inventory tells
+    /// where the VM runs now. Its spec names the new top image, which is registered backed by the
+    /// image the checkpoint froze, reserved exclusively by the VM while the frozen image is now
+    /// shared; vm.checkpointed and vm.spec are recorded. Checkpointed again, the chain grows by one
+    /// layer. Stopped and started again, the VM boots on the newest layer and the frozen ones never
+    /// change. A VM that is not running is refused, and every image is clean for qemu-img.
+    /// </summary>
+    [SkippableFact]
+    public void ACheckpointThroughKvmdMovesTheVmOntoItsNewLayerInTheInventory()
+    {
+        Require();
+        _kvmd.Start();
+        string disk = P("seq.qcow2");
+        Kvm.Storage.Qcow2.Qcow2Image.Create(disk, new Kvm.Storage.Qcow2.Qcow2CreateOptions { Size = 8 << 20 }).Dispose();
+        VmctlOk("create", "ck", "--kernel", TestEnvironment.GuestKit, "--cmdline", "blk-seq timeout=600", "--debug-exit", "--cpus", "2",
+            "--memory", "64M", "--disk", disk);
+        Refused("is not running", ["checkpoint", "ck", P("early")]);
+        VmctlOk("start", "ck");
+        string layer;
+        using (var console = Console("ck"))
+        {
+            Assert.True(SpinWait.SpinUntil(() => SeqProgress(console.Text) >= 500, Timeout), $"blk-seq did not reach 500: {console.Text}");
+            var taken = JsonSerializer.Deserialize(VmctlOk("checkpoint", "ck", P("ckpt1"), "--json"), KvmdJson.Default.VmCheckpointed)!;
+            Assert.Equal(P("ckpt1"), taken.Checkpoint.Directory);
+            layer = Assert.IsType<string>(taken.Checkpoint.Layers[0]);
+            Assert.NotEqual(disk, layer);
+            Assert.Equal(Path.Combine(P("ckpt1"), "disk0.qcow2"), taken.Checkpoint.Disks[0]);
+            Assert.True(taken.Checkpoint.StopSeconds > 0, JsonSerializer.Serialize(taken));
+            Assert.Equal("running", taken.Vm.ActualState);
+            long atCheckpoint = SeqProgress(console.Text);
+            Assert.True(SpinWait.SpinUntil(() => SeqProgress(console.Text) >= atCheckpoint + 200, Timeout),
+                $"blk-seq did not go on after the checkpoint: {console.Text}");
+        }
+
+        // The inventory: the spec, the disks and their reservations, the events.
+        var shown = Show("ck");
+        Assert.Equal(layer, shown.Spec.GetProperty("disks")[0].GetProperty("path").GetString());
+        Assert.Equal(layer, Assert.Single(shown.Status!.Disks!));
+        var top = DiskAt(layer);
+        Assert.Equal(disk, top.Backing);
+        Assert.Equal("qcow2", top.Format);
+        Assert.Equal(8L << 20, top.SizeBytes);
+        Assert.Equal(("exclusive", "ck"), Assert.Single(top.Reservations) is var t ? (t.Mode, t.Vm) : default);
+        Assert.Equal(("shared", "ck"), Assert.Single(DiskAt(disk).Reservations) is var f ? (f.Mode, f.Vm) : default);
+        var events = Events("ck");
+        Assert.Contains(events, e => e.Kind == "vm.checkpointed" && e.Data.GetProperty("directory").GetString() == P("ckpt1")
+                                     && e.Data.GetProperty("layers")[0].GetString() == layer);
+        Assert.Contains(events, e => e.Kind == "vm.spec");
+
+        // Again: one more layer on the chain, the first layer shared now.
+        var again = JsonSerializer.Deserialize(VmctlOk("checkpoint", "ck", P("ckpt2"), "--json"), KvmdJson.Default.VmCheckpointed)!;
+        string layer2 = Assert.IsType<string>(again.Checkpoint.Layers[0]);
+        Assert.Equal(layer, DiskAt(layer2).Backing);
+        Assert.Equal("exclusive", Assert.Single(DiskAt(layer2).Reservations).Mode);
+        Assert.Equal("shared", Assert.Single(DiskAt(layer).Reservations).Mode);
+        Assert.Equal(layer2, Show("ck").Spec.GetProperty("disks")[0].GetProperty("path").GetString());
+
+        // Stopped and started again: on the newest layer (blk-seq, booted afresh, finds the number
+        // the VM wrote last and ends with status 3, as it does on a disk that holds one); the
+        // frozen layers never change.
+        VmctlOk("stop", "ck", "--force");
+        Assert.Empty(DiskAt(layer2).Reservations);
+        string frozen = Sha(disk), frozen1 = Sha(layer);
+        VmctlOk("start", "ck");
+        Assert.True(SpinWait.SpinUntil(() => Show("ck").Vm.ActualState == "stopped", Timeout), VmctlOk("show", "ck", "--json"));
+        var ended = Show("ck");
+        Assert.True(ended.LastExit?.Status == 3, $"the restarted guest did not find its number on the disk: {VmctlOk("show", "ck", "--json")}");
+        Assert.Equal(layer2, ended.Spec.GetProperty("disks")[0].GetProperty("path").GetString());
+        Assert.Equal(frozen, Sha(disk));
+        Assert.Equal(frozen1, Sha(layer));
+        foreach (var image in new[] { disk, layer, layer2, again.Checkpoint.Disks[0], Path.Combine(P("ckpt1"), "disk0.qcow2") })
+        {
+            var r = TestEnvironment.RunProcess("qemu-img", ["check", image], Timeout);
+            Assert.True(r.ExitCode == 0, $"qemu-img check {image}: {r.Stdout}{r.Stderr}");
+        }
+    }
 }

@@ -147,7 +147,19 @@ public sealed class VmRepository(NpgsqlDataSource db)
             "'vm.owner', 'vm/' || v.name, v.owner_host, jsonb_build_object('host', v.owner_host, 'generation', @fenceGeneration::bigint)",
             null, owner, ct);
 
-    private Task<VmRow> UpdateUnderLeaseAsync(string name, string operation, LeaseToken fence, string assignment, string eventValues, string? value, Guid? owner, CancellationToken ct)
+    /// <summary>
+    /// Replaces VM <paramref name="name"/>'s spec (JSON of a VmSpec), under its lease, as
+    /// <see cref="SetActualStateAsync(string, VmActualState, LeaseToken, CancellationToken)"/> does:
+    /// what a running VM changed about itself (a checkpoint moved its disks onto new top images),
+    /// so that its next start runs it as it now is. Records 'vm.spec' with <paramref name="why"/>.
+    /// </summary>
+    public Task<VmRow> SetSpecAsync(string name, string spec, string why, LeaseToken fence, CancellationToken ct = default) =>
+        UpdateUnderLeaseAsync(name, $"set the spec of VM '{name}'", fence, "spec = @value::jsonb",
+            "'vm.spec', 'vm/' || v.name, v.owner_host, jsonb_build_object('why', @why::text, 'generation', @fenceGeneration::bigint)",
+            spec, null, ct, why);
+
+    private Task<VmRow> UpdateUnderLeaseAsync(string name, string operation, LeaseToken fence, string assignment, string eventValues, string? value, Guid? owner, CancellationToken ct,
+        string? why = null)
     {
         if (fence.Kind != LeaseKind.Vm)
             throw new ArgumentException($"a VM's row is written under the VM's lease, not under {fence}", nameof(fence));
@@ -170,7 +182,7 @@ public sealed class VmRepository(NpgsqlDataSource db)
                     insert into events (kind, subject, host, data)
                     select {eventValues} from v)
                 select {Columns} from v
-                """, new { name, value, owner, fenceResource = fence.ResourceId, fenceHost = fence.Host, fenceGeneration = fence.Generation }).ConfigureAwait(false);
+                """, new { name, value, owner, why, fenceResource = fence.ResourceId, fenceHost = fence.Host, fenceGeneration = fence.Generation }).ConfigureAwait(false);
             if (row is not null)
                 return row.ToRow();
             var id = await conn.ExecuteScalarAsync<Guid?>("select id from vms where name = @name", new { name }).ConfigureAwait(false)

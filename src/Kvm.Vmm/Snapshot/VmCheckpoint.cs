@@ -89,6 +89,8 @@ public static partial class VmCheckpoint
             throw new InvalidOperationException(refusal);
         if (vm.DisksClosed)
             throw new InvalidOperationException("the VM is suspended (its disks closed): it cannot be checkpointed in this process");
+        if (vm.Memory.PrivateCopyOf is { } copyOf)
+            throw new InvalidOperationException($"guest RAM is a private copy-on-write mapping of {copyOf} (a mapped restore), which cannot be write-protected: save the VM instead");
         directory = Path.GetFullPath(directory);
         if (Directory.Exists(directory) && Directory.EnumerateFileSystemEntries(directory).Any())
             throw new IOException($"checkpoint directory {directory} is not empty: a checkpoint goes into a new or empty directory");

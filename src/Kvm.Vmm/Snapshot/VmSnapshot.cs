@@ -17,6 +17,14 @@ public enum MemoryLoad
     /// the rest in (<see cref="LazyMemoryLoader"/>); a recorded working set is loaded first.
     /// </summary>
     Lazy,
+
+    /// <summary>
+    /// Guest RAM is a private copy-on-write mapping of the memory file: nothing is read up front,
+    /// the vCPUs start at once, a page comes from the page cache when first touched (shared by
+    /// every VM mapped from the same snapshot), and a guest write copies its page. The memory file
+    /// must stay as it is while the VM runs; the VM cannot be handed over or checkpointed.
+    /// </summary>
+    Mapped,
 }
 
 /// <summary>What a restore may do besides reading the snapshot.</summary>
@@ -50,6 +58,15 @@ public sealed record RestoreOptions
 /// </summary>
 public static class VmSnapshot
 {
+    /// <summary>A memory load by its name on command lines and in RPC: eager, lazy or mapped.</summary>
+    public static MemoryLoad ParseMemoryLoad(string name) => name switch
+    {
+        "eager" => MemoryLoad.Eager,
+        "lazy" => MemoryLoad.Lazy,
+        "mapped" => MemoryLoad.Mapped,
+        _ => throw new ArgumentException($"memory '{name}' is not one of eager, lazy, mapped"),
+    };
+
     /// <summary>
     /// Writes the state and RAM of <paramref name="vm"/>, which must be paused
     /// (<see cref="VirtualMachine.Pause"/>), into <paramref name="directory"/>; an older snapshot
@@ -184,9 +201,21 @@ public static class VmSnapshot
         VirtualMachine? vm = null;
         try
         {
-            vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger, clock: clock);
+            GuestMemory? mapped = null;
+            if (options.Memory == MemoryLoad.Mapped)
+            {
+                mapped = GuestMemory.MapPrivate(memoryFile.Handle,
+                    state.Regions.Select(r => new GuestMemoryRange(r.GuestAddress, r.Size, r.FileOffset)).ToArray(), memoryFile.Path);
+                clock?.Mark("map guest RAM");
+            }
+            vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger, memory: mapped, clock: clock);
             CheckLayout(vm.Memory, state, statePath);
-            if (options.Memory == MemoryLoad.Lazy)
+            if (options.Memory == MemoryLoad.Mapped)
+            {
+                vm.RestoreState(state.Records);
+                clock?.Mark("restore state");
+            }
+            else if (options.Memory == MemoryLoad.Lazy)
             {
                 var loader = LazyMemoryLoader.Register(vm.Memory, memoryFile, logger ?? Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance);
                 memoryFile = null;      // the loader owns it
