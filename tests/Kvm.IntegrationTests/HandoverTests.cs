@@ -72,6 +72,13 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
 
     private static ProcessResult Vmctl(params string[] args) => TestEnvironment.RunProcess(TestEnvironment.Vmctl, args, Wait);
 
+    /// <summary>'vmctl control suspend' on the VM's control socket, which must succeed.</summary>
+    private void SuspendOk()
+    {
+        var r = Vmctl("control", "suspend", P("vm.control"));
+        Assert.True(r.ExitCode == 0, $"vmctl control suspend: status {r.ExitCode}: {r.Stdout}{r.Stderr}");
+    }
+
     private static HandoverResult Parse(ProcessResult r, string what)
     {
         Assert.True(r.ExitCode == 0, $"{what} exited {r.ExitCode}: {r.Stdout}{r.Stderr}");
@@ -297,7 +304,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         {
             Assert.True(SpinWait.SpinUntil(() => Seqs(console.Text).DefaultIfEmpty(0).Max() >= 150, Wait), console.Text);
             int pid = JsonSerializer.Deserialize(Vmctl("control", "status", P("vm.control"), "--json").Stdout, VmControlJson.Default.VmStatus)!.Pid;
-            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+            SuspendOk();
             Assert.Equal(0, QemuImg("convert", "-f", "qcow2", "-O", "raw", moved, copy).ExitCode);
             File.Delete(moved);
             var result = Parse(Vmctl("control", "resume", P("vm.control"), "--disk", $"{copy},serial=d9", "--disk", extra, "--json"),
@@ -343,7 +350,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         using (var console = new ConsoleClient(P("vm.console")))
         {
             Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
-            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+            SuspendOk();
 
             var queues = Vmctl("control", "resume", P("vm.control"), "--disk", $"{disk},serial=d0,queues=2");
             Assert.True(queues.ExitCode == 1, queues.Stdout + queues.Stderr);
@@ -402,7 +409,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         {
             Assert.True(console.WaitFor("guestkit: blk-log seq 10\n"), console.Text);
             // Suspended first, so that the guest cannot end its journal while the stand-in starts.
-            Assert.Equal(0, Vmctl("control", "suspend", P("vm.control")).ExitCode);
+            SuspendOk();
             var failed = Vmctl("control", "resume", P("vm.control"), "--vmm", taker);
             if (old.Process.WaitForExit(1000))
                 Assert.Fail($"the old kvm-vmm exited with status {old.Process.ExitCode} although the hand-over failed; vmctl said: " +
