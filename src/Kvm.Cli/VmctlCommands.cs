@@ -21,6 +21,7 @@ public static class VmctlCommands
         root.Subcommands.Add(RunCommand());
         root.Subcommands.Add(RestoreCommand());
         root.Subcommands.Add(DeleteCheckpointCommand());
+        root.Subcommands.Add(ForkCommand.Build());
         root.Subcommands.Add(DiskCommands.Build());
         root.Subcommands.Add(ControlCommands.Control());
         root.Subcommands.Add(ControlCommands.ConsoleCommand());
@@ -143,20 +144,38 @@ public static class VmctlCommands
         });
         return cmd;
     }
+
     private static Command DeleteCheckpointCommand()
     {
-        var directory = new Argument<string>("DIR") { Description = "the checkpoint directory ('vmctl control checkpoint')" };
+        var words = new Argument<string[]>("[NAME] DIR")
+        {
+            Description = "the checkpoint directory ('vmctl control checkpoint' or 'vmctl checkpoint NAME DIR'); with the VM's\n" +
+                          "NAME first, through kvmd, which records the fold in its inventory",
+            Arity = new ArgumentArity(1, 2),
+        };
         var cmd = new Command("delete-checkpoint",
             "Delete a live checkpoint and fold the disk layer it kept frozen into the layer the VM went on with\n" +
             "(what the guest sees does not change; the VM may keep running if it has been checkpointed again since).\n" +
-            "Refused while a VM restored from the checkpoint runs, or while a VM still writes to that layer.\n" +
+            "Refused while a VM restored from the checkpoint runs, while a VM still writes to that layer, or while\n" +
+            "the checkpoint's disk backs forks. For a VM kvmd runs, name it: 'vmctl delete-checkpoint NAME DIR'.\n" +
             "Exit status: 0 deleted; 1 refused or failed (the reason follows).")
         {
-            directory,
+            words,
         };
         cmd.SetAction(parse =>
         {
-            string dir = Path.GetFullPath(parse.GetRequiredValue(directory));
+            var given = parse.GetRequiredValue(words);
+            string dir = Path.GetFullPath(given[^1]);
+            if (given.Length == 2)
+                return KvmdCommands.Call(parse, client =>
+                {
+                    var r = client.CallAsync("vm.delete-checkpoint", new Kvm.Cluster.DeleteCheckpointRequest(given[0], dir),
+                        Kvm.Cluster.KvmdJson.Default.DeleteCheckpointRequest, Kvm.Cluster.KvmdJson.Default.CheckpointDeleted).GetAwaiter().GetResult();
+                    Console.WriteLine(r.Folded.Count == 0
+                        ? $"{r.Name}: deleted checkpoint {r.Directory}"
+                        : $"{r.Name}: deleted checkpoint {r.Directory}; folded away {string.Join(", ", r.Folded)}");
+                    return 0;
+                });
             try
             {
                 IReadOnlyList<string> folded;

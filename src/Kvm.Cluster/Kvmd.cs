@@ -649,6 +649,7 @@ public sealed record EventData(int? Status, string Reason, bool WhileAway);
 [System.Text.Json.Serialization.JsonSerializable(typeof(EventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(SavedEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(CheckpointedEventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(CheckpointDeletedEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(RestoredEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(UpgradedEventData))]
 public sealed partial class KvmdEventJson : System.Text.Json.Serialization.JsonSerializerContext;

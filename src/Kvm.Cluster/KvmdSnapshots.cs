@@ -117,6 +117,44 @@ public sealed partial class Kvmd
     }, cancel);
 
     /// <summary>
+    /// vm.delete-checkpoint: deletes VM <paramref name="request"/>.Name's checkpoint in its
+    /// directory (<see cref="VmCheckpoint.Delete"/>: the layer it kept frozen is folded into the
+    /// next, refused while a VM writes that layer or runs on the checkpoint), then records it: each
+    /// folded layer leaves the inventory, the disks it backed backed by its own backing now
+    /// (<c>disk.folded</c>), and the checkpoint's own disks are forgotten. Records vm.checkpoint-deleted.
+    /// </summary>
+    public Task<CheckpointDeleted> DeleteCheckpointAsync(DeleteCheckpointRequest request, CancellationToken cancel) => WithVmAsync(CheckName(request.Name), async () =>
+    {
+        CheckSnapshotDirectory("vm.delete-checkpoint", request.Directory);
+        string directory = Path.GetFullPath(request.Directory);
+        var row = await _db.Vms.GetAsync(request.Name, cancel).ConfigureAwait(false);
+        IReadOnlyList<string> own, folded;
+        try
+        {
+            var state = SnapshotReader.Read(directory);
+            own = VmSnapshot.SpecOf(state, directory).Disks.Select(d => Path.GetFullPath(d.Path))
+                .Where(p => Path.GetDirectoryName(p) == directory).ToArray();
+            folded = await Task.Run(() => VmCheckpoint.Delete(directory), CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or SnapshotFormatException or Kvm.Storage.ImageFormatException)
+        {
+            throw new RpcException(e is IOException ? RpcErrorCode.InvalidState : RpcErrorCode.OperationFailed,
+                $"VM '{row.Name}': cannot delete the checkpoint in {directory}", inner: e);
+        }
+        foreach (var layer in folded)
+            if (await _db.Disks.FindByPathAsync(Path.GetFullPath(layer), CancellationToken.None).ConfigureAwait(false) is { } disk)
+                await _db.Disks.ForgetFoldedAsync(disk.Id, CancellationToken.None).ConfigureAwait(false);
+        // The checkpoint's own disks are gone from disk: gone from the inventory too, where registered.
+        foreach (var image in own)
+            if (await _db.Disks.FindByPathAsync(image, CancellationToken.None).ConfigureAwait(false) is { } disk)
+                await _db.Disks.DeleteAsync(disk.Id, CancellationToken.None).ConfigureAwait(false);
+        await _db.Events.AppendAsync("vm.checkpoint-deleted", $"vm/{row.Name}",
+            JsonSerializer.Serialize(new CheckpointDeletedEventData(directory, folded), KvmdEventJson.Default.CheckpointDeletedEventData),
+            Host.Id, CancellationToken.None).ConfigureAwait(false);
+        return new CheckpointDeleted(row.Name, directory, folded);
+    }, cancel);
+
+    /// <summary>
     /// The VM's disks run on <paramref name="now"/> (per disk, the image it writes): each that
     /// differs from the spec's is registered (backed by the spec's image), the chains reserved
     /// again for the VM under its lease, and the spec stored naming them; returns the new images.
@@ -387,3 +425,6 @@ public sealed record UpgradedEventData(int OldPid, int NewPid, string Vmm, doubl
 
 /// <summary>The data of a vm.checkpointed event: where, the guest's stop, the whole time, RAM bytes written, per disk the VM's new top image and the checkpoint's image.</summary>
 public sealed record CheckpointedEventData(string Directory, double StopMs, double Seconds, ulong MemoryBytesWritten, IReadOnlyList<string?> Layers, IReadOnlyList<string> Disks);
+
+/// <summary>The data of a vm.checkpoint-deleted event: the checkpoint's directory and the layers folded away.</summary>
+public sealed record CheckpointDeletedEventData(string Directory, IReadOnlyList<string> Folded);

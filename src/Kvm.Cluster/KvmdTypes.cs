@@ -51,6 +51,16 @@ public sealed record CheckpointVmRequest([property: JsonRequired] string Name, [
 public sealed record VmCheckpointed(string Name, CheckpointResult Checkpoint, VmInfo Vm);
 
 /// <summary>
+/// <c>vm.delete-checkpoint</c>: deletes the checkpoint of VM <paramref name="Name"/> in
+/// <paramref name="Directory"/> (absolute) and folds the disk layer it kept frozen, as 'vmctl
+/// delete-checkpoint DIR' does, then records the fold in the inventory.
+/// </summary>
+public sealed record DeleteCheckpointRequest([property: JsonRequired] string Name, [property: JsonRequired] string Directory);
+
+/// <summary><c>vm.delete-checkpoint</c>'s result: the layers folded away (gone from disk and from the inventory).</summary>
+public sealed record CheckpointDeleted(string Name, string Directory, IReadOnlyList<string> Folded);
+
+/// <summary>
 /// <c>vm.upgrade</c>: the VM is handed to a new kvm-vmm process in place (control method
 /// <c>handover</c>), <paramref name="Vmm"/> (absolute) or by default the kvm-vmm kvmd starts VMs with.
 /// </summary>
@@ -126,6 +136,8 @@ public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Vers
 [JsonSerializable(typeof(VmSaved))]
 [JsonSerializable(typeof(CheckpointVmRequest))]
 [JsonSerializable(typeof(VmCheckpointed))]
+[JsonSerializable(typeof(DeleteCheckpointRequest))]
+[JsonSerializable(typeof(CheckpointDeleted))]
 [JsonSerializable(typeof(UpgradeVmRequest))]
 [JsonSerializable(typeof(VmUpgraded))]
 [JsonSerializable(typeof(StopVmRequest))]

@@ -8,7 +8,7 @@ ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session] [--verbose]
-           kvm-vmm --restore DIR [--memory eager|lazy|mapped] [the same options]
+           kvm-vmm --restore DIR [--memory eager|lazy|mapped] [--fork DIR] [the same options]
            kvm-vmm --take-over SOCKET --control SOCKET --console SOCKET [the same options]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
@@ -30,6 +30,11 @@ const string usage = """
                         access to /dev/userfaultfd); mapped starts them at once on a private
                         copy-on-write mapping of the memory file (pages shared by every VM
                         mapped from it, copied when written; no handover or checkpoint)
+      --fork DIR        with --restore: run a fork of the snapshot (a copy with an identity
+                        of its own), its disks in DIR (created if missing): RAM mapped (as
+                        --memory mapped), each writable disk a new qcow2 child of the
+                        snapshot's in DIR (which makes the snapshot's disk read-only), each
+                        NIC a new random MAC
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
                         (methods status, pause, resume, stop, save, suspend, handover, stats,
                         devices, fence; 'vmctl control')
@@ -64,6 +69,7 @@ string? source = null;
 string? restore = null;
 string? takeOver = null;
 string? memory = null;
+string? fork = null;
 string? log = null;
 bool newSession = false;
 bool verbose = false;
@@ -84,6 +90,9 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--memory" when memory is null:
             memory = Value() ?? "";
+            break;
+        case "--fork" when fork is null:
+            fork = Value() ?? "";
             break;
         case "--control":
             host = host with { ControlSocket = Value() ?? "" };
@@ -121,15 +130,20 @@ for (int i = 0; i < args.Length; i++)
     }
 }
 int sources = (string.IsNullOrEmpty(source) ? 0 : 1) + (string.IsNullOrEmpty(restore) ? 0 : 1) + (string.IsNullOrEmpty(takeOver) ? 0 : 1);
-if (sources != 1 || (memory is not null && restore is null)
-    || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "")
+if (sources != 1 || (memory is not null && restore is null) || (fork is not null && restore is null)
+    || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "" || fork == "")
 {
-    Console.Error.WriteLine($"{program}: expected one of '--spec FILE', '--restore DIR' or '--take-over SOCKET' (--memory only with --restore), and a path after --control, --console, --log and --exit-file (see 'kvm-vmm --help')");
+    Console.Error.WriteLine($"{program}: expected one of '--spec FILE', '--restore DIR' or '--take-over SOCKET' (--memory and --fork only with --restore), and a path after --control, --console, --log, --exit-file and --fork (see 'kvm-vmm --help')");
     return 2;
 }
 if (takeOver is not null && (host.ControlSocket is null || host.ConsoleSocket is null))
 {
     Console.Error.WriteLine($"{program}: --take-over needs --control and --console: the sockets the VM is served on");
+    return 2;
+}
+if (fork is not null && memory is not (null or "mapped"))
+{
+    Console.Error.WriteLine($"{program}: --fork maps the template's RAM (--memory mapped); --memory {memory} does not go with it");
     return 2;
 }
 if (memory is not null && memory is not ("eager" or "lazy" or "mapped"))
@@ -163,6 +177,8 @@ try
 {
     if (takeOver is not null)
         launch = new TakeOverLaunch(takeOver);
+    else if (restore is not null && fork is not null)
+        launch = ForkLaunch.Open(Path.GetFullPath(restore), Path.GetFullPath(fork));
     else if (restore is not null)
         launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
         {

@@ -432,8 +432,6 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks.SingleOrDefault(d => d.Path == path)
         ?? throw new Xunit.Sdk.XunitException($"disk {path} is not in the inventory: {VmctlOk("disks")}");
 
-    private static string Sha(string path) => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(path)));
-
     /// <summary>
     /// 'vmctl checkpoint NAME DIR' for a VM kvmd runs (the guest kit writing 1, 2, 3... to its
     /// qcow2 disk without pause): kvmd has kvm-vmm take the checkpoint, then the inventory tells
@@ -441,7 +439,8 @@ public sealed partial class KvmdSnapshotTests : IDisposable
     /// image the checkpoint froze, reserved exclusively by the VM while the frozen image is now
     /// shared; vm.checkpointed and vm.spec are recorded. Checkpointed again, the chain grows by one
     /// layer. Stopped and started again, the VM boots on the newest layer and the frozen ones never
-    /// change. A VM that is not running is refused, and every image is clean for qemu-img.
+    /// change. 'vmctl delete-checkpoint NAME DIR' folds a frozen layer away on disk and in the
+    /// inventory. A VM that is not running is refused, and every image is clean for qemu-img.
     /// </summary>
     [SkippableFact]
     public void ACheckpointThroughKvmdMovesTheVmOntoItsNewLayerInTheInventory()
@@ -498,18 +497,39 @@ public sealed partial class KvmdSnapshotTests : IDisposable
         // frozen layers never change.
         VmctlOk("stop", "ck", "--force");
         Assert.Empty(DiskAt(layer2).Reservations);
-        string frozen = Sha(disk), frozen1 = Sha(layer);
+        string frozen = Smaps.Sha256(disk), frozen1 = Smaps.Sha256(layer);
         VmctlOk("start", "ck");
         Assert.True(SpinWait.SpinUntil(() => Show("ck").Vm.ActualState == "stopped", Timeout), VmctlOk("show", "ck", "--json"));
         var ended = Show("ck");
         Assert.True(ended.LastExit?.Status == 3, $"the restarted guest did not find its number on the disk: {VmctlOk("show", "ck", "--json")}");
         Assert.Equal(layer2, ended.Spec.GetProperty("disks")[0].GetProperty("path").GetString());
-        Assert.Equal(frozen, Sha(disk));
-        Assert.Equal(frozen1, Sha(layer));
+        Assert.Equal(frozen, Smaps.Sha256(disk));
+        Assert.Equal(frozen1, Smaps.Sha256(layer));
         foreach (var image in new[] { disk, layer, layer2, again.Checkpoint.Disks[0], Path.Combine(P("ckpt1"), "disk0.qcow2") })
         {
             var r = TestEnvironment.RunProcess("qemu-img", ["check", image], Timeout);
             Assert.True(r.ExitCode == 0, $"qemu-img check {image}: {r.Stdout}{r.Stderr}");
         }
+
+        // Deleting the second checkpoint through kvmd folds the layer it kept frozen (the first
+        // layer) into the newest, on disk and in the inventory; deleting the first folds nothing
+        // (its frozen image is the disk's base) and forgets its own disk.
+        var deleted = VmctlOk("delete-checkpoint", "ck", P("ckpt2"));
+        Assert.Contains($"folded away {layer}", deleted, StringComparison.Ordinal);
+        Assert.False(File.Exists(layer) || Directory.Exists(P("ckpt2")), $"the folded layer or the checkpoint is still there: {deleted}");
+        Assert.Equal(disk, DiskAt(layer2).Backing);
+        var listed = JsonSerializer.Deserialize(VmctlOk("disks", "--json"), KvmdJson.Default.DiskList)!.Disks.Select(d => d.Path).ToArray();
+        Assert.DoesNotContain(layer, listed);
+        Assert.Contains(Events("ck"), e => e.Kind == "vm.checkpoint-deleted" && e.Data.GetProperty("folded")[0].GetString() == layer);
+        Assert.DoesNotContain("folded away", VmctlOk("delete-checkpoint", "ck", P("ckpt1")), StringComparison.Ordinal);
+        Assert.False(Directory.Exists(P("ckpt1")));
+        Refused("cannot delete the checkpoint", ["delete-checkpoint", "ck", P("ckpt1")]);
+        Assert.Equal(frozen, Smaps.Sha256(disk));
+        var check = TestEnvironment.RunProcess("qemu-img", ["check", layer2], Timeout);
+        Assert.True(check.ExitCode == 0, $"qemu-img check {layer2}: {check.Stdout}{check.Stderr}");
+        // The VM boots on what is left, and finds its number there.
+        VmctlOk("start", "ck");
+        Assert.True(SpinWait.SpinUntil(() => Show("ck").Vm.ActualState == "stopped", Timeout), VmctlOk("show", "ck", "--json"));
+        Assert.Equal(3, Show("ck").LastExit?.Status);
     }
 }

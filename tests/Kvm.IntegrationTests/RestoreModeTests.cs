@@ -94,30 +94,6 @@ public sealed class RestoreModeTests : BlkTestBase
         }
     }
 
-    /// <summary>The kilobytes smaps gives for the mapping that starts at <paramref name="start"/>, by field (Rss, Private_Dirty...).</summary>
-    private static Dictionary<string, long> Smaps(IntPtr start)
-    {
-        string head = $"{(ulong)start:x}-";
-        var fields = new Dictionary<string, long>(StringComparer.Ordinal);
-        bool inside = false;
-        foreach (var line in File.ReadLines("/proc/self/smaps"))
-        {
-            if (char.IsAsciiHexDigit(line[0]) && line.Contains('-') && line.IndexOf(' ') > line.IndexOf('-'))
-            {
-                if (inside)
-                    break;
-                inside = line.StartsWith(head, StringComparison.Ordinal);
-                continue;
-            }
-            if (inside && line.EndsWith(" kB", StringComparison.Ordinal) && line.IndexOf(':') is > 0 and var colon)
-                fields[line[..colon]] = long.Parse(line[(colon + 1)..^3].Trim(), System.Globalization.CultureInfo.InvariantCulture);
-        }
-        Assert.True(fields.Count > 0, $"no mapping at 0x{(ulong)start:x} in /proc/self/smaps");
-        return fields;
-    }
-
-    private static string Sha(string path) => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(path)));
-
     /// <summary>
     /// Two VMs restored mapped from one snapshot (MAP_PRIVATE of its memory file) at once: both read
     /// the 48 MiB pattern back and pass, nothing was copied up front (each VM's RAM mapping holds the
@@ -132,14 +108,14 @@ public sealed class RestoreModeTests : BlkTestBase
         string dir = P("snap");
         RunAndSave(Spec("pattern size=48M rounds=6"), "guestkit: pattern round 1\n", dir);
         string memoryFile = Path.Combine(dir, SnapshotFormat.MemoryFileName);
-        string sha = Sha(memoryFile);
+        string sha = Smaps.Sha256(memoryFile);
         var serialA = new SerialCapture();
         var serialB = new SerialCapture();
         using var a = VmSnapshot.Restore(dir, serialA.Write, new RestoreOptions { Memory = MemoryLoad.Mapped });
         using var b = VmSnapshot.Restore(dir, serialB.Write, new RestoreOptions { Memory = MemoryLoad.Mapped });
         Assert.Equal(memoryFile, a.Memory.PrivateCopyOf);
         var region = a.Memory.Regions[0];
-        long before = Smaps(region.Host)["Rss"];
+        long before = Smaps.Of(null, region.Host)["Rss"];
         Assert.True(before < 8 << 10, $"a mapped restore read {before} kB of RAM before the guest ran");
 
         // A host write into A's RAM (at the top of RAM, which the guest kit leaves alone) stays A's.
@@ -159,7 +135,7 @@ public sealed class RestoreModeTests : BlkTestBase
                 Assert.Fail($"a mapped guest did not finish; console:\n{serial.Text}\n--- the VM now ---\n{vm.DescribeState()}");
             Assert.True(vm.Stopped.Result is DebugExitStop { Status: 0 }, $"{vm.Stopped.Result.Describe()}; console:\n{serial.Text}");
             Assert.Contains("guestkit: pattern done rounds=6", serial.Text);
-            var smaps = Smaps(vm.Memory.Regions[0].Host);
+            var smaps = Smaps.Of(null, vm.Memory.Regions[0].Host);
             // Rss counts the file's pages the guest read (shared, in the page cache) and its own.
             Assert.True(smaps["Rss"] >= 48 << 10, $"the guest read 48 MiB but its mapping holds {smaps["Rss"]} kB: {string.Join(", ", smaps)}");
             Assert.True(smaps["Private_Dirty"] < 16 << 10, $"{smaps["Private_Dirty"]} kB of RAM copied for a guest that only read its pattern: {string.Join(", ", smaps)}");
@@ -168,7 +144,7 @@ public sealed class RestoreModeTests : BlkTestBase
         Assert.Equal("only in vm a.   "u8.ToArray(), seen);
         b.Memory.Read(top, seen);
         Assert.Equal(original, seen);
-        Assert.Equal(sha, Sha(memoryFile));
+        Assert.Equal(sha, Smaps.Sha256(memoryFile));
 
         var refused = Assert.Throws<InvalidOperationException>(() => VmCheckpoint.Take(a, P("ckpt")));
         Assert.Contains("private copy-on-write mapping", refused.Message, StringComparison.Ordinal);

@@ -74,4 +74,34 @@ public sealed class DiskTests(ClusterFixture cluster)
         Assert.Equal(2, (await EventsAsync(inv, "disk.deleted")).Count);
         Assert.Equal(RpcErrorCode.NotFound, (await Assert.ThrowsAsync<InventoryException>(() => inv.Disks.DeleteAsync(top.Id))).Code);
     }
+
+    /// <summary>
+    /// A layer folded into the images it backed (a checkpoint deleted) leaves the inventory at once:
+    /// they are backed by its backing image now, its reservations end though a VM held it, and
+    /// 'disk.folded' names it and them; a disk that is not there is NotFound.
+    /// </summary>
+    [SkippableFact]
+    public async Task A_folded_layer_is_forgotten_and_what_it_backed_is_backed_by_its_backing()
+    {
+        await using var inv = await OpenAsync(cluster);
+        var h1 = await inv.Hosts.RegisterAsync("host-1", "");
+        var vm = await inv.Vms.CreateAsync("web1", "{}");
+        var baseImage = await inv.Disks.RegisterAsync("/img/base.raw", DiskFormat.Raw, 1 << 20);
+        var frozen = await inv.Disks.RegisterAsync("/vm/web1.ckpt-1.qcow2", DiskFormat.Qcow2, 1 << 20, baseImage.Id);
+        var top = await inv.Disks.RegisterAsync("/vm/web1.ckpt-2.qcow2", DiskFormat.Qcow2, 1 << 20, frozen.Id);
+        var sibling = await inv.Disks.RegisterAsync("/ckpt/disk0.qcow2", DiskFormat.Qcow2, 1 << 20, frozen.Id);
+        await inv.Reservations.ReserveChainAsync(top.Id, h1.Id, vm.Id, readOnly: false);
+
+        var backed = await inv.Disks.ForgetFoldedAsync(frozen.Id);
+        Assert.Equal(["/ckpt/disk0.qcow2", "/vm/web1.ckpt-2.qcow2"], backed);
+        Assert.Null(await inv.Disks.FindAsync(frozen.Id));
+        Assert.Equal(baseImage.Id, (await inv.Disks.FindAsync(top.Id))!.Backing);
+        Assert.Equal(baseImage.Id, (await inv.Disks.FindAsync(sibling.Id))!.Backing);
+        Assert.Equal([top.Id, baseImage.Id], (await inv.Disks.ChainAsync(top.Id)).Select(d => d.Id));
+        Assert.Equal(new[] { top.Id, baseImage.Id }.Order(), (await inv.Reservations.ListAsync()).Select(r => r.Disk).Order());
+        var folded = Assert.Single(await EventsAsync(inv, "disk.folded"));
+        Assert.Equal($"disk/{frozen.Id}", folded.Subject);
+        Assert.Contains("/vm/web1.ckpt-2.qcow2", folded.Data, StringComparison.Ordinal);
+        Assert.Equal(RpcErrorCode.NotFound, (await Assert.ThrowsAsync<InventoryException>(() => inv.Disks.ForgetFoldedAsync(frozen.Id))).Code);
+    }
 }

@@ -128,6 +128,33 @@ public sealed class DiskRepository(NpgsqlDataSource db)
             return true;
         });
 
+    /// <summary>
+    /// Records that disk <paramref name="id"/>'s image was folded into the images it backed and is
+    /// gone (a checkpoint deleted: its frozen layer merged into the next): each disk it backed is
+    /// backed by its backing image now, its reservations end and its row goes, in one transaction.
+    /// Records 'disk.folded'. Returns the paths of the disks it backed.
+    /// </summary>
+    public Task<IReadOnlyList<string>> ForgetFoldedAsync(Guid id, CancellationToken ct = default) =>
+        DbErrors.Run($"forget folded disk {id}", async () =>
+        {
+            await using var conn = await db.OpenConnectionAsync(ct).ConfigureAwait(false);
+            await using var tx = await conn.BeginTransactionAsync(ct).ConfigureAwait(false);
+            var row = await conn.QuerySingleOrDefaultAsync<DiskRecord>($"select {Columns} from disks where id = @id for update", new { id }, tx).ConfigureAwait(false)
+                ?? throw DbErrors.NotFound($"disk {id}");
+            var children = (await conn.QueryAsync<string>("update disks set backing = @backing where backing = @id returning path",
+                new { id, backing = row.Backing }, tx).ConfigureAwait(false)).Order(StringComparer.Ordinal).ToArray();
+            await conn.ExecuteAsync("delete from reservations where disk = @id", new { id }, tx).ConfigureAwait(false);
+            // The paths as a JSON array made here: an array parameter is not one Dapper.AOT binds.
+            string into = "[" + string.Join(",", children.Select(c => "\"" + System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping.Encode(c) + "\"")) + "]";
+            await conn.ExecuteAsync("""
+                with d as (delete from disks where id = @id returning id, path, host)
+                insert into events (kind, subject, host, data)
+                select 'disk.folded', 'disk/' || d.id, d.host, jsonb_build_object('path', d.path, 'into', @into::jsonb) from d
+                """, new { id, into }, tx).ConfigureAwait(false);
+            await tx.CommitAsync(ct).ConfigureAwait(false);
+            return (IReadOnlyList<string>)children;
+        });
+
     /// <summary>A disks row as Npgsql reads it.</summary>
     internal sealed record DiskRecord(Guid Id, string Path, string Format, long SizeBytes, Guid? Backing, Guid? Host, DateTime CreatedAt)
     {

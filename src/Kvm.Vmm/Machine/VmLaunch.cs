@@ -68,3 +68,36 @@ public sealed record RestoreLaunch : VmLaunch
         return vm;
     }
 }
+
+/// <summary>
+/// A fork of the snapshot in <see cref="Template"/> with its files in <see cref="Directory"/>
+/// (<see cref="VmFork"/>): made by <see cref="Open"/>, which reads and checks the template first.
+/// </summary>
+public sealed record ForkLaunch : VmLaunch
+{
+    private ForkLaunch(string template, string directory, VmSpec spec)
+    {
+        Template = template;
+        Directory = directory;
+        TemplateSpec = spec;
+    }
+
+    public string Template { get; }
+    public string Directory { get; }
+    private VmSpec TemplateSpec { get; }
+
+    /// <summary>The template's spec; the fork's disks and MACs are its own (the machine's spec says which).</summary>
+    public override VmSpec Spec => TemplateSpec;
+
+    /// <summary>Reads the template's state file (<see cref="SnapshotFormatException"/> if it is refused) and the spec in it.</summary>
+    public static ForkLaunch Open(string template, string directory)
+    {
+        var state = SnapshotReader.Read(template);
+        var spec = VmSnapshot.SpecOf(state, template);
+        spec.Validate();
+        return new ForkLaunch(template, directory, spec);
+    }
+
+    public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
+        VmFork.Restore(Template, Directory, serialOutput, logger: logger).Vm;
+}

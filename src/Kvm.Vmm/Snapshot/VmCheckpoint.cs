@@ -248,6 +248,9 @@ public static partial class VmCheckpoint
             string image = Path.GetFullPath(disk.Path);
             if (Path.GetDirectoryName(image) != directory)
                 continue;                               // a read-only disk: not the checkpoint's
+            // Made read-only when it came to back other images (forks of the checkpoint): they would lose their base.
+            if (File.Exists(image) && (File.GetUnixFileMode(image) & UnixFileMode.UserWrite) == 0)
+                throw new IOException($"cannot delete the checkpoint: its disk {image} is read-only, as an image that backs others (forks of the checkpoint) is");
             own.Add(image);
             string? frozen;
             using (var k = OpenForDelete(image, new ImageOpenOptions { Exclusive = true }, "the checkpoint's disk is in use (a VM restored from it runs?)"))

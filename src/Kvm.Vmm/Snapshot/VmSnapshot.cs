@@ -50,6 +50,12 @@ public sealed record RestoreOptions
 
     /// <summary>Marks each step of the restore (to report where its time went); null: not timed.</summary>
     public StepClock? Clock { get; init; }
+
+    /// <summary>
+    /// The restored VM is a fork (<see cref="VmFork"/>): its NICs take the MACs of the spec the
+    /// machine is built from, not the saved ones.
+    /// </summary>
+    public bool Fork { get; init; }
 }
 
 /// <summary>
@@ -210,6 +216,9 @@ public static class VmSnapshot
             }
             vm = VirtualMachine.CreateForRestore(spec, serialOutput, kvm, logger, memory: mapped, clock: clock);
             CheckLayout(vm.Memory, state, statePath);
+            if (options.Fork)
+                foreach (var nic in vm.Nics)
+                    ((Kvm.Devices.Virtio.Net.VirtioNet)nic.Device).RestoreAsFork = true;
             if (options.Memory == MemoryLoad.Mapped)
             {
                 vm.RestoreState(state.Records);

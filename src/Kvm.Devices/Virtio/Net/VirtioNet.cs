@@ -642,17 +642,28 @@ public sealed class VirtioNet : IVirtioDevice
 
     public void SaveState(StateWriter writer) => Save().Write(writer);
 
-    /// <summary>Takes the saved device if the guest cannot tell this one from it: same configured MAC and queue pairs.</summary>
+    /// <summary>
+    /// The next <see cref="RestoreState"/> makes this device a fork's (a copy of the saved VM
+    /// with an identity of its own): it takes the saved device's state with this device's MAC,
+    /// configured and in use, instead of refusing a MAC that differs. The guest's driver still
+    /// holds the MAC it read at probe time until it probes the device again.
+    /// </summary>
+    public bool RestoreAsFork { get; set; }
+
+    /// <summary>Takes the saved device if the guest cannot tell this one from it: same configured MAC and queue pairs (any MAC for a fork: <see cref="RestoreAsFork"/>).</summary>
     public void RestoreState(ref StateReader reader)
     {
         var saved = VirtioNetState.Read(ref reader);
-        if (saved.ConfiguredMac != _options.Mac)
+        if (saved.ConfiguredMac != _options.Mac && !RestoreAsFork)
             throw new DeviceStateException($"{Name}: the saved device had MAC {saved.ConfiguredMac}, this one {_options.Mac}");
         if (saved.QueuePairs != _options.QueuePairs)
             throw new DeviceStateException($"{Name}: the saved device had {saved.QueuePairs} queue pairs, this one {_options.QueuePairs}");
-        if (saved.Mac.IsMulticast || (!_options.AllowSpoofing && saved.Mac != _options.Mac))
+        if (RestoreAsFork)
+            _mac = _options.Mac;
+        else if (saved.Mac.IsMulticast || (!_options.AllowSpoofing && saved.Mac != _options.Mac))
             throw new DeviceStateException($"{Name}: the saved device's MAC {saved.Mac} is not one this device may take (configured {_options.Mac}{(_options.AllowSpoofing ? "" : ", spoofing not allowed")})");
-        _mac = saved.Mac;
+        else
+            _mac = saved.Mac;
         Volatile.Write(ref _activePairs, saved.ActivePairs);
         Volatile.Write(ref _status, StatusLinkUp | saved.Announce);
         _filter = saved.Filter;

@@ -1,0 +1,108 @@
+using Kvm.Hypervisor;
+using Kvm.Network;
+using Kvm.Storage;
+using Kvm.Storage.Qcow2;
+using Kvm.Vmm.Machine;
+using Microsoft.Extensions.Logging;
+
+namespace Kvm.Vmm.Snapshot;
+
+/// <summary>
+/// A fork made by <see cref="VmFork.Restore"/>: its machine (built and restored, not started),
+/// its directory, per disk the image it writes (read-only disks: the template's own), per NIC its MAC.
+/// </summary>
+public sealed record ForkedVm(VirtualMachine Vm, string Directory, IReadOnlyList<string> Disks, IReadOnlyList<MacAddress> Macs);
+
+/// <summary>
+/// Forks: copies of a saved VM (a snapshot or a checkpoint, the template) that each carry on from
+/// the template's instant with an identity of their own. A fork's RAM is a private copy-on-write
+/// mapping of the template's memory file (<see cref="MemoryLoad.Mapped"/>): nothing is copied up
+/// front, every fork shares the pages none of them wrote, and the file never changes. Each
+/// writable disk becomes a new qcow2 child of the template's image in the fork's directory (the
+/// template's image is made read-only: it backs the forks now); read-only disks are shared. Each
+/// NIC gets a new random MAC. A fork can be saved, and forked again from that snapshot.
+/// </summary>
+public static class VmFork
+{
+    /// <summary>The name of a fork's disk <paramref name="index"/> in its directory.</summary>
+    public static string DiskFileName(int index) => $"disk{index}.qcow2";
+
+    /// <summary>
+    /// Builds a fork of the snapshot in <paramref name="template"/> with its disks in
+    /// <paramref name="directory"/> (created if missing; <see cref="DiskFileName"/>). Refused before
+    /// anything is made when the template is damaged (<see cref="SnapshotFormatException"/>) or a
+    /// disk file is there already (<see cref="IOException"/>); a fork that fails later leaves no
+    /// files behind.
+    /// </summary>
+    public static ForkedVm Restore(string template, string directory, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
+        ILogger? logger = null, StepClock? clock = null)
+    {
+        template = Path.GetFullPath(template);
+        directory = Path.GetFullPath(directory);
+        var state = SnapshotReader.Read(template);
+        var spec = VmSnapshot.SpecOf(state, template);
+        clock?.Mark("read the template");
+        for (int i = 0; i < spec.Disks.Count; i++)
+            if (!spec.Disks[i].ReadOnly && Path.Combine(directory, DiskFileName(i)) is var taken && Path.Exists(taken))
+                throw new IOException($"{taken} exists: a fork makes its disks anew (another fork's directory?)");
+        bool madeDirectory = !Directory.Exists(directory);
+        Directory.CreateDirectory(directory);
+        var made = new List<string>();
+        try
+        {
+            var disks = new List<DiskSpec>();
+            for (int i = 0; i < spec.Disks.Count; i++)
+            {
+                var disk = spec.Disks[i];
+                if (disk.ReadOnly)
+                {
+                    disks.Add(disk);
+                    continue;
+                }
+                string parent = Path.GetFullPath(disk.Path);
+                var (size, format) = Probe(parent, i);
+                string child = Path.Combine(directory, DiskFileName(i));
+                Qcow2Image.CreateFile(child, new Qcow2CreateOptions { Size = size, BackingFile = parent, BackingFormat = format });
+                made.Add(child);
+                // It backs forks from now on: nothing may write it under them.
+                ImageOperations.MakeReadOnly(parent);
+                disks.Add(disk with { Path = child });
+            }
+            var nics = spec.Nics.Select(n => n with { Mac = MacAddress.Random() }).ToArray();
+            clock?.Mark("make the fork's disks");
+            var vm = VmSnapshot.Restore(template, state, spec with { Disks = disks, Nics = nics }, serialOutput,
+                new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
+            return new ForkedVm(vm, directory, disks.Select(d => d.Path).ToArray(), nics.Select(n => n.Mac).ToArray());
+        }
+        catch
+        {
+            foreach (var file in made)
+                SnapshotWriter.TryDelete(file);
+            if (madeDirectory)
+            {
+                try
+                {
+                    Directory.Delete(directory);
+                }
+                catch (IOException)
+                {
+                }
+            }
+            throw;
+        }
+    }
+
+    /// <summary>A template disk's virtual size and format ("raw" or "qcow2"), read without writing it.</summary>
+    private static (ulong Size, string Format) Probe(string path, int index)
+    {
+        try
+        {
+            using var image = DiskImage.Open(path, new ImageOpenOptions { ReadOnly = true });
+            return (image.Size, image is Qcow2Image ? "qcow2" : "raw");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ImageFormatException or ArgumentException)
+        {
+            throw new IOException($"the template's disk {index} ({path}) cannot be opened to fork it (if a VM runs on it: fork a checkpoint of that VM, or save it with stop, so that the disk no longer changes): {e.Message}", e);
+        }
+    }
+}
