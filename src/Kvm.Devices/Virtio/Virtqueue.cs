@@ -189,6 +189,29 @@ public sealed class Virtqueue
     }
 
     /// <summary>
+    /// Puts several finished chains in the used ring and publishes them with one index update, so
+    /// the driver sees all of them or none: a received frame spread over several buffers
+    /// (MRG_RXBUF) must not be seen in part, or the driver reads a frame whose num_buffers says
+    /// more buffers than it has yet and drops it (Linux counts it as a length error).
+    /// </summary>
+    public void Push(ReadOnlySpan<(ushort Head, uint Length)> chains)
+    {
+        if (chains.Length > Size)
+            throw new ArgumentOutOfRangeException(nameof(chains), chains.Length, $"queue {Index}: cannot push {chains.Length} chains into a ring of {Size}");
+        var mem = Memory;
+        ushort next = _nextUsed;
+        foreach (var (head, length) in chains)
+        {
+            ulong elem = UsedRing + 4 + 8UL * (ushort)(next % Size);
+            mem.WriteU32(elem, head);
+            mem.WriteU32(elem + 4, length);
+            next++;
+        }
+        _nextUsed = next;
+        mem.VolatileWriteU16(UsedRing + 2, _nextUsed);
+    }
+
+    /// <summary>
     /// Whether the driver wants an interrupt for the chains pushed since the last interrupt: with
     /// RING_EVENT_IDX, when used_event was crossed; otherwise unless it set NO_INTERRUPT.
     /// </summary>

@@ -448,8 +448,7 @@ public sealed class VirtioNet : IVirtioDevice
             memory.WriteU8(countLow, (byte)used);
             memory.WriteU8(countHigh, (byte)(used >> 8));
         }
-        for (int i = 0; i < used; i++)
-            queue.Push(rx.Used[i].Head, rx.Used[i].Length);
+        queue.Push(rx.Used.AsSpan(0, used));
         return Delivery.Delivered;
     }
 
