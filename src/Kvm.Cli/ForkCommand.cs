@@ -33,8 +33,8 @@ internal static class ForkCommand
             HelpName = "OUT",
             Required = true,
         };
-        var count = new Option<int>("--count", "-n") { Description = "how many forks (default 1)", DefaultValueFactory = _ => 1 };
-        var first = new Option<int>("--first") { Description = "the number of the first fork (default 1; OUT/fork-FIRST...)", DefaultValueFactory = _ => 1 };
+        var count = new Option<int>("--count", "-n") { Description = "how many forks", DefaultValueFactory = _ => 1 };
+        var first = new Option<int>("--first") { Description = "the number of the first fork (OUT/fork-FIRST...)", DefaultValueFactory = _ => 1 };
         var vmm = new Option<string>("--vmm") { Description = "the kvm-vmm to run the forks with (default: the one beside vmctl)" };
         var json = new Option<bool>("--json") { Description = "print one JSON object per fork" };
         var cmd = new Command("fork",
@@ -43,8 +43,9 @@ internal static class ForkCommand
             "snapshot's memory file: nothing is copied up front and the forks share every page none of them wrote.\n" +
             "Each writable disk becomes a new qcow2 child of the snapshot's in the fork's directory (the snapshot's\n" +
             "disk is made read-only: it backs the forks), each NIC gets a new random MAC. Drive a fork with\n" +
-            "'vmctl control ... OUT/fork-I/control.sock' and 'vmctl console OUT/fork-I/console.sock'; save one and\n" +
-            "fork that snapshot for forks of a fork. The snapshot's files must not change while forks run.\n" +
+            "'vmctl control ... OUT/fork-I/control.sock' and 'vmctl console OUT/fork-I/console.sock'; save one with\n" +
+            "--stop and fork that snapshot for forks of a fork. The snapshot's files must not change while forks run:\n" +
+            "fork a checkpoint of a running VM, or a snapshot saved with --stop.\n" +
             "Exit status: 0 when every fork runs; 1 when one did not start (those started before it run on).")
         {
             directory, into, count, first, vmm, json,
