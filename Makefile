@@ -85,7 +85,7 @@ test: all linux
 # host; each says where it measured. The disk benchmark needs no KVM and runs here. The *_ARGS
 # reach the benchmarks through the environment (tests/Kvm.Benchmarks/vm-benchmarks.sh).
 BENCH_DLL = tests/Kvm.Benchmarks/bin/Release/net10.0/Kvm.Benchmarks.dll
-export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS NET_BENCH_ARGS DOTNET
+export BENCH_ARGS BLK_BENCH_ARGS LINUX_BENCH_ARGS KVMD_BENCH_ARGS SNAPSHOT_BENCH_ARGS CHECKPOINT_BENCH_ARGS NET_BENCH_ARGS DOTNET
 
 bench: all linux
 	$(DOTNET) build -c Release tests/Kvm.Benchmarks/Kvm.Benchmarks.csproj --nologo -v quiet

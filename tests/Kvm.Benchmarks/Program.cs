@@ -22,12 +22,13 @@ using Kvm.Tests.Shared;
 //         on a tap, without and with vhost-net; and the failover gap of a TCP stream when the active
 //         uplink's link goes down, vmctl run's NIC team against QEMU on a Linux bond (active-backup,
 //         miimon 100) over the same two paths (NetBenchmark.cs, NetBenchmark.Failover.cs; needs root and 'make linux').
-// boot, blk, linux, kvmd (all but its 'list' part), snapshot and net need /dev/kvm; where the machine has none,
+// boot, blk, linux, kvmd (all but its 'list' part), snapshot, checkpoint and net need /dev/kvm; where the machine has none,
 // `make bench` runs them inside one nested KVM host (tests/kvm-host/kvm-host). Each prints where it
 // measured.
 // Usage: make bench [BENCH_ARGS="--runs 30"] [DISK_BENCH_ARGS="--runs 7"] [BLK_BENCH_ARGS="--runs 5"]
 //                   [LINUX_BENCH_ARGS="--runs 3 --limit 300"] [KVMD_BENCH_ARGS="--calls 1000"]
-//                   [SNAPSHOT_BENCH_ARGS="--runs 3 --sizes 256M"] [NET_BENCH_ARGS="--runs 3 --time 10"]
+//                   [SNAPSHOT_BENCH_ARGS="--runs 3 --sizes 256M"] [CHECKPOINT_BENCH_ARGS="--parts fork --runs 3"]
+//                   [NET_BENCH_ARGS="--runs 3 --time 10"]
 
 if (args.Length > 0 && args[0] == "disk")
     return DiskBenchmark.Run(args[1..]);
@@ -41,6 +42,8 @@ if (args.Length > 0 && args[0] == "snapshot")
     return SnapshotBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "net")
     return NetBenchmark.Run(args[1..]);
+if (args.Length > 0 && args[0] == "checkpoint")
+    return CheckpointBenchmark.Run(args[1..]);
 if (args.Length > 0 && args[0] == "boot")
     args = args[1..];
 

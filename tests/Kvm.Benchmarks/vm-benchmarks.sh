@@ -6,7 +6,7 @@
 #   tests/Kvm.Benchmarks/vm-benchmarks.sh BENCHMARKS_DLL
 #
 # Each benchmark's arguments come from the environment, as make passes them: BENCH_ARGS (boot),
-# BLK_BENCH_ARGS (blk), LINUX_BENCH_ARGS (linux), KVMD_BENCH_ARGS (kvmd), SNAPSHOT_BENCH_ARGS (snapshot),
+# BLK_BENCH_ARGS (blk), LINUX_BENCH_ARGS (linux), KVMD_BENCH_ARGS (kvmd), SNAPSHOT_BENCH_ARGS (snapshot), CHECKPOINT_BENCH_ARGS (checkpoint),
 # NET_BENCH_ARGS (net); shell quoting in them is honoured
 # (LINUX_BENCH_ARGS="--marker 'Run /init'").
 set -u
@@ -24,4 +24,5 @@ bench linux "${LINUX_BENCH_ARGS:-}"
 bench kvmd "${KVMD_BENCH_ARGS:-}"
 bench snapshot "${SNAPSHOT_BENCH_ARGS:-}"
 bench net "${NET_BENCH_ARGS:-}"
+bench checkpoint "${CHECKPOINT_BENCH_ARGS:-}"
 exit $status
