@@ -70,6 +70,13 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         return vm;
     }
 
+    /// <summary>
+    /// The journal length of the tests that call vmctl while it runs: at 10 ms a record, 10 s, so
+    /// that it cannot end during the few vmctl calls (seconds each in a loaded nested host) that a
+    /// test makes between seeing a record and suspending the VM (it once did, at 200 and 400).
+    /// </summary>
+    private const int Journal = 1000;
+
     private static ProcessResult Vmctl(params string[] args) => TestEnvironment.RunProcess(TestEnvironment.Vmctl, args, Wait);
 
     /// <summary>'vmctl control suspend' on the VM's control socket, which must succeed.</summary>
@@ -266,7 +273,8 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         Require();
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
         string extra = CreateImage("extra.qcow2", "qcow2", "8M");
-        using var old = StartVm("blk-log period=10 n=400", disk);
+        // Long enough that it cannot end between the vmctl calls below (seconds each under load).
+        using var old = StartVm($"blk-log period=10 n={Journal}", disk);
         var text = new System.Text.StringBuilder();
         string moved = P("moved/journal.qcow2");
         Directory.CreateDirectory(P("moved"));
@@ -324,12 +332,12 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             text.Append(console.Text);
         }
         string all = text.ToString();
-        Assert.Contains("guestkit: blk-log done n=400", all);
+        Assert.Contains($"guestkit: blk-log done n={Journal}", all);
         var seqs = Seqs(all);
-        Assert.Equal(Enumerable.Range(1, 400), seqs.Distinct());
+        Assert.Equal(Enumerable.Range(1, Journal), seqs.Distinct());
         Assert.Equal(seqs.Length, seqs.Distinct().Count());
         var runs = BlkLogJournal.Runs(copy);
-        Assert.True(runs.Count == 1 && runs[0].Records == 400, string.Join(", ", runs));
+        Assert.True(runs.Count == 1 && runs[0].Records == Journal, string.Join(", ", runs));
         AssertCheckClean(extra);
     }
 
@@ -345,7 +353,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         Require();
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
         string bigger = CreateImage("bigger.qcow2", "qcow2", "32M");
-        using var old = StartVm("blk-log period=10 n=200", disk);
+        using var old = StartVm($"blk-log period=10 n={Journal}", disk);
         var text = new System.Text.StringBuilder();
         using (var console = new ConsoleClient(P("vm.console")))
         {
@@ -378,7 +386,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             Assert.True(console.Closed(Wait));
             text.Append(console.Text);
         }
-        FinishJournal(old, text, disk, 200);
+        FinishJournal(old, text, disk, Journal);
     }
 
     /// <summary>
@@ -403,7 +411,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         Require();
         string taker = WriteDyingTaker(saysStarting: false);
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
-        using var old = StartVm("blk-log period=10 n=200", disk);
+        using var old = StartVm($"blk-log period=10 n={Journal}", disk);
         var text = new System.Text.StringBuilder();
         using (var console = new ConsoleClient(P("vm.console")))
         {
@@ -431,7 +439,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             Assert.True(console.Closed(Wait));
             text.Append(console.Text);
         }
-        FinishJournal(old, text, disk, 200);
+        FinishJournal(old, text, disk, Journal);
     }
 
     /// <summary>
