@@ -634,17 +634,7 @@ internal static partial class CheckpointBenchmark
 
     // ---------------------------------------------------------------- helpers
 
-    private static ulong? ParseSize(string text)
-    {
-        var m = SizeText().Match(text);
-        if (!m.Success)
-            return null;
-        ulong n = ulong.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture);
-        return m.Groups[2].Value.ToUpperInvariant() switch { "K" => n << 10, "M" => n << 20, "G" => n << 30, _ => n };
-    }
-
-    [GeneratedRegex(@"^(\d+)([KMGkmg]?)$")]
-    private static partial Regex SizeText();
+    private static ulong? ParseSize(string text) => SnapshotBenchmark.ParseSize(text);
 
     private static string Mib(ulong bytes) => bytes >= 1UL << 30 && bytes % (1UL << 30) == 0 ? $"{bytes >> 30} GiB" : $"{bytes >> 20} MiB";
 

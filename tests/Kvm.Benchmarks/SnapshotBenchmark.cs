@@ -166,7 +166,8 @@ internal static partial class SnapshotBenchmark
         }
     }
 
-    private static ulong? ParseSize(string text)
+    /// <summary>A size argument (bytes, or with K, M or G); null when it is not one. The checkpoint part parses its sizes with it too.</summary>
+    internal static ulong? ParseSize(string text)
     {
         var m = SizeText().Match(text);
         if (!m.Success)
