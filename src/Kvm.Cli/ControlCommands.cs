@@ -333,6 +333,8 @@ public static class ControlCommands
             Console.WriteLine($"stopped: {s.StopReason}");
         if (s.PausedBy is not null)
             Console.WriteLine($"paused by {s.PausedBy} (vmctl control resume to go on)");
+        if (s.GenerationId is { } id)
+            Console.WriteLine($"generation id: {id}");
     }
 
     private static void PrintStats(VmStats s)

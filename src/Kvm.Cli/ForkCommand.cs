@@ -9,7 +9,8 @@ using Kvm.Rpc;
 namespace Kvm.Cli;
 
 /// <summary>One fork 'vmctl fork' started: its number, process, sockets, log and the disks it writes.</summary>
-public sealed record ForkInfo(int Index, string Directory, int Pid, string ControlSocket, string ConsoleSocket, string Log, IReadOnlyList<string> Disks);
+public sealed record ForkInfo(int Index, string Directory, int Pid, string ControlSocket, string ConsoleSocket, string Log, IReadOnlyList<string> Disks,
+    Guid? GenerationId = null);
 
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
 [JsonSerializable(typeof(ForkInfo))]
@@ -91,6 +92,7 @@ internal static class ForkCommand
                 Console.WriteLine(p.GetValue(json)
                     ? JsonSerializer.Serialize(fork, ForkJson.Default.ForkInfo)
                     : $"fork-{i}: kvm-vmm pid {fork.Pid}, control {fork.ControlSocket}, console {fork.ConsoleSocket}" +
+                      (fork.GenerationId is { } g ? $", generation id {g}" : "") +
                       (fork.Disks.Count > 0 ? $", disks {string.Join(", ", fork.Disks)}" : ""));
             }
             return 0;
@@ -127,7 +129,7 @@ internal static class ForkCommand
             if (process.HasExited)
                 throw new IOException($"kvm-vmm (pid {process.Id}) exited with status {process.ExitCode} before the fork ran: {Tail(log)}");
             if (File.Exists(control) && TryStatus(control) is { } status && status.Pid == process.Id)
-                return new ForkInfo(index, dir, process.Id, control, console, log, status.Disks ?? []);
+                return new ForkInfo(index, dir, process.Id, control, console, log, status.Disks ?? [], status.GenerationId);
             if (clock.Elapsed > StartTimeout)
                 throw new TimeoutException($"kvm-vmm (pid {process.Id}) did not answer on {control} within {StartTimeout.TotalSeconds} s (log: {log})");
             Thread.Sleep(20);

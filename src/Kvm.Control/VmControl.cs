@@ -58,7 +58,8 @@ public sealed class VmControl(VirtualMachine vm, VmHostOptions? host = null) : I
         vm.ExitCounts,
         vm.Stopped.IsCompleted ? vm.Stopped.Result.Describe() : null,
         Volatile.Read(ref _pausedBy),
-        vm.Spec.Disks.Select(d => d.Path).ToList());
+        vm.Spec.Disks.Select(d => d.Path).ToList(),
+        vm.GenerationId);
 
     /// <summary>A NIC's denial-of-service rule fired with the action suspend: the VM pauses until an operator resumes it.</summary>
     private void PauseForTraffic(string nic, Kvm.Network.DosAlarm alarm)

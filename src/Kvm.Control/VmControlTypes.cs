@@ -8,7 +8,8 @@ namespace Kvm.Control;
 /// <summary>The reply to <c>status</c>; <paramref name="PausedBy"/> says why a VM paused itself (a NIC's denial-of-service rule), until it is resumed.</summary>
 /// <param name="Disks">The image each disk runs on now, in the spec's order (a checkpoint moves a disk onto a new top image).</param>
 public sealed record VmStatus(string State, int Pid, double UptimeSeconds, IReadOnlyList<VcpuStatus> Vcpus,
-    IReadOnlyDictionary<string, long> Exits, string? StopReason, string? PausedBy = null, IReadOnlyList<string>? Disks = null);
+    IReadOnlyDictionary<string, long> Exits, string? StopReason, string? PausedBy = null, IReadOnlyList<string>? Disks = null,
+    Guid? GenerationId = null);
 
 public sealed record VcpuStatus(int Id, string State);
 

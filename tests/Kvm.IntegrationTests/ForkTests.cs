@@ -23,7 +23,9 @@ namespace Kvm.IntegrationTests;
 public sealed partial class ForkTests : BlkTestBase
 {
     /// <summary>A guest kit template: the pattern written over 32 MiB of 64 and read once, saved part way through its reads, with a blank 8 MiB qcow2 disk.</summary>
-    private (string Dir, string Disk) Template()
+    private (string Dir, string Disk) Template() => Template(out _);
+
+    private (string Dir, string Disk) Template(out Guid generationId)
     {
         string disk = P("template-disk.qcow2");
         Qcow2Image.Create(disk, new Qcow2CreateOptions { Size = 8 << 20 }).Dispose();
@@ -32,6 +34,7 @@ public sealed partial class ForkTests : BlkTestBase
         string dir = P("template");
         using (var vm = VirtualMachine.Create(spec, serial.Write))
         {
+            generationId = vm.GenerationId ?? Guid.Empty;
             vm.Start();
             Assert.True(serial.WaitFor("guestkit: pattern round 1\n", Timeout), serial.Text);
             vm.Pause();
@@ -54,7 +57,8 @@ public sealed partial class ForkTests : BlkTestBase
     {
         GuestKitRunner.Require();
         const int Forks = 16;
-        var (template, disk) = Template();
+        var (template, disk) = Template(out Guid templateId);
+        Assert.NotEqual(Guid.Empty, templateId);
         string memoryFile = Path.Combine(template, SnapshotFormat.MemoryFileName);
         string memorySha = Smaps.Sha256(memoryFile), diskSha = Smaps.Sha256(disk);
         var serials = new SerialCapture[Forks];
@@ -67,6 +71,10 @@ public sealed partial class ForkTests : BlkTestBase
                 forks.Add(VmFork.Restore(template, P($"fork-{i}"), serials[i].Write));
             }
             Assert.Equal(0, (int)(File.GetUnixFileMode(disk) & UnixFileMode.UserWrite));
+            // Each fork has a generation id of its own, announced through GPE 0 (its status raised).
+            var ids = forks.Select(f => f.Vm.GenerationId ?? Guid.Empty).Append(templateId).ToArray();
+            Assert.Equal(Forks + 1, ids.Distinct().Count());
+            Assert.All(forks, f => Assert.True((f.Vm.Gpe.Registers.Status & 1) != 0, "GPE 0 is not raised in a fork"));
             var region = forks[0].Vm.Memory.Regions[0];
             ulong top = region.GuestAddress + region.Size - GuestMemory.PageSize;   // above the pattern, untouched by the guest
             long rssBefore = forks.Sum(f => Smaps.Of(null, f.Vm.Memory.Regions[0].Host)["Rss"]);
@@ -133,7 +141,7 @@ public sealed partial class ForkTests : BlkTestBase
     }
 
     /// <summary>A fork as 'vmctl fork --json' prints it.</summary>
-    private sealed record ForkInfo(int Index, string Directory, int Pid, string ControlSocket, string ConsoleSocket, string[] Disks);
+    private sealed record ForkInfo(int Index, string Directory, int Pid, string ControlSocket, string ConsoleSocket, string[] Disks, Guid? GenerationId);
 
     private static ForkInfo[] Fork(string template, string into, int count)
     {
@@ -144,7 +152,8 @@ public sealed partial class ForkTests : BlkTestBase
             var e = JsonDocument.Parse(l).RootElement;
             return new ForkInfo(e.GetProperty("index").GetInt32(), e.GetProperty("directory").GetString()!, e.GetProperty("pid").GetInt32(),
                 e.GetProperty("controlSocket").GetString()!, e.GetProperty("consoleSocket").GetString()!,
-                e.GetProperty("disks").EnumerateArray().Select(d => d.GetString()!).ToArray());
+                e.GetProperty("disks").EnumerateArray().Select(d => d.GetString()!).ToArray(),
+                e.TryGetProperty("generationId", out var g) && g.ValueKind == JsonValueKind.String ? g.GetGuid() : null);
         }).ToArray();
     }
 
@@ -182,6 +191,10 @@ public sealed partial class ForkTests : BlkTestBase
         try
         {
             Assert.Equal(3, forks.Select(f => f.Pid).Distinct().Count());
+            // Each fork reports a generation id of its own (vmctl fork --json, and its status).
+            Assert.All(forks, f => Assert.NotNull(f.GenerationId));
+            Assert.Equal(3, forks.Select(f => f.GenerationId).Distinct().Count());
+            Assert.All(forks, f => Assert.Equal(f.GenerationId, Status(f.ControlSocket).GenerationId));
             string memoryFile = Path.Combine(template, SnapshotFormat.MemoryFileName);
             foreach (var f in forks)
             {

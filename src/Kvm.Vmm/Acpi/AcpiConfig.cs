@@ -38,6 +38,29 @@ public sealed record AcpiConfig(int Cpus, ulong PciMmioStart = 0xC000_0000, ulon
     /// </summary>
     public ushort? PmIoBase { get; init; } = 0x600;
 
+    /// <summary>
+    /// Port base of the GPE0 block (GPE0_STS then GPE0_EN, 2 bytes each: 16 general-purpose
+    /// events), or null for none. Default 0x620, past the PM1 blocks. GPE 0 signals a new VM
+    /// generation id when <see cref="VmGenIdAddress"/> is set.
+    /// </summary>
+    public ushort? GpeIoBase { get; init; } = 0x620;
+
+    /// <summary>The length of the GPE0 block (FADT GPE0_BLK_LEN): status and enable, 2 bytes each.</summary>
+    public const int GpeBlockLength = 4;
+
+    /// <summary>
+    /// Guest-physical address of the 16-byte VM generation id, or null for no VM Generation ID
+    /// device. When set (it needs <see cref="GpeIoBase"/>), the DSDT holds \_SB.VGEN (_HID
+    /// "KVMC0001", _CID "VM_Gen_Counter", ADDR = Package { low 32 bits, high 32 bits }) and
+    /// \_GPE._E00, which notifies it (0x80): the VMM writes a new id there and raises GPE 0 when
+    /// the VM becomes a copy of another (a fork), and Linux's vmgenid driver reseeds its random
+    /// state. The address must be in memory the e820 map reserves (the OS must not use it).
+    /// </summary>
+    public ulong? VmGenIdAddress { get; init; }
+
+    /// <summary>The general-purpose event that announces a new VM generation id.</summary>
+    public const int VmGenIdGpe = 0;
+
     /// <summary>The ISA IRQ (= GSI) of the SCI, announced in the FADT and overridden to level, active high in the MADT.</summary>
     public const int SciIrq = 9;
 

@@ -69,6 +69,8 @@ internal static class AcpiTableBuilders
         ushort? pm = config.PmIoBase;
         uint pm1aEvt = pm ?? 0, pm1aCnt = pm is ushort b ? (uint)(b + 4) : 0;
         byte pm1EvtLen = (byte)(pm is null ? 0 : 4), pm1CntLen = (byte)(pm is null ? 0 : 2);
+        uint gpe0 = config.GpeIoBase ?? 0;
+        byte gpe0Len = (byte)(config.GpeIoBase is null ? 0 : AcpiConfig.GpeBlockLength);
         bool facsLow = facsAddress <= uint.MaxValue, dsdtLow = dsdtAddress <= uint.MaxValue;
 
         w.U32(facsLow ? (uint)facsAddress : 0);      // 36  FIRMWARE_CTRL (X_FIRMWARE_CTRL must then be 0)
@@ -87,13 +89,13 @@ internal static class AcpiTableBuilders
         w.U32(0);                                    // 68  PM1b_CNT_BLK
         w.U32(0);                                    // 72  PM2_CNT_BLK
         w.U32(0);                                    // 76  PM_TMR_BLK: optional, no PM timer
-        w.U32(0);                                    // 80  GPE0_BLK
+        w.U32(gpe0);                                 // 80  GPE0_BLK
         w.U32(0);                                    // 84  GPE1_BLK
         w.U8(pm1EvtLen);                             // 88  PM1_EVT_LEN
         w.U8(pm1CntLen);                             // 89  PM1_CNT_LEN
         w.U8(0);                                     // 90  PM2_CNT_LEN
         w.U8(0);                                     // 91  PM_TMR_LEN
-        w.U8(0);                                     // 92  GPE0_BLK_LEN
+        w.U8(gpe0Len);                               // 92  GPE0_BLK_LEN
         w.U8(0);                                     // 93  GPE1_BLK_LEN
         w.U8(0);                                     // 94  GPE1_BASE
         w.U8(0);                                     // 95  CST_CNT
@@ -121,7 +123,7 @@ internal static class AcpiTableBuilders
         Gas(w, 0, 0);                                // 184 X_PM1b_CNT_BLK
         Gas(w, 0, 0);                                // 196 X_PM2_CNT_BLK
         Gas(w, 0, 0);                                // 208 X_PM_TMR_BLK
-        Gas(w, 0, 0);                                // 220 X_GPE0_BLK
+        Gas(w, gpe0, gpe0Len);                       // 220 X_GPE0_BLK
         Gas(w, 0, 0);                                // 232 X_GPE1_BLK
         Gas(w, 0, 0);                                // 244 SLEEP_CONTROL_REG (HW-reduced only)
         Gas(w, 0, 0);                                // 256 SLEEP_STATUS_REG (HW-reduced only)

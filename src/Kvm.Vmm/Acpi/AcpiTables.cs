@@ -110,6 +110,14 @@ public static class AcpiTables
             throw new ArgumentException($"the ECAM base 0x{ecam:X} must be 1 MiB aligned and leave room for 256 buses", nameof(config));
         if (config.EcamBase is ulong e && e + AcpiTableBuilders.EcamSize > 1UL << 32)
             throw new ArgumentException($"the ECAM range at 0x{e:X} must lie below 4 GiB (the DSDT reserves it with a 32-bit descriptor)", nameof(config));
+        if (config.GpeIoBase is ushort gpe && gpe > 0xFFFF - (AcpiConfig.GpeBlockLength - 1))
+            throw new ArgumentException($"the GPE0 block at port 0x{gpe:X} does not fit below port 0x10000", nameof(config));
+        if (config.GpeIoBase is ushort g && config.PmIoBase is ushort p && g < p + 6 && p < g + AcpiConfig.GpeBlockLength)
+            throw new ArgumentException($"the GPE0 block at port 0x{g:X} overlaps the PM1 blocks at port 0x{p:X}", nameof(config));
+        if (config.VmGenIdAddress is ulong id && config.GpeIoBase is null)
+            throw new ArgumentException($"the VM generation id (at 0x{id:X}) is announced through GPE {AcpiConfig.VmGenIdGpe}, and there is no GPE0 block", nameof(config));
+        if (config.VmGenIdAddress is ulong at && (at % 8 != 0 || at > ulong.MaxValue - 16))
+            throw new ArgumentException($"the VM generation id's address 0x{at:X} must be 8-byte aligned", nameof(config));
         if (config.PmIoBase is ushort pm && pm > 0xFFFF - 5)
             throw new ArgumentException($"the PM register blocks at port 0x{pm:X} do not fit below port 0x10000", nameof(config));
     }

@@ -5,7 +5,7 @@ namespace Kvm.Vmm.Acpi;
 /// <summary>
 /// An encoder for the small subset of AML (ACPI specification, chapter 20, "ACPI Machine Language
 /// Specification") that a VMM's DSDT needs: scopes, devices, named objects, methods that return a
-/// constant, packages, buffers and integers. Every function returns the encoded term; terms compose
+/// constant or notify, packages, buffers, strings and integers. Every function returns the encoded term; terms compose
 /// by nesting.
 /// </summary>
 internal static class Aml
@@ -14,7 +14,7 @@ internal static class Aml
     private const byte ZeroOp = 0x00, OneOp = 0x01, NameOp = 0x08, BytePrefix = 0x0A, WordPrefix = 0x0B,
         DWordPrefix = 0x0C, StringPrefix = 0x0D, QWordPrefix = 0x0E, ScopeOp = 0x10, BufferOp = 0x11,
         PackageOp = 0x12, MethodOp = 0x14, DualNamePrefix = 0x2E, MultiNamePrefix = 0x2F, RootChar = 0x5C,
-        ParentPrefixChar = 0x5E, ExtOpPrefix = 0x5B, DeviceOp = 0x82, ReturnOp = 0xA4, OnesOp = 0xFF;
+        ParentPrefixChar = 0x5E, ExtOpPrefix = 0x5B, DeviceOp = 0x82, NotifyOp = 0x86, ReturnOp = 0xA4, OnesOp = 0xFF;
 
     /// <summary>DefScope: <c>Scope (path) { terms }</c>.</summary>
     public static byte[] Scope(string path, params byte[][] terms) =>
@@ -35,6 +35,9 @@ internal static class Aml
         // MethodFlags: bits 0-2 ArgCount, bit 3 SerializeFlag (0 = NotSerialized), bits 4-7 SyncLevel.
         return [MethodOp, .. WithPkgLength([.. NameString(name), (byte)argCount, .. Concat(terms)])];
     }
+
+    /// <summary>DefNotify: <c>Notify (path, value)</c>, e.g. 0x80 for a device-specific event.</summary>
+    public static byte[] Notify(string path, ulong value) => [NotifyOp, .. NameString(path), .. Integer(value)];
 
     /// <summary>DefReturn: <c>Return (value)</c>.</summary>
     public static byte[] Return(byte[] value) => [ReturnOp, .. value];

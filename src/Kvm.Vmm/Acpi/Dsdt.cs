@@ -20,7 +20,9 @@ namespace Kvm.Vmm.Acpi;
 ///   Device (COM1) { _HID PNP0501, _UID 1, _CRS: IO 0x3F8 len 8, IRQNoFlags {4} }
 ///   Device (PS2K) { _HID PNP0303, _CRS: IO 0x60, IO 0x64, IRQNoFlags {1} }      // when I8042
 ///   Device (MRES) { _HID PNP0C02, _CRS: Memory32Fixed ECAM, 256 MiB }          // when EcamBase
+///   Device (VGEN) { _HID "KVMC0001", _CID "VM_Gen_Counter", ADDR Package { lo, hi } } // when VmGenIdAddress
 /// }
+/// Scope (\_GPE) { Method (_E00) { Notify (\_SB.VGEN, 0x80) } }  // when VmGenIdAddress
 /// Name (\_S5, Package (4) { 5, 5, 0, 0 })      // soft off, when there is a PM1 block
 /// </code>
 /// Why links rather than GSI numbers in the _PRT: a _PRT entry that names a GSI directly
@@ -50,13 +52,38 @@ internal static class Dsdt
             devices.Add(Keyboard());
         if (config.EcamBase is ulong ecam)
             devices.Add(EcamReservation(ecam));
-        byte[] sb = Scope("\\_SB", [.. devices]);
+        if (config.VmGenIdAddress is ulong genId)
+            devices.Add(VmGenId(genId));
+        byte[] body = Scope("\\_SB", [.. devices]);
+        if (config.VmGenIdAddress is not null)
+            body = [.. body, .. Scope("\\_GPE", Method($"_E{AcpiConfig.VmGenIdGpe:X2}", 0, Notify("\\_SB." + VmGenIdDevice, 0x80)))];
         if (config.PmIoBase is null)
-            return sb;
+            return body;
         // \_S5: SLP_TYP values for PM1a_CNT and PM1b_CNT, then two reserved bytes.
         byte[] s5 = Name("\\_S5", Package(Integer(S5SleepType), Integer(S5SleepType), Integer(0), Integer(0)));
-        return [.. sb, .. s5];
+        return [.. body, .. s5];
     }
+
+    /// <summary>The VM Generation ID device's name in \_SB.</summary>
+    public const string VmGenIdDevice = "VGEN";
+
+    /// <summary>The VM Generation ID device's _HID (Linux names the device KVMC0001:00 after it).</summary>
+    public const string VmGenIdHid = "KVMC0001";
+
+    /// <summary>
+    /// The VM Generation ID device (Microsoft's "Virtual Machine Generation ID" specification):
+    /// _CID "VM_Gen_Counter", which Windows matches, and Linux's vmgenid driver too (it matches
+    /// "VM_GEN_COUNTER": ACPICA upper-cases _HID and _CID strings); ADDR the id's guest-physical
+    /// address as two 32-bit halves. The _HID is a valid ACPI id of our own, <see cref="VmGenIdHid"/>
+    /// (iasl refuses "VMGENCTR", which the Linux driver also matches: its last four characters are not hex digits).
+    /// </summary>
+    private static byte[] VmGenId(ulong address) =>
+        Device(VmGenIdDevice,
+            Name("_HID", String(VmGenIdHid)),
+            Name("_CID", String("VM_Gen_Counter")),
+            Name("_DDN", String("VM_Gen_Counter")),
+            Name("_STA", Integer(0x0F)),
+            Name("ADDR", Package(Integer(address & 0xFFFF_FFFF), Integer(address >> 32))));
 
     public static string LinkName(int index) => "GSI" + (char)('A' + index);
 

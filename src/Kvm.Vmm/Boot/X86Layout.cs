@@ -23,6 +23,13 @@ public static class X86Layout
     /// <summary>The ACPI tables: in the BIOS area (inside the reserved hole below 1 MiB), 64 KiB at most.</summary>
     public const ulong AcpiTablesStart = 0xe0000;
 
+    /// <summary>
+    /// The 16-byte VM generation id (the ACPI VMGENID device's ADDR): right after the ACPI tables'
+    /// 64 KiB, in the reserved BIOS area, so the guest never uses it as RAM, yet it is guest RAM to
+    /// the VMM and travels with every snapshot and fork.
+    /// </summary>
+    public const ulong VmGenIdAddress = 0xf0000;
+
     /// <summary>Start of the EBDA/VGA/BIOS hole, reported as reserved.</summary>
     public const ulong LowRamEnd = 0x9fc00;
     public const ulong HighMemoryStart = 0x100000;

@@ -46,6 +46,10 @@ internal sealed class MachineDevices
     public DeviceManager Manager { get; }
     public Serial16550 Serial { get; private set; } = null!;
     public AcpiPmDevice Pm { get; private set; } = null!;
+    public AcpiGpeDevice Gpe { get; private set; } = null!;
+
+    /// <summary>The GPE0 block's device id (and state record id); snapshots saved before it existed lack it.</summary>
+    public const string GpeId = "gpe";
     public PciBus Pci { get; private set; } = null!;
     public GsiRouting GsiRouting { get; private set; } = null!;
     public List<VirtioPciTransport> Disks { get; } = new();
@@ -79,10 +83,15 @@ internal sealed class MachineDevices
         d.Locations["i8042"] = $"ports 0x{I8042Controller.DataPortAddress:x}, 0x{I8042Controller.CommandPortAddress:x}";
 
         // ACPI PM1a registers where the FADT says (AcpiConfig.PmIoBase); S5 powers the VM off.
+        // The GPE0 block beside them (GPE 0: a new VM generation id); both raise the one SCI.
+        var sci = new SharedInterruptLine(new KvmIrqLine(vm, AcpiConfig.SciIrq));
         d.Pm = manager.Add("pm", new AcpiPmDevice(vcpu => ctx.RequestStop(new GuestPowerOffStop((uint)vcpu)),
-            new KvmIrqLine(vm, AcpiConfig.SciIrq)));
+            sci.CreateSource()));
         ctx.PortIo.Register(ctx.Acpi.PmIoBase!.Value, AcpiPmDevice.Length, d.Pm);
         d.Locations["pm"] = Ports(ctx.Acpi.PmIoBase!.Value, AcpiPmDevice.Length);
+        d.Gpe = manager.Add(GpeId, new AcpiGpeDevice(sci.CreateSource()));
+        ctx.PortIo.Register(ctx.Acpi.GpeIoBase!.Value, AcpiGpeDevice.Length, d.Gpe);
+        d.Locations[GpeId] = Ports(ctx.Acpi.GpeIoBase!.Value, AcpiGpeDevice.Length);
 
         if (ctx.Spec.DebugExit)
         {

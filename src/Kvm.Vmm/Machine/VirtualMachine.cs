@@ -91,6 +91,41 @@ public sealed class VirtualMachine : IDisposable
     /// <summary>The ACPI PM1 registers (power button, S5 power-off).</summary>
     public AcpiPmDevice Pm => _devices.Pm;
 
+    /// <summary>The ACPI GPE0 block (GPE 0 announces a new VM generation id).</summary>
+    public AcpiGpeDevice Gpe => _devices.Gpe;
+
+    /// <summary>
+    /// The VM generation id as the guest reads it (the ACPI VMGENID device's 16 bytes in guest
+    /// RAM); null while a lazy restore has not loaded all of RAM yet (reading it could wait for the
+    /// loader).
+    /// </summary>
+    public Guid? GenerationId
+    {
+        get
+        {
+            if (_disposed || MemoryLoader is { } loader && !loader.Stats.Done)
+                return null;
+            Span<byte> id = stackalloc byte[16];
+            Memory.Read(X86Layout.VmGenIdAddress, id);
+            return new Guid(id);
+        }
+    }
+
+    /// <summary>
+    /// Gives the VM a new random generation id and raises GPE 0, so that the guest's OSPM runs
+    /// \_GPE._E00 and notifies the VMGENID device: Linux's vmgenid driver then reseeds the
+    /// kernel's random state. For a machine that has become a copy of another (a fork).
+    /// Returns the new id.
+    /// </summary>
+    public Guid NewGenerationId()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var id = Guid.NewGuid();
+        Memory.Write(X86Layout.VmGenIdAddress, id.ToByteArray());
+        _devices.Gpe.Raise(AcpiConfig.VmGenIdGpe);
+        return id;
+    }
+
     /// <summary>The ACPI tables written into guest memory (null for a machine built to be restored).</summary>
     public AcpiTableSet? Acpi { get; private set; }
     public GsiRouting GsiRouting => _devices.GsiRouting;
@@ -299,7 +334,10 @@ public sealed class VirtualMachine : IDisposable
         _clock?.Mark("irqchip and PIT");
 
         // ACPI PM1a registers where the FADT says; the devices are made in one place, MachineDevices.
-        var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize);
+        var acpiConfig = new AcpiConfig(Spec.Cpus, X86Layout.PciMmioStart, X86Layout.PciMmioSize)
+        {
+            VmGenIdAddress = X86Layout.VmGenIdAddress,
+        };
         _devices = MachineDevices.Build(new DeviceContext(Spec, Vm, Memory, PortIo, Mmio, acpiConfig, serialOutput, RequestStop, _log,
             (nic, alarm) => TrafficAlarm?.Invoke(nic, alarm)),
             Devices, _images);
@@ -327,6 +365,9 @@ public sealed class VirtualMachine : IDisposable
             PvhModule? module = initrd.Length > 0 ? PvhBoot.LoadInitrd(Memory, Kernel!, initrd, Spec.Initrd!) : null;
             PvhBoot.WriteBootData(Memory, Spec.Cmdline, Acpi.RsdpAddress, module);
         }
+        // A booted VM starts with a generation id of its own (a restored one has its saved id).
+        if (kernelBytes is not null)
+            Memory.Write(X86Layout.VmGenIdAddress, Guid.NewGuid().ToByteArray());
 
         var cpuid = _kvm.GetSupportedCpuid();
         var cpuidOptions = new CpuidOptions(Spec.Cpus, Spec.AllHiddenCpuFeatures(), TscDeadline: _kvm.CheckExtension(KvmCap.TscDeadlineTimer) > 0);
@@ -703,6 +744,9 @@ public sealed class VirtualMachine : IDisposable
             _cpuids[i] = cpuids[i];
             vcpuStates[i].Restore(_vcpus[i], availableTss);
         }
+        // A snapshot saved before the machine had its GPE0 block: the block starts as reset.
+        if (!byId.ContainsKey(MachineDevices.GpeId))
+            newDevices = new HashSet<string>(newDevices ?? new HashSet<string>(), StringComparer.Ordinal) { MachineDevices.GpeId };
         Devices.RestoreAll([.. byId.Values], newDevices);
     }
 

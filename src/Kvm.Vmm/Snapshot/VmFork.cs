@@ -20,7 +20,9 @@ public sealed record ForkedVm(VirtualMachine Vm, string Directory, IReadOnlyList
 /// front, every fork shares the pages none of them wrote, and the file never changes. Each
 /// writable disk becomes a new qcow2 child of the template's image in the fork's directory (the
 /// template's image is made read-only: it backs the forks now); read-only disks are shared. Each
-/// NIC gets a new random MAC. A fork can be saved, and forked again from that snapshot.
+/// NIC gets a new random MAC and a tap of its own (named by the kernel, on the template's bridge),
+/// and the VM a new generation id (ACPI VMGENID, GPE 0), so that a guest can tell it was copied.
+/// A fork can be saved, and forked again from that snapshot.
 /// </summary>
 public static class VmFork
 {
@@ -40,8 +42,35 @@ public static class VmFork
         template = Path.GetFullPath(template);
         directory = Path.GetFullPath(directory);
         var state = SnapshotReader.Read(template);
-        var spec = VmSnapshot.SpecOf(state, template);
+        var saved = VmSnapshot.SpecOf(state, template);
         clock?.Mark("read the template");
+        var (spec, made, madeDirectory) = MakeFork(saved, directory);
+        try
+        {
+            clock?.Mark("make the fork's disks");
+            var vm = VmSnapshot.Restore(template, state, spec, serialOutput,
+                new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
+            return new ForkedVm(vm, directory, spec.Disks.Select(d => d.Path).ToArray(), spec.Nics.Select(n => n.Mac).ToArray());
+        }
+        catch
+        {
+            Undo(made, madeDirectory ? directory : null);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Makes a fork's files for the template whose saved spec is <paramref name="saved"/>: per
+    /// writable disk a new qcow2 child of the template's image in <paramref name="directory"/>
+    /// (<see cref="DiskFileName"/>; the template's image is made read-only), and returns the fork's
+    /// spec: those disks, each NIC a new random MAC and a tap of its own. Nothing is left behind
+    /// when it fails. For kvmd, which keeps the fork's spec and starts it with
+    /// <see cref="RestoreWithSpec"/> (kvm-vmm --restore DIR --fork-spec FILE).
+    /// </summary>
+    public static VmSpec Prepare(VmSpec saved, string directory) => MakeFork(saved, Path.GetFullPath(directory)).Spec;
+
+    private static (VmSpec Spec, List<string> Made, bool MadeDirectory) MakeFork(VmSpec spec, string directory)
+    {
         for (int i = 0; i < spec.Disks.Count; i++)
             if (!spec.Disks[i].ReadOnly && Path.Combine(directory, DiskFileName(i)) is var taken && Path.Exists(taken))
                 throw new IOException($"{taken} exists: a fork makes its disks anew (another fork's directory?)");
@@ -68,28 +97,75 @@ public static class VmFork
                 ImageOperations.MakeReadOnly(parent);
                 disks.Add(disk with { Path = child });
             }
-            var nics = spec.Nics.Select(n => n with { Mac = MacAddress.Random() }).ToArray();
-            clock?.Mark("make the fork's disks");
-            var vm = VmSnapshot.Restore(template, state, spec with { Disks = disks, Nics = nics }, serialOutput,
-                new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
-            return new ForkedVm(vm, directory, disks.Select(d => d.Path).ToArray(), nics.Select(n => n.Mac).ToArray());
+            // A new MAC, and a tap of its own: a named tap is the template's, so the fork's is one
+            // the kernel names, on the same bridge (uplinks on host interfaces are shared).
+            var nics = spec.Nics.Select(n => n with
+            {
+                Mac = MacAddress.Random(),
+                Uplinks = n.Uplinks.Select(u => u.Tap.Length > 0 ? u with { Tap = "" } : u).ToArray(),
+            }).ToArray();
+            return (spec with { Disks = disks, Nics = nics }, made, madeDirectory);
         }
         catch
         {
-            foreach (var file in made)
-                SnapshotWriter.TryDelete(file);
-            if (madeDirectory)
-            {
-                try
-                {
-                    Directory.Delete(directory);
-                }
-                catch (IOException)
-                {
-                }
-            }
+            Undo(made, madeDirectory ? directory : null);
             throw;
         }
+    }
+
+    private static void Undo(List<string> made, string? directory)
+    {
+        foreach (var file in made)
+            SnapshotWriter.TryDelete(file);
+        if (directory is null)
+            return;
+        try
+        {
+            Directory.Delete(directory);
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    /// <summary>
+    /// Restores the template as a fork onto the machine <paramref name="spec"/> describes (made by
+    /// <see cref="Prepare"/>: the fork's disks and MACs): RAM mapped from the template's memory
+    /// file, a new generation id. The spec must describe the saved machine (memory, vCPUs, disks
+    /// and NICs in number and kind); its disks must hold the template's content (children of its images).
+    /// </summary>
+    public static VirtualMachine RestoreWithSpec(string template, VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
+        ILogger? logger = null, StepClock? clock = null)
+    {
+        template = Path.GetFullPath(template);
+        var state = SnapshotReader.Read(template);
+        var saved = VmSnapshot.SpecOf(state, template);
+        var problems = Mismatches(spec, saved);
+        if (problems.Count > 0)
+            throw new ArgumentException($"the fork's spec does not describe the machine saved in {template}: {string.Join("; ", problems)}");
+        return VmSnapshot.Restore(template, state, spec, serialOutput, new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
+    }
+
+    /// <summary>Where a fork's spec differs from the template's saved one in what a fork cannot change (all but disk images, MACs and uplinks).</summary>
+    public static IReadOnlyList<string> Mismatches(VmSpec fork, VmSpec saved)
+    {
+        var problems = new List<string>();
+        if (fork.MemoryBytes != saved.MemoryBytes)
+            problems.Add($"memory {GuestMemory.FormatSize(fork.MemoryBytes)}, saved {GuestMemory.FormatSize(saved.MemoryBytes)}");
+        if (fork.Cpus != saved.Cpus)
+            problems.Add($"{fork.Cpus} vCPUs, saved {saved.Cpus}");
+        if (fork.Disks.Count != saved.Disks.Count)
+            problems.Add($"{fork.Disks.Count} disks, saved {saved.Disks.Count}");
+        for (int i = 0; i < Math.Min(fork.Disks.Count, saved.Disks.Count); i++)
+            if (fork.Disks[i].ReadOnly != saved.Disks[i].ReadOnly || fork.Disks[i].Queues != saved.Disks[i].Queues
+                || !string.Equals(fork.Disks[i].Serial, saved.Disks[i].Serial, StringComparison.Ordinal))
+                problems.Add($"disk {i}: read-only, queues or serial differ");
+        if (fork.Nics.Count != saved.Nics.Count)
+            problems.Add($"{fork.Nics.Count} NICs, saved {saved.Nics.Count}");
+        for (int i = 0; i < Math.Min(fork.Nics.Count, saved.Nics.Count); i++)
+            if (fork.Nics[i].Queues != saved.Nics[i].Queues || fork.Nics[i].Offloads != saved.Nics[i].Offloads)
+                problems.Add($"NIC {i}: queues or offloads differ");
+        return problems;
     }
 
     /// <summary>A template disk's virtual size and format ("raw" or "qcow2"), read without writing it.</summary>

@@ -53,7 +53,8 @@ public sealed record RestoreOptions
 
     /// <summary>
     /// The restored VM is a fork (<see cref="VmFork"/>): its NICs take the MACs of the spec the
-    /// machine is built from, not the saved ones.
+    /// machine is built from, not the saved ones, and it gets a new VM generation id
+    /// (<see cref="VirtualMachine.NewGenerationId"/>). Needs <see cref="MemoryLoad.Mapped"/>.
     /// </summary>
     public bool Fork { get; init; }
 }
@@ -200,6 +201,8 @@ public static class VmSnapshot
     public static VirtualMachine Restore(string directory, SnapshotState state, VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput,
         RestoreOptions options, KvmSystem? kvm = null, ILogger? logger = null)
     {
+        if (options.Fork && options.Memory != MemoryLoad.Mapped)
+            throw new ArgumentException("a fork maps the template's memory (MemoryLoad.Mapped)", nameof(options));
         string statePath = Path.Combine(directory, SnapshotFormat.StateFileName);
         var clock = options.Clock;
         var memoryFile = SnapshotMemoryFile.Open(directory, state);
@@ -223,6 +226,8 @@ public static class VmSnapshot
             {
                 vm.RestoreState(state.Records);
                 clock?.Mark("restore state");
+                if (options.Fork)
+                    vm.NewGenerationId();
             }
             else if (options.Memory == MemoryLoad.Lazy)
             {

@@ -125,6 +125,36 @@ public class AcpiTablesTests
     }
 
     [Fact]
+    public void Fadt_gpe0_block_is_in_both_the_32_and_64_bit_fields_and_absent_without_one()
+    {
+        var fadt = Build().Table("FACP");
+        Assert.Equal(0x620u, fadt.U32(80));                             // GPE0_BLK
+        Assert.Equal(AcpiConfig.GpeBlockLength, fadt.U8(92));           // GPE0_BLK_LEN: status and enable, 2 bytes each
+        Assert.Equal(0u, fadt.U32(84));                                 // GPE1_BLK: none
+        Assert.Equal(0, fadt.U8(93));
+        Assert.Equal(1, fadt.U8(220));                                  // X_GPE0_BLK: system I/O
+        Assert.Equal(32, fadt.U8(221));
+        Assert.Equal(0x620UL, fadt.U64(224));
+
+        var none = AcpiTables.Build(new AcpiConfig(1) { GpeIoBase = null }, Base).Table("FACP");
+        Assert.Equal(0u, none.U32(80));
+        Assert.Equal(0, none.U8(92));
+        Assert.Equal(0UL, none.U64(224));
+        Assert.Equal(0, none.Sum());
+    }
+
+    [Fact]
+    public void A_vm_generation_id_needs_a_gpe_block_an_aligned_address_and_a_block_clear_of_pm1()
+    {
+        var noGpe = Assert.Throws<ArgumentException>(() => AcpiTables.Build(new AcpiConfig(1) { GpeIoBase = null, VmGenIdAddress = 0xF0000 }, Base));
+        Assert.Contains("no GPE0 block", noGpe.Message);
+        var odd = Assert.Throws<ArgumentException>(() => AcpiTables.Build(new AcpiConfig(1) { VmGenIdAddress = 0xF0004 }, Base));
+        Assert.Contains("0xF0004", odd.Message);
+        var overlap = Assert.Throws<ArgumentException>(() => AcpiTables.Build(new AcpiConfig(1) { GpeIoBase = 0x604 }, Base));
+        Assert.Contains("overlaps the PM1 blocks", overlap.Message);
+    }
+
+    [Fact]
     public void Fadt_without_pm_blocks_or_i8042_leaves_them_zero()
     {
         var set = AcpiTables.Build(new AcpiConfig(1) { PmIoBase = null, I8042 = false }, Base);

@@ -155,6 +155,52 @@ public sealed class IaslOracleTests : IDisposable
     }
 
     [SkippableFact]
+    public void Dsdt_has_the_vm_generation_id_device_and_the_gpe_method_that_notifies_it()
+    {
+        string? why = IaslMissing();
+        Skip.If(why is not null, why);
+        var set = AcpiTables.Build(new AcpiConfig(2) { VmGenIdAddress = 0x1_2345_6780 }, 0xE0000);
+        string dsl = Disassemble(set, "DSDT");
+
+        Assert.Contains("Device (VGEN)", dsl);
+        Assert.Contains("Name (_HID, \"KVMC0001\")", dsl);
+        Assert.Contains("Name (_CID, \"VM_Gen_Counter\")", dsl);
+        // ADDR: the low and the high 32 bits of the id's address.
+        Assert.Matches(@"Name \(ADDR, Package \(0x02\)[^\n]*\s*\{\s*0x23456780,\s*One\s*\}", dsl);
+        Assert.Matches(@"Scope \(\\_GPE\)\s*\{\s*Method \(_E00, 0, NotSerialized\)[^\n]*\s*\{\s*Notify \(\\_SB\.VGEN, 0x80\)", dsl);
+        Assert.DoesNotContain("Error", dsl, StringComparison.OrdinalIgnoreCase);
+
+        string without = Disassemble(AcpiTables.Build(new AcpiConfig(2), 0xE0000), "DSDT");
+        Assert.DoesNotContain("VGEN", without);
+        Assert.DoesNotContain("_GPE", without);
+    }
+
+    [SkippableFact]
+    public void Dsdt_with_the_vm_generation_id_recompiled_by_iasl_is_the_same_aml()
+    {
+        string? why = IaslMissing();
+        Skip.If(why is not null, why);
+        var set = AcpiTables.Build(new AcpiConfig(2) { VmGenIdAddress = 0xF0000 }, 0xE0000);
+        Disassemble(set, "DSDT");
+        string output = Iasl("-oa", "-p", "again", "dsdt.dsl");
+        Assert.Contains("0 Errors, 0 Warnings", output);
+        byte[] again = File.ReadAllBytes(Path.Combine(_dir, "again.aml"));
+        byte[] ours = set.Table("DSDT").ToArray();
+        Assert.Equal(ours.Length, again.Length);
+        Assert.True(ours.AsSpan(36).SequenceEqual(again.AsSpan(36)), "the AML after the header differs from iasl's compilation of its own disassembly");
+    }
+
+    [SkippableFact]
+    public void Fadt_disassembles_with_the_gpe0_block()
+    {
+        string? why = IaslMissing();
+        Skip.If(why is not null, why);
+        string dsl = Disassemble(Set(), "FACP");
+        Assert.Matches(@"GPE0 Block Address : 00000620", dsl);
+        Assert.Matches(@"GPE0 Block Length : 04", dsl);
+    }
+
+    [SkippableFact]
     public void Dsdt_without_i8042_or_ecam_has_neither_device()
     {
         string? why = IaslMissing();
