@@ -652,4 +652,5 @@ public sealed record EventData(int? Status, string Reason, bool WhileAway);
 [System.Text.Json.Serialization.JsonSerializable(typeof(CheckpointDeletedEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(RestoredEventData))]
 [System.Text.Json.Serialization.JsonSerializable(typeof(UpgradedEventData))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(ForkedEventData))]
 public sealed partial class KvmdEventJson : System.Text.Json.Serialization.JsonSerializerContext;

@@ -5,7 +5,7 @@ namespace Kvm.Cluster;
 public sealed partial class Kvmd
 {
     /// <summary>
-    /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.save, vm.checkpoint, vm.delete-checkpoint, vm.upgrade,
+    /// kvmd's RPC methods: vm.create, vm.start, vm.stop, vm.pause, vm.resume, vm.save, vm.checkpoint, vm.delete-checkpoint, vm.fork, vm.upgrade,
     /// vm.delete, vm.list, vm.show, vm.console, events.wait, hosts.list, disks.list, leases.list, daemon.status.
     /// </summary>
     public void Register(RpcDispatcher dispatcher)
@@ -19,6 +19,7 @@ public sealed partial class Kvmd
         dispatcher.Add("vm.save", j.SaveVmRequest, j.VmSaved, async (r, _, c) => await SaveAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.checkpoint", j.CheckpointVmRequest, j.VmCheckpointed, async (r, _, c) => await CheckpointAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.delete-checkpoint", j.DeleteCheckpointRequest, j.CheckpointDeleted, async (r, _, c) => await DeleteCheckpointAsync(r, c).ConfigureAwait(false));
+        dispatcher.Add("vm.fork", j.ForkVmRequest, j.VmForked, async (r, _, c) => await ForkAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.upgrade", j.UpgradeVmRequest, j.VmUpgraded, async (r, _, c) => await UpgradeAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.delete", j.DeleteVmRequest, j.VmInfo, async (r, _, c) => await DeleteAsync(r, c).ConfigureAwait(false));
         dispatcher.Add("vm.list", j.VmList, async (_, c) => await ListAsync(c).ConfigureAwait(false));

@@ -358,7 +358,8 @@ public sealed partial class Kvmd
         {
             throw RpcException.Wrap($"cannot start VM '{name}' from the snapshot in {restore.Directory}", e, RpcErrorCode.InvalidParams);
         }
-        var problems = SnapshotMismatches(spec, saved);
+        // A fork runs on disks of its own (children of the snapshot's) with MACs of its own.
+        var problems = restore.Fork ? VmFork.Mismatches(spec, saved) : SnapshotMismatches(spec, saved);
         if (problems.Count > 0)
             throw new RpcException(RpcErrorCode.InvalidParams,
                 $"cannot start VM '{name}' from the snapshot in {restore.Directory}: the saved machine does not match the VM's spec: {string.Join("; ", problems)}");

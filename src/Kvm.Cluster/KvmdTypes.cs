@@ -47,6 +47,22 @@ public sealed record VmSaved(string Name, SaveResult Save, VmInfo Vm);
 public sealed record CheckpointVmRequest([property: JsonRequired] string Name, [property: JsonRequired] string Directory,
     long? BytesPerSecond = null, bool CopyDisks = false);
 
+/// <summary>
+/// <c>vm.fork</c>: makes <paramref name="Count"/> new VMs, named <paramref name="Name"/>-1,
+/// <paramref name="Name"/>-2... (the first free numbers), each a fork of one template: the
+/// snapshot in <paramref name="From"/> (absolute; saved with stop, or a checkpoint), or else a
+/// checkpoint of VM <paramref name="Name"/>, which must run here and goes on running. Each fork has
+/// its own disks (qcow2 children of the template's, in its state directory), MACs and generation
+/// id, is in the inventory like any VM, and is started on RAM mapped from the template.
+/// </summary>
+public sealed record ForkVmRequest([property: JsonRequired] string Name, int Count = 1, string? From = null);
+
+/// <summary>One fork that <c>vm.fork</c> made: the VM, its disks, its NICs' MACs and its generation id.</summary>
+public sealed record ForkedVmInfo(VmInfo Vm, IReadOnlyList<string> Disks, IReadOnlyList<string> Macs, Guid? GenerationId);
+
+/// <summary><c>vm.fork</c>'s result: the template, the checkpoint taken for it (when forked from a running VM), and the forks.</summary>
+public sealed record VmForked(string Template, CheckpointResult? Checkpoint, IReadOnlyList<ForkedVmInfo> Forks);
+
 /// <summary><c>vm.checkpoint</c>'s result: what kvm-vmm's checkpoint replied, and the VM as it is now.</summary>
 public sealed record VmCheckpointed(string Name, CheckpointResult Checkpoint, VmInfo Vm);
 
@@ -137,6 +153,8 @@ public sealed record DaemonStatus(string Host, Guid HostId, int Pid, string Vers
 [JsonSerializable(typeof(CheckpointVmRequest))]
 [JsonSerializable(typeof(VmCheckpointed))]
 [JsonSerializable(typeof(DeleteCheckpointRequest))]
+[JsonSerializable(typeof(ForkVmRequest))]
+[JsonSerializable(typeof(VmForked))]
 [JsonSerializable(typeof(CheckpointDeleted))]
 [JsonSerializable(typeof(UpgradeVmRequest))]
 [JsonSerializable(typeof(VmUpgraded))]

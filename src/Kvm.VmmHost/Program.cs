@@ -8,7 +8,7 @@ ForegroundConsole.UsePlainStandardStreams();
 const string usage = """
     Usage: kvm-vmm --spec FILE [--control SOCKET] [--console SOCKET] [--group NAME]
                    [--log FILE] [--exit-file FILE] [--new-session] [--verbose]
-           kvm-vmm --restore DIR [--memory eager|lazy|mapped] [--fork DIR] [the same options]
+           kvm-vmm --restore DIR [--memory eager|lazy|mapped] [--fork DIR | --fork-spec FILE] [the same options]
            kvm-vmm --take-over SOCKET --control SOCKET --console SOCKET [the same options]
 
     Runs exactly one VM, described by a JSON spec (FILE, or - for standard input), or restored
@@ -34,7 +34,11 @@ const string usage = """
                         of its own), its disks in DIR (created if missing): RAM mapped (as
                         --memory mapped), each writable disk a new qcow2 child of the
                         snapshot's in DIR (which makes the snapshot's disk read-only), each
-                        NIC a new random MAC
+                        NIC a new random MAC and a tap of its own (named by the kernel, on the
+                        snapshot's bridge); the VM gets a new generation id (ACPI VMGENID)
+      --fork-spec FILE  with --restore: run a fork whose files another program made (kvmd's
+                        'vm.fork'): the machine FILE describes (its disks hold the snapshot's
+                        content, its NICs have their own MACs), RAM mapped, a new generation id
       --control SOCKET  serve the VM's control socket there: JSON-RPC 2.0, one message per line
                         (methods status, pause, resume, stop, save, suspend, handover, stats,
                         devices, fence; 'vmctl control')
@@ -70,6 +74,7 @@ string? restore = null;
 string? takeOver = null;
 string? memory = null;
 string? fork = null;
+string? forkSpec = null;
 string? log = null;
 bool newSession = false;
 bool verbose = false;
@@ -93,6 +98,9 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--fork" when fork is null:
             fork = Value() ?? "";
+            break;
+        case "--fork-spec" when forkSpec is null:
+            forkSpec = Value() ?? "";
             break;
         case "--control":
             host = host with { ControlSocket = Value() ?? "" };
@@ -130,10 +138,10 @@ for (int i = 0; i < args.Length; i++)
     }
 }
 int sources = (string.IsNullOrEmpty(source) ? 0 : 1) + (string.IsNullOrEmpty(restore) ? 0 : 1) + (string.IsNullOrEmpty(takeOver) ? 0 : 1);
-if (sources != 1 || (memory is not null && restore is null) || (fork is not null && restore is null)
-    || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "" || fork == "")
+if (sources != 1 || (memory is not null && restore is null) || ((fork ?? forkSpec) is not null && restore is null) || (fork is not null && forkSpec is not null)
+    || host.ControlSocket == "" || host.ConsoleSocket == "" || log == "" || host.ExitFile == "" || fork == "" || forkSpec == "")
 {
-    Console.Error.WriteLine($"{program}: expected one of '--spec FILE', '--restore DIR' or '--take-over SOCKET' (--memory and --fork only with --restore), and a path after --control, --console, --log, --exit-file and --fork (see 'kvm-vmm --help')");
+    Console.Error.WriteLine($"{program}: expected one of '--spec FILE', '--restore DIR' or '--take-over SOCKET' (--memory and one of --fork or --fork-spec only with --restore), and a path after --control, --console, --log, --exit-file, --fork and --fork-spec (see 'kvm-vmm --help')");
     return 2;
 }
 if (takeOver is not null && (host.ControlSocket is null || host.ConsoleSocket is null))
@@ -141,9 +149,9 @@ if (takeOver is not null && (host.ControlSocket is null || host.ConsoleSocket is
     Console.Error.WriteLine($"{program}: --take-over needs --control and --console: the sockets the VM is served on");
     return 2;
 }
-if (fork is not null && memory is not (null or "mapped"))
+if ((fork ?? forkSpec) is not null && memory is not (null or "mapped"))
 {
-    Console.Error.WriteLine($"{program}: --fork maps the template's RAM (--memory mapped); --memory {memory} does not go with it");
+    Console.Error.WriteLine($"{program}: a fork maps the template's RAM (--memory mapped); --memory {memory} does not go with it");
     return 2;
 }
 if (memory is not null && memory is not ("eager" or "lazy" or "mapped"))
@@ -179,6 +187,12 @@ try
         launch = new TakeOverLaunch(takeOver);
     else if (restore is not null && fork is not null)
         launch = ForkLaunch.Open(Path.GetFullPath(restore), Path.GetFullPath(fork));
+    else if (restore is not null && forkSpec is not null)
+    {
+        var spec = VmSpecJsonContext.Parse(File.ReadAllText(forkSpec), forkSpec);
+        spec.Validate();
+        launch = ForkLaunch.OpenWithSpec(Path.GetFullPath(restore), spec);
+    }
     else if (restore is not null)
         launch = RestoreLaunch.Open(restore, new Kvm.Vmm.Snapshot.RestoreOptions
         {

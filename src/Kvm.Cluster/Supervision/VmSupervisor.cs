@@ -54,7 +54,12 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
             RedirectStandardInput = true,
             WorkingDirectory = "/",
         };
-        string[] source = restore is { } r ? ["--restore", r.Directory, "--memory", r.Memory] : ["--spec", files.Spec];
+        string[] source = restore switch
+        {
+            { Fork: true } f => ["--restore", f.Directory, "--fork-spec", files.Spec],
+            { } r => ["--restore", r.Directory, "--memory", r.Memory],
+            null => ["--spec", files.Spec],
+        };
         foreach (var a in source.Concat(
                  [
                      "--control", files.ControlSocket, "--console", files.ConsoleSocket,
@@ -250,4 +255,5 @@ public sealed partial class VmSupervisor(KvmdOptions options, ILogger logger) : 
 }
 
 /// <summary>A start from a snapshot: the snapshot directory (absolute) and how guest RAM comes back ("eager" or "lazy").</summary>
-public sealed record VmRestore(string Directory, string Memory);
+/// <summary>A start from the snapshot in <paramref name="Directory"/>; a <paramref name="Fork"/> runs as a fork of it onto the VM's own spec (kvm-vmm --fork-spec; memory mapped).</summary>
+public sealed record VmRestore(string Directory, string Memory, bool Fork = false);

@@ -75,19 +75,23 @@ public sealed record RestoreLaunch : VmLaunch
 /// </summary>
 public sealed record ForkLaunch : VmLaunch
 {
-    private ForkLaunch(string template, string directory, VmSpec spec)
+    private ForkLaunch(string template, string? directory, VmSpec spec, bool given)
     {
         Template = template;
         Directory = directory;
-        TemplateSpec = spec;
+        ForkSpec = spec;
+        Given = given;
     }
 
     public string Template { get; }
-    public string Directory { get; }
-    private VmSpec TemplateSpec { get; }
 
-    /// <summary>The template's spec; the fork's disks and MACs are its own (the machine's spec says which).</summary>
-    public override VmSpec Spec => TemplateSpec;
+    /// <summary>Where the fork's disks are made; null when the spec was given (its disks exist).</summary>
+    public string? Directory { get; }
+    private VmSpec ForkSpec { get; }
+    private bool Given { get; }
+
+    /// <summary>The template's spec, or the fork's when given; the fork's disks and MACs are its own (the machine's spec says which).</summary>
+    public override VmSpec Spec => ForkSpec;
 
     /// <summary>Reads the template's state file (<see cref="SnapshotFormatException"/> if it is refused) and the spec in it.</summary>
     public static ForkLaunch Open(string template, string directory)
@@ -95,9 +99,20 @@ public sealed record ForkLaunch : VmLaunch
         var state = SnapshotReader.Read(template);
         var spec = VmSnapshot.SpecOf(state, template);
         spec.Validate();
-        return new ForkLaunch(template, directory, spec);
+        return new ForkLaunch(template, directory, spec, given: false);
+    }
+
+    /// <summary>A fork onto the machine <paramref name="spec"/> describes (<see cref="VmFork.Prepare"/> made its disks).</summary>
+    public static ForkLaunch OpenWithSpec(string template, VmSpec spec)
+    {
+        var problems = VmFork.Mismatches(spec, VmSnapshot.SpecOf(SnapshotReader.Read(template), template));
+        if (problems.Count > 0)
+            throw new ArgumentException($"the fork's spec does not describe the machine saved in {template}: {string.Join("; ", problems)}");
+        return new ForkLaunch(template, null, spec, given: true);
     }
 
     public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
-        VmFork.Restore(Template, Directory, serialOutput, logger: logger).Vm;
+        Given
+            ? VmFork.RestoreWithSpec(Template, ForkSpec, serialOutput, logger: logger)
+            : VmFork.Restore(Template, Directory!, serialOutput, logger: logger).Vm;
 }
