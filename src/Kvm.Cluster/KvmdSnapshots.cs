@@ -367,34 +367,12 @@ public sealed partial class Kvmd
 
     /// <summary>
     /// Where the machine saved in a snapshot (<paramref name="saved"/>) differs from a VM's spec in
-    /// what a restore cannot change or kvmd's bookkeeping depends on: guest RAM, vCPUs, and the
-    /// disks (the same images in the same order, each with the same read-only flag, queues and
-    /// serial: kvmd reserves the VM's disks, the restored guest uses the saved ones). The kernel and
-    /// command line do not count: the guest booted long ago. Empty when they match.
+    /// what a restore cannot change or kvmd's bookkeeping depends on (<see cref="VmSnapshot.MachineMismatches"/>
+    /// with the same disk images: kvmd reserves the VM's disks, the restored guest uses the saved
+    /// ones). The kernel and command line do not count: the guest booted long ago. Empty when they match.
     /// </summary>
-    public static IReadOnlyList<string> SnapshotMismatches(VmSpec spec, VmSpec saved)
-    {
-        var problems = new List<string>();
-        if (spec.MemoryBytes != saved.MemoryBytes)
-            problems.Add($"memory: the VM has {GuestMemory.FormatSize(spec.MemoryBytes)}, the snapshot {GuestMemory.FormatSize(saved.MemoryBytes)}");
-        if (spec.Cpus != saved.Cpus)
-            problems.Add($"vCPUs: the VM has {spec.Cpus}, the snapshot {saved.Cpus}");
-        if (spec.Disks.Count != saved.Disks.Count)
-            problems.Add($"disks: the VM has {spec.Disks.Count}, the snapshot {saved.Disks.Count}");
-        for (int i = 0; i < Math.Min(spec.Disks.Count, saved.Disks.Count); i++)
-        {
-            DiskSpec a = spec.Disks[i], b = saved.Disks[i];
-            if (!string.Equals(Path.GetFullPath(a.Path), Path.GetFullPath(b.Path), StringComparison.Ordinal))
-                problems.Add($"disk {i}: the VM's is {a.Path}, the snapshot's {b.Path}");
-            if (a.ReadOnly != b.ReadOnly)
-                problems.Add($"disk {i}: read-only in {(a.ReadOnly ? "the VM's spec" : "the snapshot")} only");
-            if (a.Queues != b.Queues)
-                problems.Add($"disk {i}: the VM's has {a.Queues.ToString(CultureInfo.InvariantCulture)} queue(s), the snapshot's {b.Queues.ToString(CultureInfo.InvariantCulture)}");
-            if (!string.Equals(a.Serial, b.Serial, StringComparison.Ordinal))
-                problems.Add($"disk {i}: serial '{a.Serial}' in the VM's spec, '{b.Serial}' in the snapshot");
-        }
-        return problems;
-    }
+    public static IReadOnlyList<string> SnapshotMismatches(VmSpec spec, VmSpec saved) =>
+        VmSnapshot.MachineMismatches(spec, saved, sameDiskImages: true);
 
     [LoggerMessage(EventId = 2104, Level = LogLevel.Information, Message = "VM '{Name}': saved to {Directory}, guest paused {PausedMs} ms{Stop}")]
     private static partial void LogSavedCore(ILogger logger, string name, string directory, double pausedMs, string stop);

@@ -55,6 +55,22 @@ public sealed class KvmdSnapshotLogicTests : IDisposable
     }
 
     [Fact]
+    public void A_fork_may_run_on_other_disk_images_and_macs_but_not_on_another_machine()
+    {
+        var nic = new NicSpec { Mac = Kvm.Network.MacAddress.Random(), Uplinks = [new UplinkSpec { Tap = "t0" }] };
+        var saved = Spec(new DiskSpec { Path = "/d/a.qcow2", Serial = "a" }) with { Nics = [nic] };
+        var fork = saved with
+        {
+            Disks = [new DiskSpec { Path = "/f/disk0.qcow2", Serial = "a" }],
+            Nics = [nic with { Mac = Kvm.Network.MacAddress.Random(), Uplinks = [new UplinkSpec()] }],
+        };
+        Assert.Empty(Kvm.Vmm.Snapshot.VmFork.Mismatches(fork, saved));
+        Assert.Contains("disk 0: the VM's is /f/disk0.qcow2, the snapshot's /d/a.qcow2", Kvmd.SnapshotMismatches(fork, saved));
+        var problems = Kvm.Vmm.Snapshot.VmFork.Mismatches(fork with { Nics = [nic with { Queues = 2 }, nic] }, saved);
+        Assert.Equal(["NICs: the VM has 2, the snapshot 1", "NIC 0: the VM's has 2 queue pair(s), the snapshot's 1"], problems);
+    }
+
+    [Fact]
     public void A_process_that_handed_its_vm_over_and_exited_0_without_a_record_of_its_own_gave_it_away()
     {
         var unrecorded = new VmExit(0, "kvm-vmm exited with status 0 without recording why", true);

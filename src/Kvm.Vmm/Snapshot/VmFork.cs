@@ -147,26 +147,8 @@ public static class VmFork
     }
 
     /// <summary>Where a fork's spec differs from the template's saved one in what a fork cannot change (all but disk images, MACs and uplinks).</summary>
-    public static IReadOnlyList<string> Mismatches(VmSpec fork, VmSpec saved)
-    {
-        var problems = new List<string>();
-        if (fork.MemoryBytes != saved.MemoryBytes)
-            problems.Add($"memory {GuestMemory.FormatSize(fork.MemoryBytes)}, saved {GuestMemory.FormatSize(saved.MemoryBytes)}");
-        if (fork.Cpus != saved.Cpus)
-            problems.Add($"{fork.Cpus} vCPUs, saved {saved.Cpus}");
-        if (fork.Disks.Count != saved.Disks.Count)
-            problems.Add($"{fork.Disks.Count} disks, saved {saved.Disks.Count}");
-        for (int i = 0; i < Math.Min(fork.Disks.Count, saved.Disks.Count); i++)
-            if (fork.Disks[i].ReadOnly != saved.Disks[i].ReadOnly || fork.Disks[i].Queues != saved.Disks[i].Queues
-                || !string.Equals(fork.Disks[i].Serial, saved.Disks[i].Serial, StringComparison.Ordinal))
-                problems.Add($"disk {i}: read-only, queues or serial differ");
-        if (fork.Nics.Count != saved.Nics.Count)
-            problems.Add($"{fork.Nics.Count} NICs, saved {saved.Nics.Count}");
-        for (int i = 0; i < Math.Min(fork.Nics.Count, saved.Nics.Count); i++)
-            if (fork.Nics[i].Queues != saved.Nics[i].Queues || fork.Nics[i].Offloads != saved.Nics[i].Offloads)
-                problems.Add($"NIC {i}: queues or offloads differ");
-        return problems;
-    }
+    public static IReadOnlyList<string> Mismatches(VmSpec fork, VmSpec saved) =>
+        VmSnapshot.MachineMismatches(fork, saved, sameDiskImages: false);
 
     /// <summary>A template disk's virtual size and format ("raw" or "qcow2"), read without writing it.</summary>
     private static (ulong Size, string Format) Probe(string path, int index)

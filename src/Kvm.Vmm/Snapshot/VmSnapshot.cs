@@ -281,6 +281,48 @@ public static class VmSnapshot
     private static string Describe(IEnumerable<(ulong GuestAddress, ulong Size)> regions) =>
         string.Join(", ", regions.Select(r => $"0x{r.GuestAddress:x}+{GuestMemory.FormatSize(r.Size)}"));
 
+    /// <summary>
+    /// Where the machine <paramref name="spec"/> describes differs from the one saved in a snapshot
+    /// (<paramref name="saved"/>) in what a restore cannot change: guest RAM, vCPUs, the disks (in
+    /// number, each with the same read-only flag, queues and serial, and with
+    /// <paramref name="sameDiskImages"/> the same image: a fork runs on children of the saved
+    /// ones) and the NICs (in number, queues and offloads; MACs and uplinks may differ). The
+    /// kernel and command line do not count. Empty when they match.
+    /// </summary>
+    public static IReadOnlyList<string> MachineMismatches(VmSpec spec, VmSpec saved, bool sameDiskImages)
+    {
+        var problems = new List<string>();
+        if (spec.MemoryBytes != saved.MemoryBytes)
+            problems.Add($"memory: the VM has {GuestMemory.FormatSize(spec.MemoryBytes)}, the snapshot {GuestMemory.FormatSize(saved.MemoryBytes)}");
+        if (spec.Cpus != saved.Cpus)
+            problems.Add($"vCPUs: the VM has {spec.Cpus}, the snapshot {saved.Cpus}");
+        if (spec.Disks.Count != saved.Disks.Count)
+            problems.Add($"disks: the VM has {spec.Disks.Count}, the snapshot {saved.Disks.Count}");
+        for (int i = 0; i < Math.Min(spec.Disks.Count, saved.Disks.Count); i++)
+        {
+            DiskSpec a = spec.Disks[i], b = saved.Disks[i];
+            if (sameDiskImages && !string.Equals(Path.GetFullPath(a.Path), Path.GetFullPath(b.Path), StringComparison.Ordinal))
+                problems.Add($"disk {i}: the VM's is {a.Path}, the snapshot's {b.Path}");
+            if (a.ReadOnly != b.ReadOnly)
+                problems.Add($"disk {i}: read-only in {(a.ReadOnly ? "the VM's spec" : "the snapshot")} only");
+            if (a.Queues != b.Queues)
+                problems.Add($"disk {i}: the VM's has {a.Queues} queue(s), the snapshot's {b.Queues}");
+            if (!string.Equals(a.Serial, b.Serial, StringComparison.Ordinal))
+                problems.Add($"disk {i}: serial '{a.Serial}' in the VM's spec, '{b.Serial}' in the snapshot");
+        }
+        if (spec.Nics.Count != saved.Nics.Count)
+            problems.Add($"NICs: the VM has {spec.Nics.Count}, the snapshot {saved.Nics.Count}");
+        for (int i = 0; i < Math.Min(spec.Nics.Count, saved.Nics.Count); i++)
+        {
+            NicSpec a = spec.Nics[i], b = saved.Nics[i];
+            if (a.Queues != b.Queues)
+                problems.Add($"NIC {i}: the VM's has {a.Queues} queue pair(s), the snapshot's {b.Queues}");
+            if (a.Offloads != b.Offloads)
+                problems.Add($"NIC {i}: offloads {(a.Offloads ? "on" : "off")} in the VM's spec, {(b.Offloads ? "on" : "off")} in the snapshot");
+        }
+        return problems;
+    }
+
     /// <summary>The spec saved in <paramref name="state"/> (read from <paramref name="directory"/>).</summary>
     public static VmSpec SpecOf(SnapshotState state, string directory) =>
         VmSpecJsonContext.Parse(state.SpecJson, $"saved in {Path.Combine(directory, SnapshotFormat.StateFileName)}");
