@@ -75,20 +75,20 @@ public sealed record RestoreLaunch : VmLaunch
 /// </summary>
 public sealed record ForkLaunch : VmLaunch
 {
-    private ForkLaunch(string template, string? directory, VmSpec spec, bool given)
+    private ForkLaunch(string template, SnapshotState state, string? directory, VmSpec spec)
     {
         Template = template;
+        State = state;
         Directory = directory;
         ForkSpec = spec;
-        Given = given;
     }
 
     public string Template { get; }
+    private SnapshotState State { get; }
 
-    /// <summary>Where the fork's disks are made; null when the spec was given (its disks exist).</summary>
+    /// <summary>Where the fork's disks are made; null when the fork's spec was given (its disks exist).</summary>
     public string? Directory { get; }
     private VmSpec ForkSpec { get; }
-    private bool Given { get; }
 
     /// <summary>The template's spec, or the fork's when given; the fork's disks and MACs are its own (the machine's spec says which).</summary>
     public override VmSpec Spec => ForkSpec;
@@ -99,20 +99,19 @@ public sealed record ForkLaunch : VmLaunch
         var state = SnapshotReader.Read(template);
         var spec = VmSnapshot.SpecOf(state, template);
         spec.Validate();
-        return new ForkLaunch(template, directory, spec, given: false);
+        return new ForkLaunch(template, state, directory, spec);
     }
 
-    /// <summary>A fork onto the machine <paramref name="spec"/> describes (<see cref="VmFork.Prepare"/> made its disks).</summary>
+    /// <summary>A fork onto the machine <paramref name="spec"/> describes (<see cref="VmFork.Prepare"/> made its disks), refused at once if it does not fit the template.</summary>
     public static ForkLaunch OpenWithSpec(string template, VmSpec spec)
     {
-        var problems = VmFork.Mismatches(spec, VmSnapshot.SpecOf(SnapshotReader.Read(template), template));
-        if (problems.Count > 0)
-            throw new ArgumentException($"the fork's spec does not describe the machine saved in {template}: {string.Join("; ", problems)}");
-        return new ForkLaunch(template, null, spec, given: true);
+        var state = SnapshotReader.Read(template);
+        VmFork.CheckSpec(template, state, spec);
+        return new ForkLaunch(template, state, null, spec);
     }
 
     public override VirtualMachine Create(Action<ReadOnlySpan<byte>> serialOutput, ILogger? logger) =>
-        Given
-            ? VmFork.RestoreWithSpec(Template, ForkSpec, serialOutput, logger: logger)
-            : VmFork.Restore(Template, Directory!, serialOutput, logger: logger).Vm;
+        Directory is null
+            ? VmFork.RestoreWithSpec(Template, State, ForkSpec, serialOutput, logger: logger)
+            : VmFork.Restore(Template, State, Directory, serialOutput, logger: logger).Vm;
 }

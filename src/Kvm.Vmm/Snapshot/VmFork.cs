@@ -40,10 +40,18 @@ public static class VmFork
         ILogger? logger = null, StepClock? clock = null)
     {
         template = Path.GetFullPath(template);
-        directory = Path.GetFullPath(directory);
         var state = SnapshotReader.Read(template);
-        var saved = VmSnapshot.SpecOf(state, template);
         clock?.Mark("read the template");
+        return Restore(template, state, directory, serialOutput, kvm, logger, clock);
+    }
+
+    /// <summary>The same, for a template whose state file was already read (<paramref name="state"/>).</summary>
+    public static ForkedVm Restore(string template, SnapshotState state, string directory, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
+        ILogger? logger = null, StepClock? clock = null)
+    {
+        template = Path.GetFullPath(template);
+        directory = Path.GetFullPath(directory);
+        var saved = VmSnapshot.SpecOf(state, template);
         var (spec, made, madeDirectory) = MakeFork(saved, directory);
         try
         {
@@ -129,21 +137,25 @@ public static class VmFork
     }
 
     /// <summary>
-    /// Restores the template as a fork onto the machine <paramref name="spec"/> describes (made by
-    /// <see cref="Prepare"/>: the fork's disks and MACs): RAM mapped from the template's memory
-    /// file, a new generation id. The spec must describe the saved machine (memory, vCPUs, disks
-    /// and NICs in number and kind); its disks must hold the template's content (children of its images).
+    /// Restores the template (its state file read: <paramref name="state"/>) as a fork onto the
+    /// machine <paramref name="spec"/> describes (made by <see cref="Prepare"/>: the fork's disks
+    /// and MACs): RAM mapped from the template's memory file, a new generation id. The spec must
+    /// describe the saved machine (<see cref="CheckSpec"/>); its disks must hold the template's
+    /// content (children of its images).
     /// </summary>
-    public static VirtualMachine RestoreWithSpec(string template, VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput, KvmSystem? kvm = null,
-        ILogger? logger = null, StepClock? clock = null)
+    public static VirtualMachine RestoreWithSpec(string template, SnapshotState state, VmSpec spec, Action<ReadOnlySpan<byte>> serialOutput,
+        KvmSystem? kvm = null, ILogger? logger = null, StepClock? clock = null)
     {
-        template = Path.GetFullPath(template);
-        var state = SnapshotReader.Read(template);
-        var saved = VmSnapshot.SpecOf(state, template);
-        var problems = Mismatches(spec, saved);
+        CheckSpec(template, state, spec);
+        return VmSnapshot.Restore(template, state, spec, serialOutput, new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
+    }
+
+    /// <summary>Refuses (<see cref="ArgumentException"/>, naming each difference) a fork's spec that does not describe the machine saved in the template.</summary>
+    public static void CheckSpec(string template, SnapshotState state, VmSpec spec)
+    {
+        var problems = Mismatches(spec, VmSnapshot.SpecOf(state, template));
         if (problems.Count > 0)
             throw new ArgumentException($"the fork's spec does not describe the machine saved in {template}: {string.Join("; ", problems)}");
-        return VmSnapshot.Restore(template, state, spec, serialOutput, new RestoreOptions { Memory = MemoryLoad.Mapped, Fork = true, Clock = clock }, kvm, logger);
     }
 
     /// <summary>Where a fork's spec differs from the template's saved one in what a fork cannot change (all but disk images, MACs and uplinks).</summary>
