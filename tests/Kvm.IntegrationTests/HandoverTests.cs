@@ -147,7 +147,7 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
         string copy = TestEnvironment.CopyKvmVmm(P("v2"));
 
         string disk = CreateImage("journal.qcow2", "qcow2", "16M");
-        using var old = StartVm("blk-log period=10 n=300", disk);
+        using var old = StartVm($"blk-log period=10 n={Journal}", disk);
         string before;
         int newPid;
         using (var console = new ConsoleClient(P("vm.console")))
@@ -194,15 +194,15 @@ public sealed class HandoverTests : BlkTestBase, IDisposable
             after = console.Text;
         }
         Assert.DoesNotContain("blk-log tag=", after);
-        Assert.Contains("guestkit: blk-log done n=300", after);
+        Assert.Contains($"guestkit: blk-log done n={Journal}", after);
         var seqs = Seqs(before + after);
-        Assert.Equal(Enumerable.Range(1, 300), seqs.Distinct());
+        Assert.Equal(Enumerable.Range(1, Journal), seqs.Distinct());
         Assert.Equal(seqs.Length, seqs.Distinct().Count());
         AssertCheckClean(disk);
         string raw = P("journal.raw");
         Assert.Equal(0, QemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw).ExitCode);
         var runs = BlkLogJournal.Runs(raw);
-        Assert.True(runs.Count == 1 && runs[0].Records == 300, string.Join(", ", runs));
+        Assert.True(runs.Count == 1 && runs[0].Records == Journal, string.Join(", ", runs));
     }
 
     /// <summary>
